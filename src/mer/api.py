@@ -1,0 +1,146 @@
+"""The public Python API: open a store, generate or stream text, read what happened.
+
+    import mer
+    model = mer.open("store/", ram_budget="4GiB")
+    for piece in model.stream("def fib(n):", max_tokens=32):
+        print(piece, end="")
+    print(model.stats())
+
+The CLI and the server are built on this and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mer.cache.expert_cache import CacheStats, ExpertCache
+from mer.engine.generate import GenerationStats, generate
+from mer.engine.sampling import SamplingParams
+from mer.errors import ConfigError
+from mer.io.direct import DirectReader
+from mer.models.transformer import MoETransformer
+from mer.store.reader import Store
+from mer.tokenizer import Tokenizer
+from mer.units import parse_bytes
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class RunStats:
+    generation: GenerationStats
+    cache: CacheStats
+    peak_rss_bytes: int
+    budget_bytes: int
+    slots: int
+
+    @property
+    def bytes_read_per_token(self) -> float:
+        n = self.generation.prompt_tokens + self.generation.generated_tokens
+        return self.cache.bytes_read / n if n else 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" when a stop token or string ended it
+
+
+class Model:
+    def __init__(self, store: Store, cache: ExpertCache, dtype: torch.dtype, budget: int) -> None:
+        self.store = store
+        self.config = store.config
+        self.cache = cache
+        self.budget_bytes = budget
+        self.transformer = MoETransformer(self.config, store.load_dense(), cache, dtype)
+        self._tokenizer: Tokenizer | None = None
+        self.generation_stats = GenerationStats()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_dir(self.store.path, self.config.bos_token_id)
+        return self._tokenizer
+
+    def _params(self, **kw) -> SamplingParams:
+        stop_ids = tuple(kw.pop("stop_token_ids", ())) or self.config.eos_token_ids
+        return SamplingParams(stop_token_ids=stop_ids, **kw)
+
+    def tokens(self, prompt: str | list[int], **sampling) -> Iterator[int]:
+        """Generated token ids for a prompt given as text or ids."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return generate(self.transformer, ids, self._params(**sampling), self.generation_stats)
+
+    def stream(self, prompt: str | list[int], stop: list[str] | None = None, **sampling):
+        """Yield text pieces as they are generated; ends at max_tokens, EOS or a stop string."""
+        yield from self._pieces(prompt, stop or [], sampling, Completion(""))
+
+    def generate(self, prompt: str | list[int], stop: list[str] | None = None, **sampling):
+        """The whole completion at once, with its token ids and why it ended."""
+        done = Completion("")
+        done.text = "".join(self._pieces(prompt, stop or [], sampling, done))
+        return done
+
+    def _pieces(self, prompt, stop: list[str], sampling: dict, done: Completion):
+        """Text pieces; holds back just enough text that a stop string is never half-emitted."""
+        stop_ids = set(self._params(**sampling).stop_token_ids)
+        decoder = self.tokenizer.stream_decoder()
+        hold = max((len(s) for s in stop), default=1) - 1
+        pending = ""
+        for token in self.tokens(prompt, **sampling):
+            done.token_ids.append(token)
+            if token in stop_ids:
+                done.finish_reason = "stop"
+                break
+            pending += decoder.push(token)
+            hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
+            if hits:
+                pending, done.finish_reason = pending[: min(hits)], "stop"
+                break
+            if len(pending) > hold:
+                cut = len(pending) - hold
+                yield pending[:cut]
+                pending = pending[cut:]
+        if pending:
+            yield pending
+
+    def stats(self) -> RunStats:
+        return RunStats(
+            self.generation_stats, self.cache.stats, peak_rss(), self.budget_bytes, self.cache.n_slots
+        )
+
+
+def open(  # noqa: A001 - mer.open reads naturally
+    store: str | Path,
+    ram_budget: str | int = "4GiB",
+    dtype: str = "bfloat16",
+    direct_io: bool = True,
+) -> Model:
+    """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB')."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        budget = ram_budget if isinstance(ram_budget, int) else parse_bytes(ram_budget)
+    except ValueError as e:
+        raise ConfigError(f"--ram-budget: {e}") from None
+    s = Store(store)
+    cache = ExpertCache(s, budget, DirectReader(s.expert_path, direct=direct_io))
+    return Model(s, cache, DTYPES[dtype], budget)
+
+
+def peak_rss() -> int:
+    """High-water mark of this process's resident memory, in bytes (Linux VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,206 @@
+"""`mer` command line: parses arguments and dispatches to each part's entry point.
+
+Nothing here computes anything a Python user could not get from the same
+functions; errors meant for users (MerError) print as one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mer.errors import MerError
+from mer.units import fmt_bytes
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MER_CACHE_DIR", Path.home() / ".cache" / "mer"))
+
+
+def stats_line(stats) -> str:
+    g, c = stats.generation, stats.cache
+    return (
+        f"prefill {g.prefill_tps:.1f} tok/s | decode {g.decode_tps:.1f} tok/s | "
+        f"expert hits {100 * c.hit_rate:.1f}% ({c.hits}/{c.hits + c.misses}) | "
+        f"read {c.bytes_read / 1e9:.3f} GB from SSD at {c.read_bandwidth / 1e9:.2f} GB/s | "
+        f"cache {stats.slots} slots in {fmt_bytes(stats.budget_bytes)} | "
+        f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}"
+    )
+
+
+def run_generation(model, prompt: str, args) -> None:
+    """Stream a completion to stdout, then the stats line to stderr."""
+    sampling = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    for piece in model.stream(prompt, stop=args.stop, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    err.print(stats_line(model.stats()), style="bold")
+
+
+def cmd_generate(args) -> None:
+    import mer.api
+
+    model = mer.api.open(args.store, args.ram_budget, args.dtype, direct_io=not args.no_direct_io)
+    run_generation(model, args.prompt, args)
+
+
+def cmd_convert(args) -> None:
+    from mer.store.convert import convert
+
+    dst = convert(args.src, args.dst, args.quant, args.group_size, force=args.force)
+    err.print(f"wrote {dst}")
+
+
+def cmd_info(args) -> None:
+    from mer.store.reader import Store
+
+    s = Store(args.store)
+    cfg, ef = s.config, s.expert_format
+    t = Table(title=str(s.path), show_header=False)
+    t.add_row("architecture", cfg.model_type)
+    t.add_row("layers", str(cfg.num_hidden_layers))
+    t.add_row("experts", f"{cfg.num_local_experts} per layer, top-{cfg.num_experts_per_tok}")
+    t.add_row("hidden / ffn", f"{cfg.hidden_size} / {cfg.intermediate_size}")
+    t.add_row("heads", f"{cfg.num_attention_heads} query, {cfg.num_key_value_heads} key/value")
+    t.add_row("vocab", str(cfg.vocab_size))
+    t.add_row("context", str(cfg.max_position_embeddings))
+    scheme = ef.scheme + (f", group {ef.group_size}, {ef.layout}" if ef.scheme == "int4" else "")
+    t.add_row("expert quantization", scheme)
+    t.add_row("expert extent", fmt_bytes(ef.nbytes))
+    t.add_row("experts total", f"{len(s.extents)} = {fmt_bytes(s.expert_bytes_total)}")
+    t.add_row("dense weights", fmt_bytes(s.manifest["dense"]["nbytes"]))
+    t.add_row("format version", str(s.manifest["format_version"]))
+    out.print(t)
+
+
+def cmd_synth(args) -> None:
+    from mer.synth.checkpoint import OVERRIDE_FLAGS, hf_config, write_hf_checkpoint
+
+    overrides = {
+        hf: getattr(args, flag) for flag, hf in OVERRIDE_FLAGS.items() if getattr(args, flag)
+    }
+    cfg = hf_config(args.preset, **overrides)
+    if args.store:
+        from mer.synth.store import write_random_store
+
+        path = write_random_store(args.out, cfg, args.quant, args.group_size, seed=args.seed)
+    else:
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        path = write_hf_checkpoint(Path(args.out), cfg, dtype=dtype, seed=args.seed)
+    err.print(f"wrote {path}")
+
+
+def cmd_demo(args) -> None:
+    from mer.demo import run_demo
+
+    run_demo(cache_dir() / "demo", args)
+
+
+def cmd_bench(args) -> None:
+    if args.what == "kernel":
+        from mer.bench.kernel import run_kernel_bench
+
+        run_kernel_bench(args)
+
+
+def add_sampling(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mer", description="Run Mixture-of-Experts models with experts streamed from an SSD."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a store")
+    p.add_argument("--store", required=True, help="store directory (from `mer convert`)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--ram-budget", default="4GiB", help="RAM for cached experts, e.g. 4GiB")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
+    add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a store")
+    p.add_argument("src", help="Hugging Face checkpoint directory")
+    p.add_argument("dst", help="store directory to create")
+    p.add_argument("--quant", default="int4", choices=["int4", "int8", "bf16"])
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (32..256)")
+    p.add_argument("--force", action="store_true", help="replace dst if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="describe a store")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("synth", help="write a synthetic Mixtral checkpoint (or store)")
+    p.add_argument("out", help="directory to create")
+    p.add_argument("--preset", default="tiny")
+    for flag in ("layers", "experts", "top_k", "hidden", "ffn", "heads", "kv_heads", "vocab"):
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=int)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--store", action="store_true", help="write a random int4 store directly")
+    p.add_argument("--quant", default="int4", choices=["int4"], help="with --store")
+    p.add_argument("--group-size", type=int, default=128, help="with --store")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("demo", help="synthesize, convert and generate with experts on disk")
+    p.add_argument("--ram-budget", default="48MiB")
+    p.add_argument("--prompt", default="def fibonacci(n):")
+    add_sampling(p, max_tokens=48)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="what", required=True)
+    b = bsub.add_parser("kernel", help="int4 expert FFN vs memory bandwidth")
+    b.add_argument("--hidden", type=int, default=4096)
+    b.add_argument("--ffn", type=int, default=14336)
+    b.add_argument("--group-size", type=int, default=128)
+    b.add_argument("--batch", type=int, action="append", help="token counts (repeatable)")
+    b.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MerError as e:
+        err.print(f"error: {e}", style="red", markup=False)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

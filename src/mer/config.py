@@ -1,0 +1,136 @@
+"""Model configuration: one frozen dataclass built from a Hugging Face `config.json`.
+
+Every part of mer reads model shapes from `ModelConfig`; nothing else parses
+`config.json`. Field names follow the common Hugging Face spelling; family
+differences (`num_local_experts` vs `num_experts`, `rope_theta` vs
+`rope_parameters`) are smoothed here, once. Unknown keys are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mer.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # per-expert FFN width
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    head_dim: int
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+        """Normalise a Hugging Face config dict; `where` names the source in errors."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        if model_type is None and archs:
+            model_type = SUPPORTED_ARCHITECTURES.get(archs[0])
+        if model_type not in SUPPORTED_ARCHITECTURES.values():
+            found = model_type or (archs[0] if archs else "nothing")
+            raise ConfigError(
+                f"{where}: unsupported architecture {found!r} "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ConfigError(f"{where}: rope scaling {rope_type!r} is not supported")
+        values = dict(hf)
+        values["model_type"] = model_type
+        values.setdefault("num_local_experts", hf.get("num_experts"))
+        values["rope_theta"] = hf.get("rope_theta", rope.get("rope_theta", 1e6))
+        if not values.get("head_dim"):
+            try:
+                values["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
+            except (KeyError, TypeError, ZeroDivisionError):
+                pass
+        if values.get("num_key_value_heads") is None:
+            values["num_key_value_heads"] = hf.get("num_attention_heads")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in values.items() if k in names and v is not None}
+        try:
+            config = cls(**kept)
+        except TypeError as e:
+            missing = sorted(
+                f.name
+                for f in dataclasses.fields(cls)
+                if f.name not in kept and f.default is dataclasses.MISSING
+            )
+            raise ConfigError(f"{where}: missing fields {', '.join(missing)}") from e
+        config.validate(where)
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, where=str(path))
+
+    def validate(self, where: str = "config") -> None:
+        ints = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.type in ("int",) and f.name not in ("bos_token_id",)
+        }
+        for name, v in ints.items():
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{where}: {name} must be a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{where}: num_attention_heads ({self.num_attention_heads}) is not a "
+                f"multiple of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ConfigError(
+                f"{where}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                f"num_local_experts ({self.num_local_experts})"
+            )
+        if self.hidden_act != "silu":
+            raise ConfigError(f"{where}: hidden_act {self.hidden_act!r} is not supported")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters in one expert (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def num_experts_total(self) -> int:
+        return self.num_hidden_layers * self.num_local_experts

@@ -1,0 +1,98 @@
+"""Shared transformer pieces as plain functions over tensors: norm, rotary, attention, MoE.
+
+Families assemble these; none of them owns weights or knows where experts
+come from. The MoE block takes an expert provider (anything with
+`use(layer, expert)` and `is_resident(layer, expert)`), so the same code runs
+against the SSD-backed cache or a dict of dense experts in tests.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class ExpertProvider(Protocol):
+    def use(self, layer: int, expert: int): ...  # context manager yielding a callable FFN
+
+    def is_resident(self, layer: int, expert: int) -> bool: ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as the reference implementations do."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class Rotary:
+    """Rotate-half RoPE with cos/sin tables built once for the model's context."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], -1)  # [P, D]
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] at `positions` [T]."""
+        cos = self.cos[positions][:, None, :].to(x.dtype)  # [T, 1, D]
+        sin = self.sin[positions][:, None, :].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rotated * sin
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Causal GQA attention. q [T, Hq, D]; k, v [S, Hkv, D] hold positions 0..S-1. -> [T, Hq*D]."""
+    t, hq, d = q.shape
+    s, hkv = k.shape[0], k.shape[1]
+    kv_pos = torch.arange(s)
+    allowed = kv_pos[None, :] <= q_positions[:, None]  # [T, S]
+    if sliding_window is not None:
+        allowed &= kv_pos[None, :] > q_positions[:, None] - sliding_window
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T|S, D]
+    if hq != hkv:
+        kh = kh.repeat_interleave(hq // hkv, 0)
+        vh = vh.repeat_interleave(hq // hkv, 0)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)  # [Hq, T, D]
+    return out.transpose(0, 1).reshape(t, hq * d)
+
+
+def route(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, keep top-k, renormalise: (weights [T, k] fp32, ids [T, k])."""
+    probs = F.softmax(F.linear(x, gate).float(), dim=-1)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), ids
+
+
+def moe(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    layer: int,
+    experts: ExpertProvider,
+) -> torch.Tensor:
+    """Sum of each token's experts weighted by the router. x [T, H] -> [T, H].
+
+    Each distinct expert of the batch is acquired once and runs on all of its
+    tokens. Experts already in RAM run first so that reading the missing ones
+    cannot evict them before their turn.
+    """
+    out = torch.zeros_like(x)
+    wanted = ids.unique().tolist()
+    wanted.sort(key=lambda e: not experts.is_resident(layer, e))
+    for e in wanted:
+        tok, slot = torch.where(ids == e)
+        with experts.use(layer, e) as ffn:
+            y = ffn(x[tok])  # [n, H]
+        out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
+    return out

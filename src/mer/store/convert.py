@@ -1,0 +1,163 @@
+"""Hugging Face checkpoint directory -> mer store, one tensor at a time.
+
+Everything is checked before a byte is written: the config, that every
+tensor the family names exists with the shape the config implies, and that
+the source dtypes are ones we read. Then dense tensors are copied and each
+expert is quantized and placed, holding one expert in memory at a time, so
+a checkpoint larger than RAM converts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mer.config import ModelConfig
+from mer.errors import ConvertError
+from mer.models.registry import family
+from mer.progress import progress_bar
+from mer.quant.expert import SCHEMES, ExpertFormat
+from mer.store import format as fmt
+from mer.store.writer import StoreWriter
+
+SOURCE_DTYPES = {"BF16", "F16", "F32"}
+
+
+class SafetensorsSource:
+    """Tensor lookup over a checkpoint's shards (single file or sharded with an index)."""
+
+    def __init__(self, src: Path) -> None:
+        index = src / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConvertError(f"{index}: malformed index ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if not (src / f).is_file():
+                    raise ConvertError(f"{src / f}: shard named in {index.name} is missing")
+            self.where = {name: src / f for name, f in weight_map.items()}
+        else:
+            shards = sorted(src.glob("*.safetensors"))
+            if not shards:
+                raise ConvertError(f"{src}: no *.safetensors weights found")
+            self.where = {}
+            for shard in shards:
+                for name in self._open(shard).keys():
+                    self.where[name] = shard
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, path: Path):
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own types for bad headers
+            raise ConvertError(f"{path}: not a readable safetensors file ({e})") from None
+
+    def _handle(self, name: str):
+        path = self.where[name]
+        if path not in self._handles:
+            self._handles[path] = self._open(path)
+        return self._handles[path]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def info(self, name: str) -> tuple[tuple[int, ...], str]:
+        s = self._handle(name).get_slice(name)
+        return tuple(s.get_shape()), s.get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle(name).get_tensor(name)
+        except Exception as e:
+            raise ConvertError(f"{self.where[name]}: cannot read tensor {name} ({e})") from None
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    quant: str = "int4",
+    group_size: int = 128,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConvertError(f"{src}: no such checkpoint directory")
+    if quant not in SCHEMES:
+        raise ConvertError(f"unknown --quant {quant!r} (choose from {', '.join(SCHEMES)})")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ConvertError(f"{config_path}: missing (not a Hugging Face checkpoint?)")
+    hf_config = json.loads(config_path.read_text())
+    cfg = ModelConfig.from_hf(hf_config, where=str(config_path))
+    fam = family(cfg.model_type)
+    try:
+        ef = ExpertFormat.for_machine(quant, cfg.hidden_size, cfg.intermediate_size, group_size)
+    except ValueError as e:
+        raise ConvertError(f"{src}: cannot store experts as {quant}: {e}") from None
+
+    source = SafetensorsSource(src)
+    dense = {hf: ours for hf, ours in fam.dense_names(cfg).items()
+             if not (ours == "lm_head" and cfg.tie_word_embeddings and hf not in source)}
+    _check_tensors(source, cfg, fam, dense)
+
+    total = sum(_nbytes(source, hf) for hf in dense) + sum(
+        _nbytes(source, hf)
+        for layer in range(cfg.num_hidden_layers)
+        for e in range(cfg.num_local_experts)
+        for hf in fam.expert_names(layer, e).values()
+    )
+    with StoreWriter(dst, cfg, hf_config, ef, overwrite=force) as writer:
+        with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
+            for hf, ours in dense.items():
+                writer.add_dense(ours, source.get(hf))
+                bar.advance(_nbytes(source, hf))
+            for layer in range(cfg.num_hidden_layers):
+                for e in range(cfg.num_local_experts):
+                    names = fam.expert_names(layer, e)
+                    w = {k: source.get(hf).float() for k, hf in names.items()}
+                    writer.add_expert(layer, e, ef.encode(w["w1"], w["w2"], w["w3"]))
+                    bar.advance(sum(_nbytes(source, hf) for hf in names.values()))
+        for name in fmt.TOKENIZER_FILES:
+            if (src / name).is_file():
+                writer.add_tokenizer_file(src / name)
+        return writer.close()
+
+
+def _nbytes(source: SafetensorsSource, name: str) -> int:
+    shape, dtype = source.info(name)
+    n = {"BF16": 2, "F16": 2, "F32": 4}.get(dtype, 4)
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_tensors(source: SafetensorsSource, cfg: ModelConfig, fam, dense: dict) -> None:
+    """Every tensor present with the shape and dtype we expect, before writing anything."""
+    expected: dict[str, tuple[int, ...]] = {}
+    shapes = fam.dense_shapes(cfg)
+    for hf, ours in dense.items():
+        expected[hf] = shapes[ours]
+    eshapes = fam.expert_shapes(cfg)
+    for layer in range(cfg.num_hidden_layers):
+        for e in range(cfg.num_local_experts):
+            for w, hf in fam.expert_names(layer, e).items():
+                expected[hf] = eshapes[w]
+    missing = [name for name in expected if name not in source]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConvertError(f"checkpoint is missing tensors: {', '.join(missing[:3])}{more}")
+    for name, want in expected.items():
+        shape, dtype = source.info(name)
+        if shape != want:
+            raise ConvertError(
+                f"{source.where[name]}: tensor {name} has shape {list(shape)}, "
+                f"config.json implies {list(want)}"
+            )
+        if dtype not in SOURCE_DTYPES:
+            raise ConvertError(f"{source.where[name]}: tensor {name} has unsupported dtype {dtype}")

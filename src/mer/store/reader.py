@@ -1,0 +1,136 @@
+"""Opens a store and checks it before anything runs: format, version, file sizes.
+
+`Store` answers where each expert lives and loads the dense weights; it reads
+no expert bytes itself (that is the I/O layer's job) but it is the one that
+judges them: `verify_expert` compares a read extent with its checksum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mer.config import ModelConfig
+from mer.errors import ConfigError, StoreError
+from mer.quant.expert import ExpertFormat
+from mer.store import format as fmt
+
+
+@dataclass(frozen=True)
+class ExpertExtent:
+    layer: int
+    expert: int
+    offset: int
+    length: int
+    checksum: str
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = self._read_manifest()
+        m = self.manifest
+        try:
+            self.config = ModelConfig.from_hf(m["model_config"], where=str(self.manifest_path))
+            self.expert_format = ExpertFormat.from_dict(m["experts"]["format"])
+            self.dense_table: dict[str, dict] = m["dense"]["tensors"]
+            self.extents = {
+                (row[0], row[1]): ExpertExtent(*row) for row in m["experts"]["table"]
+            }
+        except ConfigError as e:
+            raise StoreError(str(e)) from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{self.manifest_path}: malformed manifest ({e!r})") from None
+        self.dense_path = self.path / m["dense"]["file"]
+        self.expert_path = self.path / m["experts"]["file"]
+        self._check_files()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / fmt.MANIFEST
+
+    def _read_manifest(self) -> dict:
+        if not self.path.is_dir():
+            raise StoreError(f"{self.path}: no such store directory")
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise StoreError(
+                f"{self.manifest_path}: missing; {self.path} is not a mer store "
+                "(or its conversion did not finish)"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{self.manifest_path}: not valid JSON ({e})") from None
+        if not isinstance(m, dict) or m.get("format") != fmt.FORMAT_NAME:
+            raise StoreError(f"{self.manifest_path}: not a mer store manifest")
+        version = m.get("format_version")
+        if not isinstance(version, int) or version > fmt.FORMAT_VERSION:
+            raise StoreError(
+                f"{self.manifest_path}: store format version {version} is newer than this mer "
+                f"reads (up to {fmt.FORMAT_VERSION}); upgrade mer"
+            )
+        return m
+
+    def _check_files(self) -> None:
+        cfg = self.config
+        want = {(layer, e) for layer in range(cfg.num_hidden_layers)
+                for e in range(cfg.num_local_experts)}
+        if set(self.extents) != want:
+            missing = sorted(want - set(self.extents))
+            raise StoreError(f"{self.manifest_path}: expert table incomplete, missing {missing[:3]}")
+        for path, key in ((self.dense_path, "dense"), (self.expert_path, "experts")):
+            if not path.is_file():
+                raise StoreError(f"{path}: missing")
+            size, expected = path.stat().st_size, self.manifest[key]["nbytes"]
+            if size < expected:
+                detail = ""
+                if key == "experts":
+                    cut = [x for x in self.extents.values() if x.offset + x.length > size]
+                    first = min(cut, key=lambda x: x.offset)
+                    detail = f"; {fmt.expert_name(first.layer, first.expert)} and after are cut off"
+                raise StoreError(
+                    f"{path}: truncated, {size} bytes where the manifest says {expected}{detail}"
+                )
+
+    def extent(self, layer: int, expert: int) -> ExpertExtent:
+        return self.extents[(layer, expert)]
+
+    def verify_expert(self, layer: int, expert: int, data) -> None:
+        """Raise StoreError unless `data` (bytes-like, the extent) matches its checksum."""
+        x = self.extents[(layer, expert)]
+        if fmt.checksum(data) != x.checksum:
+            raise StoreError(
+                f"{self.expert_path}: {fmt.expert_name(layer, expert)} at offset {x.offset} "
+                "fails its checksum; the store is corrupted (re-convert it)"
+            )
+
+    def load_dense(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """All resident tensors, checksummed, optionally cast to `dtype`."""
+        out: dict[str, torch.Tensor] = {}
+        # Read each tensor straight into its own buffer: no second copy of the dense weights.
+        with open(self.dense_path, "rb", buffering=0) as f:
+            for name, t in self.dense_table.items():
+                buf = torch.empty(t["nbytes"], dtype=torch.uint8)
+                f.seek(t["offset"])
+                if f.readinto(buf.numpy()) != t["nbytes"] or fmt.checksum(buf.numpy()) != t["checksum"]:
+                    raise StoreError(
+                        f"{self.dense_path}: tensor {name} at offset {t['offset']} fails its "
+                        "checksum; the store is corrupted (re-convert it)"
+                    )
+                tensor = buf.view(getattr(torch, t["dtype"])).reshape(t["shape"])
+                out[name] = tensor if dtype is None else tensor.to(dtype)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return out
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / "tokenizer.json"
+        return p if p.is_file() else None
+
+    @property
+    def expert_bytes_total(self) -> int:
+        return len(self.extents) * self.expert_format.nbytes
