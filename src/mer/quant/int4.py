@@ -62,6 +62,14 @@ def check_shape(n: int, k: int, group_size: int, what: str = "weight") -> None:
         raise ValueError(f"{what}: output dim {n} is not a multiple of 16 (int4 kernel blocks)")
 
 
+def default_group_size(*dims: int, preferred: int = 128) -> int:
+    """The largest group size up to `preferred` that divides every input dim."""
+    for g in sorted(GROUP_SIZES, reverse=True):
+        if g <= preferred and all(d % g == 0 for d in dims):
+            return g
+    return preferred  # nothing fits: check_shape will say why
+
+
 def quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [N, K] float -> (q uint8 [N, K] in 0..15, scales [N, K/G], zeros [N, K/G]) in float32."""
     n, k = w.shape

@@ -19,6 +19,7 @@ from mer.config import ModelConfig
 from mer.errors import ConvertError
 from mer.models.registry import family
 from mer.progress import progress_bar
+from mer.quant import int4
 from mer.quant.expert import SCHEMES, ExpertFormat
 from mer.store import format as fmt
 from mer.store.writer import StoreWriter
@@ -81,7 +82,7 @@ def convert(
     src: str | Path,
     dst: str | Path,
     quant: str = "int4",
-    group_size: int = 128,
+    group_size: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -96,6 +97,8 @@ def convert(
     hf_config = json.loads(config_path.read_text())
     cfg = ModelConfig.from_hf(hf_config, where=str(config_path))
     fam = family(cfg.model_type)
+    if group_size is None:
+        group_size = int4.default_group_size(cfg.hidden_size, cfg.intermediate_size)
     try:
         ef = ExpertFormat.for_machine(quant, cfg.hidden_size, cfg.intermediate_size, group_size)
     except ValueError as e:
