@@ -1,4 +1,4 @@
-"""Fixtures: tiny Mixtral checkpoints built and saved by `transformers`, and stores made from them."""
+"""Fixtures: tiny Mixtral checkpoints built and saved by `transformers`, and stores from them."""
 
 from __future__ import annotations
 

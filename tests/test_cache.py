@@ -65,13 +65,43 @@ def test_tokens_independent_of_budget(store_factory, direct):
     n_layers = Store(store).config.num_hidden_layers
     outs = {}
     for slots in (100, 2 * n_layers):
-        model = mer.api.open(store, ram_budget=slots * Store(store).expert_format.nbytes,
-                             direct_io=direct)
+        model = mer.api.open(
+            store, ram_budget=slots * Store(store).expert_format.nbytes, direct_io=direct
+        )
         greedy = list(model.tokens(PROMPT, max_tokens=16, stop_token_ids=[-1]))
-        sampled = list(model.tokens(PROMPT, max_tokens=16, temperature=0.9, top_p=0.9, seed=7,
-                                    stop_token_ids=[-1]))
+        sampled = list(
+            model.tokens(
+                PROMPT, max_tokens=16, temperature=0.9, top_p=0.9, seed=7, stop_token_ids=[-1]
+            )
+        )
         outs[slots] = (greedy, sampled, model.cache.stats)
     (g1, s1, st1), (g2, s2, st2) = outs.values()
     assert g1 == g2 and s1 == s2
     assert st2.misses > st1.misses  # the small cache really did read experts again
     assert st1.evictions == 0 and st2.evictions > 0
+
+
+def test_filesystem_without_o_direct_falls_back_once(store_factory, monkeypatch):
+    """A filesystem that refuses O_DIRECT (as tmpfs may) gets one warning, then buffered reads."""
+    import errno
+    import os
+
+    import mer.io.direct as direct
+
+    real_open = os.open
+
+    def refusing_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(direct, "_warned_paths", set())
+    store = Store(store_factory("int4"))
+    with pytest.warns(UserWarning, match="refuses O_DIRECT") as record:
+        a = DirectReader(store.expert_path)
+        b = DirectReader(store.expert_path)
+    assert len(record) == 1 and not a.direct and not b.direct
+    cache = ExpertCache(store, 4 * store.expert_format.nbytes, a)
+    touch(cache, (0, 0), (1, 3))
+    assert cache.stats.misses == 2

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import save_tiny_mixtral
 
 import mer.api
-from tests.conftest import save_tiny_mixtral
 
 PROMPT = [1, 17, 93, 5, 200, 41, 41, 7, 130, 66, 2, 90]
 
@@ -31,7 +31,7 @@ def our_logits(store, ids, dtype="float32"):
 
 def greedy(model, ids, n):
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("quant", ["bf16", "int8", "int4"])
@@ -55,7 +55,9 @@ def dequantized_reference(hf_model, store_path):
     raw = store.expert_path.read_bytes()
     with torch.no_grad():
         for (layer, e), x in store.extents.items():
-            buf = torch.frombuffer(bytearray(raw[x.offset : x.offset + x.length]), dtype=torch.uint8)
+            buf = torch.frombuffer(
+                bytearray(raw[x.offset : x.offset + x.length]), dtype=torch.uint8
+            )
             w = store.expert_format.view(buf)
             experts = ref.model.layers[layer].mlp.experts
             experts.gate_up_proj[e] = w.gate_up.dequantize()

@@ -31,7 +31,9 @@ def test_top_p_keeps_smallest_prefix():
 
 
 def test_sampling_follows_the_distribution():
-    got = torch.bincount(torch.tensor(draws(SamplingParams(temperature=1.0, seed=1), 4000)), minlength=5)
+    got = torch.bincount(
+        torch.tensor(draws(SamplingParams(temperature=1.0, seed=1), 4000)), minlength=5
+    )
     want = torch.softmax(LOGITS, -1) * 4000
     assert torch.all((got - want).abs() < 5 * want.sqrt() + 5)
 
@@ -42,7 +44,8 @@ def test_seed_reproduces():
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(max_tokens=-1)]
+    "kw",
+    [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(max_tokens=-1)],
 )
 def test_bad_parameters(kw):
     with pytest.raises(ConfigError):

@@ -111,7 +111,11 @@ class Model:
 
     def stats(self) -> RunStats:
         return RunStats(
-            self.generation_stats, self.cache.stats, peak_rss(), self.budget_bytes, self.cache.n_slots
+            self.generation_stats,
+            self.cache.stats,
+            peak_rss(),
+            self.budget_bytes,
+            self.cache.n_slots,
         )
 
 

@@ -151,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="store directory to create")
     p.add_argument("--quant", default="int4", choices=["int4", "int8", "bf16"])
     p.add_argument(
-        "--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 (default 128 or the "
-        "largest that divides the model's dims)"
+        "--group-size",
+        type=int,
+        help="int4 group size: 32, 64, 128 or 256 (default 128 or the "
+        "largest that divides the model's dims)",
     )
     p.add_argument("--force", action="store_true", help="replace dst if it exists")
     p.set_defaults(func=cmd_convert)

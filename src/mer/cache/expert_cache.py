@@ -126,9 +126,7 @@ class ExpertCache:
                 del self._entries[key]
                 self.stats.evictions += 1
                 return entry.slot
-        raise BudgetError(
-            f"all {self.pool.n_slots} expert slots are in use; raise --ram-budget"
-        )
+        raise BudgetError(f"all {self.pool.n_slots} expert slots are in use; raise --ram-budget")
 
     def _load(self, key: Key, slot: int) -> ExpertWeights:
         extent = self.store.extent(*key)

@@ -38,7 +38,7 @@ class SamplingParams:
 
 
 def sample_next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """logits [V] float32 -> token id. Greedy at temperature 0; else top-k, then top-p, then sample."""
+    """logits [V] -> token id: greedy at temperature 0, else top-k, then top-p, then sample."""
     if p.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits.float() / p.temperature

@@ -26,7 +26,9 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [T, Hkv, D] after the current length; return all keys and values so far."""
         end = self.length + k.shape[0]
         if end > self.capacity:

@@ -31,7 +31,9 @@ class Rotary:
     """Rotate-half RoPE with cos/sin tables built once for the model's context."""
 
     def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        inv_freq = 1.0 / theta ** (
+            torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        )
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], -1)  # [P, D]
         self.cos, self.sin = emb.cos(), emb.sin()

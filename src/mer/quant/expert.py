@@ -172,7 +172,9 @@ class ExpertFormat:
             for p in self.parts
         }
         if self.scheme == "int4":
-            gate_up = self._int4(t["gate_up.packed"], t["gate_up.scales_zeros"], 2 * self.ffn, self.hidden)
+            gate_up = self._int4(
+                t["gate_up.packed"], t["gate_up.scales_zeros"], 2 * self.ffn, self.hidden
+            )
             down = self._int4(t["down.packed"], t["down.scales_zeros"], self.hidden, self.ffn)
         elif self.scheme == "int8":
             gate_up = int8.Int8Linear(t["gate_up.q"], t["gate_up.scales"])

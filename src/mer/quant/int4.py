@@ -150,7 +150,7 @@ def kernel_layout() -> str:
 
 
 def encode(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] -> (packed uint8 [N, K/2] in this machine's layout, scales_zeros bf16 [K/G, N, 2])."""
+    """W [N, K] -> (packed uint8 [N, K/2], this machine's layout; scales_zeros bf16 [K/G, N, 2])."""
     q, scales, zeros = quantize(w, group_size)
     return pack(q, kernel_layout()), pack_scales_zeros(scales, zeros)
 

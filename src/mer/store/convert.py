@@ -105,8 +105,11 @@ def convert(
         raise ConvertError(f"{src}: cannot store experts as {quant}: {e}") from None
 
     source = SafetensorsSource(src)
-    dense = {hf: ours for hf, ours in fam.dense_names(cfg).items()
-             if not (ours == "lm_head" and cfg.tie_word_embeddings and hf not in source)}
+    dense = {
+        hf: ours
+        for hf, ours in fam.dense_names(cfg).items()
+        if not (ours == "lm_head" and cfg.tie_word_embeddings and hf not in source)
+    }
     _check_tensors(source, cfg, fam, dense)
 
     total = sum(_nbytes(source, hf) for hf in dense) + sum(

@@ -38,9 +38,7 @@ class Store:
             self.config = ModelConfig.from_hf(m["model_config"], where=str(self.manifest_path))
             self.expert_format = ExpertFormat.from_dict(m["experts"]["format"])
             self.dense_table: dict[str, dict] = m["dense"]["tensors"]
-            self.extents = {
-                (row[0], row[1]): ExpertExtent(*row) for row in m["experts"]["table"]
-            }
+            self.extents = {(row[0], row[1]): ExpertExtent(*row) for row in m["experts"]["table"]}
         except ConfigError as e:
             raise StoreError(str(e)) from None
         except (KeyError, TypeError, ValueError) as e:
@@ -77,11 +75,16 @@ class Store:
 
     def _check_files(self) -> None:
         cfg = self.config
-        want = {(layer, e) for layer in range(cfg.num_hidden_layers)
-                for e in range(cfg.num_local_experts)}
+        want = {
+            (layer, e)
+            for layer in range(cfg.num_hidden_layers)
+            for e in range(cfg.num_local_experts)
+        }
         if set(self.extents) != want:
             missing = sorted(want - set(self.extents))
-            raise StoreError(f"{self.manifest_path}: expert table incomplete, missing {missing[:3]}")
+            raise StoreError(
+                f"{self.manifest_path}: expert table incomplete, missing {missing[:3]}"
+            )
         for path, key in ((self.dense_path, "dense"), (self.expert_path, "experts")):
             if not path.is_file():
                 raise StoreError(f"{path}: missing")
@@ -116,7 +119,10 @@ class Store:
             for name, t in self.dense_table.items():
                 buf = torch.empty(t["nbytes"], dtype=torch.uint8)
                 f.seek(t["offset"])
-                if f.readinto(buf.numpy()) != t["nbytes"] or fmt.checksum(buf.numpy()) != t["checksum"]:
+                if (
+                    f.readinto(buf.numpy()) != t["nbytes"]
+                    or fmt.checksum(buf.numpy()) != t["checksum"]
+                ):
                     raise StoreError(
                         f"{self.dense_path}: tensor {name} at offset {t['offset']} fails its "
                         "checksum; the store is corrupted (re-convert it)"
