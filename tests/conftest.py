@@ -8,18 +8,21 @@ import pytest
 import torch
 
 from mer.store.convert import convert
+from mer.synth.tokenizer import build_tokenizer, write_tokenizer_files
 
 
 @pytest.fixture(autouse=True)
-def _cache_dir(tmp_path_factory, monkeypatch):
+def _isolated(tmp_path_factory, monkeypatch):
+    """Caches under the test's temp dir, and the same random draws whatever ran before."""
     monkeypatch.setenv("MER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mer-cache"))
+    torch.manual_seed(0)
 
 
 def tiny_config(**overrides):
     from transformers import MixtralConfig
 
     values = dict(
-        vocab_size=256,
+        vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -45,6 +48,8 @@ def save_tiny_mixtral(path, seed: int = 0, **overrides):
             # Trained-like spread so routing and logits are not flat, then exact in bf16.
             p.copy_((p * 4 if p.dim() > 1 else p).to(torch.bfloat16).float())
     model.save_pretrained(path)
+    tokenizer = build_tokenizer(model.config.vocab_size)
+    write_tokenizer_files(path, tokenizer, model.config.max_position_embeddings)
     return model
 
 

@@ -64,7 +64,7 @@ class Model:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_dir(self.store.path, self.config.bos_token_id)
+            self._tokenizer = Tokenizer.from_dir(self.store.path)
         return self._tokenizer
 
     def _params(self, **kw) -> SamplingParams:

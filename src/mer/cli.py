@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mer.errors import MerError
-from mer.units import fmt_bytes
+from mer.units import fmt_bytes, fmt_decimal
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -30,7 +30,7 @@ def stats_line(stats) -> str:
     return (
         f"prefill {g.prefill_tps:.1f} tok/s | decode {g.decode_tps:.1f} tok/s | "
         f"expert hits {100 * c.hit_rate:.1f}% ({c.hits}/{c.hits + c.misses}) | "
-        f"read {c.bytes_read / 1e9:.3f} GB from SSD at {c.read_bandwidth / 1e9:.2f} GB/s | "
+        f"read {fmt_decimal(c.bytes_read)} from SSD at {c.read_bandwidth / 1e9:.2f} GB/s | "
         f"cache {stats.slots} slots in {fmt_bytes(stats.budget_bytes)} | "
         f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}"
     )

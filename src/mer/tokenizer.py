@@ -7,7 +7,6 @@ reaches the user as a replacement character.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -16,28 +15,23 @@ from mer.errors import StoreError
 
 
 class Tokenizer:
-    def __init__(self, path: Path, bos_id: int | None, add_bos: bool = True) -> None:
+    """Encoding adds special tokens as the checkpoint's tokenizer.json says (Mixtral: <s>)."""
+
+    def __init__(self, path: Path) -> None:
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:
             raise StoreError(f"{path}: cannot load tokenizer ({e})") from None
-        self.bos_id = bos_id
-        self.add_bos = add_bos and bos_id is not None
 
     @classmethod
-    def from_dir(cls, directory: Path, bos_id: int | None) -> Tokenizer:
+    def from_dir(cls, directory: Path) -> Tokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise StoreError(f"{path}: missing; pass token ids instead of text")
-        add_bos = True
-        cfg_path = directory / "tokenizer_config.json"
-        if cfg_path.is_file():
-            add_bos = json.loads(cfg_path.read_text()).get("add_bos_token", True)
-        return cls(path, bos_id, add_bos)
+        return cls(path)
 
     def encode(self, text: str) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if self.add_bos else ids
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -11,6 +11,15 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError
 
 
+def fmt_decimal(n: float) -> str:
+    """Bytes in decimal units (kB, MB, GB), as device and bandwidth figures are quoted."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
 def parse_bytes(text: str) -> int:
     """'4GiB', '512MB', '1.5G', '65536' -> bytes (K/M/G/T are binary, KB/MB/GB decimal)."""
     s = str(text).strip().replace(" ", "")

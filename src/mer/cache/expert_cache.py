@@ -65,6 +65,7 @@ class ExpertCache:
             self.format.nbytes,
             budget_bytes,
             min_slots=cfg.num_experts_per_tok,
+            max_slots=cfg.num_experts_total,  # more could never be used
             what=f"one token at one layer (top-{cfg.num_experts_per_tok})",
         )
         self.reader = reader or DirectReader(store.expert_path)

@@ -15,11 +15,13 @@ from mer.units import fmt_bytes
 
 
 class SlotPool:
-    def __init__(self, slot_bytes: int, budget_bytes: int, min_slots: int, what: str) -> None:
+    def __init__(
+        self, slot_bytes: int, budget_bytes: int, min_slots: int, max_slots: int, what: str
+    ) -> None:
         if slot_bytes % ALIGN:
             raise ValueError(f"slot size {slot_bytes} is not a multiple of {ALIGN}")
         self.slot_bytes = slot_bytes
-        self.n_slots = budget_bytes // slot_bytes
+        self.n_slots = min(budget_bytes // slot_bytes, max_slots)
         if self.n_slots < min_slots:
             raise BudgetError(
                 f"RAM budget {fmt_bytes(budget_bytes)} holds {self.n_slots} experts of "

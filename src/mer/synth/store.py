@@ -61,7 +61,8 @@ def write_random_store(
     with StoreWriter(out, cfg, hf, ef) as writer:
         with progress_bar(total, f"synth store {Path(out).name}", progress, unit="tensors") as bar:
             for name, shape in dense:
-                writer.add_dense(names[name], random_tensor(name, shape, gen, torch.bfloat16, seed))
+                t = random_tensor(name, shape, gen, torch.bfloat16, seed, cfg.num_hidden_layers)
+                writer.add_dense(names[name], t)
                 bar.advance()
             for layer in range(cfg.num_hidden_layers):
                 for e in range(cfg.num_local_experts):

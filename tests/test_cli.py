@@ -1,0 +1,55 @@
+"""The `mer` command as a user runs it: a real subprocess, its output and exit code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def mer(*args, env=None, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mer.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mer {args} failed: {proc.stderr}")
+    return proc
+
+
+def test_info_describes_a_store(store_factory):
+    out = mer("info", store_factory("int4")).stdout
+    assert "mixtral" in out and "int4, group 32" in out and "8 = " in out
+
+
+def test_convert_then_info(hf_tiny, tmp_path):
+    proc = mer("convert", hf_tiny[0], tmp_path / "s", "--quant", "int8")
+    assert "wrote" in proc.stderr
+    assert "int8" in mer("info", tmp_path / "s").stdout
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["info", "/nonexistent/store"], "/nonexistent/store"),
+        (["convert", "/nonexistent/ckpt", "/tmp/x"], "/nonexistent/ckpt"),
+        (["generate", "--store", "/nonexistent/s", "--prompt", "hi"], "/nonexistent/s"),
+    ],
+)
+def test_user_errors_are_one_line(args, needle):
+    proc = mer(*args, check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+
+
+def test_bad_budget_is_one_line(store_factory):
+    proc = mer("generate", "--store", store_factory("int4"), "--prompt", "x",
+               "--ram-budget", "12 bananas", check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: --ram-budget")
