@@ -53,3 +53,14 @@ def test_bad_budget_is_one_line(store_factory):
                "--ram-budget", "12 bananas", check=False)  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: --ram-budget")
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    env = {"MER_CACHE_DIR": str(tmp_path)}
+    args = ["demo", "--preset", "small", "--ram-budget", "2MiB", "--max-tokens", "8"]
+    first = mer(*args, env=env)
+    assert "expert hits" in first.stderr and "read" in first.stderr
+    assert first.stdout.startswith("def fibonacci(n):")
+    again = mer(*args, env=env)  # cached model: no synthesis or conversion the second time
+    assert "synthesizing" not in again.stderr and "converting" not in again.stderr
+    assert again.stdout == first.stdout  # greedy: same text

@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("demo", help="synthesize, convert and generate with experts on disk")
-    p.add_argument("--ram-budget", default="48MiB")
+    p.add_argument("--ram-budget", default="96MiB")
     p.add_argument("--prompt", default="def fibonacci(n):")
+    p.add_argument("--preset", default="demo", help="synthetic model shape (see mer synth)")
     add_sampling(p, max_tokens=48)
     p.set_defaults(func=cmd_demo)
 

@@ -8,29 +8,36 @@ are random, so its text is noise: the point is the path and the numbers.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from rich.console import Console
 
 import mer.api
 from mer.cli import run_generation
-from mer.store.convert import convert
+from mer.errors import MerError
 from mer.store.reader import Store
-from mer.synth.checkpoint import hf_config, write_hf_checkpoint
 from mer.units import fmt_bytes, parse_bytes
 
-PRESET = "demo"
+def _mer(*args) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mer.cli", *map(str, args)])
+    if proc.returncode != 0:
+        raise MerError(f"mer {args[0]} failed (exit {proc.returncode}); see the message above")
 
 
 def run_demo(workdir: Path, args) -> None:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    checkpoint, store = workdir / f"{PRESET}-hf", workdir / f"{PRESET}-int4"
+    preset = args.preset
+    checkpoint, store = workdir / f"{preset}-hf", workdir / f"{preset}-int4"
+    # Preparation runs in child processes so the peak RSS reported below is generation's own.
     if not checkpoint.exists():
-        console.print(f"synthesizing a Mixtral-architecture checkpoint in {checkpoint}")
-        write_hf_checkpoint(checkpoint, hf_config(PRESET))
+        console.print(f"synthesizing a Mixtral-architecture checkpoint: mer synth {checkpoint} "
+                      f"--preset {preset}")  # fmt: skip
+        _mer("synth", checkpoint, "--preset", preset)
     if not store.exists():
-        console.print(f"converting it to an int4 store in {store}")
-        convert(checkpoint, store, quant="int4")
+        console.print(f"converting it to an int4 store: mer convert {checkpoint} {store}")
+        _mer("convert", checkpoint, store, "--quant", "int4")
     s = Store(store)
     budget = parse_bytes(args.ram_budget)
     cfg = s.config
