@@ -20,6 +20,7 @@ from mer.errors import MerError
 from mer.store.reader import Store
 from mer.units import fmt_bytes, parse_bytes
 
+
 def _mer(*args) -> None:
     proc = subprocess.run([sys.executable, "-m", "mer.cli", *map(str, args)])
     if proc.returncode != 0:

@@ -62,7 +62,7 @@ class StoreWriter:
         pad = -pos % fmt.DENSE_ALIGN
         self._dense.write(b"\0" * pad)
         data = t.reshape(-1).view(torch.uint8).numpy()
-        self._dense.write(data.tobytes())
+        self._dense.write(data)
         self._dense_table[name] = {
             "offset": pos + pad,
             "nbytes": data.nbytes,
@@ -79,7 +79,7 @@ class StoreWriter:
         offset = (layer * self.config.num_local_experts + expert) * ef.nbytes
         data = extent.contiguous().numpy()
         self._experts.seek(offset)
-        self._experts.write(data.tobytes())
+        self._experts.write(data)
         self._expert_table[(layer, expert)] = {
             "offset": offset,
             "length": ef.nbytes,

@@ -5,8 +5,8 @@ generation_config.json, safetensors shards with their index, tokenizer.json
 and tokenizer_config.json), so synthetic and real models take the same path
 through `mer convert`. Weights are random but shaped like a trained model's
 (unit-scale activations through any depth), deterministic per (seed, tensor
-name) whatever the sharding. Writing streams shard by shard: memory stays
-within one shard at any model size.
+name) whatever the sharding. Writing streams tensor by tensor: memory stays
+within one tensor at any model size.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from mer.errors import ConfigError, MerError
 from mer.progress import progress_bar
@@ -145,6 +144,36 @@ def random_tensor(
     return (torch.randn(shape, generator=gen) * _std(name, shape, layers)).to(dtype)
 
 
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def write_safetensors(path: Path, specs, dtype: torch.dtype, make):
+    """Write a .safetensors file one tensor at a time; yields (name, tensor) as each is written.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and byte range, then the raw data. Shapes are known up front, so
+    the header goes first and no more than one tensor is ever in memory.
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in specs:
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape in specs:
+            t = make(name, shape).contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+            yield name, t
+
+
 def _plan_shards(specs, itemsize: int, max_shard_bytes: int) -> list[list[tuple]]:
     shards, current, size = [], [], 0
     for name, shape in specs:
@@ -164,7 +193,7 @@ def write_hf_checkpoint(
     *,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
-    max_shard_bytes: int = 2 * 2**30,
+    max_shard_bytes: int = 5 * 10**9,
     progress: bool = True,
 ) -> Path:
     """Write a random checkpoint of config `cfg` to `out_dir` (which must not exist)."""
@@ -180,6 +209,7 @@ def write_hf_checkpoint(
     tmp.mkdir(parents=True)
     try:
         gen = torch.Generator()
+        layers = cfg["num_hidden_layers"]
         weight_map = {}
         with progress_bar(total, f"synth {out_dir.name}", progress) as bar:
             for i, shard in enumerate(shards):
@@ -188,14 +218,14 @@ def write_hf_checkpoint(
                     if len(shards) == 1
                     else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 )
-                tensors = {}
-                for name, shape in shard:
-                    layers = cfg["num_hidden_layers"]
-                    tensors[name] = random_tensor(name, shape, gen, dtype, seed, layers)
+                for name, t in write_safetensors(
+                    tmp / fname,
+                    shard,
+                    dtype,
+                    lambda name, shape: random_tensor(name, shape, gen, dtype, seed, layers),
+                ):
                     weight_map[name] = fname
-                    bar.advance(tensors[name].nbytes)
-                save_file(tensors, tmp / fname, metadata={"format": "pt"})
-                del tensors
+                    bar.advance(t.nbytes)
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
