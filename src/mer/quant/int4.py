@@ -41,10 +41,14 @@ class Int4Linear:
     k: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(self.scales_zeros.dtype), self.packed, self.group_size, self.scales_zeros
+        # The kernel computes in the activations' dtype and wants scales in the same one:
+        # bf16 is the fast path; float32 (converting scales per call) is exact, for checking.
+        sz = (
+            self.scales_zeros
+            if x.dtype == self.scales_zeros.dtype
+            else self.scales_zeros.to(x.dtype)
         )
-        return y.to(x.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
 
     def dequantize(self, layout: str | None = None) -> torch.Tensor:
         q = unpack(self.packed, self.n, self.k, layout or kernel_layout())

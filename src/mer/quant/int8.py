@@ -20,8 +20,8 @@ class Int8Linear:
     scales: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.to(self.scales.dtype), self.q, self.scales)
-        return y.to(x.dtype)
+        scales = self.scales if x.dtype == self.scales.dtype else self.scales.to(x.dtype)
+        return torch._weight_int8pack_mm(x, self.q, scales)
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scales.float()[:, None]
