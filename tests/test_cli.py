@@ -64,3 +64,11 @@ def test_demo_runs_end_to_end(tmp_path):
     again = mer(*args, env=env)  # cached model: no synthesis or conversion the second time
     assert "synthesizing" not in again.stderr and "converting" not in again.stderr
     assert again.stdout == first.stdout  # greedy: same text
+
+
+def test_bench_kernel_prints_its_table():
+    out = mer("bench", "kernel", "--hidden", "128", "--ffn", "256", "--group-size", "32",
+              "--batch", "1", "--batch", "8", "--seconds", "0.05").stdout  # fmt: skip
+    assert "memory copy" in out and "weights GB/s" in out
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == ["1", "8"]
