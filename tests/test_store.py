@@ -198,3 +198,17 @@ def test_failed_convert_leaves_nothing(hf_tiny, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         convert(hf_tiny[0], tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_checkpoint_shard(hf_tiny, tmp_path):
+    src = tmp_path / "cut"
+    shutil.copytree(hf_tiny[0], src)
+    path = src / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 1000)
+    with pytest.raises(ConvertError) as e:
+        convert(src, tmp_path / "out", progress=False)
+    assert "model.safetensors" in one_line(e) and "truncated" in str(e.value)
+    (src / "model.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(ConvertError) as e:
+        convert(src, tmp_path / "out", progress=False)
+    assert "not a safetensors file" in one_line(e)

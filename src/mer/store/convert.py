@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
 from mer.config import ModelConfig
 from mer.errors import ConvertError
 from mer.models.registry import family
@@ -22,60 +19,10 @@ from mer.progress import progress_bar
 from mer.quant import int4
 from mer.quant.expert import SCHEMES, ExpertFormat
 from mer.store import format as fmt
+from mer.store.safetensors_source import SafetensorsSource
 from mer.store.writer import StoreWriter
 
 SOURCE_DTYPES = {"BF16", "F16", "F32"}
-
-
-class SafetensorsSource:
-    """Tensor lookup over a checkpoint's shards (single file or sharded with an index)."""
-
-    def __init__(self, src: Path) -> None:
-        index = src / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConvertError(f"{index}: malformed index ({e!r})") from None
-            files = sorted(set(weight_map.values()))
-            for f in files:
-                if not (src / f).is_file():
-                    raise ConvertError(f"{src / f}: shard named in {index.name} is missing")
-            self.where = {name: src / f for name, f in weight_map.items()}
-        else:
-            shards = sorted(src.glob("*.safetensors"))
-            if not shards:
-                raise ConvertError(f"{src}: no *.safetensors weights found")
-            self.where = {}
-            for shard in shards:
-                for name in self._open(shard).keys():
-                    self.where[name] = shard
-        self._handles: dict[Path, object] = {}
-
-    def _open(self, path: Path):
-        try:
-            return safe_open(str(path), framework="pt")
-        except Exception as e:  # safetensors raises its own types for bad headers
-            raise ConvertError(f"{path}: not a readable safetensors file ({e})") from None
-
-    def _handle(self, name: str):
-        path = self.where[name]
-        if path not in self._handles:
-            self._handles[path] = self._open(path)
-        return self._handles[path]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def info(self, name: str) -> tuple[tuple[int, ...], str]:
-        s = self._handle(name).get_slice(name)
-        return tuple(s.get_shape()), s.get_dtype()
-
-    def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._handle(name).get_tensor(name)
-        except Exception as e:
-            raise ConvertError(f"{self.where[name]}: cannot read tensor {name} ({e})") from None
 
 
 def convert(
@@ -94,7 +41,10 @@ def convert(
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{config_path}: missing (not a Hugging Face checkpoint?)")
-    hf_config = json.loads(config_path.read_text())
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{config_path}: not valid JSON ({e})") from None
     cfg = ModelConfig.from_hf(hf_config, where=str(config_path))
     fam = family(cfg.model_type)
     if group_size is None:
@@ -104,35 +54,35 @@ def convert(
     except ValueError as e:
         raise ConvertError(f"{src}: cannot store experts as {quant}: {e}") from None
 
-    source = SafetensorsSource(src)
-    dense = {
-        hf: ours
-        for hf, ours in fam.dense_names(cfg).items()
-        if not (ours == "lm_head" and cfg.tie_word_embeddings and hf not in source)
-    }
-    _check_tensors(source, cfg, fam, dense)
+    with SafetensorsSource(src) as source:
+        dense = {
+            hf: ours
+            for hf, ours in fam.dense_names(cfg).items()
+            if not (ours == "lm_head" and cfg.tie_word_embeddings and hf not in source)
+        }
+        _check_tensors(source, cfg, fam, dense)
 
-    total = sum(_nbytes(source, hf) for hf in dense) + sum(
-        _nbytes(source, hf)
-        for layer in range(cfg.num_hidden_layers)
-        for e in range(cfg.num_local_experts)
-        for hf in fam.expert_names(layer, e).values()
-    )
-    with StoreWriter(dst, cfg, hf_config, ef, overwrite=force) as writer:
-        with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
-            for hf, ours in dense.items():
-                writer.add_dense(ours, source.get(hf))
-                bar.advance(_nbytes(source, hf))
-            for layer in range(cfg.num_hidden_layers):
-                for e in range(cfg.num_local_experts):
-                    names = fam.expert_names(layer, e)
-                    w = {k: source.get(hf).float() for k, hf in names.items()}
-                    writer.add_expert(layer, e, ef.encode(w["w1"], w["w2"], w["w3"]))
-                    bar.advance(sum(_nbytes(source, hf) for hf in names.values()))
-        for name in fmt.TOKENIZER_FILES:
-            if (src / name).is_file():
-                writer.add_tokenizer_file(src / name)
-        return writer.close()
+        total = sum(_nbytes(source, hf) for hf in dense) + sum(
+            _nbytes(source, hf)
+            for layer in range(cfg.num_hidden_layers)
+            for e in range(cfg.num_local_experts)
+            for hf in fam.expert_names(layer, e).values()
+        )
+        with StoreWriter(dst, cfg, hf_config, ef, overwrite=force) as writer:
+            with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
+                for hf, ours in dense.items():
+                    writer.add_dense(ours, source.get(hf))
+                    bar.advance(_nbytes(source, hf))
+                for layer in range(cfg.num_hidden_layers):
+                    for e in range(cfg.num_local_experts):
+                        names = fam.expert_names(layer, e)
+                        w = {k: source.get(hf).float() for k, hf in names.items()}
+                        writer.add_expert(layer, e, ef.encode(w["w1"], w["w2"], w["w3"]))
+                        bar.advance(sum(_nbytes(source, hf) for hf in names.values()))
+            for name in fmt.TOKENIZER_FILES:
+                if (src / name).is_file():
+                    writer.add_tokenizer_file(src / name)
+            return writer.close()
 
 
 def _nbytes(source: SafetensorsSource, name: str) -> int:
@@ -162,8 +112,8 @@ def _check_tensors(source: SafetensorsSource, cfg: ModelConfig, fam, dense: dict
         shape, dtype = source.info(name)
         if shape != want:
             raise ConvertError(
-                f"{source.where[name]}: tensor {name} has shape {list(shape)}, "
+                f"{source.where(name)}: tensor {name} has shape {list(shape)}, "
                 f"config.json implies {list(want)}"
             )
         if dtype not in SOURCE_DTYPES:
-            raise ConvertError(f"{source.where[name]}: tensor {name} has unsupported dtype {dtype}")
+            raise ConvertError(f"{source.where(name)}: tensor {name} has unsupported dtype {dtype}")

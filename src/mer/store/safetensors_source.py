@@ -1,0 +1,138 @@
+"""Reads tensors from a Hugging Face checkpoint's safetensors shards, one at a time.
+
+Reads are plain positional reads into a fresh buffer, with the file's pages
+dropped from the page cache after, rather than a memory map: converting a
+checkpoint larger than RAM then holds one tensor in memory and leaves the
+page cache as it found it. The format is an 8-byte little-endian header
+length, a JSON header (dtype, shape, byte range per tensor), then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mer.errors import ConvertError
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(MAX_HEADER, size - 8):
+            raise ConvertError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConvertError(f"{path}: not a safetensors file (header: {e})") from None
+    entries = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = (8 + n + int(x) for x in e["data_offsets"])
+            entry = TensorEntry(
+                path, str(e["dtype"]), tuple(int(d) for d in e["shape"]), start, end
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ConvertError(f"{path}: malformed header entry for tensor {name}") from None
+        if end > size:
+            raise ConvertError(
+                f"{path}: truncated; tensor {name} ends at byte {end} but the file has {size}"
+            )
+        entries[name] = entry
+    return entries
+
+
+class SafetensorsSource:
+    """Tensor lookup over a checkpoint's shards (single file, or sharded with an index)."""
+
+    def __init__(self, src: Path) -> None:
+        index = src / "model.safetensors.index.json"
+        self.entries: dict[str, TensorEntry] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConvertError(f"{index}: malformed index ({e!r})") from None
+            headers = {}
+            for f in sorted(set(weight_map.values())):
+                if not (src / f).is_file():
+                    raise ConvertError(f"{src / f}: shard named in {index.name} is missing")
+                headers[f] = read_header(src / f)
+            for name, f in weight_map.items():
+                if name not in headers[f]:
+                    raise ConvertError(f"{src / f}: tensor {name} listed in {index.name} is absent")
+                self.entries[name] = headers[f][name]
+        else:
+            shards = sorted(src.glob("*.safetensors"))
+            if not shards:
+                raise ConvertError(f"{src}: no *.safetensors weights found")
+            for shard in shards:
+                self.entries.update(read_header(shard))
+        self._fds: dict[Path, int] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def where(self, name: str) -> Path:
+        return self.entries[name].path
+
+    def info(self, name: str) -> tuple[tuple[int, ...], str]:
+        e = self.entries[name]
+        return e.shape, e.dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        if e.dtype not in DTYPES:
+            raise ConvertError(f"{e.path}: tensor {name} has unsupported dtype {e.dtype}")
+        fd = self._fds.get(e.path)
+        if fd is None:
+            fd = self._fds[e.path] = os.open(e.path, os.O_RDONLY)
+        buf = torch.empty(e.end - e.start, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], e.start + done)
+            if n == 0:
+                raise ConvertError(f"{e.path}: tensor {name} cut short at byte {e.start + done}")
+            done += n
+        os.posix_fadvise(fd, e.start, e.end - e.start, os.POSIX_FADV_DONTNEED)
+        t = buf.view(DTYPES[e.dtype])
+        if t.numel() != _numel(e.shape):
+            raise ConvertError(f"{e.path}: tensor {name} byte range does not match its shape")
+        return t.reshape(e.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SafetensorsSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
