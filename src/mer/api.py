@@ -98,14 +98,19 @@ class Model:
                 done.finish_reason = "stop"
                 break
             pending += decoder.push(token)
-            hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
-            if hits:
-                pending, done.finish_reason = pending[: min(hits)], "stop"
+            before_stop = _before_stop(pending, stop)
+            if before_stop is not None:
+                pending, done.finish_reason = before_stop, "stop"
                 break
             if len(pending) > hold:
                 cut = len(pending) - hold
                 yield pending[:cut]
                 pending = pending[cut:]
+        else:
+            pending += decoder.flush()
+            before_stop = _before_stop(pending, stop)
+            if before_stop is not None:
+                pending, done.finish_reason = before_stop, "stop"
         if pending:
             yield pending
 
@@ -117,6 +122,12 @@ class Model:
             self.budget_bytes,
             self.cache.n_slots,
         )
+
+
+def _before_stop(text: str, stop: list[str]) -> str | None:
+    """The text before the earliest stop string in it, or None if there is none."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(hits)] if hits else None
 
 
 def open(  # noqa: A001 - mer.open reads naturally

@@ -57,3 +57,10 @@ class StreamDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return now[len(before) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the end decodes as U+FFFD)."""
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        now = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :]

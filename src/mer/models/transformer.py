@@ -17,7 +17,7 @@ from mer.config import ModelConfig
 from mer.models.kv_cache import KVCache
 from mer.models.layers import ExpertProvider, Rotary, attention, moe, rms_norm, route
 
-# Called per MoE layer with (layer, token ids [T], expert ids [T, k], router weights [T, k]).
+# Called per MoE layer with (layer, expert ids [T, k], router weights [T, k]).
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
