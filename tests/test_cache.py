@@ -8,6 +8,7 @@ import mer.api
 from mer.cache.expert_cache import ExpertCache
 from mer.errors import BudgetError
 from mer.io.direct import DirectReader
+from mer.io.engine import ReadEngine
 from mer.store.reader import Store
 
 PROMPT = [1, 17, 93, 5, 200, 41, 41, 7, 130, 66]
@@ -15,8 +16,7 @@ PROMPT = [1, 17, 93, 5, 200, 41, 41, 7, 130, 66]
 
 def cache_with(store_path, slots: int, direct: bool = True) -> ExpertCache:
     store = Store(store_path)
-    reader = DirectReader(store.expert_path, direct=direct)
-    return ExpertCache(store, slots * store.expert_format.nbytes, reader)
+    return ExpertCache(store, slots * store.expert_format.nbytes, direct=direct)
 
 
 def touch(cache, *keys):
@@ -102,6 +102,6 @@ def test_filesystem_without_o_direct_falls_back_once(store_factory, monkeypatch)
         a = DirectReader(store.expert_path)
         b = DirectReader(store.expert_path)
     assert len(record) == 1 and not a.direct and not b.direct
-    cache = ExpertCache(store, 4 * store.expert_format.nbytes, a)
+    cache = ExpertCache(store, 4 * store.expert_format.nbytes, ReadEngine(a))
     touch(cache, (0, 0), (1, 3))
     assert cache.stats.misses == 2

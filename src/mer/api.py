@@ -21,7 +21,6 @@ from mer.cache.expert_cache import CacheStats, ExpertCache
 from mer.engine.generate import GenerationStats, generate
 from mer.engine.sampling import SamplingParams
 from mer.errors import ConfigError
-from mer.io.direct import DirectReader
 from mer.models.transformer import MoETransformer
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
@@ -52,12 +51,16 @@ class Completion:
 
 
 class Model:
-    def __init__(self, store: Store, cache: ExpertCache, dtype: torch.dtype, budget: int) -> None:
+    def __init__(
+        self, store: Store, cache: ExpertCache, dtype: torch.dtype, budget: int, prefetch: bool
+    ) -> None:
         self.store = store
         self.config = store.config
         self.cache = cache
         self.budget_bytes = budget
-        self.transformer = MoETransformer(self.config, store.load_dense(), cache, dtype)
+        self.transformer = MoETransformer(
+            self.config, store.load_dense(), cache, dtype, lookahead=prefetch
+        )
         self._tokenizer: Tokenizer | None = None
         self.generation_stats = GenerationStats()
 
@@ -135,8 +138,14 @@ def open(  # noqa: A001 - mer.open reads naturally
     ram_budget: str | int = "4GiB",
     dtype: str = "bfloat16",
     direct_io: bool = True,
+    io_threads: int = 4,
+    prefetch: bool = True,
 ) -> Model:
-    """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB')."""
+    """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB').
+
+    `io_threads` reader threads fetch missing experts; with `prefetch` the next layer's
+    experts are predicted and read while the current layer computes.
+    """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     try:
@@ -144,8 +153,10 @@ def open(  # noqa: A001 - mer.open reads naturally
     except ValueError as e:
         raise ConfigError(f"--ram-budget: {e}") from None
     s = Store(store)
-    cache = ExpertCache(s, budget, DirectReader(s.expert_path, direct=direct_io))
-    return Model(s, cache, DTYPES[dtype], budget)
+    if io_threads < 1:
+        raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
+    cache = ExpertCache(s, budget, threads=io_threads, direct=direct_io)
+    return Model(s, cache, DTYPES[dtype], budget, prefetch)
 
 
 def peak_rss() -> int:

@@ -27,10 +27,13 @@ def cache_dir() -> Path:
 
 def stats_line(stats) -> str:
     g, c = stats.generation, stats.cache
+    tokens = max(1, g.prompt_tokens + g.generated_tokens)
     return (
         f"prefill {g.prefill_tps:.1f} tok/s | decode {g.decode_tps:.1f} tok/s | "
         f"expert hits {100 * c.hit_rate:.1f}% ({c.hits}/{c.hits + c.misses}) | "
+        f"prefetch used {c.prefetches_used}/{c.prefetches} | "
         f"read {fmt_decimal(c.bytes_read)} from SSD at {c.read_bandwidth / 1e9:.2f} GB/s | "
+        f"I/O stall {1e3 * c.stall_seconds / tokens:.1f} ms/token | "
         f"cache {stats.slots} slots in {fmt_bytes(stats.budget_bytes)} | "
         f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}"
     )
@@ -57,7 +60,14 @@ def run_generation(model, prompt: str, args) -> None:
 def cmd_generate(args) -> None:
     import mer.api
 
-    model = mer.api.open(args.store, args.ram_budget, args.dtype, direct_io=not args.no_direct_io)
+    model = mer.api.open(
+        args.store,
+        args.ram_budget,
+        args.dtype,
+        direct_io=not args.no_direct_io,
+        io_threads=args.io_threads,
+        prefetch=not args.no_prefetch,
+    )
     run_generation(model, args.prompt, args)
 
 
@@ -122,6 +132,12 @@ def cmd_bench(args) -> None:
         run_kernel_bench(args)
 
 
+def add_io_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--io-threads", type=int, default=4, help="expert reader threads")
+    p.add_argument("--no-prefetch", action="store_true", help="read experts only on demand")
+    p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
+
+
 def add_sampling(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -142,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--ram-budget", default="4GiB", help="RAM for cached experts, e.g. 4GiB")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
+    add_io_options(p)
     add_sampling(p)
     p.set_defaults(func=cmd_generate)
 
@@ -179,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-budget", default="96MiB")
     p.add_argument("--prompt", default="def fibonacci(n):")
     p.add_argument("--preset", default="demo", help="synthetic model shape (see mer synth)")
+    add_io_options(p)
     add_sampling(p, max_tokens=48)
     p.set_defaults(func=cmd_demo)
 

@@ -48,5 +48,11 @@ def run_demo(workdir: Path, args) -> None:
         f"in int4; RAM budget {fmt_bytes(budget)} holds "
         f"{budget // s.expert_format.nbytes} of {len(s.extents)} experts"
     )
-    model = mer.api.open(store, ram_budget=budget)
+    model = mer.api.open(
+        store,
+        ram_budget=budget,
+        direct_io=not args.no_direct_io,
+        io_threads=args.io_threads,
+        prefetch=not args.no_prefetch,
+    )
     run_generation(model, args.prompt, args)

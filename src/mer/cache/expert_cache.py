@@ -1,11 +1,14 @@
-"""The expert cache: (layer, expert) -> a slot holding its bytes, filled from the store on a miss.
+"""The expert cache: (layer, expert) -> a slot holding its bytes, filled by the read engine.
 
 Invariants: an expert in use (acquired and not yet released) is never
-evicted; a slot holds the bytes of at most one expert, and only after they
-were read whole and passed their checksum; a failed read leaves the cache as
-it was. Eviction is least-recently-used for now (the controller with
-frequency and prediction is a later part). Counters record what happened,
-never estimates.
+evicted, and neither is one whose read is in flight; a slot holds the bytes
+of at most one expert, usable only after they were read whole and passed
+their checksum; at most one read per expert is in flight, later requests
+wait on it; a failed read leaves the cache as if it had never been asked.
+Eviction is least-recently-used (the controller with frequency and
+prediction is a later part). Prefetches fill free slots or evict only
+experts that were not used in the current step. Counters record what
+happened, never estimates.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from dataclasses import dataclass
 from mer.cache.pool import SlotPool
 from mer.errors import BudgetError
 from mer.io.direct import DirectReader
+from mer.io.engine import DEMAND, PREFETCH, ReadEngine, ReadRequest
 from mer.quant.expert import ExpertWeights
+from mer.store import format as fmt
 from mer.store.reader import Store
 
 Key = tuple[int, int]  # (layer, expert)
@@ -27,11 +32,15 @@ Key = tuple[int, int]  # (layer, expert)
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0  # acquired with no new read: resident, or already being read
+    misses: int = 0  # acquired by issuing a demand read
     evictions: int = 0
     bytes_read: int = 0
-    read_seconds: float = 0.0
+    read_seconds: float = 0.0  # wall time with reads in flight
+    stall_seconds: float = 0.0  # time acquire() waited for reads
+    prefetches: int = 0
+    prefetches_used: int = 0  # acquired before being evicted
+    prefetches_cancelled: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -43,11 +52,14 @@ class CacheStats:
         return self.bytes_read / self.read_seconds if self.read_seconds else 0.0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     slot: int
-    weights: ExpertWeights
     users: int = 0
+    weights: ExpertWeights | None = None
+    request: ReadRequest | None = None  # while its read is in flight
+    prefetched: bool = False  # read by a prefetch and not acquired yet
+    step: int = -1  # last step that used it
 
 
 class ExpertCache:
@@ -55,8 +67,10 @@ class ExpertCache:
         self,
         store: Store,
         budget_bytes: int,
-        reader: DirectReader | None = None,
+        engine: ReadEngine | None = None,
         verify: bool = True,
+        threads: int = 4,
+        direct: bool = True,
     ) -> None:
         self.store = store
         self.format = store.expert_format
@@ -68,10 +82,11 @@ class ExpertCache:
             max_slots=cfg.num_experts_total,  # more could never be used
             what=f"one token at one layer (top-{cfg.num_experts_per_tok})",
         )
-        self.reader = reader or DirectReader(store.expert_path)
+        self.engine = engine or ReadEngine(DirectReader(store.expert_path, direct), threads)
         self.verify = verify
-        self.stats = CacheStats()
-        self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # oldest use first
+        self._stats = CacheStats()
+        self.step = 0  # advanced by the model once per forward pass
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
         self._free = list(range(self.pool.n_slots - 1, -1, -1))
         self._lock = threading.Lock()
 
@@ -79,34 +94,58 @@ class ExpertCache:
     def n_slots(self) -> int:
         return self.pool.n_slots
 
+    @property
+    def reader(self) -> DirectReader:
+        return self.engine.reader
+
     def is_resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._entries
 
+    def next_step(self) -> None:
+        self.step += 1
+
     def acquire(self, layer: int, expert: int) -> ExpertWeights:
-        """The expert's weights, read from the store on a miss; pinned until `release`."""
+        """The expert's weights, read from the store if needed; pinned until `release`."""
         key = (layer, expert)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self.stats.hits += 1
-                entry.users += 1
-                self._entries.move_to_end(key)
-                return entry.weights
-            slot = self._take_slot()
-        try:
-            weights = self._load(key, slot)
-        except BaseException:
+        while True:
             with self._lock:
-                self._free.append(slot)
-            raise
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._stats.hits += 1
+                    if entry.prefetched:
+                        entry.prefetched = False
+                        self._stats.prefetches_used += 1
+                    self._entries.move_to_end(key)
+                    break
+                slot = self._take_slot(for_prefetch=False)
+                if slot is not None:
+                    entry = self._start_read(key, slot, DEMAND)
+                    self._stats.misses += 1
+                    break
+                blocker = self._prefetch_in_flight()
+            blocker.wait_quietly()  # every slot is held by prefetches being read: wait for one
         with self._lock:
-            self.stats.misses += 1
-            self._entries[key] = _Entry(slot, weights, users=1)
-        return weights
+            entry.users += 1
+            entry.step = self.step
+            request = entry.request
+        if request is not None:
+            self.engine.promote(request)
+            t0 = time.perf_counter()
+            try:
+                request.wait()
+            except BaseException:
+                self.release(layer, expert)
+                raise
+            finally:
+                with self._lock:
+                    self._stats.stall_seconds += time.perf_counter() - t0
+        return entry.weights
 
     def release(self, layer: int, expert: int) -> None:
         with self._lock:
-            entry = self._entries[(layer, expert)]
+            entry = self._entries.get((layer, expert))
+            if entry is None:  # its read failed and it was dropped
+                return
             if entry.users <= 0:
                 raise RuntimeError(f"expert {(layer, expert)} released more often than acquired")
             entry.users -= 1
@@ -119,25 +158,105 @@ class ExpertCache:
         finally:
             self.release(layer, expert)
 
-    def _take_slot(self) -> int:
+    def prefetch(self, layer: int, experts) -> int:
+        """Start reading experts expected soon, where a slot can be had cheaply. Returns how
+        many reads were started."""
+        started = 0
+        with self._lock:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self._entries:
+                    continue
+                slot = self._take_slot(for_prefetch=True)
+                if slot is None:
+                    break
+                self._start_read(key, slot, PREFETCH).prefetched = True
+                self._stats.prefetches += 1
+                started += 1
+        return started
+
+    def cancel_prefetches(self, layer: int | None = None, keep=()) -> int:
+        """Cancel prefetches (of `layer`, except experts in `keep`) whose reads have not
+        started; their slots return to the pool."""
+        cancelled, keep = 0, set(keep)
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                if layer is not None and (key[0] != layer or key[1] in keep):
+                    continue
+                if entry.prefetched and entry.request is not None and entry.users == 0:
+                    if self.engine.cancel(entry.request):
+                        del self._entries[key]
+                        self._free.append(entry.slot)
+                        cancelled += 1
+            self._stats.prefetches_cancelled += cancelled
+        return cancelled
+
+    @property
+    def stats(self) -> CacheStats:
+        """Counters so far, with the engine's bytes and busy time folded in."""
+        with self._lock:
+            self._stats.bytes_read = self.engine.stats.bytes_read
+            self._stats.read_seconds = self.engine.stats.busy_seconds
+            return self._stats
+
+    # Internals: call with the lock held.
+
+    def _take_slot(self, for_prefetch: bool) -> int | None:
+        """A free slot, else the least recently used evictable one; for a demand read, else
+        one whose prefetch has not started (cancelled). None when nothing can be had now."""
         if self._free:
             return self._free.pop()
         for key, entry in self._entries.items():  # least recently used first
-            if entry.users == 0:
+            if entry.users or entry.request is not None:
+                continue
+            if for_prefetch and (entry.step >= self.step or entry.prefetched):
+                # Never push out what this step used, nor another unused prefetch.
+                return None
+            del self._entries[key]
+            self._stats.evictions += 1
+            return entry.slot
+        if for_prefetch:
+            return None
+        for key, entry in self._entries.items():
+            if entry.prefetched and entry.users == 0 and self.engine.cancel(entry.request):
                 del self._entries[key]
-                self.stats.evictions += 1
+                self._stats.prefetches_cancelled += 1
                 return entry.slot
+        return None
+
+    def _prefetch_in_flight(self) -> ReadRequest:
+        """A running prefetch read to wait for, when a demand read finds no slot."""
+        for entry in self._entries.values():
+            if entry.prefetched and entry.users == 0 and entry.request is not None:
+                return entry.request
         raise BudgetError(f"all {self.pool.n_slots} expert slots are in use; raise --ram-budget")
 
-    def _load(self, key: Key, slot: int) -> ExpertWeights:
+    def _start_read(self, key: Key, slot: int, priority: int) -> _Entry:
         extent = self.store.extent(*key)
-        mem = self.pool.memory(slot)[: extent.length]
-        t0 = time.perf_counter()
-        self.reader.read_into(mem, extent.offset)
-        elapsed = time.perf_counter() - t0
-        if self.verify:
-            self.store.verify_expert(*key, mem)
+        entry = _Entry(slot)
+        self._entries[key] = entry
+        entry.request = self.engine.submit(
+            self.pool.memory(slot)[: extent.length],
+            extent.offset,
+            priority,
+            what=fmt.expert_name(*key),
+            on_done=lambda req: self._read_done(key, entry, req),
+        )
+        return entry
+
+    def _read_done(self, key: Key, entry: _Entry, req: ReadRequest) -> None:
+        """In a reader thread: check the bytes and publish the weights, or drop the entry."""
+        if req.error is None:
+            try:
+                if self.verify:
+                    self.store.verify_expert(*key, req.dest)
+                entry.weights = self.format.view(self.pool.tensor(entry.slot))
+            except BaseException as e:
+                req.error = e
         with self._lock:
-            self.stats.bytes_read += extent.length
-            self.stats.read_seconds += elapsed
-        return self.format.view(self.pool.tensor(slot))
+            entry.request = None
+            if req.error is not None and self._entries.get(key) is entry:
+                del self._entries[key]
+                self._free.append(entry.slot)
+        if req.error is not None:
+            raise req.error

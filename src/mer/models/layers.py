@@ -19,6 +19,12 @@ class ExpertProvider(Protocol):
 
     def is_resident(self, layer: int, expert: int) -> bool: ...
 
+    def prefetch(self, layer: int, experts) -> int: ...  # a hint: start reading these
+
+    def cancel_prefetches(self, layer: int, keep) -> int: ...
+
+    def next_step(self) -> None: ...  # one forward pass ends, the next begins
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, as the reference implementations do."""

@@ -28,6 +28,7 @@ class MoETransformer:
         weights: dict[str, torch.Tensor],
         experts: ExpertProvider,
         dtype: torch.dtype = torch.bfloat16,
+        lookahead: bool = True,
     ) -> None:
         self.config = config
         self.dtype = dtype
@@ -37,6 +38,9 @@ class MoETransformer:
         self.experts = experts
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
         self.observers: list[RoutingObserver] = []
+        # Prefetch the next layer's experts by applying its router to this layer's hidden
+        # state, so their reads overlap with this layer's expert compute.
+        self.lookahead = lookahead
 
     def new_kv_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype)
@@ -61,8 +65,14 @@ class MoETransformer:
             weights, ids = route(h, w[p + "router"], cfg.num_experts_per_tok)
             for observe in self.observers:
                 observe(i, ids, weights)
+            if self.lookahead:
+                self.experts.cancel_prefetches(i, keep=ids.unique().tolist())
+                if i + 1 < cfg.num_hidden_layers:
+                    _, guess = route(h, w[f"layers.{i + 1}.router"], cfg.num_experts_per_tok)
+                    self.experts.prefetch(i + 1, guess.unique().tolist())
             x = x + moe(h, weights, ids, i, self.experts)
         kv.advance(t)
+        self.experts.next_step()
         if not all_logits:
             x = x[-1:]
         return F.linear(rms_norm(x, w["norm"], cfg.rms_norm_eps), w["lm_head"]).float()
