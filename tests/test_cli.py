@@ -72,3 +72,10 @@ def test_bench_kernel_prints_its_table():
     assert "memory copy" in out and "weights GB/s" in out
     rows = [line for line in out.splitlines() if line.startswith("│")]
     assert [r.split("│")[1].strip() for r in rows] == ["1", "8"]
+
+
+def test_bench_io_prints_both_tables(store_factory):
+    out = mer("bench", "io", "--store", store_factory("int4"), "--seconds", "0.2",
+              "--threads", "1", "--threads", "2", "--tokens", "4").stdout  # fmt: skip
+    assert "device: 16 x 8 MiB" in out and "engine, 2 threads" in out
+    assert "stall ms/token" in out and out.count("│") > 20

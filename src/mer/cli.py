@@ -130,6 +130,10 @@ def cmd_bench(args) -> None:
         from mer.bench.kernel import run_kernel_bench
 
         run_kernel_bench(args)
+    elif args.what == "io":
+        from mer.bench.io import run_io_bench
+
+        run_io_bench(args)
 
 
 def add_io_options(p: argparse.ArgumentParser) -> None:
@@ -207,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--group-size", type=int, default=128)
     b.add_argument("--batch", type=int, action="append", help="token counts (repeatable)")
     b.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    b = bsub.add_parser("io", help="expert reads vs the device, and decode stall")
+    b.add_argument("--store", required=True)
+    b.add_argument("--seconds", type=float, default=3.0, help="time per bandwidth measurement")
+    b.add_argument("--threads", type=int, action="append", help="engine threads (repeatable)")
+    b.add_argument("--ram-budget", help="for the decode run (default: a third of the experts)")
+    b.add_argument("--tokens", type=int, default=32, help="decode tokens per run")
+    b.add_argument("--io-threads", type=int, default=4, help="reader threads for decoding")
     p.set_defaults(func=cmd_bench)
     return parser
 
