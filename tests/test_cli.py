@@ -79,3 +79,13 @@ def test_bench_io_prints_both_tables(store_factory):
               "--threads", "1", "--threads", "2", "--tokens", "4").stdout  # fmt: skip
     assert "device: 16 x 8 MiB" in out and "engine, 2 threads" in out
     assert "stall ms/token" in out and out.count("│") > 20
+
+
+def test_bench_cache_prints_policy_tables(tmp_path):
+    from tests.test_trace import random_trace
+
+    random_trace(0).save(tmp_path / "t.npz")
+    out = mer("bench", "cache", "--trace", tmp_path / "t.npz", "--slots", "20").stdout
+    assert "replay by token" in out and "replay by prefill" in out
+    for policy in ("lru", "lfu", "ours", "belady"):
+        assert f"│ {policy} " in out or f" {policy} │" in out

@@ -134,6 +134,10 @@ def cmd_bench(args) -> None:
         from mer.bench.io import run_io_bench
 
         run_io_bench(args)
+    elif args.what == "cache":
+        from mer.bench.cache import run_cache_bench
+
+        run_cache_bench(args)
 
 
 def add_io_options(p: argparse.ArgumentParser) -> None:
@@ -218,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ram-budget", help="for the decode run (default: a third of the experts)")
     b.add_argument("--tokens", type=int, default=32, help="decode tokens per run")
     b.add_argument("--io-threads", type=int, default=4, help="reader threads for decoding")
+    b = bsub.add_parser("cache", help="replay a routing trace through cache policies")
+    b.add_argument("--trace", required=True, help="routing trace (.npz)")
+    b.add_argument("--slots", type=int, action="append", help="cache sizes in experts")
+    b.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5],
+                   help="cache sizes as fractions of all experts (without --slots)")  # fmt: skip
+    b.add_argument("--mode", choices=["token", "prefill", "both"], default="both")
+    b.add_argument("--max-tokens", type=int, default=5000, help="replay the first N tokens")
+    b.add_argument("--expert-bytes", type=int, default=4_595_712,
+                   help="bytes per expert read (default: DeepSeek-V2-Lite's in int4)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
     return parser
 

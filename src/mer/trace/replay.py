@@ -1,0 +1,204 @@
+"""Replays a routing trace through cache replacement policies and counts misses.
+
+The trace becomes a stream of accesses to expert keys (layer * n_experts +
+expert), grouped into steps: one layer of one token ("token" mode, as in
+decoding) or one layer of a whole prompt ("prefill" mode, a prefill chunk). A
+step's experts are in use together, so none of them may evict another; the
+cache must hold the largest step. Policies:
+
+- lru: least recently used.
+- lfu: least frequently used so far (ties: least recent).
+- belady: evicts the expert whose next use is farthest ahead: the offline
+  optimum (MIN), a lower bound no online policy can beat.
+- ours: evicts the expert expected to be needed last. Layers are visited in a
+  cycle, so an expert of layer m is next wanted when layer m comes round
+  again, with a probability p learned per expert (decayed frequency); its
+  expected distance is the layers until m plus, for each visit it sits out,
+  a full cycle: dist(m) + L * (1 - p) / p.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from mer.trace.format import Trace
+
+POLICIES = ("lru", "lfu", "ours", "belady")
+NEVER = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class Accesses:
+    keys: np.ndarray  # int64 [n]: layer * n_experts + expert
+    step_starts: np.ndarray  # int64 [steps + 1]
+    step_layer: np.ndarray  # int64 [steps]
+    n_layers: int
+    n_experts: int
+
+    @property
+    def max_step(self) -> int:
+        return int(np.diff(self.step_starts).max())
+
+    def next_use(self) -> np.ndarray:
+        """For each access, the index of the next access to the same key (NEVER if none)."""
+        order = np.argsort(self.keys, kind="stable")
+        same = self.keys[order[1:]] == self.keys[order[:-1]]
+        nxt = np.full(len(self.keys), NEVER, dtype=np.int64)
+        nxt[order[:-1][same]] = order[1:][same]
+        return nxt
+
+
+def accesses(trace: Trace, mode: str = "token") -> Accesses:
+    n_layers, n_experts = trace.n_layers, trace.n_experts
+    layer_base = np.arange(n_layers, dtype=np.int64)[:, None] * n_experts
+    if mode == "token":
+        ex = np.sort(trace.experts.astype(np.int64), axis=-1)  # a set: order carries nothing
+        keys = (ex + layer_base[None]).reshape(-1)
+        k = trace.top_k
+        steps = len(keys) // k
+        starts = np.arange(steps + 1, dtype=np.int64) * k
+        layers = np.tile(np.arange(n_layers, dtype=np.int64), trace.n_tokens)
+    elif mode == "prefill":
+        chunks, layers_list = [], []
+        for a, b in trace.sequences():
+            for m in range(n_layers):
+                chunks.append(np.unique(trace.experts[a:b, m, :]).astype(np.int64) + m * n_experts)
+                layers_list.append(m)
+        keys = np.concatenate(chunks)
+        starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+        layers = np.array(layers_list, dtype=np.int64)
+    else:
+        raise ValueError(f"unknown replay mode {mode!r} (token or prefill)")
+    return Accesses(keys, starts, layers, n_layers, n_experts)
+
+
+def simulate(acc: Accesses, policy: str, slots: int) -> int:
+    """Misses of `policy` with `slots` expert slots over the access stream."""
+    if slots < acc.max_step:
+        raise ValueError(f"{slots} slots cannot hold one step's {acc.max_step} experts")
+    run = {"lru": _lru, "lfu": _lfu, "belady": _belady, "ours": _ours}.get(policy)
+    if run is None:
+        raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+    return run(acc, slots)
+
+
+def _steps(acc: Accesses):
+    keys = acc.keys.tolist()
+    starts = acc.step_starts.tolist()
+    for s in range(len(starts) - 1):
+        yield s, starts[s], keys[starts[s] : starts[s + 1]]
+
+
+def _lru(acc: Accesses, slots: int) -> int:
+    cache: OrderedDict[int, None] = OrderedDict()
+    misses = 0
+    for _, _, step in _steps(acc):
+        pinned = set(step)
+        for key in step:
+            if key in cache:
+                cache.move_to_end(key)
+                continue
+            misses += 1
+            if len(cache) >= slots:
+                victim = next(k for k in cache if k not in pinned)
+                del cache[victim]
+            cache[key] = None
+    return misses
+
+
+def _lfu(acc: Accesses, slots: int) -> int:
+    count: dict[int, int] = {}
+    last: dict[int, int] = {}
+    resident: set[int] = set()
+    heap: list[tuple[int, int, int]] = []  # (count, last use, key), stale entries skipped
+    misses, tick = 0, 0
+    for _, _, step in _steps(acc):
+        pinned = set(step)
+        for key in step:
+            tick += 1
+            if key not in resident:
+                misses += 1
+                if len(resident) >= slots:
+                    held = []
+                    while True:
+                        c, t, k = heapq.heappop(heap)
+                        if k in resident and count[k] == c and last[k] == t:
+                            if k in pinned:
+                                held.append((c, t, k))
+                                continue
+                            resident.discard(k)
+                            break
+                    for h in held:
+                        heapq.heappush(heap, h)
+                resident.add(key)
+            count[key] = count.get(key, 0) + 1
+            last[key] = tick
+            heapq.heappush(heap, (count[key], tick, key))
+        if len(heap) > 8 * slots + 1024:  # drop stale entries now and then
+            heap = [(count[k], last[k], k) for k in resident]
+            heapq.heapify(heap)
+    return misses
+
+
+def _belady(acc: Accesses, slots: int) -> int:
+    nxt = acc.next_use().tolist()
+    upcoming: dict[int, int] = {}  # resident key -> its next use
+    heap: list[tuple[int, int]] = []  # (-next use, key), stale entries skipped
+    misses = 0
+    for _, base, step in _steps(acc):
+        pinned = set(step)
+        for j, key in enumerate(step):
+            i = base + j
+            if key not in upcoming:
+                misses += 1
+                if len(upcoming) >= slots:
+                    held = []
+                    while True:
+                        n, k = heapq.heappop(heap)
+                        if upcoming.get(k) == -n:
+                            if k in pinned:
+                                held.append((n, k))
+                                continue
+                            del upcoming[k]
+                            break
+                    for h in held:
+                        heapq.heappush(heap, h)
+            upcoming[key] = nxt[i]
+            heapq.heappush(heap, (-nxt[i], key))
+        if len(heap) > 8 * slots + 1024:
+            heap = [(-n, k) for k, n in upcoming.items()]
+            heapq.heapify(heap)
+    return misses
+
+
+def _ours(acc: Accesses, slots: int, decay: float = 0.95) -> int:
+    n_layers, n_experts = acc.n_layers, acc.n_experts
+    p = np.full(n_layers * n_experts, 1.0 / n_experts)  # chance to be chosen per visit
+    resident = np.zeros(n_layers * n_experts, dtype=bool)
+    key_layer = np.arange(n_layers * n_experts) // n_experts
+    count, misses = 0, 0
+    layers = acc.step_layer.tolist()
+    for s, _, step in _steps(acc):
+        layer = layers[s]
+        block = slice(layer * n_experts, (layer + 1) * n_experts)
+        p[block] *= decay
+        p[step] += 1 - decay
+        for key in step:
+            if resident[key]:
+                continue
+            misses += 1
+            if count >= slots:
+                # Layers until each resident expert's layer comes round again (this one: L).
+                dist = (key_layer - layer - 1) % n_layers + 1
+                score = dist + n_layers * (1 - p) / np.maximum(p, 1e-9)
+                score[~resident] = -1
+                score[step] = -1
+                resident[int(np.argmax(score))] = False
+                count -= 1
+            resident[key] = True
+            count += 1
+    return misses

@@ -1,0 +1,98 @@
+"""Routing traces and their replay through cache policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mer.errors import MerError
+from mer.trace.format import Trace, load_trace
+from mer.trace.replay import POLICIES, accesses, simulate
+
+SHARED_TRACE = Path(__file__).parents[2] / "shared" / "traces" / "deepseek-v2-lite-chat.npz"
+
+
+def random_trace(seed: int, tokens=300, layers=4, experts=16, top_k=2, skew=1.0) -> Trace:
+    """Routing with a Zipf-like preference per layer and some stickiness between tokens."""
+    rng = np.random.default_rng(seed)
+    pref = rng.random((layers, experts)) ** (1 + 3 * skew)
+    pref /= pref.sum(1, keepdims=True)
+    ex = np.empty((tokens, layers, top_k), np.int16)
+    for t in range(tokens):
+        for m in range(layers):
+            if t and rng.random() < 0.3:
+                ex[t, m] = ex[t - 1, m]
+            else:
+                ex[t, m] = rng.choice(experts, top_k, replace=False, p=pref[m])
+    starts = np.array([0, tokens // 3, tokens], np.int64)
+    return Trace(ex, starts, np.zeros(tokens, np.int8), {"n_experts": experts})
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("mode", ["token", "prefill"])
+def test_belady_is_a_lower_bound_on_random_traces(seed, mode):
+    trace = random_trace(seed)
+    acc = accesses(trace, mode)
+    for slots in (acc.max_step, 12, 24, 40):
+        slots = max(slots, acc.max_step)
+        misses = {p: simulate(acc, p, slots) for p in POLICIES}
+        assert all(misses["belady"] <= m for m in misses.values()), (slots, misses)
+        # Every policy misses each distinct expert at least once, and never more than accesses.
+        distinct = len(np.unique(acc.keys))
+        assert all(distinct <= m <= len(acc.keys) for m in misses.values())
+
+
+def test_everything_fits_means_only_cold_misses():
+    trace = random_trace(1)
+    acc = accesses(trace, "token")
+    distinct = len(np.unique(acc.keys))
+    assert {simulate(acc, p, 4 * 16) for p in POLICIES} == {distinct}
+
+
+def test_lru_on_a_cycle_larger_than_the_cache_always_misses():
+    # 3 layers x 1 expert each, top-1, cycled: LRU with 2 slots misses every access; Belady
+    # keeps one of them and misses about half.
+    ex = np.zeros((30, 3, 1), np.int16)
+    trace = Trace(ex, np.array([0, 30]), np.zeros(30, np.int8), {"n_experts": 1})
+    acc = accesses(trace, "token")
+    assert simulate(acc, "lru", 2) == 90
+    assert simulate(acc, "belady", 2) < 50
+
+
+def test_save_load_round_trip(tmp_path):
+    trace = random_trace(2)
+    trace.weights = np.random.default_rng(0).random(trace.experts.shape).astype(np.float16)
+    trace.save(tmp_path / "t.npz")
+    back = load_trace(tmp_path / "t.npz")
+    assert np.array_equal(back.experts, trace.experts)
+    assert np.array_equal(back.seq_starts, trace.seq_starts)
+    assert np.array_equal(back.weights, trace.weights)
+    assert back.meta == trace.meta
+    head = back.head(150)
+    assert head.n_tokens == 100 and len(head.seq_starts) == 2
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(MerError, match="no such trace"):
+        load_trace(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(MerError, match="not a routing trace"):
+        load_trace(tmp_path / "junk.npz")
+    acc = accesses(random_trace(0), "token")
+    with pytest.raises(ValueError, match="cannot hold"):
+        simulate(acc, "lru", 1)
+    with pytest.raises(ValueError, match="unknown policy"):
+        simulate(acc, "fifo", 8)
+
+
+@pytest.mark.skipif(not SHARED_TRACE.exists(), reason="shared traces not present")
+def test_real_trace_loads_and_belady_bounds_it():
+    trace = load_trace(SHARED_TRACE)
+    assert (trace.n_layers, trace.n_experts, trace.top_k) == (26, 64, 6)
+    assert trace.n_tokens == int(trace.seq_starts[-1]) == 94165
+    acc = accesses(trace.head(400), "token")
+    slots = 26 * 64 // 4
+    misses = {p: simulate(acc, p, slots) for p in POLICIES}
+    assert all(misses["belady"] <= m for m in misses.values())
