@@ -16,7 +16,20 @@ from typing import Any
 
 from mer.errors import ConfigError
 
-SUPPORTED_ARCHITECTURES = {"MixtralForCausalLM": "mixtral"}
+SUPPORTED_ARCHITECTURES = {
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
+}
+# How each family normalises its top-k router weights and its queries and keys, when its
+# config.json does not say: Mixtral always renormalises; the others follow `norm_topk_prob`.
+FAMILY_DEFAULTS = {
+    "mixtral": {"norm_topk_prob": True, "qk_norm": "none", "qkv_bias": False},
+    "qwen2_moe": {"norm_topk_prob": False, "qk_norm": "none", "qkv_bias": True},
+    "qwen3_moe": {"norm_topk_prob": False, "qk_norm": "head", "qkv_bias": False},
+    "olmoe": {"norm_topk_prob": False, "qk_norm": "full", "qkv_bias": False},
+}
 
 
 @dataclass(frozen=True)
@@ -24,7 +37,7 @@ class ModelConfig:
     model_type: str
     vocab_size: int
     hidden_size: int
-    intermediate_size: int  # per-expert FFN width
+    intermediate_size: int  # routed expert FFN width
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
@@ -39,6 +52,13 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     hidden_act: str = "silu"
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1
+    qk_norm: str = "none"  # "head": RMSNorm per head (Qwen3); "full": over the projection (OLMoE)
+    qkv_bias: bool = False
+    clip_qkv: float | None = None
+    shared_expert_intermediate_size: int = 0  # a resident, sigmoid-gated shared expert
+    dense_intermediate_size: int = 0  # FFN width of dense (non-MoE) layers
+    dense_layers: tuple[int, ...] = ()  # layers with a plain MLP instead of experts
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -57,9 +77,22 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
             raise ConfigError(f"{where}: rope scaling {rope_type!r} is not supported")
-        values = dict(hf)
+        values = {**FAMILY_DEFAULTS[model_type], **hf}
         values["model_type"] = model_type
         values.setdefault("num_local_experts", hf.get("num_experts"))
+        if "moe_intermediate_size" in hf:  # Qwen: intermediate_size is the dense MLP's
+            values["intermediate_size"] = hf["moe_intermediate_size"]
+            values.setdefault("dense_intermediate_size", hf.get("intermediate_size"))
+        if "dense_layers" not in hf:
+            step = hf.get("decoder_sparse_step") or 1
+            only = set(hf.get("mlp_only_layers") or ())
+            n = hf.get("num_hidden_layers", 0)
+            values["dense_layers"] = [i for i in range(n) if i in only or (i + 1) % step]
+        values["dense_layers"] = tuple(values["dense_layers"])
+        if hf.get("use_sliding_window") is False:
+            values["sliding_window"] = None  # Qwen configs carry a window they do not use
+        elif hf.get("use_sliding_window"):
+            raise ConfigError(f"{where}: per-layer sliding windows are not supported")
         values["rope_theta"] = hf.get("rope_theta", rope.get("rope_theta", 1e6))
         if not values.get("head_dim"):
             try:
@@ -97,7 +130,7 @@ class ModelConfig:
         ints = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.type in ("int",) and f.name not in ("bos_token_id",)
+            if f.type == "int" and (f.default is dataclasses.MISSING or f.name.startswith("max_"))
         }
         for name, v in ints.items():
             if not isinstance(v, int) or v <= 0:
@@ -114,6 +147,10 @@ class ModelConfig:
             )
         if self.hidden_act != "silu":
             raise ConfigError(f"{where}: hidden_act {self.hidden_act!r} is not supported")
+        if self.qk_norm not in ("none", "head", "full"):
+            raise ConfigError(f"{where}: qk_norm {self.qk_norm!r} is not one of none, head, full")
+        if self.dense_layers and self.dense_intermediate_size <= 0:
+            raise ConfigError(f"{where}: dense layers {self.dense_layers} need intermediate_size")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,5 +169,17 @@ class ModelConfig:
         return 3 * self.hidden_size * self.intermediate_size
 
     @property
+    def moe_layers(self) -> tuple[int, ...]:
+        dense = set(self.dense_layers)
+        return tuple(i for i in range(self.num_hidden_layers) if i not in dense)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+    @property
     def num_experts_total(self) -> int:
-        return self.num_hidden_layers * self.num_local_experts
+        return len(self.moe_layers) * self.num_local_experts
+
+    def expert_keys(self) -> list[tuple[int, int]]:
+        """Every routed expert as (layer, expert), in store order."""
+        return [(m, e) for m in self.moe_layers for e in range(self.num_local_experts)]

@@ -75,11 +75,20 @@ def attention(
     return out.transpose(0, 1).reshape(t, hq * d)
 
 
-def route(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts, keep top-k, renormalise: (weights [T, k] fp32, ids [T, k])."""
+def route(
+    x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalise: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, keep top-k, optionally renormalise: (weights [T, k] fp32, ids)."""
     probs = F.softmax(F.linear(x, gate).float(), dim=-1)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)
-    return weights / weights.sum(-1, keepdim=True), ids
+    if renormalise:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+    """A resident SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 def moe(

@@ -7,7 +7,12 @@ from types import ModuleType
 
 from mer.errors import ConfigError
 
-FAMILIES = {"mixtral": "mer.models.mixtral"}
+FAMILIES = {
+    "mixtral": "mer.models.mixtral",
+    "qwen2_moe": "mer.models.qwen_moe",
+    "qwen3_moe": "mer.models.qwen_moe",
+    "olmoe": "mer.models.olmoe",
+}
 
 
 def family(model_type: str) -> ModuleType:

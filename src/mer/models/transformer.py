@@ -8,6 +8,7 @@ values to the KV cache it is given.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from mer.config import ModelConfig
 from mer.models.kv_cache import KVCache
-from mer.models.layers import ExpertProvider, Rotary, attention, moe, rms_norm, route
+from mer.models.layers import ExpertProvider, Rotary, attention, moe, rms_norm, route, swiglu
 
 # Called per MoE layer with (layer, expert ids [T, k], router weights [T, k]).
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -41,6 +42,8 @@ class MoETransformer:
         # Prefetch the next layer's experts by applying its router to this layer's hidden
         # state, so their reads overlap with this layer's expert compute.
         self.lookahead = lookahead
+        moe_layers = config.moe_layers
+        self._next_moe_layer = dict(itertools.pairwise(moe_layers))
 
     def new_kv_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype)
@@ -55,24 +58,51 @@ class MoETransformer:
         for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
             h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
-            q = F.linear(h, w[p + "q"]).view(t, cfg.num_attention_heads, cfg.head_dim)
-            k = F.linear(h, w[p + "k"]).view(t, cfg.num_key_value_heads, cfg.head_dim)
-            v = F.linear(h, w[p + "v"]).view(t, cfg.num_key_value_heads, cfg.head_dim)
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
-            keys, values = kv.append(i, k, v)
-            x = x + F.linear(attention(q, keys, values, pos, cfg.sliding_window), w[p + "o"])
+            x = x + self._attention(i, h, pos, kv)
             h = rms_norm(x, w[p + "ffn_norm"], cfg.rms_norm_eps)
-            weights, ids = route(h, w[p + "router"], cfg.num_experts_per_tok)
-            for observe in self.observers:
-                observe(i, ids, weights)
-            if self.lookahead:
-                self.experts.cancel_prefetches(i, keep=ids.unique().tolist())
-                if i + 1 < cfg.num_hidden_layers:
-                    _, guess = route(h, w[f"layers.{i + 1}.router"], cfg.num_experts_per_tok)
-                    self.experts.prefetch(i + 1, guess.unique().tolist())
-            x = x + moe(h, weights, ids, i, self.experts)
+            if cfg.is_moe_layer(i):
+                x = x + self._moe(i, h)
+            else:
+                x = x + swiglu(h, w[p + "mlp.gate"], w[p + "mlp.up"], w[p + "mlp.down"])
         kv.advance(t)
         self.experts.next_step()
         if not all_logits:
             x = x[-1:]
         return F.linear(rms_norm(x, w["norm"], cfg.rms_norm_eps), w["lm_head"]).float()
+
+    def _attention(self, i: int, h: torch.Tensor, pos: torch.Tensor, kv: KVCache):
+        cfg, w, p = self.config, self.w, f"layers.{i}."
+        t, eps = h.shape[0], cfg.rms_norm_eps
+        q = F.linear(h, w[p + "q"], w.get(p + "q_bias"))  # [T, Hq*D]
+        k = F.linear(h, w[p + "k"], w.get(p + "k_bias"))  # [T, Hkv*D]
+        v = F.linear(h, w[p + "v"], w.get(p + "v_bias"))
+        if cfg.qk_norm == "full":
+            q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (z.clamp(-cfg.clip_qkv, cfg.clip_qkv) for z in (q, k, v))
+        q = q.view(t, cfg.num_attention_heads, cfg.head_dim)
+        k = k.view(t, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.view(t, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
+        q, k = self.rotary(q, pos), self.rotary(k, pos)
+        keys, values = kv.append(i, k, v)
+        return F.linear(attention(q, keys, values, pos, cfg.sliding_window), w[p + "o"])
+
+    def _moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        cfg, w, p = self.config, self.w, f"layers.{i}."
+        k = cfg.num_experts_per_tok
+        weights, ids = route(h, w[p + "router"], k, cfg.norm_topk_prob)
+        for observe in self.observers:
+            observe(i, ids, weights)
+        if self.lookahead:
+            self.experts.cancel_prefetches(i, keep=ids.unique().tolist())
+            nxt = self._next_moe_layer.get(i)
+            if nxt is not None:
+                _, guess = route(h, w[f"layers.{nxt}.router"], k)
+                self.experts.prefetch(nxt, guess.unique().tolist())
+        out = moe(h, weights, ids, i, self.experts)
+        if cfg.shared_expert_intermediate_size:
+            shared = swiglu(h, w[p + "shared.gate"], w[p + "shared.up"], w[p + "shared.down"])
+            out = out + torch.sigmoid(F.linear(h, w[p + "shared_gate"])) * shared
+        return out

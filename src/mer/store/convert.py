@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mer.config import ModelConfig
 from mer.errors import ConvertError
+from mer.models import naming
 from mer.models.registry import family
 from mer.progress import progress_bar
 from mer.quant import int4
@@ -57,28 +58,26 @@ def convert(
     with SafetensorsSource(src) as source:
         dense = {
             hf: ours
-            for hf, ours in fam.dense_names(cfg).items()
+            for hf, ours in naming.dense_names(fam, cfg).items()
             if not (ours == "lm_head" and cfg.tie_word_embeddings and hf not in source)
         }
         _check_tensors(source, cfg, fam, dense)
 
         total = sum(_nbytes(source, hf) for hf in dense) + sum(
             _nbytes(source, hf)
-            for layer in range(cfg.num_hidden_layers)
-            for e in range(cfg.num_local_experts)
-            for hf in fam.expert_names(layer, e).values()
+            for layer, e in cfg.expert_keys()
+            for hf in naming.expert_names(fam, layer, e).values()
         )
         with StoreWriter(dst, cfg, hf_config, ef, overwrite=force) as writer:
             with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
                 for hf, ours in dense.items():
                     writer.add_dense(ours, source.get(hf))
                     bar.advance(_nbytes(source, hf))
-                for layer in range(cfg.num_hidden_layers):
-                    for e in range(cfg.num_local_experts):
-                        names = fam.expert_names(layer, e)
-                        w = {k: source.get(hf).float() for k, hf in names.items()}
-                        writer.add_expert(layer, e, ef.encode(w["w1"], w["w2"], w["w3"]))
-                        bar.advance(sum(_nbytes(source, hf) for hf in names.values()))
+                for layer, e in cfg.expert_keys():
+                    names = naming.expert_names(fam, layer, e)
+                    w = {k: source.get(hf).float() for k, hf in names.items()}
+                    writer.add_expert(layer, e, ef.encode(w["w1"], w["w2"], w["w3"]))
+                    bar.advance(sum(_nbytes(source, hf) for hf in names.values()))
             for name in fmt.TOKENIZER_FILES:
                 if (src / name).is_file():
                     writer.add_tokenizer_file(src / name)
@@ -96,14 +95,13 @@ def _nbytes(source: SafetensorsSource, name: str) -> int:
 def _check_tensors(source: SafetensorsSource, cfg: ModelConfig, fam, dense: dict) -> None:
     """Every tensor present with the shape and dtype we expect, before writing anything."""
     expected: dict[str, tuple[int, ...]] = {}
-    shapes = fam.dense_shapes(cfg)
+    shapes = naming.dense_shapes(cfg)
     for hf, ours in dense.items():
         expected[hf] = shapes[ours]
-    eshapes = fam.expert_shapes(cfg)
-    for layer in range(cfg.num_hidden_layers):
-        for e in range(cfg.num_local_experts):
-            for w, hf in fam.expert_names(layer, e).items():
-                expected[hf] = eshapes[w]
+    eshapes = naming.expert_shapes(cfg)
+    for layer, e in cfg.expert_keys():
+        for w, hf in naming.expert_names(fam, layer, e).items():
+            expected[hf] = eshapes[w]
     missing = [name for name in expected if name not in source]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -74,12 +74,7 @@ class Store:
         return m
 
     def _check_files(self) -> None:
-        cfg = self.config
-        want = {
-            (layer, e)
-            for layer in range(cfg.num_hidden_layers)
-            for e in range(cfg.num_local_experts)
-        }
+        want = set(self.config.expert_keys())
         if set(self.extents) != want:
             missing = sorted(want - set(self.extents))
             raise StoreError(

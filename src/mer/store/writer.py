@@ -50,6 +50,7 @@ class StoreWriter:
         self._tokenizer_files: list[str] = []
         self._overwrite = overwrite
         self._published = False
+        self._index = {key: i for i, key in enumerate(config.expert_keys())}
         n = config.num_experts_total * expert_format.nbytes
         self._experts.truncate(n)  # sparse until written; reserves the layout up front
 
@@ -74,9 +75,11 @@ class StoreWriter:
     def add_expert(self, layer: int, expert: int, extent: torch.Tensor) -> None:
         """Place one expert's extent (uint8, `expert_format.nbytes`) at its fixed offset."""
         ef = self.expert_format
+        if (layer, expert) not in self._index:
+            raise StoreError(f"{fmt.expert_name(layer, expert)}: not a routed expert of this model")
         if extent.dtype != torch.uint8 or extent.numel() != ef.nbytes:
             raise StoreError(f"{fmt.expert_name(layer, expert)}: extent of wrong size")
-        offset = (layer * self.config.num_local_experts + expert) * ef.nbytes
+        offset = self._index[(layer, expert)] * ef.nbytes
         data = extent.contiguous().numpy()
         self._experts.seek(offset)
         self._experts.write(data)
@@ -93,12 +96,7 @@ class StoreWriter:
     def close(self) -> Path:
         """Check completeness, write the manifest, publish by rename."""
         cfg = self.config
-        missing = [
-            (layer, e)
-            for layer in range(cfg.num_hidden_layers)
-            for e in range(cfg.num_local_experts)
-            if (layer, e) not in self._expert_table
-        ]
+        missing = [key for key in cfg.expert_keys() if key not in self._expert_table]
         if missing:
             raise StoreError(f"{len(missing)} experts were never written, first {missing[0]}")
         for f in (self._dense, self._experts):

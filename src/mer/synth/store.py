@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mer.config import ModelConfig
+from mer.models import naming
 from mer.models.registry import family
 from mer.progress import progress_bar
 from mer.quant import int4
@@ -54,7 +55,7 @@ def write_random_store(
     cfg = ModelConfig.from_hf(hf)
     group_size = group_size or int4.default_group_size(cfg.hidden_size, cfg.intermediate_size)
     ef = ExpertFormat.for_machine("int4", cfg.hidden_size, cfg.intermediate_size, group_size)
-    names = family(cfg.model_type).dense_names(cfg)
+    names = naming.dense_names(family(cfg.model_type), cfg)
     dense = [(n, s) for n, s in tensor_specs(hf) if n in names]
     total = len(dense) + cfg.num_experts_total
     gen = torch.Generator()
@@ -64,11 +65,10 @@ def write_random_store(
                 t = random_tensor(name, shape, gen, torch.bfloat16, seed, cfg.num_hidden_layers)
                 writer.add_dense(names[name], t)
                 bar.advance()
-            for layer in range(cfg.num_hidden_layers):
-                for e in range(cfg.num_local_experts):
-                    rng = np.random.default_rng([seed, layer, e])
-                    writer.add_expert(layer, e, random_int4_extent(ef, rng))
-                    bar.advance()
+            for layer, e in cfg.expert_keys():
+                rng = np.random.default_rng([seed, layer, e])
+                writer.add_expert(layer, e, random_int4_extent(ef, rng))
+                bar.advance()
         with tempfile.TemporaryDirectory() as tmp:
             write_tokenizer_files(
                 Path(tmp), build_tokenizer(cfg.vocab_size), cfg.max_position_embeddings

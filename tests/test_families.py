@@ -1,0 +1,129 @@
+"""Every supported family against its transformers implementation on a tiny random checkpoint
+saved by transformers: shared experts, dense layers, QK-norm, biases and tied embeddings."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mer
+from mer.store.convert import convert
+from mer.store.reader import Store
+
+PROMPT = [1, 17, 93, 5, 200, 41, 41, 7, 130, 66, 2, 90]
+COMMON = dict(
+    vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256, rope_theta=10000.0, num_experts_per_tok=2,
+)  # fmt: skip
+
+
+def qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(**COMMON, num_hidden_layers=3, num_experts=4, moe_intermediate_size=64,
+                         shared_expert_intermediate_size=96, intermediate_size=128,
+                         mlp_only_layers=[1], norm_topk_prob=False,
+                         tie_word_embeddings=True)  # fmt: skip
+    return Qwen2MoeForCausalLM(cfg)
+
+
+def qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(**COMMON, num_hidden_layers=4, num_experts=8, moe_intermediate_size=64,
+                         intermediate_size=128, head_dim=32, decoder_sparse_step=2,
+                         norm_topk_prob=True)  # fmt: skip
+    return Qwen3MoeForCausalLM(cfg)
+
+
+def olmoe():
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    cfg = OlmoeConfig(**COMMON, num_hidden_layers=2, num_experts=8, intermediate_size=64,
+                      clip_qkv=3.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    return OlmoeForCausalLM(cfg)
+
+
+FAMILIES = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = FAMILIES[request.param]().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            # Trained-like spread, biases and norm weights away from 0 and 1, exact in bf16.
+            q = p * 4 if p.dim() > 1 else p + 0.1 * torch.randn_like(p)
+            p.copy_(q.to(torch.bfloat16).float())
+    path = tmp_path_factory.mktemp(request.param) / "hf"
+    model.save_pretrained(path)
+    return request.param, path, model
+
+
+def reference(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def ours(store, ids):
+    m = mer.open(store, ram_budget="64MiB", dtype="float32")
+    kv = m.transformer.new_kv_cache(len(ids))
+    return m.transformer.forward(torch.tensor(ids), kv, all_logits=True), m
+
+
+def greedy_reference(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_bf16_store_matches_transformers(family, tmp_path):
+    name, path, model = family
+    store = convert(path, tmp_path / "bf16", quant="bf16", progress=False)
+    logits, m = ours(store, PROMPT)
+    assert rel(logits, reference(model, PROMPT)) < 1e-5
+    tokens = list(m.tokens(PROMPT, max_tokens=10, stop_token_ids=[-1]))
+    assert tokens == greedy_reference(model, PROMPT, 10)
+
+
+def test_int4_store_matches_transformers_on_its_weights(family, tmp_path):
+    name, path, model = family
+    store = convert(path, tmp_path / "int4", quant="int4", group_size=32, progress=False)
+    s = Store(store)
+    ref = copy.deepcopy(model)
+    raw = s.expert_path.read_bytes()
+    with torch.no_grad():
+        for (layer, e), x in s.extents.items():
+            buf = torch.frombuffer(
+                bytearray(raw[x.offset : x.offset + x.length]), dtype=torch.uint8
+            )
+            w = s.expert_format.view(buf)
+            experts = ref.model.layers[layer].mlp.experts
+            experts.gate_up_proj[e] = w.gate_up.dequantize()
+            experts.down_proj[e] = w.down.dequantize()
+    logits, m = ours(store, PROMPT)
+    assert rel(logits, reference(ref, PROMPT)) < 1e-5
+    assert rel(logits, reference(model, PROMPT)) < 0.5  # int4's own error on random weights
+    tokens = list(m.tokens(PROMPT, max_tokens=10, stop_token_ids=[-1]))
+    assert tokens == greedy_reference(ref, PROMPT, 10)
+
+
+def test_store_holds_only_routed_experts(family, tmp_path):
+    name, path, model = family
+    store = Store(convert(path, tmp_path / "s", quant="int4", group_size=32, progress=False))
+    cfg = store.config
+    assert cfg.model_type == name
+    assert {layer for layer, _ in store.extents} == set(cfg.moe_layers)
+    if name == "qwen2_moe":
+        assert cfg.dense_layers == (1,) and cfg.shared_expert_intermediate_size == 96
+        assert "layers.0.shared.down" in store.dense_table and "lm_head" not in store.dense_table
+    if name == "qwen3_moe":
+        assert cfg.dense_layers == (0, 2) and cfg.qk_norm == "head"
+    if name == "olmoe":
+        assert cfg.qk_norm == "full" and cfg.clip_qkv == 3.0
