@@ -36,6 +36,41 @@ def test_transformers_loads_a_synthetic_checkpoint(tmp_path):
     assert torch.isfinite(logits).all() and logits[0, -1].std() > 0.1
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe"])
+def test_family_presets_load_in_transformers_and_run_here(preset, tmp_path):
+    import transformers
+
+    import mer
+    from mer.store.convert import convert
+
+    cfg = hf_config(preset)
+    path = write_hf_checkpoint(tmp_path / "ckpt", cfg, progress=False)
+    cls = getattr(transformers, cfg["architectures"][0])
+    model, info = cls.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    store = convert(path, tmp_path / "store", quant="bf16", progress=False)
+    ours = mer.open(store, ram_budget="64MiB", dtype="float32")
+    ids = [1, 40, 41, 42, 43]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False)[0, 5:].tolist()  # fmt: skip
+    assert list(ours.tokens(ids, max_tokens=6, stop_token_ids=[-1])) == want
+
+
+def test_full_size_family_presets_have_published_shapes():
+    q2 = ModelConfig.from_hf(hf_config("qwen2-moe-a2.7b"))
+    assert (q2.num_local_experts, q2.intermediate_size, q2.shared_expert_intermediate_size) == (
+        60, 1408, 5632)  # fmt: skip
+    q3 = ModelConfig.from_hf(hf_config("qwen3-moe-30b-a3b"))
+    assert (q3.num_hidden_layers, q3.num_local_experts, q3.num_experts_per_tok) == (48, 128, 8)
+    assert q3.qk_norm == "head" and q3.head_dim == 128 and q3.dense_layers == ()
+    ol = ModelConfig.from_hf(hf_config("olmoe-1b-7b"))
+    assert (ol.num_local_experts, ol.num_experts_per_tok, ol.qk_norm) == (64, 8, "full")
+    assert (
+        ModelConfig.from_hf(hf_config("tiny-qwen3-moe", num_local_experts=4)).num_local_experts == 4
+    )
+
+
 def test_sharding_does_not_change_weights(tmp_path):
     cfg = hf_config("tiny")
     one = write_hf_checkpoint(tmp_path / "one", cfg, progress=False)

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--store", action="store_true", help="write a random int4 store directly")
     p.add_argument("--quant", default="int4", choices=["int4"], help="with --store")
-    p.add_argument("--group-size", type=int, default=128, help="with --store")
+    p.add_argument("--group-size", type=int, help="with --store (default as for convert)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("demo", help="synthesize, convert and generate with experts on disk")

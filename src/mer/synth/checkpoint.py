@@ -20,39 +20,92 @@ from pathlib import Path
 
 import torch
 
+from mer.config import ModelConfig
 from mer.errors import ConfigError, MerError
+from mer.models import naming
+from mer.models.registry import family
 from mer.progress import progress_bar
 from mer.synth.tokenizer import build_tokenizer, write_tokenizer_files
 
-# name: (layers, experts, top_k, hidden, ffn, heads, kv_heads, vocab, max_positions)
-_SHAPES = {
+# Mixtral-architecture shapes: (layers, experts, top_k, hidden, ffn, heads, kv_heads, vocab,
+# max_positions).
+_MIXTRAL = {
     "tiny": (2, 4, 2, 64, 128, 4, 2, 512, 512),
     "small": (4, 8, 2, 256, 512, 8, 2, 4096, 4096),
     "demo": (8, 8, 2, 1024, 2816, 16, 4, 8192, 4096),
     "medium": (16, 8, 2, 2048, 5632, 16, 4, 32000, 32768),
     "mixtral-8x7b": (32, 8, 2, 4096, 14336, 32, 8, 32000, 32768),
 }
-PRESETS: dict[str, dict] = {
-    name: dict(
-        zip(
-            (
-                "num_hidden_layers",
-                "num_local_experts",
-                "num_experts_per_tok",
-                "hidden_size",
-                "intermediate_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "vocab_size",
-                "max_position_embeddings",
-            ),
-            shape,
-            strict=True,
-        )
-    )
-    for name, shape in _SHAPES.items()
+_FIELDS = (
+    "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "hidden_size",
+    "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+    "max_position_embeddings",
+)  # fmt: skip
+_MIXTRAL_BASE = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6,
+    "sliding_window": None,
 }
-# CLI flag -> Hugging Face config field.
+_QWEN2_MOE = {
+    "architectures": ["Qwen2MoeForCausalLM"],
+    "model_type": "qwen2_moe",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "use_sliding_window": False,
+    "norm_topk_prob": False,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+_QWEN3_MOE = {**_QWEN2_MOE, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+              "norm_topk_prob": True}  # fmt: skip
+_OLMOE = {
+    "architectures": ["OlmoeForCausalLM"],
+    "model_type": "olmoe",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "norm_topk_prob": False,
+    "clip_qkv": None,
+}
+PRESETS: dict[str, dict] = {
+    **{name: {**_MIXTRAL_BASE, **dict(zip(_FIELDS, shape, strict=True))}
+       for name, shape in _MIXTRAL.items()},
+    # The published full-size shapes of each family's best-known checkpoint.
+    "qwen2-moe-a2.7b": {**_QWEN2_MOE, "num_hidden_layers": 24, "num_experts": 60,
+                        "num_experts_per_tok": 4, "hidden_size": 2048,
+                        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                        "intermediate_size": 5632, "num_attention_heads": 16,
+                        "num_key_value_heads": 16, "vocab_size": 151936,
+                        "max_position_embeddings": 8192},
+    "qwen3-moe-30b-a3b": {**_QWEN3_MOE, "num_hidden_layers": 48, "num_experts": 128,
+                          "num_experts_per_tok": 8, "hidden_size": 2048, "head_dim": 128,
+                          "moe_intermediate_size": 768, "intermediate_size": 6144,
+                          "num_attention_heads": 32, "num_key_value_heads": 4,
+                          "vocab_size": 151936, "max_position_embeddings": 40960},
+    "olmoe-1b-7b": {**_OLMOE, "num_hidden_layers": 16, "num_experts": 64,
+                    "num_experts_per_tok": 8, "hidden_size": 2048, "intermediate_size": 1024,
+                    "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 50304,
+                    "max_position_embeddings": 4096},
+    # Tiny ones of each, with every quirk switched on, for tests.
+    "tiny-qwen2-moe": {**_QWEN2_MOE, "num_hidden_layers": 3, "num_experts": 4,
+                       "num_experts_per_tok": 2, "hidden_size": 64, "moe_intermediate_size": 64,
+                       "shared_expert_intermediate_size": 96, "intermediate_size": 128,
+                       "mlp_only_layers": [1], "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "vocab_size": 512,
+                       "max_position_embeddings": 512, "tie_word_embeddings": True},
+    "tiny-qwen3-moe": {**_QWEN3_MOE, "num_hidden_layers": 4, "num_experts": 8,
+                       "num_experts_per_tok": 2, "hidden_size": 64, "head_dim": 32,
+                       "moe_intermediate_size": 64, "intermediate_size": 128,
+                       "decoder_sparse_step": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "vocab_size": 512,
+                       "max_position_embeddings": 512},
+    "tiny-olmoe": {**_OLMOE, "num_hidden_layers": 2, "num_experts": 8, "num_experts_per_tok": 2,
+                   "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 512,
+                   "clip_qkv": 3.0},
+}  # fmt: skip
+# CLI flag -> Hugging Face config field (ffn: the routed experts' width in every family).
 OVERRIDE_FLAGS = {
     "layers": "num_hidden_layers",
     "experts": "num_local_experts",
@@ -66,66 +119,60 @@ OVERRIDE_FLAGS = {
 
 
 def hf_config(preset: str = "tiny", **overrides) -> dict:
-    """A complete MixtralForCausalLM config.json dict for a preset, with HF-named overrides."""
+    """A complete config.json dict for a preset, with overrides by Hugging Face field name."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     cfg = {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
         **PRESETS[preset],
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6,
-        "sliding_window": None,
         "hidden_act": "silu",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": PRESETS[preset].get("tie_word_embeddings", False),
         "bos_token_id": 1,
         "eos_token_id": 2,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
-        "router_aux_loss_coef": 0.02,
         "output_router_logits": False,
         "use_cache": True,
         "torch_dtype": "bfloat16",
     }
-    unknown = set(overrides) - set(cfg)
+    # Families name the expert count and width differently; overrides use one spelling.
+    aliases = {"num_local_experts": "num_experts", "intermediate_size": "moe_intermediate_size"}
+    for ours, theirs in aliases.items():
+        if ours in overrides and theirs in cfg and ours not in PRESETS[preset]:
+            overrides[theirs] = overrides.pop(ours)
+    unknown = set(overrides) - set(cfg) - set(_FIELDS)
     if unknown:
         raise ConfigError(f"unknown config fields {sorted(unknown)}")
     cfg.update(overrides)
-    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     return cfg
 
 
 def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor of the checkpoint, in Hugging Face Mixtral naming, in file order."""
-    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    specs = [("model.embed_tokens.weight", (v, h))]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        specs += [
-            (p + "input_layernorm.weight", (h,)),
-            (p + "self_attn.q_proj.weight", (q, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, q)),
-            (p + "post_attention_layernorm.weight", (h,)),
-            (p + "block_sparse_moe.gate.weight", (cfg["num_local_experts"], h)),
+    """Every tensor of the checkpoint under its Hugging Face name, in file order."""
+    config = ModelConfig.from_hf(cfg)
+    fam = family(config.model_type)
+    names = naming.dense_names(fam, config)
+    if config.tie_word_embeddings:
+        names = {hf: ours for hf, ours in names.items() if ours != "lm_head"}
+    shapes = naming.dense_shapes(config)
+    eshapes = naming.expert_shapes(config)
+    by_layer: dict[int, list] = {i: [] for i in range(config.num_hidden_layers)}
+    head, tail = [], []
+    for hf, ours in names.items():
+        if ours.startswith("layers."):
+            by_layer[int(ours.split(".")[1])].append((hf, shapes[ours]))
+        else:
+            (head if ours == "embed" else tail).append((hf, shapes[ours]))
+    for layer, e in config.expert_keys():
+        by_layer[layer] += [
+            (hf, eshapes[w]) for w, hf in naming.expert_names(fam, layer, e).items()
         ]
-        for e in range(cfg["num_local_experts"]):
-            x = f"{p}block_sparse_moe.experts.{e}."
-            specs += [
-                (x + "w1.weight", (f, h)),
-                (x + "w2.weight", (h, f)),
-                (x + "w3.weight", (f, h)),
-            ]
-    specs += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-    return specs
+    return head + [spec for i in sorted(by_layer) for spec in by_layer[i]] + tail
 
 
 def _std(name: str, shape: tuple[int, ...], layers: int) -> float:
     fan_in = shape[-1]
-    if name.endswith(("o_proj.weight", "w2.weight")):
+    if name.endswith(("o_proj.weight", "w2.weight", "down_proj.weight")):
         # Outputs added to the residual stream: shrink so depth does not blow it up.
         return 1 / math.sqrt(fan_in * 2 * layers)
     if name == "model.embed_tokens.weight":
@@ -139,6 +186,8 @@ def random_tensor(
 ) -> torch.Tensor:  # fmt: skip
     """Deterministic in (seed, name): the same weights whatever order or shard they land in."""
     gen.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))  # the CPU generator keeps 32 bits
+    if name.endswith(".bias"):
+        return (0.02 * torch.randn(shape, generator=gen)).to(dtype)
     if len(shape) == 1:  # norm weights
         return (1 + 0.05 * torch.randn(shape, generator=gen)).to(dtype)
     return (torch.randn(shape, generator=gen) * _std(name, shape, layers)).to(dtype)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mer.config import ModelConfig
+from mer.errors import ConfigError
 from mer.models import naming
 from mer.models.registry import family
 from mer.progress import progress_bar
@@ -54,7 +55,10 @@ def write_random_store(
         raise ValueError("random stores are int4 only")
     cfg = ModelConfig.from_hf(hf)
     group_size = group_size or int4.default_group_size(cfg.hidden_size, cfg.intermediate_size)
-    ef = ExpertFormat.for_machine("int4", cfg.hidden_size, cfg.intermediate_size, group_size)
+    try:
+        ef = ExpertFormat.for_machine("int4", cfg.hidden_size, cfg.intermediate_size, group_size)
+    except ValueError as e:
+        raise ConfigError(f"cannot store experts as int4: {e}") from None
     names = naming.dense_names(family(cfg.model_type), cfg)
     dense = [(n, s) for n, s in tensor_specs(hf) if n in names]
     total = len(dense) + cfg.num_experts_total
