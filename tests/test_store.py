@@ -212,3 +212,13 @@ def test_truncated_checkpoint_shard(hf_tiny, tmp_path):
     with pytest.raises(ConvertError) as e:
         convert(src, tmp_path / "out", progress=False)
     assert "not a safetensors file" in one_line(e)
+
+
+def test_hub_repository_offline_says_how_to_proceed(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(ConvertError) as e:
+        convert("mistralai/Mixtral-8x7B-v0.1", tmp_path / "out", progress=False)
+    msg = one_line(e)
+    assert "mistralai/Mixtral-8x7B-v0.1: not available" in msg and "pass that directory" in msg
+    assert not (tmp_path / "out").exists()

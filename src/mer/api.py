@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mer.cache.expert_cache import CacheStats, ExpertCache
+from mer.chat import ChatTemplate
 from mer.engine.generate import GenerationStats, generate
 from mer.engine.sampling import SamplingParams
 from mer.errors import ConfigError
@@ -62,6 +63,7 @@ class Model:
             self.config, store.load_dense(), cache, dtype, lookahead=prefetch
         )
         self._tokenizer: Tokenizer | None = None
+        self._chat: ChatTemplate | None = None
         self.generation_stats = GenerationStats()
 
     @property
@@ -73,6 +75,12 @@ class Model:
     def _params(self, **kw) -> SamplingParams:
         stop_ids = tuple(kw.pop("stop_token_ids", ())) or self.config.eos_token_ids
         return SamplingParams(stop_token_ids=stop_ids, **kw)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation in the checkpoint's chat template, ready to answer."""
+        if self._chat is None:
+            self._chat = ChatTemplate.from_dir(self.store.path)
+        return self.tokenizer.encode(self._chat.render(messages), add_special_tokens=False)
 
     def tokens(self, prompt: str | list[int], **sampling) -> Iterator[int]:
         """Generated token ids for a prompt given as text or ids."""

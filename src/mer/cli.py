@@ -48,9 +48,13 @@ def run_generation(model, prompt: str, args) -> None:
         top_p=args.top_p,
         seed=args.seed,
     )
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    for piece in model.stream(prompt, stop=args.stop, **sampling):
+    if getattr(args, "chat", False):
+        ids = model.chat_prompt([{"role": "user", "content": prompt}])
+    else:
+        ids = prompt
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    for piece in model.stream(ids, stop=args.stop, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -164,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a store")
     p.add_argument("--store", required=True, help="store directory (from `mer convert`)")
     p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user turn in the chat template"
+    )
     p.add_argument("--ram-budget", default="4GiB", help="RAM for cached experts, e.g. 4GiB")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     add_io_options(p)

@@ -20,6 +20,7 @@ from mer.progress import progress_bar
 from mer.quant import int4
 from mer.quant.expert import SCHEMES, ExpertFormat
 from mer.store import format as fmt
+from mer.store.hub import resolve_source
 from mer.store.safetensors_source import SafetensorsSource
 from mer.store.writer import StoreWriter
 
@@ -27,14 +28,14 @@ SOURCE_DTYPES = {"BF16", "F16", "F32"}
 
 
 def convert(
-    src: str | Path,
+    src: str | Path,  # a checkpoint directory, or a Hugging Face Hub repository id
     dst: str | Path,
     quant: str = "int4",
     group_size: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    src, dst = Path(src), Path(dst)
+    src, dst = resolve_source(src), Path(dst)
     if not src.is_dir():
         raise ConvertError(f"{src}: no such checkpoint directory")
     if quant not in SCHEMES:
