@@ -127,3 +127,17 @@ def test_store_holds_only_routed_experts(family, tmp_path):
         assert cfg.dense_layers == (0, 2) and cfg.qk_norm == "head"
     if name == "olmoe":
         assert cfg.qk_norm == "full" and cfg.clip_qkv == 3.0
+
+
+@pytest.mark.parametrize(
+    "rope", [{"rope_type": "yarn", "factor": 4.0}, {"type": "dynamic", "factor": 2.0}]
+)
+def test_unsupported_rope_scaling_is_a_clear_error(rope):
+    from mer.config import ModelConfig
+    from mer.errors import ConfigError
+    from mer.synth.checkpoint import hf_config
+
+    cfg = hf_config("tiny-qwen3-moe")
+    cfg["rope_scaling"] = rope
+    with pytest.raises(ConfigError, match="rope scaling .* is not supported"):
+        ModelConfig.from_hf(cfg)
