@@ -96,3 +96,29 @@ def test_real_trace_loads_and_belady_bounds_it():
     slots = 26 * 64 // 4
     misses = {p: simulate(acc, p, slots) for p in POLICIES}
     assert all(misses["belady"] <= m for m in misses.values())
+
+
+def test_generation_records_a_replayable_trace(store_factory, tmp_path):
+    import torch
+
+    import mer
+
+    model = mer.open(store_factory("bf16"), ram_budget="64MiB", dtype="float32")
+    recorder = model.record_trace()
+    prompts = [[1, 5, 9, 33, 77], [1, 200, 201]]
+    outs = [list(model.tokens(p, max_tokens=4, stop_token_ids=[-1])) for p in prompts]
+    recorder.trace().save(tmp_path / "t.npz")
+    trace = load_trace(tmp_path / "t.npz")
+    # Every token that went through the model: the prompt, then all generated but the last.
+    assert trace.seq_starts.tolist() == [0, 5 + 3, 8 + 3 + 3]
+    assert trace.phase.tolist() == [0] * 5 + [1] * 3 + [0] * 3 + [1] * 3
+    assert trace.experts.shape == (14, 2, 2) and trace.weights.shape == (14, 2, 2)
+    assert trace.meta["n_experts"] == 4 and trace.meta["moe_layers"] == [0, 1]
+    # The recorded routing is the model's: a fresh prefill of prompt + output routes the same.
+    seen = []
+    model.transformer.observers = [lambda layer, ids, w: seen.append(ids)]
+    full = prompts[0] + outs[0][:3]
+    model.transformer.forward(torch.tensor(full), model.transformer.new_kv_cache(len(full)))
+    expected = torch.stack(seen, 1).sort(-1).values.numpy()
+    assert np.array_equal(np.sort(trace.experts[:8], -1), expected)
+    assert {simulate(accesses(trace, "token"), p, 4) for p in POLICIES}

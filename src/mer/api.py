@@ -25,6 +25,7 @@ from mer.errors import ConfigError
 from mer.models.transformer import MoETransformer
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
+from mer.trace.record import TraceRecorder
 from mer.units import parse_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -64,6 +65,7 @@ class Model:
         )
         self._tokenizer: Tokenizer | None = None
         self._chat: ChatTemplate | None = None
+        self._recorders: list[TraceRecorder] = []
         self.generation_stats = GenerationStats()
 
     @property
@@ -82,9 +84,18 @@ class Model:
             self._chat = ChatTemplate.from_dir(self.store.path)
         return self.tokenizer.encode(self._chat.render(messages), add_special_tokens=False)
 
+    def record_trace(self) -> TraceRecorder:
+        """Record routing of every generation from now on; `.trace()` returns what was seen."""
+        recorder = TraceRecorder(self.config)
+        self.transformer.observers.append(recorder)
+        self._recorders.append(recorder)
+        return recorder
+
     def tokens(self, prompt: str | list[int], **sampling) -> Iterator[int]:
         """Generated token ids for a prompt given as text or ids."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        for recorder in self._recorders:
+            recorder.begin_sequence()
         return generate(self.transformer, ids, self._params(**sampling), self.generation_stats)
 
     def stream(self, prompt: str | list[int], stop: list[str] | None = None, **sampling):

@@ -72,7 +72,12 @@ def cmd_generate(args) -> None:
         io_threads=args.io_threads,
         prefetch=not args.no_prefetch,
     )
+    recorder = model.record_trace() if args.trace else None
     run_generation(model, args.prompt, args)
+    if recorder is not None:
+        trace = recorder.trace()
+        trace.save(args.trace)
+        err.print(f"wrote routing trace {args.trace} ({trace.n_tokens} tokens)")
 
 
 def cmd_convert(args) -> None:
@@ -173,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ram-budget", default="4GiB", help="RAM for cached experts, e.g. 4GiB")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--trace", help="record routing to this .npz file (see mer bench cache)")
     add_io_options(p)
     add_sampling(p)
     p.set_defaults(func=cmd_generate)

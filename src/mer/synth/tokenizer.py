@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -68,7 +69,9 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level BPE of at most `vocab_size` tokens (fewer if the corpus runs out of merges)."""
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"a byte-level tokenizer needs vocab_size >= 259, got {vocab_size}")
-    cached = cache_root() / "tokenizers" / f"bpe-stdlib-{vocab_size}.json"
+    # The corpus is this Python's stdlib, so the cache is per Python version.
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    cached = cache_root() / "tokenizers" / f"bpe-stdlib-{py}-{vocab_size}.json"
     if cached.is_file():
         return Tokenizer.from_file(str(cached))
     tok = train_tokenizer(vocab_size)
