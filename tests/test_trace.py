@@ -122,3 +122,23 @@ def test_generation_records_a_replayable_trace(store_factory, tmp_path):
     expected = torch.stack(seen, 1).sort(-1).values.numpy()
     assert np.array_equal(np.sort(trace.experts[:8], -1), expected)
     assert {simulate(accesses(trace, "token"), p, 4) for p in POLICIES}
+
+
+def test_routing_stats_against_random_baselines():
+    from mer.trace.stats import random_overlap, random_same_first, routing_stats
+
+    rng = np.random.default_rng(0)
+    n, layers, e, k = 4000, 2, 8, 2
+    ex = np.stack([rng.permutation(e)[:k] for _ in range(n * layers)]).reshape(n, layers, k)
+    uniform = Trace(ex.astype(np.int16), np.array([0, n]), np.zeros(n, np.int8),
+                    {"n_experts": e}, np.ones((n, layers, k), np.float16))  # fmt: skip
+    for s in routing_stats(uniform):
+        assert abs(s.same_first - random_same_first(e)) < 0.02
+        assert abs(s.overlap - random_overlap(e, k)) < 0.03
+        assert s.entropy > 0.99 and abs(s.max_share - 1 / e) < 0.02
+    sticky = ex.copy()
+    sticky[1::2] = sticky[0::2]  # every other token repeats its predecessor's routing
+    s = routing_stats(Trace(sticky.astype(np.int16), np.array([0, n]), np.zeros(n, np.int8),
+                            {"n_experts": e}, None))[0]  # fmt: skip
+    assert s.same_first is None and s.overlap > 0.7
+    assert abs(random_overlap(8, 2) - (1 - 15 / 28)) < 1e-12

@@ -147,6 +147,10 @@ def cmd_bench(args) -> None:
         from mer.bench.cache import run_cache_bench
 
         run_cache_bench(args)
+    elif args.what == "routing":
+        from mer.bench.routing import run_routing_stats
+
+        run_routing_stats(args)
 
 
 def add_io_options(p: argparse.ArgumentParser) -> None:
@@ -212,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, help="with --store (default as for convert)")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("demo", help="synthesize, convert and generate with experts on disk")
-    p.add_argument("--ram-budget", default="96MiB")
-    p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--preset", default="demo", help="synthetic model shape (see mer synth)")
+    p = sub.add_parser("demo", help="convert the bundled model and generate with experts on disk")
+    p.add_argument("--ram-budget", help="default 1MiB (bundled model) or 96MiB (--preset)")
+    p.add_argument(
+        "--prompt", default='def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+    )
+    p.add_argument("--preset", help="run a synthetic model of this shape instead (see mer synth)")
     add_io_options(p)
     add_sampling(p, max_tokens=48)
     p.set_defaults(func=cmd_demo)
@@ -244,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=5000, help="replay the first N tokens")
     b.add_argument("--expert-bytes", type=int, default=4_595_712,
                    help="bytes per expert read (default: DeepSeek-V2-Lite's in int4)")  # fmt: skip
+    b = bsub.add_parser("routing", help="routing statistics of a trace")
+    b.add_argument("--trace", required=True, help="routing trace (.npz)")
     p.set_defaults(func=cmd_bench)
     return parser
 

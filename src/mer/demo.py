@@ -1,9 +1,10 @@
 """`mer demo`: the whole path in one command, with nothing to download.
 
-Synthesizes a Mixtral-architecture checkpoint (once; cached), converts it to
-an int4 store (once; cached), then generates with a RAM budget a fraction of
-the experts' size, so experts really stream from disk. The model's weights
-are random, so its text is noise: the point is the path and the numbers.
+Converts the small MoE shipped with mer (trained here on Python's standard
+library) to an int4 store, once, then completes a Python snippet with a RAM
+budget a fraction of the experts' size, so experts really stream from disk.
+`--preset` runs a synthetic Mixtral-shape model instead (random weights: its
+text is noise, its sizes are real), for size and speed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from mer.errors import MerError
 from mer.store.reader import Store
 from mer.units import fmt_bytes, parse_bytes
 
+# A small Mixtral-architecture MoE trained by scripts/train_tiny_moe.py, shipped in the package.
+TRAINED_MODEL = Path(__file__).parent / "data" / "stdlib-moe"
+
 
 def _mer(*args) -> None:
     proc = subprocess.run([sys.executable, "-m", "mer.cli", *map(str, args)])
@@ -29,24 +33,29 @@ def _mer(*args) -> None:
 
 def run_demo(workdir: Path, args) -> None:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    preset = args.preset
-    checkpoint, store = workdir / f"{preset}-hf", workdir / f"{preset}-int4"
     # Preparation runs in child processes so the peak RSS reported below is generation's own.
-    if not checkpoint.exists():
-        console.print(f"synthesizing a Mixtral-architecture checkpoint: mer synth {checkpoint} "
-                      f"--preset {preset}")  # fmt: skip
-        _mer("synth", checkpoint, "--preset", preset)
+    if args.preset:
+        checkpoint, store = workdir / f"{args.preset}-hf", workdir / f"{args.preset}-int4"
+        budget = parse_bytes(args.ram_budget or "96MiB")
+        if not checkpoint.exists():
+            console.print(f"synthesizing a Mixtral-architecture checkpoint: mer synth "
+                          f"{checkpoint} --preset {args.preset}")  # fmt: skip
+            _mer("synth", checkpoint, "--preset", args.preset)
+        what = "random weights: the text is noise, the numbers are the point"
+    else:
+        checkpoint, store = TRAINED_MODEL, workdir / f"{TRAINED_MODEL.name}-int4"
+        budget = parse_bytes(args.ram_budget or "1MiB")
+        what = "trained here on Python's standard library (see its README.md)"
     if not store.exists():
         console.print(f"converting it to an int4 store: mer convert {checkpoint} {store}")
         _mer("convert", checkpoint, store, "--quant", "int4")
     s = Store(store)
-    budget = parse_bytes(args.ram_budget)
     cfg = s.config
     console.print(
-        f"model: {cfg.num_hidden_layers} layers x {cfg.num_local_experts} experts "
-        f"(top-{cfg.num_experts_per_tok}), experts {fmt_bytes(s.expert_bytes_total)} on disk "
-        f"in int4; RAM budget {fmt_bytes(budget)} holds "
-        f"{budget // s.expert_format.nbytes} of {len(s.extents)} experts"
+        f"model: {checkpoint.name}, {what}; {cfg.num_hidden_layers} layers x "
+        f"{cfg.num_local_experts} experts (top-{cfg.num_experts_per_tok}), experts "
+        f"{fmt_bytes(s.expert_bytes_total)} on disk in int4; RAM budget {fmt_bytes(budget)} "
+        f"holds {budget // s.expert_format.nbytes} of {len(s.extents)} experts"
     )
     model = mer.api.open(
         store,
