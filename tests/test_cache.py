@@ -105,3 +105,36 @@ def test_filesystem_without_o_direct_falls_back_once(store_factory, monkeypatch)
     cache = ExpertCache(store, 4 * store.expert_format.nbytes, ReadEngine(a))
     touch(cache, (0, 0), (1, 3))
     assert cache.stats.misses == 2
+
+
+@pytest.mark.parametrize("policy", ["lru", "ours"])
+def test_tokens_identical_with_every_policy(store_factory, policy):
+    store = store_factory("int4")
+    nbytes = Store(store).expert_format.nbytes
+    small = mer.api.open(store, ram_budget=3 * nbytes, cache_policy=policy)
+    got = list(small.tokens(PROMPT, max_tokens=16, temperature=0.8, seed=4, stop_token_ids=[-1]))
+    full = mer.api.open(store, ram_budget="64MiB")
+    want = list(full.tokens(PROMPT, max_tokens=16, temperature=0.8, seed=4, stop_token_ids=[-1]))
+    assert got == want and small.stats().cache.evictions > 0
+
+
+def test_ours_never_evicts_an_expert_in_use(store_factory):
+    store = Store(store_factory("int4"))
+    cache = ExpertCache(store, 3 * store.expert_format.nbytes, policy="ours")
+    import torch
+
+    cache.observe(0, torch.tensor([[0, 1]]))
+    held = cache.acquire(0, 0)
+    for layer, e in [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3), (0, 3)]:
+        cache.observe(layer, torch.tensor([[e, e]]))
+        touch(cache, (layer, e))
+        assert cache.is_resident(0, 0)
+    cache.release(0, 0)
+    assert held is not None
+
+
+def test_unknown_policy_is_a_clear_error(store_factory):
+    from mer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown cache policy 'mru'"):
+        mer.api.open(store_factory("int4"), ram_budget="64MiB", cache_policy="mru")

@@ -159,6 +159,7 @@ def open(  # noqa: A001 - mer.open reads naturally
     direct_io: bool = True,
     io_threads: int = 4,
     prefetch: bool = True,
+    cache_policy: str = "lru",
 ) -> Model:
     """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB').
 
@@ -174,8 +175,11 @@ def open(  # noqa: A001 - mer.open reads naturally
     s = Store(store)
     if io_threads < 1:
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
-    cache = ExpertCache(s, budget, threads=io_threads, direct=direct_io)
-    return Model(s, cache, DTYPES[dtype], budget, prefetch)
+    cache = ExpertCache(s, budget, threads=io_threads, direct=direct_io, policy=cache_policy)
+    model = Model(s, cache, DTYPES[dtype], budget, prefetch)
+    if cache_policy != "lru":
+        model.transformer.observers.append(cache.observe)
+    return model
 
 
 def peak_rss() -> int:

@@ -71,6 +71,7 @@ def cmd_generate(args) -> None:
         direct_io=not args.no_direct_io,
         io_threads=args.io_threads,
         prefetch=not args.no_prefetch,
+        cache_policy=args.cache_policy,
     )
     recorder = model.record_trace() if args.trace else None
     run_generation(model, args.prompt, args)
@@ -157,6 +158,8 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", type=int, default=4, help="expert reader threads")
     p.add_argument("--no-prefetch", action="store_true", help="read experts only on demand")
     p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
+    p.add_argument("--cache-policy", choices=["lru", "ours"], default="lru",
+                   help="eviction policy (see mer bench cache)")  # fmt: skip
 
 
 def add_sampling(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:

@@ -63,5 +63,6 @@ def run_demo(workdir: Path, args) -> None:
         direct_io=not args.no_direct_io,
         io_threads=args.io_threads,
         prefetch=not args.no_prefetch,
+        cache_policy=args.cache_policy,
     )
     run_generation(model, args.prompt, args)

@@ -5,9 +5,9 @@ evicted, and neither is one whose read is in flight; a slot holds the bytes
 of at most one expert, usable only after they were read whole and passed
 their checksum; at most one read per expert is in flight, later requests
 wait on it; a failed read leaves the cache as if it had never been asked.
-Eviction is least-recently-used (the controller with frequency and
-prediction is a later part). Prefetches fill free slots or evict only
-experts that were not used in the current step. Counters record what
+Eviction follows a policy (`mer.cache.policy`: LRU, or the expected
+distance to next use from the layer cycle and decayed frequency). Prefetches
+fill free slots or evict only experts that were not used in the current step. Counters record what
 happened, never estimates.
 """
 
@@ -19,8 +19,9 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from mer.cache.policy import POLICIES, LayerCycleScore
 from mer.cache.pool import SlotPool
-from mer.errors import BudgetError
+from mer.errors import BudgetError, ConfigError
 from mer.io.direct import DirectReader
 from mer.io.engine import DEMAND, PREFETCH, ReadEngine, ReadRequest
 from mer.quant.expert import ExpertWeights
@@ -71,7 +72,12 @@ class ExpertCache:
         verify: bool = True,
         threads: int = 4,
         direct: bool = True,
+        policy: str = "lru",
     ) -> None:
+        if policy not in POLICIES:
+            raise ConfigError(
+                f"unknown cache policy {policy!r} (choose from {', '.join(POLICIES)})"
+            )
         self.store = store
         self.format = store.expert_format
         cfg = store.config
@@ -89,6 +95,16 @@ class ExpertCache:
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
         self._free = list(range(self.pool.n_slots - 1, -1, -1))
         self._lock = threading.Lock()
+        self.policy = policy
+        self._ordinal = {layer: j for j, layer in enumerate(cfg.moe_layers)}
+        self._score = LayerCycleScore(len(cfg.moe_layers), cfg.num_local_experts)
+        self._layer = 0  # ordinal of the MoE layer routed last
+
+    def observe(self, layer: int, ids, weights=None) -> None:
+        """Routing of a MoE layer (a model routing observer): feeds the eviction policy."""
+        with self._lock:
+            self._layer = self._ordinal[layer]
+            self._score.visit(self._layer, ids.unique().tolist())
 
     @property
     def n_slots(self) -> int:
@@ -206,13 +222,9 @@ class ExpertCache:
         one whose prefetch has not started (cancelled). None when nothing can be had now."""
         if self._free:
             return self._free.pop()
-        for key, entry in self._entries.items():  # least recently used first
-            if entry.users or entry.request is not None:
-                continue
-            if for_prefetch and (entry.step >= self.step or entry.prefetched):
-                # Never push out what this step used, nor another unused prefetch.
-                return None
-            del self._entries[key]
+        victim = self._victim(for_prefetch)
+        if victim is not None:
+            entry = self._entries.pop(victim)
             self._stats.evictions += 1
             return entry.slot
         if for_prefetch:
@@ -223,6 +235,26 @@ class ExpertCache:
                 self._stats.prefetches_cancelled += 1
                 return entry.slot
         return None
+
+    def _victim(self, for_prefetch: bool) -> Key | None:
+        """The evictable expert the policy gives up first (not in use, not being read)."""
+        candidates = []
+        for key, entry in self._entries.items():  # least recently used first
+            if entry.users or entry.request is not None:
+                continue
+            if for_prefetch and (entry.step >= self.step or entry.prefetched):
+                # Never push out what this step used, nor another unused prefetch.
+                if self.policy == "lru":
+                    return None
+                continue
+            if self.policy == "lru":
+                return key
+            candidates.append(key)
+        if not candidates:
+            return None
+        n = self._score.n_experts
+        scores = self._score.scores(self._layer)
+        return max(candidates, key=lambda k: scores[self._ordinal[k[0]] * n + k[1]])
 
     def _prefetch_in_flight(self) -> ReadRequest:
         """A running prefetch read to wait for, when a demand read finds no slot."""

@@ -10,11 +10,8 @@ cache must hold the largest step. Policies:
 - lfu: least frequently used so far (ties: least recent).
 - belady: evicts the expert whose next use is farthest ahead: the offline
   optimum (MIN), a lower bound no online policy can beat.
-- ours: evicts the expert expected to be needed last. Layers are visited in a
-  cycle, so an expert of layer m is next wanted when layer m comes round
-  again, with a probability p learned per expert (decayed frequency); its
-  expected distance is the layers until m plus, for each visit it sits out,
-  a full cycle: dist(m) + L * (1 - p) / p.
+- ours: evicts the expert expected to be needed last (`mer.cache.policy`),
+  the same policy the cache runs.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mer.cache.policy import LayerCycleScore
 from mer.trace.format import Trace
 
 POLICIES = ("lru", "lfu", "ours", "belady")
@@ -175,29 +173,22 @@ def _belady(acc: Accesses, slots: int) -> int:
     return misses
 
 
-def _ours(acc: Accesses, slots: int, decay: float = 0.95) -> int:
-    n_layers, n_experts = acc.n_layers, acc.n_experts
-    p = np.full(n_layers * n_experts, 1.0 / n_experts)  # chance to be chosen per visit
-    resident = np.zeros(n_layers * n_experts, dtype=bool)
-    key_layer = np.arange(n_layers * n_experts) // n_experts
+def _ours(acc: Accesses, slots: int) -> int:
+    score = LayerCycleScore(acc.n_layers, acc.n_experts)
+    resident = np.zeros(acc.n_layers * acc.n_experts, dtype=bool)
     count, misses = 0, 0
     layers = acc.step_layer.tolist()
     for s, _, step in _steps(acc):
         layer = layers[s]
-        block = slice(layer * n_experts, (layer + 1) * n_experts)
-        p[block] *= decay
-        p[step] += 1 - decay
+        score.visit(layer, np.asarray(step) - layer * acc.n_experts)
         for key in step:
             if resident[key]:
                 continue
             misses += 1
             if count >= slots:
-                # Layers until each resident expert's layer comes round again (this one: L).
-                dist = (key_layer - layer - 1) % n_layers + 1
-                score = dist + n_layers * (1 - p) / np.maximum(p, 1e-9)
-                score[~resident] = -1
-                score[step] = -1
-                resident[int(np.argmax(score))] = False
+                candidates = np.where(resident, score.scores(layer), -np.inf)
+                candidates[step] = -np.inf
+                resident[int(np.argmax(candidates))] = False
                 count -= 1
             resident[key] = True
             count += 1

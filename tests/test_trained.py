@@ -1,0 +1,73 @@
+"""The small MoE shipped with mer (scripts/train_tiny_moe.py): it converts, int4 keeps its
+quality, and its completions do not depend on the RAM budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import mer
+from mer.demo import TRAINED_MODEL
+from mer.store.convert import convert
+from mer.tokenizer import Tokenizer
+
+SNIPPET = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+# Stated margin: int4 (group 128) may cost at most this much held-out loss over bf16.
+INT4_LOSS_MARGIN = 0.10  # nats per token
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trained")
+    return {q: convert(TRAINED_MODEL, d / q, quant=q, progress=False) for q in ("bf16", "int4")}
+
+
+def held_out_tokens(limit: int = 4 * 256 + 1) -> list[int]:
+    """Tokens of the files the training held out, as the training script laid them out."""
+    meta = json.loads((TRAINED_MODEL / "training.json").read_text())
+    tok = Tokenizer.from_dir(TRAINED_MODEL)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    ids: list[int] = []
+    for name in meta["held_out_files"]:
+        for path in sorted(stdlib.rglob(name)):
+            ids += tok.encode(path.read_text(errors="replace")) + [2]
+            break
+        if len(ids) >= limit:
+            return ids[:limit]
+    pytest.skip("this Python's stdlib lacks the held-out files")
+
+
+def loss(store, ids: list[int], window: int = 256) -> float:
+    model = mer.open(store, ram_budget="64MiB", dtype="float32")
+    total, count = 0.0, 0
+    for a in range(0, len(ids) - 1, window):
+        x = torch.tensor(ids[a : a + window + 1])
+        kv = model.transformer.new_kv_cache(len(x) - 1)
+        logits = model.transformer.forward(x[:-1], kv, all_logits=True)
+        total += torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum").item()
+        count += len(x) - 1
+    return total / count
+
+
+def test_shipped_checkpoint_is_trained_and_int4_keeps_its_quality(stores):
+    ids = held_out_tokens()
+    bf16, int4 = loss(stores["bf16"], ids), loss(stores["int4"], ids)
+    card = json.loads((TRAINED_MODEL / "training.json").read_text())
+    assert math.exp(bf16) < 2 * card["held_out_perplexity"]  # trained, not random (ppl ~4096)
+    assert int4 - bf16 < INT4_LOSS_MARGIN, f"int4 {int4:.3f} vs bf16 {bf16:.3f} nats/token"
+
+
+def test_greedy_completion_is_the_same_at_any_budget(stores):
+    outs = []
+    for budget, prefetch in (("64MiB", False), (2, True), (2, False)):
+        if isinstance(budget, int):  # two experts: the least one token at one layer needs
+            budget *= mer.open(stores["int4"], ram_budget="64MiB").store.expert_format.nbytes
+        model = mer.open(stores["int4"], ram_budget=budget, prefetch=prefetch)
+        outs.append(model.generate(SNIPPET, max_tokens=24).text)
+    assert outs[0] == outs[1] == outs[2]
+    assert outs[0].strip()
