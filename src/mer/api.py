@@ -136,6 +136,16 @@ class Model:
         if pending:
             yield pending
 
+    def close(self) -> None:
+        """Stop the reader threads; the model cannot generate after this."""
+        self.cache.engine.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def stats(self) -> RunStats:
         return RunStats(
             self.generation_stats,
