@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 
-SPECIAL = ["<unk>", "<s>", "</s>"]
+from mer.synth.tokenizer import train_tokenizer
+
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
 
 
@@ -33,26 +34,11 @@ def corpus(held_out_every: int = 20) -> tuple[list[Path], list[Path]]:
     """The stdlib's .py files (no test suites), split by a hash of the path: train, held out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
-    held = [p for p in files if int(hashlib.sha1(p.name.encode()).hexdigest(), 16) % held_out_every == 0]
+    held = [
+        p for p in files if int(hashlib.sha1(p.name.encode()).hexdigest(), 16) % held_out_every == 0
+    ]
     train = [p for p in files if p not in set(held)]
     return train, held
-
-
-def train_tokenizer(files: list[Path], vocab_size: int) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((p.read_text(errors="replace") for p in files), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    return tok
 
 
 def encode(tok: Tokenizer, files: list[Path]) -> np.ndarray:
@@ -105,7 +91,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     train_files, held_files = corpus()
-    tok = train_tokenizer(train_files, args.vocab)
+    tok = train_tokenizer(args.vocab, train_files)
     train, held = encode(tok, train_files), encode(tok, held_files)
     print(f"corpus: {len(train_files)} files, {len(train)} train tokens; "
           f"{len(held_files)} files, {len(held)} held-out tokens", flush=True)  # fmt: skip

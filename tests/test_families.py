@@ -3,10 +3,9 @@ saved by transformers: shared experts, dense layers, QK-norm, biases and tied em
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from tests.helpers import dequantized_reference
 
 import mer
 from mer.store.convert import convert
@@ -95,18 +94,7 @@ def test_bf16_store_matches_transformers(family, tmp_path):
 def test_int4_store_matches_transformers_on_its_weights(family, tmp_path):
     name, path, model = family
     store = convert(path, tmp_path / "int4", quant="int4", group_size=32, progress=False)
-    s = Store(store)
-    ref = copy.deepcopy(model)
-    raw = s.expert_path.read_bytes()
-    with torch.no_grad():
-        for (layer, e), x in s.extents.items():
-            buf = torch.frombuffer(
-                bytearray(raw[x.offset : x.offset + x.length]), dtype=torch.uint8
-            )
-            w = s.expert_format.view(buf)
-            experts = ref.model.layers[layer].mlp.experts
-            experts.gate_up_proj[e] = w.gate_up.dequantize()
-            experts.down_proj[e] = w.down.dequantize()
+    ref = dequantized_reference(model, store)
     logits, m = ours(store, PROMPT)
     assert rel(logits, reference(ref, PROMPT)) < 1e-5
     assert rel(logits, reference(model, PROMPT)) < 0.5  # int4's own error on random weights

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.conftest import save_tiny_mixtral
+from tests.helpers import dequantized_reference
 
 import mer.api
 
@@ -42,27 +43,6 @@ def test_logits_match_transformers(quant, store_factory, hf_tiny):
     assert rel < TOLERANCE[quant], f"{quant}: relative logit error {rel:.2e}"
     if quant == "bf16":
         assert torch.equal(ours.argmax(-1), ref.argmax(-1))
-
-
-def dequantized_reference(hf_model, store_path):
-    """A copy of the transformers model whose experts hold the store's int4 weights, dequantized."""
-    import copy
-
-    from mer.store.reader import Store
-
-    store = Store(store_path)
-    ref = copy.deepcopy(hf_model)
-    raw = store.expert_path.read_bytes()
-    with torch.no_grad():
-        for (layer, e), x in store.extents.items():
-            buf = torch.frombuffer(
-                bytearray(raw[x.offset : x.offset + x.length]), dtype=torch.uint8
-            )
-            w = store.expert_format.view(buf)
-            experts = ref.model.layers[layer].mlp.experts
-            experts.gate_up_proj[e] = w.gate_up.dequantize()
-            experts.down_proj[e] = w.down.dequantize()
-    return ref
 
 
 def test_int4_kernel_matches_dequantized_weights(store_factory, hf_tiny):

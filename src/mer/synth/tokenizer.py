@@ -46,7 +46,8 @@ def corpus_files(limit: int = CORPUS_BYTES) -> list[Path]:
     return picked
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
+def train_tokenizer(vocab_size: int, files: list[Path] | None = None) -> Tokenizer:
+    """Byte-level BPE trained on `files` (default: the stdlib slice of `corpus_files`)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -56,7 +57,8 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = (p.read_text(encoding="utf-8", errors="replace") for p in corpus_files())
+    files = corpus_files() if files is None else files
+    texts = (p.read_text(encoding="utf-8", errors="replace") for p in files)
     tok.train_from_iterator(texts, trainer=trainer)
     # As in Mixtral's own tokenizer.json: encoding with special tokens prepends <s>.
     tok.post_processor = processors.TemplateProcessing(
