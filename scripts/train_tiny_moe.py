@@ -77,13 +77,14 @@ def held_out_loss(model, data: np.ndarray, seq: int, max_windows: int = 256) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("models/stdlib-moe"))
+    ap.add_argument("--out", type=Path, default=Path("src/mer/data/stdlib-moe"))
     ap.add_argument("--steps", type=int, default=1400)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--aux-loss", type=float, default=0.02, help="router load-balancing weight")
     args = ap.parse_args()
 
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -100,7 +101,7 @@ def main() -> None:
         vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=256,
         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
         num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
-        rope_theta=10000.0, rms_norm_eps=1e-5, router_aux_loss_coef=0.02,
+        rope_theta=10000.0, rms_norm_eps=1e-5, router_aux_loss_coef=args.aux_loss,
         output_router_logits=True, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     model = MixtralForCausalLM(config)
@@ -145,7 +146,8 @@ def main() -> None:
     }, indent=2) + "\n")  # fmt: skip
     (args.out / "training.json").write_text(json.dumps({
         "params": params, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-        "lr": args.lr, "seed": args.seed, "train_tokens": int(len(train)),
+        "lr": args.lr, "seed": args.seed, "aux_loss": args.aux_loss,
+        "train_tokens": int(len(train)),
         "held_out_tokens": int(len(held)), "tokens_seen": args.steps * args.batch * args.seq,
         "train_minutes": round(minutes, 1), "held_out_loss": round(held_loss, 4),
         "held_out_perplexity": round(math.exp(held_loss), 2),

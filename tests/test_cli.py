@@ -89,3 +89,11 @@ def test_bench_cache_prints_policy_tables(tmp_path):
     assert "replay by token" in out and "replay by prefill" in out
     for policy in ("lru", "lfu", "ours", "belady"):
         assert f"│ {policy} " in out or f" {policy} │" in out
+
+
+def test_default_demo_completes_python_with_the_bundled_model(tmp_path):
+    proc = mer("demo", "--max-tokens", "24", env={"MER_CACHE_DIR": str(tmp_path)})
+    assert "stdlib-moe" in proc.stderr and "expert hits" in proc.stderr
+    assert proc.stdout.startswith("def fibonacci(n):")
+    completion = proc.stdout.split('"""Return the n-th Fibonacci number."""\n', 1)[1]
+    assert completion.strip() and "\ufffd" not in completion
