@@ -128,10 +128,5 @@ class Store:
         return out
 
     @property
-    def tokenizer_path(self) -> Path | None:
-        p = self.path / "tokenizer.json"
-        return p if p.is_file() else None
-
-    @property
     def expert_bytes_total(self) -> int:
         return len(self.extents) * self.expert_format.nbytes
