@@ -74,10 +74,6 @@ class EngineStats:
     cancelled: int = 0
     retries: int = 0
 
-    @property
-    def bandwidth(self) -> float:
-        return self.bytes_read / self.busy_seconds if self.busy_seconds else 0.0
-
 
 class ReadEngine:
     def __init__(
