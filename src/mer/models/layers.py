@@ -44,34 +44,35 @@ class Rotary:
         emb = torch.cat([freqs, freqs], -1)  # [P, D]
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, D] at `positions` [T]."""
-        cos = self.cos[positions][:, None, :].to(x.dtype)  # [T, 1, D]
-        sin = self.sin[positions][:, None, :].to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos + rotated * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(cos, sin) [T, 1, D] for `positions`: gathered once per forward, used by every layer."""
+        return self.cos[positions][:, None, :].to(dtype), self.sin[positions][:, None, :].to(dtype)
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_positions: torch.Tensor,
-    sliding_window: int | None,
-) -> torch.Tensor:
-    """Causal GQA attention. q [T, Hq, D]; k, v [S, Hkv, D] hold positions 0..S-1. -> [T, Hq*D]."""
-    t, hq, d = q.shape
-    s, hkv = k.shape[0], k.shape[1]
-    kv_pos = torch.arange(s)
-    allowed = kv_pos[None, :] <= q_positions[:, None]  # [T, S]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by tables from `Rotary.tables`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def causal_mask(q_positions: torch.Tensor, kv_len: int, sliding_window: int | None):
+    """[T, S] bool: which of positions 0..S-1 each query may attend to. Same for every layer."""
+    kv_pos = torch.arange(kv_len)
+    allowed = kv_pos[None, :] <= q_positions[:, None]
     if sliding_window is not None:
         allowed &= kv_pos[None, :] > q_positions[:, None] - sliding_window
+    return allowed
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+    """GQA attention. q [T, Hq, D]; k, v [S, Hkv, D]; mask [T, S] -> [T, Hq*D].
+
+    Grouped heads share keys and values inside the kernel (`enable_gqa`), so the cache is
+    never copied per head."""
+    t, hq, d = q.shape
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T|S, D]
-    if hq != hkv:
-        kh = kh.repeat_interleave(hq // hkv, 0)
-        vh = vh.repeat_interleave(hq // hkv, 0)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)  # [Hq, T, D]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=hq != k.shape[1])
     return out.transpose(0, 1).reshape(t, hq * d)
 
 

@@ -16,7 +16,17 @@ import torch.nn.functional as F
 
 from mer.config import ModelConfig
 from mer.models.kv_cache import KVCache
-from mer.models.layers import ExpertProvider, Rotary, attention, moe, rms_norm, route, swiglu
+from mer.models.layers import (
+    ExpertProvider,
+    Rotary,
+    apply_rotary,
+    attention,
+    causal_mask,
+    moe,
+    rms_norm,
+    route,
+    swiglu,
+)
 
 # Called per MoE layer with (layer, expert ids [T, k], router weights [T, k]).
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -55,10 +65,12 @@ class MoETransformer:
         t = tokens.shape[0]
         pos = torch.arange(kv.length, kv.length + t)
         x = w["embed"][tokens]  # [T, H]
+        rope = self.rotary.tables(pos, self.dtype)
+        mask = causal_mask(pos, kv.length + t, cfg.sliding_window)  # [T, S]
         for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
             h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
-            x = x + self._attention(i, h, pos, kv)
+            x = x + self._attention(i, h, rope, mask, kv)
             h = rms_norm(x, w[p + "ffn_norm"], cfg.rms_norm_eps)
             if cfg.is_moe_layer(i):
                 x = x + self._moe(i, h)
@@ -70,7 +82,7 @@ class MoETransformer:
             x = x[-1:]
         return F.linear(rms_norm(x, w["norm"], cfg.rms_norm_eps), w["lm_head"]).float()
 
-    def _attention(self, i: int, h: torch.Tensor, pos: torch.Tensor, kv: KVCache):
+    def _attention(self, i: int, h: torch.Tensor, rope, mask: torch.Tensor, kv: KVCache):
         cfg, w, p = self.config, self.w, f"layers.{i}."
         t, eps = h.shape[0], cfg.rms_norm_eps
         q = F.linear(h, w[p + "q"], w.get(p + "q_bias"))  # [T, Hq*D]
@@ -85,9 +97,9 @@ class MoETransformer:
         v = v.view(t, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
-        q, k = self.rotary(q, pos), self.rotary(k, pos)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         keys, values = kv.append(i, k, v)
-        return F.linear(attention(q, keys, values, pos, cfg.sliding_window), w[p + "o"])
+        return F.linear(attention(q, keys, values, mask), w[p + "o"])
 
     def _moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         cfg, w, p = self.config, self.w, f"layers.{i}."
