@@ -121,7 +121,8 @@ def test_generation_records_a_replayable_trace(store_factory, tmp_path):
     model.transformer.forward(torch.tensor(full), model.transformer.new_kv_cache(len(full)))
     expected = torch.stack(seen, 1).sort(-1).values.numpy()
     assert np.array_equal(np.sort(trace.experts[:8], -1), expected)
-    assert {simulate(accesses(trace, "token"), p, 4) for p in POLICIES}
+    distinct = len(np.unique(accesses(trace, "token").keys))
+    assert all(simulate(accesses(trace, "token"), p, 4) >= distinct for p in POLICIES)
 
 
 def test_routing_stats_against_random_baselines():

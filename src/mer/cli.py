@@ -62,18 +62,23 @@ def run_generation(model, prompt: str, args) -> None:
     err.print(stats_line(model.stats()), style="bold")
 
 
-def cmd_generate(args) -> None:
+def open_with_io_options(store, ram_budget, args, **kw):
+    """mer.open with the reader options every generating command takes (add_io_options)."""
     import mer.api
 
-    model = mer.api.open(
-        args.store,
-        args.ram_budget,
-        args.dtype,
+    return mer.api.open(
+        store,
+        ram_budget,
         direct_io=not args.no_direct_io,
         io_threads=args.io_threads,
         prefetch=not args.no_prefetch,
         cache_policy=args.cache_policy,
+        **kw,
     )
+
+
+def cmd_generate(args) -> None:
+    model = open_with_io_options(args.store, args.ram_budget, args, dtype=args.dtype)
     recorder = model.record_trace() if args.trace else None
     run_generation(model, args.prompt, args)
     if recorder is not None:

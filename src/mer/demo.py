@@ -15,8 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-import mer.api
-from mer.cli import run_generation
+from mer.cli import open_with_io_options, run_generation
 from mer.errors import MerError
 from mer.store.reader import Store
 from mer.units import fmt_bytes, parse_bytes
@@ -57,12 +56,4 @@ def run_demo(workdir: Path, args) -> None:
         f"{fmt_bytes(s.expert_bytes_total)} on disk in int4; RAM budget {fmt_bytes(budget)} "
         f"holds {budget // s.expert_format.nbytes} of {len(s.extents)} experts"
     )
-    model = mer.api.open(
-        store,
-        ram_budget=budget,
-        direct_io=not args.no_direct_io,
-        io_threads=args.io_threads,
-        prefetch=not args.no_prefetch,
-        cache_policy=args.cache_policy,
-    )
-    run_generation(model, args.prompt, args)
+    run_generation(open_with_io_options(store, budget, args), args.prompt, args)

@@ -106,7 +106,11 @@ def engine_bandwidth(store: Store, threads: int, seconds: float) -> float:
 def decode_stall(store_path, budget: int, tokens: int, prefetch: bool, threads: int):
     import mer
 
-    model = mer.open(store_path, ram_budget=budget, io_threads=threads, prefetch=prefetch)
+    with mer.open(store_path, ram_budget=budget, io_threads=threads, prefetch=prefetch) as model:
+        return _decode_run(model, tokens)
+
+
+def _decode_run(model, tokens: int):
     stream = model.tokens([1, 330, 331, 332, 333], max_tokens=tokens + 1, stop_token_ids=[-1])
     next(stream)  # prefill: its reads are not decode stall
     after_prefill = model.cache.stats.stall_seconds
