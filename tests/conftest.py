@@ -84,3 +84,12 @@ def store_copy(store_factory, tmp_path):
         return dst
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory):
+    """The shipped trained model as an int4 store (real routing, real text)."""
+    from mer.demo import TRAINED_MODEL
+
+    dst = tmp_path_factory.mktemp("trained") / "stdlib-moe-int4"
+    return convert(TRAINED_MODEL, dst, quant="int4", progress=False)

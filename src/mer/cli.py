@@ -35,7 +35,8 @@ def stats_line(stats) -> str:
         f"read {fmt_decimal(c.bytes_read)} from SSD ({fmt_decimal(stats.bytes_read_per_token)}"
         f"/token) at {c.read_bandwidth / 1e9:.2f} GB/s | "
         f"I/O stall {1e3 * c.stall_seconds / tokens:.1f} ms/token | "
-        f"cache {stats.slots} slots in {fmt_bytes(stats.budget_bytes)} | "
+        f"cache {stats.slots} slots in {fmt_bytes(stats.budget_bytes)}"
+        f"{f', {c.pinned} pinned' if c.pinned else ''} | "
         f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}"
     )
 
@@ -73,6 +74,9 @@ def open_with_io_options(store, ram_budget, args, **kw):
         io_threads=args.io_threads,
         prefetch=not args.no_prefetch,
         cache_policy=args.cache_policy,
+        pin_share=getattr(args, "pin_share", 0.0),
+        pin_file=getattr(args, "pin_file", None),
+        compute_threads=args.threads,
         **kw,
     )
 
@@ -80,11 +84,37 @@ def open_with_io_options(store, ram_budget, args, **kw):
 def cmd_generate(args) -> None:
     model = open_with_io_options(args.store, args.ram_budget, args, dtype=args.dtype)
     recorder = model.record_trace() if args.trace else None
+    if recorder is not None and args.trace_hidden:
+        recorder.watch_hidden(model.transformer)
     run_generation(model, args.prompt, args)
     if recorder is not None:
         trace = recorder.trace()
         trace.save(args.trace)
         err.print(f"wrote routing trace {args.trace} ({trace.n_tokens} tokens)")
+
+
+def cmd_serve(args) -> None:
+    from mer.serve.app import ServerSettings, serve
+    from mer.units import parse_bytes
+
+    try:
+        max_body = parse_bytes(args.max_request_bytes)
+    except ValueError as e:
+        raise MerError(f"--max-request-bytes: {e}") from None
+    name = args.model_name or Path(args.store).resolve().name
+    settings = ServerSettings(
+        name, args.api_key or os.environ.get("MER_API_KEY"), args.max_concurrent, max_body
+    )
+    model = open_with_io_options(args.store, args.ram_budget, args, dtype=args.dtype)
+    scheduler = model.scheduler(
+        args.kv_budget, max_batch_tokens=args.max_batch_tokens, max_running=args.max_running
+    ).start()
+    err.print(
+        f"serving {name} on http://{args.host}:{args.port}/v1 (KV pool "
+        f"{scheduler.pool.n_blocks} blocks of {scheduler.pool.block_size} tokens, "
+        f"{fmt_bytes(scheduler.pool.n_blocks * scheduler.pool.block_bytes)})"
+    )
+    serve(model, scheduler, settings, args.host, args.port)
 
 
 def cmd_convert(args) -> None:
@@ -135,6 +165,12 @@ def cmd_synth(args) -> None:
     err.print(f"wrote {path}")
 
 
+def cmd_train_speculator(args) -> None:
+    from mer.predict.training import train_from_traces
+
+    train_from_traces(args)
+
+
 def cmd_demo(args) -> None:
     from mer.demo import run_demo
 
@@ -158,14 +194,51 @@ def cmd_bench(args) -> None:
         from mer.bench.routing import run_routing_stats
 
         run_routing_stats(args)
+    elif args.what == "predict":
+        from mer.bench.predict import run_predict_bench
+
+        run_predict_bench(args)
+    elif args.what == "serve":
+        from mer.bench.serve import run_serve_bench
+        from mer.demo import trained_store
+
+        if not args.url:
+            args.store = args.store or trained_store(cache_dir() / "demo")
+        run_serve_bench(args)
 
 
 def add_io_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", type=int, default=4, help="expert reader threads")
+    p.add_argument("--threads", type=int,
+                   help="compute threads (default: 1 below hidden 2048, else all)")  # fmt: skip
     p.add_argument("--no-prefetch", action="store_true", help="read experts only on demand")
     p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
     p.add_argument("--cache-policy", choices=["lru", "ours"], default="lru",
                    help="eviction policy (see mer bench cache)")  # fmt: skip
+    p.add_argument("--pin-share", type=float, default=0.0,
+                   help="share of the budget (0..0.9) for experts pinned in RAM: the most used "
+                   "so far, or those of --pin-file (default 0: no pinning)")  # fmt: skip
+    p.add_argument("--pin-file",
+                   help="experts to pin: JSON list of [layer, expert], or a trace .npz whose "
+                   "most frequent experts fill --pin-share")  # fmt: skip
+
+
+def add_split_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """How a trace is split into a part to learn from and held-out sequences to judge on."""
+    p.add_argument(
+        "--held-out",
+        type=float,
+        default=0.5,
+        help="share of the trace's sequences held out, the last ones (default 0.5)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help="judge on the first N held-out tokens (whole sequences)",
+    )
+    p.add_argument("--train-tokens", type=int, default=20000,
+                   help="learn from the first N tokens of the other part")  # fmt: skip
 
 
 def add_sampling(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
@@ -192,9 +265,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-budget", default="4GiB", help="RAM for cached experts, e.g. 4GiB")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--trace", help="record routing to this .npz file (see mer bench cache)")
+    p.add_argument("--trace-hidden", action="store_true",
+                   help="with --trace, also record the hidden state entering each MoE block "
+                   "(float16; for router lookahead in mer bench predict)")  # fmt: skip
     add_io_options(p)
     add_sampling(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("--store", required=True, help="store directory (from `mer convert`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="model id clients ask for (default: the store's name)")
+    p.add_argument("--api-key", help="require this bearer key (or set MER_API_KEY)")
+    p.add_argument("--ram-budget", default="4GiB", help="RAM for cached experts, e.g. 4GiB")
+    p.add_argument("--kv-budget", default="512MiB", help="RAM for the paged KV cache")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=256,
+        help="tokens per forward pass (decodes first, then prompt chunks)",
+    )
+    p.add_argument("--max-running", type=int, default=32, help="sequences decoding together")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=64,
+        help="requests accepted at once (running and queued); more get 429",
+    )
+    p.add_argument("--max-request-bytes", default="1MiB", help="largest request body")
+    add_io_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a store")
     p.add_argument("src", help="Hugging Face checkpoint directory")
@@ -235,6 +337,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling(p, max_tokens=48)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("train-speculator", help="train the learned expert predictor on traces")
+    p.add_argument(
+        "--trace",
+        required=True,
+        action="append",
+        help="routing trace (.npz; repeatable, all of one model)",
+    )
+    p.add_argument("--out", required=True, help="file to write (.pt)")
+    p.add_argument(
+        "--held-out",
+        type=float,
+        default=0.5,
+        help="share of each trace's sequences left out for mer bench predict, the "
+        "last ones (default 0.5, as there; 0 trains on everything)",
+    )
+    p.add_argument(
+        "--train-tokens",
+        type=int,
+        default=20000,
+        help="train on the first N tokens of each trace's training part",
+    )
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=256, help="MLP width")
+    p.add_argument("--window", type=int, default=3, help="MoE layers of routing it sees")
+    p.add_argument("--max-distance", type=int, default=3, help="layers ahead it predicts")
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_train_speculator)
+
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="what", required=True)
     b = bsub.add_parser("kernel", help="int4 expert FFN vs memory bandwidth")
@@ -259,8 +391,64 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=5000, help="replay the first N tokens")
     b.add_argument("--expert-bytes", type=int, default=4_595_712,
                    help="bytes per expert read (default: DeepSeek-V2-Lite's in int4)")  # fmt: skip
+    b.add_argument(
+        "--pin-share",
+        type=float,
+        default=0.0,
+        help="also replay with this share of the slots pinned to the experts most "
+        "frequent in the trace's first part (replay then runs on the rest)",
+    )
+    b.add_argument(
+        "--prefetch",
+        choices=["frequency", "markov", "speculator", "lookahead", "ensemble"],
+        help="also replay with this predictor's guesses prefetched "
+        "(learned on the trace's first part; replay then runs on the rest)",
+    )
+    b.add_argument(
+        "--read-steps",
+        type=int,
+        default=1,
+        help="read time of one expert in layer-steps: prefetches are guessed this "
+        "many MoE layers ahead, the latest that still arrives in time (default 1)",
+    )
+    b.add_argument("--guesses", type=int, help="experts prefetched per step (default top-k)")
+    b.add_argument("--speculator", help="a trained speculator, for --prefetch speculator")
+    b.add_argument("--store", help="the traced model's store, for --prefetch lookahead")
+    b.add_argument(
+        "--held-out",
+        type=float,
+        default=0.5,
+        help="with pins or prefetch: share of sequences replayed, the last ones",
+    )
+    b.add_argument(
+        "--train-tokens",
+        type=int,
+        default=20000,
+        help="with pins or prefetch: learn from the first N tokens of the rest",
+    )
     b = bsub.add_parser("routing", help="routing statistics of a trace")
     b.add_argument("--trace", required=True, help="routing trace (.npz)")
+    b = bsub.add_parser("predict", help="expert predictors' recall on held-out sequences")
+    b.add_argument("--trace", required=True, help="routing trace (.npz)")
+    b.add_argument("--speculator", help="a trained speculator (mer train-speculator)")
+    b.add_argument("--store", help="the store the trace was recorded from, for lookahead "
+                   "(the trace needs hidden states: mer generate --trace-hidden)")  # fmt: skip
+    add_split_options(b, max_tokens=5000)
+    b = bsub.add_parser("serve", help="simulated agents: batched serving vs one at a time")
+    b.add_argument("--store", help="store to serve (default: the bundled trained model)")
+    b.add_argument("--url", help="benchmark a running server (http://host:port) instead")
+    b.add_argument("--agents", type=int, nargs="+", default=[1, 4, 8],
+                   help="agent counts to run (each against its own baseline)")  # fmt: skip
+    b.add_argument("--turns", type=int, default=4, help="tool calls per agent")
+    b.add_argument("--max-tokens", type=int, default=24, help="tokens per generated tool call")
+    b.add_argument("--think", type=float, default=0.2, help="mean think time between turns (s)")
+    b.add_argument("--ram-budget", default="1MiB", help="expert cache of the server")
+    b.add_argument("--kv-budget", default="64MiB", help="KV cache of the server")
+    b.add_argument("--max-batch-tokens", type=int, default=256)
+    b.add_argument("--cache-policy", default="lru", help="expert cache policy of the server")
+    b.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                   help="further `mer serve` options, passed as they are (last)")  # fmt: skip
+    b.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -30,6 +30,18 @@ def _mer(*args) -> None:
         raise MerError(f"mer {args[0]} failed (exit {proc.returncode}); see the message above")
 
 
+def _convert_once(checkpoint: Path, store: Path) -> Path:
+    if not store.exists():
+        Console(stderr=True).print(f"converting to an int4 store: mer convert {checkpoint} {store}")
+        _mer("convert", checkpoint, store, "--quant", "int4")
+    return store
+
+
+def trained_store(workdir: Path) -> Path:
+    """The bundled trained model as an int4 store under `workdir`, converted on first use."""
+    return _convert_once(TRAINED_MODEL, workdir / f"{TRAINED_MODEL.name}-int4")
+
+
 def run_demo(workdir: Path, args) -> None:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     # Preparation runs in child processes so the peak RSS reported below is generation's own.
@@ -45,9 +57,7 @@ def run_demo(workdir: Path, args) -> None:
         checkpoint, store = TRAINED_MODEL, workdir / f"{TRAINED_MODEL.name}-int4"
         budget = parse_bytes(args.ram_budget or "1MiB")
         what = "trained here on Python's standard library (see its README.md)"
-    if not store.exists():
-        console.print(f"converting it to an int4 store: mer convert {checkpoint} {store}")
-        _mer("convert", checkpoint, store, "--quant", "int4")
+    _convert_once(checkpoint, store)
     s = Store(store)
     cfg = s.config
     console.print(

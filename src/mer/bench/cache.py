@@ -2,58 +2,144 @@
 
 Prints, per replay mode and cache size, each policy's misses, the bytes they
 would read, and the ratios to Belady's optimum (the lower bound, computed in
-the same run) and to LRU.
+the same run) and to LRU. With `--pin-share` the policies also run with the
+most frequent experts pinned, and with `--prefetch PREDICTOR` they also read
+that predictor's guesses `--read-steps` layers ahead (`mer.trace.prefetch`).
+Pins and predictors are learned from the first part of the trace and the
+replay runs on held-out sequences only (all rows, so they compare): nothing is
+judged on what it learned from.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 
 from rich.console import Console
 from rich.table import Table
 
+from mer.cache.pinning import pin_capacity
+from mer.errors import ConfigError
+from mer.predict import catalog
 from mer.progress import progress_bar
-from mer.trace.format import load_trace
-from mer.trace.replay import POLICIES, accesses, simulate
+from mer.trace.format import load_trace, split_trace
+from mer.trace.prefetch import PREFETCH_POLICIES, plan, simulate_prefetch
+from mer.trace.replay import POLICIES, accesses, frequent_keys, simulate
 from mer.units import fmt_decimal
 
 
 def run_cache_bench(args) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
     trace = load_trace(args.trace)
-    if args.max_tokens and trace.n_tokens > args.max_tokens:
-        trace = trace.head(args.max_tokens)
+    learns = bool(args.pin_share or args.prefetch)
     total = trace.n_layers * trace.n_experts
     console.print(
         f"{args.trace}: {trace.meta.get('model', 'model?')}, {trace.n_tokens} tokens in "
-        f"{len(trace.seq_starts) - 1} sequences, {trace.n_layers} MoE layers x "
+        f"{trace.n_sequences} sequences, {trace.n_layers} MoE layers x "
         f"{trace.n_experts} experts, top-{trace.top_k}; "
         f"expert size {fmt_decimal(args.expert_bytes)}"
     )
+    if learns:
+        train, replay = split_trace(trace, args.held_out)
+        train, replay = train.head(args.train_tokens), replay.head(args.max_tokens)
+        console.print(
+            f"pins and predictor learned from the first {train.n_tokens} tokens; replaying "
+            f"{replay.n_tokens} held-out tokens ({replay.n_sequences} sequences)"
+        )
+    else:
+        train, replay = None, trace.head(args.max_tokens)
+    predictor = None
+    if args.prefetch and not 1 <= args.read_steps < trace.n_layers:
+        raise ConfigError(f"--read-steps must be 1..{trace.n_layers - 1} (the MoE layers "
+                          f"less one), got {args.read_steps}")  # fmt: skip
+    if args.guesses is not None and args.guesses < 1:
+        raise ConfigError(f"--guesses must be at least 1, got {args.guesses}")
+    if args.prefetch:
+        predictor = catalog.one(
+            args.prefetch, train, args.speculator, args.store, max(3, args.read_steps)
+        )
+    guesses = args.guesses or trace.top_k
     modes = ["token", "prefill"] if args.mode == "both" else [args.mode]
+    pinned_at: dict[tuple[str, int], int] = {}
     for mode in modes:
-        acc = accesses(trace, mode)
+        acc = accesses(replay, mode)
         sizes = args.slots or [max(acc.max_step, round(f * total)) for f in args.fractions]
+        guess_plan = None
+        if predictor is not None:
+            scorer = partial(predictor.scores, replay)  # (layer, distance) -> scores
+            guess_plan = plan(replay, mode, scorer, args.read_steps, guesses)
+        runs = _runs(args.pin_share > 0, guess_plan is not None)
         table = Table(title=f"replay by {mode}: {len(acc.keys)} expert accesses")
-        for col in ("slots", "policy", "misses", "read", "vs belady", "vs lru", "seconds"):
+        prefetching = guess_plan is not None
+        cols = ["slots", "policy", "misses", "prefetched", "used", "reads", "read", "÷belady",
+                "reads÷belady", "÷lru", "s"]  # fmt: skip
+        if not prefetching:  # every read is a miss: the prefetch columns would say nothing
+            cols = [c for c in cols if c not in ("prefetched", "used", "reads", "reads÷belady")]
+        for col in cols:
             table.add_column(col, justify="right")
-        with progress_bar(len(sizes) * len(POLICIES), f"replay {mode}", unit="runs") as bar:
+        with progress_bar(len(sizes) * len(runs), f"replay {mode}", unit="runs") as bar:
             for slots in sizes:
+                pins = ()
+                if args.pin_share:
+                    n = pin_capacity(slots, args.pin_share, acc.max_step)
+                    pins = frequent_keys(accesses(train, mode), n)
+                    pinned_at[mode, slots] = len(pins)
                 results = {}
-                for policy in POLICIES:
+                for policy, pinned, prefetching in runs:
                     t0 = time.perf_counter()
-                    results[policy] = (simulate(acc, policy, slots), time.perf_counter() - t0)
+                    use = pins if pinned else ()
+                    if prefetching:
+                        r = simulate_prefetch(acc, policy, slots, guess_plan, use)
+                        got = (r.misses, r.prefetches, r.useful)
+                    else:
+                        got = (simulate(acc, policy, slots, use), 0, 0)
+                    name = policy + "+pin" * pinned + "+pf" * prefetching
+                    results[name] = (*got, time.perf_counter() - t0)
                     bar.advance()
                 best, lru = results["belady"][0], results["lru"][0]
-                for policy, (misses, secs) in results.items():
-                    table.add_row(
-                        f"{slots} ({100 * slots / total:.0f}%)",
-                        policy,
-                        str(misses),
-                        fmt_decimal(misses * args.expert_bytes),
-                        f"{misses / best:.2f}",
-                        f"{misses / lru:.2f}",
-                        f"{secs:.1f}",
-                    )
+                for i, (name, (misses, prefetched, used, secs)) in enumerate(results.items()):
+                    reads = misses + prefetched
+                    pf = "+pf" in name
+                    cells = {
+                        "slots": f"{slots} ({100 * slots / total:.0f}%)" if i == 0 else "",
+                        "policy": name,
+                        "misses": str(misses),
+                        "prefetched": str(prefetched) if pf else "",
+                        "used": str(used) if pf else "",
+                        "reads": str(reads),
+                        "read": fmt_decimal(reads * args.expert_bytes),
+                        "÷belady": f"{misses / best:.2f}",
+                        "reads÷belady": f"{reads / best:.2f}",
+                        "÷lru": f"{misses / lru:.2f}",
+                        "s": f"{secs:.1f}",
+                    }
+                    table.add_row(*(cells[c] for c in cols))
+                table.add_section()
         console.print(table)
+    notes = [
+        "misses: demand misses (the step waits for the read); read: the bytes of all reads; "
+        "÷belady: misses over Belady's (the fewest reads possible)"
+    ]
+    if pinned_at:
+        at = ", ".join(f"{n} at {slots} slots by {mode}" for (mode, slots), n in pinned_at.items())
+        notes.append(f"+pin: the most frequent experts of the first part pinned ({at})")
+    if predictor is not None:
+        notes.append(
+            f"+pf: prefetching the {guesses} best guesses of {args.prefetch}, {args.read_steps} "
+            "MoE layer(s) ahead; used: prefetched experts used before eviction (the rest were "
+            "wasted reads); reads: misses + prefetches"
+        )
+    console.print("; ".join(notes) + ".")
+
+
+def _runs(pin: bool, prefetch: bool) -> list[tuple[str, bool, bool]]:
+    """(policy, pinned, prefetching) to replay: every policy plain, then the variants."""
+    runs = [(p, False, False) for p in POLICIES]
+    if pin:
+        runs += [(p, True, False) for p in POLICIES if p != "belady"]
+    if prefetch:
+        runs += [(p, False, True) for p in PREFETCH_POLICIES]
+        if pin:
+            runs += [(p, True, True) for p in PREFETCH_POLICIES]
+    return runs

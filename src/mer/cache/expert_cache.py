@@ -7,7 +7,10 @@ their checksum; at most one read per expert is in flight, later requests
 wait on it; a failed read leaves the cache as if it had never been asked.
 Eviction follows a policy (`mer.cache.policy`: LRU, or the expected
 distance to next use from the layer cycle and decayed frequency). Prefetches
-fill free slots or evict only experts that were not used in the current step. Counters record what
+fill free slots or evict only experts that were not used in the current step and, under
+`ours`, only one expected to be needed later than the one it brings (admission). Pinned
+experts (`mer.cache.pinning`: from a file, or chosen from the counts of acquires) are
+never evicted once loaded; they take at most a share of the slots. Counters record what
 happened, never estimates.
 """
 
@@ -16,10 +19,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-from mer.cache.policy import POLICIES, LayerCycleScore
+from mer.cache.pinning import MAX_SHARE, AutoPins, check_pins, load_pin_file, pin_capacity
+from mer.cache.policy import POLICIES, LayerCycleScore, prefetch_accuracy
 from mer.cache.pool import SlotPool
 from mer.errors import BudgetError, ConfigError
 from mer.io.direct import DirectReader
@@ -42,6 +48,7 @@ class CacheStats:
     prefetches: int = 0
     prefetches_used: int = 0  # acquired before being evicted
     prefetches_cancelled: int = 0
+    pinned: int = 0  # pinned experts resident now (never evicted)
 
     @property
     def hit_rate(self) -> float:
@@ -73,7 +80,11 @@ class ExpertCache:
         threads: int = 4,
         direct: bool = True,
         policy: str = "lru",
+        pin_share: float = 0.0,
+        pins: str | Path | Sequence[Key] | None = None,
     ) -> None:
+        """`pins`: a pin file (`mer.cache.pinning`) or (layer, expert) pairs to pin; without
+        it, `pin_share` > 0 pins the most acquired experts automatically."""
         if policy not in POLICIES:
             raise ConfigError(
                 f"unknown cache policy {policy!r} (choose from {', '.join(POLICIES)})"
@@ -99,6 +110,24 @@ class ExpertCache:
         self._ordinal = {layer: j for j, layer in enumerate(cfg.moe_layers)}
         self._score = LayerCycleScore(len(cfg.moe_layers), cfg.num_local_experts)
         self._layer = 0  # ordinal of the MoE layer routed last
+        self._pinned: set[Key] = set()
+        self._auto_pins: AutoPins | None = None
+        self._setup_pins(pin_share, pins)
+
+    def _setup_pins(self, share: float, pins) -> None:
+        cfg = self.store.config
+        if isinstance(pins, str | Path):
+            self._pinned = set(load_pin_file(pins, cfg, self.n_slots, share))
+        elif pins is not None:
+            capacity = pin_capacity(self.n_slots, share or MAX_SHARE, cfg.num_experts_per_tok)
+            self._pinned = set(check_pins(pins, cfg, capacity))
+        elif capacity := pin_capacity(self.n_slots, share, cfg.num_experts_per_tok):
+            self._auto_pins = AutoPins(cfg.moe_layers, cfg.num_local_experts, capacity)
+
+    @property
+    def pinned(self) -> frozenset[Key]:
+        """The experts pinned now (each stays once loaded; some may not be loaded yet)."""
+        return frozenset(self._pinned)
 
     def observe(self, layer: int, ids, weights=None) -> None:
         """Routing of a MoE layer (a model routing observer): feeds the eviction policy."""
@@ -119,10 +148,17 @@ class ExpertCache:
 
     def next_step(self) -> None:
         self.step += 1
+        if self._auto_pins is not None and self._auto_pins.due(self.step):
+            with self._lock:
+                # Unpinned experts simply become evictable; new pins stay once loaded.
+                self._pinned = self._auto_pins.choose()
 
     def acquire(self, layer: int, expert: int) -> ExpertWeights:
         """The expert's weights, read from the store if needed; pinned until `release`."""
         key = (layer, expert)
+        if self._auto_pins is not None:
+            with self._lock:
+                self._auto_pins.count(layer, expert)
         while True:
             with self._lock:
                 entry = self._entries.get(key)
@@ -183,9 +219,9 @@ class ExpertCache:
                 key = (layer, int(e))
                 if key in self._entries:
                     continue
-                slot = self._take_slot(for_prefetch=True)
+                slot = self._take_slot(for_prefetch=True, incoming=key)
                 if slot is None:
-                    break
+                    continue  # no slot worth less than this expert
                 self._start_read(key, slot, PREFETCH).prefetched = True
                 self._stats.prefetches += 1
                 started += 1
@@ -213,16 +249,20 @@ class ExpertCache:
         with self._lock:
             self._stats.bytes_read = self.engine.stats.bytes_read
             self._stats.read_seconds = self.engine.stats.busy_seconds
+            self._stats.pinned = sum(
+                1 for k, e in self._entries.items() if k in self._pinned and e.request is None
+            )
             return self._stats
 
     # Internals: call with the lock held.
 
-    def _take_slot(self, for_prefetch: bool) -> int | None:
-        """A free slot, else the least recently used evictable one; for a demand read, else
-        one whose prefetch has not started (cancelled). None when nothing can be had now."""
+    def _take_slot(self, for_prefetch: bool, incoming: Key | None = None) -> int | None:
+        """A free slot, else the policy's evictable victim (for a prefetch of `incoming`, one
+        worth less than it); for a demand read, else one whose prefetch has not started
+        (cancelled). None when nothing can be had now."""
         if self._free:
             return self._free.pop()
-        victim = self._victim(for_prefetch)
+        victim = self._victim(for_prefetch, incoming)
         if victim is not None:
             entry = self._entries.pop(victim)
             self._stats.evictions += 1
@@ -236,11 +276,12 @@ class ExpertCache:
                 return entry.slot
         return None
 
-    def _victim(self, for_prefetch: bool) -> Key | None:
-        """The evictable expert the policy gives up first (not in use, not being read)."""
+    def _victim(self, for_prefetch: bool, incoming: Key | None = None) -> Key | None:
+        """The evictable expert the policy gives up first (not in use, not being read, not
+        pinned); for a prefetch, None unless the policy admits `incoming` in its place."""
         candidates = []
         for key, entry in self._entries.items():  # least recently used first
-            if entry.users or entry.request is not None:
+            if entry.users or entry.request is not None or key in self._pinned:
                 continue
             if for_prefetch and (entry.step >= self.step or entry.prefetched):
                 # Never push out what this step used, nor another unused prefetch.
@@ -252,9 +293,21 @@ class ExpertCache:
             candidates.append(key)
         if not candidates:
             return None
-        n = self._score.n_experts
         scores = self._score.scores(self._layer)
-        return max(candidates, key=lambda k: scores[self._ordinal[k[0]] * n + k[1]])
+        victim = max(candidates, key=lambda k: scores[self._index(k)])
+        # An expert of the layer being routed now is needed in this very step: reading it
+        # early is a demand read issued ahead, not a guess to weigh.
+        if for_prefetch and incoming is not None and self._ordinal[incoming[0]] != self._layer:
+            s = self._stats
+            accuracy = prefetch_accuracy(s.prefetches_used, s.prefetches - s.prefetches_cancelled)
+            worth = scores[self._index(victim)]
+            if not self._score.admits(self._layer, self._index(incoming), worth, accuracy):
+                return None
+        return victim
+
+    def _index(self, key: Key) -> int:
+        """The policy's index of an expert (MoE layer ordinal * experts + expert)."""
+        return self._ordinal[key[0]] * self._score.n_experts + key[1]
 
     def _prefetch_in_flight(self) -> ReadRequest:
         """A running prefetch read to wait for, when a demand read finds no slot."""

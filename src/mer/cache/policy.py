@@ -7,6 +7,10 @@
   layer's visits; each visit it sits out costs a full cycle:
   expected distance = layers until m + L * (1 - p) / p.
 
+Prefetch admission: a prefetch takes a slot only from an expert expected to be
+needed later than the one it brings (`LayerCycleScore.admits`; under LRU, only from
+one the current forward pass has not used).
+
 The same scoring drives the trace replay simulator, so what `mer bench cache`
 measures is what the cache does.
 """
@@ -36,3 +40,19 @@ class LayerCycleScore:
         """Expected distance to next use of every key, seen from `layer`: evict the largest."""
         dist = (self.key_layer - layer - 1) % self.n_layers + 1
         return dist + self.n_layers * (1 - self.p) / np.maximum(self.p, 1e-9)
+
+    def admits(self, layer: int, incoming: int, victim_score: float, accuracy: float) -> bool:
+        """Whether a prefetch of key `incoming` may evict an expert scored `victim_score`.
+
+        The incoming expert's chance of use is at least `accuracy`, the measured share of
+        prefetches that were used: a predicted expert is likelier than its frequency says,
+        as likely as predictions turn out to be. It is admitted only if then expected
+        sooner than the victim, so a prefetch never evicts an expert worth more."""
+        q = max(float(self.p[incoming]), accuracy)
+        dist = (int(self.key_layer[incoming]) - layer - 1) % self.n_layers + 1
+        return victim_score > dist + self.n_layers * (1 - q) / max(q, 1e-9)
+
+
+def prefetch_accuracy(used: int, issued: int) -> float:
+    """Share of prefetches used, with one used and one wasted assumed before any were seen."""
+    return (used + 1) / (issued + 2)

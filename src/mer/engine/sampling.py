@@ -41,6 +41,11 @@ def sample_next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Genera
     """logits [V] -> token id: greedy at temperature 0, else top-k, then top-p, then sample."""
     if p.temperature == 0:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, p), 1, generator=gen))
+
+
+def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sample is drawn from at temperature > 0: float32 [V]."""
     logits = logits.float() / p.temperature
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -51,4 +56,4 @@ def sample_next_token(logits: torch.Tensor, p: SamplingParams, gen: torch.Genera
         before = torch.cumsum(sorted_probs, 0) - sorted_probs
         sorted_probs[before >= p.top_p] = 0  # keep the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return probs

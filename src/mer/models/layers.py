@@ -8,6 +8,7 @@ against the SSD-backed cache or a dict of dense experts in tests.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Protocol
 
 import torch
@@ -77,10 +78,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def route(
-    x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalise: bool = True
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    top_k: int,
+    renormalise: bool = True,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts, keep top-k, optionally renormalise: (weights [T, k] fp32, ids)."""
-    probs = F.softmax(F.linear(x, gate).float(), dim=-1)  # [T, E]
+    """Softmax over all experts, keep top-k, optionally renormalise: (weights [T, k] fp32, ids).
+
+    `allowed` (bool [E]) restricts the choice to those experts, as if the others did not
+    exist (fewer than top-k if fewer are allowed)."""
+    logits = F.linear(x, gate).float()  # [T, E]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        top_k = min(top_k, int(allowed.sum()))
+    probs = F.softmax(logits, dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalise:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -102,15 +114,31 @@ def moe(
     """Sum of each token's experts weighted by the router. x [T, H] -> [T, H].
 
     Each distinct expert of the batch is acquired once and runs on all of its
-    tokens. Experts already in RAM run first so that reading the missing ones
-    cannot evict them before their turn.
+    tokens. Experts already in RAM are held first, so that reading the missing
+    ones cannot evict them before their turn; then the missing ones are all
+    asked for at once, so their reads run in parallel (and behind the resident
+    experts' compute) instead of one after another.
     """
     out = torch.zeros_like(x)
     wanted = ids.unique().tolist()
-    wanted.sort(key=lambda e: not experts.is_resident(layer, e))
-    for e in wanted:
-        tok, slot = torch.where(ids == e)
+    with ExitStack() as held:
+        resident = {
+            e: held.enter_context(experts.use(layer, e))
+            for e in wanted
+            if experts.is_resident(layer, e)
+        }
+        missing = [e for e in wanted if e not in resident]
+        if missing:
+            experts.prefetch(layer, missing)
+        for e, ffn in resident.items():
+            _add_expert(out, x, weights, ids, e, ffn)
+    for e in missing:
         with experts.use(layer, e) as ffn:
-            y = ffn(x[tok])  # [n, H]
-        out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
+            _add_expert(out, x, weights, ids, e, ffn)
     return out
+
+
+def _add_expert(out, x, weights, ids, e: int, ffn) -> None:
+    tok, slot = torch.where(ids == e)
+    y = ffn(x[tok])  # [n, H]
+    out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))

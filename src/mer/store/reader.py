@@ -106,12 +106,17 @@ class Store:
                 "fails its checksum; the store is corrupted (re-convert it)"
             )
 
-    def load_dense(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """All resident tensors, checksummed, optionally cast to `dtype`."""
+    def load_dense(self, dtype: torch.dtype | None = None, names=None) -> dict[str, torch.Tensor]:
+        """All resident tensors (or those in `names`), checksummed, optionally cast to `dtype`."""
         out: dict[str, torch.Tensor] = {}
+        table = self.dense_table
+        if names is not None:
+            if missing := [n for n in names if n not in table]:
+                raise StoreError(f"{self.manifest_path}: no tensor {missing[0]}")
+            table = {n: table[n] for n in names}
         # Read each tensor straight into its own buffer: no second copy of the dense weights.
         with open(self.dense_path, "rb", buffering=0) as f:
-            for name, t in self.dense_table.items():
+            for name, t in table.items():
                 buf = torch.empty(t["nbytes"], dtype=torch.uint8)
                 f.seek(t["offset"])
                 if (

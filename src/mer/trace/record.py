@@ -3,6 +3,8 @@ router weights, with sequence boundaries, in the trace layout of `mer.trace.form
 
 Attach it as a routing observer; call `begin_sequence()` before each generation.
 The first forward pass of a sequence is its prefill (phase 0), later ones decode (1).
+`watch_hidden(transformer)` also records the hidden state entering each MoE block
+(for router lookahead), in float16: 2 bytes x hidden size per token and MoE layer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class TraceRecorder:
         self._phase: list[np.ndarray] = []
         self._starts: list[int] = []
         self._pass: tuple[np.ndarray, np.ndarray] | None = None
+        self._hidden: list[np.ndarray] | None = None  # [T, moe_layers, H] per pass, if watched
+        self._pass_hidden: np.ndarray | None = None
+        self._hidden_in: torch.Tensor | None = None  # the MoE block input being routed now
         self._passes_in_sequence = 0
         self._tokens = 0
 
@@ -32,6 +37,17 @@ class TraceRecorder:
         self._starts.append(self._tokens)
         self._passes_in_sequence = 0
 
+    def watch_hidden(self, transformer) -> None:
+        """Record the hidden state entering each MoE block of `transformer` from now on."""
+        if self._tokens or self._pass is not None:
+            raise RuntimeError("watch hidden states before the first forward pass")
+        self._hidden = []
+
+        def see(layer: int, h: torch.Tensor) -> None:
+            self._hidden_in = h
+
+        transformer.hidden_observers.append(see)
+
     def __call__(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
         j = self._column[layer]
         if j == 0:
@@ -39,9 +55,14 @@ class TraceRecorder:
             t, k = ids.shape
             shape = (t, len(self.moe_layers), k)
             self._pass = (np.zeros(shape, np.int16), np.zeros(shape, np.float16))
+            if self._hidden is not None:
+                size = self.config.hidden_size
+                self._pass_hidden = np.zeros((t, len(self.moe_layers), size), np.float16)
         experts, w = self._pass
         experts[:, j] = ids.numpy()
         w[:, j] = weights.float().numpy()
+        if self._pass_hidden is not None:
+            self._pass_hidden[:, j] = self._hidden_in.float().numpy()
 
     def _flush(self) -> None:
         if self._pass is None:
@@ -51,6 +72,9 @@ class TraceRecorder:
             self._starts.append(0)
         self._experts.append(experts)
         self._weights.append(w)
+        if self._pass_hidden is not None:
+            self._hidden.append(self._pass_hidden)
+            self._pass_hidden = None
         phase = 0 if self._passes_in_sequence == 0 else 1
         self._phase.append(np.full(len(experts), phase, np.int8))
         self._tokens += len(experts)
@@ -62,6 +86,10 @@ class TraceRecorder:
         cfg = self.config
         k = cfg.num_experts_per_tok
         empty = np.zeros((0, len(self.moe_layers), k))
+        hidden = None
+        if self._hidden is not None:
+            hidden = np.zeros((0, len(self.moe_layers), cfg.hidden_size), np.float16)
+            hidden = np.concatenate(self._hidden or [hidden])
         meta = {
             "model": cfg.model_type,
             "n_experts": cfg.num_local_experts,
@@ -75,4 +103,5 @@ class TraceRecorder:
             np.concatenate(self._phase or [np.zeros(0, np.int8)]),
             meta,
             np.concatenate(self._weights or [empty]).astype(np.float16),
+            hidden,
         )

@@ -12,6 +12,10 @@ cache must hold the largest step. Policies:
   optimum (MIN), a lower bound no online policy can beat.
 - ours: evicts the expert expected to be needed last (`mer.cache.policy`),
   the same policy the cache runs.
+
+Pinned experts (`pinned=`) hold their slots from their first use on and never
+leave, as in the cache: the policy manages the other slots. Replay with
+prefetching is `mer.trace.prefetch`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mer.cache.pinning import most_frequent
 from mer.cache.policy import LayerCycleScore
 from mer.trace.format import Trace
 
@@ -40,6 +45,13 @@ class Accesses:
     @property
     def max_step(self) -> int:
         return int(np.diff(self.step_starts).max())
+
+    def without(self, drop: np.ndarray) -> Accesses:
+        """The same steps without the accesses where `drop` (bool [n]) is set."""
+        kept = np.concatenate([[0], np.cumsum(~drop)]).astype(np.int64)
+        return Accesses(
+            self.keys[~drop], kept[self.step_starts], self.step_layer, self.n_layers, self.n_experts
+        )
 
     def next_use(self) -> np.ndarray:
         """For each access, the index of the next access to the same key (NEVER if none)."""
@@ -74,14 +86,31 @@ def accesses(trace: Trace, mode: str = "token") -> Accesses:
     return Accesses(keys, starts, layers, n_layers, n_experts)
 
 
-def simulate(acc: Accesses, policy: str, slots: int) -> int:
-    """Misses of `policy` with `slots` expert slots over the access stream."""
+def frequent_keys(acc: Accesses, n: int) -> np.ndarray:
+    """The `n` most often accessed keys of a stream: a pinned set learned from it."""
+    counts = np.bincount(acc.keys, minlength=acc.n_layers * acc.n_experts)
+    return most_frequent(counts, n)
+
+
+def split_pinned(acc: Accesses, slots: int, pinned) -> tuple[Accesses, int, int]:
+    """(the stream without pinned keys, slots left to the policy, cold misses of the pins)."""
+    pinned = np.asarray(sorted(pinned), dtype=np.int64)
+    if len(pinned) == 0:
+        return acc, slots, 0
+    hit = np.isin(acc.keys, pinned)
+    return acc.without(hit), slots - len(pinned), len(np.unique(acc.keys[hit]))
+
+
+def simulate(acc: Accesses, policy: str, slots: int, pinned=()) -> int:
+    """Misses of `policy` with `slots` expert slots over the access stream; `pinned` keys
+    take slots of their own and are missed once each, at their first use."""
+    acc, slots, cold = split_pinned(acc, slots, pinned)
     if slots < acc.max_step:
         raise ValueError(f"{slots} slots cannot hold one step's {acc.max_step} experts")
     run = {"lru": _lru, "lfu": _lfu, "belady": _belady, "ours": _ours}.get(policy)
     if run is None:
         raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
-    return run(acc, slots)
+    return cold + run(acc, slots)
 
 
 def _steps(acc: Accesses):
@@ -181,12 +210,14 @@ def _ours(acc: Accesses, slots: int) -> int:
     for s, _, step in _steps(acc):
         layer = layers[s]
         score.visit(layer, np.asarray(step) - layer * acc.n_experts)
+        scores = None  # the same for the whole step: computed at its first eviction
         for key in step:
             if resident[key]:
                 continue
             misses += 1
             if count >= slots:
-                candidates = np.where(resident, score.scores(layer), -np.inf)
+                scores = score.scores(layer) if scores is None else scores
+                candidates = np.where(resident, scores, -np.inf)
                 candidates[step] = -np.inf
                 resident[int(np.argmax(candidates))] = False
                 count -= 1

@@ -1,0 +1,195 @@
+"""`mer bench serve`: simulated agents against a real `mer serve`, batched and one at a time.
+
+For each agent count N the same N agent sessions (think time included) run
+twice, each against a fresh server process (cold expert cache, empty prefix
+cache): once against a server that runs one request at a time
+(`--max-running 1`: the others queue, as on a server without batching), and
+once with continuous batching. The table gives aggregate tok/s, TTFT and time
+per output token (p50/p99), SSD bytes per generated token, the dedup factor
+(sequences served per expert acquisition) and the prefix-cache hit rate, with
+the ratios of the batched run to the one-at-a-time run.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mer.bench.agents import AgentResult, Session, make_sessions, run_agent
+from mer.errors import MerError
+from mer.progress import progress_bar
+from mer.serve.local import LocalServer, read_metrics
+from mer.store.reader import Store
+from mer.units import fmt_decimal
+
+MODEL = "bench"
+
+
+@dataclass
+class RunResult:
+    wall: float
+    agents: list[AgentResult]
+    metrics: dict[str, float]  # server counters accumulated during the run
+
+    @property
+    def timings(self):
+        return [t for a in self.agents for t in a.timings]
+
+    @property
+    def generated(self) -> int:
+        return sum(t.completion_tokens for t in self.timings)
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.generated / self.wall
+
+    @property
+    def dedup(self) -> float:
+        m = self.metrics
+        return m["mer_expert_demand_total"] / max(1.0, m["mer_expert_acquired_total"])
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.metrics["mer_ssd_read_bytes_total"] / max(1, self.generated)
+
+    def pct(self, what: str, q: float) -> float:
+        values = [getattr(t, what) for t in self.timings if getattr(t, what) is not None]
+        return float(np.percentile(values, q)) if values else float("nan")
+
+
+class RunningServer:
+    """A server someone else started (`--url`): nothing to start or stop."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/").removesuffix("/v1")
+
+    def metrics(self) -> dict[str, float]:
+        return read_metrics(self.url)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def run_workload(server, model: str, context: int, sessions: list[Session], gate, bar):
+    with server:
+        before = server.metrics()
+        results: list[AgentResult | None] = [None] * len(sessions)
+        errors: list[BaseException] = []
+
+        def play(i: int) -> None:
+            try:
+                results[i] = run_agent(server.url, model, sessions[i], context, gate)
+            except BaseException as e:  # reported after the run
+                errors.append(e)
+            bar.advance(len(sessions[i].turns))
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=play, args=(i,)) for i in range(len(sessions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        if errors:
+            raise errors[0]
+        after = server.metrics()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    return RunResult(wall, results, delta)
+
+
+def _remote_model(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/v1/models")
+    resp = conn.getresponse()
+    body = resp.read()
+    if resp.status != 200:
+        raise MerError(f"{url}/v1/models answered {resp.status}: {body[:200]!r}")
+    card = json.loads(body)["data"][0]
+    return card["id"], int(card.get("max_model_len", 2048))
+
+
+def run_serve_bench(args) -> None:
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    options = ["--ram-budget", args.ram_budget, "--kv-budget", args.kv_budget]
+    options += ["--max-batch-tokens", str(args.max_batch_tokens)]
+    options += ["--cache-policy", args.cache_policy, "--model-name", MODEL, *args.server_args]
+    if args.url:
+        model, context = _remote_model(args.url)
+        console.print(
+            f"server {args.url} ({model}): one at a time = the agents' requests take turns "
+            f"client-side; the server's caches stay warm between runs"
+        )
+    else:
+        store = Store(args.store)
+        model, context = MODEL, store.config.max_position_embeddings
+        console.print(
+            f"store {args.store}: experts {fmt_decimal(store.expert_bytes_total)} on disk, "
+            f"RAM budget {args.ram_budget} ({args.cache_policy}), KV budget {args.kv_budget}"
+        )
+    console.print(
+        f"{args.turns} turns per agent, {args.max_tokens} tokens per tool call, think "
+        f"{args.think:.2f} s on average"
+    )
+
+    def server(one_at_a_time: bool):
+        if args.url:
+            return RunningServer(args.url)
+        return LocalServer(args.store, *options, *(["--max-running", "1"] * one_at_a_time))
+
+    table = Table(title="agent workload: one request at a time vs continuous batching")
+    cols = ["agents", "mode", "reqs", "tokens", "wall s", "tok/s", "TTFT ms p50/p99"]
+    cols += ["TPOT ms p50/p99", "reads/tok", "SSD/tok", "dedup", "prefix hit", "tok/s", "SSD"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    total = sum(2 * n * args.turns for n in args.agents)
+    with progress_bar(total, "agent turns", unit="requests") as bar:
+        for n in args.agents:
+            sessions = make_sessions(
+                n, args.turns, seed=args.seed, max_tokens=args.max_tokens, think=args.think
+            )
+            gate = threading.Lock() if args.url else None  # one at a time, client-side
+            base = run_workload(server(True), model, context, sessions, gate, bar)
+            conc = run_workload(server(False), model, context, sessions, None, bar)
+            for mode, r in (("1 at a time", base), ("batched", conc)):
+                m = r.metrics
+                hit = m["mer_prefix_cache_hit_tokens_total"] / max(
+                    1, m["mer_prefix_cache_query_tokens_total"]
+                )
+                is_conc = r is conc
+                table.add_row(
+                    str(n),
+                    mode,
+                    str(len(r.timings)),
+                    str(r.generated),
+                    f"{r.wall:.1f}",
+                    f"{r.tok_per_s:.1f}",
+                    f"{1e3 * r.pct('ttft', 50):.0f}/{1e3 * r.pct('ttft', 99):.0f}",
+                    f"{1e3 * r.pct('tpot', 50):.0f}/{1e3 * r.pct('tpot', 99):.0f}",
+                    f"{m['mer_expert_cache_misses_total'] / max(1, r.generated):.2f}",
+                    fmt_decimal(r.bytes_per_token),
+                    f"{r.dedup:.2f}",
+                    f"{100 * hit:.0f}%",
+                    f"x{conc.tok_per_s / base.tok_per_s:.2f}" if is_conc else "",
+                    f"/{base.bytes_per_token / conc.bytes_per_token:.2f}" if is_conc else "",
+                )
+    console.print(table)
+    console.print(
+        "1 at a time: one request runs at a time (the server's --max-running 1, or with "
+        "--url client-side turns), the others queue; batched: continuous batching. Both serve "
+        "the same N agents, think time included. SSD/token: expert bytes read per generated "
+        "token, reads/token: expert reads per generated token (prefill included); dedup: "
+        "sequences served per expert acquisition. Last two columns: the batched run's tok/s "
+        "over the 1-at-a-time run's (x), and by what it divides SSD bytes per token (/)."
+    )

@@ -1,0 +1,348 @@
+"""Continuous batching: many sequences share every forward pass, and so every expert read.
+
+Requests join and leave at step boundaries. Each step packs one token of every
+decoding sequence and chunks of prompts still being prefilled (so a long prompt
+cannot stall the decoders) into one forward pass, up to a token budget. Per MoE
+layer the forward acquires the union of the batch's experts once: one SSD read
+serves every sequence that routes to that expert.
+
+KV memory comes from a paged pool with a budget of its own (`KVPool`): prompts
+reuse cached prefix blocks, a request is admitted only when its prompt fits,
+and when decoding sequences outgrow the pool the most recently admitted one is
+preempted: its blocks go back, and it is re-queued first with its generated
+tokens appended to its prompt, to be recomputed (mostly from cached prefix
+blocks) when room returns. Its sampler state is kept, so in float32 its output
+does not change; in bf16 a recomputed prefill rounds differently from the
+token-by-token decode it replaces, which can flip a later sample (as in any
+engine that preempts by recomputation). A KV budget that holds the running
+batch avoids preemption altogether: `preemptions` in the stats counts them.
+
+The scheduler runs in one engine thread; `submit` and `cancel` may be called
+from any thread, and each request's outputs go to its callback (or a queue).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from mer.engine.sampling import SamplingParams, sample_next_token
+from mer.engine.text import TextStream
+from mer.errors import BudgetError, ConfigError, MerError
+from mer.models.paged_kv import KVPool, PagedSequence
+from mer.models.transformer import MoETransformer
+from mer.tokenizer import Tokenizer
+
+
+@dataclass
+class Output:
+    """What one step produced for one request; the last one has `finish_reason` set."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    on_output: Callable[[Output], None] | None = None  # called on the engine thread
+    id: int = field(default_factory=itertools.count().__next__)
+    outputs: queue.Queue = field(default_factory=queue.Queue)  # used when on_output is None
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def emit(self, out: Output) -> None:
+        (self.on_output or self.outputs.put)(out)
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the sequence at the next step boundary."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[Output]:
+        """Outputs until the final one (only when no callback was given)."""
+        while True:
+            out = self.outputs.get()
+            yield out
+            if out.finish_reason is not None:
+                return
+
+
+class _Sequence:
+    def __init__(self, request: Request, tokenizer: Tokenizer | None) -> None:
+        self.request = request
+        self.params = request.params
+        self.gen = request.params.generator()
+        self.text = (
+            TextStream(tokenizer, request.stop, request.params.stop_token_ids)
+            if tokenizer is not None
+            else None
+        )
+        self.generated: list[int] = []
+        self.kv: PagedSequence | None = None
+        self.pending: list[int] = []  # tokens to run before the next sample
+        self.cached_tokens = 0
+
+    @property
+    def context(self) -> list[int]:
+        """Every token of the sequence so far: prompt, then what it generated."""
+        return self.request.prompt + self.generated
+
+
+@dataclass
+class SchedulerStats:
+    requests: int = 0
+    finished: int = 0
+    steps: int = 0
+    batch_tokens: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    expert_demand: int = 0  # experts wanted per layer, summed over sequences
+    expert_acquired: int = 0  # experts acquired per layer (the union over the batch)
+    busy_seconds: float = 0.0
+
+    @property
+    def dedup_factor(self) -> float:
+        """How many sequences one expert acquisition served, on average."""
+        return self.expert_demand / self.expert_acquired if self.expert_acquired else 1.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        transformer: MoETransformer,
+        tokenizer: Tokenizer | None,
+        kv_budget: int,
+        max_batch_tokens: int = 256,
+        max_running: int = 32,
+        block_size: int = 16,
+    ) -> None:
+        if max_batch_tokens < 1 or max_running < 1:
+            raise ConfigError("max_batch_tokens and max_running must be at least 1")
+        self.model, self.tokenizer = transformer, tokenizer
+        self.pool = KVPool(transformer.config, kv_budget, transformer.dtype, block_size)
+        self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
+        self.context = transformer.config.max_position_embeddings
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self.stats = SchedulerStats()
+        self._incoming: list[_Sequence] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._spans: list[slice] = []
+        transformer.observers.append(self._count_dedup)
+
+    # ---- any thread ----
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; ConfigError/BudgetError at once if it can never run."""
+        n, limit = len(request.prompt), request.params.max_tokens
+        if n == 0:
+            raise ConfigError("the prompt is empty")
+        if n + limit > self.context:
+            raise ConfigError(
+                f"prompt of {n} tokens plus max_tokens {limit} exceeds the context of "
+                f"{self.context} tokens"
+            )
+        need = self.pool.blocks_for(n + limit)
+        if need > self.pool.n_blocks:
+            raise BudgetError(
+                f"prompt of {n} tokens plus max_tokens {limit} needs {need} KV blocks; the KV "
+                f"budget holds {self.pool.n_blocks} ({self.pool.block_size} tokens each)"
+            )
+        with self._wake:
+            self._incoming.append(_Sequence(request, self.tokenizer))
+            self.stats.requests += 1
+            self._wake.notify()
+        return request
+
+    def start(self) -> Scheduler:
+        self._thread = threading.Thread(target=self._loop, name="mer-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        if self._count_dedup in self.model.observers:
+            self.model.observers.remove(self._count_dedup)
+
+    @property
+    def n_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting) + len(self._incoming)
+
+    # ---- engine thread ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._incoming or self.waiting or self.running):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            self.step()
+        for seq in [*self.running, *self.waiting, *self._incoming]:
+            self._finish(seq, "cancelled")
+
+    def step(self) -> bool:
+        """Run one forward pass over what is runnable; False if there was nothing to run."""
+        with self._wake:
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+        for seq in [s for s in [*self.running, *self.waiting] if s.request.cancelled]:
+            self._finish(seq, "cancelled")
+        self._admit()
+        batch = self._build_batch()
+        if not batch:
+            return False
+        t0 = time.perf_counter()
+        self._spans = list(_spans(len(chunk) for _, chunk in batch))
+        try:
+            logits = self.model.forward_batch(
+                [(torch.tensor(chunk), seq.kv) for seq, chunk in batch]
+            )
+        except Exception as e:  # e.g. an unreadable expert: it fails this batch, not the server
+            message = str(e) if isinstance(e, MerError) else f"{type(e).__name__}: {e}"
+            for seq, _ in batch:
+                self._finish(seq, "error", message)
+            return True
+        self.stats.steps += 1
+        self.stats.batch_tokens += sum(len(chunk) for _, chunk in batch)
+        for (seq, chunk), row in zip(batch, logits, strict=True):
+            del seq.pending[: len(chunk)]
+            if not seq.pending:
+                self._sample(seq, row)
+        self.stats.busy_seconds += time.perf_counter() - t0
+        return True
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            context = seq.context
+            kv = self.pool.sequence(context)
+            # Room for the whole prompt now, plus a block of headroom per running sequence
+            # so that admitting does not immediately force a preemption.
+            need = self.pool.blocks_for(len(context)) - len(kv.blocks) + len(self.running)
+            if need > self.pool.available_blocks and self.running:
+                kv.free()
+                return
+            self.waiting.popleft()
+            seq.kv, seq.pending = kv, context[kv.length :]
+            if not seq.generated:
+                seq.cached_tokens = kv.length
+            self.running.append(seq)
+
+    def _build_batch(self) -> list[tuple[_Sequence, list[int]]]:
+        """One token per decoding sequence, then prompt chunks up to the token budget."""
+        decoding = [s for s in self.running if _is_decoding(s)]
+        prefill_budget = max(self.max_batch_tokens - len(decoding), 1)
+        batch = []
+        for seq in list(self.running):  # admission order; victims are taken from the end
+            if seq not in self.running:
+                break  # preempted to make room for an earlier one, as were all after it
+            chunk = seq.pending if _is_decoding(seq) else seq.pending[:prefill_budget]
+            if not chunk:
+                continue
+            while not seq.kv.reserve(chunk):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                batch.append((seq, chunk))
+                if not _is_decoding(seq):
+                    prefill_budget -= len(chunk)
+        return batch
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self.running.remove(seq)
+        seq.kv.free()
+        seq.kv, seq.pending = None, []
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        token = sample_next_token(logits, seq.params, seq.gen)
+        seq.generated.append(token)
+        self.stats.generated_tokens += 1
+        if len(seq.generated) == 1:
+            self.stats.prompt_tokens += len(seq.request.prompt)
+        text = seq.text.push(token) if seq.text else ""
+        stopped = (seq.text.finish_reason if seq.text else None) or (
+            "stop" if token in seq.params.stop_token_ids else None
+        )
+        if stopped:
+            return self._finish(seq, stopped, new_text=text, new_ids=[token])
+        if len(seq.generated) >= seq.params.max_tokens:
+            return self._finish(seq, "length", new_text=text, new_ids=[token])
+        seq.pending = [token]
+        seq.request.emit(Output(text, [token]))
+
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: str,
+        error: str | None = None,
+        new_text: str = "",
+        new_ids: list[int] | None = None,
+    ) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.kv is not None:
+            seq.kv.free()
+            seq.kv = None
+        if seq.text is not None and reason == "length":
+            new_text += seq.text.finish()
+        self.stats.finished += 1
+        seq.request.emit(
+            Output(
+                new_text,
+                new_ids or [],
+                finish_reason=reason,
+                error=error,
+                prompt_tokens=len(seq.request.prompt),
+                cached_tokens=seq.cached_tokens,
+                completion_tokens=len(seq.generated),
+            )
+        )
+
+    def _count_dedup(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        if ids.shape[0] != sum(s.stop - s.start for s in self._spans):
+            return  # a forward that is not ours (single-stream generation)
+        self.stats.expert_demand += sum(len(ids[s].unique()) for s in self._spans)
+        self.stats.expert_acquired += len(ids.unique())
+
+
+def _is_decoding(seq: _Sequence) -> bool:
+    return bool(seq.generated) and len(seq.pending) == 1
+
+
+def _spans(lengths) -> Iterator[slice]:
+    start = 0
+    for n in lengths:
+        yield slice(start, start + n)
+        start += n

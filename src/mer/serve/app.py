@@ -1,0 +1,323 @@
+"""`mer serve`: an OpenAI-compatible HTTP server (Starlette on uvicorn) over one scheduler.
+
+Requests are validated and tokenized on the event loop, then handed to the
+continuous-batching scheduler, whose engine thread runs every forward pass;
+its outputs come back to the request's coroutine through an asyncio queue.
+A client that goes away cancels its request, which frees its sequence and KV
+blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from mer.api import Model
+from mer.engine.scheduler import Output, Scheduler
+from mer.engine.scheduler import Request as EngineRequest
+from mer.errors import BudgetError, ConfigError, MerError
+from mer.serve import protocol
+from mer.serve.metrics import render_metrics
+from mer.serve.protocol import ApiError, GenerationRequest
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_concurrent: int = 64  # requests admitted at once (running and queued)
+    max_request_bytes: int = 1 << 20
+
+
+class Server:
+    def __init__(self, model: Model, scheduler: Scheduler, settings: ServerSettings) -> None:
+        self.model, self.scheduler, self.settings = model, scheduler, settings
+        self.started = int(time.time())
+        self.http_errors = 0
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{name:path}", self.model_info, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+        ]
+        app = Starlette(
+            routes=routes, exception_handlers={404: self.not_found, 405: self.bad_method}
+        )
+        return app
+
+    # ---- plain endpoints ----
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        if err := self._auth_error(request):
+            return err
+        text = render_metrics(self.model, self.scheduler, self.http_errors)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Request) -> Response:
+        if err := self._auth_error(request):
+            return err
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model_info(self, request: Request) -> Response:
+        if err := self._auth_error(request):
+            return err
+        if request.path_params["name"] != self.settings.model_name:
+            return self._error(self._unknown_model(request.path_params["name"]))
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict:
+        return {
+            "id": self.settings.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "mer",
+            "max_model_len": self.model.config.max_position_embeddings,
+        }
+
+    async def not_found(self, request: Request, exc) -> Response:
+        return self._error(ApiError(404, f"no route {request.url.path}", code="not_found"))
+
+    async def bad_method(self, request: Request, exc) -> Response:
+        return self._error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    # ---- generation ----
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, protocol.parse_chat, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, protocol.parse_completion, chat=False)
+
+    async def _generate(self, request: Request, parse, chat: bool) -> Response:
+        try:
+            self._authorize(request)
+            body = protocol.parse_json(await self._read_body(request))
+            req = parse(body)
+            if req.model != self.settings.model_name:
+                raise self._unknown_model(req.model)
+            prompt = self._prompt_ids(req)
+            if self.scheduler.n_running + self.scheduler.n_waiting >= self.settings.max_concurrent:
+                raise ApiError(
+                    429,
+                    f"server is at its limit of {self.settings.max_concurrent} concurrent "
+                    "requests; retry later",
+                    type="rate_limit_error",
+                )
+            engine_req, outputs = self._submit(req, prompt)
+        except ApiError as e:
+            return self._error(e)
+        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        if req.stream:
+            events = self._stream(rid, req, chat, engine_req, outputs)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return await self._complete(request, rid, req, chat, engine_req, outputs)
+
+    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        try:
+            if req.messages is not None:
+                return self.model.chat_prompt(req.messages)
+            if isinstance(req.prompt, list):
+                vocab = self.model.config.vocab_size
+                if not all(0 <= t < vocab for t in req.prompt):
+                    raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
+                return req.prompt
+            return self.model.tokenizer.encode(req.prompt)
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="messages") from None
+
+    def _submit(self, req: GenerationRequest, prompt: list[int]):
+        context = self.model.config.max_position_embeddings
+        room = min(context, self.scheduler.pool.n_blocks * self.scheduler.pool.block_size)
+        if len(prompt) >= context:
+            raise ApiError(
+                400,
+                f"prompt of {len(prompt)} tokens does not fit the context of {context} tokens",
+                param="messages" if req.messages is not None else "prompt",
+                code="context_length_exceeded",
+            )
+        max_tokens = req.max_tokens if req.max_tokens is not None else max(room - len(prompt), 1)
+        try:
+            params = self.model.sampling_params(
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                seed=req.seed,
+            )
+        except ConfigError as e:
+            raise ApiError(400, str(e)) from None
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Output] = asyncio.Queue()
+
+        def deliver(out: Output) -> None:  # on the engine thread
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, out)
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                engine_req.cancel()
+
+        engine_req = EngineRequest(prompt, params, req.stop, on_output=deliver)
+        try:
+            self.scheduler.submit(engine_req)
+        except (ConfigError, BudgetError) as e:
+            raise ApiError(
+                400, str(e), param="max_tokens", code="context_length_exceeded"
+            ) from None
+        return engine_req, outputs
+
+    async def _complete(self, request, rid, req, chat, engine_req, outputs) -> Response:
+        collect = asyncio.ensure_future(_collect(outputs))
+        gone = asyncio.ensure_future(_disconnected(request))
+        done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if collect not in done:
+            engine_req.cancel()
+            collect.cancel()
+            return Response(status_code=499)
+        gone.cancel()
+        text, last = collect.result()
+        if last.finish_reason == "error":
+            return self._error(
+                ApiError(500, last.error or "generation failed", type="server_error")
+            )
+        use = protocol.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+            kind = "chat.completion"
+        else:
+            choice["text"] = text
+            kind = "text_completion"
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": kind,
+                "created": int(time.time()),
+                "model": self.settings.model_name,
+                "choices": [choice],
+                "usage": use,
+            }
+        )
+
+    async def _stream(self, rid, req: GenerationRequest, chat: bool, engine_req, outputs):
+        name = self.settings.model_name
+        try:
+            if chat:
+                yield _sse(
+                    protocol.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)
+                )
+            while True:
+                out = await outputs.get()
+                if out.finish_reason == "error":
+                    yield _sse(ApiError(500, out.error or "failed", type="server_error").body())
+                    break
+                reason = out.finish_reason
+                if out.text or reason:
+                    if chat:
+                        delta = {"content": out.text} if out.text else {}
+                        yield _sse(protocol.chat_chunk(rid, name, delta, reason))
+                    else:
+                        yield _sse(protocol.completion_chunk(rid, name, out.text, reason))
+                if reason:
+                    if req.include_usage:
+                        chunk = (
+                            protocol.chat_chunk(rid, name, {}, None)
+                            if chat
+                            else (protocol.completion_chunk(rid, name, "", None))
+                        )
+                        chunk["choices"] = []
+                        chunk["usage"] = protocol.usage(
+                            out.prompt_tokens, out.completion_tokens, out.cached_tokens
+                        )
+                        yield _sse(chunk)
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # normal end, or the client went away (the generator is closed)
+            engine_req.cancel()
+
+    # ---- helpers ----
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _auth_error(self, request: Request) -> Response | None:
+        try:
+            self._authorize(request)
+        except ApiError as e:
+            return self._error(e)
+        return None
+
+    def _authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "invalid or missing API key", code="invalid_api_key")
+
+    def _unknown_model(self, name: str) -> ApiError:
+        return ApiError(
+            404,
+            f"model {name!r} does not exist; this server serves {self.settings.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def _error(self, e: ApiError) -> Response:
+        self.http_errors += 1
+        return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _collect(outputs: asyncio.Queue) -> tuple[str, Output]:
+    pieces = []
+    while True:
+        out = await outputs.get()
+        pieces.append(out.text)
+        if out.finish_reason is not None:
+            return "".join(pieces), out
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def serve(model: Model, scheduler: Scheduler, settings: ServerSettings, host: str, port: int):
+    """Run until interrupted; the scheduler and model are closed on the way out."""
+    import uvicorn
+
+    server = Server(model, scheduler, settings)
+    try:
+        uvicorn.run(server.app(), host=host, port=port, log_level="warning", access_log=False)
+    except (OSError, SystemExit) as e:
+        raise MerError(f"cannot serve on {host}:{port}: {e}") from None
+    finally:
+        scheduler.close()
+        model.close()

@@ -1,0 +1,228 @@
+"""The OpenAI wire format: validating request bodies and shaping responses and errors.
+
+Validation is strict about what would change the answer (types, ranges,
+unsupported features such as n > 1 or tools) and lenient about fields that do
+not (user, logit_bias absent, ...), as OpenAI clients send many of those.
+Every failure is an `ApiError` that renders in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+@dataclass
+class GenerationRequest:
+    """What both endpoints ask for, validated; `prompt` is text or token ids."""
+
+    model: str
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def parse_chat(body: dict) -> GenerationRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    parsed = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(
+                400,
+                f"messages[{i}] needs a role among {', '.join(sorted(ROLES))}",
+                param=f"messages[{i}].role",
+            )
+        parsed.append({"role": m["role"], "content": _content(m.get("content"), i)})
+    if body.get("tools"):
+        raise ApiError(400, "tools are not supported by this server", param="tools")
+    req = _common(body, max_tokens_keys=("max_completion_tokens", "max_tokens"))
+    req.messages = parsed
+    return req
+
+
+def parse_completion(body: dict) -> GenerationRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ApiError(
+                400, "'prompt' must be a string or a non-empty list of token ids", param="prompt"
+            )
+    elif not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+    if body.get("echo"):
+        raise ApiError(400, "echo is not supported by this server", param="echo")
+    req = _common(body, max_tokens_keys=("max_tokens",), default_max_tokens=16)
+    req.prompt = prompt
+    return req
+
+
+def _content(content, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"):
+                raise ApiError(
+                    400, "only text content parts are supported", param=f"messages[{i}].content"
+                )
+            parts.append(_typed(part, "text", str, f"messages[{i}].content"))
+        return "".join(parts)
+    if content is None:
+        return ""
+    raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+
+
+def _common(body: dict, max_tokens_keys, default_max_tokens: int | None = None):
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' must be a non-empty string", param="model")
+    req = GenerationRequest(model=model, max_tokens=default_max_tokens)
+    for key in max_tokens_keys:
+        if body.get(key) is not None:
+            req.max_tokens = _number(body, key, int, lo=1)
+            break
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    if body.get("temperature") is not None:
+        req.temperature = _number(body, "temperature", float, lo=0.0, hi=2.0)
+    if body.get("top_p") is not None:
+        req.top_p = _number(body, "top_p", float, lo=0.0, hi=1.0)
+        if req.top_p == 0:
+            raise ApiError(400, "'top_p' must be greater than 0", param="top_p")
+    if body.get("top_k") is not None:
+        req.top_k = _number(body, "top_k", int, lo=0)
+    if body.get("seed") is not None:
+        req.seed = _number(body, "seed", int, lo=-(2**63), hi=2**64 - 1) % 2**63
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if (
+            not isinstance(stop, list)
+            or len(stop) > 4
+            or not all(isinstance(s, str) and s for s in stop)
+        ):
+            raise ApiError(
+                400, "'stop' must be a string or up to 4 non-empty strings", param="stop"
+            )
+        req.stop = stop
+    req.stream = _typed(body, "stream", bool, "stream", default=False)
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+        req.include_usage = _typed(options, "include_usage", bool, "stream_options", False)
+    return req
+
+
+def _number(body: dict, key: str, kind: type, lo=None, hi=None):
+    value = body[key]
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int and ok and not float(value).is_integer():
+        ok = False
+    if not ok:
+        raise ApiError(
+            400, f"'{key}' must be {'an integer' if kind is int else 'a number'}", param=key
+        )
+    value = kind(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ApiError(400, f"'{key}' must be {bounds}, got {value}", param=key)
+    return value
+
+
+def _typed(body: dict, key: str, kind: type, param: str, default=None):
+    value = body.get(key, default)
+    if value is None and default is None:
+        raise ApiError(400, f"'{key}' is required", param=param)
+    if not isinstance(value, kind):
+        raise ApiError(400, f"'{key}' must be a {kind.__name__}", param=param)
+    return value
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None) -> dict:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }

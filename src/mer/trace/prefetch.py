@@ -1,0 +1,214 @@
+"""Replay with prefetching: a predictor's guesses are read ahead of use, as the cache would.
+
+After each step (one layer of one token; in prefill mode one layer of one prompt)
+the experts predicted for the step `read_steps` later are read into the cache
+where a slot can be had under the admission rule of `mer.cache.policy`: under
+LRU only from an expert the current pass (token, or prompt) has not used and
+that is not itself an unused prefetch; under ours only from one expected to be
+needed later than the expert it brings. A read takes `read_steps` layer-steps, so
+a prefetch issued that far ahead arrives just in time: guessing further ahead is
+harder, and a guess made later would arrive late, so the plan holds exactly the
+guesses for `read_steps` ahead. In prefill mode nothing is prefetched across
+prompts (the next prompt's tokens are unknown).
+
+Counted: demand misses (accesses that found their expert absent and waited for a
+read), prefetch reads, and the prefetches used before being evicted; the rest
+were wasted reads. Every read, demand or prefetch, moves an expert's bytes, and
+no prefetching can make the total fall below Belady's misses. Bandwidth is not
+modelled: the prefetches of one step are independent reads that overlap.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mer.cache.policy import LayerCycleScore, prefetch_accuracy
+from mer.trace.format import Trace
+from mer.trace.replay import Accesses, split_pinned
+
+PREFETCH_POLICIES = ("lru", "ours")
+# (source layer, distance) -> scores [tokens, n_experts] of the trace (mer.predict.Predictor)
+Scorer = Callable[[int, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Expert keys to prefetch at the end of each step: keys[starts[s]:starts[s + 1]]."""
+
+    keys: np.ndarray  # int64
+    starts: np.ndarray  # int64 [steps + 1]
+
+    def per_step(self) -> list[list[int]]:
+        keys = self.keys.tolist()
+        starts = self.starts.tolist()
+        return [keys[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+@dataclass(frozen=True)
+class PrefetchResult:
+    misses: int  # demand misses, pins' first reads included
+    prefetches: int  # prefetch reads
+    useful: int  # prefetched experts used before eviction
+
+    @property
+    def wasted(self) -> int:
+        return self.prefetches - self.useful
+
+    @property
+    def reads(self) -> int:
+        return self.misses + self.prefetches
+
+
+def plan(trace: Trace, mode: str, scorer: Scorer, read_steps: int, guesses: int) -> Plan:
+    """The top-`guesses` experts each token is predicted to route to `read_steps` layers
+    ahead, as keys per step of `accesses(trace, mode)` (a prompt's guesses united)."""
+    n_layers, n_experts = trace.n_layers, trace.n_experts
+    if not 1 <= read_steps < n_layers:
+        raise ValueError(f"read steps must be 1..{n_layers - 1} (layers), got {read_steps}")
+    seq_end = np.repeat(trace.seq_starts[1:], np.diff(trace.seq_starts))  # [T]
+    tokens = np.arange(trace.n_tokens)
+    per_layer = []
+    for layer in range(n_layers):
+        target = layer + read_steps
+        top = top_experts(scorer(layer, read_steps), guesses)  # [T, g]
+        keys = top + (target % n_layers) * n_experts
+        keys[tokens + target // n_layers >= seq_end] = -1  # the target is past the sequence
+        per_layer.append(keys)
+    if mode == "token":
+        keys = np.stack(per_layer, 1).reshape(trace.n_tokens * n_layers, guesses)  # [steps, g]
+        counts = (keys >= 0).sum(1)
+        flat = keys[keys >= 0]
+    elif mode == "prefill":
+        chunks = []
+        for a, b in trace.sequences():
+            for layer in range(n_layers):
+                if layer + read_steps < n_layers:
+                    chunks.append(np.unique(per_layer[layer][a:b]))
+                else:
+                    chunks.append(np.zeros(0, np.int64))
+        counts = np.array([len(c) for c in chunks])
+        flat = np.concatenate(chunks)
+    else:
+        raise ValueError(f"unknown replay mode {mode!r} (token or prefill)")
+    return Plan(flat.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+
+
+def top_experts(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of each row's `n` highest scores, int64 [rows, n] (in no particular order)."""
+    n = min(n, scores.shape[1])
+    return np.argpartition(-scores, n - 1, axis=1)[:, :n].astype(np.int64)
+
+
+def simulate_prefetch(
+    acc: Accesses, policy: str, slots: int, prefetch: Plan, pinned=()
+) -> PrefetchResult:
+    """Replay of `policy` with `slots` slots that also reads the planned prefetches."""
+    if len(prefetch.starts) != len(acc.step_starts):
+        raise ValueError("the prefetch plan was made for another access stream")
+    run = {"lru": _lru, "ours": _ours}.get(policy)
+    if run is None:
+        raise ValueError(
+            f"no prefetching replay for {policy!r} (choose from {', '.join(PREFETCH_POLICIES)})"
+        )
+    acc, slots, cold = split_pinned(acc, slots, pinned)
+    if slots < acc.max_step:
+        raise ValueError(f"{slots} slots cannot hold one step's {acc.max_step} experts")
+    steps = prefetch.per_step()
+    if len(pinned):
+        pins = {int(k) for k in pinned}
+        steps = [[k for k in keys if k not in pins] for keys in steps]
+    misses, prefetches, useful = run(acc, slots, steps)
+    return PrefetchResult(cold + misses, prefetches, useful)
+
+
+def _steps(acc: Accesses):
+    keys, starts = acc.keys.tolist(), acc.step_starts.tolist()
+    layers = acc.step_layer.tolist()
+    for s in range(len(starts) - 1):
+        # A pass is one forward: a token (token mode) or a prompt (prefill), n_layers steps.
+        yield s, s // acc.n_layers, layers[s], keys[starts[s] : starts[s + 1]]
+
+
+def _lru(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, int]:
+    cache: OrderedDict[int, None] = OrderedDict()  # least recently used first
+    last_pass: dict[int, int] = {}
+    unused: set[int] = set()  # prefetched, not used yet
+    misses = prefetches = useful = 0
+    for s, pass_, _, step in _steps(acc):
+        in_step = set(step)
+        for key in step:
+            if key in cache:
+                cache.move_to_end(key)
+                if key in unused:
+                    unused.discard(key)
+                    useful += 1
+            else:
+                misses += 1
+                if len(cache) >= slots:
+                    victim = next(k for k in cache if k not in in_step)
+                    del cache[victim]
+                    unused.discard(victim)
+                cache[key] = None
+            last_pass[key] = pass_
+        for key in plan[s]:
+            if key in cache:
+                continue
+            if len(cache) >= slots:
+                victim = next(iter(cache))
+                if victim in unused or last_pass.get(victim) == pass_:
+                    break  # everything else is more recent: LRU admits nothing more now
+                del cache[victim]
+            cache[key] = None
+            unused.add(key)
+            prefetches += 1
+    return misses, prefetches, useful
+
+
+def _ours(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, int]:
+    score = LayerCycleScore(acc.n_layers, acc.n_experts)
+    n_keys = acc.n_layers * acc.n_experts
+    resident = np.zeros(n_keys, dtype=bool)
+    unused = np.zeros(n_keys, dtype=bool)  # prefetched, not used yet
+    last_pass = np.full(n_keys, -1, dtype=np.int64)
+    count = misses = prefetches = useful = 0
+    for s, pass_, layer, step in _steps(acc):
+        score.visit(layer, np.asarray(step, dtype=np.int64) - layer * acc.n_experts)
+        scores = score.scores(layer)  # fixed until the next visit
+        for key in step:
+            if resident[key]:
+                if unused[key]:
+                    unused[key] = False
+                    useful += 1
+            else:
+                misses += 1
+                if count >= slots:
+                    candidates = np.where(resident, scores, -np.inf)
+                    candidates[step] = -np.inf
+                    victim = int(np.argmax(candidates))
+                    resident[victim] = unused[victim] = False
+                    count -= 1
+                resident[key] = True
+                count += 1
+            last_pass[key] = pass_
+        for key in plan[s]:
+            if resident[key]:
+                continue
+            if count >= slots:
+                evictable = resident & ~unused & (last_pass < pass_)
+                candidates = np.where(evictable, scores, -np.inf)
+                victim = int(np.argmax(candidates))
+                accuracy = prefetch_accuracy(useful, prefetches)
+                if not evictable[victim] or not score.admits(
+                    layer, key, candidates[victim], accuracy
+                ):
+                    continue
+                resident[victim] = False
+                count -= 1
+            resident[key] = unused[key] = True
+            count += 1
+            prefetches += 1
+    return misses, prefetches, useful

@@ -1,0 +1,157 @@
+"""Replay with pinning and prefetching, and the cache's prefetch admission."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.test_trace import random_trace
+
+from mer.cache.expert_cache import ExpertCache
+from mer.cache.policy import LayerCycleScore
+from mer.store.reader import Store
+from mer.trace.format import Trace
+from mer.trace.prefetch import Plan, plan, simulate_prefetch
+from mer.trace.replay import POLICIES, accesses, frequent_keys, simulate
+
+
+def oracle(trace: Trace):
+    """A scorer that knows the future: 1 for the experts really chosen `d` layers ahead."""
+    n_layers, n_experts = trace.n_layers, trace.n_experts
+
+    def scores(layer: int, d: int) -> np.ndarray:
+        t = np.minimum(np.arange(trace.n_tokens) + (layer + d) // n_layers, trace.n_tokens - 1)
+        out = np.zeros((trace.n_tokens, n_experts), np.float32)
+        np.put_along_axis(out, trace.experts[t, (layer + d) % n_layers].astype(np.int64), 1, 1)
+        return out
+
+    return scores
+
+
+def noise(trace: Trace, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return lambda layer, d: rng.random((trace.n_tokens, trace.n_experts))
+
+
+def test_plan_holds_the_guesses_for_read_steps_ahead():
+    trace = random_trace(0, tokens=30)  # sequences [0, 10) and [10, 30); 4 layers
+    p = plan(trace, "token", oracle(trace), read_steps=2, guesses=2).per_step()
+    for t in (0, 9, 12):
+        for layer in range(4):
+            s = t * 4 + layer
+            tt, target = t + (layer + 2) // 4, (layer + 2) % 4
+            if tt == 10 and t == 9:
+                assert p[s] == []  # past the end of the sequence
+            else:
+                assert sorted(p[s]) == sorted((trace.experts[tt, target] + target * 16).tolist())
+    pre = plan(trace, "prefill", oracle(trace), read_steps=1, guesses=2).per_step()
+    assert len(pre) == 2 * 4 and pre[3] == [] and pre[7] == []  # no guess across prompts
+    want = np.unique(trace.experts[10:30, 2]) + 2 * 16
+    assert sorted(pre[4 + 1]) == want.tolist()
+    with pytest.raises(ValueError, match="read steps must be 1..3"):
+        plan(trace, "token", oracle(trace), read_steps=4, guesses=2)
+
+
+@pytest.mark.parametrize("mode", ["token", "prefill"])
+@pytest.mark.parametrize("seed", range(3))
+def test_no_prefetching_reads_fewer_experts_than_belady(mode, seed):
+    trace = random_trace(seed)
+    acc = accesses(trace, mode)
+    for scorer in (oracle(trace), noise(trace, seed)):
+        for read_steps in (1, 2):
+            p = plan(trace, mode, scorer, read_steps, guesses=trace.top_k)
+            for slots in (max(acc.max_step, 12), max(acc.max_step, 30)):
+                best = simulate(acc, "belady", slots)
+                for policy in ("lru", "ours"):
+                    r = simulate_prefetch(acc, policy, slots, p)
+                    assert r.reads >= best, (policy, slots, r, best)
+                    assert 0 <= r.useful <= r.prefetches
+
+
+def test_perfect_guesses_remove_demand_misses():
+    trace = random_trace(1, tokens=400)
+    acc = accesses(trace, "token")
+    p = plan(trace, "token", oracle(trace), read_steps=1, guesses=trace.top_k)
+    for policy in ("lru", "ours"):
+        plain = simulate(acc, policy, 24)
+        r = simulate_prefetch(acc, policy, 24, p)
+        assert r.misses < 0.3 * plain and r.useful > 0.9 * r.prefetches, (policy, plain, r)
+
+
+def test_ours_admits_no_prefetch_that_evicts_a_needed_expert():
+    """Every layer always routes to the same two experts and the cache holds exactly those:
+    once it has seen them, random guesses never push one out."""
+    ex = np.tile(np.array([[0, 1], [2, 3], [4, 5], [6, 7]], np.int16), (400, 1, 1))
+    trace = Trace(ex, np.array([0, 400]), np.zeros(400, np.int8), {"n_experts": 8})
+    acc = accesses(trace, "token")
+    guesses = plan(trace, "token", noise(trace), 1, 2)
+    r = simulate_prefetch(acc, "ours", 8, guesses)
+    assert r.prefetches < 10  # guesses only took slots still free in the first token
+    first = Trace(ex[:3], np.array([0, 3]), np.zeros(3, np.int8), trace.meta)
+    steps = 3 * 4
+    head = Plan(guesses.keys[: guesses.starts[steps]], guesses.starts[: steps + 1])
+    # The first three tokens' misses are all there are.
+    assert simulate_prefetch(accesses(first, "token"), "ours", 8, head).misses == r.misses
+    # LRU's only rule is "not used by this token", which these guesses pass: they evict.
+    assert simulate_prefetch(acc, "lru", 8, guesses).misses > 400
+
+
+def test_pins_in_replay_stay_and_are_read_once():
+    trace = random_trace(3)
+    acc = accesses(trace, "token")
+    pins = frequent_keys(acc, 10)
+    assert len(pins) == 10
+    counts = np.bincount(acc.keys)
+    assert counts[pins].min() >= np.delete(counts, pins).max()
+    for policy in POLICIES:
+        with_pins = simulate(acc, policy, 30, pinned=pins)
+        assert with_pins >= simulate(acc, "belady", 30)
+    # Pins are missed only once each: replaying pins alone costs their number of keys.
+    only_pins = acc.without(~np.isin(acc.keys, pins))
+    assert simulate(only_pins, "lru", 10, pinned=pins) == 10
+    r = simulate_prefetch(acc, "ours", 30, plan(trace, "token", oracle(trace), 1, 2), pins)
+    assert r.reads >= simulate(acc, "belady", 30)
+    with pytest.raises(ValueError, match="cannot hold"):
+        simulate(acc, "lru", 11, pinned=pins)  # one slot left for steps of two
+
+
+def test_a_plan_for_another_stream_is_refused():
+    trace = random_trace(0)
+    acc = accesses(trace, "token")
+    with pytest.raises(ValueError, match="another access stream"):
+        simulate_prefetch(acc, "lru", 20, Plan(np.zeros(0, np.int64), np.zeros(3, np.int64)))
+    with pytest.raises(ValueError, match="no prefetching replay for 'belady'"):
+        simulate_prefetch(acc, "belady", 20, plan(trace, "token", oracle(trace), 1, 2))
+
+
+def test_admission_compares_expected_distances():
+    score = LayerCycleScore(4, 8)
+    for _ in range(50):  # expert 0 of layer 1 always chosen, the others never
+        for layer in range(4):
+            score.visit(layer, [0])
+    frequent, rare = 1 * 8 + 0, 1 * 8 + 5
+    s = score.scores(0)
+    assert not score.admits(0, rare, s[frequent], accuracy=0.3)
+    assert score.admits(0, frequent, s[rare], accuracy=0.0)
+    assert score.admits(0, rare, s[2 * 8 + 6], accuracy=0.9)  # trusted guesses beat the rare
+
+
+def test_cache_prefetch_never_evicts_an_expert_worth_more(store_factory):
+    store = Store(store_factory("int4"))
+    cache = ExpertCache(store, 2 * store.expert_format.nbytes, policy="ours")
+    with cache.use(0, 0), cache.use(0, 1):
+        pass
+    for _ in range(30):  # both layers always route to experts 0 and 1; layer 0 comes last
+        cache.observe(1, torch.tensor([[0, 1]]))
+        cache.observe(0, torch.tensor([[0, 1]]))
+    cache.next_step()
+    # A guess of layer 1's expert 3, never routed to: while none of 100 guesses was used,
+    # it is worth less than layer 0's experts (needed again at its next visit).
+    cache._stats.prefetches = 100
+    assert cache.prefetch(1, [3]) == 0
+    assert cache.is_resident(0, 0) and cache.is_resident(0, 1)
+    # Layer 0 is being routed: its missing expert is needed now, whatever guesses are worth.
+    assert cache.prefetch(0, [2]) == 1
+    cache._stats.prefetches_used = 100  # every guess was used: now it is worth more
+    assert cache.prefetch(1, [3]) == 1
+    assert cache.stats.evictions == 2
