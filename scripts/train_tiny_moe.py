@@ -7,6 +7,10 @@ model card with the held-out figures.
 
     .venv/bin/python scripts/train_tiny_moe.py --out models/stdlib-moe
 
+`--size draft` trains the much smaller draft model that speculative decoding
+pairs with it (`src/mer/data/stdlib-moe-draft`), on the same tokenizer
+(`--tokenizer DIR` reuses a checkpoint's tokenizer.json instead of training one).
+
 Needs the test extras (transformers): training uses its MixtralForCausalLM, so
 the shipped weights are exactly what the reference implementation computes.
 """
@@ -27,6 +31,12 @@ from tokenizers import Tokenizer
 
 from mer.synth.tokenizer import train_tokenizer
 
+SIZES = {
+    "base": dict(hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, num_local_experts=8),
+    "draft": dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4),
+}  # fmt: skip
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
 
 
@@ -85,6 +95,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--aux-loss", type=float, default=0.02, help="router load-balancing weight")
+    ap.add_argument("--size", choices=sorted(SIZES), default="base")
+    ap.add_argument("--tokenizer", type=Path, help="reuse this checkpoint's tokenizer.json")
     args = ap.parse_args()
 
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -92,15 +104,17 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     train_files, held_files = corpus()
-    tok = train_tokenizer(args.vocab, train_files)
+    if args.tokenizer:
+        tok = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
+    else:
+        tok = train_tokenizer(args.vocab, train_files)
     train, held = encode(tok, train_files), encode(tok, held_files)
     print(f"corpus: {len(train_files)} files, {len(train)} train tokens; "
           f"{len(held_files)} files, {len(held)} held-out tokens", flush=True)  # fmt: skip
 
     config = MixtralConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=256,
-        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
+        vocab_size=tok.get_vocab_size(), **SIZES[args.size],
+        num_experts_per_tok=2, max_position_embeddings=1024,
         rope_theta=10000.0, rms_norm_eps=1e-5, router_aux_loss_coef=args.aux_loss,
         output_router_logits=True, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
@@ -145,8 +159,8 @@ def main() -> None:
         "unk_token": "<unk>", "model_max_length": 1024,
     }, indent=2) + "\n")  # fmt: skip
     (args.out / "training.json").write_text(json.dumps({
-        "params": params, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-        "lr": args.lr, "seed": args.seed, "aux_loss": args.aux_loss,
+        "size": args.size, "params": params, "steps": args.steps, "batch": args.batch,
+        "seq": args.seq, "lr": args.lr, "seed": args.seed, "aux_loss": args.aux_loss,
         "train_tokens": int(len(train)),
         "held_out_tokens": int(len(held)), "tokens_seen": args.steps * args.batch * args.seq,
         "train_minutes": round(minutes, 1), "held_out_loss": round(held_loss, 4),

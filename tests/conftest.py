@@ -93,3 +93,12 @@ def trained_store(tmp_path_factory):
 
     dst = tmp_path_factory.mktemp("trained") / "stdlib-moe-int4"
     return convert(TRAINED_MODEL, dst, quant="int4", progress=False)
+
+
+@pytest.fixture(scope="session")
+def draft_store(tmp_path_factory):
+    """The shipped draft model (stdlib-moe's tokenizer, a sixth of its size) as an int4 store."""
+    from mer.demo import DRAFT_MODEL
+
+    dst = tmp_path_factory.mktemp("draft") / "stdlib-moe-draft-int4"
+    return convert(DRAFT_MODEL, dst, quant="int4", progress=False)

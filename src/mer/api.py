@@ -23,6 +23,7 @@ from mer.chat import ChatTemplate
 from mer.engine.generate import GenerationStats, generate
 from mer.engine.sampling import SamplingParams
 from mer.engine.scheduler import Scheduler
+from mer.engine.speculative import ModelDrafter, SelfDrafter, SpecStats, generate_speculative
 from mer.engine.text import TextStream
 from mer.errors import ConfigError
 from mer.models.transformer import MoETransformer
@@ -41,6 +42,7 @@ class RunStats:
     peak_rss_bytes: int
     budget_bytes: int
     slots: int
+    speculation: SpecStats | None = None
 
     @property
     def bytes_read_per_token(self) -> float:
@@ -70,6 +72,8 @@ class Model:
         self._chat: ChatTemplate | None = None
         self._recorders: list[TraceRecorder] = []
         self.generation_stats = GenerationStats()
+        self._speculation: dict | None = None
+        self.spec_stats = SpecStats()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -101,7 +105,36 @@ class Model:
         for recorder in self._recorders:
             recorder.begin_sequence()
         params = self.sampling_params(**sampling)
+        if self._speculation is not None:
+            return generate_speculative(
+                self.transformer, prompt=ids, params=params, stats=self.generation_stats,
+                spec=self.spec_stats, **self._speculation,
+            )  # fmt: skip
         return generate(self.transformer, ids, params, self.generation_stats)
+
+    def speculate(self, draft: str | Model | None = "self", k: int = 4, adaptive: bool = True):
+        """Decode speculatively from now on: `draft` is "self" (this model routed to the
+        experts already in RAM, reading nothing from the SSD), a smaller Model with the
+        same tokenizer, or None to stop. `k` tokens are drafted per verification pass,
+        adapted to the acceptance rate unless `adaptive` is False."""
+        if draft is None:
+            self._speculation = None
+            return self
+        if draft == "self":
+            drafter = SelfDrafter(self.transformer)
+        elif isinstance(draft, Model):
+            if draft.config.vocab_size != self.config.vocab_size:
+                raise ConfigError(
+                    f"the draft's vocabulary ({draft.config.vocab_size}) differs from the "
+                    f"target's ({self.config.vocab_size})"
+                )
+            drafter = ModelDrafter(draft.transformer)
+        else:
+            raise ConfigError(f"draft must be 'self', a mer Model or None, got {draft!r}")
+        if k < 1:
+            raise ConfigError(f"the draft length must be at least 1, got {k}")
+        self._speculation = {"drafter": drafter, "k": k, "adaptive": adaptive}
+        return self
 
     def stream(self, prompt: str | list[int], stop: list[str] | None = None, **sampling):
         """Yield text pieces as they are generated; ends at max_tokens, EOS or a stop string."""
@@ -154,6 +187,7 @@ class Model:
             peak_rss(),
             self.budget_bytes,
             self.cache.n_slots,
+            self.spec_stats if self.spec_stats.rounds or self.spec_stats.plain_tokens else None,
         )
 
 

@@ -37,7 +37,18 @@ def stats_line(stats) -> str:
         f"I/O stall {1e3 * c.stall_seconds / tokens:.1f} ms/token | "
         f"cache {stats.slots} slots in {fmt_bytes(stats.budget_bytes)}"
         f"{f', {c.pinned} pinned' if c.pinned else ''} | "
-        f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}"
+        f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}" + spec_segment(stats.speculation)
+    )
+
+
+def spec_segment(spec) -> str:
+    if spec is None:
+        return ""
+    return (
+        f" | speculative: {spec.rounds} passes, {100 * spec.acceptance_rate:.0f}% of "
+        f"{spec.drafted} drafts accepted, {spec.mean_accepted:.2f} tokens/pass, "
+        f"{spec.plain_tokens} plain tokens, draft {spec.draft_seconds:.2f} s / verify "
+        f"{spec.verify_seconds:.2f} s"
     )
 
 
@@ -83,6 +94,13 @@ def open_with_io_options(store, ram_budget, args, **kw):
 
 def cmd_generate(args) -> None:
     model = open_with_io_options(args.store, args.ram_budget, args, dtype=args.dtype)
+    if args.draft or args.speculate:
+        import mer.api
+
+        draft = "self"
+        if args.draft:
+            draft = mer.api.open(args.draft, args.draft_ram_budget, dtype=args.dtype)
+        model.speculate(draft, k=args.spec_k, adaptive=not args.fixed_k)
     recorder = model.record_trace() if args.trace else None
     if recorder is not None and args.trace_hidden:
         recorder.watch_hidden(model.transformer)
@@ -198,6 +216,14 @@ def cmd_bench(args) -> None:
         from mer.bench.predict import run_predict_bench
 
         run_predict_bench(args)
+    elif args.what == "spec":
+        from mer.bench.spec import run_spec_bench
+        from mer.demo import draft_store, trained_store
+
+        if not args.store:
+            args.store = trained_store(cache_dir() / "demo")
+            args.draft = args.draft or draft_store(cache_dir() / "demo")
+        run_spec_bench(args)
     elif args.what == "serve":
         from mer.bench.serve import run_serve_bench
         from mer.demo import trained_store
@@ -265,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-budget", default="4GiB", help="RAM for cached experts, e.g. 4GiB")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--trace", help="record routing to this .npz file (see mer bench cache)")
+    p.add_argument("--speculate", action="store_true",
+                   help="self-speculative decoding: drafts route to experts already in RAM")
+    p.add_argument("--draft", help="speculative decoding with this smaller store as the draft")
+    p.add_argument("--draft-ram-budget", default="256MiB", help="expert cache of the draft")
+    p.add_argument("--spec-k", type=int, default=4, help="tokens drafted per verification")
+    p.add_argument("--fixed-k", action="store_true", help="do not adapt --spec-k")
     p.add_argument("--trace-hidden", action="store_true",
                    help="with --trace, also record the hidden state entering each MoE block "
                    "(float16; for router lookahead in mer bench predict)")  # fmt: skip
@@ -434,6 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--store", help="the store the trace was recorded from, for lookahead "
                    "(the trace needs hidden states: mer generate --trace-hidden)")  # fmt: skip
     add_split_options(b, max_tokens=5000)
+    b = bsub.add_parser("spec", help="speculative decoding (draft model, self) vs plain")
+    b.add_argument("--store", help="target store (default: the bundled trained model)")
+    b.add_argument("--draft", help="draft store (default with the bundled model: its draft)")
+    b.add_argument("--budgets", nargs="+", default=["1MiB", "4MiB"], help="RAM budgets")
+    b.add_argument("--draft-ram-budget", default="64MiB")
+    b.add_argument("--prompts", type=int, default=4)
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--spec-k", type=int, default=4)
+    b.add_argument("--io-threads", type=int, default=4)
     b = bsub.add_parser("serve", help="simulated agents: batched serving vs one at a time")
     b.add_argument("--store", help="store to serve (default: the bundled trained model)")
     b.add_argument("--url", help="benchmark a running server (http://host:port) instead")

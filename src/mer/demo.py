@@ -22,6 +22,8 @@ from mer.units import fmt_bytes, parse_bytes
 
 # A small Mixtral-architecture MoE trained by scripts/train_tiny_moe.py, shipped in the package.
 TRAINED_MODEL = Path(__file__).parent / "data" / "stdlib-moe"
+# Its draft for speculative decoding: 2 layers x 4 experts, 128 wide, the same tokenizer.
+DRAFT_MODEL = Path(__file__).parent / "data" / "stdlib-moe-draft"
 
 
 def _mer(*args) -> None:
@@ -40,6 +42,11 @@ def _convert_once(checkpoint: Path, store: Path) -> Path:
 def trained_store(workdir: Path) -> Path:
     """The bundled trained model as an int4 store under `workdir`, converted on first use."""
     return _convert_once(TRAINED_MODEL, workdir / f"{TRAINED_MODEL.name}-int4")
+
+
+def draft_store(workdir: Path) -> Path:
+    """The bundled draft model (same tokenizer, a fraction of the size), as an int4 store."""
+    return _convert_once(DRAFT_MODEL, workdir / f"{DRAFT_MODEL.name}-int4")
 
 
 def run_demo(workdir: Path, args) -> None:

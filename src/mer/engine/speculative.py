@@ -1,0 +1,289 @@
+"""Speculative decoding: a cheap draft proposes k tokens, the target checks them in one pass.
+
+When decoding waits on the SSD, one verification forward over k+1 positions
+acquires the union of their experts once per layer, where k plain decoding
+steps would acquire each step's experts separately. Two drafts:
+
+- `ModelDrafter`: any smaller model with the same tokenizer, with its own KV cache.
+- `SelfDrafter`: the target itself, routed only to experts already in RAM, so
+  drafting reads nothing from the SSD. It writes its (approximate) keys and
+  values into the target's own KV cache, and the verification pass overwrites
+  them with exact ones.
+
+Acceptance is the standard rejection rule (Leviathan et al., 2023; Chen et al.,
+2023): draft token x is kept with probability min(1, p(x)/q(x)); at the first
+rejection a token is drawn from max(0, p - q), renormalised; if all k are kept
+one more is drawn from p. Sampled output therefore has exactly the target's
+distribution, and greedy output is the target's argmax at every position.
+`k` adapts to the acceptance rate, and speculation turns itself off while a
+speculative token costs more time than a plain one (e.g. when every expert is
+already cached), probing again now and then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mer.engine.generate import GenerationStats
+from mer.engine.sampling import SamplingParams, probabilities, sample_next_token
+from mer.errors import ConfigError
+from mer.models.kv_cache import KVCache
+from mer.models.transformer import MoETransformer
+
+
+@dataclass
+class SpecStats:
+    rounds: int = 0  # verification passes
+    drafted: int = 0
+    accepted: int = 0  # draft tokens kept
+    emitted: int = 0  # tokens produced by speculative rounds (accepted + one per round)
+    plain_tokens: int = 0  # tokens decoded without speculation (probes, or switched off)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    k: int = 0  # the current draft length
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per verification pass (accepted drafts plus the pass's own)."""
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+
+class SelfDrafter:
+    """The target, routed to resident experts only, drafting into the target's KV cache
+    (the verification pass rolls it back and writes the exact keys and values)."""
+
+    def __init__(self, target: MoETransformer) -> None:
+        self.target = target
+
+    def start(self, kv: KVCache) -> None:
+        self.kv = kv
+
+    def propose(self, pending: int, k: int, params: SamplingParams, gen: torch.Generator):
+        """k draft tokens after `pending` (not yet in the KV cache), and their distributions."""
+        tokens, dists = [], []
+        tok = pending
+        for _ in range(k):
+            logits = self.target.forward(torch.tensor([tok]), self.kv, draft=True)[-1]
+            tok, dist = _draw(logits, params, gen)
+            tokens.append(tok)
+            dists.append(dist)
+        return tokens, dists
+
+    def commit(self, context: list[int]) -> None:
+        """The target now holds `context`; nothing of ours to keep in step."""
+
+
+class ModelDrafter:
+    """A smaller model with the same vocabulary, keeping its own KV cache in step."""
+
+    def __init__(self, draft: MoETransformer) -> None:
+        self.draft = draft
+
+    def start(self, kv: KVCache) -> None:
+        self.kv = self.draft.new_kv_cache(kv.capacity)
+        self.seen: list[int] = []  # the tokens whose keys and values our cache holds
+        self.context: list[int] = []
+
+    def propose(self, pending: int, k: int, params: SamplingParams, gen: torch.Generator):
+        feed = self.context[len(self.seen) :] + [pending]
+        tokens, dists = [], []
+        for _ in range(k):
+            logits = self.draft.forward(torch.tensor(feed), self.kv)[-1]
+            self.seen += feed
+            tok, dist = _draw(logits, params, gen)
+            tokens.append(tok)
+            dists.append(dist)
+            feed = [tok]
+        return tokens, dists
+
+    def commit(self, context: list[int]) -> None:
+        """The target now holds `context`: forget what we drafted past where it agrees."""
+        keep = 0
+        for a, b in zip(self.seen, context, strict=False):
+            if a != b:
+                break
+            keep += 1
+        self.kv.truncate(keep)
+        del self.seen[keep:]
+        self.context = context
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
+    if params.temperature == 0:
+        return int(torch.argmax(logits)), None
+    dist = probabilities(logits, params)
+    dist = dist / dist.sum()
+    return int(torch.multinomial(dist, 1, generator=gen)), dist
+
+
+def verify(
+    draft: list[int],
+    q: list[torch.Tensor | None],
+    logits: torch.Tensor,
+    params: SamplingParams,
+    gen: torch.Generator,
+) -> list[int]:
+    """Target logits [k+1, V] at the draft's positions -> the tokens to emit: the accepted
+    drafts, then one correction (or bonus) token."""
+    out = []
+    for i, x in enumerate(draft):
+        if params.temperature == 0:
+            best = int(torch.argmax(logits[i]))
+            if best != x:
+                return out + [best]
+            out.append(x)
+            continue
+        p = probabilities(logits[i], params)
+        p = p / p.sum()
+        if torch.rand((), generator=gen) * q[i][x] < p[x]:  # keep with prob min(1, p/q)
+            out.append(x)
+            continue
+        residual = torch.clamp(p - q[i], min=0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p
+        return out + [int(torch.multinomial(residual, 1, generator=gen))]
+    return out + [sample_next_token(logits[len(draft)], params, gen)]
+
+
+class AdaptiveK:
+    """Draft length from the acceptance so far, and whether speculating pays at all.
+
+    k grows while whole drafts are accepted and shrinks when most are rejected. The
+    time per emitted token of speculative rounds is compared with that of plain steps;
+    after `patience` rounds in which speculation was the slower, decoding goes plain for
+    `retry` tokens, then tries again from the initial k."""
+
+    def __init__(self, k: int = 4, k_max: int = 8, retry: int = 32, patience: int = 4) -> None:
+        if k > k_max:
+            raise ConfigError(f"draft length {k} exceeds its maximum {k_max}")
+        self.k0, self.k, self.k_max, self.retry, self.patience = k, k, k_max, retry, patience
+        self.spec_cost: float | None = None  # seconds per emitted token, moving average
+        self.plain_cost: float | None = None
+        self.plain_left = 2  # measure plain decoding first
+        self.rounds = 0  # since speculation last (re)started
+
+    def speculate(self) -> bool:
+        return self.plain_left <= 0
+
+    def after_round(self, drafted: int, emitted: int, seconds: float) -> None:
+        accepted = emitted - 1
+        if accepted == drafted:
+            self.k = min(self.k + 1, self.k_max)
+        elif accepted < drafted / 2:
+            self.k = max(1, self.k - 1)
+        self.spec_cost = _ema(self.spec_cost, seconds / emitted)
+        self.rounds += 1
+        slower = self.plain_cost is not None and self.spec_cost > 1.05 * self.plain_cost
+        if slower and self.rounds >= self.patience:
+            self.plain_left = self.retry
+
+    def after_plain(self, seconds: float) -> None:
+        self.plain_cost = _ema(self.plain_cost, seconds)
+        self.plain_left -= 1
+        if self.plain_left == 0:  # judge speculation afresh
+            self.spec_cost, self.rounds, self.k = None, 0, self.k0
+
+
+def _ema(old: float | None, new: float, alpha: float = 0.3) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
+
+
+def generate_speculative(
+    model: MoETransformer,
+    drafter,
+    prompt: list[int],
+    params: SamplingParams,
+    stats: GenerationStats | None = None,
+    spec: SpecStats | None = None,
+    k: int = 4,
+    adaptive: bool = True,
+    kv: KVCache | None = None,
+) -> Iterator[int]:
+    """Like `generate`, with tokens proposed by `drafter` and verified k+1 at a time.
+
+    `kv` (empty, large enough) lets the caller look at the target's KV cache afterwards:
+    it then holds exactly the prompt and every emitted token but the last."""
+    stats = stats if stats is not None else GenerationStats()
+    spec = spec if spec is not None else SpecStats()
+    limit = model.config.max_position_embeddings
+    if not prompt:
+        raise ConfigError("the prompt is empty")
+    if len(prompt) >= limit:
+        raise ConfigError(f"prompt of {len(prompt)} tokens does not fit the context of {limit}")
+    if k < 1:
+        raise ConfigError(f"the draft length must be at least 1, got {k}")
+    if params.max_tokens == 0:
+        return
+    k_max = max(k, 8) if adaptive else k
+    capacity = min(len(prompt) + params.max_tokens + k_max + 1, limit)
+    if kv is None:
+        kv = model.new_kv_cache(capacity)
+    elif kv.length or kv.capacity < capacity:
+        raise ConfigError(f"the KV cache must be empty and hold {capacity} tokens")
+    gen = params.generator()
+    stop = set(params.stop_token_ids)
+    control = AdaptiveK(k, k_max) if adaptive else None
+
+    t0 = time.perf_counter()
+    logits = model.forward(torch.tensor(prompt), kv)[-1]
+    stats.prompt_tokens += len(prompt)
+    stats.prefill_seconds += time.perf_counter() - t0
+    drafter.start(kv)
+    context = list(prompt)  # the tokens in the target's KV cache
+    pending = sample_next_token(logits, params, gen)
+    produced = 0
+    while True:
+        stats.generated_tokens += 1
+        produced += 1
+        yield pending
+        if pending in stop or produced == params.max_tokens or kv.length + 1 >= capacity:
+            return
+        room = min(params.max_tokens - produced, capacity - kv.length - 2)
+        t0 = time.perf_counter()
+        if (control is None or control.speculate()) and room >= 1:
+            step_k = min(control.k if control else k, room)
+            base = kv.length
+            drafter.commit(context)
+            draft, q = drafter.propose(pending, step_k, params, gen)
+            t1 = time.perf_counter()
+            kv.truncate(base)
+            logits = model.forward(torch.tensor([pending, *draft]), kv, all_logits=True)
+            tokens = verify(draft, q, logits, params, gen)
+            kv.truncate(base + len(tokens))  # pending and the accepted drafts
+            context += [pending, *tokens[:-1]]
+            t2 = time.perf_counter()
+            spec.rounds += 1
+            spec.drafted += step_k
+            spec.accepted += len(tokens) - 1
+            spec.emitted += len(tokens)
+            spec.draft_seconds += t1 - t0
+            spec.verify_seconds += t2 - t1
+            stats.decode_seconds += t2 - t0
+            if control:
+                control.after_round(step_k, len(tokens), t2 - t0)
+                spec.k = control.k
+            for tok in tokens[:-1]:
+                stats.generated_tokens += 1
+                produced += 1
+                yield tok
+                if tok in stop or produced == params.max_tokens:
+                    kv.truncate(len(prompt) + produced - 1)
+                    return
+            pending = tokens[-1]
+        else:
+            logits = model.forward(torch.tensor([pending]), kv)[-1]
+            context.append(pending)
+            pending = sample_next_token(logits, params, gen)
+            dt = time.perf_counter() - t0
+            stats.decode_seconds += dt
+            spec.plain_tokens += 1
+            if control:
+                control.after_plain(dt)
