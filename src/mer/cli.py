@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-request-bytes", default="1MiB", help="largest request body")
     add_io_options(p)
-    p.set_defaults(func=cmd_serve)
+    # A batch asks for several experts per layer at once, and small reads are bound by the
+    # device's latency: more reads in flight (4 -> 16) took 8 agents from 1.5x to 1.8x.
+    p.set_defaults(func=cmd_serve, io_threads=16)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a store")
     p.add_argument("src", help="Hugging Face checkpoint directory")

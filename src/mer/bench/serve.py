@@ -177,7 +177,7 @@ def run_serve_bench(args) -> None:
                     f"{r.tok_per_s:.1f}",
                     f"{1e3 * r.pct('ttft', 50):.0f}/{1e3 * r.pct('ttft', 99):.0f}",
                     f"{1e3 * r.pct('tpot', 50):.0f}/{1e3 * r.pct('tpot', 99):.0f}",
-                    f"{m['mer_expert_cache_misses_total'] / max(1, r.generated):.2f}",
+                    f"{m['mer_expert_reads_total'] / max(1, r.generated):.2f}",
                     fmt_decimal(r.bytes_per_token),
                     f"{r.dedup:.2f}",
                     f"{100 * hit:.0f}%",
@@ -188,8 +188,8 @@ def run_serve_bench(args) -> None:
     console.print(
         "1 at a time: one request runs at a time (the server's --max-running 1, or with "
         "--url client-side turns), the others queue; batched: continuous batching. Both serve "
-        "the same N agents, think time included. SSD/token: expert bytes read per generated "
-        "token, reads/token: expert reads per generated token (prefill included); dedup: "
+        "the same N agents, think time included. reads/tok and SSD/tok: expert reads (demand "
+        "and prefetch) and their bytes per generated token, prefill included; dedup: "
         "sequences served per expert acquisition. Last two columns: the batched run's tok/s "
         "over the 1-at-a-time run's (x), and by what it divides SSD bytes per token (/)."
     )

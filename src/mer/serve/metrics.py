@@ -47,6 +47,12 @@ def render_metrics(model, scheduler, http_errors: int) -> str:
         ("expert_cache_hits_total", "counter", "expert acquisitions found in RAM", c.hits),
         ("expert_cache_misses_total", "counter", "expert acquisitions read from SSD", c.misses),
         ("expert_cache_hit_ratio", "gauge", "hits over acquisitions", c.hit_rate),
+        (
+            "expert_reads_total",
+            "counter",
+            "expert reads started (demand and prefetch)",
+            c.misses + c.prefetches - c.prefetches_cancelled,
+        ),  # fmt: skip
         ("ssd_read_bytes_total", "counter", "expert bytes read from the SSD", c.bytes_read),
         (
             "io_stall_seconds_total",
