@@ -42,11 +42,7 @@ def generate(
 ) -> Iterator[int]:
     """Yield sampled token ids until max_tokens or a stop token (which is yielded, then ends)."""
     stats = stats if stats is not None else GenerationStats()
-    limit = model.config.max_position_embeddings
-    if not prompt:
-        raise ConfigError("the prompt is empty")
-    if len(prompt) >= limit:
-        raise ConfigError(f"prompt of {len(prompt)} tokens does not fit the context of {limit}")
+    limit = check_prompt(prompt, model.config.max_position_embeddings)
     if params.max_tokens == 0:
         return
     kv = model.new_kv_cache(min(len(prompt) + params.max_tokens, limit))
@@ -66,3 +62,12 @@ def generate(
         t0 = time.perf_counter()
         logits = model.forward(torch.tensor([token]), kv)[-1]
         stats.decode_seconds += time.perf_counter() - t0
+
+
+def check_prompt(prompt: list[int], limit: int) -> int:
+    """The context size, once the prompt is known to fit it with room to generate."""
+    if not prompt:
+        raise ConfigError("the prompt is empty")
+    if len(prompt) >= limit:
+        raise ConfigError(f"prompt of {len(prompt)} tokens does not fit the context of {limit}")
+    return limit

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mer.engine.generate import GenerationStats
+from mer.engine.generate import GenerationStats, check_prompt
 from mer.engine.sampling import SamplingParams, probabilities, sample_next_token
 from mer.errors import ConfigError
 from mer.models.kv_cache import KVCache
@@ -213,11 +213,7 @@ def generate_speculative(
     it then holds exactly the prompt and every emitted token but the last."""
     stats = stats if stats is not None else GenerationStats()
     spec = spec if spec is not None else SpecStats()
-    limit = model.config.max_position_embeddings
-    if not prompt:
-        raise ConfigError("the prompt is empty")
-    if len(prompt) >= limit:
-        raise ConfigError(f"prompt of {len(prompt)} tokens does not fit the context of {limit}")
+    limit = check_prompt(prompt, model.config.max_position_embeddings)
     if k < 1:
         raise ConfigError(f"the draft length must be at least 1, got {k}")
     if params.max_tokens == 0:
