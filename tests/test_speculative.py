@@ -11,6 +11,7 @@ import torch
 import mer
 from mer.engine.generate import generate
 from mer.engine.sampling import SamplingParams
+from mer.engine.scheduler import Request
 from mer.engine.speculative import ModelDrafter, SelfDrafter, SpecStats, generate_speculative
 from mer.store.convert import convert
 
@@ -179,3 +180,33 @@ def test_speculation_rejects_a_draft_with_another_vocabulary(trained_store, stor
         target.speculate("self", k=0)
     target.close()
     other.close()
+
+
+@pytest.mark.parametrize("which", ["self", "model"])
+def test_the_scheduler_speculates_for_a_lone_request_and_batches_otherwise(target, draft, which):
+    tok = target.tokenizer
+    prompts = [SNIPPET, "import os\n"]
+    params = [target.sampling_params(max_tokens=24) for _ in prompts]
+    plain = [
+        list(generate(target.transformer, tok.encode(p), q))
+        for p, q in zip(prompts, params, strict=True)
+    ]
+    s = target.scheduler("8MiB", draft="self" if which == "self" else draft, spec_k=3)
+    try:
+        alone = Request(tok.encode(prompts[0]), params[0])
+        s.submit(alone)
+        while s.step():
+            pass
+        assert [t for o in alone.outputs.queue for t in o.token_ids] == plain[0]
+        assert s.stats.spec_rounds > 0
+        rounds = s.stats.spec_rounds
+        pair = [Request(tok.encode(p), q) for p, q in zip(prompts, params, strict=True)]
+        for r in pair:
+            s.submit(r)
+        while s.step():
+            pass
+        assert [[t for o in r.outputs.queue for t in o.token_ids] for r in pair] == plain
+        assert s.pool.used_blocks == 0
+        assert s.stats.spec_rounds - rounds < 24  # batched while both ran
+    finally:
+        s.close()

@@ -120,19 +120,10 @@ class Model:
         if draft is None:
             self._speculation = None
             return self
-        if draft == "self":
-            drafter = SelfDrafter(self.transformer)
-        elif isinstance(draft, Model):
-            if draft.config.vocab_size != self.config.vocab_size:
-                raise ConfigError(
-                    f"the draft's vocabulary ({draft.config.vocab_size}) differs from the "
-                    f"target's ({self.config.vocab_size})"
-                )
-            drafter = ModelDrafter(draft.transformer)
-        else:
-            raise ConfigError(f"draft must be 'self', a mer Model or None, got {draft!r}")
-        if k < 1:
-            raise ConfigError(f"the draft length must be at least 1, got {k}")
+        self._check_draft(draft, k)
+        drafter = (
+            SelfDrafter(self.transformer) if draft == "self" else ModelDrafter(draft.transformer)
+        )
         self._speculation = {"drafter": drafter, "k": k, "adaptive": adaptive}
         return self
 
@@ -160,15 +151,39 @@ class Model:
             yield piece
         done.finish_reason = stream.finish_reason
 
-    def scheduler(self, kv_budget: str | int = "512MiB", **options) -> Scheduler:
+    def scheduler(
+        self,
+        kv_budget: str | int = "512MiB",
+        draft: str | Model | None = None,
+        spec_k: int = 4,
+        **options,
+    ) -> Scheduler:
         """A continuous-batching scheduler over this model (what `mer serve` runs), with a
-        paged KV cache of `kv_budget` bytes; call `.start()` to run it on its own thread."""
+        paged KV cache of `kv_budget` bytes; call `.start()` to run it on its own thread.
+        With a `draft` ("self" or a smaller Model), a request running alone decodes
+        speculatively."""
         try:
             budget = kv_budget if isinstance(kv_budget, int) else parse_bytes(kv_budget)
         except ValueError as e:
             raise ConfigError(f"--kv-budget: {e}") from None
         tokenizer = self.tokenizer if (self.store.path / "tokenizer.json").is_file() else None
-        return Scheduler(self.transformer, tokenizer, budget, **options)
+        speculation = None
+        if draft is not None:
+            self._check_draft(draft, spec_k)
+            target = "self" if draft == "self" else draft.transformer
+            speculation = {"draft": target, "k": spec_k}
+        return Scheduler(self.transformer, tokenizer, budget, speculation=speculation, **options)
+
+    def _check_draft(self, draft, k: int) -> None:
+        if not (draft == "self" or isinstance(draft, Model)):
+            raise ConfigError(f"draft must be 'self', a mer Model or None, got {draft!r}")
+        if isinstance(draft, Model) and draft.config.vocab_size != self.config.vocab_size:
+            raise ConfigError(
+                f"the draft's vocabulary ({draft.config.vocab_size}) differs from the "
+                f"target's ({self.config.vocab_size})"
+            )
+        if k < 1:
+            raise ConfigError(f"the draft length must be at least 1, got {k}")
 
     def close(self) -> None:
         """Stop the reader threads; the model cannot generate after this."""

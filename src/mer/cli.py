@@ -94,12 +94,8 @@ def open_with_io_options(store, ram_budget, args, **kw):
 
 def cmd_generate(args) -> None:
     model = open_with_io_options(args.store, args.ram_budget, args, dtype=args.dtype)
-    if args.draft or args.speculate:
-        import mer.api
-
-        draft = "self"
-        if args.draft:
-            draft = mer.api.open(args.draft, args.draft_ram_budget, dtype=args.dtype)
+    draft = open_draft(args, args.dtype)
+    if draft is not None:
         model.speculate(draft, k=args.spec_k, adaptive=not args.fixed_k)
     recorder = model.record_trace() if args.trace else None
     if recorder is not None and args.trace_hidden:
@@ -125,7 +121,11 @@ def cmd_serve(args) -> None:
     )
     model = open_with_io_options(args.store, args.ram_budget, args, dtype=args.dtype)
     scheduler = model.scheduler(
-        args.kv_budget, max_batch_tokens=args.max_batch_tokens, max_running=args.max_running
+        args.kv_budget,
+        max_batch_tokens=args.max_batch_tokens,
+        max_running=args.max_running,
+        draft=open_draft(args, args.dtype),
+        spec_k=args.spec_k,
     ).start()
     err.print(
         f"serving {name} on http://{args.host}:{args.port}/v1 (KV pool "
@@ -267,6 +267,23 @@ def add_split_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help="learn from the first N tokens of the other part")  # fmt: skip
 
 
+def add_speculation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", action="store_true",
+                   help="self-speculative decoding: drafts route to experts already in RAM")
+    p.add_argument("--draft", help="speculative decoding with this smaller store as the draft")
+    p.add_argument("--draft-ram-budget", default="256MiB", help="expert cache of the draft")
+    p.add_argument("--spec-k", type=int, default=4, help="tokens drafted per verification")
+
+
+def open_draft(args, dtype: str):
+    """The draft the speculation options ask for: "self", an opened Model, or None."""
+    if args.draft:
+        import mer.api
+
+        return mer.api.open(args.draft, args.draft_ram_budget, dtype=dtype)
+    return "self" if args.speculate else None
+
+
 def add_sampling(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -291,11 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-budget", default="4GiB", help="RAM for cached experts, e.g. 4GiB")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--trace", help="record routing to this .npz file (see mer bench cache)")
-    p.add_argument("--speculate", action="store_true",
-                   help="self-speculative decoding: drafts route to experts already in RAM")
-    p.add_argument("--draft", help="speculative decoding with this smaller store as the draft")
-    p.add_argument("--draft-ram-budget", default="256MiB", help="expert cache of the draft")
-    p.add_argument("--spec-k", type=int, default=4, help="tokens drafted per verification")
+    add_speculation_options(p)
     p.add_argument("--fixed-k", action="store_true", help="do not adapt --spec-k")
     p.add_argument("--trace-hidden", action="store_true",
                    help="with --trace, also record the hidden state entering each MoE block "
@@ -327,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests accepted at once (running and queued); more get 429",
     )
     p.add_argument("--max-request-bytes", default="1MiB", help="largest request body")
+    add_speculation_options(p)  # used while a request runs alone; batching takes over after
     add_io_options(p)
     # A batch asks for several experts per layer at once, and small reads are bound by the
     # device's latency: more reads in flight (4 -> 16) took 8 agents from 1.5x to 1.8x.

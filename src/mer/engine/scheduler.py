@@ -17,6 +17,11 @@ token-by-token decode it replaces, which can flip a later sample (as in any
 engine that preempts by recomputation). A KV budget that holds the running
 batch avoids preemption altogether: `preemptions` in the stats counts them.
 
+With a draft configured (`speculation`), a sequence that runs alone decodes
+speculatively (`mer.engine.speculative`): drafted tokens verified in one pass.
+As soon as another sequence runs, batching amortises the expert reads instead
+and every sequence decodes plainly.
+
 The scheduler runs in one engine thread; `submit` and `cancel` may be called
 from any thread, and each request's outputs go to its callback (or a queue).
 """
@@ -34,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mer.engine.sampling import SamplingParams, sample_next_token
+from mer.engine.speculative import AdaptiveK, ModelDrafter, SelfDrafter, verify
 from mer.engine.text import TextStream
 from mer.errors import BudgetError, ConfigError, MerError
 from mer.models.paged_kv import KVPool, PagedSequence
@@ -95,6 +101,8 @@ class _Sequence:
         self.kv: PagedSequence | None = None
         self.pending: list[int] = []  # tokens to run before the next sample
         self.cached_tokens = 0
+        self.drafter = None  # made on the first speculative round
+        self.spec_control: AdaptiveK | None = None
 
     @property
     def context(self) -> list[int]:
@@ -111,6 +119,9 @@ class SchedulerStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    spec_rounds: int = 0  # speculative verification passes
+    spec_drafted: int = 0
+    spec_accepted: int = 0
     expert_demand: int = 0  # experts wanted per layer, summed over sequences
     expert_acquired: int = 0  # experts acquired per layer (the union over the batch)
     busy_seconds: float = 0.0
@@ -130,7 +141,9 @@ class Scheduler:
         max_batch_tokens: int = 256,
         max_running: int = 32,
         block_size: int = 16,
+        speculation: dict | None = None,
     ) -> None:
+        """`speculation`: {"draft": "self" or a smaller MoETransformer, "k": initial k}."""
         if max_batch_tokens < 1 or max_running < 1:
             raise ConfigError("max_batch_tokens and max_running must be at least 1")
         self.model, self.tokenizer = transformer, tokenizer
@@ -145,6 +158,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._spans: list[slice] = []
+        self.speculation = speculation
         transformer.observers.append(self._count_dedup)
 
     # ---- any thread ----
@@ -214,6 +228,8 @@ class Scheduler:
         for seq in [s for s in [*self.running, *self.waiting] if s.request.cancelled]:
             self._finish(seq, "cancelled")
         self._admit()
+        if self._speculate_alone():
+            return True
         batch = self._build_batch()
         if not batch:
             return False
@@ -234,7 +250,58 @@ class Scheduler:
             del seq.pending[: len(chunk)]
             if not seq.pending:
                 self._sample(seq, row)
-        self.stats.busy_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.stats.busy_seconds += dt
+        if len(batch) == 1 and batch[0][0].spec_control is not None:
+            batch[0][0].spec_control.after_plain(dt)
+        return True
+
+    def _speculate_alone(self) -> bool:
+        """A speculative round for the one running sequence, if that is what it should do."""
+        if self.speculation is None or len(self.running) != 1:
+            return False
+        seq = self.running[0]
+        if not _is_decoding(seq):
+            return False
+        if seq.spec_control is None:
+            k = self.speculation.get("k", 4)
+            seq.spec_control = AdaptiveK(k, max(k, 8))
+        control = seq.spec_control
+        room = min(seq.params.max_tokens - len(seq.generated), self.context - seq.kv.length - 2)
+        k = min(control.k, room)
+        if not control.speculate() or k < 1 or not seq.kv.reserve_room(k + 1):
+            return False
+        t0 = time.perf_counter()
+        if seq.drafter is None:
+            draft = self.speculation["draft"]
+            seq.drafter = SelfDrafter(self.model) if draft == "self" else ModelDrafter(draft)
+            capacity = len(seq.request.prompt) + seq.params.max_tokens + control.k_max + 1
+            seq.drafter.start(min(capacity, self.context))
+        pending, base = seq.pending[0], seq.kv.length
+        try:
+            seq.drafter.commit(seq.context[:base])
+            draft, q = seq.drafter.propose(seq.kv, pending, k, seq.params, seq.gen)
+            seq.kv.truncate(base)
+            seq.kv.reserve([pending, *draft])
+            logits = self.model.forward(torch.tensor([pending, *draft]), seq.kv, all_logits=True)
+        except Exception as e:
+            message = str(e) if isinstance(e, MerError) else f"{type(e).__name__}: {e}"
+            self._finish(seq, "error", message)
+            return True
+        tokens = verify(draft, q, logits, seq.params, seq.gen)
+        seq.kv.truncate(base + len(tokens))  # pending and the accepted drafts
+        dt = time.perf_counter() - t0
+        control.after_round(k, len(tokens), dt)
+        self.stats.steps += 1
+        self.stats.batch_tokens += k + 1
+        self.stats.spec_rounds += 1
+        self.stats.spec_drafted += k
+        self.stats.spec_accepted += len(tokens) - 1
+        self.stats.busy_seconds += dt
+        seq.pending = []
+        for token in tokens:
+            if not self._emit_token(seq, token):
+                break
         return True
 
     def _admit(self) -> None:
@@ -284,7 +351,10 @@ class Scheduler:
         self.stats.preemptions += 1
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        token = sample_next_token(logits, seq.params, seq.gen)
+        self._emit_token(seq, sample_next_token(logits, seq.params, seq.gen))
+
+    def _emit_token(self, seq: _Sequence, token: int) -> bool:
+        """Hand a generated token to its request; False once the sequence has finished."""
         seq.generated.append(token)
         self.stats.generated_tokens += 1
         if len(seq.generated) == 1:
@@ -294,11 +364,14 @@ class Scheduler:
             "stop" if token in seq.params.stop_token_ids else None
         )
         if stopped:
-            return self._finish(seq, stopped, new_text=text, new_ids=[token])
+            self._finish(seq, stopped, new_text=text, new_ids=[token])
+            return False
         if len(seq.generated) >= seq.params.max_tokens:
-            return self._finish(seq, "length", new_text=text, new_ids=[token])
+            self._finish(seq, "length", new_text=text, new_ids=[token])
+            return False
         seq.pending = [token]
         seq.request.emit(Output(text, [token]))
+        return True
 
     def _finish(
         self,

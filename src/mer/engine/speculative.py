@@ -63,15 +63,16 @@ class SelfDrafter:
     def __init__(self, target: MoETransformer) -> None:
         self.target = target
 
-    def start(self, kv: KVCache) -> None:
-        self.kv = kv
+    def start(self, capacity: int) -> None:
+        """Nothing to set up: the target's own KV cache is used."""
 
-    def propose(self, pending: int, k: int, params: SamplingParams, gen: torch.Generator):
-        """k draft tokens after `pending` (not yet in the KV cache), and their distributions."""
+    def propose(self, kv, pending: int, k: int, params: SamplingParams, gen: torch.Generator):
+        """k draft tokens after `pending` (not yet in the target's KV cache `kv`, which must
+        have room for k more), and their distributions (None when greedy)."""
         tokens, dists = [], []
         tok = pending
         for _ in range(k):
-            logits = self.target.forward(torch.tensor([tok]), self.kv, draft=True)[-1]
+            logits = self.target.forward(torch.tensor([tok]), kv, draft=True)[-1]
             tok, dist = _draw(logits, params, gen)
             tokens.append(tok)
             dists.append(dist)
@@ -87,12 +88,13 @@ class ModelDrafter:
     def __init__(self, draft: MoETransformer) -> None:
         self.draft = draft
 
-    def start(self, kv: KVCache) -> None:
-        self.kv = self.draft.new_kv_cache(kv.capacity)
+    def start(self, capacity: int) -> None:
+        """Draft for a sequence of at most `capacity` tokens."""
+        self.kv = self.draft.new_kv_cache(capacity)
         self.seen: list[int] = []  # the tokens whose keys and values our cache holds
         self.context: list[int] = []
 
-    def propose(self, pending: int, k: int, params: SamplingParams, gen: torch.Generator):
+    def propose(self, kv, pending: int, k: int, params: SamplingParams, gen: torch.Generator):
         feed = self.context[len(self.seen) :] + [pending]
         tokens, dists = [], []
         for _ in range(k):
@@ -232,7 +234,7 @@ def generate_speculative(
     logits = model.forward(torch.tensor(prompt), kv)[-1]
     stats.prompt_tokens += len(prompt)
     stats.prefill_seconds += time.perf_counter() - t0
-    drafter.start(kv)
+    drafter.start(capacity)
     context = list(prompt)  # the tokens in the target's KV cache
     pending = sample_next_token(logits, params, gen)
     produced = 0
@@ -248,7 +250,7 @@ def generate_speculative(
             step_k = min(control.k if control else k, room)
             base = kv.length
             drafter.commit(context)
-            draft, q = drafter.propose(pending, step_k, params, gen)
+            draft, q = drafter.propose(kv, pending, step_k, params, gen)
             t1 = time.perf_counter()
             kv.truncate(base)
             logits = model.forward(torch.tensor([pending, *draft]), kv, all_logits=True)

@@ -143,7 +143,14 @@ class PagedSequence:
 
     def reserve(self, tokens: list[int]) -> bool:
         """Make room for `tokens` to run next; False (holding nothing new) if the pool is full."""
-        need = self.pool.blocks_for(self.length + len(tokens)) - len(self.blocks)
+        if not self.reserve_room(len(tokens)):
+            return False
+        self.tokens = self.tokens[: self.length] + list(tokens)
+        return True
+
+    def reserve_room(self, n: int) -> bool:
+        """Room for `n` more tokens not known yet (a draft's): their blocks are never shared."""
+        need = self.pool.blocks_for(self.length + n) - len(self.blocks)
         got = []
         for _ in range(need):
             block = self.pool._take()
@@ -153,7 +160,6 @@ class PagedSequence:
                 return False
             got.append(block)
         self.blocks += got
-        self.tokens = self.tokens[: self.length] + list(tokens)
         bs = self.pool.block_size
         starts = torch.tensor(self.blocks, dtype=torch.long) * bs
         self._index = (starts[:, None] + torch.arange(bs)).reshape(-1)
@@ -174,7 +180,7 @@ class PagedSequence:
         """Commit `n` tokens written by a forward pass; blocks they filled become shareable."""
         self.length += n
         bs = self.pool.block_size
-        for b in range(len(self.digests), self.length // bs):
+        for b in range(len(self.digests), min(self.length, len(self.tokens)) // bs):
             prev = self.digests[-1] if self.digests else b""
             self.digests.append(_chain(prev, self.tokens[b * bs : (b + 1) * bs]))
             self.pool.register(self.blocks[b], self.digests[-1])
