@@ -195,6 +195,25 @@ def test_disconnected_streams_free_their_sequences_and_kv_blocks(server):
     assert request(server, "GET", "/health")[0] == 200
 
 
+def test_a_client_that_leaves_a_non_streamed_request_cancels_it(server):
+    before = metrics(server)["mer_generation_tokens_total"]
+    body = json.dumps({"model": MODEL, "prompt": "def f(x):\n", "max_tokens": 900}).encode()
+    for _ in range(5):
+        conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+        conn.request("POST", "/v1/completions", body=body)
+        time.sleep(0.2)  # the request is admitted and generating
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = metrics(server)
+        if m["mer_requests_running"] == m["mer_requests_waiting"] == 0:
+            break
+        time.sleep(0.2)
+    assert m["mer_requests_running"] == 0 and m["mer_kv_blocks_used"] == 0
+    assert m["mer_generation_tokens_total"] - before < 5 * 900 / 3
+
+
 def test_metrics_report_tokens_cache_and_dedup(server, client):
     client.completions.create(model=MODEL, prompt="import os\n", max_tokens=4)
     m = metrics(server)
