@@ -147,11 +147,33 @@ def test_cache_prefetch_never_evicts_an_expert_worth_more(store_factory):
     cache.next_step()
     # A guess of layer 1's expert 3, never routed to: while none of 100 guesses was used,
     # it is worth less than layer 0's experts (needed again at its next visit).
-    cache._stats.prefetches = 100
+    cache._guesses = 100
     assert cache.prefetch(1, [3]) == 0
     assert cache.is_resident(0, 0) and cache.is_resident(0, 1)
-    # Layer 0 is being routed: its missing expert is needed now, whatever guesses are worth.
+    # Layer 0 is routed to experts 0 and 2: the missing 2 is needed now, whatever guesses
+    # are worth, and takes the slot of 1 (not of 0, routed to as well).
+    cache.observe(0, torch.tensor([[0, 2]]))
     assert cache.prefetch(0, [2]) == 1
-    cache._stats.prefetches_used = 100  # every guess was used: now it is worth more
+    assert cache.is_resident(0, 0) and not cache.is_resident(0, 1)
+    with cache.use(0, 0), cache.use(0, 2):
+        pass
+    cache.next_step()
+    cache._guesses_used = 100  # every guess was used: now it is worth more
     assert cache.prefetch(1, [3]) == 1
     assert cache.stats.evictions == 2
+
+
+def test_cache_prefetch_never_takes_the_slot_of_an_expert_just_routed_to(store_factory):
+    store = Store(store_factory("int4"))
+    cache = ExpertCache(store, 2 * store.expert_format.nbytes, policy="ours")
+    for _ in range(30):  # layer 0 always routes to expert 3, layer 1 to expert 0
+        cache.observe(0, torch.tensor([[3]]))
+        cache.observe(1, torch.tensor([[0]]))
+    with cache.use(0, 0), cache.use(1, 0):
+        pass
+    cache.next_step()
+    # Layer 0 now routes to 0 (resident, and by its past the least likely to be wanted) and
+    # 3 (missing): the read of 3 must take the slot of layer 1's expert, not of 0.
+    cache.observe(0, torch.tensor([[0, 3]]))
+    assert cache.prefetch(0, [3]) == 1
+    assert cache.is_resident(0, 0) and not cache.is_resident(1, 0)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mer.cache.policy import LayerCycleScore
 from mer.errors import MerError
 from mer.trace.format import Trace, load_trace
 from mer.trace.replay import POLICIES, accesses, simulate
@@ -59,6 +60,46 @@ def test_lru_on_a_cycle_larger_than_the_cache_always_misses():
     acc = accesses(trace, "token")
     assert simulate(acc, "lru", 2) == 90
     assert simulate(acc, "belady", 2) < 50
+
+
+def test_reuse_chance_follows_the_routing_that_came_before():
+    # Layer 0 alternates between experts 0 and 1, so their frequencies are alike; which
+    # expert follows which is learned, and the one just used is the one not due next.
+    score = LayerCycleScore(2, 4, top_k=1)
+    for t in range(40):
+        score.visit(0, [t % 2])
+        score.visit(1, [2])
+    assert score.follow[0] > 0.9 > 0.1 > score.follow[1]  # expert 1 came last: 0 is next
+    s = score.scores(1)
+    assert s[1] > s[0]  # the expert just used is given up first
+
+
+def test_many_experts_chosen_together_do_not_make_the_reuse_chance_certain():
+    # Eight experts always chosen together (a batch, or a prompt), the group changing one
+    # visit in ten: eight votes that say one thing count as top_k votes, not eight.
+    chance = {}
+    for top_k in (2, None):  # None: every chosen expert counts (no top_k known)
+        rng = np.random.default_rng(0)
+        score, group = LayerCycleScore(1, 16, top_k=top_k), 0
+        for _ in range(400):
+            group = 1 - group if rng.random() < 0.1 else group
+            score.visit(0, np.arange(8) + 8 * group)
+        chance[top_k] = score.follow[8 * group]  # an expert of the group chosen last
+    assert 0.9 < chance[2] < 0.99 and chance[None] > 0.99999
+
+
+def test_ours_learns_alternating_routing_where_lru_always_misses():
+    # Two layers, each alternating between two experts: four keys in a cycle. LRU with 2
+    # or 3 slots misses every access; ours learns what follows what and nears Belady.
+    n = 400
+    ex = np.zeros((n, 2, 1), np.int16)
+    ex[:, 0, 0] = np.arange(n) % 2
+    ex[:, 1, 0] = 2 + np.arange(n) % 2
+    trace = Trace(ex, np.array([0, n]), np.zeros(n, np.int8), {"n_experts": 4})
+    acc = accesses(trace, "token")
+    for slots in (2, 3):
+        assert simulate(acc, "lru", slots) == 2 * n
+        assert simulate(acc, "ours", slots) <= 1.05 * simulate(acc, "belady", slots)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -6,7 +6,8 @@ of at most one expert, usable only after they were read whole and passed
 their checksum; at most one read per expert is in flight, later requests
 wait on it; a failed read leaves the cache as if it had never been asked.
 Eviction follows a policy (`mer.cache.policy`: LRU, or the expected
-distance to next use from the layer cycle and decayed frequency). Prefetches
+distance to next use from the layer cycle and each expert's reuse chance, learned
+from the routing the model reports through `observe`). Prefetches
 fill free slots or evict only experts that were not used in the current step and, under
 `ours`, only one expected to be needed later than the one it brings (admission). Pinned
 experts (`mer.cache.pinning`: from a file, or chosen from the counts of acquires) are
@@ -67,6 +68,7 @@ class _Entry:
     weights: ExpertWeights | None = None
     request: ReadRequest | None = None  # while its read is in flight
     prefetched: bool = False  # read by a prefetch and not acquired yet
+    guess: bool = False  # that prefetch was a prediction (of a layer not being routed)
     step: int = -1  # last step that used it
 
 
@@ -108,8 +110,14 @@ class ExpertCache:
         self._lock = threading.Lock()
         self.policy = policy
         self._ordinal = {layer: j for j, layer in enumerate(cfg.moe_layers)}
-        self._score = LayerCycleScore(len(cfg.moe_layers), cfg.num_local_experts)
+        self._score = LayerCycleScore(
+            len(cfg.moe_layers), cfg.num_local_experts, cfg.num_experts_per_tok
+        )
         self._layer = 0  # ordinal of the MoE layer routed last
+        # Predictions prefetched (less those cancelled) and used: their accuracy weighs a
+        # guess in admission. Reads of the layer being routed, issued ahead, are not guesses.
+        self._guesses = self._guesses_used = 0
+        self._routed: set[Key] = set()  # the experts of the layer observed last
         self._pinned: set[Key] = set()
         self._auto_pins: AutoPins | None = None
         self._setup_pins(pin_share, pins)
@@ -130,10 +138,13 @@ class ExpertCache:
         return frozenset(self._pinned)
 
     def observe(self, layer: int, ids, weights=None) -> None:
-        """Routing of a MoE layer (a model routing observer): feeds the eviction policy."""
+        """Routing of a MoE layer (a model routing observer): feeds the eviction policy.
+        The experts it routed to are about to be acquired: no prefetch may take their slots."""
+        chosen = ids.unique().tolist()
         with self._lock:
             self._layer = self._ordinal[layer]
-            self._score.visit(self._layer, ids.unique().tolist())
+            self._score.visit(self._layer, chosen)
+            self._routed = {(layer, e) for e in chosen}
 
     @property
     def n_slots(self) -> int:
@@ -148,6 +159,8 @@ class ExpertCache:
 
     def next_step(self) -> None:
         self.step += 1
+        with self._lock:
+            self._routed = set()  # a new forward pass: no layer of it routed yet
         if self._auto_pins is not None and self._auto_pins.due(self.step):
             with self._lock:
                 # Unpinned experts simply become evictable; new pins stay once loaded.
@@ -167,6 +180,7 @@ class ExpertCache:
                     if entry.prefetched:
                         entry.prefetched = False
                         self._stats.prefetches_used += 1
+                        self._guesses_used += entry.guess
                     self._entries.move_to_end(key)
                     break
                 slot = self._take_slot(for_prefetch=False)
@@ -222,7 +236,10 @@ class ExpertCache:
                 slot = self._take_slot(for_prefetch=True, incoming=key)
                 if slot is None:
                     continue  # no slot worth less than this expert
-                self._start_read(key, slot, PREFETCH).prefetched = True
+                entry = self._start_read(key, slot, PREFETCH)
+                entry.prefetched = True
+                entry.guess = self._ordinal[layer] != self._layer
+                self._guesses += entry.guess
                 self._stats.prefetches += 1
                 started += 1
         return started
@@ -239,6 +256,7 @@ class ExpertCache:
                     if self.engine.cancel(entry.request):
                         del self._entries[key]
                         self._free.append(entry.slot)
+                        self._guesses -= entry.guess
                         cancelled += 1
             self._stats.prefetches_cancelled += cancelled
         return cancelled
@@ -273,6 +291,7 @@ class ExpertCache:
             if entry.prefetched and entry.users == 0 and self.engine.cancel(entry.request):
                 del self._entries[key]
                 self._stats.prefetches_cancelled += 1
+                self._guesses -= entry.guess
                 return entry.slot
         return None
 
@@ -283,8 +302,11 @@ class ExpertCache:
         for key, entry in self._entries.items():  # least recently used first
             if entry.users or entry.request is not None or key in self._pinned:
                 continue
-            if for_prefetch and (entry.step >= self.step or entry.prefetched):
-                # Never push out what this step used, nor another unused prefetch.
+            if for_prefetch and (
+                entry.step >= self.step or entry.prefetched or key in self._routed
+            ):
+                # Never push out what this step used or is about to use, nor another unused
+                # prefetch.
                 if self.policy == "lru":
                     return None
                 continue
@@ -298,8 +320,7 @@ class ExpertCache:
         # An expert of the layer being routed now is needed in this very step: reading it
         # early is a demand read issued ahead, not a guess to weigh.
         if for_prefetch and incoming is not None and self._ordinal[incoming[0]] != self._layer:
-            s = self._stats
-            accuracy = prefetch_accuracy(s.prefetches_used, s.prefetches - s.prefetches_cancelled)
+            accuracy = prefetch_accuracy(self._guesses_used, self._guesses)
             worth = scores[self._index(victim)]
             if not self._score.admits(self._layer, self._index(incoming), worth, accuracy):
                 return None

@@ -169,7 +169,7 @@ def _lru(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, in
 
 
 def _ours(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, int]:
-    score = LayerCycleScore(acc.n_layers, acc.n_experts)
+    score = LayerCycleScore(acc.n_layers, acc.n_experts, acc.top_k)
     n_keys = acc.n_layers * acc.n_experts
     resident = np.zeros(n_keys, dtype=bool)
     unused = np.zeros(n_keys, dtype=bool)  # prefetched, not used yet

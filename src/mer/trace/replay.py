@@ -41,6 +41,7 @@ class Accesses:
     step_layer: np.ndarray  # int64 [steps]
     n_layers: int
     n_experts: int
+    top_k: int | None = None  # experts per token, where known
 
     @property
     def max_step(self) -> int:
@@ -50,7 +51,12 @@ class Accesses:
         """The same steps without the accesses where `drop` (bool [n]) is set."""
         kept = np.concatenate([[0], np.cumsum(~drop)]).astype(np.int64)
         return Accesses(
-            self.keys[~drop], kept[self.step_starts], self.step_layer, self.n_layers, self.n_experts
+            self.keys[~drop],
+            kept[self.step_starts],
+            self.step_layer,
+            self.n_layers,
+            self.n_experts,
+            self.top_k,
         )
 
     def next_use(self) -> np.ndarray:
@@ -83,7 +89,7 @@ def accesses(trace: Trace, mode: str = "token") -> Accesses:
         layers = np.array(layers_list, dtype=np.int64)
     else:
         raise ValueError(f"unknown replay mode {mode!r} (token or prefill)")
-    return Accesses(keys, starts, layers, n_layers, n_experts)
+    return Accesses(keys, starts, layers, n_layers, n_experts, trace.top_k)
 
 
 def frequent_keys(acc: Accesses, n: int) -> np.ndarray:
@@ -203,7 +209,7 @@ def _belady(acc: Accesses, slots: int) -> int:
 
 
 def _ours(acc: Accesses, slots: int) -> int:
-    score = LayerCycleScore(acc.n_layers, acc.n_experts)
+    score = LayerCycleScore(acc.n_layers, acc.n_experts, acc.top_k)
     resident = np.zeros(acc.n_layers * acc.n_experts, dtype=bool)
     count, misses = 0, 0
     layers = acc.step_layer.tolist()
