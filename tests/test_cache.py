@@ -138,3 +138,18 @@ def test_unknown_policy_is_a_clear_error(store_factory):
 
     with pytest.raises(ConfigError, match="unknown cache policy 'mru'"):
         mer.api.open(store_factory("int4"), ram_budget="64MiB", cache_policy="mru")
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_counters_add_up_to_the_bytes_read(trained_store, prefetch):
+    """Every read is a miss or a prefetch: a layer's missing experts, read together ahead of
+    their acquires, are misses, not prefetches, and never count as hits."""
+    model = mer.open(trained_store, ram_budget="1MiB", prefetch=prefetch)
+    model.generate("import os\n", max_tokens=16)
+    s = model.cache.stats
+    extent = model.store.extent(0, 0).length
+    reads = s.misses + s.prefetches - s.prefetches_cancelled
+    assert s.bytes_read == reads * extent
+    assert (s.prefetches > 0) == prefetch
+    assert s.prefetches_used <= s.prefetches
+    model.close()

@@ -69,6 +69,7 @@ class _Entry:
     request: ReadRequest | None = None  # while its read is in flight
     prefetched: bool = False  # read by a prefetch and not acquired yet
     guess: bool = False  # that prefetch was a prediction (of a layer not being routed)
+    ahead: bool = False  # a demand read started by `fetch`, not acquired yet
     step: int = -1  # last step that used it
 
 
@@ -161,6 +162,8 @@ class ExpertCache:
         self.step += 1
         with self._lock:
             self._routed = set()  # a new forward pass: no layer of it routed yet
+            for entry in self._entries.values():
+                entry.ahead = False  # never acquired (the pass failed): an ordinary entry
         if self._auto_pins is not None and self._auto_pins.due(self.step):
             with self._lock:
                 # Unpinned experts simply become evictable; new pins stay once loaded.
@@ -175,6 +178,10 @@ class ExpertCache:
         while True:
             with self._lock:
                 entry = self._entries.get(key)
+                if entry is not None and entry.ahead:  # its miss was counted by `fetch`
+                    entry.ahead = False
+                    self._entries.move_to_end(key)
+                    break
                 if entry is not None:
                     self._stats.hits += 1
                     if entry.prefetched:
@@ -223,6 +230,25 @@ class ExpertCache:
             yield weights
         finally:
             self.release(layer, expert)
+
+    def fetch(self, layer: int, experts) -> int:
+        """Start the reads of experts this forward pass is about to acquire, so that they run
+        in parallel rather than one acquire after another. Each is a miss; its slot is held
+        until it is acquired (or the pass ends). Takes only slots to be had without waiting;
+        returns how many reads were started."""
+        started = 0
+        with self._lock:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self._entries:
+                    continue
+                slot = self._take_slot(for_prefetch=False)
+                if slot is None:
+                    break
+                self._start_read(key, slot, DEMAND).ahead = True
+                self._stats.misses += 1
+                started += 1
+        return started
 
     def prefetch(self, layer: int, experts) -> int:
         """Start reading experts expected soon, where a slot can be had cheaply. Returns how
@@ -300,7 +326,7 @@ class ExpertCache:
         pinned); for a prefetch, None unless the policy admits `incoming` in its place."""
         candidates = []
         for key, entry in self._entries.items():  # least recently used first
-            if entry.users or entry.request is not None or key in self._pinned:
+            if entry.users or entry.request is not None or entry.ahead or key in self._pinned:
                 continue
             if for_prefetch and (
                 entry.step >= self.step or entry.prefetched or key in self._routed

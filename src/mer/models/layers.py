@@ -20,6 +20,8 @@ class ExpertProvider(Protocol):
 
     def is_resident(self, layer: int, expert: int) -> bool: ...
 
+    def fetch(self, layer: int, experts) -> int: ...  # start reading these: needed now
+
     def prefetch(self, layer: int, experts) -> int: ...  # a hint: start reading these
 
     def cancel_prefetches(self, layer: int, keep) -> int: ...
@@ -145,7 +147,7 @@ def moe(
         }
         missing = [e for e in wanted if e not in resident]
         if missing:
-            experts.prefetch(layer, missing)
+            experts.fetch(layer, missing)
         for e, ffn in resident.items():
             _add_expert(out, x, weights, ids, e, ffn)
     for e in missing:
