@@ -89,6 +89,9 @@ def test_bench_cache_prints_policy_tables(tmp_path):
     assert "replay by token" in out and "replay by prefill" in out
     for policy in ("lru", "lfu", "ours", "belady"):
         assert f"│ {policy} " in out or f" {policy} │" in out
+    small = mer("bench", "cache", "--trace", tmp_path / "t.npz", "--slots", "1", check=False)
+    assert small.returncode == 1
+    assert small.stderr.startswith("error: --slots 1 is below") and small.stderr.count("\n") == 1
 
 
 def test_default_demo_completes_python_with_the_bundled_model(tmp_path):

@@ -65,6 +65,11 @@ def run_cache_bench(args) -> None:
     for mode in modes:
         acc = accesses(replay, mode)
         sizes = args.slots or [max(acc.max_step, round(f * total)) for f in args.fractions]
+        if min(sizes) < acc.max_step:
+            raise ConfigError(
+                f"--slots {min(sizes)} is below the {acc.max_step} experts one {mode} step "
+                "uses at once; the cache must hold them all"
+            )
         guess_plan = None
         if predictor is not None:
             scorer = partial(predictor.scores, replay)  # (layer, distance) -> scores
