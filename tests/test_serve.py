@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -239,13 +238,11 @@ def test_serve_refuses_a_port_in_use(trained_store):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        env = dict(os.environ)
         proc = subprocess.run(
             [sys.executable, "-m", "mer.cli", "serve", "--store", str(trained_store)]
             + ["--port", str(port), "--kv-budget", "16MiB"],
             capture_output=True,
             text=True,
-            env=env,
             timeout=120,
         )
     assert proc.returncode != 0

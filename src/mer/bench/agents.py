@@ -11,7 +11,6 @@ is drawn from a seed, so two runs send the same requests.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import random
 import sysconfig
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mer.errors import MerError
+from mer.serve.local import connect
 
 SYSTEM_PROMPT = (
     "You are a careful Python coding agent working in a repository. You can call tools:\n"
@@ -141,8 +141,7 @@ def run_agent(
 
 
 def stream_chat(url: str, model: str, messages: list[dict], turn: Turn, api_key=None):
-    host, port = url.removeprefix("http://").split("/")[0].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    conn = connect(url, timeout=600)
     body = {
         "model": model,
         "messages": messages,

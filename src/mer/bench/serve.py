@@ -12,7 +12,6 @@ the ratios of the batched run to the one-at-a-time run.
 
 from __future__ import annotations
 
-import http.client
 import json
 import sys
 import threading
@@ -26,7 +25,7 @@ from rich.table import Table
 from mer.bench.agents import AgentResult, Session, make_sessions, run_agent
 from mer.errors import MerError
 from mer.progress import progress_bar
-from mer.serve.local import LocalServer, read_metrics
+from mer.serve.local import LocalServer, connect, read_metrics
 from mer.store.reader import Store
 from mer.units import fmt_decimal
 
@@ -109,8 +108,7 @@ def run_workload(server, model: str, context: int, sessions: list[Session], gate
 
 
 def _remote_model(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split("/")[0].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn = connect(url)
     conn.request("GET", "/v1/models")
     resp = conn.getresponse()
     body = resp.read()

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mer.engine.sampling import SamplingParams, sample_next_token
-from mer.engine.speculative import AdaptiveK, ModelDrafter, SelfDrafter, verify
+from mer.engine.speculative import AdaptiveK, ModelDrafter, SelfDrafter, speculative_round
 from mer.engine.text import TextStream
 from mer.errors import BudgetError, ConfigError, MerError
 from mer.models.paged_kv import KVPool, PagedSequence
@@ -240,10 +240,11 @@ class Scheduler:
                 [(torch.tensor(chunk), seq.kv) for seq, chunk in batch]
             )
         except Exception as e:  # e.g. an unreadable expert: it fails this batch, not the server
-            message = str(e) if isinstance(e, MerError) else f"{type(e).__name__}: {e}"
             for seq, _ in batch:
-                self._finish(seq, "error", message)
+                self._finish(seq, "error", _message(e))
             return True
+        finally:
+            self._spans = []  # only this batch's forward is counted for dedup
         self.stats.steps += 1
         self.stats.batch_tokens += sum(len(chunk) for _, chunk in batch)
         for (seq, chunk), row in zip(batch, logits, strict=True):
@@ -277,19 +278,20 @@ class Scheduler:
             seq.drafter = SelfDrafter(self.model) if draft == "self" else ModelDrafter(draft)
             capacity = len(seq.request.prompt) + seq.params.max_tokens + control.k_max + 1
             seq.drafter.start(min(capacity, self.context))
-        pending, base = seq.pending[0], seq.kv.length
         try:
-            seq.drafter.commit(seq.context[:base])
-            draft, q = seq.drafter.propose(seq.kv, pending, k, seq.params, seq.gen)
-            seq.kv.truncate(base)
-            seq.kv.reserve([pending, *draft])
-            logits = self.model.forward(torch.tensor([pending, *draft]), seq.kv, all_logits=True)
+            tokens, *_ = speculative_round(
+                self.model,
+                seq.drafter,
+                seq.kv,
+                seq.context[: seq.kv.length],
+                seq.pending[0],
+                k,
+                seq.params,
+                seq.gen,
+            )
         except Exception as e:
-            message = str(e) if isinstance(e, MerError) else f"{type(e).__name__}: {e}"
-            self._finish(seq, "error", message)
+            self._finish(seq, "error", _message(e))
             return True
-        tokens = verify(draft, q, logits, seq.params, seq.gen)
-        seq.kv.truncate(base + len(tokens))  # pending and the accepted drafts
         dt = time.perf_counter() - t0
         control.after_round(k, len(tokens), dt)
         self.stats.steps += 1
@@ -404,10 +406,14 @@ class Scheduler:
         )
 
     def _count_dedup(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        if ids.shape[0] != sum(s.stop - s.start for s in self._spans):
-            return  # a forward that is not ours (single-stream generation)
+        if not self._spans:
+            return  # a forward that is not a batch step (speculation, single-stream generation)
         self.stats.expert_demand += sum(len(ids[s].unique()) for s in self._spans)
         self.stats.expert_acquired += len(ids.unique())
+
+
+def _message(e: Exception) -> str:
+    return str(e) if isinstance(e, MerError) else f"{type(e).__name__}: {e}"
 
 
 def _is_decoding(seq: _Sequence) -> bool:

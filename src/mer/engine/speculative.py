@@ -30,7 +30,7 @@ import torch
 
 from mer.engine.generate import GenerationStats, check_prompt
 from mer.engine.sampling import SamplingParams, probabilities, sample_next_token
-from mer.errors import ConfigError
+from mer.errors import BudgetError, ConfigError
 from mer.models.kv_cache import KVCache
 from mer.models.transformer import MoETransformer
 
@@ -44,7 +44,6 @@ class SpecStats:
     plain_tokens: int = 0  # tokens decoded without speculation (probes, or switched off)
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
-    k: int = 0  # the current draft length
 
     @property
     def acceptance_rate(self) -> float:
@@ -155,6 +154,24 @@ def verify(
     return out + [sample_next_token(logits[len(draft)], params, gen)]
 
 
+def speculative_round(model, drafter, kv, context, pending, k, params, gen):
+    """Draft k tokens after `pending` (the last token sampled, not yet in `kv`, which holds
+    `context`), verify them in one pass over k+1 positions, and roll `kv` back to pending
+    and the accepted drafts. Returns (tokens to emit, draft seconds, verify seconds)."""
+    t0 = time.perf_counter()
+    base = kv.length
+    drafter.commit(context)
+    draft, q = drafter.propose(kv, pending, k, params, gen)
+    t1 = time.perf_counter()
+    kv.truncate(base)
+    if not kv.reserve([pending, *draft]):
+        raise BudgetError(f"no KV room to verify {k + 1} tokens")
+    logits = model.forward(torch.tensor([pending, *draft]), kv, all_logits=True)
+    tokens = verify(draft, q, logits, params, gen)
+    kv.truncate(base + len(tokens))
+    return tokens, t1 - t0, time.perf_counter() - t1
+
+
 class AdaptiveK:
     """Draft length from the acceptance so far, and whether speculating pays at all.
 
@@ -248,26 +265,19 @@ def generate_speculative(
         t0 = time.perf_counter()
         if (control is None or control.speculate()) and room >= 1:
             step_k = min(control.k if control else k, room)
-            base = kv.length
-            drafter.commit(context)
-            draft, q = drafter.propose(kv, pending, step_k, params, gen)
-            t1 = time.perf_counter()
-            kv.truncate(base)
-            logits = model.forward(torch.tensor([pending, *draft]), kv, all_logits=True)
-            tokens = verify(draft, q, logits, params, gen)
-            kv.truncate(base + len(tokens))  # pending and the accepted drafts
+            tokens, draft_s, verify_s = speculative_round(
+                model, drafter, kv, context, pending, step_k, params, gen
+            )
             context += [pending, *tokens[:-1]]
-            t2 = time.perf_counter()
             spec.rounds += 1
             spec.drafted += step_k
             spec.accepted += len(tokens) - 1
             spec.emitted += len(tokens)
-            spec.draft_seconds += t1 - t0
-            spec.verify_seconds += t2 - t1
-            stats.decode_seconds += t2 - t0
+            spec.draft_seconds += draft_s
+            spec.verify_seconds += verify_s
+            stats.decode_seconds += draft_s + verify_s
             if control:
-                control.after_round(step_k, len(tokens), t2 - t0)
-                spec.k = control.k
+                control.after_round(step_k, len(tokens), draft_s + verify_s)
             for tok in tokens[:-1]:
                 stats.generated_tokens += 1
                 produced += 1

@@ -37,6 +37,10 @@ class KVCache:
         self.v[layer, self.length : end] = v
         return self.k[layer, :end], self.v[layer, :end]
 
+    def reserve(self, tokens: list[int]) -> bool:
+        """Whether `tokens` fit after the current length (the room was allocated up front)."""
+        return self.length + len(tokens) <= self.capacity
+
     def advance(self, n: int) -> None:
         """Commit `n` tokens written to every layer by one forward pass."""
         self.length += n

@@ -159,11 +159,16 @@ class PagedSequence:
                     self.pool.release(b)
                 return False
             got.append(block)
-        self.blocks += got
+        if got:
+            self.blocks += got
+            self._reindex()
+        return True
+
+    def _reindex(self) -> None:
+        """Pool rows of this sequence's positions, rebuilt only when its blocks change."""
         bs = self.pool.block_size
         starts = torch.tensor(self.blocks, dtype=torch.long) * bs
         self._index = (starts[:, None] + torch.arange(bs)).reshape(-1)
-        return True
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [T, Hkv, D] after the current length; return all keys and values so far."""
@@ -201,6 +206,7 @@ class PagedSequence:
         del self.tokens[length:]
         if length % bs and self.pool.refs[self.blocks[-1]] > 1:
             self._copy_last_block()  # another sequence took it while it was full: keep theirs
+        self._reindex()
 
     def _copy_last_block(self) -> None:
         block = self.pool._take()
@@ -211,7 +217,6 @@ class PagedSequence:
             kv[:, block * bs : (block + 1) * bs] = kv[:, old * bs : (old + 1) * bs]
         self.pool.release(old)
         self.blocks[-1] = block
-        self.reserve([])
 
     def free(self) -> None:
         for block in self.blocks:

@@ -136,13 +136,9 @@ class MoETransformer:
         if cfg.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if len(spans) == 1:
-            _, kv, mask = spans[0]
-            out = attention(q, *kv.append(i, k, v), mask)
-        else:
-            out = torch.empty(t, cfg.num_attention_heads * cfg.head_dim, dtype=h.dtype)
-            for span, kv, mask in spans:
-                out[span] = attention(q[span], *kv.append(i, k[span], v[span]), mask)
+        out = torch.empty(t, cfg.num_attention_heads * cfg.head_dim, dtype=h.dtype)
+        for span, kv, mask in spans:
+            out[span] = attention(q[span], *kv.append(i, k[span], v[span]), mask)
         return F.linear(out, w[p + "o"])
 
     def _moe(self, i: int, h: torch.Tensor, draft: bool = False) -> torch.Tensor:

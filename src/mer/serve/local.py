@@ -23,10 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def connect(url: str, timeout: float = 30) -> http.client.HTTPConnection:
+    """A connection to the server at `url` (http://host[:port][/...])."""
+    return http.client.HTTPConnection(url.removeprefix("http://").split("/")[0], timeout=timeout)
+
+
 def read_metrics(url: str, api_key: str | None = None) -> dict[str, float]:
     """A server's /metrics as {name: value}."""
-    host, port = url.removeprefix("http://").split("/")[0].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn = connect(url)
     conn.request(
         "GET", "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
     )

@@ -14,6 +14,12 @@ def render_metrics(model, scheduler, http_errors: int) -> str:
         ("prompt_tokens_total", "counter", "prompt tokens of started requests", s.prompt_tokens),
         ("generation_tokens_total", "counter", "tokens generated", s.generated_tokens),
         ("steps_total", "counter", "batched forward passes", s.steps),
+        (
+            "engine_busy_seconds_total",
+            "counter",
+            "time the engine spent in steps",
+            s.busy_seconds,
+        ),  # fmt: skip
         ("batch_tokens_total", "counter", "tokens run in forward passes", s.batch_tokens),
         ("preemptions_total", "counter", "sequences preempted for KV room", s.preemptions),
         ("spec_rounds_total", "counter", "speculative verification passes", s.spec_rounds),
