@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import mer.api
@@ -10,6 +11,7 @@ from mer.errors import BudgetError
 from mer.io.direct import DirectReader
 from mer.io.engine import ReadEngine
 from mer.store.reader import Store
+from mer.trace.replay import Accesses, simulate
 
 PROMPT = [1, 17, 93, 5, 200, 41, 41, 7, 130, 66]
 
@@ -107,7 +109,7 @@ def test_filesystem_without_o_direct_falls_back_once(store_factory, monkeypatch)
     assert cache.stats.misses == 2
 
 
-@pytest.mark.parametrize("policy", ["lru", "ours"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "ours"])
 def test_tokens_identical_with_every_policy(store_factory, policy):
     store = store_factory("int4")
     nbytes = Store(store).expert_format.nbytes
@@ -116,6 +118,32 @@ def test_tokens_identical_with_every_policy(store_factory, policy):
     full = mer.api.open(store, ram_budget="64MiB")
     want = list(full.tokens(PROMPT, max_tokens=16, temperature=0.8, seed=4, stop_token_ids=[-1]))
     assert got == want and small.stats().cache.evictions > 0
+
+
+def test_lfu_evicts_the_least_acquired_and_matches_the_replay(store_factory):
+    store = Store(store_factory("int4"))
+    cache = ExpertCache(store, 3 * store.expert_format.nbytes, policy="lfu")
+    touch(cache, (0, 0), (0, 0), (0, 0), (0, 1), (0, 1), (0, 2))
+    touch(cache, (1, 0))  # (0, 2) was acquired once: the fewest
+    assert not cache.is_resident(0, 2)
+    assert all(cache.is_resident(*k) for k in [(0, 0), (0, 1), (1, 0)])
+    # The cache and the replay simulator count the same misses on the same stream.
+    rng = np.random.default_rng(0)
+    cfg = store.config
+    n_experts = cfg.num_local_experts
+    steps = [sorted(rng.choice(n_experts, 2, replace=False)) for _ in range(200)]
+    cache = ExpertCache(store, 4 * store.expert_format.nbytes, policy="lfu")
+    for i, step in enumerate(steps):
+        layer = cfg.moe_layers[i % 2]
+        # Resident experts are held first, as the model's MoE block does.
+        step = sorted(step, key=lambda e: not cache.is_resident(layer, int(e)))
+        held = [cache.acquire(layer, int(e)) for e in step]
+        assert all(w is not None for w in held)
+        for e in step:
+            cache.release(layer, int(e))
+    keys = np.array([(i % 2) * n_experts + e for i, s in enumerate(steps) for e in s])
+    acc = Accesses(keys, np.arange(0, len(keys) + 1, 2), np.arange(200) % 2, 2, n_experts, 2)
+    assert cache.stats.misses == simulate(acc, "lfu", 4)
 
 
 def test_ours_never_evicts_an_expert_in_use(store_factory):

@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mer.cache.policy import POLICIES
 from mer.errors import MerError
 from mer.units import fmt_bytes, fmt_decimal
 
@@ -239,7 +240,7 @@ def add_io_options(p: argparse.ArgumentParser) -> None:
                    help="compute threads (default: 1 below hidden 2048, else all)")  # fmt: skip
     p.add_argument("--no-prefetch", action="store_true", help="read experts only on demand")
     p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
-    p.add_argument("--cache-policy", choices=["lru", "ours"], default="lru",
+    p.add_argument("--cache-policy", choices=POLICIES, default="lru",
                    help="eviction policy (see mer bench cache)")  # fmt: skip
     p.add_argument("--pin-share", type=float, default=0.0,
                    help="share of the budget (0..0.9) for experts pinned in RAM: the most used "
@@ -503,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ram-budget", default="1MiB", help="expert cache of the server")
     b.add_argument("--kv-budget", default="64MiB", help="KV cache of the server")
     b.add_argument("--max-batch-tokens", type=int, default=256)
-    b.add_argument("--cache-policy", default="lru", help="expert cache policy of the server")
+    b.add_argument("--cache-policy", choices=POLICIES, default="lru",
+                   help="expert cache policy of the server")  # fmt: skip
     b.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                    help="further `mer serve` options, passed as they are (last)")  # fmt: skip
     b.add_argument("--seed", type=int, default=0)

@@ -5,11 +5,11 @@ evicted, and neither is one whose read is in flight; a slot holds the bytes
 of at most one expert, usable only after they were read whole and passed
 their checksum; at most one read per expert is in flight, later requests
 wait on it; a failed read leaves the cache as if it had never been asked.
-Eviction follows a policy (`mer.cache.policy`: LRU, or the expected
-distance to next use from the layer cycle and each expert's reuse chance, learned
-from the routing the model reports through `observe`). Prefetches
+Eviction follows a policy (`mer.cache.policy`: LRU; LFU, the fewest acquires so far;
+or the expected distance to next use from the layer cycle and each expert's reuse
+chance, learned from the routing the model reports through `observe`). Prefetches
 fill free slots or evict only experts that were not used in the current step and, under
-`ours`, only one expected to be needed later than the one it brings (admission). Pinned
+`lfu` and `ours`, only one worth no more than the one it brings (admission). Pinned
 experts (`mer.cache.pinning`: from a file, or chosen from the counts of acquires) are
 never evicted once loaded; they take at most a share of the slots. Counters record what
 happened, never estimates.
@@ -110,6 +110,7 @@ class ExpertCache:
         self._free = list(range(self.pool.n_slots - 1, -1, -1))
         self._lock = threading.Lock()
         self.policy = policy
+        self._uses: dict[Key, int] = {}  # acquires per expert so far: LFU's worth
         self._ordinal = {layer: j for j, layer in enumerate(cfg.moe_layers)}
         self._score = LayerCycleScore(
             len(cfg.moe_layers), cfg.num_local_experts, cfg.num_experts_per_tok
@@ -172,8 +173,9 @@ class ExpertCache:
     def acquire(self, layer: int, expert: int) -> ExpertWeights:
         """The expert's weights, read from the store if needed; pinned until `release`."""
         key = (layer, expert)
-        if self._auto_pins is not None:
-            with self._lock:
+        with self._lock:
+            self._uses[key] = self._uses.get(key, 0) + 1
+            if self._auto_pins is not None:
                 self._auto_pins.count(layer, expert)
         while True:
             with self._lock:
@@ -341,6 +343,12 @@ class ExpertCache:
             candidates.append(key)
         if not candidates:
             return None
+        if self.policy == "lfu":  # the least acquired; ties: the least recent (listed first)
+            victim = min(candidates, key=lambda k: self._uses.get(k, 0))
+            if for_prefetch and incoming is not None:
+                if self._uses.get(victim, 0) > self._uses.get(incoming, 0):
+                    return None
+            return victim
         scores = self._score.scores(self._layer)
         victim = max(candidates, key=lambda k: scores[self._index(k)])
         # An expert of the layer being routed now is needed in this very step: reading it

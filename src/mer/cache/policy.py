@@ -1,6 +1,8 @@
 """Eviction policies: which cached expert to give up when a slot is needed.
 
 - `lru`: least recently used.
+- `lfu`: least frequently used: the fewest acquires so far, the least recent of those
+  (kept in `mer.cache.expert_cache`; it scores nothing here).
 - `ours`: the expert expected to be needed last. MoE layers are visited in a
   cycle, so an expert of layer m is next wanted when m comes round again, with
   a chance p of being chosen there; each visit it sits out costs a full cycle:
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-POLICIES = ("lru", "ours")
+POLICIES = ("lru", "lfu", "ours")
 SMOOTH = 0.5  # pseudo-count of an expert's chance at a visit: unseen is unlikely, not impossible
 FOLLOW_SHRINK = 4.0  # pseudo-visits pulling P(j follows i) toward P(j)
 FOLLOW_WARMUP = 64.0  # visits of a layer by which follow has half its full weight in p
