@@ -184,3 +184,22 @@ def test_routing_stats_against_random_baselines():
                             {"n_experts": e}, None))[0]  # fmt: skip
     assert s.same_first is None and s.overlap > 0.7
     assert abs(random_overlap(8, 2) - (1 - 15 / 28)) < 1e-12
+
+
+def test_batch_dedup_between_random_and_identical_routing():
+    from mer.trace.stats import batch_dedup, random_dedup
+
+    rng = np.random.default_rng(1)
+    seqs, per, layers, e, k = 40, 50, 3, 8, 2
+    n = seqs * per
+    ex = np.stack([rng.permutation(e)[:k] for _ in range(n * layers)]).reshape(n, layers, k)
+    starts = np.arange(seqs + 1) * per
+    uniform = Trace(ex.astype(np.int16), starts, np.zeros(n, np.int8), {"n_experts": e}, None)
+    for b in (1, 4, 8):
+        assert abs(batch_dedup(uniform, b) - random_dedup(e, k, b)) < 0.05 * random_dedup(e, k, b)
+    same = np.broadcast_to(ex[:1], ex.shape).copy()  # every token routes alike
+    alike = Trace(same.astype(np.int16), starts, np.zeros(n, np.int8), {"n_experts": e}, None)
+    assert batch_dedup(alike, 8) == pytest.approx(8.0)
+    assert random_dedup(8, 2, 1) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="41 sequences"):
+        batch_dedup(uniform, 41)

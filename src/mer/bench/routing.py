@@ -8,7 +8,15 @@ from rich.console import Console
 from rich.table import Table
 
 from mer.trace.format import load_trace
-from mer.trace.stats import random_overlap, random_same_first, routing_stats
+from mer.trace.stats import (
+    batch_dedup,
+    random_dedup,
+    random_overlap,
+    random_same_first,
+    routing_stats,
+)
+
+BATCHES = (2, 4, 8, 16, 32)
 
 
 def run_routing_stats(args) -> None:
@@ -32,3 +40,17 @@ def run_routing_stats(args) -> None:
         "tokens sharing at least one expert; load: share of all assignments; evenness: entropy "
         "of the load over log(experts)."
     )
+    sizes = [n for n in BATCHES if n <= trace.n_sequences]
+    if sizes:
+        t = Table(title="sequences decoding together: experts chosen per expert read")
+        t.add_column("", justify="left")
+        for n in sizes:
+            t.add_column(f"{n} seqs", justify="right")
+        t.add_row("this trace", *(f"{batch_dedup(trace, n):.2f}" for n in sizes))
+        t.add_row("random", *(f"{random_dedup(e, k, n):.2f}" for n in sizes), style="dim")
+        console.print(t)
+        console.print(
+            "n sequences each decode one token (a random token of n different sequences) and "
+            "every MoE layer reads the union of their experts once: the most continuous "
+            "batching can divide decode reads by, before the cache."
+        )

@@ -2,7 +2,9 @@
 
 Per MoE layer: how often consecutive tokens of a sequence pick the same first-choice
 expert, how often their top-k sets share at least one expert, and how evenly the
-experts are loaded, each next to what uniformly random routing would give.
+experts are loaded, each next to what uniformly random routing would give. And
+across sequences: how many reads batching saves when n sequences decode together
+(`batch_dedup`), which bounds what continuous batching can save on SSD reads.
 """
 
 from __future__ import annotations
@@ -60,3 +62,27 @@ def routing_stats(trace: Trace) -> list[LayerStats]:
             )
         )
     return out
+
+
+def random_dedup(n_experts: int, top_k: int, n: int) -> float:
+    """`batch_dedup` of uniformly random routing: n * k choices over the expected union."""
+    return n * top_k / (n_experts * (1 - (1 - top_k / n_experts) ** n))
+
+
+def batch_dedup(trace: Trace, n: int, samples: int = 2000, seed: int = 0) -> float:
+    """Experts chosen per distinct expert read when `n` sequences decode one token each in
+    the same step: n * top_k over the size of their union, averaged over layers and over
+    `samples` draws of n different sequences and a random token of each. Decoding agents
+    are at unrelated points of unrelated conversations, hence random tokens."""
+    if not 1 <= n <= trace.n_sequences:
+        raise ValueError(f"{n} sequences: the trace has {trace.n_sequences}")
+    rng = np.random.default_rng(seed)
+    lengths = np.diff(trace.seq_starts)
+    seqs = np.argsort(rng.random((samples, trace.n_sequences)), axis=1)[:, :n]  # [S, n]
+    tokens = trace.seq_starts[seqs] + (rng.random((samples, n)) * lengths[seqs]).astype(np.int64)
+    chosen = trace.experts[tokens].astype(np.int64)  # [S, n, L, k]
+    hot = np.zeros((samples, trace.n_layers, trace.n_experts), dtype=bool)
+    s, _, layer, _ = np.indices(chosen.shape, sparse=True)
+    hot[s, layer, chosen] = True
+    union = hot.sum(-1).mean()
+    return n * trace.top_k / float(union)
