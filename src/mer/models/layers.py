@@ -136,27 +136,51 @@ def moe(
     ones cannot evict them before their turn; then the missing ones are all
     asked for at once, so their reads run in parallel (and behind the resident
     experts' compute) instead of one after another.
+
+    Each token's expert outputs are summed in expert order, whatever was cached:
+    the result never depends on the cache. The token-expert pairs are sorted by
+    expert once, so each expert runs on a contiguous slice (a gather and a scatter
+    per layer, not per expert); a single token needs neither.
     """
-    out = torch.zeros_like(x)
-    wanted = ids.unique().tolist()
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    wanted, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    span = dict(zip(wanted.tolist(), zip([0, *ends[:-1]], ends, strict=True), strict=True))
+    if t == 1:
+        xs, w = x, weights.reshape(-1)[order]
+        ys: list[torch.Tensor | None] = [None] * len(span)
+    else:
+        tok = order // k
+        xs, w = x[tok], weights.reshape(-1)[order, None]
+        ys = torch.empty_like(xs)
+
+    def run(e: int, ffn) -> None:
+        a, b = span[e]
+        if t == 1:
+            ys[a] = (ffn(xs) * w[a]).to(x.dtype)
+        else:
+            ys[a:b] = ffn(xs[a:b])
+
     with ExitStack() as held:
-        resident = {
+        ffns = {
             e: held.enter_context(experts.use(layer, e))
-            for e in wanted
+            for e in span
             if experts.is_resident(layer, e)
         }
-        missing = [e for e in wanted if e not in resident]
+        missing = [e for e in span if e not in ffns]
         if missing:
             experts.fetch(layer, missing)
-        for e, ffn in resident.items():
-            _add_expert(out, x, weights, ids, e, ffn)
+        for e, ffn in ffns.items():
+            run(e, ffn)
     for e in missing:
         with experts.use(layer, e) as ffn:
-            _add_expert(out, x, weights, ids, e, ffn)
-    return out
-
-
-def _add_expert(out, x, weights, ids, e: int, ffn) -> None:
-    tok, slot = torch.where(ids == e)
-    y = ffn(x[tok])  # [n, H]
-    out.index_add_(0, tok, (y * weights[tok, slot, None]).to(x.dtype))
+            run(e, ffn)
+    if t == 1:
+        out = ys[0]
+        for y in ys[1:]:
+            out = out + y
+        return out
+    out = torch.zeros_like(x)
+    return out.index_add_(0, tok, (ys * w).to(x.dtype))
