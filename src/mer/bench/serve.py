@@ -148,7 +148,8 @@ def run_serve_bench(args) -> None:
 
     table = Table(title="agent workload: one request at a time vs continuous batching")
     cols = ["agents", "mode", "reqs", "tokens", "wall s", "tok/s", "TTFT ms p50/p99"]
-    cols += ["TPOT ms p50/p99", "reads/tok", "SSD/tok", "dedup", "prefix hit", "tok/s", "SSD"]
+    cols += ["TPOT ms p50/p99", "prefill/tok", "busy", "reads/tok", "SSD/tok", "dedup"]
+    cols += ["prefix hit", "tok/s", "SSD"]
     for col in cols:
         table.add_column(col, justify="right")
     total = sum(2 * n * args.turns for n in args.agents)
@@ -162,9 +163,9 @@ def run_serve_bench(args) -> None:
             conc = run_workload(server(False), model, context, sessions, None, bar)
             for mode, r in (("1 at a time", base), ("batched", conc)):
                 m = r.metrics
-                hit = m["mer_prefix_cache_hit_tokens_total"] / max(
-                    1, m["mer_prefix_cache_query_tokens_total"]
-                )
+                queried = m["mer_prefix_cache_query_tokens_total"]
+                reused = m["mer_prefix_cache_hit_tokens_total"]
+                hit = reused / max(1, queried)
                 is_conc = r is conc
                 table.add_row(
                     str(n),
@@ -175,6 +176,8 @@ def run_serve_bench(args) -> None:
                     f"{r.tok_per_s:.1f}",
                     f"{1e3 * r.pct('ttft', 50):.0f}/{1e3 * r.pct('ttft', 99):.0f}",
                     f"{1e3 * r.pct('tpot', 50):.0f}/{1e3 * r.pct('tpot', 99):.0f}",
+                    f"{(queried - reused) / max(1, r.generated):.1f}",
+                    f"{100 * m['mer_engine_busy_seconds_total'] / r.wall:.0f}%",
                     f"{m['mer_expert_reads_total'] / max(1, r.generated):.2f}",
                     fmt_decimal(r.bytes_per_token),
                     f"{r.dedup:.2f}",
@@ -186,7 +189,9 @@ def run_serve_bench(args) -> None:
     console.print(
         "1 at a time: one request runs at a time (the server's --max-running 1, or with "
         "--url client-side turns), the others queue; batched: continuous batching. Both serve "
-        "the same N agents, think time included. reads/tok and SSD/tok: expert reads (demand "
+        "the same N agents, think time included. prefill/tok: prompt tokens computed (not "
+        "reused from the prefix cache) per generated token; busy: share of the wall time the "
+        "engine spent in forward passes. reads/tok and SSD/tok: expert reads (demand "
         "and prefetch) and their bytes per generated token, prefill included; dedup: "
         "sequences served per expert acquisition. Last two columns: the batched run's tok/s "
         "over the 1-at-a-time run's (x), and by what it divides SSD bytes per token (/)."
