@@ -89,6 +89,12 @@ def test_bench_cache_prints_policy_tables(tmp_path):
     assert "replay by token" in out and "replay by prefill" in out
     for policy in ("lru", "lfu", "ours", "belady"):
         assert f"│ {policy} " in out or f" {policy} │" in out
+    assert "expert size 4.60 MB (DeepSeek-V2-Lite's in int4" in out  # the trace records none
+    trace = random_trace(0)
+    trace.meta["expert_bytes"] = 106_496
+    trace.save(tmp_path / "mine.npz")
+    out = mer("bench", "cache", "--trace", tmp_path / "mine.npz", "--slots", "20").stdout
+    assert "expert size 106.50 kB (recorded with the trace)" in out
     small = mer("bench", "cache", "--trace", tmp_path / "t.npz", "--slots", "1", check=False)
     assert small.returncode == 1
     assert small.stderr.startswith("error: --slots 1 is below") and small.stderr.count("\n") == 1

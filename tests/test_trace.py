@@ -155,6 +155,7 @@ def test_generation_records_a_replayable_trace(store_factory, tmp_path):
     assert trace.phase.tolist() == [0] * 5 + [1] * 3 + [0] * 3 + [1] * 3
     assert trace.experts.shape == (14, 2, 2) and trace.weights.shape == (14, 2, 2)
     assert trace.meta["n_experts"] == 4 and trace.meta["moe_layers"] == [0, 1]
+    assert trace.meta["expert_bytes"] == model.store.expert_format.nbytes
     # The recorded routing is the model's: a fresh prefill of prompt + output routes the same.
     seen = []
     model.transformer.observers = [lambda layer, ids, w: seen.append(ids)]

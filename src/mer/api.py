@@ -94,7 +94,7 @@ class Model:
 
     def record_trace(self) -> TraceRecorder:
         """Record routing of every generation from now on; `.trace()` returns what was seen."""
-        recorder = TraceRecorder(self.config)
+        recorder = TraceRecorder(self.config, self.store.expert_format.nbytes)
         self.transformer.observers.append(recorder)
         self._recorders.append(recorder)
         return recorder

@@ -438,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache sizes as fractions of all experts (without --slots)")  # fmt: skip
     b.add_argument("--mode", choices=["token", "prefill", "both"], default="both")
     b.add_argument("--max-tokens", type=int, default=5000, help="replay the first N tokens")
-    b.add_argument("--expert-bytes", type=int, default=4_595_712,
-                   help="bytes per expert read (default: DeepSeek-V2-Lite's in int4)")  # fmt: skip
+    b.add_argument("--expert-bytes", type=int,
+                   help="bytes per expert read (default: the trace's own, recorded by mer; "
+                   "else DeepSeek-V2-Lite's in int4)")  # fmt: skip
     b.add_argument(
         "--pin-share",
         type=float,

@@ -32,13 +32,14 @@ from mer.units import fmt_decimal
 def run_cache_bench(args) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
     trace = load_trace(args.trace)
+    expert_bytes, priced = _expert_bytes(args.expert_bytes, trace)
     learns = bool(args.pin_share or args.prefetch)
     total = trace.n_layers * trace.n_experts
     console.print(
         f"{args.trace}: {trace.meta.get('model', 'model?')}, {trace.n_tokens} tokens in "
         f"{trace.n_sequences} sequences, {trace.n_layers} MoE layers x "
         f"{trace.n_experts} experts, top-{trace.top_k}; "
-        f"expert size {fmt_decimal(args.expert_bytes)}"
+        f"expert size {fmt_decimal(expert_bytes)} ({priced})"
     )
     if learns:
         train, replay = split_trace(trace, args.held_out)
@@ -113,7 +114,7 @@ def run_cache_bench(args) -> None:
                         "prefetched": str(prefetched) if pf else "",
                         "used": str(used) if pf else "",
                         "reads": str(reads),
-                        "read": fmt_decimal(reads * args.expert_bytes),
+                        "read": fmt_decimal(reads * expert_bytes),
                         "÷belady": f"{misses / best:.2f}",
                         "reads÷belady": f"{reads / best:.2f}",
                         "÷lru": f"{misses / lru:.2f}",
@@ -136,6 +137,21 @@ def run_cache_bench(args) -> None:
             "wasted reads); reads: misses + prefetches"
         )
     console.print("; ".join(notes) + ".")
+
+
+# One int4 expert of DeepSeek-V2-Lite (the shared trace's model): 3 x 2048 x 1408 weights.
+DEEPSEEK_V2_LITE_EXPERT = 4_595_712
+
+
+def _expert_bytes(given: int | None, trace) -> tuple[int, str]:
+    """Bytes one expert read costs, and where the figure comes from."""
+    if given is not None:
+        if given < 1:
+            raise ConfigError(f"--expert-bytes must be positive, got {given}")
+        return given, "--expert-bytes"
+    if recorded := trace.meta.get("expert_bytes"):
+        return int(recorded), "recorded with the trace"
+    return DEEPSEEK_V2_LITE_EXPERT, "DeepSeek-V2-Lite's in int4; --expert-bytes to change"
 
 
 def _runs(pin: bool, prefetch: bool) -> list[tuple[str, bool, bool]]:

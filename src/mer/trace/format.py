@@ -9,6 +9,8 @@ recorded with `mer generate --trace-hidden`, `hidden` float16 [tokens, layers, h
 the hidden state entering each MoE block, after its norm, i.e. exactly what the
 block's router multiplies (router lookahead, `mer.predict.lookahead`, needs it).
 `layers` counts MoE layers only, in model order (`meta["moe_layers"]` names them).
+Our traces also record `meta["expert_bytes"]`, the size of one expert read in the
+traced store, so that replays price misses in that model's bytes.
 """
 
 from __future__ import annotations

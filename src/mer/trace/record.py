@@ -17,8 +17,11 @@ from mer.trace.format import Trace
 
 
 class TraceRecorder:
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, expert_bytes: int | None = None) -> None:
+        """`expert_bytes`: what reading one expert costs in the store, kept in the trace's
+        metadata so that replays price misses in the traced model's own bytes."""
         self.config = config
+        self.expert_bytes = expert_bytes
         self.moe_layers = config.moe_layers
         self._column = {layer: j for j, layer in enumerate(self.moe_layers)}
         self._experts: list[np.ndarray] = []  # one [T, moe_layers, k] block per pass
@@ -97,6 +100,8 @@ class TraceRecorder:
             "moe_layers": list(self.moe_layers),
             "recorded": "mer generate: every forward pass, prefill then decode",
         }
+        if self.expert_bytes:
+            meta["expert_bytes"] = int(self.expert_bytes)
         return Trace(
             np.concatenate(self._experts or [empty]).astype(np.int16),
             np.array([*self._starts, self._tokens] if self._starts else [0], np.int64),
