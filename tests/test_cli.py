@@ -106,3 +106,26 @@ def test_default_demo_completes_python_with_the_bundled_model(tmp_path):
     assert proc.stdout.startswith("def fibonacci(n):")
     completion = proc.stdout.split('"""Return the n-th Fibonacci number."""\n', 1)[1]
     assert completion.strip() and "\ufffd" not in completion
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bench", "serve", "--agents", "4", "0"],
+        ["bench", "serve", "--turns", "0"],
+        ["bench", "spec", "--prompts", "0"],
+        ["bench", "io", "--store", "nowhere", "--tokens", "0"],
+        ["bench", "kernel", "--hidden", "0"],
+        ["bench", "cache", "--trace", "t.npz", "--max-tokens", "-3"],
+        ["serve", "--store", "nowhere", "--max-concurrent", "0"],
+        ["generate", "--store", "nowhere", "--prompt", "x", "--max-tokens", "0"],
+    ],
+)
+def test_a_count_below_one_is_refused_before_any_work(capsys, args):
+    from mer.cli import main
+
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    named = ("--store", "--trace", "--prompt")
+    flag = next(a for a in args if a.startswith("--") and a not in named)
+    assert err.startswith(f"error: {flag} must be at least 1, got") and "\n" not in err

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mer.cache.policy import POLICIES
-from mer.errors import MerError
+from mer.errors import ConfigError, MerError
 from mer.units import fmt_bytes, fmt_decimal
 
 out = Console(highlight=False, soft_wrap=True)
@@ -514,9 +514,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options that count something (tokens, threads, agents, widths): wherever a command has
+# one, zero or less is a mistake, refused before any work starts.
+COUNTS = (
+    "agents", "batch", "epochs", "ffn", "group_size", "hidden", "io_threads", "max_batch_tokens",
+    "max_concurrent", "max_distance", "max_running", "max_tokens", "prompts", "spec_k",
+    "threads", "tokens", "turns", "window",
+)  # fmt: skip
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    for name in COUNTS:
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be at least 1, got {v}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_counts(args)
         args.func(args)
     except MerError as e:
         err.print(f"error: {e}", style="red", markup=False)
