@@ -263,12 +263,31 @@ def test_bench_cache_with_pins_and_prefetch(tmp_path, capsys):
     assert "replay by prefill" in out and "3 at 12 slots by token" in out
 
 
+def test_bench_cache_timed_on_a_device(tmp_path, capsys):
+    patterned_trace(noise=0.2).save(tmp_path / "t.npz")
+    out = run_cli(capsys, "bench", "cache", "--trace", tmp_path / "t.npz", "--slots", "12",
+                  "--prefetch", "markov", "--device-gbps", "2", "--step-ms", "3",
+                  "--expert-bytes", "4000000")  # fmt: skip
+    token = out[: out.index("replay by prefill")]
+    assert "stall ms/tok" in token and "tok/s" in token
+    assert "stall ms/tok" not in out[out.index("replay by prefill") :].split("misses:")[0]
+    # 2 ms per read, 3 ms per step: a read fits in one step, so guesses go 1 layer ahead.
+    assert "(2.00 ms per expert)" in out and "1 MoE layer(s) ahead" in out
+    rows = {r.split("│")[2].strip(): r.split("│") for r in token.splitlines() if "│" in r}
+    # Without prefetching every miss stalls for one read: 2 ms.
+    misses, stall = int(rows["belady"][3]), float(rows["belady"][-4])
+    tokens = int(out.split("replaying ")[1].split(" held-out")[0])
+    assert stall == pytest.approx(2 * misses / tokens, abs=0.06)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--prefetch", "speculator"], "needs --speculator"),
         (["--prefetch", "lookahead"], "needs --store"),
         (["--prefetch", "markov", "--read-steps", "4"], "--read-steps must be 1..3"),
+        (["--device-gbps", "2"], "--device-gbps and --step-ms go together"),
+        (["--device-gbps", "0", "--step-ms", "1"], "--device-gbps must be positive"),
     ],
 )
 def test_bench_cache_bad_options_are_one_line_errors(tmp_path, capsys, args, message):

@@ -11,7 +11,7 @@ from mer.cache.expert_cache import ExpertCache
 from mer.cache.policy import LayerCycleScore
 from mer.store.reader import Store
 from mer.trace.format import Trace
-from mer.trace.prefetch import Plan, plan, simulate_prefetch
+from mer.trace.prefetch import Device, Plan, plan, simulate_prefetch
 from mer.trace.replay import POLICIES, accesses, frequent_keys, simulate
 
 
@@ -177,3 +177,45 @@ def test_cache_prefetch_never_takes_the_slot_of_an_expert_just_routed_to(store_f
     cache.observe(0, torch.tensor([[0, 3]]))
     assert cache.prefetch(0, [3]) == 1
     assert cache.is_resident(0, 0) and not cache.is_resident(1, 0)
+
+
+def test_device_serves_demand_reads_first_and_cancels_unstarted_prefetches():
+    d = Device(read_s=1.0, step_s=0.5)
+    d.prefetch(10, now=0.0)
+    d.prefetch(11, now=0.0)
+    d.prefetch(12, now=0.0)
+    # At t=0.5 prefetch 10 is being read (0..1); the demand read waits for it, not for 11.
+    assert d.need(20, now=0.5) == 2.0
+    assert d.need(11, now=0.5) == 3.0  # a waiting prefetch needed now becomes a demand read
+    d.evict(12)  # never started: cancelled, it costs the device nothing
+    assert d.need(21, now=3.0) == 4.0
+    assert d.need(10, now=4.0) == 1.0  # read long ago
+
+
+def test_timed_replay_stalls_one_read_per_miss_without_prefetch():
+    trace = random_trace(2, tokens=200)
+    acc = accesses(trace, "token")
+    nothing = Plan(np.zeros(0, np.int64), np.zeros(len(acc.step_starts), np.int64))
+    for policy in ("lru", "ours"):
+        r = simulate_prefetch(acc, policy, 12, nothing, device=Device(0.003, 0.002))
+        assert r.misses == simulate(acc, policy, 12)
+        assert r.stall_s == pytest.approx(r.misses * 0.003)
+        assert simulate_prefetch(acc, policy, 12, nothing).stall_s is None  # untimed
+
+
+def test_prefetching_hides_reads_only_where_the_device_has_bandwidth_to_spare():
+    trace = random_trace(1, tokens=400)
+    acc = accesses(trace, "token")
+    nothing = Plan(np.zeros(0, np.int64), np.zeros(len(acc.step_starts), np.int64))
+    perfect = plan(trace, "token", oracle(trace), read_steps=1, guesses=trace.top_k)
+    guesses = plan(trace, "token", noise(trace), read_steps=1, guesses=4)
+    for policy in ("lru", "ours"):
+        fast = Device(read_s=0.001, step_s=0.004)  # two reads take half a step
+        plain = simulate_prefetch(acc, policy, 24, nothing, device=fast).stall_s
+        assert simulate_prefetch(acc, policy, 24, perfect, device=fast).stall_s < 0.2 * plain
+        slow = Device(read_s=0.004, step_s=0.001)  # each read takes four steps
+        plain = simulate_prefetch(acc, policy, 24, nothing, device=slow).stall_s
+        # Perfect guesses still only start the needed reads earlier...
+        assert simulate_prefetch(acc, policy, 24, perfect, device=slow).stall_s <= plain
+        # ...but wasted reads of random ones hold up the needed reads.
+        assert simulate_prefetch(acc, policy, 24, guesses, device=slow).stall_s > plain

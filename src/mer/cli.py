@@ -457,9 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--read-steps",
         type=int,
-        default=1,
         help="read time of one expert in layer-steps: prefetches are guessed this "
-        "many MoE layers ahead, the latest that still arrives in time (default 1)",
+        "many MoE layers ahead, the latest that still arrives in time (default 1, or "
+        "with --device-gbps the read time over --step-ms)",
+    )
+    b.add_argument(
+        "--device-gbps",
+        type=float,
+        help="also time the token replay on a device reading this many GB/s, one read at "
+        "a time, with --step-ms of compute per MoE layer: stall per token and tok/s",
+    )
+    b.add_argument(
+        "--step-ms",
+        type=float,
+        help="compute time of one MoE layer of one token, in ms (with --device-gbps)",
     )
     b.add_argument("--guesses", type=int, help="experts prefetched per step (default top-k)")
     b.add_argument("--speculator", help="a trained speculator, for --prefetch speculator")

@@ -7,11 +7,16 @@ most frequent experts pinned, and with `--prefetch PREDICTOR` they also read
 that predictor's guesses `--read-steps` layers ahead (`mer.trace.prefetch`).
 Pins and predictors are learned from the first part of the trace and the
 replay runs on held-out sequences only (all rows, so they compare): nothing is
-judged on what it learned from.
+judged on what it learned from. With `--device-gbps` and `--step-ms` the token
+replay also keeps time on such a device (`mer.trace.prefetch.Device`): the stall
+per token and the tokens per second it allows. Without prefetching every miss
+stalls for one read; with it, reads overlap compute only as far as the device
+has bandwidth to spare.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from functools import partial
@@ -24,13 +29,13 @@ from mer.errors import ConfigError
 from mer.predict import catalog
 from mer.progress import progress_bar
 from mer.trace.format import load_trace, split_trace
-from mer.trace.prefetch import PREFETCH_POLICIES, plan, simulate_prefetch
+from mer.trace.prefetch import PREFETCH_POLICIES, Device, plan, simulate_prefetch
 from mer.trace.replay import POLICIES, accesses, frequent_keys, simulate
 from mer.units import fmt_decimal
 
 
 def run_cache_bench(args) -> None:
-    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     trace = load_trace(args.trace)
     expert_bytes, priced = _expert_bytes(args.expert_bytes, trace)
     learns = bool(args.pin_share or args.prefetch)
@@ -51,6 +56,10 @@ def run_cache_bench(args) -> None:
     else:
         train, replay = None, trace.head(args.max_tokens)
     predictor = None
+    timing = _timing(args, expert_bytes)
+    if args.read_steps is None:
+        steps_per_read = math.ceil(timing[0] / timing[1]) if timing and timing[1] else 1
+        args.read_steps = min(max(1, steps_per_read), trace.n_layers - 1)
     if args.prefetch and not 1 <= args.read_steps < trace.n_layers:
         raise ConfigError(f"--read-steps must be 1..{trace.n_layers - 1} (the MoE layers "
                           f"less one), got {args.read_steps}")  # fmt: skip
@@ -78,10 +87,13 @@ def run_cache_bench(args) -> None:
         runs = _runs(args.pin_share > 0, guess_plan is not None)
         table = Table(title=f"replay by {mode}: {len(acc.keys)} expert accesses")
         prefetching = guess_plan is not None
+        timed = timing is not None and mode == "token"  # a prefill step's compute varies
         cols = ["slots", "policy", "misses", "prefetched", "used", "reads", "read", "÷belady",
-                "reads÷belady", "÷lru", "s"]  # fmt: skip
+                "reads÷belady", "÷lru", "stall ms/tok", "tok/s", "s"]  # fmt: skip
         if not prefetching:  # every read is a miss: the prefetch columns would say nothing
             cols = [c for c in cols if c not in ("prefetched", "used", "reads", "reads÷belady")]
+        if not timed:
+            cols = [c for c in cols if c not in ("stall ms/tok", "tok/s")]
         for col in cols:
             table.add_column(col, justify="right")
         with progress_bar(len(sizes) * len(runs), f"replay {mode}", unit="runs") as bar:
@@ -96,16 +108,22 @@ def run_cache_bench(args) -> None:
                     t0 = time.perf_counter()
                     use = pins if pinned else ()
                     if prefetching:
-                        r = simulate_prefetch(acc, policy, slots, guess_plan, use)
-                        got = (r.misses, r.prefetches, r.useful)
+                        device = Device(*timing) if timed else None
+                        r = simulate_prefetch(acc, policy, slots, guess_plan, use, device)
+                        got = (r.misses, r.prefetches, r.useful, r.stall_s)
                     else:
-                        got = (simulate(acc, policy, slots, use), 0, 0)
+                        misses = simulate(acc, policy, slots, use)
+                        # No prefetching: each miss waits for its read on an idle device.
+                        got = (misses, 0, 0, misses * timing[0] if timed else None)
                     name = policy + "+pin" * pinned + "+pf" * prefetching
                     results[name] = (*got, time.perf_counter() - t0)
                     bar.advance()
                 best, lru = results["belady"][0], results["lru"][0]
-                for i, (name, (misses, prefetched, used, secs)) in enumerate(results.items()):
+                tokens = replay.n_tokens
+                for i, (name, result) in enumerate(results.items()):
+                    misses, prefetched, used, stall, secs = result
                     reads = misses + prefetched
+                    wall = len(acc.step_layer) * timing[1] + stall if timed else 0.0
                     pf = "+pf" in name
                     cells = {
                         "slots": f"{slots} ({100 * slots / total:.0f}%)" if i == 0 else "",
@@ -118,6 +136,8 @@ def run_cache_bench(args) -> None:
                         "÷belady": f"{misses / best:.2f}",
                         "reads÷belady": f"{reads / best:.2f}",
                         "÷lru": f"{misses / lru:.2f}",
+                        "stall ms/tok": f"{1e3 * stall / tokens:.1f}" if timed else "",
+                        "tok/s": f"{tokens / wall:.2f}" if timed and wall else "",
                         "s": f"{secs:.1f}",
                     }
                     table.add_row(*(cells[c] for c in cols))
@@ -130,6 +150,13 @@ def run_cache_bench(args) -> None:
     if pinned_at:
         at = ", ".join(f"{n} at {slots} slots by {mode}" for (mode, slots), n in pinned_at.items())
         notes.append(f"+pin: the most frequent experts of the first part pinned ({at})")
+    if timing is not None:
+        notes.append(
+            f"timed (token replay): one read at a time at {args.device_gbps:g} GB/s "
+            f"({1e3 * timing[0]:.2f} ms per expert), {args.step_ms:g} ms of compute per MoE "
+            "layer step; stall: time steps waited for reads; Belady's is its misses' reads, "
+            "which prefetching can hide"
+        )
     if predictor is not None:
         notes.append(
             f"+pf: prefetching the {guesses} best guesses of {args.prefetch}, {args.read_steps} "
@@ -137,6 +164,20 @@ def run_cache_bench(args) -> None:
             "wasted reads); reads: misses + prefetches"
         )
     console.print("; ".join(notes) + ".")
+
+
+def _timing(args, expert_bytes: int) -> tuple[float, float] | None:
+    """(seconds per expert read, seconds per layer step) of --device-gbps and --step-ms."""
+    if args.device_gbps is None and args.step_ms is None:
+        return None
+    if args.device_gbps is None or args.step_ms is None:
+        raise ConfigError("--device-gbps and --step-ms go together (the device and the model)")
+    if args.device_gbps <= 0 or args.step_ms < 0:
+        raise ConfigError(
+            f"--device-gbps must be positive and --step-ms not negative, got "
+            f"{args.device_gbps:g} and {args.step_ms:g}"
+        )
+    return expert_bytes / (args.device_gbps * 1e9), args.step_ms / 1e3
 
 
 # One int4 expert of DeepSeek-V2-Lite (the shared trace's model): 3 x 2048 x 1408 weights.

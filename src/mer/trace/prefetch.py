@@ -14,15 +14,22 @@ prompts (the next prompt's tokens are unknown).
 Counted: demand misses (accesses that found their expert absent and waited for a
 read), prefetch reads, and the prefetches used before being evicted; the rest
 were wasted reads. Every read, demand or prefetch, moves an expert's bytes, and
-no prefetching can make the total fall below Belady's misses. Bandwidth is not
-modelled: the prefetches of one step are independent reads that overlap.
+no prefetching can make the total fall below Belady's misses.
+
+Counted so, the prefetches of one step are independent reads that overlap: a
+device of unbounded bandwidth. Given a `Device` (a read's time at the device's
+bandwidth, and a step's compute time), the replay also keeps time: reads are
+served one at a time, a step's demand reads go ahead of prefetches still waiting,
+a step starts computing when all its experts are in, and the time it waits is
+its stall. Prefetches then pay only if the device has bandwidth to spare, as on
+a real SSD: wasted reads delay the useful ones.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -53,6 +60,7 @@ class PrefetchResult:
     misses: int  # demand misses, pins' first reads included
     prefetches: int  # prefetch reads
     useful: int  # prefetched experts used before eviction
+    stall_s: float | None = None  # time steps waited for reads, with a Device
 
     @property
     def wasted(self) -> int:
@@ -61,6 +69,78 @@ class PrefetchResult:
     @property
     def reads(self) -> int:
         return self.misses + self.prefetches
+
+
+@dataclass
+class Device:
+    """A device that reads one expert in `read_s` seconds, one read at a time (its bandwidth
+    is the limit, not how many reads are queued), and a model whose every step computes
+    for `step_s` seconds once its experts are in. Demand reads are served before waiting
+    prefetches (never before the read being served); a prefetch evicted before its read
+    starts is cancelled."""
+
+    read_s: float
+    step_s: float
+    busy_until: float = 0.0  # when the read being served (or the last one) ends
+    waiting: OrderedDict = field(default_factory=OrderedDict)  # key -> issue time, FIFO
+    ready: dict = field(default_factory=dict)  # key -> when its bytes are in
+
+    def _start_waiting(self, now: float) -> None:
+        """Start, in order, the waiting prefetches the device reached before `now`."""
+        while self.waiting:
+            key, issued = next(iter(self.waiting.items()))
+            start = max(self.busy_until, issued)
+            if start >= now:
+                return
+            del self.waiting[key]
+            self.busy_until = self.ready[key] = start + self.read_s
+
+    def need(self, key: int, now: float) -> float:
+        """When an expert a step uses at `now` is in: a new demand read, a waiting prefetch
+        promoted to one, or a read already started (or done)."""
+        self._start_waiting(now)
+        if key in self.waiting:
+            del self.waiting[key]
+        elif key in self.ready:
+            return self.ready[key]
+        self.busy_until = self.ready[key] = max(self.busy_until, now) + self.read_s
+        return self.ready[key]
+
+    def prefetch(self, key: int, now: float) -> None:
+        self.waiting[key] = now
+
+    def evict(self, key: int) -> None:
+        self.waiting.pop(key, None)
+        self.ready.pop(key, None)
+
+
+class _Clock:
+    """A replay's time on a Device (or none): the step being run and its stall so far."""
+
+    def __init__(self, device: Device | None) -> None:
+        self.device, self.now, self.stall = device, 0.0, 0.0
+        self._in = 0.0  # when the current step's experts are all in
+
+    def begin(self) -> None:
+        self._in = self.now
+
+    def need(self, key: int) -> None:
+        if self.device is not None:
+            self._in = max(self._in, self.device.need(key, self.now))
+
+    def computed(self) -> None:
+        """The step's experts are in (after waiting, if it had to) and it has run."""
+        if self.device is not None:
+            self.stall += self._in - self.now
+            self.now = self._in + self.device.step_s
+
+    def prefetch(self, key: int) -> None:
+        if self.device is not None:
+            self.device.prefetch(key, self.now)
+
+    def evict(self, key: int) -> None:
+        if self.device is not None:
+            self.device.evict(key)
 
 
 def plan(trace: Trace, mode: str, scorer: Scorer, read_steps: int, guesses: int) -> Plan:
@@ -104,9 +184,10 @@ def top_experts(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 def simulate_prefetch(
-    acc: Accesses, policy: str, slots: int, prefetch: Plan, pinned=()
+    acc: Accesses, policy: str, slots: int, prefetch: Plan, pinned=(), device: Device | None = None
 ) -> PrefetchResult:
-    """Replay of `policy` with `slots` slots that also reads the planned prefetches."""
+    """Replay of `policy` with `slots` slots that also reads the planned prefetches; with a
+    `device`, also the time steps stall on reads (pins are read before the replay)."""
     if len(prefetch.starts) != len(acc.step_starts):
         raise ValueError("the prefetch plan was made for another access stream")
     run = {"lru": _lru, "ours": _ours}.get(policy)
@@ -121,8 +202,10 @@ def simulate_prefetch(
     if len(pinned):
         pins = {int(k) for k in pinned}
         steps = [[k for k in keys if k not in pins] for keys in steps]
-    misses, prefetches, useful = run(acc, slots, steps)
-    return PrefetchResult(cold + misses, prefetches, useful)
+    # The replay runs on an idle device of the same speeds: `device` itself is not changed.
+    clock = _Clock(Device(device.read_s, device.step_s) if device else None)
+    misses, prefetches, useful = run(acc, slots, steps, clock)
+    return PrefetchResult(cold + misses, prefetches, useful, clock.stall if device else None)
 
 
 def _steps(acc: Accesses):
@@ -133,13 +216,14 @@ def _steps(acc: Accesses):
         yield s, s // acc.n_layers, layers[s], keys[starts[s] : starts[s + 1]]
 
 
-def _lru(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, int]:
+def _lru(acc: Accesses, slots: int, plan: list[list[int]], clock: _Clock) -> tuple[int, int, int]:
     cache: OrderedDict[int, None] = OrderedDict()  # least recently used first
     last_pass: dict[int, int] = {}
     unused: set[int] = set()  # prefetched, not used yet
     misses = prefetches = useful = 0
     for s, pass_, _, step in _steps(acc):
         in_step = set(step)
+        clock.begin()
         for key in step:
             if key in cache:
                 cache.move_to_end(key)
@@ -152,7 +236,9 @@ def _lru(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, in
                     victim = next(k for k in cache if k not in in_step)
                     del cache[victim]
                     unused.discard(victim)
+                    clock.evict(victim)
                 cache[key] = None
+            clock.need(key)
             last_pass[key] = pass_
         for key in plan[s]:
             if key in cache:
@@ -162,13 +248,16 @@ def _lru(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, in
                 if victim in unused or last_pass.get(victim) == pass_:
                     break  # everything else is more recent: LRU admits nothing more now
                 del cache[victim]
+                clock.evict(victim)
             cache[key] = None
             unused.add(key)
             prefetches += 1
+            clock.prefetch(key)
+        clock.computed()
     return misses, prefetches, useful
 
 
-def _ours(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, int]:
+def _ours(acc: Accesses, slots: int, plan: list[list[int]], clock: _Clock) -> tuple[int, int, int]:
     score = LayerCycleScore(acc.n_layers, acc.n_experts, acc.top_k)
     n_keys = acc.n_layers * acc.n_experts
     resident = np.zeros(n_keys, dtype=bool)
@@ -178,6 +267,7 @@ def _ours(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, i
     for s, pass_, layer, step in _steps(acc):
         score.visit(layer, np.asarray(step, dtype=np.int64) - layer * acc.n_experts)
         scores = score.scores(layer)  # fixed until the next visit
+        clock.begin()
         for key in step:
             if resident[key]:
                 if unused[key]:
@@ -190,9 +280,11 @@ def _ours(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, i
                     candidates[step] = -np.inf
                     victim = int(np.argmax(candidates))
                     resident[victim] = unused[victim] = False
+                    clock.evict(victim)
                     count -= 1
                 resident[key] = True
                 count += 1
+            clock.need(key)
             last_pass[key] = pass_
         for key in plan[s]:
             if resident[key]:
@@ -207,8 +299,11 @@ def _ours(acc: Accesses, slots: int, plan: list[list[int]]) -> tuple[int, int, i
                 ):
                     continue
                 resident[victim] = False
+                clock.evict(victim)
                 count -= 1
             resident[key] = unused[key] = True
             count += 1
             prefetches += 1
+            clock.prefetch(key)
+        clock.computed()
     return misses, prefetches, useful
