@@ -233,6 +233,25 @@ def test_an_api_key_is_required_when_set(trained_store):
             wrong.models.list()
 
 
+def test_serve_on_port_0_announces_the_port_it_got(trained_store):
+    cmd = [sys.executable, "-m", "mer.cli", "serve", "--store", str(trained_store), "--port", "0"]
+    proc = subprocess.Popen(cmd + ["--kv-budget", "16MiB"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("serving ") and ":0/" not in line, line
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        for _ in range(100):
+            try:
+                status, body = request(port, "GET", "/health")
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_serve_refuses_a_port_in_use(trained_store):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

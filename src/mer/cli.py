@@ -128,12 +128,13 @@ def cmd_serve(args) -> None:
         draft=open_draft(args, args.dtype),
         spec_k=args.spec_k,
     ).start()
-    err.print(
-        f"serving {name} on http://{args.host}:{args.port}/v1 (KV pool "
-        f"{scheduler.pool.n_blocks} blocks of {scheduler.pool.block_size} tokens, "
-        f"{fmt_bytes(scheduler.pool.n_blocks * scheduler.pool.block_bytes)})"
-    )
-    serve(model, scheduler, settings, args.host, args.port)
+    pool = scheduler.pool
+    kv_bytes = fmt_bytes(pool.n_blocks * pool.block_bytes)
+    kv = f"{pool.n_blocks} blocks of {pool.block_size} tokens, {kv_bytes}"
+    serve(
+        model, scheduler, settings, args.host, args.port,
+        announce=lambda url: err.print(f"serving {name} on {url} (KV pool {kv})"),
+    )  # fmt: skip
 
 
 def cmd_convert(args) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
@@ -309,15 +311,34 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def serve(model: Model, scheduler: Scheduler, settings: ServerSettings, host: str, port: int):
-    """Run until interrupted; the scheduler and model are closed on the way out."""
+def serve(
+    model: Model,
+    scheduler: Scheduler,
+    settings: ServerSettings,
+    host: str,
+    port: int,
+    announce: Callable[[str], None] = lambda url: None,
+):
+    """Run until interrupted; the scheduler and model are closed on the way out. The socket
+    is bound first, so `announce` gets the real address (port 0 picks a free one)."""
     import uvicorn
 
     server = Server(model, scheduler, settings)
     try:
-        uvicorn.run(server.app(), host=host, port=port, log_level="warning", access_log=False)
-    except (OSError, SystemExit) as e:
-        raise MerError(f"cannot serve on {host}:{port}: {e}") from None
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.create_server((host, port), family=family)
+        except OSError as e:
+            raise MerError(f"cannot serve on {host}:{port}: {e}") from None
+        bound = sock.getsockname()[1]
+        announce(f"http://{host}:{bound}/v1")
+        config = uvicorn.Config(server.app(), log_level="warning", access_log=False)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except (OSError, SystemExit) as e:
+            raise MerError(f"cannot serve on {host}:{bound}: {e}") from None
+        finally:
+            sock.close()
     finally:
         scheduler.close()
         model.close()
