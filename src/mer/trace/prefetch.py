@@ -187,7 +187,7 @@ def simulate_prefetch(
     acc: Accesses, policy: str, slots: int, prefetch: Plan, pinned=(), device: Device | None = None
 ) -> PrefetchResult:
     """Replay of `policy` with `slots` slots that also reads the planned prefetches; with a
-    `device`, also the time steps stall on reads (pins are read before the replay)."""
+    `device`, also the time steps stall on reads (a pin's first read stalls as a miss)."""
     if len(prefetch.starts) != len(acc.step_starts):
         raise ValueError("the prefetch plan was made for another access stream")
     run = {"lru": _lru, "ours": _ours}.get(policy)
@@ -205,7 +205,8 @@ def simulate_prefetch(
     # The replay runs on an idle device of the same speeds: `device` itself is not changed.
     clock = _Clock(Device(device.read_s, device.step_s) if device else None)
     misses, prefetches, useful = run(acc, slots, steps, clock)
-    return PrefetchResult(cold + misses, prefetches, useful, clock.stall if device else None)
+    stall = clock.stall + cold * device.read_s if device else None
+    return PrefetchResult(cold + misses, prefetches, useful, stall)
 
 
 def _steps(acc: Accesses):
