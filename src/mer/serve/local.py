@@ -1,13 +1,14 @@
 """A `mer serve` child process on a free localhost port, for benchmarks and tests.
 
 A real process, spoken to over real HTTP, so what is measured or tested is
-what a user runs.
+what a user runs. It binds port 0 and announces the port it got, so no other
+process can take the port between choosing it and binding it.
 """
 
 from __future__ import annotations
 
 import http.client
-import socket
+import re
 import subprocess
 import sys
 import tempfile
@@ -15,12 +16,6 @@ import time
 from pathlib import Path
 
 from mer.errors import MerError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def connect(url: str, timeout: float = 30) -> http.client.HTTPConnection:
@@ -43,21 +38,34 @@ def read_metrics(url: str, api_key: str | None = None) -> dict[str, float]:
     return {name: float(value) for name, value in rows}
 
 
+ANNOUNCED = re.compile(r"^serving .* on http://127\.0\.0\.1:(\d+)/v1", re.MULTILINE)
+
+
 class LocalServer:
     def __init__(self, store: str | Path, *options: str, startup_seconds: float = 120) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "mer.cli", "serve", "--store", str(store)]
-        cmd += ["--port", str(self.port), *options]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+        self.port: int | None = None
+        self._log = tempfile.NamedTemporaryFile(mode="w+", suffix=".log")
+        cmd = [sys.executable, "-m", "mer.cli", "serve", "--store", str(store), "--port", "0"]
+        self.proc = subprocess.Popen(
+            [*cmd, *options], stdout=self._log, stderr=subprocess.STDOUT, text=True
+        )
         deadline = time.monotonic() + startup_seconds
-        while not self._healthy():
+        while self.port is None or not self._healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = self._output()
                 self.close()
-                self._log.seek(0)
-                raise MerError(f"mer serve did not start: {self._log.read().strip()[-2000:]}")
+                raise MerError(f"mer serve did not start: {log.strip()[-2000:]}")
+            if self.port is None and (found := ANNOUNCED.search(self._output())):
+                self.port = int(found.group(1))
+                continue
             time.sleep(0.2)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _output(self) -> str:
+        """What the server printed so far (read through a handle of its own: the child's
+        writes share the log's file offset)."""
+        with open(self._log.name) as f:
+            return f.read()
 
     def _healthy(self) -> bool:
         try:
