@@ -13,7 +13,7 @@ from tests.test_cache import PROMPT, touch
 import mer.api
 from mer.cache.expert_cache import ExpertCache
 from mer.cache.pinning import FIRST_AUTO_PIN_PASS, pin_capacity
-from mer.errors import ConfigError
+from mer.errors import BudgetError, ConfigError
 from mer.store.reader import Store
 from mer.trace.format import Trace
 
@@ -58,6 +58,23 @@ def test_in_use_expert_is_never_evicted_with_pins(store_factory):
     assert cache.stats.evictions == 4
     cache.release(0, 0)
     assert held is not None
+
+
+def test_a_finished_prefetch_of_a_pin_is_kept_not_cancelled(store_factory):
+    """A pin prefetched and read but not used yet is resident, not a read to cancel: a demand
+    read that finds every other slot in use gets the budget error (it crashed reaching into
+    the finished read)."""
+    cache = small_cache(store_factory("int4"), 3, pins=[(0, 0)])
+    assert cache.prefetch(0, [0]) == 1
+    request = cache._entries[(0, 0)].request
+    request.wait()
+    held = [cache.acquire(1, 0), cache.acquire(1, 1)]
+    with pytest.raises(BudgetError, match="all 3 expert slots are in use"):
+        cache.acquire(1, 2)
+    assert cache.is_resident(0, 0) and all(w is not None for w in held)
+    cache.release(1, 0)
+    touch(cache, (1, 2))  # a slot came free: no pin is pushed out for it
+    assert cache.is_resident(0, 0)
 
 
 def test_pins_leave_one_tokens_worth_of_slots():

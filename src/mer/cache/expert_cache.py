@@ -316,7 +316,12 @@ class ExpertCache:
         if for_prefetch:
             return None
         for key, entry in self._entries.items():
-            if entry.prefetched and entry.users == 0 and self.engine.cancel(entry.request):
+            # A prefetch still being read (one that has finished is a resident expert: if
+            # the policy would not give it up, neither does this).
+            in_flight = entry.request is not None
+            if in_flight and entry.prefetched and entry.users == 0 and self.engine.cancel(
+                entry.request
+            ):
                 del self._entries[key]
                 self._stats.prefetches_cancelled += 1
                 self._guesses -= entry.guess
