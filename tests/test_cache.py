@@ -120,6 +120,31 @@ def test_tokens_identical_with_every_policy(store_factory, policy):
     assert got == want and small.stats().cache.evictions > 0
 
 
+def replay_in_cache(store: Store, policy: str, slots: int, steps) -> tuple[int, int]:
+    """Misses of the real cache and of the replay simulator on the same steps ((MoE layer
+    ordinal, sorted experts)), the cache driven as the model drives it: routing observed,
+    resident experts held first, then the missing ones read."""
+    import torch
+
+    cfg = store.config
+    n_layers, n_experts, k = len(cfg.moe_layers), cfg.num_local_experts, cfg.num_experts_per_tok
+    cache = ExpertCache(store, slots * store.expert_format.nbytes, policy=policy)
+    for m, step in steps:
+        layer = cfg.moe_layers[m]
+        cache.observe(layer, torch.tensor([step]))
+        step = sorted(step, key=lambda e: not cache.is_resident(layer, e))
+        held = [cache.acquire(layer, e) for e in step]
+        assert all(w is not None for w in held)
+        for e in step:
+            cache.release(layer, e)
+        if m == n_layers - 1:
+            cache.next_step()
+    keys = np.array([m * n_experts + e for m, step in steps for e in step])
+    layers = np.array([m for m, _ in steps])
+    acc = Accesses(keys, np.arange(0, len(keys) + 1, k), layers, n_layers, n_experts, k)
+    return cache.stats.misses, simulate(acc, policy, slots)
+
+
 def test_lfu_evicts_the_least_acquired_and_matches_the_replay(store_factory):
     store = Store(store_factory("int4"))
     cache = ExpertCache(store, 3 * store.expert_format.nbytes, policy="lfu")
@@ -129,29 +154,17 @@ def test_lfu_evicts_the_least_acquired_and_matches_the_replay(store_factory):
     assert all(cache.is_resident(*k) for k in [(0, 0), (0, 1), (1, 0)])
     # The cache and the replay simulator count the same misses on the same stream.
     rng = np.random.default_rng(0)
-    cfg = store.config
-    n_experts = cfg.num_local_experts
-    steps = [sorted(rng.choice(n_experts, 2, replace=False)) for _ in range(200)]
-    cache = ExpertCache(store, 4 * store.expert_format.nbytes, policy="lfu")
-    for i, step in enumerate(steps):
-        layer = cfg.moe_layers[i % 2]
-        # Resident experts are held first, as the model's MoE block does.
-        step = sorted(step, key=lambda e: not cache.is_resident(layer, int(e)))
-        held = [cache.acquire(layer, int(e)) for e in step]
-        assert all(w is not None for w in held)
-        for e in step:
-            cache.release(layer, int(e))
-    keys = np.array([(i % 2) * n_experts + e for i, s in enumerate(steps) for e in s])
-    acc = Accesses(keys, np.arange(0, len(keys) + 1, 2), np.arange(200) % 2, 2, n_experts, 2)
-    assert cache.stats.misses == simulate(acc, "lfu", 4)
+    n_experts = store.config.num_local_experts
+    steps = [(i % 2, sorted(int(e) for e in rng.choice(n_experts, 2, replace=False)))
+             for i in range(200)]  # fmt: skip
+    got, want = replay_in_cache(store, "lfu", 4, steps)
+    assert got == want
 
 
 @pytest.mark.parametrize("slots", [3, 5])
 def test_the_cache_misses_what_the_replay_simulator_counts(store_factory, slots):
     """`mer bench cache` claims to measure what the cache does: drive the real cache with a
-    sticky routing stream as the model would (observe, hold resident experts, then read)."""
-    import torch
-
+    sticky routing stream as the model would."""
     store = Store(store_factory("int4"))
     cfg = store.config
     n_layers, n_experts, k = len(cfg.moe_layers), cfg.num_local_experts, cfg.num_experts_per_tok
@@ -162,26 +175,10 @@ def test_the_cache_misses_what_the_replay_simulator_counts(store_factory, slots)
         if rng.random() < 0.5:  # else the layer repeats its last choice
             last[m] = rng.choice(n_experts, k, replace=False)
         steps.append((m, sorted(int(e) for e in last[m])))
-    keys = np.array([m * n_experts + e for m, step in steps for e in step])
-    layers = np.array([m for m, _ in steps])
-    acc = Accesses(keys, np.arange(0, len(keys) + 1, k), layers, n_layers, n_experts, k)
-    for policy in ("lru", "ours"):
-        cache = ExpertCache(store, slots * store.expert_format.nbytes, policy=policy)
-        for m, step in steps:
-            layer = cfg.moe_layers[m]
-            cache.observe(layer, torch.tensor([step]))
-            step = sorted(step, key=lambda e: not cache.is_resident(layer, e))
-            for e in step:
-                cache.acquire(layer, e)
-            for e in step:
-                cache.release(layer, e)
-            if m == n_layers - 1:
-                cache.next_step()
-        want = simulate(acc, policy, slots)
-        if policy == "ours":  # scores do not depend on the order within a step
-            assert cache.stats.misses == want
-        else:  # holding resident experts first reorders recency within a step
-            assert abs(cache.stats.misses - want) <= 0.01 * want
+    got, want = replay_in_cache(store, "ours", slots, steps)
+    assert got == want  # scores do not depend on the order within a step
+    got, want = replay_in_cache(store, "lru", slots, steps)
+    assert abs(got - want) <= 0.01 * want  # holding resident experts first reorders recency
 
 
 def test_ours_never_evicts_an_expert_in_use(store_factory):

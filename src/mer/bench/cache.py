@@ -56,18 +56,19 @@ def run_cache_bench(args) -> None:
     else:
         train, replay = None, trace.head(args.max_tokens)
     predictor = None
-    timing = _timing(args, expert_bytes)
-    if args.read_steps is None:
-        steps_per_read = math.ceil(timing[0] / timing[1]) if timing and timing[1] else 1
-        args.read_steps = min(max(1, steps_per_read), trace.n_layers - 1)
-    if args.prefetch and not 1 <= args.read_steps < trace.n_layers:
+    device = _device(args, expert_bytes)
+    read_steps = args.read_steps
+    if read_steps is None:  # the latest a guess can be made and still arrive in time
+        per_read = math.ceil(device.read_s / device.step_s) if device and device.step_s else 1
+        read_steps = min(max(1, per_read), trace.n_layers - 1)
+    if args.prefetch and not 1 <= read_steps < trace.n_layers:
         raise ConfigError(f"--read-steps must be 1..{trace.n_layers - 1} (the MoE layers "
-                          f"less one), got {args.read_steps}")  # fmt: skip
+                          f"less one), got {read_steps}")  # fmt: skip
     if args.guesses is not None and args.guesses < 1:
         raise ConfigError(f"--guesses must be at least 1, got {args.guesses}")
     if args.prefetch:
         predictor = catalog.one(
-            args.prefetch, train, args.speculator, args.store, max(3, args.read_steps)
+            args.prefetch, train, args.speculator, args.store, max(3, read_steps)
         )
     guesses = args.guesses or trace.top_k
     modes = ["token", "prefill"] if args.mode == "both" else [args.mode]
@@ -83,11 +84,11 @@ def run_cache_bench(args) -> None:
         guess_plan = None
         if predictor is not None:
             scorer = partial(predictor.scores, replay)  # (layer, distance) -> scores
-            guess_plan = plan(replay, mode, scorer, args.read_steps, guesses)
+            guess_plan = plan(replay, mode, scorer, read_steps, guesses)
         runs = _runs(args.pin_share > 0, guess_plan is not None)
         table = Table(title=f"replay by {mode}: {len(acc.keys)} expert accesses")
         prefetching = guess_plan is not None
-        timed = timing is not None and mode == "token"  # a prefill step's compute varies
+        timed = device is not None and mode == "token"  # a prefill step's compute varies
         cols = ["slots", "policy", "misses", "prefetched", "used", "reads", "read", "÷belady",
                 "reads÷belady", "÷lru", "stall ms/tok", "tok/s", "s"]  # fmt: skip
         if not prefetching:  # every read is a miss: the prefetch columns would say nothing
@@ -108,13 +109,13 @@ def run_cache_bench(args) -> None:
                     t0 = time.perf_counter()
                     use = pins if pinned else ()
                     if prefetching:
-                        device = Device(*timing) if timed else None
-                        r = simulate_prefetch(acc, policy, slots, guess_plan, use, device)
+                        timer = device if timed else None
+                        r = simulate_prefetch(acc, policy, slots, guess_plan, use, timer)
                         got = (r.misses, r.prefetches, r.useful, r.stall_s)
                     else:
                         misses = simulate(acc, policy, slots, use)
                         # No prefetching: each miss waits for its read on an idle device.
-                        got = (misses, 0, 0, misses * timing[0] if timed else None)
+                        got = (misses, 0, 0, misses * device.read_s if timed else None)
                     name = policy + "+pin" * pinned + "+pf" * prefetching
                     results[name] = (*got, time.perf_counter() - t0)
                     bar.advance()
@@ -123,7 +124,7 @@ def run_cache_bench(args) -> None:
                 for i, (name, result) in enumerate(results.items()):
                     misses, prefetched, used, stall, secs = result
                     reads = misses + prefetched
-                    wall = len(acc.step_layer) * timing[1] + stall if timed else 0.0
+                    wall = len(acc.step_layer) * device.step_s + stall if timed else 0.0
                     pf = "+pf" in name
                     cells = {
                         "slots": f"{slots} ({100 * slots / total:.0f}%)" if i == 0 else "",
@@ -150,24 +151,24 @@ def run_cache_bench(args) -> None:
     if pinned_at:
         at = ", ".join(f"{n} at {slots} slots by {mode}" for (mode, slots), n in pinned_at.items())
         notes.append(f"+pin: the most frequent experts of the first part pinned ({at})")
-    if timing is not None:
+    if device is not None:
         notes.append(
             f"timed (token replay): one read at a time at {args.device_gbps:g} GB/s "
-            f"({1e3 * timing[0]:.2f} ms per expert), {args.step_ms:g} ms of compute per MoE "
+            f"({1e3 * device.read_s:.2f} ms per expert), {args.step_ms:g} ms of compute per MoE "
             "layer step; stall: time steps waited for reads; Belady's is its misses' reads, "
             "which prefetching can hide"
         )
     if predictor is not None:
         notes.append(
-            f"+pf: prefetching the {guesses} best guesses of {args.prefetch}, {args.read_steps} "
+            f"+pf: prefetching the {guesses} best guesses of {args.prefetch}, {read_steps} "
             "MoE layer(s) ahead; used: prefetched experts used before eviction (the rest were "
             "wasted reads); reads: misses + prefetches"
         )
     console.print("; ".join(notes) + ".")
 
 
-def _timing(args, expert_bytes: int) -> tuple[float, float] | None:
-    """(seconds per expert read, seconds per layer step) of --device-gbps and --step-ms."""
+def _device(args, expert_bytes: int) -> Device | None:
+    """The device and step time of --device-gbps and --step-ms, if given."""
     if args.device_gbps is None and args.step_ms is None:
         return None
     if args.device_gbps is None or args.step_ms is None:
@@ -177,7 +178,7 @@ def _timing(args, expert_bytes: int) -> tuple[float, float] | None:
             f"--device-gbps must be positive and --step-ms not negative, got "
             f"{args.device_gbps:g} and {args.step_ms:g}"
         )
-    return expert_bytes / (args.device_gbps * 1e9), args.step_ms / 1e3
+    return Device(expert_bytes / (args.device_gbps * 1e9), args.step_ms / 1e3)
 
 
 # One int4 expert of DeepSeek-V2-Lite (the shared trace's model): 3 x 2048 x 1408 weights.

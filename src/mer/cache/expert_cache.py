@@ -110,7 +110,7 @@ class ExpertCache:
         self._free = list(range(self.pool.n_slots - 1, -1, -1))
         self._lock = threading.Lock()
         self.policy = policy
-        self._uses: dict[Key, int] = {}  # acquires per expert so far: LFU's worth
+        self._uses: dict[Key, int] = {}  # acquires per expert so far: LFU's worth (lfu only)
         self._ordinal = {layer: j for j, layer in enumerate(cfg.moe_layers)}
         self._score = LayerCycleScore(
             len(cfg.moe_layers), cfg.num_local_experts, cfg.num_experts_per_tok
@@ -173,10 +173,12 @@ class ExpertCache:
     def acquire(self, layer: int, expert: int) -> ExpertWeights:
         """The expert's weights, read from the store if needed; pinned until `release`."""
         key = (layer, expert)
-        with self._lock:
-            self._uses[key] = self._uses.get(key, 0) + 1
-            if self._auto_pins is not None:
-                self._auto_pins.count(layer, expert)
+        if self.policy == "lfu" or self._auto_pins is not None:
+            with self._lock:
+                if self.policy == "lfu":
+                    self._uses[key] = self._uses.get(key, 0) + 1
+                if self._auto_pins is not None:
+                    self._auto_pins.count(layer, expert)
         while True:
             with self._lock:
                 entry = self._entries.get(key)
@@ -316,12 +318,11 @@ class ExpertCache:
         if for_prefetch:
             return None
         for key, entry in self._entries.items():
-            # A prefetch still being read (one that has finished is a resident expert: if
-            # the policy would not give it up, neither does this).
-            in_flight = entry.request is not None
-            if in_flight and entry.prefetched and entry.users == 0 and self.engine.cancel(
-                entry.request
-            ):
+            # Only a prefetch still being read can be cancelled: one that has finished is a
+            # resident expert, which the policy has just declined to give up.
+            if entry.request is None or not entry.prefetched or entry.users:
+                continue
+            if self.engine.cancel(entry.request):
                 del self._entries[key]
                 self._stats.prefetches_cancelled += 1
                 self._guesses -= entry.guess
@@ -350,10 +351,10 @@ class ExpertCache:
             return None
         if self.policy == "lfu":  # the least acquired; ties: the least recent (listed first)
             victim = min(candidates, key=lambda k: self._uses.get(k, 0))
-            if for_prefetch and incoming is not None:
-                if self._uses.get(victim, 0) > self._uses.get(incoming, 0):
-                    return None
-            return victim
+            worth_more = incoming is not None and self._uses.get(victim, 0) > self._uses.get(
+                incoming, 0
+            )
+            return None if for_prefetch and worth_more else victim
         scores = self._score.scores(self._layer)
         victim = max(candidates, key=lambda k: scores[self._index(k)])
         # An expert of the layer being routed now is needed in this very step: reading it
