@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import mer
-from mer.demo import TRAINED_MODEL
+from mer.data import TRAINED_MODEL
 from mer.progress import progress_bar
 from mer.store.convert import convert
 from mer.tokenizer import Tokenizer

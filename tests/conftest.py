@@ -89,7 +89,7 @@ def store_copy(store_factory, tmp_path):
 @pytest.fixture(scope="session")
 def trained_store(tmp_path_factory):
     """The shipped trained model as an int4 store (real routing, real text)."""
-    from mer.demo import TRAINED_MODEL
+    from mer.data import TRAINED_MODEL
 
     dst = tmp_path_factory.mktemp("trained") / "stdlib-moe-int4"
     return convert(TRAINED_MODEL, dst, quant="int4", progress=False)
@@ -98,7 +98,7 @@ def trained_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def draft_store(tmp_path_factory):
     """The shipped draft model (stdlib-moe's tokenizer, a sixth of its size) as an int4 store."""
-    from mer.demo import DRAFT_MODEL
+    from mer.data import DRAFT_MODEL
 
     dst = tmp_path_factory.mktemp("draft") / "stdlib-moe-draft-int4"
     return convert(DRAFT_MODEL, dst, quant="int4", progress=False)

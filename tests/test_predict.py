@@ -9,7 +9,7 @@ from tests.test_trace import SHARED_TRACE
 
 import mer
 from mer.cli import main
-from mer.demo import TRAINED_MODEL
+from mer.data import TRAINED_MODEL
 from mer.errors import ConfigError
 from mer.predict.ensemble import EnsemblePredictor
 from mer.predict.evaluate import NEXT_TOKEN, chance, evaluate

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mer
-from mer.demo import TRAINED_MODEL
+from mer.data import TRAINED_MODEL
 from mer.store.convert import convert
 from mer.tokenizer import Tokenizer
 

@@ -27,7 +27,10 @@ class Tokenizer:
     def from_dir(cls, directory: Path) -> Tokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
-            raise StoreError(f"{path}: missing; pass token ids instead of text")
+            raise StoreError(
+                f"{path}: missing, so this store cannot encode text (copy the checkpoint's "
+                "tokenizer.json into it)"
+            )
         return cls(path)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

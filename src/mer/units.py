@@ -38,6 +38,6 @@ def parse_bytes(text: str) -> int:
         value = float(num)
     except ValueError:
         raise ValueError(f"not a size: {text!r} (try 4GiB or 512MiB)") from None
-    if unit not in units or value < 0:
+    if unit not in units or not 0 <= value < 2**63 / units.get(unit, 1):  # also NaN, inf
         raise ValueError(f"not a size: {text!r} (try 4GiB or 512MiB)")
     return int(value * units[unit])

@@ -16,6 +16,7 @@ has bandwidth to spare.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from mer.cache.pinning import pin_capacity
 from mer.errors import ConfigError
+from mer.options import count, number
 from mer.predict import catalog
 from mer.progress import progress_bar
 from mer.trace.format import load_trace, split_trace
@@ -34,48 +36,124 @@ from mer.trace.replay import POLICIES, accesses, frequent_keys, simulate
 from mer.units import fmt_decimal
 
 
-def run_cache_bench(args) -> None:
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--trace", dest="trace_path", required=True, help="routing trace (.npz)")
+    b.add_argument(
+        "--slots", dest="slot_counts", type=count, action="append", help="cache sizes in experts"
+    )
+    b.add_argument("--fractions", type=number(0, 1, lo_open=True), nargs="+", default=[0.25, 0.5],
+                   help="cache sizes as fractions of all experts (without --slots)")  # fmt: skip
+    b.add_argument("--mode", choices=["token", "prefill", "both"], default="both")
+    b.add_argument("--max-tokens", type=count, default=5000, help="replay the first N tokens")
+    b.add_argument("--expert-bytes", type=count,
+                   help="bytes per expert read (default: the trace's own, recorded by mer; "
+                   "else DeepSeek-V2-Lite's in int4)")  # fmt: skip
+    b.add_argument(
+        "--pin-share",
+        type=number(0, 0.9),
+        default=0.0,
+        help="also replay with this share of the slots pinned to the experts most "
+        "frequent in the trace's first part (replay then runs on the rest)",
+    )
+    predictors = ["frequency", "markov", "speculator", "lookahead", "ensemble"]
+    b.add_argument(
+        "--prefetch",
+        choices=predictors,
+        help="also replay with this predictor's guesses prefetched "
+        "(learned on the trace's first part; replay then runs on the rest)",
+    )
+    b.add_argument(
+        "--read-steps",
+        type=count,
+        help="read time of one expert in layer-steps: prefetches are guessed this "
+        "many MoE layers ahead, the latest that still arrives in time (default 1, or "
+        "with --device-gbps the read time over --step-ms)",
+    )
+    b.add_argument(
+        "--device-gbps",
+        type=number(0, lo_open=True),
+        help="also time the token replay on a device reading this many GB/s, one read "
+        "at a time, with --step-ms of compute per MoE layer: stall per token and tok/s",
+    )
+    b.add_argument(
+        "--step-ms",
+        type=number(0),
+        help="compute time of one MoE layer of one token, in ms (with --device-gbps)",
+    )
+    b.add_argument("--guesses", type=count, help="experts prefetched per step (default top-k)")
+    b.add_argument("--speculator", help="a trained speculator, for --prefetch speculator")
+    b.add_argument("--store", help="the traced model's store, for --prefetch lookahead")
+    b.add_argument(
+        "--held-out",
+        type=number(0, 1, lo_open=True),
+        default=0.5,
+        help="with pins or prefetch: share of sequences replayed, the last ones",
+    )
+    b.add_argument(
+        "--train-tokens",
+        type=count,
+        default=20000,
+        help="with pins or prefetch: learn from the first N tokens of the rest",
+    )
+
+
+def run(
+    *,
+    trace_path: str,
+    slot_counts: list[int] | None,
+    fractions: list[float],
+    mode: str,
+    max_tokens: int,
+    expert_bytes: int | None,
+    pin_share: float,
+    prefetch: str | None,
+    read_steps: int | None,
+    device_gbps: float | None,
+    step_ms: float | None,
+    guesses: int | None,
+    speculator: str | None,
+    store: str | None,
+    held_out: float,
+    train_tokens: int,
+) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-    trace = load_trace(args.trace)
-    expert_bytes, priced = _expert_bytes(args.expert_bytes, trace)
-    learns = bool(args.pin_share or args.prefetch)
+    trace = load_trace(trace_path)
+    expert_bytes, priced = _expert_bytes(expert_bytes, trace)
+    learns = bool(pin_share or prefetch)
     total = trace.n_layers * trace.n_experts
     console.print(
-        f"{args.trace}: {trace.meta.get('model', 'model?')}, {trace.n_tokens} tokens in "
+        f"{trace_path}: {trace.meta.get('model', 'model?')}, {trace.n_tokens} tokens in "
         f"{trace.n_sequences} sequences, {trace.n_layers} MoE layers x "
         f"{trace.n_experts} experts, top-{trace.top_k}; "
         f"expert size {fmt_decimal(expert_bytes)} ({priced})"
     )
     if learns:
-        train, replay = split_trace(trace, args.held_out)
-        train, replay = train.head(args.train_tokens), replay.head(args.max_tokens)
+        train, replay = split_trace(trace, held_out)
+        train, replay = train.head(train_tokens), replay.head(max_tokens)
         console.print(
             f"pins and predictor learned from the first {train.n_tokens} tokens; replaying "
             f"{replay.n_tokens} held-out tokens ({replay.n_sequences} sequences)"
         )
     else:
-        train, replay = None, trace.head(args.max_tokens)
+        train, replay = None, trace.head(max_tokens)
     predictor = None
-    device = _device(args, expert_bytes)
-    read_steps = args.read_steps
+    device = _device(device_gbps, step_ms, expert_bytes)
     if read_steps is None:  # the latest a guess can be made and still arrive in time
         per_read = math.ceil(device.read_s / device.step_s) if device and device.step_s else 1
         read_steps = min(max(1, per_read), trace.n_layers - 1)
-    if args.prefetch and not 1 <= read_steps < trace.n_layers:
+    if prefetch and not 1 <= read_steps < trace.n_layers:
         raise ConfigError(f"--read-steps must be 1..{trace.n_layers - 1} (the MoE layers "
                           f"less one), got {read_steps}")  # fmt: skip
-    if args.guesses is not None and args.guesses < 1:
-        raise ConfigError(f"--guesses must be at least 1, got {args.guesses}")
-    if args.prefetch:
-        predictor = catalog.one(
-            args.prefetch, train, args.speculator, args.store, max(3, read_steps)
-        )
-    guesses = args.guesses or trace.top_k
-    modes = ["token", "prefill"] if args.mode == "both" else [args.mode]
+    if guesses is not None and guesses < 1:
+        raise ConfigError(f"--guesses must be at least 1, got {guesses}")
+    if prefetch:
+        predictor = catalog.one(prefetch, train, speculator, store, max(3, read_steps))
+    guesses = guesses or trace.top_k
+    modes = ["token", "prefill"] if mode == "both" else [mode]
     pinned_at: dict[tuple[str, int], int] = {}
     for mode in modes:
         acc = accesses(replay, mode)
-        sizes = args.slots or [max(acc.max_step, round(f * total)) for f in args.fractions]
+        sizes = slot_counts or [max(acc.max_step, round(f * total)) for f in fractions]
         if min(sizes) < acc.max_step:
             raise ConfigError(
                 f"--slots {min(sizes)} is below the {acc.max_step} experts one {mode} step "
@@ -85,7 +163,7 @@ def run_cache_bench(args) -> None:
         if predictor is not None:
             scorer = partial(predictor.scores, replay)  # (layer, distance) -> scores
             guess_plan = plan(replay, mode, scorer, read_steps, guesses)
-        runs = _runs(args.pin_share > 0, guess_plan is not None)
+        runs = _runs(pin_share > 0, guess_plan is not None)
         table = Table(title=f"replay by {mode}: {len(acc.keys)} expert accesses")
         prefetching = guess_plan is not None
         timed = device is not None and mode == "token"  # a prefill step's compute varies
@@ -100,8 +178,8 @@ def run_cache_bench(args) -> None:
         with progress_bar(len(sizes) * len(runs), f"replay {mode}", unit="runs") as bar:
             for slots in sizes:
                 pins = ()
-                if args.pin_share:
-                    n = pin_capacity(slots, args.pin_share, acc.max_step)
+                if pin_share:
+                    n = pin_capacity(slots, pin_share, acc.max_step)
                     pins = frequent_keys(accesses(train, mode), n)
                     pinned_at[mode, slots] = len(pins)
                 results = {}
@@ -153,32 +231,32 @@ def run_cache_bench(args) -> None:
         notes.append(f"+pin: the most frequent experts of the first part pinned ({at})")
     if device is not None:
         notes.append(
-            f"timed (token replay): one read at a time at {args.device_gbps:g} GB/s "
-            f"({1e3 * device.read_s:.2f} ms per expert), {args.step_ms:g} ms of compute per MoE "
+            f"timed (token replay): one read at a time at {device_gbps:g} GB/s "
+            f"({1e3 * device.read_s:.2f} ms per expert), {step_ms:g} ms of compute per MoE "
             "layer step; stall: time steps waited for reads; Belady's is its misses' reads, "
             "which prefetching can hide"
         )
     if predictor is not None:
         notes.append(
-            f"+pf: prefetching the {guesses} best guesses of {args.prefetch}, {read_steps} "
+            f"+pf: prefetching the {guesses} best guesses of {prefetch}, {read_steps} "
             "MoE layer(s) ahead; used: prefetched experts used before eviction (the rest were "
             "wasted reads); reads: misses + prefetches"
         )
     console.print("; ".join(notes) + ".")
 
 
-def _device(args, expert_bytes: int) -> Device | None:
+def _device(device_gbps: float | None, step_ms: float | None, expert_bytes: int) -> Device | None:
     """The device and step time of --device-gbps and --step-ms, if given."""
-    if args.device_gbps is None and args.step_ms is None:
+    if device_gbps is None and step_ms is None:
         return None
-    if args.device_gbps is None or args.step_ms is None:
+    if device_gbps is None or step_ms is None:
         raise ConfigError("--device-gbps and --step-ms go together (the device and the model)")
-    if args.device_gbps <= 0 or args.step_ms < 0:
+    if device_gbps <= 0 or step_ms < 0:
         raise ConfigError(
             f"--device-gbps must be positive and --step-ms not negative, got "
-            f"{args.device_gbps:g} and {args.step_ms:g}"
+            f"{device_gbps:g} and {step_ms:g}"
         )
-    return Device(expert_bytes / (args.device_gbps * 1e9), args.step_ms / 1e3)
+    return Device(expert_bytes / (device_gbps * 1e9), step_ms / 1e3)
 
 
 # One int4 expert of DeepSeek-V2-Lite (the shared trace's model): 3 x 2048 x 1408 weights.

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -24,8 +25,8 @@ from rich.table import Table
 
 from mer.io.direct import DirectReader, aligned_buffer
 from mer.io.engine import ReadEngine
+from mer.options import count, number, size
 from mer.store.reader import Store
-from mer.units import parse_bytes
 
 DEVICE_BLOCK = 8 << 20
 
@@ -120,34 +121,53 @@ def _decode_run(model, tokens: int):
     return s.generation.decode_tps, 1e3 * (s.cache.stall_seconds - after_prefill) / tokens, s.cache
 
 
-def run_io_bench(args) -> None:
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--store", required=True)
+    b.add_argument("--seconds", type=number(0, lo_open=True), default=3.0,
+                   help="time per bandwidth measurement")  # fmt: skip
+    b.add_argument("--threads", type=count, action="append", help="engine threads (repeatable)")
+    b.add_argument("--ram-budget", type=size,
+                   help="for the decode run (default: a third of the experts)")  # fmt: skip
+    b.add_argument("--tokens", type=count, default=32, help="decode tokens per run")
+    b.add_argument("--io-threads", type=count, default=4, help="reader threads for decoding")
+
+
+def run(
+    *,
+    store: str,
+    seconds: float,
+    threads: list[int] | None,
+    ram_budget: int | None,
+    tokens: int,
+    io_threads: int,
+) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-    store = Store(args.store)
+    store = Store(store)
     path = store.expert_path
     console.print(
         f"store {store.path}: {len(store.extents)} experts of {store.expert_format.nbytes >> 20} "
-        f"MiB, {os.path.getsize(path) / 1e9:.2f} GB; {args.seconds:.0f} s per measurement"
+        f"MiB, {os.path.getsize(path) / 1e9:.2f} GB; {seconds:.0f} s per measurement"
     )
-    device = device_bandwidth(path, args.seconds)
+    device = device_bandwidth(path, seconds)
     t = Table(title="expert reads (O_DIRECT)")
     for col in ("reader", "GB/s", "vs device"):
         t.add_column(col, justify="right")
     t.add_row(f"device: 16 x {DEVICE_BLOCK >> 20} MiB random reads", f"{device / 1e9:.2f}", "1.00")
-    fio = fio_bandwidth(path, args.seconds)
+    fio = fio_bandwidth(path, seconds)
     t.add_row("fio, same pattern", f"{fio / 1e9:.2f}" if fio else "not installed",
               f"{fio / device:.2f}" if fio else "")  # fmt: skip
-    for threads in args.threads or [1, 2, 4, 8, 16]:
-        bw = engine_bandwidth(store, threads, args.seconds)
-        t.add_row(f"engine, {threads} threads, random experts", f"{bw / 1e9:.2f}",
+    for n in threads or [1, 2, 4, 8, 16]:
+        bw = engine_bandwidth(store, n, seconds)
+        t.add_row(f"engine, {n} threads, random experts", f"{bw / 1e9:.2f}",
                   f"{bw / device:.2f}")  # fmt: skip
     console.print(t)
 
-    budget = parse_bytes(args.ram_budget) if args.ram_budget else store.expert_bytes_total // 3
-    d = Table(title=f"decode after prefill, {args.tokens} tokens, RAM budget {budget >> 20} MiB")
+    budget = ram_budget if ram_budget is not None else store.expert_bytes_total // 3
+    d = Table(title=f"decode after prefill, {tokens} tokens, RAM budget {budget >> 20} MiB")
     for col in ("prefetch", "decode tok/s", "stall ms/token", "hit rate", "prefetches used"):
         d.add_column(col, justify="right")
     for prefetch in (False, True):
-        tps, stall, c = decode_stall(store.path, budget, args.tokens, prefetch, args.io_threads)
+        tps, stall, c = decode_stall(store.path, budget, tokens, prefetch, io_threads)
         d.add_row("on" if prefetch else "off", f"{tps:.2f}", f"{stall:.1f}",
                   f"{100 * c.hit_rate:.1f}%", f"{c.prefetches_used}/{c.prefetches}")  # fmt: skip
     console.print(d)

@@ -9,6 +9,7 @@ a resident bf16 matmul) to show which path is faster.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import numpy as np
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mer.bench.timing import median_seconds
+from mer.options import count, number
 from mer.quant.expert import DenseLinear, ExpertFormat, ExpertWeights
 from mer.synth.store import random_int4_extent
 from mer.units import fmt_bytes
@@ -38,16 +40,25 @@ def dequantized(ef: ExpertFormat, buf: torch.Tensor) -> ExpertWeights:
     )
 
 
-def run_kernel_bench(args) -> None:
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--hidden", type=count, default=4096)
+    b.add_argument("--ffn", type=count, default=14336)
+    b.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=128)
+    b.add_argument("--batch", type=count, action="append", help="token counts (repeatable)")
+    b.add_argument("--seconds", type=number(0, lo_open=True), default=1.0,
+                   help="time per measurement")  # fmt: skip
+
+
+def run(*, hidden: int, ffn: int, group_size: int, batch: list[int] | None, seconds: float) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-    batches = args.batch or [1, 4, 16, 64]
-    ef = ExpertFormat.for_machine("int4", args.hidden, args.ffn, args.group_size)
+    batches = batch or [1, 4, 16, 64]
+    ef = ExpertFormat.for_machine("int4", hidden, ffn, group_size)
     buf = random_int4_extent(ef, np.random.default_rng(0))
     expert = ef.view(buf)
     dense = dequantized(ef, buf)
-    bw = memory_bandwidth(max(256 << 20, 4 * ef.nbytes), args.seconds)
+    bw = memory_bandwidth(max(256 << 20, 4 * ef.nbytes), seconds)
     console.print(
-        f"expert {args.hidden}x{args.ffn} int4 g{args.group_size} ({ef.layout}): "
+        f"expert {hidden}x{ffn} int4 g{group_size} ({ef.layout}): "
         f"{fmt_bytes(ef.nbytes)} per expert; {torch.get_num_threads()} threads; "
         f"baseline: memory copy {bw / 1e9:.1f} GB/s (bytes read + written)"
     )
@@ -55,16 +66,16 @@ def run_kernel_bench(args) -> None:
     for col in ("tokens", "int4 ms", "weights GB/s", "vs copy", "GFLOP/s", "bf16 ms", "bf16/int4"):
         t.add_column(col, justify="right")
     for m in batches:
-        x = torch.randn(m, args.hidden, dtype=torch.bfloat16)
-        t_int4 = median_seconds(lambda x=x: expert(x), args.seconds)
-        t_bf16 = median_seconds(lambda x=x: dense(x), args.seconds)
+        x = torch.randn(m, hidden, dtype=torch.bfloat16)
+        t_int4 = median_seconds(lambda x=x: expert(x), seconds)
+        t_bf16 = median_seconds(lambda x=x: dense(x), seconds)
         gbs = ef.nbytes / t_int4
         t.add_row(
             str(m),
             f"{t_int4 * 1e3:.2f}",
             f"{gbs / 1e9:.1f}",
             f"{gbs / bw:.2f}",
-            f"{2 * m * 3 * args.hidden * args.ffn / t_int4 / 1e9:.0f}",
+            f"{2 * m * 3 * hidden * ffn / t_int4 / 1e9:.0f}",
             f"{t_bf16 * 1e3:.2f}",
             f"{t_bf16 / t_int4:.1f}x",
         )

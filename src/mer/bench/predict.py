@@ -7,37 +7,55 @@ random guessing, per layer distance (`mer.predict.evaluate`).
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from rich.console import Console
 from rich.table import Table
 
+from mer.options import add_split_options
 from mer.predict.catalog import fitted, training_overlap
 from mer.predict.evaluate import NEXT_TOKEN, chance, distances, evaluate
 from mer.progress import progress_bar
 from mer.trace.format import load_trace, split_trace
 
 
-def run_predict_bench(args) -> None:
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--trace", dest="trace_path", required=True, help="routing trace (.npz)")
+    b.add_argument("--speculator", help="a trained speculator (mer train-speculator)")
+    b.add_argument("--store", help="the store the trace was recorded from, for lookahead "
+                   "(the trace needs hidden states: mer generate --trace-hidden)")  # fmt: skip
+    add_split_options(b, max_tokens=5000)
+
+
+def run(
+    *,
+    trace_path: str,
+    speculator: str | None,
+    store: str | None,
+    held_out: float,
+    max_tokens: int,
+    train_tokens: int,
+) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-    trace = load_trace(args.trace)
-    train, test = split_trace(trace, args.held_out)
-    train, test = train.head(args.train_tokens), test.head(args.max_tokens)
+    trace = load_trace(trace_path)
+    train, test = split_trace(trace, held_out)
+    train, test = train.head(train_tokens), test.head(max_tokens)
     k, e = trace.top_k, trace.n_experts
     console.print(
-        f"{args.trace}: {trace.meta.get('model', 'model?')}, {trace.n_layers} MoE layers x {e} "
+        f"{trace_path}: {trace.meta.get('model', 'model?')}, {trace.n_layers} MoE layers x {e} "
         f"experts, top-{k}; learning from {train.n_tokens} tokens ({train.n_sequences} "
         f"sequences), judged on {test.n_tokens} held-out tokens ({test.n_sequences} sequences)"
     )
-    predictors = fitted(train, args.speculator, args.store, max_distance=3)
+    predictors = fitted(train, speculator, store, max_distance=3)
     spec = predictors.get("speculator")
-    if spec is not None and training_overlap(spec, trace, args.held_out):
+    if spec is not None and training_overlap(spec, trace, held_out):
         console.print(
-            f"warning: {args.speculator} was trained on sequences of this trace that are held "
+            f"warning: {speculator} was trained on sequences of this trace that are held "
             "out here; its figures are not held-out figures",
             style="yellow",
         )
-    if args.store is None:
+    if store is None:
         console.print("lookahead: not measured (needs --store and a trace with hidden states)")
     dists = distances(trace.n_layers)
     results = {}

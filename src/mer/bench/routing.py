@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from rich.console import Console
@@ -19,12 +20,16 @@ from mer.trace.stats import (
 BATCHES = (2, 4, 8, 16, 32)
 
 
-def run_routing_stats(args) -> None:
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--trace", dest="trace_path", required=True, help="routing trace (.npz)")
+
+
+def run(*, trace_path: str) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-    trace = load_trace(args.trace)
+    trace = load_trace(trace_path)
     e, k = trace.n_experts, trace.top_k
     stats = routing_stats(trace)
-    t = Table(title=f"{args.trace}: {trace.n_tokens} tokens, {e} experts, top-{k}")
+    t = Table(title=f"{trace_path}: {trace.n_tokens} tokens, {e} experts, top-{k}")
     for col in ("layer", "same 1st choice", "top-k overlap", "max load", "min load", "evenness"):
         t.add_column(col, justify="right")
     for s in stats:

@@ -12,6 +12,7 @@ the ratios of the batched run to the one-at-a-time run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import threading
@@ -24,6 +25,7 @@ from rich.table import Table
 
 from mer.bench.agents import AgentResult, Session, make_sessions, run_agent
 from mer.errors import MerError
+from mer.options import POLICIES, count, natural, number, size_text
 from mer.progress import progress_bar
 from mer.serve.local import LocalServer, connect, read_metrics
 from mer.store.reader import Store
@@ -118,33 +120,71 @@ def _remote_model(url: str) -> tuple[str, int]:
     return card["id"], int(card.get("max_model_len", 2048))
 
 
-def run_serve_bench(args) -> None:
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--store", help="store to serve (default: the bundled trained model)")
+    b.add_argument("--url", help="benchmark a running server (http://host:port) instead")
+    b.add_argument("--agents", type=count, nargs="+", default=[1, 4, 8],
+                   help="agent counts to run (each against its own baseline)")  # fmt: skip
+    b.add_argument("--turns", type=count, default=4, help="tool calls per agent")
+    b.add_argument("--max-tokens", type=count, default=24, help="tokens per generated tool call")
+    b.add_argument("--think", type=number(0), default=0.2,
+                   help="mean think time between turns (s)")  # fmt: skip
+    b.add_argument("--ram-budget", type=size_text, default="1MiB",
+                   help="expert cache of the server")  # fmt: skip
+    b.add_argument("--kv-budget", type=size_text, default="64MiB", help="KV cache of the server")
+    b.add_argument("--max-batch-tokens", type=count, default=256)
+    b.add_argument("--cache-policy", choices=POLICIES, default="lru",
+                   help="expert cache policy of the server")  # fmt: skip
+    b.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                   help="further `mer serve` options, passed as they are (last)")  # fmt: skip
+    b.add_argument("--seed", type=natural, default=0)
+
+
+def run(
+    *,
+    store: str | None,
+    url: str | None,
+    agents: list[int],
+    turns: int,
+    max_tokens: int,
+    think: float,
+    ram_budget: str,
+    kv_budget: str,
+    max_batch_tokens: int,
+    cache_policy: str,
+    server_args: list[str],
+    seed: int,
+) -> None:
+    if not url and not store:
+        from mer.data import trained_store
+
+        store = str(trained_store())
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-    options = ["--ram-budget", args.ram_budget, "--kv-budget", args.kv_budget]
-    options += ["--max-batch-tokens", str(args.max_batch_tokens)]
-    options += ["--cache-policy", args.cache_policy, "--model-name", MODEL, *args.server_args]
-    if args.url:
-        model, context = _remote_model(args.url)
+    options = ["--ram-budget", ram_budget, "--kv-budget", kv_budget]
+    options += ["--max-batch-tokens", str(max_batch_tokens)]
+    options += ["--cache-policy", cache_policy, "--model-name", MODEL, *server_args]
+    if url:
+        model, context = _remote_model(url)
         console.print(
-            f"server {args.url} ({model}): one at a time = the agents' requests take turns "
+            f"server {url} ({model}): one at a time = the agents' requests take turns "
             f"client-side; the server's caches stay warm between runs"
         )
     else:
-        store = Store(args.store)
-        model, context = MODEL, store.config.max_position_embeddings
+        opened = Store(store)
+        model, context = MODEL, opened.config.max_position_embeddings
         console.print(
-            f"store {args.store}: experts {fmt_decimal(store.expert_bytes_total)} on disk, "
-            f"RAM budget {args.ram_budget} ({args.cache_policy}), KV budget {args.kv_budget}"
+            f"store {store}: experts {fmt_decimal(opened.expert_bytes_total)} on disk, "
+            f"RAM budget {ram_budget} ({cache_policy}), KV budget {kv_budget}"
         )
     console.print(
-        f"{args.turns} turns per agent, {args.max_tokens} tokens per tool call, think "
-        f"{args.think:.2f} s on average"
+        f"{turns} turns per agent, {max_tokens} tokens per tool call, think "
+        f"{think:.2f} s on average"
     )
 
     def server(one_at_a_time: bool):
-        if args.url:
-            return RunningServer(args.url)
-        return LocalServer(args.store, *options, *(["--max-running", "1"] * one_at_a_time))
+        if url:
+            return RunningServer(url)
+        return LocalServer(store, *options, *(["--max-running", "1"] * one_at_a_time))
 
     table = Table(title="agent workload: one request at a time vs continuous batching")
     cols = ["agents", "mode", "reqs", "tokens", "wall s", "tok/s", "TTFT ms p50/p99"]
@@ -152,13 +192,11 @@ def run_serve_bench(args) -> None:
     cols += ["prefix hit", "tok/s", "SSD"]
     for col in cols:
         table.add_column(col, justify="right")
-    total = sum(2 * n * args.turns for n in args.agents)
+    total = sum(2 * n * turns for n in agents)
     with progress_bar(total, "agent turns", unit="requests") as bar:
-        for n in args.agents:
-            sessions = make_sessions(
-                n, args.turns, seed=args.seed, max_tokens=args.max_tokens, think=args.think
-            )
-            gate = threading.Lock() if args.url else None  # one at a time, client-side
+        for n in agents:
+            sessions = make_sessions(n, turns, seed=seed, max_tokens=max_tokens, think=think)
+            gate = threading.Lock() if url else None  # one at a time, client-side
             base = run_workload(server(True), model, context, sessions, gate, bar)
             conc = run_workload(server(False), model, context, sessions, None, bar)
             for mode, r in (("1 at a time", base), ("batched", conc)):

@@ -9,14 +9,17 @@ decoding at the same budget.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
 
 import mer.api
+from mer.options import count, number, positive_size
 from mer.progress import progress_bar
-from mer.units import fmt_decimal
+from mer.units import fmt_bytes, fmt_decimal
 
 PROMPTS = [
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
@@ -28,17 +31,44 @@ PROMPTS = [
 ]
 
 
-def run_mode(args, budget: str, mode: str) -> dict:
-    model = mer.api.open(args.store, budget, io_threads=args.io_threads)
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--store", help="target store (default: the bundled trained model)")
+    b.add_argument("--draft", help="draft store (default with the bundled model: its draft)")
+    b.add_argument("--budgets", type=positive_size, nargs="+", default=[1 << 20, 4 << 20],
+                   help="RAM budgets (default 1MiB 4MiB)")  # fmt: skip
+    b.add_argument("--draft-ram-budget", type=positive_size, default="64MiB")
+    b.add_argument("--prompts", type=count, default=4)
+    b.add_argument("--max-tokens", type=count, default=64)
+    b.add_argument("--temperature", type=number(0, 2), default=0.0)
+    b.add_argument("--spec-k", type=count, default=4)
+    b.add_argument("--io-threads", type=count, default=4)
+
+
+@dataclass(frozen=True)
+class SpecRun:
+    """What every mode of one benchmark run shares."""
+
+    store: str
+    draft: str | None
+    draft_ram_budget: int
+    prompts: int
+    max_tokens: int
+    temperature: float
+    spec_k: int
+    io_threads: int
+
+
+def run_mode(setup: SpecRun, budget: int, mode: str) -> dict:
+    model = mer.api.open(setup.store, budget, io_threads=setup.io_threads)
     draft = None
     if mode == "draft":
-        draft = mer.api.open(args.draft, args.draft_ram_budget)
-        model.speculate(draft, k=args.spec_k)
+        draft = mer.api.open(setup.draft, setup.draft_ram_budget)
+        model.speculate(draft, k=setup.spec_k)
     elif mode == "self":
-        model.speculate("self", k=args.spec_k)
+        model.speculate("self", k=setup.spec_k)
     outputs = []
-    for i, prompt in enumerate(PROMPTS[: args.prompts]):
-        sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=i)
+    for i, prompt in enumerate(PROMPTS[: setup.prompts]):
+        sampling = dict(max_tokens=setup.max_tokens, temperature=setup.temperature, seed=i)
         outputs.append(model.generate(prompt, **sampling).token_ids)
     stats = model.stats()
     model.close()
@@ -54,30 +84,47 @@ def run_mode(args, budget: str, mode: str) -> dict:
     }
 
 
-def run_spec_bench(args) -> None:
+def run(
+    *,
+    store: str | None,
+    draft: str | None,
+    budgets: list[int],
+    draft_ram_budget: int,
+    prompts: int,
+    max_tokens: int,
+    temperature: float,
+    spec_k: int,
+    io_threads: int,
+) -> None:
+    if store is None:  # the bundled model and its bundled draft
+        from mer.data import draft_store, trained_store
+
+        store, draft = str(trained_store()), draft or str(draft_store())
+    setup = SpecRun(store, draft, draft_ram_budget, prompts, max_tokens, temperature, spec_k,
+                   io_threads)  # fmt: skip
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-    modes = ["plain", "draft", "self"] if args.draft else ["plain", "self"]
+    modes = ["plain", "draft", "self"] if setup.draft else ["plain", "self"]
     console.print(
-        f"target {args.store}, draft {args.draft or '(none)'}; {args.prompts} prompts x "
-        f"{args.max_tokens} tokens, temperature {args.temperature}, k from {args.spec_k} "
+        f"target {setup.store}, draft {setup.draft or '(none)'}; {setup.prompts} prompts x "
+        f"{setup.max_tokens} tokens, temperature {setup.temperature}, k from {setup.spec_k} "
         "(adaptive)"
     )
     table = Table(title="speculative decoding vs plain, same prompts")
     for col in ("budget", "mode", "tokens", "decode tok/s", "SSD/token", "accepted",
                 "tokens/pass", "plain tokens", "draft s", "verify s", "tok/s", "SSD"):  # fmt: skip
         table.add_column(col, justify="right")
-    with progress_bar(len(args.budgets) * len(modes), "decoding", unit="runs") as bar:
-        for budget in args.budgets:
+    with progress_bar(len(budgets) * len(modes), "decoding", unit="runs") as bar:
+        for budget in budgets:
             results = {}
             for mode in modes:
-                results[mode] = run_mode(args, budget, mode)
+                results[mode] = run_mode(setup, budget, mode)
                 bar.advance()
             base = results["plain"]
             for mode, r in results.items():
                 s = r["spec"]
-                same = "" if r["outputs"] == base["outputs"] or args.temperature else " (differs!)"
+                same = "" if r["outputs"] == base["outputs"] or setup.temperature else " (differs!)"
                 table.add_row(
-                    budget,
+                    fmt_bytes(budget),
                     mode + same,
                     str(r["tokens"]),
                     f"{r['tps']:.1f}",

@@ -17,7 +17,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from mer.errors import ConfigError
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Mixtral
+MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials and every byte
 CORPUS_BYTES = 3 << 20
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -69,8 +72,10 @@ def train_tokenizer(vocab_size: int, files: list[Path] | None = None) -> Tokeniz
 
 def build_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level BPE of at most `vocab_size` tokens (fewer if the corpus runs out of merges)."""
-    if vocab_size < len(SPECIAL_TOKENS) + 256:
-        raise ValueError(f"a byte-level tokenizer needs vocab_size >= 259, got {vocab_size}")
+    if vocab_size < MIN_VOCAB:
+        raise ConfigError(
+            f"a byte-level tokenizer needs a vocabulary of at least {MIN_VOCAB}, got {vocab_size}"
+        )
     # The corpus is this Python's stdlib, so the cache is per Python version.
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     cached = cache_root() / "tokenizers" / f"bpe-stdlib-{py}-{vocab_size}.json"

@@ -1,0 +1,11 @@
+"""`mer bench WHAT`: the table of benchmarks; each module declares its own options."""
+
+COMMANDS = {
+    "kernel": ("mer.bench.kernel", "int4 expert FFN vs memory bandwidth"),
+    "io": ("mer.bench.io", "expert reads vs the device, and decode stall"),
+    "cache": ("mer.bench.cache", "replay a routing trace through cache policies"),
+    "routing": ("mer.bench.routing", "routing statistics of a trace"),
+    "predict": ("mer.bench.predict", "expert predictors' recall on held-out sequences"),
+    "spec": ("mer.bench.spec", "speculative decoding (draft model, self) vs plain"),
+    "serve": ("mer.bench.serve", "simulated agents: batched serving vs one at a time"),
+}

@@ -1,0 +1,24 @@
+"""`mer convert`: a Hugging Face checkpoint to a store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="Hugging Face checkpoint directory (or a Hub repository id)")
+    p.add_argument("dst", help="store directory to create")
+    p.add_argument("--quant", default="int4", choices=["int4", "int8", "bf16"])
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
+                   help="int4 group size (default 128 or the largest that divides the "
+                   "model's dims)")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="replace dst if it is an existing mer store (nothing else)")  # fmt: skip
+
+
+def run(*, src: str, dst: str, quant: str, group_size: int | None, force: bool) -> None:
+    from mer.store.convert import convert
+
+    path = convert(src, dst, quant, group_size, force=force)
+    sys.stderr.write(f"wrote {path}\n")

@@ -1,0 +1,121 @@
+"""`mer generate`: stream a completion from a store, then one line of measured figures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mer.errors import ConfigError
+from mer.options import (
+    IOOptions,
+    SamplingOptions,
+    SpeculationOptions,
+    add_io_options,
+    add_sampling,
+    add_speculation_options,
+    read_text_file,
+    size,
+    text_arg,
+    writable_file,
+)
+from mer.units import fmt_bytes, fmt_decimal
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="store directory (from `mer convert`)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", type=text_arg)
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user turn in the chat template"
+    )
+    p.add_argument("--ram-budget", type=size, default="4GiB",
+                   help="RAM for cached experts, e.g. 4GiB")  # fmt: skip
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--trace", help="record routing to this .npz file (see mer bench cache)")
+    p.add_argument("--trace-hidden", action="store_true",
+                   help="with --trace, also record the hidden state entering each MoE block "
+                   "(float16; for router lookahead in mer bench predict)")  # fmt: skip
+    add_speculation_options(p)
+    p.add_argument("--fixed-k", action="store_true", help="do not adapt --spec-k")
+    add_io_options(p)
+    add_sampling(p)
+
+
+def run(
+    *,
+    store: str,
+    prompt: str | None,
+    prompt_file: str | None,
+    chat: bool,
+    ram_budget: int,
+    dtype: str,
+    trace: str | None,
+    trace_hidden: bool,
+    fixed_k: bool,
+    io: IOOptions,
+    sampling: SamplingOptions,
+    speculation: SpeculationOptions,
+) -> None:
+    if prompt_file is not None:
+        prompt = read_text_file(prompt_file, "--prompt-file")
+    if not prompt:
+        raise ConfigError("the prompt is empty")
+    if trace_hidden and not trace:
+        raise ConfigError("--trace-hidden needs --trace FILE")
+    if trace:
+        writable_file(trace, "--trace")
+    model = io.open(store, ram_budget, dtype=dtype)
+    draft = speculation.open_draft(dtype)
+    if draft is not None:
+        model.speculate(draft, k=speculation.spec_k, adaptive=not fixed_k)
+    recorder = model.record_trace() if trace else None
+    if recorder is not None and trace_hidden:
+        recorder.watch_hidden(model.transformer)
+    run_generation(model, prompt, sampling, chat)
+    if recorder is not None:
+        recorded = recorder.trace()
+        recorded.save(trace)
+        sys.stderr.write(f"wrote routing trace {trace} ({recorded.n_tokens} tokens)\n")
+
+
+def run_generation(model, prompt: str, sampling: SamplingOptions, chat: bool = False) -> None:
+    """Stream a completion to stdout, then the stats line to stderr."""
+    if chat:
+        ids = model.chat_prompt([{"role": "user", "content": prompt}])
+    else:
+        ids = prompt
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    for piece in model.stream(ids, stop=list(sampling.stop), **sampling.params()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stderr.write(stats_line(model.stats()) + "\n")
+
+
+def stats_line(stats) -> str:
+    g, c = stats.generation, stats.cache
+    tokens = max(1, g.prompt_tokens + g.generated_tokens)
+    return (
+        f"prefill {g.prefill_tps:.1f} tok/s | decode {g.decode_tps:.1f} tok/s | "
+        f"expert hits {100 * c.hit_rate:.1f}% ({c.hits}/{c.hits + c.misses}) | "
+        f"prefetch used {c.prefetches_used}/{c.prefetches} | "
+        f"read {fmt_decimal(c.bytes_read)} from SSD ({fmt_decimal(stats.bytes_read_per_token)}"
+        f"/token) at {c.read_bandwidth / 1e9:.2f} GB/s | "
+        f"I/O stall {1e3 * c.stall_seconds / tokens:.1f} ms/token | "
+        f"cache {stats.slots} slots in {fmt_bytes(stats.budget_bytes)}"
+        f"{f', {c.pinned} pinned' if c.pinned else ''} | "
+        f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}" + spec_segment(stats.speculation)
+    )
+
+
+def spec_segment(spec) -> str:
+    if spec is None:
+        return ""
+    return (
+        f" | speculative: {spec.rounds} passes, {100 * spec.acceptance_rate:.0f}% of "
+        f"{spec.drafted} drafts accepted, {spec.mean_accepted:.2f} tokens/pass, "
+        f"{spec.plain_tokens} plain tokens, draft {spec.draft_seconds:.2f} s / verify "
+        f"{spec.verify_seconds:.2f} s"
+    )
