@@ -15,8 +15,9 @@ import shutil
 import pytest
 
 from mer.config import ModelConfig
-from mer.errors import ConfigError, ConvertError, MerError
+from mer.errors import ConfigError, ConvertError, MerError, StoreError
 from mer.store.convert import convert
+from mer.store.reader import Store
 
 
 def one_line(excinfo) -> str:
@@ -124,3 +125,66 @@ def test_index_with_bad_values(ck, tmp_path, weight_map):
     with pytest.raises(ConvertError) as e:
         convert(ck, tmp_path / "out", progress=False)
     assert "model.safetensors.index.json" in one_line(e)
+
+
+# Hand-edited manifests.
+
+
+def edit_manifest(store, change) -> None:
+    path = store / "manifest.json"
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(m))
+
+
+def first_tensor(m) -> dict:
+    return next(iter(m["dense"]["tensors"].values()))
+
+
+MANIFEST_EDITS = {
+    "format_version": lambda m: m.pop("format_version"),
+    "model_config": lambda m: m.pop("model_config"),
+    "dense": lambda m: m.pop("dense"),
+    "dense.file": lambda m: m["dense"].pop("file"),
+    "dense.nbytes": lambda m: m["dense"].pop("nbytes"),
+    "dense.tensors": lambda m: m["dense"].update(tensors=[1]),
+    "experts": lambda m: m.pop("experts"),
+    "experts.file": lambda m: m["experts"].update(file="../../etc/passwd"),
+    "experts.nbytes": lambda m: m["experts"].update(nbytes="big"),
+    "experts.format": lambda m: m["experts"]["format"].pop("hidden"),
+    "experts.table": lambda m: m["experts"].pop("table"),
+    "experts.table[0]": lambda m: m["experts"]["table"][0].pop(),
+    "experts.table[1]": lambda m: m["experts"]["table"][1].__setitem__(2, "zero"),
+    "experts.table[2]": lambda m: m["experts"]["table"][2].__setitem__(3, 5),
+    "dtype": lambda m: first_tensor(m).update(dtype="float99"),
+    "shape": lambda m: first_tensor(m).update(shape=[3, 3]),
+    "offset": lambda m: first_tensor(m).update(offset=-64),
+    "checksum": lambda m: first_tensor(m).pop("checksum"),
+}
+
+
+@pytest.mark.parametrize("field", list(MANIFEST_EDITS))
+def test_hand_edited_manifest_names_the_field(store_copy, field):
+    store = store_copy()
+    edit_manifest(store, MANIFEST_EDITS[field])
+    with pytest.raises(StoreError) as e:
+        Store(store)
+    msg = one_line(e)
+    assert "manifest.json" in msg and field in msg
+
+
+@pytest.mark.parametrize("version", [0, -1, True, "1", 1.0, None])
+def test_format_version_must_be_a_supported_integer(store_copy, version):
+    store = store_copy()
+    edit_manifest(store, lambda m: m.update(format_version=version))
+    with pytest.raises(StoreError) as e:
+        Store(store)
+    assert "format_version" in one_line(e) and "manifest.json" in str(e.value)
+
+
+def test_manifest_that_is_not_an_object(store_copy):
+    store = store_copy()
+    (store / "manifest.json").write_text("[]")
+    with pytest.raises(StoreError) as e:
+        Store(store)
+    assert "manifest.json" in one_line(e)
