@@ -11,13 +11,17 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from mer.config import ModelConfig
 from mer.errors import ConfigError, ConvertError, MerError, StoreError
+from mer.quant.expert import ExpertFormat
 from mer.store.convert import convert
 from mer.store.reader import Store
+from mer.store.writer import StoreWriter
 
 
 def one_line(excinfo) -> str:
@@ -42,6 +46,61 @@ def ck(hf_tiny, tmp_path):
     dst = tmp_path / "par" / "ck"
     shutil.copytree(hf_tiny[0], dst)
     return dst
+
+
+# --force replaces a store and nothing else.
+
+
+def test_force_never_writes_over_the_source(ck):
+    before = tree_digest(ck)
+    with pytest.raises(ConvertError) as e:
+        convert(ck, ck, force=True, progress=False)
+    assert "source" in one_line(e) and str(ck) in str(e.value)
+    assert tree_digest(ck) == before
+
+
+def test_force_never_replaces_a_directory_containing_the_source(ck):
+    par = ck.parent
+    before = tree_digest(par)
+    with pytest.raises(ConvertError) as e:
+        convert(ck, par, force=True, progress=False)
+    assert "source" in one_line(e)
+    assert tree_digest(par) == before
+
+
+def test_force_refuses_what_is_not_a_store(hf_tiny, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(StoreError) as e:
+        convert(hf_tiny[0], mine, force=True, progress=False)
+    assert "not a mer store" in one_line(e) and str(mine) in str(e.value)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep")
+    with pytest.raises(StoreError) as e:
+        convert(hf_tiny[0], plain, force=True, progress=False)
+    assert "not a mer store" in one_line(e)
+    assert plain.read_text() == "keep"
+
+
+def test_force_refuses_a_store_holding_other_files(store_factory, hf_tiny, tmp_path):
+    dst = tmp_path / "s"
+    shutil.copytree(store_factory("int4"), dst)
+    (dst / "my-notes.md").write_text("mine")
+    with pytest.raises(StoreError) as e:
+        convert(hf_tiny[0], dst, force=True, progress=False)
+    assert "my-notes.md" in one_line(e)
+    assert (dst / "my-notes.md").read_text() == "mine"
+
+
+def test_force_replaces_a_store_and_leaves_nothing_else(store_factory, hf_tiny, tmp_path):
+    dst = tmp_path / "s"
+    shutil.copytree(store_factory("int4"), dst)
+    convert(hf_tiny[0], dst, quant="int8", force=True, progress=False)
+    assert Store(dst).expert_format.scheme == "int8"
+    assert sorted(os.listdir(tmp_path)) == ["s"]
 
 
 # config.json, safetensors headers, indexes.
@@ -188,3 +247,45 @@ def test_manifest_that_is_not_an_object(store_copy):
     with pytest.raises(StoreError) as e:
         Store(store)
     assert "manifest.json" in one_line(e)
+
+
+# Two writers of one destination.
+
+
+def tiny_writer(dst) -> StoreWriter:
+    from mer.synth.checkpoint import hf_config
+
+    hf = hf_config("tiny")
+    cfg = ModelConfig.from_hf(hf)
+    ef = ExpertFormat.for_machine("int4", cfg.hidden_size, cfg.intermediate_size, 32)
+    return StoreWriter(dst, cfg, hf, ef)
+
+
+def test_second_writer_of_a_destination_is_refused(hf_tiny, tmp_path):
+    dst = tmp_path / "out"
+    with tiny_writer(dst) as first:
+        with pytest.raises(StoreError) as e:
+            convert(hf_tiny[0], dst, progress=False)
+        msg = one_line(e)
+        assert "another" in msg and f"pid {os.getpid()}" in msg and str(dst) in msg
+        first.abort()
+    # The refused convert touched nothing; the aborted writer left nothing.
+    assert os.listdir(tmp_path) == []
+    convert(hf_tiny[0], dst, progress=False)
+    assert Store(dst).config.num_hidden_layers == 2
+
+
+def test_concurrent_convert_cli_says_so_in_one_line(hf_tiny, tmp_path):
+    dst = tmp_path / "out"
+    with tiny_writer(dst) as first:
+        r = subprocess.run(
+            [sys.executable, "-m", "mer.cli", "convert", str(hf_tiny[0]), str(dst)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        first.abort()
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "another" in lines[0]
+    assert os.listdir(tmp_path) == []

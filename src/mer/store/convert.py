@@ -21,7 +21,7 @@ from mer.quant.expert import SCHEMES, ExpertFormat
 from mer.store import format as fmt
 from mer.store.hub import resolve_source
 from mer.store.safetensors_source import SafetensorsSource
-from mer.store.writer import StoreWriter
+from mer.store.writer import StoreWriter, dense_nbytes
 
 SOURCE_DTYPES = {"BF16", "F16", "F32"}
 
@@ -39,6 +39,11 @@ def convert(
         raise ConvertError(f"{src}: no such checkpoint directory")
     if quant not in SCHEMES:
         raise ConvertError(f"unknown --quant {quant!r} (choose from {', '.join(SCHEMES)})")
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise ConvertError(
+            f"{dst}: is (or contains) the source checkpoint {src}; a convert never writes "
+            "over its source, choose another destination"
+        )
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{config_path}: missing (not a Hugging Face checkpoint?)")
@@ -65,7 +70,11 @@ def convert(
             for layer, e in cfg.expert_keys()
             for hf in naming.expert_names(fam, layer, e).values()
         )
-        with StoreWriter(dst, cfg, hf_config, ef, overwrite=force) as writer:
+        tokenizer_files = [src / n for n in fmt.TOKENIZER_FILES if (src / n).is_file()]
+        planned = dense_nbytes(source.info(hf)[0] for hf in dense) + sum(
+            f.stat().st_size for f in tokenizer_files
+        )
+        with StoreWriter(dst, cfg, hf_config, ef, overwrite=force, planned_bytes=planned) as writer:
             with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
                 for hf, ours in dense.items():
                     writer.add_dense(ours, source.get(hf))
@@ -75,9 +84,8 @@ def convert(
                     w = {k: source.get(hf).float() for k, hf in names.items()}
                     writer.add_expert(layer, e, ef.encode(w["w1"], w["w2"], w["w3"]))
                     bar.advance(sum(_nbytes(source, hf) for hf in names.values()))
-            for name in fmt.TOKENIZER_FILES:
-                if (src / name).is_file():
-                    writer.add_tokenizer_file(src / name)
+            for f in tokenizer_files:
+                writer.add_tokenizer_file(f)
             return writer.close()
 
 
