@@ -165,6 +165,33 @@ def test_synth_writers_report_a_full_disk_in_one_line(small_fs):
     assert os.listdir(fs) == []
 
 
+@pytest.mark.parametrize("writer", ["synth --store", "synth"])
+def test_synth_writers_when_the_disk_fills_up_mid_write(small_fs, monkeypatch, writer):
+    import mer.synth.checkpoint as checkpoint
+    import mer.synth.store as store
+
+    fs = small_fs("8m")
+    module, name = (
+        (store, "random_int4_extent") if "--store" in writer else (checkpoint, "random_tensor")
+    )
+    real, calls = getattr(module, name), {"n": 0}
+
+    def make(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            fill_up(fs)
+        return real(*a)
+
+    monkeypatch.setattr(module, name, make)
+    with pytest.raises(MerError) as e:
+        if "--store" in writer:
+            write_random_store(fs / "out", hf_config("tiny"), progress=False)
+        else:
+            write_hf_checkpoint(fs / "out", hf_config("tiny"), progress=False)
+    assert "space" in one_line(e) and "needs" in str(e.value)
+    assert os.listdir(fs) == ["filler"]
+
+
 # SIGKILL at several points of a real `mer convert`.
 
 

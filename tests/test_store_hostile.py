@@ -228,8 +228,8 @@ def test_hand_edited_manifest_names_the_field(store_copy, field):
     edit_manifest(store, MANIFEST_EDITS[field])
     with pytest.raises(StoreError) as e:
         Store(store)
-    msg = one_line(e)
-    assert "manifest.json" in msg and field in msg
+    detail = one_line(e).split("manifest.json: ", 1)[1]  # the path may hold any word
+    assert field in detail
 
 
 @pytest.mark.parametrize("version", [0, -1, True, "1", 1.0, None])
@@ -238,7 +238,7 @@ def test_format_version_must_be_a_supported_integer(store_copy, version):
     edit_manifest(store, lambda m: m.update(format_version=version))
     with pytest.raises(StoreError) as e:
         Store(store)
-    assert "format_version" in one_line(e) and "manifest.json" in str(e.value)
+    assert "format_version" in one_line(e).split("manifest.json: ", 1)[1]
 
 
 def test_manifest_that_is_not_an_object(store_copy):
