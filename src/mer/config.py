@@ -63,6 +63,9 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
         """Normalise a Hugging Face config dict; `where` names the source in errors."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got a {type(hf).__name__}")
+        _check_types(hf, where)
         archs = hf.get("architectures") or []
         model_type = hf.get("model_type")
         if model_type is None and archs:
@@ -117,14 +120,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf(hf, where=str(path))
+        return cls.from_hf(read_json(path), where=str(path))
 
     def validate(self, where: str = "config") -> None:
         ints = {
@@ -145,6 +141,10 @@ class ModelConfig:
                 f"{where}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
                 f"num_local_experts ({self.num_local_experts})"
             )
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise ConfigError(f"{where}: {name} must be a positive number, got {v!r}")
         if self.hidden_act != "silu":
             raise ConfigError(f"{where}: hidden_act {self.hidden_act!r} is not supported")
         if self.qk_norm not in ("none", "head", "full"):
@@ -183,3 +183,47 @@ class ModelConfig:
     def expert_keys(self) -> list[tuple[int, int]]:
         """Every routed expert as (layer, expert), in store order."""
         return [(m, e) for m in self.moe_layers for e in range(self.num_local_experts)]
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value; missing, unreadable, not UTF-8 or not JSON: a one-line ConfigError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+# The container fields `from_hf` reads before the dataclass can check anything: each must
+# have its JSON type, or the normalisation itself would fail with a traceback.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "architectures": (list,),
+    "model_type": (str,),
+    "rope_parameters": (dict,),
+    "rope_scaling": (dict,),
+    "mlp_only_layers": (list,),
+    "dense_layers": (list,),
+    "decoder_sparse_step": (int,),
+    "num_hidden_layers": (int,),
+    "hidden_size": (int,),
+    "num_attention_heads": (int,),
+}
+
+
+def _check_types(hf: dict, where: str) -> None:
+    for name, types in _FIELD_TYPES.items():
+        v = hf.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+            want = {list: "a list", dict: "an object", int: "an integer", str: "a string"}
+            raise ConfigError(f"{where}: {name} must be {want[types[0]]}, got {v!r}")
+    for name in ("architectures", "mlp_only_layers", "dense_layers"):
+        items = hf.get(name) or []
+        kind = str if name == "architectures" else int
+        if any(isinstance(x, bool) or not isinstance(x, kind) for x in items):
+            raise ConfigError(f"{where}: {name} has an entry that is not a {kind.__name__}")

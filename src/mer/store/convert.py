@@ -9,10 +9,9 @@ a checkpoint larger than RAM converts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from mer.config import ModelConfig
+from mer.config import ModelConfig, read_json
 from mer.errors import ConvertError
 from mer.models import naming
 from mer.models.registry import family
@@ -22,7 +21,7 @@ from mer.quant.expert import SCHEMES, ExpertFormat
 from mer.store import format as fmt
 from mer.store.hub import resolve_source
 from mer.store.safetensors_source import SafetensorsSource
-from mer.store.writer import StoreWriter
+from mer.store.writer import StoreWriter, dense_nbytes
 
 SOURCE_DTYPES = {"BF16", "F16", "F32"}
 
@@ -40,13 +39,15 @@ def convert(
         raise ConvertError(f"{src}: no such checkpoint directory")
     if quant not in SCHEMES:
         raise ConvertError(f"unknown --quant {quant!r} (choose from {', '.join(SCHEMES)})")
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise ConvertError(
+            f"{dst}: is (or contains) the source checkpoint {src}; a convert never writes "
+            "over its source, choose another destination"
+        )
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{config_path}: missing (not a Hugging Face checkpoint?)")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{config_path}: not valid JSON ({e})") from None
+    hf_config = read_json(config_path)
     cfg = ModelConfig.from_hf(hf_config, where=str(config_path))
     fam = family(cfg.model_type)
     if group_size is None:
@@ -69,7 +70,11 @@ def convert(
             for layer, e in cfg.expert_keys()
             for hf in naming.expert_names(fam, layer, e).values()
         )
-        with StoreWriter(dst, cfg, hf_config, ef, overwrite=force) as writer:
+        tokenizer_files = [src / n for n in fmt.TOKENIZER_FILES if (src / n).is_file()]
+        planned = dense_nbytes(source.info(hf)[0] for hf in dense) + sum(
+            f.stat().st_size for f in tokenizer_files
+        )
+        with StoreWriter(dst, cfg, hf_config, ef, overwrite=force, planned_bytes=planned) as writer:
             with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
                 for hf, ours in dense.items():
                     writer.add_dense(ours, source.get(hf))
@@ -79,9 +84,8 @@ def convert(
                     w = {k: source.get(hf).float() for k, hf in names.items()}
                     writer.add_expert(layer, e, ef.encode(w["w1"], w["w2"], w["w3"]))
                     bar.advance(sum(_nbytes(source, hf) for hf in names.values()))
-            for name in fmt.TOKENIZER_FILES:
-                if (src / name).is_file():
-                    writer.add_tokenizer_file(src / name)
+            for f in tokenizer_files:
+                writer.add_tokenizer_file(f)
             return writer.close()
 
 

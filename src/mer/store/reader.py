@@ -1,4 +1,4 @@
-"""Opens a store and checks it before anything runs: format, version, file sizes.
+"""Opens a store and checks it before anything runs: every manifest field, file sizes.
 
 `Store` answers where each expert lives and loads the dense weights; it reads
 no expert bytes itself (that is the I/O layer's job) but it is the one that
@@ -16,8 +16,8 @@ import torch
 
 from mer.config import ModelConfig
 from mer.errors import ConfigError, StoreError
-from mer.quant.expert import ExpertFormat
 from mer.store import format as fmt
+from mer.store.manifest import check_manifest
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,13 @@ class Store:
         self.path = Path(path)
         self.manifest = self._read_manifest()
         m = self.manifest
+        self.expert_format = check_manifest(m, self.manifest_path)
         try:
             self.config = ModelConfig.from_hf(m["model_config"], where=str(self.manifest_path))
-            self.expert_format = ExpertFormat.from_dict(m["experts"]["format"])
-            self.dense_table: dict[str, dict] = m["dense"]["tensors"]
-            self.extents = {(row[0], row[1]): ExpertExtent(*row) for row in m["experts"]["table"]}
         except ConfigError as e:
-            raise StoreError(str(e)) from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"{self.manifest_path}: malformed manifest ({e!r})") from None
+            raise StoreError(f"{e} (field model_config)") from None
+        self.dense_table: dict[str, dict] = m["dense"]["tensors"]
+        self.extents = {(row[0], row[1]): ExpertExtent(*row) for row in m["experts"]["table"]}
         self.dense_path = self.path / m["dense"]["file"]
         self.expert_path = self.path / m["experts"]["file"]
         self._check_files()
@@ -63,14 +61,8 @@ class Store:
             ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StoreError(f"{self.manifest_path}: not valid JSON ({e})") from None
-        if not isinstance(m, dict) or m.get("format") != fmt.FORMAT_NAME:
-            raise StoreError(f"{self.manifest_path}: not a mer store manifest")
-        version = m.get("format_version")
-        if not isinstance(version, int) or version > fmt.FORMAT_VERSION:
-            raise StoreError(
-                f"{self.manifest_path}: store format version {version} is newer than this mer "
-                f"reads (up to {fmt.FORMAT_VERSION}); upgrade mer"
-            )
+        except OSError as e:
+            raise StoreError(f"{self.manifest_path}: cannot read it ({e.strerror})") from None
         return m
 
     def _check_files(self) -> None:

@@ -42,15 +42,20 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConvertError(f"{path}: not a safetensors file (header: {e})") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path}: not a safetensors file (header is not a JSON object)")
     entries = {}
     for name, e in header.items():
         if name == "__metadata__":
             continue
         try:
-            start, end = (8 + n + int(x) for x in e["data_offsets"])
-            entry = TensorEntry(
-                path, str(e["dtype"]), tuple(int(d) for d in e["shape"]), start, end
-            )
+            offsets, shape = e["data_offsets"], e["shape"]
+            if len(offsets) != 2 or not all(_is_count(x) for x in [*offsets, *shape]):
+                raise ValueError
+            start, end = (8 + n + x for x in offsets)
+            if end < start:
+                raise ValueError
+            entry = TensorEntry(path, str(e["dtype"]), tuple(shape), start, end)
         except (KeyError, TypeError, ValueError):
             raise ConvertError(f"{path}: malformed header entry for tensor {name}") from None
         if end > size:
@@ -69,9 +74,10 @@ class SafetensorsSource:
         self.entries: dict[str, TensorEntry] = {}
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ConvertError(f"{index}: malformed index ({e!r})") from None
+            _check_weight_map(weight_map, index)
             headers = {}
             for f in sorted(set(weight_map.values())):
                 if not (src / f).is_file():
@@ -136,3 +142,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_weight_map(weight_map, index: Path) -> None:
+    """Tensor name -> shard file name, each a file beside the index."""
+    if not isinstance(weight_map, dict):
+        raise ConvertError(f"{index}: weight_map is not a JSON object")
+    for name, f in weight_map.items():
+        if not isinstance(f, str) or not f or Path(f).is_absolute() or ".." in Path(f).parts:
+            raise ConvertError(
+                f"{index}: weight_map gives tensor {name} the shard {f!r}, "
+                "not a file name beside the index"
+            )

@@ -3,13 +3,18 @@ last, then one rename makes it visible. A crash or error leaves no half store be
 
 Tensors are appended as they arrive, so a writer never holds more than the
 tensor it is given: converting or synthesizing a model larger than RAM works.
+The lock, the free-space check, the removal of dead writers' temp directories and
+the rename are `Staging`'s; `--force` replaces only what `check_replaceable` accepts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,10 +24,48 @@ from mer.config import ModelConfig
 from mer.errors import StoreError
 from mer.quant.expert import ExpertFormat
 from mer.store import format as fmt
+from mer.store.staging import Staging, is_disk_full
+
+MANIFEST_SLACK = 256 << 10  # the manifest and file-system rounding, on top of the data
+
+
+def dense_nbytes(shapes: Iterable[tuple[int, ...]], dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes that dense tensors of these shapes take in a store's dense file (padding included)."""
+    return sum(math.prod(s) * dtype.itemsize + fmt.DENSE_ALIGN for s in shapes)
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise StoreError unless `path` is a mer store holding nothing but store files.
+
+    A store is recognised by its manifest's format name (its contents may be damaged:
+    replacing a broken store is what --force is for). Anything else in it, a subdirectory
+    or a file no store has, is the user's, and --force must not delete it.
+    """
+    manifest = path / fmt.MANIFEST
+    try:
+        is_store = json.loads(manifest.read_bytes()).get("format") == fmt.FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        is_store = False
+    if not path.is_dir() or not is_store:
+        raise StoreError(
+            f"{path}: exists and is not a mer store (no {fmt.MANIFEST} of format "
+            f"{fmt.FORMAT_NAME}); --force replaces only a store, so move it away yourself"
+        )
+    known = {fmt.MANIFEST, fmt.DENSE_FILE, fmt.EXPERT_FILE, *fmt.TOKENIZER_FILES}
+    for entry in sorted(path.iterdir()):
+        if entry.name not in known or not entry.is_file() or entry.is_symlink():
+            raise StoreError(
+                f"{path}: holds {entry.name}, which is not part of a mer store; --force "
+                "replaces only a store, so move it away first"
+            )
 
 
 class StoreWriter:
-    """Use as a context manager; `close()` on success publishes the store."""
+    """Use as a context manager; `close()` on success publishes the store.
+
+    `planned_bytes` are the bytes the caller will add besides the expert file (dense
+    tensors: `dense_nbytes`; tokenizer files), for the free-space check made up front.
+    """
 
     def __init__(
         self,
@@ -32,27 +75,26 @@ class StoreWriter:
         expert_format: ExpertFormat,
         dense_dtype: torch.dtype = torch.bfloat16,
         overwrite: bool = False,
+        planned_bytes: int = 0,
     ) -> None:
         self.dst = Path(dst)
-        if self.dst.exists() and not overwrite:
-            raise StoreError(f"{self.dst}: already exists (pass --force to replace it)")
         self.config = config
         self.hf_config = hf_config
         self.expert_format = expert_format
         self.dense_dtype = dense_dtype
-        self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self._dense = open(self.tmp / fmt.DENSE_FILE, "wb")
-        self._experts = open(self.tmp / fmt.EXPERT_FILE, "wb")
+        n = config.num_experts_total * expert_format.nbytes
+        needed = n + planned_bytes + MANIFEST_SLACK + 128 * config.num_experts_total
+        self.staging = Staging(self.dst, needed, overwrite, check_replaceable)
+        self.tmp = self.staging.tmp
         self._dense_table: dict[str, dict] = {}
         self._expert_table: dict[tuple[int, int], dict] = {}
         self._tokenizer_files: list[str] = []
-        self._overwrite = overwrite
-        self._published = False
+        self._finished = False  # published or aborted
         self._index = {key: i for i, key in enumerate(config.expert_keys())}
-        n = config.num_experts_total * expert_format.nbytes
-        self._experts.truncate(n)  # sparse until written; reserves the layout up front
+        with self._failing():
+            self._dense = open(self.tmp / fmt.DENSE_FILE, "wb")
+            self._experts = open(self.tmp / fmt.EXPERT_FILE, "wb")
+            self._experts.truncate(n)  # sparse until written; reserves the layout up front
 
     def add_dense(self, name: str, tensor: torch.Tensor) -> None:
         """Append a resident tensor, stored in the store's dense dtype."""
@@ -134,23 +176,41 @@ class StoreWriter:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if self.dst.exists() and self._overwrite:
-            shutil.rmtree(self.dst)
-        os.rename(self.tmp, self.dst)
-        self._published = True
+        self.staging.publish()
+        self._finished = True
         return self.dst
 
     def abort(self) -> None:
-        for f in (self._dense, self._experts):
-            if not f.closed:
-                f.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Drop everything written; the destination keeps its old state. Safe to repeat."""
+        self._finished = True
+        for f in (getattr(self, "_dense", None), getattr(self, "_experts", None)):
+            if f is not None and not f.closed:
+                try:
+                    f.close()
+                except OSError:
+                    pass  # a buffered write that cannot land: the file goes anyway
+        self.staging.abort()
+
+    def _fail(self, e: BaseException) -> None:
+        """Abort after `e`; a full disk becomes a one-line StoreError saying what was needed."""
+        self.abort()
+        if is_disk_full(e):
+            raise self.staging.disk_full_error(e) from None
+
+    @contextmanager
+    def _failing(self):
+        try:
+            yield
+        except BaseException as e:
+            self._fail(e)
+            raise
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._published:
-            self.close()
+        if exc is not None:
+            self._fail(exc)
+        elif not self._finished:
+            with self._failing():
+                self.close()

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import zlib
 from pathlib import Path
 
 import torch
 
 from mer.config import ModelConfig
-from mer.errors import ConfigError, MerError
+from mer.errors import ConfigError
 from mer.models import naming
 from mer.models.registry import family
 from mer.progress import progress_bar
+from mer.store.staging import Staging
 from mer.synth.tokenizer import build_tokenizer, write_tokenizer_files
 
 # Mixtral-architecture shapes: (layers, experts, top_k, hidden, ffn, heads, kv_heads, vocab,
@@ -247,16 +246,14 @@ def write_hf_checkpoint(
 ) -> Path:
     """Write a random checkpoint of config `cfg` to `out_dir` (which must not exist)."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise MerError(f"{out_dir}: already exists")
     specs = tensor_specs(cfg)
     itemsize = dtype.itemsize
     shards = _plan_shards(specs, itemsize, max_shard_bytes)
     total = sum(math.prod(s) for _, s in specs) * itemsize
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # Staging: one writer at a time, a free-space check, a full disk as one line, a temp
+    # directory that disappears on any failure (and is cleaned up after a kill).
+    with Staging(out_dir, total + (1 << 20) + 4096 * len(shards)) as staging:
+        tmp = staging.tmp
         gen = torch.Generator()
         layers = cfg["num_hidden_layers"]
         weight_map = {}
@@ -284,8 +281,5 @@ def write_hf_checkpoint(
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tok = build_tokenizer(cfg["vocab_size"])
         write_tokenizer_files(tmp, tok, cfg["max_position_embeddings"])
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staging.publish()
     return out_dir

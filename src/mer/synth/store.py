@@ -22,7 +22,7 @@ from mer.models.registry import family
 from mer.progress import progress_bar
 from mer.quant import int4
 from mer.quant.expert import ExpertFormat
-from mer.store.writer import StoreWriter
+from mer.store.writer import StoreWriter, dense_nbytes
 from mer.synth.checkpoint import random_tensor, tensor_specs
 from mer.synth.tokenizer import build_tokenizer, write_tokenizer_files
 
@@ -63,7 +63,8 @@ def write_random_store(
     dense = [(n, s) for n, s in tensor_specs(hf) if n in names]
     total = len(dense) + cfg.num_experts_total
     gen = torch.Generator()
-    with StoreWriter(out, cfg, hf, ef) as writer:
+    planned = dense_nbytes(s for _, s in dense)
+    with StoreWriter(out, cfg, hf, ef, planned_bytes=planned) as writer:
         with progress_bar(total, f"synth store {Path(out).name}", progress, unit="tensors") as bar:
             for name, shape in dense:
                 t = random_tensor(name, shape, gen, torch.bfloat16, seed, cfg.num_hidden_layers)

@@ -1,0 +1,122 @@
+"""Checks a store manifest read from disk, field by field, before anything uses it.
+
+A manifest may have been edited by hand or damaged: every field the reader relies on is
+checked for presence, JSON type and range here, and the first bad one becomes a one-line
+StoreError naming the file and the field (`dense.tensors['lm_head'].shape`). What passes
+is safe to index, reshape and seek with. The model config inside is judged by
+`ModelConfig.from_hf`, and whether files are as long as the manifest says by the reader.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mer.errors import StoreError
+from mer.quant.expert import EXTENT_ALIGN, ExpertFormat
+from mer.store import format as fmt
+
+DENSE_DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def check_manifest(m, path: Path) -> ExpertFormat:
+    """Raise StoreError at the first field of `m` that is missing or wrong; else the format."""
+
+    def fail(field: str, problem: str):
+        raise StoreError(f"{path}: field {field} {problem}")
+
+    if not isinstance(m, dict) or m.get("format") != fmt.FORMAT_NAME:
+        raise StoreError(f"{path}: not a mer store manifest")
+    version = m.get("format_version")
+    if not _is_int(version):
+        fail("format_version", f"must be an integer, got {version!r}")
+    if version > fmt.FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format version {version} is newer than this mer reads "
+            f"(up to {fmt.FORMAT_VERSION}); upgrade mer (field format_version)"
+        )
+    if version < 1:
+        fail("format_version", f"is {version}, not a format version (1 to {fmt.FORMAT_VERSION})")
+    if not isinstance(m.get("model_config"), dict):
+        fail("model_config", "must be an object")
+
+    dense = _object(m, "dense", fail)
+    _file_name(dense, "dense.file", fail)
+    dense_size = _count(dense, "dense.nbytes", fail)
+    tensors = dense.get("tensors")
+    if not isinstance(tensors, dict):
+        fail("dense.tensors", "must be an object of tensor name -> entry")
+    for name, t in tensors.items():
+        where = f"dense.tensors[{name!r}]"
+        if not isinstance(t, dict):
+            fail(where, "must be an object")
+        offset = _count(t, f"{where}.offset", fail)
+        nbytes = _count(t, f"{where}.nbytes", fail)
+        dtype, shape = t.get("dtype"), t.get("shape")
+        if dtype not in DENSE_DTYPES:
+            fail(f"{where}.dtype", f"is {dtype!r}, not one of {', '.join(DENSE_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            fail(f"{where}.shape", f"must be a list of sizes, got {shape!r}")
+        if math.prod(shape) * DENSE_DTYPES[dtype] != nbytes:
+            fail(f"{where}.shape", f"{shape} of {dtype} does not fill its {nbytes} bytes")
+        if offset + nbytes > dense_size:
+            fail(f"{where}.offset", f"{offset} + {nbytes} bytes runs past dense.nbytes")
+        if not isinstance(t.get("checksum"), str):
+            fail(f"{where}.checksum", "must be a string")
+
+    experts = _object(m, "experts", fail)
+    _file_name(experts, "experts.file", fail)
+    experts_size = _count(experts, "experts.nbytes", fail)
+    if not isinstance(experts.get("format"), dict):
+        fail("experts.format", "must be an object")
+    try:
+        ef = ExpertFormat.from_dict(experts["format"])
+    except (KeyError, TypeError, ValueError) as e:
+        fail("experts.format", f"is not an expert format this mer reads ({e!r})")
+    table = experts.get("table")
+    if not isinstance(table, list):
+        fail("experts.table", "must be a list of [layer, expert, offset, length, checksum]")
+    seen = set()
+    for i, row in enumerate(table):
+        where = f"experts.table[{i}]"
+        if (
+            not isinstance(row, list)
+            or len(row) != 5
+            or not all(_is_int(x) and x >= 0 for x in row[:4])
+            or not isinstance(row[4], str)
+        ):
+            fail(where, f"must be [layer, expert, offset, length, checksum], got {row!r}")
+        layer, expert, offset, length, _ = row
+        if length != ef.nbytes:
+            fail(where, f"has length {length}; the expert format's extent is {ef.nbytes}")
+        if offset % EXTENT_ALIGN or offset + length > experts_size:
+            fail(where, f"offset {offset} is unaligned or runs past experts.nbytes")
+        if (layer, expert) in seen:
+            fail(where, f"repeats {fmt.expert_name(layer, expert)}")
+        seen.add((layer, expert))
+    return ef
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _object(m: dict, key: str, fail) -> dict:
+    v = m.get(key)
+    if not isinstance(v, dict):
+        fail(key, "must be an object" if key in m else "is missing")
+    return v
+
+
+def _count(d: dict, field: str, fail) -> int:
+    v = d.get(field.rsplit(".", 1)[-1])
+    if not _is_int(v) or v < 0:
+        fail(field, f"must be a byte count, got {v!r}")
+    return v
+
+
+def _file_name(d: dict, field: str, fail) -> None:
+    """A file inside the store directory: a plain name, no path."""
+    v = d.get(field.rsplit(".", 1)[-1])
+    if not isinstance(v, str) or not v or Path(v).name != v or v in (".", ".."):
+        fail(field, f"must be a file name inside the store, got {v!r}")
