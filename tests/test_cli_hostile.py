@@ -164,3 +164,11 @@ def test_option_policies_match_the_cache():
     from mer.options import POLICIES
 
     assert tuple(POLICIES) == tuple(CACHE_POLICIES)
+
+
+def test_a_plain_file_as_store_is_called_a_file(tmp_path):
+    plain = tmp_path / "model.bin"
+    plain.write_bytes(b"x")
+    proc = run_mer("info", str(plain))
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == f"error: {plain}: a file, not a store directory\n"

@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int4 group size (default 128 or the largest that divides the "
                    "model's dims)")  # fmt: skip
     p.add_argument("--force", action="store_true",
-                   help="replace dst if it is an existing mer store (nothing else)")  # fmt: skip
+                   help="replace dst if it is a mer store (never the source or other files)")  # fmt: skip
 
 
 def run(*, src: str, dst: str, quant: str, group_size: int | None, force: bool) -> None:

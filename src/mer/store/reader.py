@@ -50,6 +50,9 @@ class Store:
         return self.path / fmt.MANIFEST
 
     def _read_manifest(self) -> dict:
+        if self.path.exists() and not self.path.is_dir():
+            hint = " (a GGUF file converts with mer convert)" if self.path.suffix == ".gguf" else ""
+            raise StoreError(f"{self.path}: a file, not a store directory{hint}")
         if not self.path.is_dir():
             raise StoreError(f"{self.path}: no such store directory")
         try:
