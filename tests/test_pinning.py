@@ -4,6 +4,7 @@ tokens do not depend on them."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +17,15 @@ from mer.cache.pinning import FIRST_AUTO_PIN_PASS, pin_capacity
 from mer.errors import BudgetError, ConfigError
 from mer.store.reader import Store
 from mer.trace.format import Trace
+from mer.trace.pins import read_pin_file
 
 ALL = [(layer, e) for layer in (0, 1) for e in range(4)]  # the tiny model's 8 experts
 
 
 def small_cache(store_path, slots: int, **kw) -> ExpertCache:
     store = Store(store_path)
+    if isinstance(kw.get("pins"), Path):  # a pin file, read as `mer.open` reads it
+        kw["pins"] = read_pin_file(kw["pins"], store.config, kw.get("pin_share", 0.0))
     return ExpertCache(store, slots * store.expert_format.nbytes, **kw)
 
 

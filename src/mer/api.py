@@ -29,6 +29,7 @@ from mer.errors import ConfigError
 from mer.models.transformer import MoETransformer
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
+from mer.trace.pins import read_pin_file
 from mer.trace.record import TraceRecorder
 from mer.units import parse_bytes
 
@@ -239,9 +240,10 @@ def open(  # noqa: A001 - mer.open reads naturally
     torch.set_num_threads(compute_threads or default_compute_threads(s.config))
     if io_threads < 1:
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
+    pins = read_pin_file(pin_file, s.config, pin_share) if pin_file is not None else None
     cache = ExpertCache(
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
-        pin_share=pin_share, pins=pin_file,
+        pin_share=pin_share, pins=pins,
     )  # fmt: skip
     model = Model(s, cache, DTYPES[dtype], budget, prefetch)
     if cache_policy != "lru":

@@ -10,7 +10,7 @@ or the expected distance to next use from the layer cycle and each expert's reus
 chance, learned from the routing the model reports through `observe`). Prefetches
 fill free slots or evict only experts that were not used in the current step and, under
 `lfu` and `ours`, only one worth no more than the one it brings (admission). Pinned
-experts (`mer.cache.pinning`: from a file, or chosen from the counts of acquires) are
+experts (`mer.cache.pinning`: given as keys, or chosen from the counts of acquires) are
 never evicted once loaded; they take at most a share of the slots. Counters record what
 happened, never estimates.
 """
@@ -23,9 +23,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
-from mer.cache.pinning import MAX_SHARE, AutoPins, check_pins, load_pin_file, pin_capacity
+from mer.cache.pinning import MAX_SHARE, AutoPins, Pins, check_pins, pin_capacity
 from mer.cache.policy import POLICIES, LayerCycleScore, prefetch_accuracy
 from mer.cache.pool import SlotPool
 from mer.errors import BudgetError, ConfigError
@@ -84,10 +83,10 @@ class ExpertCache:
         direct: bool = True,
         policy: str = "lru",
         pin_share: float = 0.0,
-        pins: str | Path | Sequence[Key] | None = None,
+        pins: Pins | Sequence[Key] | None = None,
     ) -> None:
-        """`pins`: a pin file (`mer.cache.pinning`) or (layer, expert) pairs to pin; without
-        it, `pin_share` > 0 pins the most acquired experts automatically."""
+        """`pins`: experts to pin (`mer.cache.pinning.Pins`, or (layer, expert) pairs);
+        without them, `pin_share` > 0 pins the most acquired experts automatically."""
         if policy not in POLICIES:
             raise ConfigError(
                 f"unknown cache policy {policy!r} (choose from {', '.join(POLICIES)})"
@@ -124,13 +123,17 @@ class ExpertCache:
         self._auto_pins: AutoPins | None = None
         self._setup_pins(pin_share, pins)
 
-    def _setup_pins(self, share: float, pins) -> None:
+    def _setup_pins(self, share: float, pins: Pins | Sequence[Key] | None) -> None:
         cfg = self.store.config
-        if isinstance(pins, str | Path):
-            self._pinned = set(load_pin_file(pins, cfg, self.n_slots, share))
+        if pins is not None and not isinstance(pins, Pins):
+            pins = Pins(tuple(pins))
+        if pins is not None and pins.ranked:
+            self._pinned = set(
+                pins.keys[: pin_capacity(self.n_slots, share, cfg.num_experts_per_tok)]
+            )
         elif pins is not None:
             capacity = pin_capacity(self.n_slots, share or MAX_SHARE, cfg.num_experts_per_tok)
-            self._pinned = set(check_pins(pins, cfg, capacity))
+            self._pinned = set(check_pins(list(pins.keys), cfg, capacity, pins.where))
         elif capacity := pin_capacity(self.n_slots, share, cfg.num_experts_per_tok):
             self._auto_pins = AutoPins(cfg.moe_layers, cfg.num_local_experts, capacity)
 
