@@ -148,11 +148,10 @@ class Policy(ABC):
         self.layer = 0  # the MoE layer (ordinal) routed last
         self.passes = 0  # forward passes begun: the current one's number
 
+    @abstractmethod
     def visit(self, layer: int, chosen) -> None:
-        """MoE layer `layer` routed to experts `chosen`: they are about to be used."""
-        self.layer = layer
-        for e in chosen:
-            self._mark_used(layer * self.n_experts + int(e))
+        """MoE layer `layer` (ordinal) routed to experts `chosen`: they are about to be used
+        in this pass (no prefetch may take their slots)."""
 
     def begin_pass(self) -> None:
         """A new forward pass (a token, or a prompt): nothing used in it yet."""
@@ -185,9 +184,6 @@ class Policy(ABC):
         `accuracy`: the share of guesses used (`prefetch_accuracy`), or None when
         `incoming` is needed in this very step (no guess to weigh)."""
 
-    @abstractmethod
-    def _mark_used(self, key: int) -> None: ...
-
 
 class _Recency(Policy):
     """Bookkeeping of the dict-based policies: which keys the pass used, unused prefetches."""
@@ -197,8 +193,10 @@ class _Recency(Policy):
         self._last_pass: dict[int, int] = {}
         self._unused: set[int] = set()
 
-    def _mark_used(self, key: int) -> None:
-        self._last_pass[key] = self.passes
+    def visit(self, layer: int, chosen) -> None:
+        self.layer = layer
+        for e in chosen:
+            self._last_pass[layer * self.n_experts + int(e)] = self.passes
 
     def _protected(self, key: int) -> bool:
         """Not a prefetch's to take: used (or routed to) in this pass, or an unused prefetch."""
@@ -336,9 +334,6 @@ class Ours(Policy):
         self.score.visit(layer, chosen)
         self._scores = None
         self.last_pass[layer * self.n_experts + chosen] = self.passes
-
-    def _mark_used(self, key: int) -> None:
-        self.last_pass[key] = self.passes
 
     def scores(self) -> np.ndarray:
         if self._scores is None:
