@@ -207,8 +207,9 @@ class _Recency(Policy):
             self._unused.add(key)
 
     def used(self, key: int) -> None:
-        self._unused.discard(key)
         self._last_pass[key] = self.passes
+        if self._unused:
+            self._unused.discard(key)
 
     def evicted(self, key: int) -> None:
         self._unused.discard(key)
@@ -229,8 +230,10 @@ class LRU(_Recency):
         self._order[key] = None
 
     def used(self, key: int) -> None:
-        super().used(key)
         self._order.move_to_end(key)
+        self._last_pass[key] = self.passes
+        if self._unused:
+            self._unused.discard(key)
 
     def evicted(self, key: int) -> None:
         super().evicted(key)
@@ -272,7 +275,9 @@ class LFU(_Recency):
         self._push(key)
 
     def used(self, key: int) -> None:
-        super().used(key)
+        self._last_pass[key] = self.passes
+        if self._unused:
+            self._unused.discard(key)
         self._count[key] = self._count.get(key, 0) + 1
         self._push(key)
         if len(self._heap) > 8 * len(self._resident) + 1024:  # drop stale entries now and then

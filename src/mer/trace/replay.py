@@ -151,6 +151,7 @@ def run(
     unused: set[int] = set()  # prefetched, not used yet
     keys, starts = acc.keys.tolist(), acc.step_starts.tolist()
     layers, n_experts = acc.step_layer.tolist(), acc.n_experts
+    resident, used = policy.__contains__, policy.used  # bound once: the loop is hot
     for s in range(len(starts) - 1):
         if s and s % acc.n_layers == 0:  # a pass: a token (token mode) or a prompt (prefill)
             policy.begin_pass()
@@ -160,7 +161,7 @@ def run(
         if clock is not None:
             clock.begin()
         for key in step:
-            if key in policy:
+            if resident(key):
                 if key in unused:
                     unused.discard(key)
                     useful += 1
@@ -175,7 +176,7 @@ def run(
                         clock.evict(victim)
                 policy.admitted(key)
                 count += 1
-            policy.used(key)
+            used(key)
             if clock is not None:
                 clock.need(key)
         for key in plan[s] if plan is not None else ():
