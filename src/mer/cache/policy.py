@@ -357,14 +357,16 @@ class Ours(Policy):
         self.resident[key] = self.unused[key] = False
 
     def _best(self, evictable: np.ndarray, held: Collection[int]) -> tuple[int, float] | None:
-        if held:
-            evictable[np.fromiter(held, np.int64, len(held))] = False
+        """(key, score) of the evictable key not held that scores highest; None if none."""
         candidates = np.where(evictable, self.scores(), -np.inf)
+        if held:
+            candidates[np.fromiter(held, np.int64, len(held))] = -np.inf
         victim = int(np.argmax(candidates))
-        return (victim, float(candidates[victim])) if evictable[victim] else None
+        worth = float(candidates[victim])
+        return None if worth == -np.inf else (victim, worth)
 
     def victim(self, held: Collection[int]) -> int | None:
-        best = self._best(self.resident.copy(), held)
+        best = self._best(self.resident, held)
         return None if best is None else best[0]
 
     def prefetch_victim(
