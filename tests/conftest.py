@@ -1,7 +1,9 @@
-"""Fixtures: tiny Mixtral checkpoints built and saved by `transformers`, and stores from them."""
+"""Fixtures: tiny Mixtral checkpoints built and saved by `transformers`, and stores from them;
+and `memory_model`, a random model over in-memory experts, for tests that need no store."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -102,3 +104,61 @@ def draft_store(tmp_path_factory):
 
     dst = tmp_path_factory.mktemp("draft") / "stdlib-moe-draft-int4"
     return convert(DRAFT_MODEL, dst, quant="int4", progress=False)
+
+
+class MemoryExperts:
+    """Test-only expert provider (`mer.models.layers.ExpertProvider`): dense SwiGLU experts
+    held in memory, so a model test needs no store where the store is not what it tests.
+
+    `resident` (all by default) is what `is_resident` reports: what a draft pass may use.
+    `acquired` counts each expert's uses, `passes` the forward passes that ended."""
+
+    def __init__(self, experts: dict, resident=None) -> None:
+        self.experts = experts  # (layer, expert) -> (gate [F, H], up [F, H], down [H, F])
+        self.resident = set(experts) if resident is None else set(resident)
+        self.acquired: dict[tuple[int, int], int] = {}
+        self.passes = 0
+
+    @classmethod
+    def random(cls, config, dtype=torch.float32, seed: int = 0) -> MemoryExperts:
+        gen = torch.Generator().manual_seed(seed)
+        h, f = config.hidden_size, config.intermediate_size
+
+        def w(*shape):
+            return (torch.randn(*shape, generator=gen) / shape[-1] ** 0.5).to(dtype)
+
+        keys = [(i, e) for i in config.moe_layers for e in range(config.num_local_experts)]
+        return cls({k: (w(f, h), w(f, h), w(h, f)) for k in keys})
+
+    @contextlib.contextmanager
+    def use(self, layer: int, expert: int):
+        from mer.models.layers import swiglu
+
+        self.acquired[(layer, expert)] = self.acquired.get((layer, expert), 0) + 1
+        gate, up, down = self.experts[(layer, expert)]
+        yield lambda x: swiglu(x, gate, up, down)
+
+    def is_resident(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.resident
+
+    def fetch(self, layer: int, experts) -> int:
+        return 0  # nothing to read
+
+    def next_step(self) -> None:
+        self.passes += 1
+
+
+def memory_model(preset: str = "tiny", dtype=torch.float32, seed: int = 0, **overrides):
+    """A random MoETransformer of a synthetic preset over `MemoryExperts`: no files at all."""
+    from mer.config import ModelConfig
+    from mer.models.naming import dense_shapes
+    from mer.models.transformer import MoETransformer
+    from mer.synth.checkpoint import hf_config
+
+    config = ModelConfig.from_hf(hf_config(preset, **overrides))
+    gen = torch.Generator().manual_seed(seed)
+    weights = {
+        name: torch.ones(shape) if len(shape) == 1 else torch.randn(*shape, generator=gen) / 8
+        for name, shape in dense_shapes(config).items()
+    }
+    return MoETransformer(config, weights, MemoryExperts.random(config, dtype, seed), dtype)

@@ -27,6 +27,17 @@ def touch(cache, *keys):
             pass
 
 
+def computes_as_read(weights, store_path, key) -> bool:
+    """Whether `weights` still compute what a fresh read of expert `key` computes: its slot
+    was not given to another expert while it was held."""
+    import torch
+
+    fresh = cache_with(store_path, slots=2)
+    x = torch.randn(3, fresh.store.config.hidden_size, dtype=torch.bfloat16)
+    with fresh.use(*key) as ref:
+        return torch.equal(weights(x), ref(x))
+
+
 def test_lru_eviction_and_counters(store_factory):
     cache = cache_with(store_factory("int4"), slots=3)
     touch(cache, (0, 0), (0, 1), (0, 2))
@@ -49,10 +60,10 @@ def test_in_use_expert_is_never_evicted(store_factory):
     with pytest.raises(BudgetError) as e:
         cache.acquire(1, 2)  # both slots pinned
     assert "in use" in str(e.value)
+    assert computes_as_read(held, cache.store.path, (0, 0))
     cache.release(0, 0)
     cache.release(1, 1)
     touch(cache, (1, 2))
-    assert held is not None
 
 
 def test_reads_are_direct(store_factory):
@@ -192,8 +203,8 @@ def test_ours_never_evicts_an_expert_in_use(store_factory):
         cache.observe(layer, torch.tensor([[e, e]]))
         touch(cache, (layer, e))
         assert cache.is_resident(0, 0)
+    assert computes_as_read(held, store.path, (0, 0))
     cache.release(0, 0)
-    assert held is not None
 
 
 def test_unknown_policy_is_a_clear_error(store_factory):

@@ -4,11 +4,12 @@ tokens do not depend on them."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tests.test_cache import PROMPT, touch
+from tests.test_cache import PROMPT, computes_as_read, touch
 
 import mer.api
 from mer.cache.expert_cache import ExpertCache
@@ -16,12 +17,15 @@ from mer.cache.pinning import FIRST_AUTO_PIN_PASS, pin_capacity
 from mer.errors import BudgetError, ConfigError
 from mer.store.reader import Store
 from mer.trace.format import Trace
+from mer.trace.pins import read_pin_file
 
 ALL = [(layer, e) for layer in (0, 1) for e in range(4)]  # the tiny model's 8 experts
 
 
 def small_cache(store_path, slots: int, **kw) -> ExpertCache:
     store = Store(store_path)
+    if isinstance(kw.get("pins"), Path):  # a pin file, read as `mer.open` reads it
+        kw["pins"] = read_pin_file(kw["pins"], store.config, kw.get("pin_share", 0.0))
     return ExpertCache(store, slots * store.expert_format.nbytes, **kw)
 
 
@@ -56,8 +60,8 @@ def test_in_use_expert_is_never_evicted_with_pins(store_factory):
     touch(cache, (0, 1), (0, 2), (0, 3), (1, 0), (1, 2))  # all through the one slot left
     assert cache.is_resident(0, 0) and cache.is_resident(1, 1)
     assert cache.stats.evictions == 4
+    assert computes_as_read(held, cache.store.path, (0, 0))
     cache.release(0, 0)
-    assert held is not None
 
 
 def test_a_finished_prefetch_of_a_pin_is_kept_not_cancelled(store_factory):

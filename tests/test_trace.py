@@ -158,7 +158,7 @@ def test_generation_records_a_replayable_trace(store_factory, tmp_path):
     assert trace.meta["expert_bytes"] == model.store.expert_format.nbytes
     # The recorded routing is the model's: a fresh prefill of prompt + output routes the same.
     seen = []
-    model.transformer.observers = [lambda layer, ids, w: seen.append(ids)]
+    model.transformer.routing_hooks = [lambda layer, h, ids, w: seen.append(ids)]
     full = prompts[0] + outs[0][:3]
     model.transformer.forward(torch.tensor(full), model.transformer.new_kv_cache(len(full)))
     expected = torch.stack(seen, 1).sort(-1).values.numpy()

@@ -27,8 +27,10 @@ from mer.engine.speculative import ModelDrafter, SelfDrafter, SpecStats, generat
 from mer.engine.text import TextStream
 from mer.errors import ConfigError
 from mer.models.transformer import MoETransformer
+from mer.predict.lookahead import LookaheadPrefetcher
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
+from mer.trace.pins import read_pin_file
 from mer.trace.record import TraceRecorder
 from mer.units import parse_bytes
 
@@ -65,9 +67,12 @@ class Model:
         self.config = store.config
         self.cache = cache
         self.budget_bytes = budget
-        self.transformer = MoETransformer(
-            self.config, store.load_dense(), cache, dtype, lookahead=prefetch
-        )
+        self.transformer = MoETransformer(self.config, store.load_dense(), cache, dtype)
+        hooks = self.transformer.routing_hooks
+        if cache.policy != "lru":  # first: a prefetch asks the policy, which learns routing
+            hooks.append(lambda layer, hidden, ids, weights: cache.observe(layer, ids))
+        if prefetch:
+            hooks.append(LookaheadPrefetcher(self.transformer, cache))
         self._tokenizer: Tokenizer | None = None
         self._chat: ChatTemplate | None = None
         self._recorders: list[TraceRecorder] = []
@@ -95,7 +100,7 @@ class Model:
     def record_trace(self) -> TraceRecorder:
         """Record routing of every generation from now on; `.trace()` returns what was seen."""
         recorder = TraceRecorder(self.config, self.store.expert_format.nbytes)
-        self.transformer.observers.append(recorder)
+        self.transformer.routing_hooks.append(recorder)
         self._recorders.append(recorder)
         return recorder
 
@@ -239,14 +244,12 @@ def open(  # noqa: A001 - mer.open reads naturally
     torch.set_num_threads(compute_threads or default_compute_threads(s.config))
     if io_threads < 1:
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
+    pins = read_pin_file(pin_file, s.config, pin_share) if pin_file is not None else None
     cache = ExpertCache(
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
-        pin_share=pin_share, pins=pin_file,
+        pin_share=pin_share, pins=pins,
     )  # fmt: skip
-    model = Model(s, cache, DTYPES[dtype], budget, prefetch)
-    if cache_policy != "lru":
-        model.transformer.observers.append(cache.observe)
-    return model
+    return Model(s, cache, DTYPES[dtype], budget, prefetch)
 
 
 def default_compute_threads(config) -> int:

@@ -164,11 +164,6 @@ class ModelConfig:
         return tuple(self.eos_token_id)
 
     @property
-    def expert_params(self) -> int:
-        """Parameters in one expert (gate, up and down projections)."""
-        return 3 * self.hidden_size * self.intermediate_size
-
-    @property
     def moe_layers(self) -> tuple[int, ...]:
         dense = set(self.dense_layers)
         return tuple(i for i in range(self.num_hidden_layers) if i not in dense)

@@ -5,12 +5,12 @@ evicted, and neither is one whose read is in flight; a slot holds the bytes
 of at most one expert, usable only after they were read whole and passed
 their checksum; at most one read per expert is in flight, later requests
 wait on it; a failed read leaves the cache as if it had never been asked.
-Eviction follows a policy (`mer.cache.policy`: LRU; LFU, the fewest acquires so far;
-or the expected distance to next use from the layer cycle and each expert's reuse
-chance, learned from the routing the model reports through `observe`). Prefetches
-fill free slots or evict only experts that were not used in the current step and, under
-`lfu` and `ours`, only one worth no more than the one it brings (admission). Pinned
-experts (`mer.cache.pinning`: from a file, or chosen from the counts of acquires) are
+Eviction and prefetch admission follow a policy object (`mer.cache.policy`: LRU; LFU,
+the fewest acquires so far; or ours, the expected distance to next use, learned from the
+routing the model reports through `observe`), the same object the trace replays run: the
+cache tells it what happens and excludes what must stay (in use, being read, pinned).
+Prefetches fill free slots or take one the policy admits them to. Pinned
+experts (`mer.cache.pinning`: given as keys, or chosen from the counts of acquires) are
 never evicted once loaded; they take at most a share of the slots. Counters record what
 happened, never estimates.
 """
@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
-from mer.cache.pinning import MAX_SHARE, AutoPins, check_pins, load_pin_file, pin_capacity
-from mer.cache.policy import POLICIES, LayerCycleScore, prefetch_accuracy
+from mer.cache.pinning import MAX_SHARE, AutoPins, Pins, check_pins, pin_capacity
+from mer.cache.policy import POLICIES, make_policy, prefetch_accuracy
 from mer.cache.pool import SlotPool
 from mer.errors import BudgetError, ConfigError
 from mer.io.direct import DirectReader
@@ -70,7 +68,6 @@ class _Entry:
     prefetched: bool = False  # read by a prefetch and not acquired yet
     guess: bool = False  # that prefetch was a prediction (of a layer not being routed)
     ahead: bool = False  # a demand read started by `fetch`, not acquired yet
-    step: int = -1  # last step that used it
 
 
 class ExpertCache:
@@ -84,10 +81,10 @@ class ExpertCache:
         direct: bool = True,
         policy: str = "lru",
         pin_share: float = 0.0,
-        pins: str | Path | Sequence[Key] | None = None,
+        pins: Pins | Sequence[Key] | None = None,
     ) -> None:
-        """`pins`: a pin file (`mer.cache.pinning`) or (layer, expert) pairs to pin; without
-        it, `pin_share` > 0 pins the most acquired experts automatically."""
+        """`pins`: experts to pin (`mer.cache.pinning.Pins`, or (layer, expert) pairs);
+        without them, `pin_share` > 0 pins the most acquired experts automatically."""
         if policy not in POLICIES:
             raise ConfigError(
                 f"unknown cache policy {policy!r} (choose from {', '.join(POLICIES)})"
@@ -106,31 +103,36 @@ class ExpertCache:
         self.verify = verify
         self._stats = CacheStats()
         self.step = 0  # advanced by the model once per forward pass
-        self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
+        self._entries: dict[Key, _Entry] = {}  # resident, or being read
         self._free = list(range(self.pool.n_slots - 1, -1, -1))
         self._lock = threading.Lock()
         self.policy = policy
-        self._uses: dict[Key, int] = {}  # acquires per expert so far: LFU's worth (lfu only)
+        self._layers = cfg.moe_layers
         self._ordinal = {layer: j for j, layer in enumerate(cfg.moe_layers)}
-        self._score = LayerCycleScore(
-            len(cfg.moe_layers), cfg.num_local_experts, cfg.num_experts_per_tok
+        self._n_experts = cfg.num_local_experts
+        # Sees the same keys as `_entries`, as ints (`_index`): told of every change under
+        # the lock.
+        self._policy = make_policy(
+            policy, len(cfg.moe_layers), cfg.num_local_experts, cfg.num_experts_per_tok
         )
-        self._layer = 0  # ordinal of the MoE layer routed last
         # Predictions prefetched (less those cancelled) and used: their accuracy weighs a
         # guess in admission. Reads of the layer being routed, issued ahead, are not guesses.
         self._guesses = self._guesses_used = 0
-        self._routed: set[Key] = set()  # the experts of the layer observed last
         self._pinned: set[Key] = set()
         self._auto_pins: AutoPins | None = None
         self._setup_pins(pin_share, pins)
 
-    def _setup_pins(self, share: float, pins) -> None:
+    def _setup_pins(self, share: float, pins: Pins | Sequence[Key] | None) -> None:
         cfg = self.store.config
-        if isinstance(pins, str | Path):
-            self._pinned = set(load_pin_file(pins, cfg, self.n_slots, share))
+        if pins is not None and not isinstance(pins, Pins):
+            pins = Pins(tuple(pins))
+        if pins is not None and pins.ranked:
+            self._pinned = set(
+                pins.keys[: pin_capacity(self.n_slots, share, cfg.num_experts_per_tok)]
+            )
         elif pins is not None:
             capacity = pin_capacity(self.n_slots, share or MAX_SHARE, cfg.num_experts_per_tok)
-            self._pinned = set(check_pins(pins, cfg, capacity))
+            self._pinned = set(check_pins(list(pins.keys), cfg, capacity, pins.where))
         elif capacity := pin_capacity(self.n_slots, share, cfg.num_experts_per_tok):
             self._auto_pins = AutoPins(cfg.moe_layers, cfg.num_local_experts, capacity)
 
@@ -140,13 +142,11 @@ class ExpertCache:
         return frozenset(self._pinned)
 
     def observe(self, layer: int, ids, weights=None) -> None:
-        """Routing of a MoE layer (a model routing observer): feeds the eviction policy.
-        The experts it routed to are about to be acquired: no prefetch may take their slots."""
+        """Routing of a MoE layer (ids [T, k]): feeds the eviction policy. The experts it
+        routed to are about to be acquired: no prefetch may take their slots."""
         chosen = ids.unique().tolist()
         with self._lock:
-            self._layer = self._ordinal[layer]
-            self._score.visit(self._layer, chosen)
-            self._routed = {(layer, e) for e in chosen}
+            self._policy.visit(self._ordinal[layer], chosen)
 
     @property
     def n_slots(self) -> int:
@@ -162,7 +162,7 @@ class ExpertCache:
     def next_step(self) -> None:
         self.step += 1
         with self._lock:
-            self._routed = set()  # a new forward pass: no layer of it routed yet
+            self._policy.begin_pass()
             for entry in self._entries.values():
                 entry.ahead = False  # never acquired (the pass failed): an ordinary entry
         if self._auto_pins is not None and self._auto_pins.due(self.step):
@@ -173,38 +173,32 @@ class ExpertCache:
     def acquire(self, layer: int, expert: int) -> ExpertWeights:
         """The expert's weights, read from the store if needed; pinned until `release`."""
         key = (layer, expert)
-        if self.policy == "lfu" or self._auto_pins is not None:
+        if self._auto_pins is not None:
             with self._lock:
-                if self.policy == "lfu":
-                    self._uses[key] = self._uses.get(key, 0) + 1
-                if self._auto_pins is not None:
-                    self._auto_pins.count(layer, expert)
+                self._auto_pins.count(layer, expert)
         while True:
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is not None and entry.ahead:  # its miss was counted by `fetch`
                     entry.ahead = False
-                    self._entries.move_to_end(key)
-                    break
-                if entry is not None:
+                elif entry is not None:
                     self._stats.hits += 1
                     if entry.prefetched:
                         entry.prefetched = False
                         self._stats.prefetches_used += 1
                         self._guesses_used += entry.guess
-                    self._entries.move_to_end(key)
-                    break
-                slot = self._take_slot(for_prefetch=False)
-                if slot is not None:
+                elif (slot := self._take_slot(for_prefetch=False)) is not None:
                     entry = self._start_read(key, slot, DEMAND)
                     self._stats.misses += 1
+                if entry is not None:
+                    # Held from here on, in the same locked section that found it, so no
+                    # other acquire can evict it first.
+                    entry.users += 1
+                    self._policy.used(self._index(key))
+                    request = entry.request
                     break
                 blocker = self._prefetch_in_flight()
             blocker.wait_quietly()  # every slot is held by prefetches being read: wait for one
-        with self._lock:
-            entry.users += 1
-            entry.step = self.step
-            request = entry.request
         if request is not None:
             self.engine.promote(request)
             t0 = time.perf_counter()
@@ -268,7 +262,7 @@ class ExpertCache:
                     continue  # no slot worth less than this expert
                 entry = self._start_read(key, slot, PREFETCH)
                 entry.prefetched = True
-                entry.guess = self._ordinal[layer] != self._layer
+                entry.guess = self._ordinal[layer] != self._policy.layer
                 self._guesses += entry.guess
                 self._stats.prefetches += 1
                 started += 1
@@ -284,8 +278,7 @@ class ExpertCache:
                     continue
                 if entry.prefetched and entry.request is not None and entry.users == 0:
                     if self.engine.cancel(entry.request):
-                        del self._entries[key]
-                        self._free.append(entry.slot)
+                        self._drop(key, entry)
                         self._guesses -= entry.guess
                         cancelled += 1
             self._stats.prefetches_cancelled += cancelled
@@ -310,9 +303,10 @@ class ExpertCache:
         (cancelled). None when nothing can be had now."""
         if self._free:
             return self._free.pop()
-        victim = self._victim(for_prefetch, incoming)
+        victim = self._victim(incoming if for_prefetch else None)
         if victim is not None:
             entry = self._entries.pop(victim)
+            self._policy.evicted(self._index(victim))
             self._stats.evictions += 1
             return entry.slot
         if for_prefetch:
@@ -324,51 +318,42 @@ class ExpertCache:
                 continue
             if self.engine.cancel(entry.request):
                 del self._entries[key]
+                self._policy.evicted(self._index(key))
                 self._stats.prefetches_cancelled += 1
                 self._guesses -= entry.guess
                 return entry.slot
         return None
 
-    def _victim(self, for_prefetch: bool, incoming: Key | None = None) -> Key | None:
-        """The evictable expert the policy gives up first (not in use, not being read, not
-        pinned); for a prefetch, None unless the policy admits `incoming` in its place."""
-        candidates = []
-        for key, entry in self._entries.items():  # least recently used first
-            if entry.users or entry.request is not None or entry.ahead or key in self._pinned:
-                continue
-            if for_prefetch and (
-                entry.step >= self.step or entry.prefetched or key in self._routed
-            ):
-                # Never push out what this step used or is about to use, nor another unused
-                # prefetch.
-                if self.policy == "lru":
-                    return None
-                continue
-            if self.policy == "lru":
-                return key
-            candidates.append(key)
-        if not candidates:
-            return None
-        if self.policy == "lfu":  # the least acquired; ties: the least recent (listed first)
-            victim = min(candidates, key=lambda k: self._uses.get(k, 0))
-            worth_more = incoming is not None and self._uses.get(victim, 0) > self._uses.get(
-                incoming, 0
-            )
-            return None if for_prefetch and worth_more else victim
-        scores = self._score.scores(self._layer)
-        victim = max(candidates, key=lambda k: scores[self._index(k)])
-        # An expert of the layer being routed now is needed in this very step: reading it
-        # early is a demand read issued ahead, not a guess to weigh.
-        if for_prefetch and incoming is not None and self._ordinal[incoming[0]] != self._layer:
-            accuracy = prefetch_accuracy(self._guesses_used, self._guesses)
-            worth = scores[self._index(victim)]
-            if not self._score.admits(self._layer, self._index(incoming), worth, accuracy):
-                return None
-        return victim
+    def _victim(self, incoming: Key | None = None) -> Key | None:
+        """The expert the policy gives up first among those not in use, not being read and
+        not pinned; for a prefetch of `incoming`, None unless the policy admits it there."""
+        held = {
+            self._index(k)
+            for k, e in self._entries.items()
+            if e.users or e.request is not None or e.ahead or k in self._pinned
+        }
+        if incoming is None:
+            victim = self._policy.victim(held)
+        else:
+            # An expert of the layer being routed now is needed in this very step: reading
+            # it early is a demand read issued ahead, not a guess to weigh.
+            guess = self._ordinal[incoming[0]] != self._policy.layer
+            accuracy = prefetch_accuracy(self._guesses_used, self._guesses) if guess else None
+            victim = self._policy.prefetch_victim(self._index(incoming), held, accuracy)
+        return None if victim is None else self._key(victim)
 
     def _index(self, key: Key) -> int:
-        """The policy's index of an expert (MoE layer ordinal * experts + expert)."""
-        return self._ordinal[key[0]] * self._score.n_experts + key[1]
+        """The policy's key of an expert: MoE layer ordinal * experts + expert."""
+        return self._ordinal[key[0]] * self._n_experts + key[1]
+
+    def _key(self, index: int) -> Key:
+        return self._layers[index // self._n_experts], index % self._n_experts
+
+    def _drop(self, key: Key, entry: _Entry) -> None:
+        """Forget an entry whose read was cancelled or failed; its slot is free again."""
+        del self._entries[key]
+        self._policy.evicted(self._index(key))
+        self._free.append(entry.slot)
 
     def _prefetch_in_flight(self) -> ReadRequest:
         """A running prefetch read to wait for, when a demand read finds no slot."""
@@ -381,6 +366,7 @@ class ExpertCache:
         extent = self.store.extent(*key)
         entry = _Entry(slot)
         self._entries[key] = entry
+        self._policy.admitted(self._index(key), prefetch=priority == PREFETCH)
         entry.request = self.engine.submit(
             self.pool.memory(slot)[: extent.length],
             extent.offset,
@@ -402,7 +388,6 @@ class ExpertCache:
         with self._lock:
             entry.request = None
             if req.error is not None and self._entries.get(key) is entry:
-                del self._entries[key]
-                self._free.append(entry.slot)
+                self._drop(key, entry)
         if req.error is not None:
             raise req.error

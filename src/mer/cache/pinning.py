@@ -2,8 +2,10 @@
 
 Where the set comes from:
 
-- a file: a JSON list of `[layer, expert]` pairs (model layer numbers, as the store
-  names experts), or a routing trace (`.npz`) whose most often chosen experts are taken;
+- given (`Pins`): keys to pin whole, or a ranking (most wanted first) from which as
+  many are taken as the share allows. Pin files (a JSON list, or a routing trace's
+  most chosen experts) are read into `Pins` by `mer.trace.pins`: the cache takes
+  keys, never files;
 - automatically, from the experts the cache was asked for most often so far
   (`AutoPins`).
 
@@ -14,14 +16,13 @@ unpinned, so a step can run whatever the router picks. This module only decides
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from mer.config import ModelConfig
-from mer.errors import ConfigError, MerError
+from mer.errors import ConfigError
 
 Key = tuple[int, int]  # (layer, expert)
 MAX_SHARE = 0.9
@@ -30,6 +31,17 @@ MAX_SHARE = 0.9
 # (Cumulative counts, not the eviction policy's decayed ones: those follow the last few
 # tokens, while a pin should hold what is used most in the long run.)
 FIRST_AUTO_PIN_PASS = 32
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Experts to pin: `keys` all of them (an error if the budget leaves too few slots), or,
+    `ranked`, the first of them as far as the pin share allows. `where` names their source
+    in errors (a file)."""
+
+    keys: tuple[Key, ...]
+    ranked: bool = False
+    where: str = "pins"
 
 
 def pin_capacity(n_slots: int, share: float, top_k: int) -> int:
@@ -49,30 +61,9 @@ def most_frequent(counts: np.ndarray, n: int) -> np.ndarray:
     return order[counts[order] > 0]
 
 
-def load_pin_file(path: str | Path, config: ModelConfig, n_slots: int, share: float) -> list[Key]:
-    """The pinned set a file names: its JSON pairs (at most `share` of the slots, or
-    MAX_SHARE when 0), or the most frequent experts of a trace, filling `share` (> 0)."""
-    path = Path(path)
-    k = config.num_experts_per_tok
-    if path.suffix == ".npz":
-        if not share:
-            raise ConfigError(
-                f"{path}: a trace as pin file needs --pin-share to say how many to pin"
-            )
-        return _from_trace(path, config, pin_capacity(n_slots, share, k))
-    capacity = pin_capacity(n_slots, share or MAX_SHARE, k)
-    try:
-        pairs = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such pin file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a JSON list of [layer, expert] pairs ({e})") from None
-    return check_pins(pairs, config, capacity, where=str(path))
-
-
 def check_pins(pairs, config: ModelConfig, capacity: int, where: str = "pins") -> list[Key]:
     """`pairs` as a list of distinct (layer, expert) keys of the model, at most `capacity`."""
-    keys = _check_pairs(where, pairs, config)
+    keys = check_pairs(pairs, config, where)
     if len(keys) > capacity:
         raise ConfigError(
             f"{where}: pins {len(keys)} experts, but the budget leaves room for {capacity} "
@@ -81,7 +72,8 @@ def check_pins(pairs, config: ModelConfig, capacity: int, where: str = "pins") -
     return keys
 
 
-def _check_pairs(path: str, pairs, config: ModelConfig) -> list[Key]:
+def check_pairs(pairs, config: ModelConfig, path: str = "pins") -> list[Key]:
+    """`pairs` as distinct (layer, expert) keys of the model, in order; else a one-line error."""
     moe, n = set(config.moe_layers), config.num_local_experts
     if not isinstance(pairs, list):
         raise ConfigError(f"{path}: not a JSON list of [layer, expert] pairs")
@@ -102,30 +94,6 @@ def _check_pairs(path: str, pairs, config: ModelConfig) -> list[Key]:
             )
         keys[(layer, expert)] = None
     return list(keys)
-
-
-def _from_trace(path: Path, config: ModelConfig, capacity: int) -> list[Key]:
-    from mer.trace.format import load_trace
-
-    try:
-        trace = load_trace(path)
-    except MerError as e:
-        raise ConfigError(str(e)) from None
-    layers, n = config.moe_layers, config.num_local_experts
-    if (trace.n_layers, trace.n_experts) != (len(layers), n):
-        raise ConfigError(
-            f"{path}: trace of {trace.n_layers} MoE layers x {trace.n_experts} experts, "
-            f"the model has {len(layers)} x {n}"
-        )
-    counts = expert_counts(trace.experts, n)
-    return [(layers[int(i) // n], int(i) % n) for i in most_frequent(counts, capacity)]
-
-
-def expert_counts(experts: np.ndarray, n_experts: int) -> np.ndarray:
-    """How often each (layer ordinal, expert) was chosen: int64 [layers * n_experts]."""
-    layers = experts.shape[1]
-    keys = experts.astype(np.int64) + np.arange(layers)[None, :, None] * n_experts
-    return np.bincount(keys.reshape(-1), minlength=layers * n_experts)
 
 
 class AutoPins:

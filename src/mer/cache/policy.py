@@ -1,8 +1,14 @@
 """Eviction policies: which cached expert to give up when a slot is needed.
 
+Each policy is one object (`make_policy`), used by the expert cache and by both
+trace replay simulators (`mer.trace.replay`, `mer.trace.prefetch`), so what
+`mer bench cache` measures is what the cache does. A policy sees keys (MoE layer
+ordinal * experts + expert), never slots, reads or files: its owner reports what
+happens (`visit`, `begin_pass`, `admitted`, `used`, `evicted`) and asks `victim`
+or `prefetch_victim`.
+
 - `lru`: least recently used.
-- `lfu`: least frequently used: the fewest acquires so far, the least recent of those
-  (kept in `mer.cache.expert_cache`; it scores nothing here).
+- `lfu`: least frequently used: the fewest uses so far, the least recent of those.
 - `ours`: the expert expected to be needed last. MoE layers are visited in a
   cycle, so an expert of layer m is next wanted when m comes round again, with
   a chance p of being chosen there; each visit it sits out costs a full cycle:
@@ -22,19 +28,24 @@
   this misses 8.5% (416 slots, 25% of the experts) and 6.8% (832, 50%) fewer than
   the decayed frequency alone; replayed by prefill, under 0.1% more.
 
-Prefetch admission: a prefetch takes a slot only from an expert expected to be
-needed later than the one it brings (`LayerCycleScore.admits`; under LRU, only from
-one the current forward pass has not used).
+Prefetch admission: a prefetch never takes the slot of an expert the current
+forward pass used or was routed to, nor of another unused prefetch. Under LRU it
+takes the least recent expert's slot or none; under LFU only one used no more often
+than the expert it brings; under ours only one expected to be needed later than
+it (`LayerCycleScore.admits`).
 
-The same scoring drives the trace replay simulator, so what `mer bench cache`
-measures is what the cache does.
+Ties: LFU gives up the least recent; ours the lowest key.
 """
 
 from __future__ import annotations
 
+import heapq
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+
 import numpy as np
 
-POLICIES = ("lru", "lfu", "ours")
 SMOOTH = 0.5  # pseudo-count of an expert's chance at a visit: unseen is unlikely, not impossible
 FOLLOW_SHRINK = 4.0  # pseudo-visits pulling P(j follows i) toward P(j)
 FOLLOW_WARMUP = 64.0  # visits of a layer by which follow has half its full weight in p
@@ -121,3 +132,262 @@ class LayerCycleScore:
 def prefetch_accuracy(used: int, issued: int) -> float:
     """Share of prefetches used, with one used and one wasted assumed before any were seen."""
     return (used + 1) / (issued + 2)
+
+
+class Policy(ABC):
+    """An eviction policy over the resident keys of a cache (int keys: layer ordinal *
+    n_experts + expert). The owner reports every change; the policy only chooses.
+
+    `held`: keys that must stay whatever the policy thinks (in use, being read, pinned),
+    a small collection, tested with `in` (and iterated by `ours`)."""
+
+    name: str
+
+    def __init__(self, n_layers: int, n_experts: int, top_k: int | None = None) -> None:
+        self.n_layers, self.n_experts, self.top_k = n_layers, n_experts, top_k
+        self.layer = 0  # the MoE layer (ordinal) routed last
+        self.passes = 0  # forward passes begun: the current one's number
+
+    @abstractmethod
+    def visit(self, layer: int, chosen) -> None:
+        """MoE layer `layer` (ordinal) routed to experts `chosen`: they are about to be used
+        in this pass (no prefetch may take their slots)."""
+
+    def begin_pass(self) -> None:
+        """A new forward pass (a token, or a prompt): nothing used in it yet."""
+        self.passes += 1
+
+    @abstractmethod
+    def __contains__(self, key: int) -> bool: ...
+
+    @abstractmethod
+    def admitted(self, key: int, prefetch: bool = False) -> None:
+        """`key` took a slot (a prefetch: not used yet)."""
+
+    @abstractmethod
+    def used(self, key: int) -> None:
+        """`key`, resident, was used."""
+
+    @abstractmethod
+    def evicted(self, key: int) -> None:
+        """`key` left its slot (evicted, cancelled, or its read failed)."""
+
+    @abstractmethod
+    def victim(self, held: Collection[int]) -> int | None:
+        """The resident key to give up for a demand read, not one in `held`; None if none."""
+
+    @abstractmethod
+    def prefetch_victim(
+        self, incoming: int, held: Collection[int], accuracy: float | None
+    ) -> int | None:
+        """The resident key whose slot a prefetch of `incoming` may take, or None.
+        `accuracy`: the share of guesses used (`prefetch_accuracy`), or None when
+        `incoming` is needed in this very step (no guess to weigh)."""
+
+
+class _Recency(Policy):
+    """Bookkeeping of the dict-based policies: which keys the pass used, unused prefetches."""
+
+    def __init__(self, n_layers: int, n_experts: int, top_k: int | None = None) -> None:
+        super().__init__(n_layers, n_experts, top_k)
+        self._last_pass: dict[int, int] = {}
+        self._unused: set[int] = set()
+
+    def visit(self, layer: int, chosen) -> None:
+        self.layer = layer
+        for e in chosen:
+            self._last_pass[layer * self.n_experts + int(e)] = self.passes
+
+    def _protected(self, key: int) -> bool:
+        """Not a prefetch's to take: used (or routed to) in this pass, or an unused prefetch."""
+        return key in self._unused or self._last_pass.get(key) == self.passes
+
+    def admitted(self, key: int, prefetch: bool = False) -> None:
+        if prefetch:
+            self._unused.add(key)
+
+    def used(self, key: int) -> None:
+        self._last_pass[key] = self.passes
+        if self._unused:
+            self._unused.discard(key)
+
+    def evicted(self, key: int) -> None:
+        self._unused.discard(key)
+
+
+class LRU(_Recency):
+    name = "lru"
+
+    def __init__(self, n_layers: int, n_experts: int, top_k: int | None = None) -> None:
+        super().__init__(n_layers, n_experts, top_k)
+        self._order: OrderedDict[int, None] = OrderedDict()  # least recently used first
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._order
+
+    def admitted(self, key: int, prefetch: bool = False) -> None:
+        super().admitted(key, prefetch)
+        self._order[key] = None
+
+    def used(self, key: int) -> None:
+        self._order.move_to_end(key)
+        self._last_pass[key] = self.passes
+        if self._unused:
+            self._unused.discard(key)
+
+    def evicted(self, key: int) -> None:
+        super().evicted(key)
+        del self._order[key]
+
+    def victim(self, held: Collection[int]) -> int | None:
+        return next((k for k in self._order if k not in held), None)
+
+    def prefetch_victim(
+        self, incoming: int, held: Collection[int], accuracy: float | None
+    ) -> int | None:
+        # Only the least recent may go: if the pass used it, everything else is more recent.
+        victim = self.victim(held)
+        return None if victim is None or self._protected(victim) else victim
+
+
+class LFU(_Recency):
+    name = "lfu"
+
+    def __init__(self, n_layers: int, n_experts: int, top_k: int | None = None) -> None:
+        super().__init__(n_layers, n_experts, top_k)
+        self._count: dict[int, int] = {}  # uses so far, resident or not
+        self._last: dict[int, int] = {}  # tick of the last admission or use
+        self._resident: set[int] = set()
+        self._heap: list[tuple[int, int, int]] = []  # (count, tick, key); stale ones skipped
+        self._tick = 0
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._resident
+
+    def _push(self, key: int) -> None:
+        self._tick += 1
+        self._last[key] = self._tick
+        heapq.heappush(self._heap, (self._count.get(key, 0), self._tick, key))
+
+    def admitted(self, key: int, prefetch: bool = False) -> None:
+        super().admitted(key, prefetch)
+        self._resident.add(key)
+        self._push(key)
+
+    def used(self, key: int) -> None:
+        self._last_pass[key] = self.passes
+        if self._unused:
+            self._unused.discard(key)
+        self._count[key] = self._count.get(key, 0) + 1
+        self._push(key)
+        if len(self._heap) > 8 * len(self._resident) + 1024:  # drop stale entries now and then
+            self._heap = [(self._count.get(k, 0), self._last[k], k) for k in self._resident]
+            heapq.heapify(self._heap)
+
+    def evicted(self, key: int) -> None:
+        super().evicted(key)
+        self._resident.discard(key)
+
+    def _least(self, skip: Callable[[int], bool]) -> int | None:
+        """The least used resident key (ties: least recent) that `skip` does not refuse."""
+        passed, found = [], None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            c, t, k = entry
+            if k not in self._resident or self._count.get(k, 0) != c or self._last[k] != t:
+                continue  # stale
+            passed.append(entry)
+            if not skip(k):
+                found = k
+                break
+        for entry in passed:
+            heapq.heappush(self._heap, entry)
+        return found
+
+    def victim(self, held: Collection[int]) -> int | None:
+        return self._least(held.__contains__)
+
+    def prefetch_victim(
+        self, incoming: int, held: Collection[int], accuracy: float | None
+    ) -> int | None:
+        victim = self._least(lambda k: k in held or self._protected(k))
+        if victim is None or self._count.get(victim, 0) > self._count.get(incoming, 0):
+            return None
+        return victim
+
+
+class Ours(Policy):
+    """Expected distance to next use (`LayerCycleScore`), over numpy arrays of all keys."""
+
+    name = "ours"
+
+    def __init__(self, n_layers: int, n_experts: int, top_k: int | None = None) -> None:
+        super().__init__(n_layers, n_experts, top_k)
+        self.score = LayerCycleScore(n_layers, n_experts, top_k)
+        n = n_layers * n_experts
+        self.resident = np.zeros(n, dtype=bool)
+        self.unused = np.zeros(n, dtype=bool)  # prefetched, not used yet
+        self.last_pass = np.full(n, -1, dtype=np.int64)
+        self._scores: np.ndarray | None = None  # of the layer routed last, until the next visit
+
+    def __contains__(self, key: int) -> bool:
+        return bool(self.resident[key])
+
+    def visit(self, layer: int, chosen) -> None:
+        chosen = np.asarray(chosen, dtype=np.int64)
+        self.layer = layer
+        self.score.visit(layer, chosen)
+        self._scores = None
+        self.last_pass[layer * self.n_experts + chosen] = self.passes
+
+    def scores(self) -> np.ndarray:
+        if self._scores is None:
+            self._scores = self.score.scores(self.layer)
+        return self._scores
+
+    def admitted(self, key: int, prefetch: bool = False) -> None:
+        self.resident[key] = True
+        self.unused[key] = prefetch
+
+    def used(self, key: int) -> None:
+        self.unused[key] = False
+        self.last_pass[key] = self.passes
+
+    def evicted(self, key: int) -> None:
+        self.resident[key] = self.unused[key] = False
+
+    def _best(self, evictable: np.ndarray, held: Collection[int]) -> tuple[int, float] | None:
+        """(key, score) of the evictable key not held that scores highest; None if none."""
+        candidates = np.where(evictable, self.scores(), -np.inf)
+        if held:
+            candidates[np.fromiter(held, np.int64, len(held))] = -np.inf
+        victim = int(np.argmax(candidates))
+        worth = float(candidates[victim])
+        return None if worth == -np.inf else (victim, worth)
+
+    def victim(self, held: Collection[int]) -> int | None:
+        best = self._best(self.resident, held)
+        return None if best is None else best[0]
+
+    def prefetch_victim(
+        self, incoming: int, held: Collection[int], accuracy: float | None
+    ) -> int | None:
+        evictable = self.resident & ~self.unused & (self.last_pass < self.passes)
+        best = self._best(evictable, held)
+        if best is None:
+            return None
+        victim, worth = best
+        if accuracy is not None and not self.score.admits(self.layer, incoming, worth, accuracy):
+            return None
+        return victim
+
+
+_POLICY_TYPES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFU, Ours)}
+POLICIES = tuple(_POLICY_TYPES)
+
+
+def make_policy(name: str, n_layers: int, n_experts: int, top_k: int | None = None) -> Policy:
+    """The policy called `name` (one of POLICIES) over n_layers x n_experts keys."""
+    if name not in _POLICY_TYPES:
+        raise ValueError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+    return _POLICY_TYPES[name](n_layers, n_experts, top_k)

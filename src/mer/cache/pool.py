@@ -31,10 +31,6 @@ class SlotPool:
         self._mm, self._buf = aligned_buffer(self.n_slots * slot_bytes)
         self._view = memoryview(self._mm)
 
-    @property
-    def nbytes(self) -> int:
-        return self.n_slots * self.slot_bytes
-
     def tensor(self, slot: int) -> torch.Tensor:
         """The slot's bytes as a uint8 tensor (shared memory, no copy)."""
         a = slot * self.slot_bytes

@@ -159,7 +159,7 @@ class Scheduler:
         self._stopping = False
         self._spans: list[slice] = []
         self.speculation = speculation
-        transformer.observers.append(self._count_dedup)
+        transformer.routing_hooks.append(self._count_dedup)
 
     # ---- any thread ----
 
@@ -196,8 +196,8 @@ class Scheduler:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        if self._count_dedup in self.model.observers:
-            self.model.observers.remove(self._count_dedup)
+        if self._count_dedup in self.model.routing_hooks:
+            self.model.routing_hooks.remove(self._count_dedup)
 
     @property
     def n_running(self) -> int:
@@ -405,7 +405,9 @@ class Scheduler:
             )
         )
 
-    def _count_dedup(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+    def _count_dedup(
+        self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> None:
         if not self._spans:
             return  # a forward that is not a batch step (speculation, single-stream generation)
         self.stats.expert_demand += sum(len(ids[s].unique()) for s in self._spans)

@@ -1,8 +1,8 @@
 """Per-sequence key/value cache: one preallocated [max_len, kv_heads, head_dim] pair per layer.
 
 Allocated once for the sequence's capacity, so decoding never allocates.
-`truncate` rolls back to an earlier length (speculative decoding will need
-it); rolled-back entries are simply overwritten later.
+`truncate` rolls back to an earlier length (speculative decoding drops the
+rejected draft tokens so); rolled-back entries are simply overwritten later.
 """
 
 from __future__ import annotations
@@ -47,7 +47,3 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes

@@ -1,9 +1,8 @@
 """Shared transformer pieces as plain functions over tensors: norm, rotary, attention, MoE.
 
 Families assemble these; none of them owns weights or knows where experts
-come from. The MoE block takes an expert provider (anything with
-`use(layer, expert)` and `is_resident(layer, expert)`), so the same code runs
-against the SSD-backed cache or a dict of dense experts in tests.
+come from. The MoE block takes an expert provider (`ExpertProvider`), so the same
+code runs against the SSD-backed cache or, in tests, experts held in memory.
 """
 
 from __future__ import annotations
@@ -16,15 +15,13 @@ import torch.nn.functional as F
 
 
 class ExpertProvider(Protocol):
+    """Where the MoE block gets experts, addressed by (layer, expert)."""
+
     def use(self, layer: int, expert: int): ...  # context manager yielding a callable FFN
 
     def is_resident(self, layer: int, expert: int) -> bool: ...
 
     def fetch(self, layer: int, experts) -> int: ...  # start reading these: needed now
-
-    def prefetch(self, layer: int, experts) -> int: ...  # a hint: start reading these
-
-    def cancel_prefetches(self, layer: int, keep) -> int: ...
 
     def next_step(self) -> None: ...  # one forward pass ends, the next begins
 
@@ -143,6 +140,8 @@ def moe(
     per layer, not per expert); a single token needs neither.
     """
     t, k = ids.shape
+    if k == 0:  # no expert allowed (a draft pass with none of the layer's in RAM)
+        return torch.zeros_like(x)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     wanted, counts = torch.unique_consecutive(flat[order], return_counts=True)

@@ -6,11 +6,14 @@ provider. One call runs the new tokens of one or several sequences packed
 together: everything but attention runs on all their tokens at once, so each
 MoE layer acquires the union of the batch's experts once; attention runs per
 sequence against the KV cache it brought.
+
+Each MoE layer reads: route -> tell the routing hooks -> run the experts. The
+hooks are how anything else learns the routing (the cache's policy, live prefetch,
+trace recording, the scheduler's dedup count): the model knows none of them.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -42,8 +45,11 @@ class KVLike(Protocol):
     def advance(self, n: int) -> None: ...
 
 
-# Called per MoE layer with (layer, expert ids [T, k], router weights [T, k]).
-RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+# Called once per MoE layer of every forward pass but a draft's, after routing and before
+# the experts run, in list order: (layer, hidden [T, H]: the normed input the router
+# multiplied, expert ids [T, k], router weights [T, k] float32). A hook may start reads
+# (prefetch) but must not change the tensors.
+RoutingHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class MoETransformer:
@@ -53,7 +59,6 @@ class MoETransformer:
         weights: dict[str, torch.Tensor],
         experts: ExpertProvider,
         dtype: torch.dtype = torch.bfloat16,
-        lookahead: bool = True,
     ) -> None:
         self.config = config
         self.dtype = dtype
@@ -62,14 +67,7 @@ class MoETransformer:
             self.w["lm_head"] = self.w["embed"]
         self.experts = experts
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
-        self.observers: list[RoutingObserver] = []
-        # Called per MoE layer with (layer, h [T, H]): the normed input the router multiplies.
-        self.hidden_observers: list[Callable[[int, torch.Tensor], None]] = []
-        # Prefetch the next layer's experts by applying its router to this layer's hidden
-        # state, so their reads overlap with this layer's expert compute.
-        self.lookahead = lookahead
-        moe_layers = config.moe_layers
-        self._next_moe_layer = dict(itertools.pairwise(moe_layers))
+        self.routing_hooks: list[RoutingHook] = []
 
     def new_kv_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype)
@@ -92,7 +90,7 @@ class MoETransformer:
         sequence's last token [len(batch), V].
 
         `draft`: route only to experts already in RAM, so the pass reads nothing from the
-        SSD (self-speculation's draft); it predicts nothing, and observers do not see it."""
+        SSD (self-speculation's draft); the routing hooks do not hear of it."""
         cfg, w = self.config, self.w
         tokens = torch.cat([t for t, _ in batch])
         pos = torch.cat([torch.arange(kv.length, kv.length + len(t)) for t, kv in batch])
@@ -142,28 +140,20 @@ class MoETransformer:
         return F.linear(out, w[p + "o"])
 
     def _moe(self, i: int, h: torch.Tensor, draft: bool = False) -> torch.Tensor:
-        cfg, w, p = self.config, self.w, f"layers.{i}."
-        k = cfg.num_experts_per_tok
-        if draft:
-            allowed = torch.tensor(
-                [self.experts.is_resident(i, e) for e in range(cfg.num_local_experts)]
-            )
-            if not allowed.any():
-                return self._shared_expert(i, h, torch.zeros_like(h))
-            weights, ids = route(h, w[p + "router"], k, cfg.norm_topk_prob, allowed)
-            return self._shared_expert(i, h, moe(h, weights, ids, i, self.experts))
-        for see in self.hidden_observers:
-            see(i, h)
-        weights, ids = route(h, w[p + "router"], k, cfg.norm_topk_prob)
-        for observe in self.observers:
-            observe(i, ids, weights)
-        if self.lookahead:
-            self.experts.cancel_prefetches(i, keep=ids.unique().tolist())
-            nxt = self._next_moe_layer.get(i)
-            if nxt is not None:
-                _, guess = route(h, w[f"layers.{nxt}.router"], k)
-                self.experts.prefetch(nxt, guess.unique().tolist())
+        """Route h [T, H], tell the routing hooks, run the experts (and the shared one)."""
+        cfg = self.config
+        allowed = self._resident(i) if draft else None
+        router = self.w[f"layers.{i}.router"]
+        weights, ids = route(h, router, cfg.num_experts_per_tok, cfg.norm_topk_prob, allowed)
+        if not draft:
+            for hook in self.routing_hooks:
+                hook(i, h, ids, weights)
         return self._shared_expert(i, h, moe(h, weights, ids, i, self.experts))
+
+    def _resident(self, i: int) -> torch.Tensor:
+        """bool [E]: the experts of layer `i` in RAM now, the only ones a draft may use."""
+        n = self.config.num_local_experts
+        return torch.tensor([self.experts.is_resident(i, e) for e in range(n)])
 
     def _shared_expert(self, i: int, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Add the layer's always-on shared expert (Qwen-MoE), if it has one."""

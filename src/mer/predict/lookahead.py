@@ -2,22 +2,53 @@
 
 A transformer's residual stream changes little from one layer to the next, so the
 router of layer l + d applied to the hidden state entering MoE layer l guesses what
-it will pick at l + d (the model's own prefetch does this for d = 1). Needs traces
-recorded with hidden states (`mer generate --trace-hidden`) and the store's router
-weights. Past the token's last layer there is no hidden state of the next token
-yet: there it falls back to the frequency baseline.
+it will pick at l + d. `LookaheadPrefetcher` does this live for d = 1, as a routing
+hook of the model. `LookaheadPredictor` measures it on traces recorded with hidden
+states (`mer generate --trace-hidden`) and the store's router weights; past the
+token's last layer there is no hidden state of the next token yet: there it falls
+back to the frequency baseline.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mer.errors import ConfigError
+from mer.models.layers import route
 from mer.predict.base import Predictor
 from mer.predict.frequency import FrequencyPredictor
 from mer.trace.format import Trace
+
+
+class LookaheadPrefetcher:
+    """Live prefetch, a routing hook (`MoETransformer.routing_hooks`): at each MoE layer,
+    cancel its prefetches the router did not choose (reads not started yet), then apply
+    the next MoE layer's router to this layer's hidden state and prefetch the experts it
+    picks, so their reads overlap this layer's expert compute. Register it after the
+    cache's own routing hook, so the cache knows this layer's routing when asked for slots.
+    """
+
+    def __init__(self, transformer, cache) -> None:
+        """`transformer`: a MoETransformer (its routers); `cache`: anything with
+        `prefetch(layer, experts)` and `cancel_prefetches(layer, keep)` (the expert cache)."""
+        cfg = transformer.config
+        self.cache = cache
+        self.top_k = cfg.num_experts_per_tok
+        self.next_layer = dict(pairwise(cfg.moe_layers))
+        self.routers = {n: transformer.w[f"layers.{n}.router"] for n in self.next_layer.values()}
+
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        self.cache.cancel_prefetches(layer, keep=experts.unique().tolist())
+        nxt = self.next_layer.get(layer)
+        if nxt is not None:
+            _, guess = route(hidden, self.routers[nxt], self.top_k)
+            self.cache.prefetch(nxt, guess.unique().tolist())
 
 
 class LookaheadPredictor(Predictor):

@@ -2,9 +2,10 @@
 
 After each step (one layer of one token; in prefill mode one layer of one prompt)
 the experts predicted for the step `read_steps` later are read into the cache
-where a slot can be had under the admission rule of `mer.cache.policy`: under
-LRU only from an expert the current pass (token, or prompt) has not used and
-that is not itself an unused prefetch; under ours only from one expected to be
+where a slot can be had under the admission rule of the policy object the cache
+runs (`mer.cache.policy`; the replay loop is `mer.trace.replay.run`): never from an
+expert the current pass (token, or prompt) has used nor from an unused prefetch;
+under LRU only from the least recent expert, under ours only from one expected to be
 needed later than the expert it brings. A read takes `read_steps` layer-steps, so
 a prefetch issued that far ahead arrives just in time: guessing further ahead is
 harder, and a guess made later would arrive late, so the plan holds exactly the
@@ -33,9 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mer.cache.policy import LayerCycleScore, prefetch_accuracy
+from mer.cache.policy import make_policy
 from mer.trace.format import Trace
-from mer.trace.replay import Accesses, split_pinned
+from mer.trace.replay import Accesses, run, split_pinned
 
 PREFETCH_POLICIES = ("lru", "ours")
 # (source layer, distance) -> scores [tokens, n_experts] of the trace (mer.predict.Predictor)
@@ -190,8 +191,7 @@ def simulate_prefetch(
     `device`, also the time steps stall on reads (a pin's first read stalls as a miss)."""
     if len(prefetch.starts) != len(acc.step_starts):
         raise ValueError("the prefetch plan was made for another access stream")
-    run = {"lru": _lru, "ours": _ours}.get(policy)
-    if run is None:
+    if policy not in PREFETCH_POLICIES:
         raise ValueError(
             f"no prefetching replay for {policy!r} (choose from {', '.join(PREFETCH_POLICIES)})"
         )
@@ -204,107 +204,7 @@ def simulate_prefetch(
         steps = [[k for k in keys if k not in pins] for keys in steps]
     # The replay runs on an idle device of the same speeds: `device` itself is not changed.
     clock = _Clock(Device(device.read_s, device.step_s) if device else None)
-    misses, prefetches, useful = run(acc, slots, steps, clock)
+    replay = make_policy(policy, acc.n_layers, acc.n_experts, acc.top_k)
+    misses, prefetches, useful = run(acc, replay, slots, steps, clock)
     stall = clock.stall + cold * device.read_s if device else None
     return PrefetchResult(cold + misses, prefetches, useful, stall)
-
-
-def _steps(acc: Accesses):
-    keys, starts = acc.keys.tolist(), acc.step_starts.tolist()
-    layers = acc.step_layer.tolist()
-    for s in range(len(starts) - 1):
-        # A pass is one forward: a token (token mode) or a prompt (prefill), n_layers steps.
-        yield s, s // acc.n_layers, layers[s], keys[starts[s] : starts[s + 1]]
-
-
-def _lru(acc: Accesses, slots: int, plan: list[list[int]], clock: _Clock) -> tuple[int, int, int]:
-    cache: OrderedDict[int, None] = OrderedDict()  # least recently used first
-    last_pass: dict[int, int] = {}
-    unused: set[int] = set()  # prefetched, not used yet
-    misses = prefetches = useful = 0
-    for s, pass_, _, step in _steps(acc):
-        in_step = set(step)
-        clock.begin()
-        for key in step:
-            if key in cache:
-                cache.move_to_end(key)
-                if key in unused:
-                    unused.discard(key)
-                    useful += 1
-            else:
-                misses += 1
-                if len(cache) >= slots:
-                    victim = next(k for k in cache if k not in in_step)
-                    del cache[victim]
-                    unused.discard(victim)
-                    clock.evict(victim)
-                cache[key] = None
-            clock.need(key)
-            last_pass[key] = pass_
-        for key in plan[s]:
-            if key in cache:
-                continue
-            if len(cache) >= slots:
-                victim = next(iter(cache))
-                if victim in unused or last_pass.get(victim) == pass_:
-                    break  # everything else is more recent: LRU admits nothing more now
-                del cache[victim]
-                clock.evict(victim)
-            cache[key] = None
-            unused.add(key)
-            prefetches += 1
-            clock.prefetch(key)
-        clock.computed()
-    return misses, prefetches, useful
-
-
-def _ours(acc: Accesses, slots: int, plan: list[list[int]], clock: _Clock) -> tuple[int, int, int]:
-    score = LayerCycleScore(acc.n_layers, acc.n_experts, acc.top_k)
-    n_keys = acc.n_layers * acc.n_experts
-    resident = np.zeros(n_keys, dtype=bool)
-    unused = np.zeros(n_keys, dtype=bool)  # prefetched, not used yet
-    last_pass = np.full(n_keys, -1, dtype=np.int64)
-    count = misses = prefetches = useful = 0
-    for s, pass_, layer, step in _steps(acc):
-        score.visit(layer, np.asarray(step, dtype=np.int64) - layer * acc.n_experts)
-        scores = score.scores(layer)  # fixed until the next visit
-        clock.begin()
-        for key in step:
-            if resident[key]:
-                if unused[key]:
-                    unused[key] = False
-                    useful += 1
-            else:
-                misses += 1
-                if count >= slots:
-                    candidates = np.where(resident, scores, -np.inf)
-                    candidates[step] = -np.inf
-                    victim = int(np.argmax(candidates))
-                    resident[victim] = unused[victim] = False
-                    clock.evict(victim)
-                    count -= 1
-                resident[key] = True
-                count += 1
-            clock.need(key)
-            last_pass[key] = pass_
-        for key in plan[s]:
-            if resident[key]:
-                continue
-            if count >= slots:
-                evictable = resident & ~unused & (last_pass < pass_)
-                candidates = np.where(evictable, scores, -np.inf)
-                victim = int(np.argmax(candidates))
-                accuracy = prefetch_accuracy(useful, prefetches)
-                if not evictable[victim] or not score.admits(
-                    layer, key, candidates[victim], accuracy
-                ):
-                    continue
-                resident[victim] = False
-                clock.evict(victim)
-                count -= 1
-            resident[key] = unused[key] = True
-            count += 1
-            prefetches += 1
-            clock.prefetch(key)
-        clock.computed()
-    return misses, prefetches, useful

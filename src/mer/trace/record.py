@@ -1,10 +1,11 @@
 """Records routing as a model runs: per token and MoE layer, the experts chosen and their
 router weights, with sequence boundaries, in the trace layout of `mer.trace.format`.
 
-Attach it as a routing observer; call `begin_sequence()` before each generation.
-The first forward pass of a sequence is its prefill (phase 0), later ones decode (1).
-`watch_hidden(transformer)` also records the hidden state entering each MoE block
-(for router lookahead), in float16: 2 bytes x hidden size per token and MoE layer.
+Attach it as a routing hook (`MoETransformer.routing_hooks`); call `begin_sequence()`
+before each generation. The first forward pass of a sequence is its prefill (phase 0),
+later ones decode (1). After `watch_hidden()` it also records the hidden state entering
+each MoE block (for router lookahead), in float16: 2 bytes x hidden size per token and
+MoE layer.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ class TraceRecorder:
         self._pass: tuple[np.ndarray, np.ndarray] | None = None
         self._hidden: list[np.ndarray] | None = None  # [T, moe_layers, H] per pass, if watched
         self._pass_hidden: np.ndarray | None = None
-        self._hidden_in: torch.Tensor | None = None  # the MoE block input being routed now
         self._passes_in_sequence = 0
         self._tokens = 0
 
@@ -40,18 +40,16 @@ class TraceRecorder:
         self._starts.append(self._tokens)
         self._passes_in_sequence = 0
 
-    def watch_hidden(self, transformer) -> None:
-        """Record the hidden state entering each MoE block of `transformer` from now on."""
+    def watch_hidden(self, transformer=None) -> None:
+        """Record the hidden state entering each MoE block from now on (it comes with the
+        routing; `transformer` is not needed and only kept for older callers)."""
         if self._tokens or self._pass is not None:
             raise RuntimeError("watch hidden states before the first forward pass")
         self._hidden = []
 
-        def see(layer: int, h: torch.Tensor) -> None:
-            self._hidden_in = h
-
-        transformer.hidden_observers.append(see)
-
-    def __call__(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> None:
         j = self._column[layer]
         if j == 0:
             self._flush()
@@ -65,7 +63,7 @@ class TraceRecorder:
         experts[:, j] = ids.numpy()
         w[:, j] = weights.float().numpy()
         if self._pass_hidden is not None:
-            self._pass_hidden[:, j] = self._hidden_in.float().numpy()
+            self._pass_hidden[:, j] = hidden.float().numpy()
 
     def _flush(self) -> None:
         if self._pass is None:

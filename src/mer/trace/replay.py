@@ -6,12 +6,11 @@ decoding) or one layer of a whole prompt ("prefill" mode, a prefill chunk). A
 step's experts are in use together, so none of them may evict another; the
 cache must hold the largest step. Policies:
 
-- lru: least recently used.
-- lfu: least frequently used so far (ties: least recent).
+- lru, lfu, ours: the policy objects of `mer.cache.policy`, the very ones the
+  cache runs, driven by one replay loop (`run`, which the prefetching replay
+  shares);
 - belady: evicts the expert whose next use is farthest ahead: the offline
   optimum (MIN), a lower bound no online policy can beat.
-- ours: evicts the expert expected to be needed last (`mer.cache.policy`),
-  the same policy the cache runs.
 
 Pinned experts (`pinned=`) hold their slots from their first use on and never
 leave, as in the cache: the policy manages the other slots. Replay with
@@ -21,16 +20,18 @@ prefetching is `mer.trace.prefetch`.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from mer.cache.pinning import most_frequent
-from mer.cache.policy import LayerCycleScore
+from mer.cache.policy import POLICIES as CACHE_POLICIES
+from mer.cache.policy import Policy, make_policy, prefetch_accuracy
 from mer.trace.format import Trace
 
-POLICIES = ("lru", "lfu", "ours", "belady")
+POLICIES = (*CACHE_POLICIES, "belady")
 NEVER = np.iinfo(np.int64).max
 
 
@@ -113,10 +114,92 @@ def simulate(acc: Accesses, policy: str, slots: int, pinned=()) -> int:
     acc, slots, cold = split_pinned(acc, slots, pinned)
     if slots < acc.max_step:
         raise ValueError(f"{slots} slots cannot hold one step's {acc.max_step} experts")
-    run = {"lru": _lru, "lfu": _lfu, "belady": _belady, "ours": _ours}.get(policy)
-    if run is None:
+    if policy == "belady":
+        return cold + _belady(acc, slots)
+    if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
-    return cold + run(acc, slots)
+    misses, _, _ = run(acc, make_policy(policy, acc.n_layers, acc.n_experts, acc.top_k), slots)
+    return cold + misses
+
+
+class Clock(Protocol):
+    """What `run` tells a timed replay (`mer.trace.prefetch`): a step begins, needs a key,
+    has computed; a key is prefetched or evicted."""
+
+    def begin(self) -> None: ...
+
+    def need(self, key: int) -> None: ...
+
+    def computed(self) -> None: ...
+
+    def prefetch(self, key: int) -> None: ...
+
+    def evict(self, key: int) -> None: ...
+
+
+def run(
+    acc: Accesses,
+    policy: Policy,
+    slots: int,
+    plan: Sequence[Sequence[int]] | None = None,
+    clock: Clock | None = None,
+) -> tuple[int, int, int]:
+    """Replay the stream through `policy` with `slots` slots, reading after each step the
+    keys `plan` lists for it where the policy lets a prefetch have a slot (with its
+    accuracy so far). Returns (demand misses, prefetches, prefetches used)."""
+    misses = prefetches = useful = count = 0
+    unused: set[int] = set()  # prefetched, not used yet
+    keys, starts = acc.keys.tolist(), acc.step_starts.tolist()
+    layers, n_experts = acc.step_layer.tolist(), acc.n_experts
+    resident, used = policy.__contains__, policy.used  # bound once: the loop is hot
+    for s in range(len(starts) - 1):
+        if s and s % acc.n_layers == 0:  # a pass: a token (token mode) or a prompt (prefill)
+            policy.begin_pass()
+        step, layer = keys[starts[s] : starts[s + 1]], layers[s]
+        policy.visit(layer, [k - layer * n_experts for k in step])
+        in_step = set(step)  # in use together: none may evict another
+        if clock is not None:
+            clock.begin()
+        for key in step:
+            if resident(key):
+                if key in unused:
+                    unused.discard(key)
+                    useful += 1
+            else:
+                misses += 1
+                if count >= slots:
+                    victim = policy.victim(in_step)
+                    policy.evicted(victim)
+                    unused.discard(victim)
+                    count -= 1
+                    if clock is not None:
+                        clock.evict(victim)
+                policy.admitted(key)
+                count += 1
+            used(key)
+            if clock is not None:
+                clock.need(key)
+        for key in plan[s] if plan is not None else ():
+            if key in policy:
+                continue
+            if count >= slots:
+                accuracy = prefetch_accuracy(useful, prefetches)
+                victim = policy.prefetch_victim(key, (), accuracy)
+                if victim is None:
+                    continue
+                policy.evicted(victim)
+                count -= 1
+                if clock is not None:
+                    clock.evict(victim)
+            policy.admitted(key, prefetch=True)
+            unused.add(key)
+            count += 1
+            prefetches += 1
+            if clock is not None:
+                clock.prefetch(key)
+        if clock is not None:
+            clock.computed()
+    return misses, prefetches, useful
 
 
 def _steps(acc: Accesses):
@@ -124,57 +207,6 @@ def _steps(acc: Accesses):
     starts = acc.step_starts.tolist()
     for s in range(len(starts) - 1):
         yield s, starts[s], keys[starts[s] : starts[s + 1]]
-
-
-def _lru(acc: Accesses, slots: int) -> int:
-    cache: OrderedDict[int, None] = OrderedDict()
-    misses = 0
-    for _, _, step in _steps(acc):
-        pinned = set(step)
-        for key in step:
-            if key in cache:
-                cache.move_to_end(key)
-                continue
-            misses += 1
-            if len(cache) >= slots:
-                victim = next(k for k in cache if k not in pinned)
-                del cache[victim]
-            cache[key] = None
-    return misses
-
-
-def _lfu(acc: Accesses, slots: int) -> int:
-    count: dict[int, int] = {}
-    last: dict[int, int] = {}
-    resident: set[int] = set()
-    heap: list[tuple[int, int, int]] = []  # (count, last use, key), stale entries skipped
-    misses, tick = 0, 0
-    for _, _, step in _steps(acc):
-        pinned = set(step)
-        for key in step:
-            tick += 1
-            if key not in resident:
-                misses += 1
-                if len(resident) >= slots:
-                    held = []
-                    while True:
-                        c, t, k = heapq.heappop(heap)
-                        if k in resident and count[k] == c and last[k] == t:
-                            if k in pinned:
-                                held.append((c, t, k))
-                                continue
-                            resident.discard(k)
-                            break
-                    for h in held:
-                        heapq.heappush(heap, h)
-                resident.add(key)
-            count[key] = count.get(key, 0) + 1
-            last[key] = tick
-            heapq.heappush(heap, (count[key], tick, key))
-        if len(heap) > 8 * slots + 1024:  # drop stale entries now and then
-            heap = [(count[k], last[k], k) for k in resident]
-            heapq.heapify(heap)
-    return misses
 
 
 def _belady(acc: Accesses, slots: int) -> int:
@@ -205,28 +237,4 @@ def _belady(acc: Accesses, slots: int) -> int:
         if len(heap) > 8 * slots + 1024:
             heap = [(-n, k) for k, n in upcoming.items()]
             heapq.heapify(heap)
-    return misses
-
-
-def _ours(acc: Accesses, slots: int) -> int:
-    score = LayerCycleScore(acc.n_layers, acc.n_experts, acc.top_k)
-    resident = np.zeros(acc.n_layers * acc.n_experts, dtype=bool)
-    count, misses = 0, 0
-    layers = acc.step_layer.tolist()
-    for s, _, step in _steps(acc):
-        layer = layers[s]
-        score.visit(layer, np.asarray(step) - layer * acc.n_experts)
-        scores = None  # the same for the whole step: computed at its first eviction
-        for key in step:
-            if resident[key]:
-                continue
-            misses += 1
-            if count >= slots:
-                scores = score.scores(layer) if scores is None else scores
-                candidates = np.where(resident, scores, -np.inf)
-                candidates[step] = -np.inf
-                resident[int(np.argmax(candidates))] = False
-                count -= 1
-            resident[key] = True
-            count += 1
     return misses
