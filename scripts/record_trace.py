@@ -51,7 +51,7 @@ def main() -> None:
         ids = held_out_ids(model.tokenizer)
         stride = max(1, (len(ids) - args.prompt_tokens) // args.prompts)
         recorder = model.record_trace()
-        recorder.watch_hidden(model.transformer)
+        recorder.watch_hidden()
         with progress_bar(args.prompts, "recording", unit="prompts") as bar:
             for i in range(args.prompts):
                 prompt = ids[i * stride : i * stride + args.prompt_tokens]

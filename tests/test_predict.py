@@ -120,7 +120,7 @@ def hidden_trace(trained_bf16):
     its own lookahead prefetched: [(layer, expert ids)] per MoE call."""
     model = mer.open(trained_bf16, ram_budget="64MiB", dtype="float32")
     recorder = model.record_trace()
-    recorder.watch_hidden(model.transformer)
+    recorder.watch_hidden()
     prefetched, routing = [], [None]
     # First, so the layer being routed is known when the prefetcher (a later hook) guesses.
     model.transformer.routing_hooks.insert(

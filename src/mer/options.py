@@ -169,15 +169,6 @@ class IOOptions:
     pin_share: float = 0.0
     pin_file: str | None = None
 
-    def open(self, store, ram_budget, **kw):
-        import mer.api
-
-        return mer.api.open(
-            store, ram_budget, direct_io=not self.no_direct_io, io_threads=self.io_threads,
-            prefetch=not self.no_prefetch, cache_policy=self.cache_policy,
-            pin_share=self.pin_share, pin_file=self.pin_file, compute_threads=self.threads, **kw,
-        )  # fmt: skip
-
 
 def add_io_options(p: argparse.ArgumentParser, io_threads: int = 4) -> None:
     p.add_argument("--io-threads", type=count, default=io_threads, help="expert reader threads")
@@ -229,14 +220,6 @@ class SpeculationOptions:
     draft: str | None = None
     draft_ram_budget: int = 256 << 20
     spec_k: int = 4
-
-    def open_draft(self, dtype: str):
-        """The draft asked for: "self", an opened Model, or None."""
-        if self.draft:
-            import mer.api
-
-            return mer.api.open(self.draft, self.draft_ram_budget, dtype=dtype)
-        return "self" if self.speculate else None
 
 
 def add_speculation_options(p: argparse.ArgumentParser) -> None:

@@ -13,8 +13,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
                    help="int4 group size (default 128 or the largest that divides the "
                    "model's dims)")  # fmt: skip
-    p.add_argument("--force", action="store_true",
-                   help="replace dst if it is a mer store (never the source or other files)")  # fmt: skip
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace dst if it is a mer store (never the source or other files)",
+    )
 
 
 def run(*, src: str, dst: str, quant: str, group_size: int | None, force: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mer.commands import open_model
 from mer.commands.generate import run_generation
 from mer.data import TRAINED_MODEL, cache_dir, convert_once, run_mer
 from mer.options import IOOptions, SamplingOptions, add_io_options, add_sampling, size, text_arg
@@ -66,4 +67,4 @@ def run(
         f"{fmt_bytes(s.expert_bytes_total)} on disk in int4; RAM budget {fmt_bytes(budget)} "
         f"holds {budget // s.expert_format.nbytes} of {len(s.extents)} experts\n"
     )
-    run_generation(io.open(store, budget), prompt, sampling)
+    run_generation(open_model(store, budget, io), prompt, sampling)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mer.commands import open_draft, open_model
 from mer.errors import ConfigError
 from mer.options import (
     IOOptions,
@@ -65,13 +66,13 @@ def run(
         raise ConfigError("--trace-hidden needs --trace FILE")
     if trace:
         writable_file(trace, "--trace")
-    model = io.open(store, ram_budget, dtype=dtype)
-    draft = speculation.open_draft(dtype)
+    model = open_model(store, ram_budget, io, dtype=dtype)
+    draft = open_draft(speculation, dtype)
     if draft is not None:
         model.speculate(draft, k=speculation.spec_k, adaptive=not fixed_k)
     recorder = model.record_trace() if trace else None
     if recorder is not None and trace_hidden:
-        recorder.watch_hidden(model.transformer)
+        recorder.watch_hidden()
     run_generation(model, prompt, sampling, chat)
     if recorder is not None:
         recorded = recorder.trace()

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from mer.commands import open_draft, open_model
 from mer.options import (
     IOOptions,
     SpeculationOptions,
@@ -74,12 +75,12 @@ def run(
     name = model_name or Path(store).resolve().name
     key = api_key or os.environ.get("MER_API_KEY")
     settings = ServerSettings(name, key, max_concurrent, max_request_bytes)
-    model = io.open(store, ram_budget, dtype=dtype)
+    model = open_model(store, ram_budget, io, dtype=dtype)
     scheduler = model.scheduler(
         kv_budget,
         max_batch_tokens=max_batch_tokens,
         max_running=max_running,
-        draft=speculation.open_draft(dtype),
+        draft=open_draft(speculation, dtype),
         spec_k=speculation.spec_k,
     ).start()
     pool = scheduler.pool

@@ -40,9 +40,9 @@ class TraceRecorder:
         self._starts.append(self._tokens)
         self._passes_in_sequence = 0
 
-    def watch_hidden(self, transformer=None) -> None:
+    def watch_hidden(self) -> None:
         """Record the hidden state entering each MoE block from now on (it comes with the
-        routing; `transformer` is not needed and only kept for older callers)."""
+        routing hook's call)."""
         if self._tokens or self._pass is not None:
             raise RuntimeError("watch hidden states before the first forward pass")
         self._hidden = []
