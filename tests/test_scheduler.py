@@ -14,7 +14,8 @@ import mer
 from mer.engine.sampling import SamplingParams
 from mer.engine.scheduler import Output, Request, Scheduler, SchedulerDown
 from mer.errors import BudgetError, ConfigError
-from mer.models.paged_kv import KVPool
+from mer.models.paged_kv import KVPool, available_memory
+from mer.units import fmt_bytes
 
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -314,3 +315,20 @@ def test_a_step_running_past_the_limit_makes_the_scheduler_unhealthy(model):
     finally:
         release.set()
         s.close()
+
+
+def test_a_kv_budget_beyond_the_machines_memory_is_refused_before_allocating(model, tmp_path):
+    available, source = available_memory()
+    assert available > 0 and source == "MemAvailable in /proc/meminfo"
+    too_much = 2 * available
+    with pytest.raises(BudgetError) as caught:
+        KVPool(model.config, too_much, torch.bfloat16)
+    message = str(caught.value)
+    assert fmt_bytes(too_much) in message and fmt_bytes(available) in message
+    assert "MemAvailable" in message and "\n" not in message
+    # Where /proc/meminfo lacks the field or is absent, physical memory bounds the pool.
+    old_kernel = tmp_path / "meminfo"
+    old_kernel.write_text("MemTotal:  1000 kB\nMemFree:  500 kB\n")
+    for path in (old_kernel, tmp_path / "absent"):
+        total, source = available_memory(path)
+        assert source == "physical memory" and total >= available
