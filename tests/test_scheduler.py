@@ -231,7 +231,7 @@ def test_nan_logits_fail_that_request_and_the_batch_goes_on(model):
             ids, last = finals(bad)
             assert last.finish_reason == "error" and "NaN" in last.error and ids == []
             assert finals(good)[0] == expected
-        assert s.health() is None and s.pool.used_blocks == 0
+        assert s.health() is None and s.pool.used_blocks == 0 and s.stats.failed == 2
     finally:
         embed[poison] = saved
         s.close()

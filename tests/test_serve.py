@@ -443,12 +443,14 @@ def test_a_stuck_scheduler_is_unhealthy_and_turns_new_work_away(trained_store):
             status, body = request_health(port)
             assert status == 503 and body["status"] == "unhealthy"
             assert "stuck" in body["reason"] and "limit 0.5 s" in body["reason"]
+            assert metrics(port)["mer_scheduler_healthy"] == 0
             status, payload = request(port, "POST", "/v1/completions", WELL_FORMED)
             assert status == 503 and "stuck" in json.loads(payload)["error"]["message"]
         finally:
             release.set()
         assert first.result(60)  # the slow step finished: its request completed
         assert request_health(port) == (200, {"status": "ok"})
+        assert metrics(port)["mer_scheduler_healthy"] == 1
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -466,6 +468,8 @@ def test_a_dead_scheduler_is_unhealthy_and_refuses_requests(trained_store):
         assert scheduler.stopped.wait(30)
         status, body = request_health(port)
         assert status == 503 and "scheduler thread died: _Crash" in body["reason"]
+        m = metrics(port)
+        assert m["mer_scheduler_healthy"] == 0 and m["mer_requests_failed_total"] == 1
         status, payload = request(port, "POST", "/v1/completions", WELL_FORMED)
         error = json.loads(payload)["error"]
         assert status == 503 and error["type"] == "server_error" and "died" in error["message"]

@@ -127,6 +127,7 @@ class _Sequence:
 class SchedulerStats:
     requests: int = 0
     finished: int = 0
+    failed: int = 0  # finished with finish_reason "error"
     steps: int = 0
     batch_tokens: int = 0
     prompt_tokens: int = 0
@@ -477,6 +478,7 @@ class Scheduler:
             except Exception as e:
                 reason, error = "error", _message(e)
         self.stats.finished += 1
+        self.stats.failed += reason == "error"
         out = Output(
             new_text,
             new_ids or [],
