@@ -71,7 +71,7 @@ def test_bad_parameters(kw):
         (dict(max_tokens=2.0), "max_tokens"),
         (dict(seed=2**64), "seed"),
         (dict(seed="7"), "seed"),
-        (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+        (dict(stop_token_ids=(2, "eos")), "stop_token_ids"),
     ],
 )
 def test_one_rule_rejects_non_finite_out_of_range_and_mistyped_values(kw, param):

@@ -64,8 +64,8 @@ class SamplingParams:
             raise InvalidSamplingParam("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None:
             _integer("seed", self.seed, lo=SEED_RANGE[0], hi=SEED_RANGE[1] - 1)
-        for token in self.stop_token_ids:
-            _integer("stop_token_ids", token, lo=0)
+        for token in self.stop_token_ids:  # [-1] is how callers ask for no stop token
+            _integer("stop_token_ids", token, lo=-(2**63))
 
     def generator(self) -> torch.Generator:
         g = torch.Generator()
