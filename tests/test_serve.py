@@ -519,3 +519,21 @@ def test_serve_fails_waiting_clients_and_exits_with_an_error_when_the_engine_die
         server_thread.join(60)
     assert not server_thread.is_alive()
     assert outcome["error"].startswith("the scheduler thread died (_Crash)")
+
+
+def test_an_unexpected_exception_in_a_request_is_an_openai_shaped_500(trained_store):
+    model, scheduler = engine(trained_store)
+    scheduler.start()
+
+    def broken_template(messages):  # a bug on the request path, outside the engine
+        raise RuntimeError("template bug")
+
+    model.chat_prompt = broken_template
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with http_app(model, scheduler) as port:
+        status, payload = request(port, "POST", "/v1/chat/completions", chat)
+        error = json.loads(payload)["error"]
+        assert status == 500 and error["type"] == "server_error"
+        assert error["message"] == "internal error: RuntimeError: template bug"
+        assert completion_text(port, WELL_FORMED)  # the server goes on
+        assert request_health(port) == (200, {"status": "ok"})
