@@ -364,6 +364,8 @@ def test_a_lone_surrogate_or_non_utf8_body_is_an_openai_400(server):
             {"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}]},
             "messages[0].content",
         ),
+        ("/v1/completions", {**WELL_FORMED, "user\ud800": 1}, "user\\ud800"),
+        ("/v1/completions", {**WELL_FORMED, "logit_bias": {"\udc00": 1}}, "logit_bias.\\udc00"),
     ]
     for path, body, param in cases:
         status, payload = request(server, "POST", path, body)  # json.dumps escapes it: \ud800

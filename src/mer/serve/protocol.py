@@ -87,7 +87,8 @@ def _no_constant(name: str):
 
 
 def _lone_surrogate(body: dict) -> str | None:
-    """The path of the first string (key or value) that cannot be encoded as UTF-8."""
+    """The path of a string (key or value) that cannot be encoded as UTF-8, if any; the
+    path itself is printable (a bad key shows as its escape, e.g. \\ud800)."""
     stack: list[tuple[str, object]] = [("", body)]
     while stack:
         path, value = stack.pop()
@@ -98,7 +99,8 @@ def _lone_surrogate(body: dict) -> str | None:
                 return path or "request body"
         elif isinstance(value, dict):
             for key, item in value.items():
-                where = f"{path}.{key}" if path else str(key)
+                key_text = key.encode("utf-8", "backslashreplace").decode()
+                where = f"{path}.{key_text}" if path else key_text
                 stack.append((where, key))
                 stack.append((where, item))
         elif isinstance(value, list):
