@@ -68,6 +68,7 @@ SPECIAL = [
     [], [None], [1.5], [""], [[]], {}, {"a": 1}, {"type": "text"},
 ]  # fmt: skip
 
+KEYS = st.text(max_size=8) | st.text(st.characters(categories=["Cs", "L"]), max_size=4)
 VALUES = st.recursive(
     st.one_of(
         st.sampled_from(SPECIAL),
@@ -78,7 +79,7 @@ VALUES = st.recursive(
         st.text(max_size=40),
         st.text(st.characters(categories=["Cs", "Co", "Cn", "Cc"]), max_size=8),
     ),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
     max_leaves=8,
 )
 
@@ -109,9 +110,10 @@ CHAT_BASE = {
 
 
 def hostile(base: dict, fields: list[str], extra: dict | None = None):
-    """The well-formed base with one to three fields replaced or removed."""
+    """The well-formed base with one to three fields replaced, removed or added (unknown
+    keys, lone surrogates among them)."""
     changes = st.dictionaries(
-        st.sampled_from(fields), VALUES | st.just(...) | st.one_of(*(extra or {}).values()),
+        st.sampled_from(fields) | KEYS, VALUES | st.just(...) | st.one_of(*(extra or {}).values()),
         min_size=1, max_size=3,
     )  # fmt: skip
 
