@@ -4,14 +4,18 @@ every block comes back."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
 import mer
 from mer.engine.sampling import SamplingParams
-from mer.engine.scheduler import Request, Scheduler
+from mer.engine.scheduler import Output, Request, Scheduler, SchedulerDown
 from mer.errors import BudgetError, ConfigError
-from mer.models.paged_kv import KVPool
+from mer.models.paged_kv import KVPool, available_memory
+from mer.units import fmt_bytes
 
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -168,3 +172,163 @@ def test_cancelled_requests_free_their_blocks_in_the_engine_thread(model):
         assert s.n_running == 0 and s.pool.used_blocks == 0
     finally:
         s.close()
+
+
+# ---- failure isolation and liveness: one request's fault never stops the others ----
+
+
+def finals(request: Request, timeout: float = 60) -> tuple[list[int], Output]:
+    """A queued request's token ids and final output; fails instead of hanging."""
+    ids = []
+    while True:
+        out = request.outputs.get(timeout=timeout)
+        ids += out.token_ids
+        if out.finish_reason is not None:
+            return ids, out
+
+
+def test_a_failing_output_callback_fails_only_its_own_request(model):
+    tok = model.tokenizer
+    expected = model.generate(PROMPTS[1], max_tokens=12).token_ids
+    calls = []
+
+    def broken(out: Output) -> None:
+        calls.append(out)
+        raise RuntimeError("the client's socket broke")
+
+    s = Scheduler(model.transformer, tok, kv_budget=8 << 20).start()
+    try:
+        params = model.sampling_params(max_tokens=12)
+        bad = s.submit(Request(tok.encode(PROMPTS[0]), params, on_output=broken))
+        good = s.submit(Request(tok.encode(PROMPTS[1]), params))
+        assert finals(good)[0] == expected
+        deadline = time.monotonic() + 30
+        while s.n_running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The broken request was finished as an error (its final output was attempted too).
+        assert calls[-1].finish_reason == "error" and "socket broke" in calls[-1].error
+        assert bad.outputs.empty() and s.pool.used_blocks == 0 and s.health() is None
+        later = s.submit(Request(tok.encode(PROMPTS[1]), params))
+        assert finals(later)[0] == expected
+    finally:
+        s.close()
+
+
+def test_nan_logits_fail_that_request_and_the_batch_goes_on(model):
+    tok = model.tokenizer
+    expected = model.generate(PROMPTS[1], max_tokens=12).token_ids
+    poison = model.config.vocab_size - 1  # a token no prompt here uses or produces
+    assert poison not in tok.encode(PROMPTS[1]) + expected
+    embed = model.transformer.w["embed"]
+    saved = embed[poison].clone()
+    s = Scheduler(model.transformer, tok, kv_budget=8 << 20).start()
+    try:
+        embed[poison] = float("nan")  # the model itself now yields NaN logits for it
+        for temperature in (0.0, 0.8):
+            params = model.sampling_params(max_tokens=12, temperature=temperature, seed=1)
+            bad = s.submit(Request([*tok.encode(PROMPTS[0]), poison], params))
+            good = s.submit(Request(tok.encode(PROMPTS[1]), model.sampling_params(max_tokens=12)))
+            ids, last = finals(bad)
+            assert last.finish_reason == "error" and "NaN" in last.error and ids == []
+            assert finals(good)[0] == expected
+        assert s.health() is None and s.pool.used_blocks == 0 and s.stats.failed == 2
+    finally:
+        embed[poison] = saved
+        s.close()
+
+
+def test_an_exception_escaping_a_step_fails_that_steps_requests_only(model):
+    tok = model.tokenizer
+    expected = model.generate(PROMPTS[1], max_tokens=6).token_ids
+    s = Scheduler(model.transformer, tok, kv_budget=8 << 20)
+    real_step, calls = s.step, []
+
+    def step_that_breaks_once() -> bool:  # a bug in the step outside its guarded phases
+        calls.append(1)
+        if len(calls) == 2:
+            raise IndexError("a scheduler bug")
+        return real_step()
+
+    s.step = step_that_breaks_once
+    s.start()
+    try:
+        first = s.submit(Request(tok.encode(PROMPTS[0]), model.sampling_params(max_tokens=6)))
+        ids, last = finals(first)
+        assert last.finish_reason == "error" and "IndexError: a scheduler bug" in last.error
+        again = s.submit(Request(tok.encode(PROMPTS[1]), model.sampling_params(max_tokens=6)))
+        assert finals(again)[0] == expected and s.health() is None
+        assert s.pool.used_blocks == 0
+    finally:
+        s.close()
+
+
+class _Crash(BaseException):
+    """What `except Exception` cannot catch: the engine thread really dies."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_engine_thread_fails_every_request_and_reports_why(model):
+    tok = model.tokenizer
+    s = Scheduler(model.transformer, tok, kv_budget=8 << 20)
+    gate = threading.Event()
+
+    def dying_step() -> bool:
+        gate.wait(30)
+        raise _Crash("engine bug")
+
+    s.step = dying_step
+    s.start()
+    try:
+        params = model.sampling_params(max_tokens=4)
+        held = [s.submit(Request(tok.encode(p), params)) for p in PROMPTS[:3]]
+        gate.set()
+        for r in held:
+            _, last = finals(r, timeout=30)
+            assert last.finish_reason == "error" and "died: _Crash" in last.error
+        assert s.stopped.wait(30) and "died" in s.health()
+        with pytest.raises(SchedulerDown, match="stopped"):
+            s.submit(Request(tok.encode(PROMPTS[0]), params))
+    finally:
+        s.close()
+
+
+def test_a_step_running_past_the_limit_makes_the_scheduler_unhealthy(model):
+    tok = model.tokenizer
+    s = Scheduler(model.transformer, tok, kv_budget=8 << 20, stuck_after=0.3)
+    real_step, release = s.step, threading.Event()
+
+    def slow_step() -> bool:
+        release.wait(30)
+        return real_step()
+
+    s.step = slow_step
+    s.start()
+    try:
+        assert s.health() is None  # idle is healthy, however long
+        r = s.submit(Request(tok.encode(PROMPTS[0]), model.sampling_params(max_tokens=3)))
+        time.sleep(0.6)
+        reason = s.health()
+        assert reason is not None and "stuck" in reason and "limit 0.3 s" in reason
+        release.set()
+        assert finals(r)[1].finish_reason in ("stop", "length")
+        assert s.health() is None
+    finally:
+        release.set()
+        s.close()
+
+
+def test_a_kv_budget_beyond_the_machines_memory_is_refused_before_allocating(model, tmp_path):
+    available, source = available_memory()
+    assert available > 0 and source == "MemAvailable in /proc/meminfo"
+    too_much = 2 * available
+    with pytest.raises(BudgetError) as caught:
+        KVPool(model.config, too_much, torch.bfloat16)
+    message = str(caught.value)
+    assert fmt_bytes(too_much) in message and fmt_bytes(available) in message
+    assert "MemAvailable" in message and "\n" not in message
+    # Where /proc/meminfo lacks the field or is absent, physical memory bounds the pool.
+    old_kernel = tmp_path / "meminfo"
+    old_kernel.write_text("MemTotal:  1000 kB\nMemFree:  500 kB\n")
+    for path in (old_kernel, tmp_path / "absent"):
+        total, source = available_memory(path)
+        assert source == "physical memory" and total >= available

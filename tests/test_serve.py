@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
+import mer
+from mer.errors import MerError
+from mer.serve.app import Server, ServerSettings, serve
 from mer.serve.local import LocalServer
 
 openai = pytest.importorskip("openai")
@@ -46,6 +52,39 @@ def metrics(port: int) -> dict[str, float]:
 def server(trained_store):
     with start_server(trained_store) as local:
         yield local.port
+
+
+WELL_FORMED = {"model": MODEL, "prompt": "def fibonacci(n):\n", "max_tokens": 8, "temperature": 0}
+
+
+def completion_text(port: int, body: dict | bytes) -> str:
+    status, payload = request(port, "POST", "/v1/completions", body)
+    assert status == 200, payload
+    return json.loads(payload)["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def reference(server) -> str:
+    """What the well-formed request answers on a fresh server."""
+    return completion_text(server, WELL_FORMED)
+
+
+@pytest.fixture(autouse=True)
+def _still_serving(request):
+    """After every test on the shared server, the next well-formed request gets the right
+    answer and /health says ok: no test may leave the server broken."""
+    shared = "server" in request.fixturenames
+    if shared:
+        port, want = request.getfixturevalue("server"), request.getfixturevalue("reference")
+    yield
+    if shared:
+        assert completion_text(port, WELL_FORMED) == want
+        assert request_health(port) == (200, {"status": "ok"})
+
+
+def request_health(port: int) -> tuple[int, dict]:
+    status, payload = request(port, "GET", "/health")
+    return status, json.loads(payload)
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +323,7 @@ def test_bench_serve_compares_batching_with_one_at_a_time(trained_store, capsys)
     [
         (["--kv-budget", "1KiB"], "KV budget of 1024 bytes holds 0 blocks"),
         (["--kv-budget", "lots"], "--kv-budget: not a size"),
+        (["--kv-budget", "64TiB"], "KV budget of 64.0 TiB needs a pool of"),
         (["--max-request-bytes", "big"], "--max-request-bytes: not a size"),
     ],
 )
@@ -293,3 +333,209 @@ def test_serve_rejects_bad_budgets_in_one_line(trained_store, capsys, option, me
     assert main(["serve", "--store", str(trained_store), *option]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+# ---- issue 19: one request must never stop the others ----
+
+
+def test_extreme_sampling_values_neither_stop_generation_nor_hang(server, reference):
+    # Before: each of these killed the engine thread, and every later request hung.
+    greedy = {**WELL_FORMED, "temperature": 1e-40}
+    assert completion_text(server, greedy) == reference  # a tiny temperature is greedy
+    tiny_top_p = {**WELL_FORMED, "temperature": 1.0, "top_p": 1e-300, "seed": 3}
+    assert completion_text(server, tiny_top_p) == reference  # keeps the top token only
+    assert completion_text(server, {**WELL_FORMED, "temperature": 2.0, "seed": 1})
+    for field in ("temperature", "top_p"):
+        for constant in ("NaN", "Infinity", "-Infinity", "1e999"):
+            raw = json.dumps(WELL_FORMED)[:-1] + f', "{field}": {constant}}}'
+            status, payload = request(server, "POST", "/v1/completions", raw.encode())
+            assert status == 400, (field, constant, payload)
+            assert json.loads(payload)["error"]["type"] == "invalid_request_error"
+    status, payload = request(server, "POST", "/v1/completions", {**WELL_FORMED, "top_p": 0})
+    assert status == 400 and json.loads(payload)["error"]["param"] == "top_p"
+
+
+def test_a_lone_surrogate_or_non_utf8_body_is_an_openai_400(server):
+    cases = [
+        ("/v1/completions", {**WELL_FORMED, "prompt": "x\ud800y"}, "prompt"),
+        ("/v1/completions", {**WELL_FORMED, "stop": ["\udfff"]}, "stop[0]"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}]},
+            "messages[0].content",
+        ),
+        ("/v1/completions", {**WELL_FORMED, "user\ud800": 1}, "user\\ud800"),
+        ("/v1/completions", {**WELL_FORMED, "logit_bias": {"\udc00": 1}}, "logit_bias.\\udc00"),
+    ]
+    for path, body, param in cases:
+        status, payload = request(server, "POST", path, body)  # json.dumps escapes it: \ud800
+        assert status == 400, payload
+        error = json.loads(payload)["error"]
+        assert error["param"] == param and "surrogate" in error["message"]
+    for raw in (b'{"model": "stdlib", "prompt": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000):
+        status, payload = request(server, "POST", "/v1/completions", raw)
+        assert status == 400 and "not valid JSON" in json.loads(payload)["error"]["message"]
+
+
+def test_the_same_sampling_rule_as_the_cli_and_api(server):
+    for body, param in [
+        ({**WELL_FORMED, "temperature": 2.5}, "temperature"),
+        ({**WELL_FORMED, "temperature": 10**400}, "temperature"),
+        ({**WELL_FORMED, "max_tokens": 10**400}, "max_tokens"),
+        ({**WELL_FORMED, "top_k": -1}, "top_k"),
+        ({**WELL_FORMED, "top_k": 2.5}, "top_k"),
+    ]:
+        status, payload = request(server, "POST", "/v1/completions", body)
+        assert status == 400, payload
+        assert json.loads(payload)["error"]["param"] == param
+
+
+# ---- liveness: a dead or stuck engine is visible, and a dead one stops the server ----
+
+
+class _Crash(BaseException):
+    """What `except Exception` cannot catch: the engine thread really dies."""
+
+
+def engine(trained_store, **options):
+    """An in-process model and scheduler whose `step` a test can slow down or break."""
+    model = mer.open(trained_store, ram_budget="1MiB")
+    return model, model.scheduler("16MiB", **options)
+
+
+@contextmanager
+def http_app(model, scheduler):
+    """The server's app on real HTTP (uvicorn on a free port), without serve()'s exit on
+    a dead engine, so that what it answers then can be seen."""
+    import uvicorn
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    app = Server(model, scheduler, ServerSettings(MODEL)).app()
+    http = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not http.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield sock.getsockname()[1]
+    finally:
+        http.should_exit = True
+        thread.join(30)
+        sock.close()
+        scheduler.close()
+        model.close()
+
+
+def test_a_stuck_scheduler_is_unhealthy_and_turns_new_work_away(trained_store):
+    model, scheduler = engine(trained_store, stuck_after=0.5)
+    real_step, release = scheduler.step, threading.Event()
+
+    def slow_step() -> bool:
+        release.wait(60)
+        return real_step()
+
+    scheduler.step = slow_step
+    scheduler.start()
+    with http_app(model, scheduler) as port, ThreadPoolExecutor(1) as pool:
+        try:
+            assert request_health(port) == (200, {"status": "ok"})
+            first = pool.submit(completion_text, port, WELL_FORMED)
+            time.sleep(1.0)
+            status, body = request_health(port)
+            assert status == 503 and body["status"] == "unhealthy"
+            assert "stuck" in body["reason"] and "limit 0.5 s" in body["reason"]
+            assert metrics(port)["mer_scheduler_healthy"] == 0
+            status, payload = request(port, "POST", "/v1/completions", WELL_FORMED)
+            assert status == 503 and "stuck" in json.loads(payload)["error"]["message"]
+        finally:
+            release.set()
+        assert first.result(60)  # the slow step finished: its request completed
+        assert request_health(port) == (200, {"status": "ok"})
+        assert metrics(port)["mer_scheduler_healthy"] == 1
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_scheduler_is_unhealthy_and_refuses_requests(trained_store):
+    model, scheduler = engine(trained_store)
+
+    def dying_step() -> bool:
+        raise _Crash("engine bug")
+
+    scheduler.step = dying_step
+    scheduler.start()
+    with http_app(model, scheduler) as port:
+        status, payload = request(port, "POST", "/v1/completions", WELL_FORMED)
+        assert status == 500 and "died: _Crash" in json.loads(payload)["error"]["message"]
+        assert scheduler.stopped.wait(30)
+        status, body = request_health(port)
+        assert status == 503 and "scheduler thread died: _Crash" in body["reason"]
+        m = metrics(port)
+        assert m["mer_scheduler_healthy"] == 0 and m["mer_requests_failed_total"] == 1
+        status, payload = request(port, "POST", "/v1/completions", WELL_FORMED)
+        error = json.loads(payload)["error"]
+        assert status == 503 and error["type"] == "server_error" and "died" in error["message"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_serve_fails_waiting_clients_and_exits_with_an_error_when_the_engine_dies(
+    trained_store,
+):
+    model, scheduler = engine(trained_store)
+    gate = threading.Event()
+
+    def dying_step() -> bool:
+        gate.wait(60)
+        raise _Crash("engine bug")
+
+    scheduler.step = dying_step
+    scheduler.start()
+    urls: queue.Queue[str] = queue.Queue()
+    outcome: dict[str, str] = {}
+
+    def run() -> None:
+        try:
+            serve(model, scheduler, ServerSettings(MODEL), "127.0.0.1", 0, announce=urls.put)
+        except MerError as e:
+            outcome["error"] = str(e)
+
+    server_thread = threading.Thread(target=run)
+    server_thread.start()
+    try:
+        port = int(urls.get(timeout=60).split(":")[2].split("/")[0])
+        streamed = {**WELL_FORMED, "stream": True}
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [
+                pool.submit(request, port, "POST", "/v1/completions", body)
+                for body in (WELL_FORMED, streamed)
+            ]
+            deadline = time.monotonic() + 30
+            while scheduler.stats.requests < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            (status, payload), (stream_status, events) = [w.result(60) for w in waiting]
+        assert status == 500 and "died" in json.loads(payload)["error"]["message"]
+        assert stream_status == 200 and b'"server_error"' in events and b"died" in events
+    finally:
+        gate.set()
+        server_thread.join(60)
+    assert not server_thread.is_alive()
+    assert outcome["error"].startswith("the scheduler thread died (_Crash)")
+
+
+def test_an_unexpected_exception_in_a_request_is_an_openai_shaped_500(trained_store):
+    model, scheduler = engine(trained_store)
+    scheduler.start()
+
+    def broken_template(messages):  # a bug on the request path, outside the engine
+        raise RuntimeError("template bug")
+
+    model.chat_prompt = broken_template
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with http_app(model, scheduler) as port:
+        status, payload = request(port, "POST", "/v1/chat/completions", chat)
+        error = json.loads(payload)["error"]
+        assert status == 500 and error["type"] == "server_error"
+        assert error["message"] == "internal error: RuntimeError: template bug"
+        assert completion_text(port, WELL_FORMED)  # the server goes on
+        assert request_health(port) == (200, {"status": "ok"})

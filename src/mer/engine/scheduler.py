@@ -24,11 +24,21 @@ and every sequence decodes plainly.
 
 The scheduler runs in one engine thread; `submit` and `cancel` may be called
 from any thread, and each request's outputs go to its callback (or a queue).
+
+Failures stay with the requests they touch: an exception while admitting,
+running (forward or speculative round), sampling, detokenising or delivering a
+request's output finishes that request (or, in the forward, that step's batch)
+with finish_reason "error" and a message, and the loop goes on. Should the
+engine thread die anyway (a bug), every request it held or is given later gets
+an error at once, `stopped` is set and `health()` says why. `health()` also
+reports a stuck engine: one step running longer than `stuck_after` seconds
+(default 300 s, far above a step of any model we serve, cold SSD included).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -45,6 +55,8 @@ from mer.errors import BudgetError, ConfigError, MerError
 from mer.models.paged_kv import KVPool, PagedSequence
 from mer.models.transformer import MoETransformer
 from mer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,6 +115,7 @@ class _Sequence:
         self.cached_tokens = 0
         self.drafter = None  # made on the first speculative round
         self.spec_control: AdaptiveK | None = None
+        self.finished = False
 
     @property
     def context(self) -> list[int]:
@@ -114,6 +127,7 @@ class _Sequence:
 class SchedulerStats:
     requests: int = 0
     finished: int = 0
+    failed: int = 0  # finished with finish_reason "error"
     steps: int = 0
     batch_tokens: int = 0
     prompt_tokens: int = 0
@@ -142,10 +156,14 @@ class Scheduler:
         max_running: int = 32,
         block_size: int = 16,
         speculation: dict | None = None,
+        stuck_after: float = 300.0,
     ) -> None:
-        """`speculation`: {"draft": "self" or a smaller MoETransformer, "k": initial k}."""
+        """`speculation`: {"draft": "self" or a smaller MoETransformer, "k": initial k}.
+        `stuck_after`: seconds one step may run before `health()` calls the engine stuck."""
         if max_batch_tokens < 1 or max_running < 1:
             raise ConfigError("max_batch_tokens and max_running must be at least 1")
+        if not stuck_after > 0:
+            raise ConfigError(f"stuck_after must be positive, got {stuck_after}")
         self.model, self.tokenizer = transformer, tokenizer
         self.pool = KVPool(transformer.config, kv_budget, transformer.dtype, block_size)
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
@@ -159,6 +177,10 @@ class Scheduler:
         self._stopping = False
         self._spans: list[slice] = []
         self.speculation = speculation
+        self.stuck_after = stuck_after
+        self.stopped = threading.Event()  # set when the engine thread ends, for any reason
+        self.died: str | None = None  # why the engine thread died, if it did
+        self._step_started: float | None = None  # time.monotonic() of the running step
         transformer.routing_hooks.append(self._count_dedup)
 
     # ---- any thread ----
@@ -180,13 +202,15 @@ class Scheduler:
                 f"budget holds {self.pool.n_blocks} ({self.pool.block_size} tokens each)"
             )
         with self._wake:
+            if self.died is not None:
+                raise SchedulerDown(f"the scheduler has stopped: {self.died}")
             self._incoming.append(_Sequence(request, self.tokenizer))
             self.stats.requests += 1
             self._wake.notify()
         return request
 
     def start(self) -> Scheduler:
-        self._thread = threading.Thread(target=self._loop, name="mer-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="mer-scheduler", daemon=True)
         self._thread.start()
         return self
 
@@ -199,6 +223,22 @@ class Scheduler:
         if self._count_dedup in self.model.routing_hooks:
             self.model.routing_hooks.remove(self._count_dedup)
 
+    def health(self) -> str | None:
+        """None while the engine thread runs and no step has taken over `stuck_after`
+        seconds; otherwise why the engine is not healthy (one line)."""
+        if self.died is not None:
+            return f"the scheduler thread died: {self.died}"
+        if self._thread is None or not self._thread.is_alive():
+            return "the scheduler thread is not running"
+        started = self._step_started
+        if started is not None and (busy := time.monotonic() - started) > self.stuck_after:
+            return (
+                f"the scheduler is stuck: one step has run for {busy:.0f} s (limit "
+                f"{self.stuck_after:g} s) with {self.n_running} running and "
+                f"{self.n_waiting} waiting"
+            )
+        return None
+
     @property
     def n_running(self) -> int:
         return len(self.running)
@@ -209,6 +249,23 @@ class Scheduler:
 
     # ---- engine thread ----
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug: nothing may wait forever on a dead engine
+            with self._wake:
+                self.died = _message(e) if isinstance(e, Exception) else type(e).__name__
+                held = [*self.running, *self.waiting, *self._incoming]
+                self._incoming.clear()
+            for seq in held:
+                try:
+                    self._finish(seq, "error", f"the scheduler thread died: {self.died}")
+                except Exception:  # its KV state may be what broke: tell the others anyway
+                    log.exception("request %d: could not be failed cleanly", seq.request.id)
+            raise
+        finally:
+            self.stopped.set()
+
     def _loop(self) -> None:
         while True:
             with self._wake:
@@ -216,7 +273,16 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
-            self.step()
+            self._step_started = time.monotonic()
+            try:
+                self.step()
+            except Exception as e:  # outside the guarded phases: fail the step's requests
+                log.exception("scheduler step failed")
+                # Nothing running: admission failed, so the queue's head is the culprit.
+                for seq in list(self.running) or list(self.waiting)[:1]:
+                    self._finish(seq, "error", _message(e))
+            finally:
+                self._step_started = None
         for seq in [*self.running, *self.waiting, *self._incoming]:
             self._finish(seq, "cancelled")
 
@@ -250,7 +316,10 @@ class Scheduler:
         for (seq, chunk), row in zip(batch, logits, strict=True):
             del seq.pending[: len(chunk)]
             if not seq.pending:
-                self._sample(seq, row)
+                try:
+                    self._sample(seq, row)
+                except Exception as e:  # NaN logits, a decoding or callback error: this one
+                    self._finish(seq, "error", _message(e))
         dt = time.perf_counter() - t0
         self.stats.busy_seconds += dt
         if len(batch) == 1 and batch[0][0].spec_control is not None:
@@ -273,12 +342,12 @@ class Scheduler:
         if not control.speculate() or k < 1 or not seq.kv.reserve_room(k + 1):
             return False
         t0 = time.perf_counter()
-        if seq.drafter is None:
-            draft = self.speculation["draft"]
-            seq.drafter = SelfDrafter(self.model) if draft == "self" else ModelDrafter(draft)
-            capacity = len(seq.request.prompt) + seq.params.max_tokens + control.k_max + 1
-            seq.drafter.start(min(capacity, self.context))
         try:
+            if seq.drafter is None:
+                draft = self.speculation["draft"]
+                seq.drafter = SelfDrafter(self.model) if draft == "self" else ModelDrafter(draft)
+                capacity = len(seq.request.prompt) + seq.params.max_tokens + control.k_max + 1
+                seq.drafter.start(min(capacity, self.context))
             tokens, *_ = speculative_round(
                 self.model,
                 seq.drafter,
@@ -301,16 +370,23 @@ class Scheduler:
         self.stats.spec_accepted += len(tokens) - 1
         self.stats.busy_seconds += dt
         seq.pending = []
-        for token in tokens:
-            if not self._emit_token(seq, token):
-                break
+        try:
+            for token in tokens:
+                if not self._emit_token(seq, token):
+                    break
+        except Exception as e:
+            self._finish(seq, "error", _message(e))
         return True
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
             context = seq.context
-            kv = self.pool.sequence(context)
+            try:
+                kv = self.pool.sequence(context)
+            except Exception as e:  # a request admission cannot place fails alone
+                self._finish(seq, "error", _message(e))
+                continue
             # Room for the whole prompt now, plus a block of headroom per running sequence
             # so that admitting does not immediately force a preemption.
             need = self.pool.blocks_for(len(context)) - len(kv.blocks) + len(self.running)
@@ -383,27 +459,41 @@ class Scheduler:
         new_text: str = "",
         new_ids: list[int] | None = None,
     ) -> None:
+        """Release the sequence and send its final output, once; never raises for the
+        request's own faults (a decoder or callback error), so one request cannot take
+        the engine down with it."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if seq.kv is not None:
-            seq.kv.free()
-            seq.kv = None
+        if seq.finished:
+            return
+        seq.finished = True
+        kv, seq.kv = seq.kv, None
+        if kv is not None:
+            kv.free()
         if seq.text is not None and reason == "length":
-            new_text += seq.text.finish()
+            try:
+                new_text += seq.text.finish()
+            except Exception as e:
+                reason, error = "error", _message(e)
         self.stats.finished += 1
-        seq.request.emit(
-            Output(
-                new_text,
-                new_ids or [],
-                finish_reason=reason,
-                error=error,
-                prompt_tokens=len(seq.request.prompt),
-                cached_tokens=seq.cached_tokens,
-                completion_tokens=len(seq.generated),
-            )
+        self.stats.failed += reason == "error"
+        out = Output(
+            new_text,
+            new_ids or [],
+            finish_reason=reason,
+            error=error,
+            prompt_tokens=len(seq.request.prompt),
+            cached_tokens=seq.cached_tokens,
+            completion_tokens=len(seq.generated),
         )
+        try:
+            seq.request.emit(out)
+        except Exception:
+            log.exception(
+                "request %d: its output callback failed on the final output", seq.request.id
+            )
 
     def _count_dedup(
         self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
@@ -412,6 +502,10 @@ class Scheduler:
             return  # a forward that is not a batch step (speculation, single-stream generation)
         self.stats.expert_demand += sum(len(ids[s].unique()) for s in self._spans)
         self.stats.expert_acquired += len(ids.unique())
+
+
+class SchedulerDown(MerError):
+    """The engine thread has died; no request can run until the process restarts."""
 
 
 def _message(e: Exception) -> str:

@@ -9,11 +9,17 @@ prompt starts with registered blocks takes them instead of computing them; a
 finished sequence's registered blocks stay cached, evicted least recently used
 first when a fresh block is needed. Shared blocks are always full, so no
 sequence ever writes into a block another one reads.
+
+The pool is checked against the memory the machine has (`available_memory`)
+before it is allocated: a budget that cannot fit is a one-line BudgetError,
+not an allocation failure or the OOM killer.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +27,7 @@ import xxhash
 
 from mer.config import ModelConfig
 from mer.errors import BudgetError
+from mer.units import fmt_bytes
 
 
 class KVPool:
@@ -37,6 +44,13 @@ class KVPool:
             raise BudgetError(
                 f"KV budget of {budget_bytes} bytes holds {self.n_blocks} blocks of "
                 f"{self.block_bytes} bytes ({block_size} tokens); need at least 2"
+            )
+        pool_bytes = self.n_blocks * self.block_bytes
+        available, source = available_memory()
+        if available is not None and pool_bytes > available:
+            raise BudgetError(
+                f"KV budget of {fmt_bytes(budget_bytes)} needs a pool of {fmt_bytes(pool_bytes)}"
+                f", more than the {fmt_bytes(available)} of memory available ({source})"
             )
         shape = (
             config.num_hidden_layers,
@@ -124,6 +138,23 @@ class KVPool:
         digest = self.digest_of.pop(block, None)
         if digest is not None and self.by_digest.get(digest) == block:
             del self.by_digest[digest]
+
+
+def available_memory(meminfo: str | Path = "/proc/meminfo") -> tuple[int | None, str]:
+    """Bytes the machine can give a new allocation, and where that figure came from:
+    MemAvailable from /proc/meminfo (Linux), else the physical memory (an upper bound),
+    else (None, why) where neither can be read."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, f"MemAvailable in {meminfo}"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None, "unknown"
+    return (total, "physical memory") if total > 0 else (None, "unknown")
 
 
 class PagedSequence:

@@ -5,6 +5,14 @@ continuous-batching scheduler, whose engine thread runs every forward pass;
 its outputs come back to the request's coroutine through an asyncio queue.
 A client that goes away cancels its request, which frees its sequence and KV
 blocks at the next step.
+
+Liveness: `/health` answers 503 with the reason while the scheduler is dead or
+stuck (`Scheduler.health`), and generation requests get a 503 then. Should the
+engine thread die, every waiting client gets an error and `serve` stops the
+server and raises, so `mer serve` exits 1 and a supervisor can restart it (a
+fresh process rather than a restarted thread: the state a bug left is not
+trusted). Anything unexpected in a request is an OpenAI-shaped 500, never a
+plain-text one.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import asyncio
 import hmac
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +32,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from mer.api import Model
-from mer.engine.scheduler import Output, Scheduler
+from mer.engine.sampling import InvalidSamplingParam
+from mer.engine.scheduler import Output, Scheduler, SchedulerDown
 from mer.engine.scheduler import Request as EngineRequest
 from mer.errors import BudgetError, ConfigError, MerError
 from mer.serve import protocol
@@ -54,14 +64,14 @@ class Server:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
-        app = Starlette(
-            routes=routes, exception_handlers={404: self.not_found, 405: self.bad_method}
-        )
-        return app
+        handlers = {404: self.not_found, 405: self.bad_method, Exception: self.internal_error}
+        return Starlette(routes=routes, exception_handlers=handlers)
 
     # ---- plain endpoints ----
 
     async def health(self, request: Request) -> Response:
+        if (reason := self.scheduler.health()) is not None:
+            return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:
@@ -97,6 +107,11 @@ class Server:
     async def bad_method(self, request: Request, exc) -> Response:
         return self._error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
 
+    async def internal_error(self, request: Request, exc: Exception) -> Response:
+        """A bug: still an OpenAI-shaped answer, and the server goes on."""
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        return self._error(ApiError(500, message, type="server_error"))
+
     # ---- generation ----
 
     async def chat(self, request: Request) -> Response:
@@ -113,6 +128,8 @@ class Server:
             if req.model != self.settings.model_name:
                 raise self._unknown_model(req.model)
             prompt = self._prompt_ids(req)
+            if (reason := self.scheduler.health()) is not None:
+                raise ApiError(503, reason, type="server_error")
             if self.scheduler.n_running + self.scheduler.n_waiting >= self.settings.max_concurrent:
                 raise ApiError(
                     429,
@@ -161,6 +178,8 @@ class Server:
                 top_k=req.top_k,
                 seed=req.seed,
             )
+        except InvalidSamplingParam as e:
+            raise ApiError(400, str(e), param=e.param) from None
         except ConfigError as e:
             raise ApiError(400, str(e)) from None
         loop = asyncio.get_running_loop()
@@ -179,6 +198,8 @@ class Server:
             raise ApiError(
                 400, str(e), param="max_tokens", code="context_length_exceeded"
             ) from None
+        except SchedulerDown as e:
+            raise ApiError(503, str(e), type="server_error") from None
         return engine_req, outputs
 
     async def _complete(self, request, rid, req, chat, engine_req, outputs) -> Response:
@@ -333,8 +354,15 @@ def serve(
         bound = sock.getsockname()[1]
         announce(f"http://{host}:{bound}/v1")
         config = uvicorn.Config(server.app(), log_level="warning", access_log=False)
+        http = uvicorn.Server(config)
+
+        def stop_when_the_engine_stops() -> None:
+            scheduler.stopped.wait()
+            http.should_exit = True  # in-flight requests, already failed, still get answers
+
+        threading.Thread(target=stop_when_the_engine_stops, daemon=True).start()
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            http.run(sockets=[sock])
         except (OSError, SystemExit) as e:
             raise MerError(f"cannot serve on {host}:{bound}: {e}") from None
         finally:
@@ -342,3 +370,5 @@ def serve(
     finally:
         scheduler.close()
         model.close()
+    if scheduler.died is not None:
+        raise MerError(f"the scheduler thread died ({scheduler.died}); the server stopped")

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 def render_metrics(model, scheduler, http_errors: int) -> str:
     s, pool, c = scheduler.stats, scheduler.pool, model.cache.stats
+    healthy = int(scheduler.health() is None)
     rows = [
         ("requests_total", "counter", "requests accepted", s.requests),
         ("requests_finished_total", "counter", "requests finished or cancelled", s.finished),
+        ("requests_failed_total", "counter", "requests that ended in an error", s.failed),
+        ("scheduler_healthy", "gauge", "1 while the engine runs and is not stuck", healthy),
         ("requests_running", "gauge", "sequences in the running batch", scheduler.n_running),
         ("requests_waiting", "gauge", "requests queued for admission", scheduler.n_waiting),
         ("http_errors_total", "counter", "requests answered with an error", http_errors),

@@ -3,12 +3,16 @@
 Validation is strict about what would change the answer (types, ranges,
 unsupported features such as n > 1 or tools) and lenient about fields that do
 not (user, logit_bias absent, ...), as OpenAI clients send many of those.
-Every failure is an `ApiError` that renders in OpenAI's error shape.
+Every failure is an `ApiError` that renders in OpenAI's error shape. The body
+must be strict JSON (no NaN or Infinity) whose strings are valid Unicode (no
+lone surrogates, which JSON's escapes can spell but no tokenizer can encode).
+Sampling ranges are not checked here: `SamplingParams` holds the one rule.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -64,12 +68,44 @@ class GenerationRequest:
 
 def parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
         raise ApiError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
+    if (where := _lone_surrogate(body)) is not None:
+        raise ApiError(
+            400, f"{where} contains a lone surrogate: not valid Unicode", param=where or None
+        )
     return body
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _lone_surrogate(body: dict) -> str | None:
+    """The path of a string (key or value) that cannot be encoded as UTF-8, if any; the
+    path itself is printable (a bad key shows as its escape, e.g. \\ud800)."""
+    stack: list[tuple[str, object]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return path or "request body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                key_text = key.encode("utf-8", "backslashreplace").decode()
+                where = f"{path}.{key_text}" if path else key_text
+                stack.append((where, key))
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 def parse_chat(body: dict) -> GenerationRequest:
@@ -78,7 +114,7 @@ def parse_chat(body: dict) -> GenerationRequest:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
     parsed = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             raise ApiError(
                 400,
                 f"messages[{i}] needs a role among {', '.join(sorted(ROLES))}",
@@ -139,13 +175,11 @@ def _common(body: dict, max_tokens_keys, default_max_tokens: int | None = None):
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     if body.get("temperature") is not None:
-        req.temperature = _number(body, "temperature", float, lo=0.0, hi=2.0)
+        req.temperature = _number(body, "temperature", float)
     if body.get("top_p") is not None:
-        req.top_p = _number(body, "top_p", float, lo=0.0, hi=1.0)
-        if req.top_p == 0:
-            raise ApiError(400, "'top_p' must be greater than 0", param="top_p")
+        req.top_p = _number(body, "top_p", float)
     if body.get("top_k") is not None:
-        req.top_k = _number(body, "top_k", int, lo=0)
+        req.top_k = _number(body, "top_k", int)
     if body.get("seed") is not None:
         req.seed = _number(body, "seed", int, lo=-(2**63), hi=2**64 - 1) % 2**63
     stop = body.get("stop")
@@ -171,18 +205,28 @@ def _common(body: dict, max_tokens_keys, default_max_tokens: int | None = None):
 
 
 def _number(body: dict, key: str, kind: type, lo=None, hi=None):
+    """body[key] as a finite `kind` (an integral float counts as an int), within [lo, hi]."""
     value = body[key]
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is int and ok and not float(value).is_integer():
+    if isinstance(value, bool) or not isinstance(value, int | float):
         ok = False
+    elif isinstance(value, float):
+        if not math.isfinite(value):  # 1e999 parses as inf
+            raise ApiError(400, f"'{key}' must be a finite number, got {value}", param=key)
+        ok = kind is float or value.is_integer()
+    else:
+        ok = True
     if not ok:
         raise ApiError(
             400, f"'{key}' must be {'an integer' if kind is int else 'a number'}", param=key
         )
+    if kind is float and isinstance(value, int) and abs(value) > 2**1000:
+        raise ApiError(400, f"'{key}' must be a finite number", param=key)  # float() overflows
     value = kind(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise ApiError(400, f"'{key}' must be {bounds}, got {value}", param=key)
+        big = isinstance(value, int) and abs(value) >= 10**30
+        shown = f"an integer of {len(str(abs(value)))} digits" if big else value
+        raise ApiError(400, f"'{key}' must be {bounds}, got {shown}", param=key)
     return value
 
 
