@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mer.bench.timing import median_seconds
-from mer.quant.expert import DenseLinear, ExpertFormat, ExpertWeights
+from mer.quant.expert import ExpertFormat, ExpertWeights
+from mer.quant.schemes.bf16 import DenseLinear
 from mer.synth.store import random_int4_extent
 from mer.units import fmt_bytes
 
