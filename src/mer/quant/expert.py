@@ -3,7 +3,7 @@
 An expert is gate (w1), up (w3) and down (w2), with optional biases. Gate and up
 are stored fused as one [2*ffn, hidden] matrix, gate rows first, so one kernel
 call computes both. How each of the two matrices is stored is its scheme's
-business (`quant/schemes/`: int4, int8, bf16); this module lays their
+business (`quant/schemes/`: int4, int8, bf16, mxfp4); this module lays their
 parts out kind by kind (every matrix's first part, then every matrix's second,
 ...), then the biases, each part 64-byte aligned, the extent padded to a
 multiple of 4096 bytes so an O_DIRECT read lands it in a slot whole. `view`

@@ -1,0 +1,115 @@
+/* y = x @ W.T for an MXFP4 weight W [N, K], read straight from its checkpoint bytes.
+ *
+ * W is `blocks` uint8 [N, K/32, 16] (byte j of a block holds element 2j in its low nibble and
+ * 2j+1 in its high one, each an E2M1 code) and `scales` uint8 [N, K/32] (E8M0: the block's
+ * weights are multiplied by 2^(scale - 127)). x arrives as float32 [T, K] with each 32-element
+ * block de-interleaved (its 16 even elements, then its 16 odd ones), so that the low and high
+ * nibbles of 16 bytes line up with two contiguous vectors of x. y is float32 [T, N].
+ *
+ * The AVX-512 path looks each nibble up in a 16-entry table held in one register
+ * (vpermps), scales it by the block's power of two (exact) and accumulates in float32,
+ * a tile of rows times a tile of tokens at a time so a weight is decoded once per tile
+ * of tokens and each x vector serves several rows. Without AVX-512 a portable loop
+ * computes the same sums. Rows are split across `threads` OpenMP threads (torch's own
+ * runtime, which is already loaded under the same soname).
+ */
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+/* 2^(s - 127) for each E8M0 byte s: ldexpf gets s == 0 (a subnormal) and 255 (inf) right,
+ * as transformers' ldexp does. */
+static void scale_table(float sc[256]) {
+    for (int s = 0; s < 256; s++) sc[s] = ldexpf(1.0f, s - 127);
+}
+
+#ifdef __AVX512F__
+#define RT 4 /* rows per tile */
+#define TT 4 /* tokens per tile */
+
+static inline void tile(const uint8_t *blocks, const uint8_t *scales, const float *x, float *y,
+                        const float *sc, int64_t n0, int rows, int64_t t0, int toks, int64_t N,
+                        int64_t K) {
+    const __m512 lut = _mm512_loadu_ps(FP4);
+    const int64_t nb = K / 32;
+    __m512 acc[RT][TT];
+    for (int r = 0; r < RT; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 xe[TT], xo[TT];
+        for (int t = 0; t < TT; t++) {
+            if (t < toks) {
+                xe[t] = _mm512_loadu_ps(x + (t0 + t) * K + b * 32);
+                xo[t] = _mm512_loadu_ps(x + (t0 + t) * K + b * 32 + 16);
+            }
+        }
+        for (int r = 0; r < RT; r++) {
+            if (r >= rows) break;
+            const int64_t n = n0 + r;
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + (n * nb + b) * 16)));
+            __m512 s = _mm512_set1_ps(sc[scales[n * nb + b]]);
+            __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(v, lut), s); /* vpermps reads 4 index bits */
+            __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), s);
+            for (int t = 0; t < TT; t++) {
+                if (t < toks) acc[r][t] = _mm512_fmadd_ps(lo, xe[t], _mm512_fmadd_ps(hi, xo[t], acc[r][t]));
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < toks; t++)
+            y[(t0 + t) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+int mxfp4_has_avx512(void) { return 1; }
+
+void mxfp4_linear(const uint8_t *blocks, const uint8_t *scales, const float *x, float *y,
+                  int64_t T, int64_t N, int64_t K, int threads) {
+    float sc[256];
+    scale_table(sc);
+    const int64_t ntiles = (N + RT - 1) / RT;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < ntiles; i++) {
+        const int64_t n0 = i * RT;
+        const int rows = N - n0 < RT ? (int)(N - n0) : RT;
+        for (int64_t t0 = 0; t0 < T; t0 += TT) {
+            const int toks = T - t0 < TT ? (int)(T - t0) : TT;
+            if (rows == RT && toks == TT) /* constant bounds: the compiler unrolls the full tile */
+                tile(blocks, scales, x, y, sc, n0, RT, t0, TT, N, K);
+            else
+                tile(blocks, scales, x, y, sc, n0, rows, t0, toks, N, K);
+        }
+    }
+}
+
+#else
+
+int mxfp4_has_avx512(void) { return 0; }
+
+void mxfp4_linear(const uint8_t *blocks, const uint8_t *scales, const float *x, float *y,
+                  int64_t T, int64_t N, int64_t K, int threads) {
+    float sc[256];
+    scale_table(sc);
+    const int64_t nb = K / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t t = 0; t < T; t++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *q = blocks + (n * nb + b) * 16;
+                const float *xb = x + t * K + b * 32;
+                float part = 0.0f;
+                for (int j = 0; j < 16; j++) part += FP4[q[j] & 15] * xb[j] + FP4[q[j] >> 4] * xb[16 + j];
+                acc += part * sc[scales[n * nb + b]];
+            }
+            y[t * N + n] = acc;
+        }
+    }
+}
+
+#endif
