@@ -126,6 +126,7 @@ def test_the_native_kernel_is_chosen_where_a_compiler_is():
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("no C compiler here: the torch path runs instead")
     assert mxfp4.native_kernel() is not None
+    assert mxfp4.kernel_description().startswith("C, ")
 
 
 def test_view_runs_the_ffn_with_biases_like_float_reference():
@@ -208,7 +209,7 @@ def test_bad_input_says_what_and_where():
 def test_without_a_compiler_the_torch_path_runs_and_says_so(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("MER_CACHE_DIR", "/nonexistent/cache")  # no earlier build to reuse
-    mxfp4.native_kernel.cache_clear()
+    mxfp4._native.cache_clear()
     try:
         with pytest.warns(UserWarning, match="slow torch path"):
             assert mxfp4.native_kernel() is None
@@ -218,4 +219,4 @@ def test_without_a_compiler_the_torch_path_runs_and_says_so(monkeypatch):
         ref = mxfp4.reference_matmul(x, lin)
         assert ((lin(x) - ref).abs().max() / ref.abs().max()) < 1e-5
     finally:
-        mxfp4.native_kernel.cache_clear()
+        mxfp4._native.cache_clear()

@@ -122,13 +122,14 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None
 
 
 @functools.cache
-def native_kernel() -> Kernel | None:
-    """The C kernel if it builds here and matches the reference on a probe, else None."""
+def _native() -> tuple[Kernel | None, str]:
+    """(the C kernel, what it is) if it builds here and matches the reference on a probe,
+    else (None, why not)."""
     try:
         lib = native.build(Path(__file__).with_name("mxfp4_kernel.c"))
     except native.BuildError as e:
-        warnings.warn(f"MXFP4 kernel unavailable ({e}): using the slow torch path", stacklevel=2)
-        return None
+        warnings.warn(f"MXFP4 kernel unavailable ({e}): using the slow torch path", stacklevel=3)
+        return None, f"torch (no C kernel: {e})"
     fn = lib.mxfp4_linear
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     fn.restype = None
@@ -141,10 +142,20 @@ def native_kernel() -> Kernel | None:
     if not _probe(run):
         warnings.warn(
             "MXFP4 kernel disagrees with the reference here: using the slow torch path",
-            stacklevel=2,
+            stacklevel=3,
         )
-        return None
-    return run
+        return None, "torch (the C kernel failed its probe)"
+    return run, "C, AVX-512" if lib.mxfp4_has_avx512() else "C, portable loop"
+
+
+def native_kernel() -> Kernel | None:
+    """The C kernel, or None where the torch path runs instead."""
+    return _native()[0]
+
+
+def kernel_description() -> str:
+    """Which path MXFP4 matmuls take on this machine, for benchmarks to print."""
+    return _native()[1]
 
 
 def _probe(run: Kernel) -> bool:
