@@ -13,7 +13,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from mer.cache.expert_cache import ExpertCache
 from mer.config import ModelConfig
-from mer.quant import mxfp4
+from mer.quant import mxfp4, native
 from mer.quant.expert import ExpertFormat
 from mer.store.reader import Store
 from mer.store.writer import StoreWriter
@@ -104,7 +104,7 @@ def test_store_keeps_checkpoint_blocks_bit_exact(tmp_path):
         cache.engine.close()
 
 
-@pytest.mark.parametrize("t", [1, 3, 4, 16, 37])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 6, 37])
 @pytest.mark.parametrize("n", [4, 23, 64])
 def test_kernel_matches_reference(t, n):
     gen = torch.Generator().manual_seed(t * 100 + n)
@@ -127,6 +127,14 @@ def test_the_native_kernel_is_chosen_where_a_compiler_is():
         pytest.skip("no C compiler here: the torch path runs instead")
     assert mxfp4.native_kernel() is not None
     assert mxfp4.kernel_description().startswith("C, ")
+
+
+def test_the_portable_c_loop_other_cpus_take_matches_too():
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler here")
+    lib = native.build(mxfp4.SOURCE, ("-mno-avx512f",))
+    assert lib.mxfp4_has_avx512() == 0
+    assert mxfp4.probe(mxfp4.wrap(lib))
 
 
 def test_view_runs_the_ffn_with_biases_like_float_reference():

@@ -29,6 +29,7 @@ import torch
 from mer.quant import native
 
 BLOCK = 32
+SOURCE = Path(__file__).with_name("mxfp4_kernel.c")
 _MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP4_VALUES = _MAGNITUDES + tuple(-m for m in _MAGNITUDES)  # E2M1 code -> value; bit 3 is the sign
 # Midpoints between consecutive magnitudes 0, 0.5, ... 6: round to nearest.
@@ -126,10 +127,22 @@ def _native() -> tuple[Kernel | None, str]:
     """(the C kernel, what it is) if it builds here and matches the reference on a probe,
     else (None, why not)."""
     try:
-        lib = native.build(Path(__file__).with_name("mxfp4_kernel.c"))
+        lib = native.build(SOURCE)
     except native.BuildError as e:
         warnings.warn(f"MXFP4 kernel unavailable ({e}): using the slow torch path", stacklevel=3)
         return None, f"torch (no C kernel: {e})"
+    run = wrap(lib)
+    if not probe(run):
+        warnings.warn(
+            "MXFP4 kernel disagrees with the reference here: using the slow torch path",
+            stacklevel=3,
+        )
+        return None, "torch (the C kernel failed its probe)"
+    return run, "C, AVX-512" if lib.mxfp4_has_avx512() else "C, portable loop"
+
+
+def wrap(lib: ctypes.CDLL) -> Kernel:
+    """The loaded library's `mxfp4_linear` as a function of tensors."""
     fn = lib.mxfp4_linear
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     fn.restype = None
@@ -139,13 +152,7 @@ def _native() -> tuple[Kernel | None, str]:
         fn(blocks.data_ptr(), scales.data_ptr(), xp.data_ptr(), y.data_ptr(),
            xp.shape[0], n, nb * BLOCK, torch.get_num_threads())  # fmt: skip
 
-    if not _probe(run):
-        warnings.warn(
-            "MXFP4 kernel disagrees with the reference here: using the slow torch path",
-            stacklevel=3,
-        )
-        return None, "torch (the C kernel failed its probe)"
-    return run, "C, AVX-512" if lib.mxfp4_has_avx512() else "C, portable loop"
+    return run
 
 
 def native_kernel() -> Kernel | None:
@@ -158,18 +165,23 @@ def kernel_description() -> str:
     return _native()[1]
 
 
-def _probe(run: Kernel) -> bool:
-    """Odd row and token counts (tile tails), every code and a spread of scales."""
+def probe(run: Kernel) -> bool:
+    """Every tile shape the kernel specializes (1, 2, 3 and 4 tokens, a partial row tile),
+    every code and a spread of scales, against the reference."""
     gen = torch.Generator().manual_seed(0)
-    n, k, t = 23, 96, 7
+    n, k = 23, 96
     blocks = torch.randint(0, 256, (n, k // BLOCK, 16), dtype=torch.uint8, generator=gen)
     scales = torch.randint(117, 137, (n, k // BLOCK), dtype=torch.uint8, generator=gen)
-    x = torch.randn(t, k, generator=gen)
-    xp = x.reshape(t, k // BLOCK, 16, 2).transpose(-1, -2).contiguous()
-    y = torch.empty(t, n)
-    run(blocks, scales, xp, y)
-    ref = x.double() @ dequantize(blocks, scales).double().t()
-    return bool(((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5)
+    w = dequantize(blocks, scales).double()
+    for t in (1, 2, 7):
+        x = torch.randn(t, k, generator=gen)
+        xp = x.reshape(t, k // BLOCK, 16, 2).transpose(-1, -2).contiguous()
+        y = torch.empty(t, n)
+        run(blocks, scales, xp, y)
+        ref = x.double() @ w.t()
+        if not ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5:
+            return False
+    return True
 
 
 def _torch_matmul(x: torch.Tensor, lin: Mxfp4Linear, rows: int = 256) -> torch.Tensor:

@@ -33,9 +33,9 @@ static void scale_table(float sc[256]) {
 #define RT 4 /* rows per tile */
 #define TT 4 /* tokens per tile */
 
-static inline void tile(const uint8_t *blocks, const uint8_t *scales, const float *x, float *y,
-                        const float *sc, int64_t n0, int rows, int64_t t0, int toks, int64_t N,
-                        int64_t K) {
+static inline __attribute__((always_inline)) void tile(
+    const uint8_t *blocks, const uint8_t *scales, const float *x, float *y, const float *sc,
+    int64_t n0, int rows, int64_t t0, int toks, int64_t N, int64_t K) {
     const __m512 lut = _mm512_loadu_ps(FP4);
     const int64_t nb = K / 32;
     __m512 acc[RT][TT];
@@ -52,12 +52,21 @@ static inline void tile(const uint8_t *blocks, const uint8_t *scales, const floa
         for (int r = 0; r < RT; r++) {
             if (r >= rows) break;
             const int64_t n = n0 + r;
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blocks + (n * nb + b) * 16)));
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)(blocks + (n * nb + b) * 16));
+            const __m512i v = _mm512_cvtepu8_epi32(bytes);
             __m512 s = _mm512_set1_ps(sc[scales[n * nb + b]]);
-            __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(v, lut), s); /* vpermps reads 4 index bits */
-            __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), s);
+            __m512 lo = _mm512_permutexvar_ps(v, lut); /* vpermps reads 4 index bits */
+            __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+            if (toks == 1) { /* one token: scale the block's dot product, not its weights */
+                __m512 p = _mm512_fmadd_ps(lo, xe[0], _mm512_mul_ps(hi, xo[0]));
+                acc[r][0] = _mm512_fmadd_ps(p, s, acc[r][0]);
+                continue;
+            }
+            lo = _mm512_mul_ps(lo, s); /* exact: s is a power of two */
+            hi = _mm512_mul_ps(hi, s);
             for (int t = 0; t < TT; t++) {
-                if (t < toks) acc[r][t] = _mm512_fmadd_ps(lo, xe[t], _mm512_fmadd_ps(hi, xo[t], acc[r][t]));
+                if (t < toks)
+                    acc[r][t] = _mm512_fmadd_ps(lo, xe[t], _mm512_fmadd_ps(hi, xo[t], acc[r][t]));
             }
         }
     }
@@ -79,10 +88,18 @@ void mxfp4_linear(const uint8_t *blocks, const uint8_t *scales, const float *x, 
         const int rows = N - n0 < RT ? (int)(N - n0) : RT;
         for (int64_t t0 = 0; t0 < T; t0 += TT) {
             const int toks = T - t0 < TT ? (int)(T - t0) : TT;
-            if (rows == RT && toks == TT) /* constant bounds: the compiler unrolls the full tile */
-                tile(blocks, scales, x, y, sc, n0, RT, t0, TT, N, K);
-            else
+            /* Constant tile bounds (always_inline) let the compiler unroll the tile and keep
+             * its accumulators in registers; only the last, partial row tile is generic. */
+            if (rows < RT)
                 tile(blocks, scales, x, y, sc, n0, rows, t0, toks, N, K);
+            else if (toks == 4)
+                tile(blocks, scales, x, y, sc, n0, RT, t0, 4, N, K);
+            else if (toks == 3)
+                tile(blocks, scales, x, y, sc, n0, RT, t0, 3, N, K);
+            else if (toks == 2)
+                tile(blocks, scales, x, y, sc, n0, RT, t0, 2, N, K);
+            else
+                tile(blocks, scales, x, y, sc, n0, RT, t0, 1, N, K);
         }
     }
 }
@@ -104,7 +121,8 @@ void mxfp4_linear(const uint8_t *blocks, const uint8_t *scales, const float *x, 
                 const uint8_t *q = blocks + (n * nb + b) * 16;
                 const float *xb = x + t * K + b * 32;
                 float part = 0.0f;
-                for (int j = 0; j < 16; j++) part += FP4[q[j] & 15] * xb[j] + FP4[q[j] >> 4] * xb[16 + j];
+                for (int j = 0; j < 16; j++)
+                    part += FP4[q[j] & 15] * xb[j] + FP4[q[j] >> 4] * xb[16 + j];
                 acc += part * sc[scales[n * nb + b]];
             }
             y[t * N + n] = acc;

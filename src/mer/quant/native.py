@@ -40,8 +40,10 @@ def _cpu_identity() -> str:
     return platform.machine() + "\n".join(sorted(set(keep)))
 
 
-def build(source: Path) -> ctypes.CDLL:
-    """Compile `source` for this CPU (or reuse an earlier build) and load it."""
+def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile `source` for this CPU (or reuse an earlier build) and load it. `extra_flags`
+    (e.g. "-mno-avx512f") build a variant, such as the path other CPUs take."""
+    flags = (*FLAGS, *extra_flags)
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise BuildError("no C compiler (gcc or cc) on PATH")
@@ -50,7 +52,7 @@ def build(source: Path) -> ctypes.CDLL:
     except OSError as e:
         raise BuildError(f"cannot run {cc}: {e}") from None
     key = hashlib.sha256(
-        "\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode()
+        "\0".join([source.read_text(), " ".join(flags), version, _cpu_identity()]).encode()
     ).hexdigest()[:16]
     out = cache_dir() / f"{source.stem}-{key}.so"
     if not out.exists():
@@ -58,7 +60,7 @@ def build(source: Path) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            r = subprocess.run([cc, *FLAGS, str(source), "-o", tmp, "-lm"], capture_output=True)
+            r = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True)
             if r.returncode:
                 err = r.stderr.decode(errors="replace").strip().splitlines()
                 raise BuildError(f"{cc} failed on {source.name}: {err[0] if err else r.returncode}")
