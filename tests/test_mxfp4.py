@@ -9,8 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.helpers import dequantized_reference
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+import mer.api
 from mer.cache.expert_cache import ExpertCache
 from mer.config import ModelConfig
 from mer.quant import mxfp4, native
@@ -135,6 +137,25 @@ def test_the_portable_c_loop_other_cpus_take_matches_too():
     lib = native.build(mxfp4.SOURCE, ("-mno-avx512f",))
     assert lib.mxfp4_has_avx512() == 0
     assert mxfp4.probe(mxfp4.wrap(lib))
+
+
+def test_model_on_an_mxfp4_store_matches_transformers_on_its_weights(store_factory, hf_tiny):
+    """`mer convert --quant mxfp4` of a float checkpoint, run by our model, against
+    transformers running the same (dequantized) weights: only float rounding remains."""
+    store = store_factory("mxfp4")
+    prompt = [1, 17, 93, 5, 200, 41, 41, 7, 130, 66, 2, 90]
+    reference = dequantized_reference(hf_tiny[1], store)
+    with torch.no_grad():
+        ref = reference(torch.tensor([prompt])).logits[0]
+    model = mer.api.open(store, ram_budget="64MiB", dtype="float32")
+    kv = model.transformer.new_kv_cache(len(prompt))
+    ours = model.transformer.forward(torch.tensor(prompt), kv, all_logits=True)
+    assert ((ours - ref).abs().max() / ref.abs().max()) < 1e-5
+    tokens = list(model.tokens(prompt, max_tokens=8, stop_token_ids=[-1]))
+    out = reference.generate(
+        torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8
+    )
+    assert tokens == out[0, len(prompt) :].tolist()
 
 
 def test_view_runs_the_ffn_with_biases_like_float_reference():
