@@ -36,8 +36,10 @@ FP4_VALUES = _MAGNITUDES + tuple(-m for m in _MAGNITUDES)  # E2M1 code -> value;
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
+@functools.cache
 def scale_values() -> torch.Tensor:
-    """float32 [256]: 2^(s - 127) for every scale byte s (2^-127 is a float32 subnormal)."""
+    """float32 [256]: 2^(s - 127) for every scale byte s (2^-127 is a float32 subnormal,
+    2^128 overflows to inf as in transformers). Shared: do not modify."""
     return torch.tensor([math.ldexp(1.0, s - 127) for s in range(256)], dtype=torch.float64).float()
 
 
@@ -88,6 +90,18 @@ class Mxfp4Linear:
     n: int
     k: int
 
+    def __post_init__(self) -> None:
+        nb = self.k // BLOCK
+        for name, t, shape in (
+            ("blocks", self.blocks, (self.n, nb, 16)),
+            ("scales", self.scales, (self.n, nb)),
+        ):
+            # The kernel reads raw memory: anything but these exact bytes would be garbage.
+            if t.dtype != torch.uint8 or tuple(t.shape) != shape or not t.is_contiguous():
+                raise ValueError(
+                    f"MXFP4 {name}: got {t.dtype} {tuple(t.shape)}, want contiguous uint8 {shape}"
+                )
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
@@ -102,18 +116,6 @@ class Mxfp4Linear:
             y = torch.empty(t, self.n, dtype=torch.float32)
             kernel(self.blocks, self.scales, xp, y)
         return y.to(x.dtype).reshape(*lead, self.n)
-
-    def __post_init__(self) -> None:
-        nb = self.k // BLOCK
-        for name, t, shape in (
-            ("blocks", self.blocks, (self.n, nb, 16)),
-            ("scales", self.scales, (self.n, nb)),
-        ):
-            # The kernel reads raw memory: anything but these exact bytes would be garbage.
-            if t.dtype != torch.uint8 or tuple(t.shape) != shape or not t.is_contiguous():
-                raise ValueError(
-                    f"MXFP4 {name}: got {t.dtype} {tuple(t.shape)}, want contiguous uint8 {shape}"
-                )
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.blocks, self.scales)
