@@ -56,19 +56,26 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     ).hexdigest()[:16]
     out = cache_dir() / f"{source.stem}-{key}.so"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
         try:
-            r = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True)
-            if r.returncode:
-                err = r.stderr.decode(errors="replace").strip().splitlines()
-                raise BuildError(f"{cc} failed on {source.name}: {err[0] if err else r.returncode}")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            _compile(cc, flags, source, out)
+        except OSError as e:  # a cache directory we cannot write, a full disk
+            raise BuildError(f"cannot build {out}: {e}") from None
     try:
         return ctypes.CDLL(str(out))
     except OSError as e:
         raise BuildError(f"cannot load {out}: {e}") from None
+
+
+def _compile(cc: str, flags: tuple[str, ...], source: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True)
+        if r.returncode:
+            err = r.stderr.decode(errors="replace").strip().splitlines()
+            raise BuildError(f"{cc} failed on {source.name}: {err[0] if err else r.returncode}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
