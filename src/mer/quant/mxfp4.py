@@ -8,10 +8,11 @@ block's values are multiplied by 2^(scale - 127), as `transformers` dequantizes
 them. Every such weight is exactly representable in float32 (and bfloat16), so
 `dequantize` is exact. `quantize` rounds float weights to the nearest MXFP4
 value, for synthetic stores and tests. `Mxfp4Linear` runs y = x @ W.T from the
-packed bytes with the C kernel of `mxfp4_kernel.c`, built for this CPU and
-checked against the reference before it is used (a slow torch path where it
-cannot be built or disagrees); `dequantize` and `reference_matmul` are the
-obvious versions it is tested against.
+packed bytes with the C kernels of `mxfp4_kernel.c`, built for this CPU and
+checked against the reference before they are used: float32 arithmetic, and
+where the CPU has AVX512_BF16, bfloat16 dot products for batches of bfloat16
+activations (a slow torch path where nothing builds or passes); `dequantize`
+and `reference_matmul` are the obvious versions they are tested against.
 """
 
 from __future__ import annotations
@@ -105,17 +106,20 @@ class Mxfp4Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
-        kernel = native_kernel()
-        if kernel is None:
-            y = _torch_matmul(x2, self)
+        fp32, bf16, _ = _native()
+        y = torch.empty(x2.shape[0], self.n, dtype=torch.float32)
+        if bf16 is not None and x.dtype == torch.bfloat16 and len(x2) > 1 and self.bf16_exact:
+            bf16(self.blocks, self.scales, arrange(x2, torch.bfloat16), y)
+        elif fp32 is not None:
+            fp32(self.blocks, self.scales, arrange(x2, torch.float32), y)
         else:
-            # The kernel wants each 32-element block of x as its even, then its odd elements:
-            # then a block's low and high nibbles meet contiguous vectors.
-            t = x2.shape[0]
-            xp = x2.float().reshape(t, self.k // BLOCK, 16, 2).transpose(-1, -2).contiguous()
-            y = torch.empty(t, self.n, dtype=torch.float32)
-            kernel(self.blocks, self.scales, xp, y)
+            y = _torch_matmul(x2, self)
         return y.to(x.dtype).reshape(*lead, self.n)
+
+    @functools.cached_property
+    def bf16_exact(self) -> bool:
+        """Every scale in 2..252: the bfloat16 kernel's scaled table holds each value exactly."""
+        return bool(self.scales.min() >= 2 and self.scales.max() <= 252)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.blocks, self.scales)
@@ -124,28 +128,42 @@ class Mxfp4Linear:
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+def arrange(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [T, K] -> the layout the kernels read, in `dtype`: each 32-element block as its
+    even elements, then its odd ones, so a block's low and high nibbles meet contiguous
+    vectors."""
+    t, k = x.shape
+    return x.to(dtype).reshape(t, k // BLOCK, 16, 2).transpose(-1, -2).contiguous()
+
+
 @functools.cache
-def _native() -> tuple[Kernel | None, str]:
-    """(the C kernel, what it is) if it builds here and matches the reference on a probe,
-    else (None, why not)."""
+def _native() -> tuple[Kernel | None, Kernel | None, str]:
+    """(the float32 C kernel, the bfloat16 one, what runs) for the kernels that build here
+    and match the reference on a probe; None for those that do not."""
     try:
         lib = native.build(SOURCE)
     except native.BuildError as e:
         warnings.warn(f"MXFP4 kernel unavailable ({e}): using the slow torch path", stacklevel=3)
-        return None, f"torch (no C kernel: {e})"
-    run = wrap(lib)
-    if not probe(run):
+        return None, None, f"torch (no C kernel: {e})"
+    fp32 = wrap(lib)
+    if not probe(fp32):
         warnings.warn(
             "MXFP4 kernel disagrees with the reference here: using the slow torch path",
             stacklevel=3,
         )
-        return None, "torch (the C kernel failed its probe)"
-    return run, "C, AVX-512" if lib.mxfp4_has_avx512() else "C, portable loop"
+        return None, None, "torch (the C kernel failed its probe)"
+    if not lib.mxfp4_has_avx512():
+        return fp32, None, "C, portable loop"
+    # Only built where the compiler targets AVX512_BF16; ctypes has no such symbol elsewhere.
+    bf16 = wrap(lib, "mxfp4_linear_bf16") if hasattr(lib, "mxfp4_linear_bf16") else None
+    if bf16 is None or not probe(bf16, torch.bfloat16):
+        return fp32, None, "C, AVX-512"
+    return fp32, bf16, "C, AVX-512; bf16 dot products from 2 tokens"
 
 
-def wrap(lib: ctypes.CDLL) -> Kernel:
-    """The loaded library's `mxfp4_linear` as a function of tensors."""
-    fn = lib.mxfp4_linear
+def wrap(lib: ctypes.CDLL, name: str = "mxfp4_linear") -> Kernel:
+    """A kernel of the loaded library as a function of tensors."""
+    fn = getattr(lib, name)
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     fn.restype = None
 
@@ -158,28 +176,32 @@ def wrap(lib: ctypes.CDLL) -> Kernel:
 
 
 def native_kernel() -> Kernel | None:
-    """The C kernel, or None where the torch path runs instead."""
+    """The float32 C kernel, or None where the torch path runs instead."""
     return _native()[0]
+
+
+def bf16_kernel() -> Kernel | None:
+    """The bfloat16 C kernel, where this CPU has one that passed its probe."""
+    return _native()[1]
 
 
 def kernel_description() -> str:
     """Which path MXFP4 matmuls take on this machine, for benchmarks to print."""
-    return _native()[1]
+    return _native()[2]
 
 
-def probe(run: Kernel) -> bool:
+def probe(run: Kernel, dtype: torch.dtype = torch.float32) -> bool:
     """Every tile shape the kernel specializes (1, 2, 3 and 4 tokens, a partial row tile),
-    every code and a spread of scales, against the reference."""
+    every code and a spread of scales, against the reference on the same x."""
     gen = torch.Generator().manual_seed(0)
     n, k = 23, 96
     blocks = torch.randint(0, 256, (n, k // BLOCK, 16), dtype=torch.uint8, generator=gen)
     scales = torch.randint(117, 137, (n, k // BLOCK), dtype=torch.uint8, generator=gen)
     w = dequantize(blocks, scales).double()
     for t in (1, 2, 7):
-        x = torch.randn(t, k, generator=gen)
-        xp = x.reshape(t, k // BLOCK, 16, 2).transpose(-1, -2).contiguous()
+        x = torch.randn(t, k, generator=gen).to(dtype)
         y = torch.empty(t, n)
-        run(blocks, scales, xp, y)
+        run(blocks, scales, arrange(x, dtype), y)
         ref = x.double() @ w.t()
         if not ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5:
             return False
