@@ -13,7 +13,7 @@ def test_mxfp4_is_timed_next_to_int4(capsys):
     kernel_bench(96, 192, [1, 4], 128, 0.02, ("int4", "mxfp4"))
     out = capsys.readouterr().out
     assert "int4 g32" in out and "kernel: C" in out
-    header = next(line for line in out.splitlines() if "tokens" in line)
+    header = next(line for line in out.splitlines() if line.startswith("┃") and "tokens" in line)
     assert "mxfp4 ms" in header and "mxfp4/int4" in header
     rows = [line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│")]
     assert [r[0].strip() for r in rows] == ["1", "4"]
