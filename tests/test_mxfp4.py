@@ -173,11 +173,17 @@ def test_the_native_kernel_is_chosen_where_a_compiler_is():
     assert mxfp4.kernel_description().startswith("C, ")
 
 
-def test_the_portable_c_loop_other_cpus_take_matches_too():
+@pytest.mark.parametrize(
+    "flags, simd", [(("-mno-avx512f",), 256), (("-mno-avx512f", "-mno-avx2"), 0)]
+)
+def test_the_paths_other_cpus_take_match_too(flags, simd):
+    """The AVX2 and the portable builds, as CPUs without AVX-512 (or AVX2) compile them."""
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("no C compiler here")
-    lib = native.build(mxfp4.SOURCE, ("-mno-avx512f",))
-    assert lib.mxfp4_has_avx512() == 0
+    lib = native.build(mxfp4.SOURCE, flags)
+    if simd == 256 and lib.mxfp4_simd() != 256:
+        pytest.skip("this CPU has no AVX2")
+    assert lib.mxfp4_simd() == simd
     assert mxfp4.probe(mxfp4.wrap(lib))
 
 

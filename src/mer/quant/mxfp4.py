@@ -152,8 +152,9 @@ def _native() -> tuple[Kernel | None, Kernel | None, str]:
             stacklevel=3,
         )
         return None, None, "torch (the C kernel failed its probe)"
-    if not lib.mxfp4_has_avx512():
-        return fp32, None, "C, portable loop"
+    simd = lib.mxfp4_simd()
+    if simd != 512:
+        return fp32, None, "C, AVX2" if simd == 256 else "C, portable loop"
     # Only built where the compiler targets AVX512_BF16; ctypes has no such symbol elsewhere.
     bf16 = wrap(lib, "mxfp4_linear_bf16") if hasattr(lib, "mxfp4_linear_bf16") else None
     if bf16 is None or not probe(bf16, torch.bfloat16):

@@ -27,7 +27,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -89,7 +89,7 @@ static inline __attribute__((always_inline)) void tile(
             y[(t0 + t) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-int mxfp4_has_avx512(void) { return 1; }
+int mxfp4_simd(void) { return 512; } /* which path this build compiled */
 
 void mxfp4_linear(const uint8_t *blocks, const uint8_t *scales, const float *x, float *y,
                   int64_t T, int64_t N, int64_t K, int threads) {
@@ -186,9 +186,89 @@ void mxfp4_linear_bf16(const uint8_t *blocks, const uint8_t *scales, const uint1
 }
 #endif
 
+#elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2: the same scheme in 8 lanes. vpermps indexes 8 entries, so the table holds the
+ * magnitudes and bit 3 of the code becomes the sign bit; 16 registers hold 2 rows x 4
+ * tokens of accumulators. */
+#define RT 2
+#define TT 4
+
+static inline __attribute__((always_inline)) __m256 decode8(__m256i codes, __m256 mags) {
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(codes, _mm256_set1_epi32(8)), 28);
+    return _mm256_xor_ps(_mm256_permutevar8x32_ps(mags, codes), _mm256_castsi256_ps(sign));
+}
+
+static inline __attribute__((always_inline)) void tile(
+    const uint8_t *blocks, const uint8_t *scales, const float *x, float *y, const float *sc,
+    int64_t n0, int rows, int64_t t0, int toks, int64_t N, int64_t K) {
+    const __m256 mags = _mm256_loadu_ps(FP4);
+    const int64_t nb = K / 32;
+    __m256 acc[RT][TT];
+    for (int r = 0; r < RT; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        for (int r = 0; r < RT; r++) {
+            if (r >= rows) break;
+            const int64_t n = n0 + r;
+            const uint8_t *q = blocks + (n * nb + b) * 16;
+            _mm_prefetch((const char *)(q + RT * nb * 16), _MM_HINT_T0);
+            const __m256 s = _mm256_set1_ps(sc[scales[n * nb + b]]);
+            __m256 w[4]; /* the even elements of bytes 0-7, 8-15, then the odd ones */
+            for (int h = 0; h < 2; h++) {
+                const __m128i bytes = _mm_loadl_epi64((const __m128i *)(q + 8 * h));
+                const __m256i v = _mm256_cvtepu8_epi32(bytes);
+                w[h] = _mm256_mul_ps(decode8(v, mags), s); /* exact: s is a power of two */
+                w[2 + h] = _mm256_mul_ps(decode8(_mm256_srli_epi32(v, 4), mags), s);
+            }
+            for (int t = 0; t < TT; t++) {
+                if (t >= toks) break;
+                const float *xt = x + (t0 + t) * K + b * 32;
+                __m256 a = acc[r][t];
+                for (int i = 0; i < 4; i++)
+                    a = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xt + 8 * i), a);
+                acc[r][t] = a;
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < toks; t++) {
+            const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]),
+                                        _mm256_extractf128_ps(acc[r][t], 1));
+            const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            y[(t0 + t) * N + n0 + r] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+        }
+}
+
+int mxfp4_simd(void) { return 256; }
+
+void mxfp4_linear(const uint8_t *blocks, const uint8_t *scales, const float *x, float *y,
+                  int64_t T, int64_t N, int64_t K, int threads) {
+    float sc[256];
+    scale_table(sc);
+    const int64_t ntiles = (N + RT - 1) / RT;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < ntiles; i++) {
+        const int64_t n0 = i * RT;
+        const int rows = N - n0 < RT ? (int)(N - n0) : RT;
+        for (int64_t t0 = 0; t0 < T; t0 += TT) {
+            const int toks = T - t0 < TT ? (int)(T - t0) : TT;
+            if (rows < RT)
+                tile(blocks, scales, x, y, sc, n0, rows, t0, toks, N, K);
+            else if (toks == 4)
+                tile(blocks, scales, x, y, sc, n0, RT, t0, 4, N, K);
+            else if (toks == 3)
+                tile(blocks, scales, x, y, sc, n0, RT, t0, 3, N, K);
+            else if (toks == 2)
+                tile(blocks, scales, x, y, sc, n0, RT, t0, 2, N, K);
+            else
+                tile(blocks, scales, x, y, sc, n0, RT, t0, 1, N, K);
+        }
+    }
+}
+
 #else
 
-int mxfp4_has_avx512(void) { return 0; }
+int mxfp4_simd(void) { return 0; }
 
 void mxfp4_linear(const uint8_t *blocks, const uint8_t *scales, const float *x, float *y,
                   int64_t T, int64_t N, int64_t K, int threads) {
