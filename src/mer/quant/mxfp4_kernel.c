@@ -11,8 +11,9 @@
  * a tile of rows times a tile of tokens at a time so a weight is decoded once per tile
  * of tokens and each x vector serves several rows. Without AVX-512 an AVX2 path does the
  * same in 8 lanes, and without AVX2 a portable loop computes the same sums. One token reads
- * each weight once, so every path prefetches the next row tile's bytes. Rows are split across `threads` OpenMP threads (torch's own
- * runtime, which is already loaded under the same soname).
+ * each weight once, so the SIMD paths prefetch the next row tile's bytes. Rows are split
+ * across `threads` OpenMP threads (torch's own runtime, which is already loaded under the
+ * same soname).
  *
  * Where the CPU has AVX512_BF16, `mxfp4_linear_bf16` takes x in bfloat16 (same layout) and
  * multiplies with vdpbf16ps, 32 products an instruction where float32 FMAs do 16: it
