@@ -1,16 +1,21 @@
-"""`mer bench kernel`: the int4 expert FFN against the machine's memory bandwidth, in one run.
+"""`mer bench kernel`: expert FFN kernels against int4 and the machine's memory bandwidth.
 
 At one token an expert FFN is bound by reading its weights, so the figure
 that matters is weight bytes per second against what a large memory copy
 achieves on this machine right now. Batched tokens turn it compute-bound;
 for those we also time the alternatives (dequantize to bf16 then matmul, and
-a resident bf16 matmul) to show which path is faster.
+a resident bf16 matmul) to show which path is faster. Every other scheme asked
+for (by default mxfp4) runs the same FFN from its own random extent, each
+token count measured in alternating rounds with int4 and reported as a ratio
+to it: the baseline always comes from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,10 +23,16 @@ from rich.console import Console
 from rich.table import Table
 
 from mer.bench.timing import median_seconds
+from mer.errors import ConfigError
 from mer.options import count, number
-from mer.quant.expert import DenseLinear, ExpertFormat, ExpertWeights
+from mer.quant import int4, mxfp4
+from mer.quant.expert import SCHEMES, ExpertFormat, ExpertWeights
+from mer.quant.schemes.bf16 import DenseLinear
 from mer.synth.store import random_int4_extent
 from mer.units import fmt_bytes
+
+DEFAULT_SCHEMES = ("int4", "mxfp4")
+ROUNDS = 3  # alternating measurements per token count: noise from other processes hits all
 
 
 def memory_bandwidth(nbytes: int, seconds: float) -> float:
@@ -40,48 +51,123 @@ def dequantized(ef: ExpertFormat, buf: torch.Tensor) -> ExpertWeights:
     )
 
 
+def random_extent(ef: ExpertFormat, rng: np.random.Generator) -> torch.Tensor:
+    """An extent of `ef` whose weights have a trained model's scale (timing only)."""
+    if ef.scheme == "int4":
+        return random_int4_extent(ef, rng)
+    if ef.scheme == "mxfp4":
+        # Any byte is two valid codes; scales 2^-9..2^-6 put weights near N(0, 1/fan_in).
+        buf = torch.from_numpy(rng.integers(0, 256, ef.nbytes, dtype=np.uint8))
+        for p in ef.parts:
+            if p.name.endswith(".scales"):
+                buf[p.offset : p.offset + p.nbytes] = torch.from_numpy(
+                    rng.integers(118, 122, p.nbytes, dtype=np.uint8)
+                )
+        return buf
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    h, f = ef.hidden, ef.ffn
+    w1, w3 = (torch.randn(f, h, generator=gen) / h**0.5 for _ in range(2))
+    return ef.encode(w1, torch.randn(h, f, generator=gen) / f**0.5, w3)
+
+
+def expert_format(scheme: str, hidden: int, ffn: int, group_size: int) -> ExpertFormat:
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
+    try:
+        return ExpertFormat.for_machine(scheme, hidden, ffn, group_size)
+    except ValueError as e:
+        raise ConfigError(f"cannot hold a {hidden}x{ffn} expert as {scheme}: {e}") from None
+
+
 def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--hidden", type=count, default=4096)
     b.add_argument("--ffn", type=count, default=14336)
-    b.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=128)
+    b.add_argument(
+        "--group-size",
+        type=int,
+        choices=[32, 64, 128, 256],
+        default=128,
+        help="int4 group (a smaller one is taken if it does not divide the shape)",
+    )
     b.add_argument("--batch", type=count, action="append", help="token counts (repeatable)")
     b.add_argument("--seconds", type=number(0, lo_open=True), default=1.0,
                    help="time per measurement")  # fmt: skip
+    b.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(DEFAULT_SCHEMES),
+                   help="schemes timed next to int4 (default: int4 mxfp4)")  # fmt: skip
 
 
-def run(*, hidden: int, ffn: int, group_size: int, batch: list[int] | None, seconds: float) -> None:
+def run(
+    *,
+    hidden: int,
+    ffn: int,
+    group_size: int,
+    batch: list[int] | None,
+    seconds: float,
+    schemes: list[str],
+) -> None:
+    kernel_bench(hidden, ffn, batch or [1, 4, 16, 64], group_size, seconds, schemes)
+
+
+def kernel_bench(
+    hidden: int,
+    ffn: int,
+    batches: Sequence[int],
+    group_size: int,
+    seconds: float,
+    schemes: Sequence[str] = DEFAULT_SCHEMES,
+) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-    batches = batch or [1, 4, 16, 64]
-    ef = ExpertFormat.for_machine("int4", hidden, ffn, group_size)
-    buf = random_int4_extent(ef, np.random.default_rng(0))
+    # The int4 group that fits (gpt-oss's 2880 takes 64, not the default 128).
+    group = int4.default_group_size(hidden, ffn, preferred=group_size)
+    ef = expert_format("int4", hidden, ffn, group)
+    wanted = [s for s in dict.fromkeys(schemes) if s != "int4"]
+    others = {s: expert_format(s, hidden, ffn, group) for s in wanted}
+    rng = np.random.default_rng(0)
+    buf = random_int4_extent(ef, rng)
     expert = ef.view(buf)
     dense = dequantized(ef, buf)
+    runs = {s: other.view(random_extent(other, rng)) for s, other in others.items()}
     bw = memory_bandwidth(max(256 << 20, 4 * ef.nbytes), seconds)
     console.print(
-        f"expert {hidden}x{ffn} int4 g{group_size} ({ef.layout}): "
+        f"expert {hidden}x{ffn} int4 g{group} ({ef.layout}): "
         f"{fmt_bytes(ef.nbytes)} per expert; {torch.get_num_threads()} threads; "
         f"baseline: memory copy {bw / 1e9:.1f} GB/s (bytes read + written)"
     )
+    for s, other in others.items():
+        path = f", kernel: {mxfp4.kernel_description()}" if s == "mxfp4" else ""
+        console.print(f"{s}: {fmt_bytes(other.nbytes)} per expert{path}")
     t = Table(title="expert FFN (gate+up, SiLU, down), median times")
-    for col in ("tokens", "int4 ms", "weights GB/s", "vs copy", "GFLOP/s", "bf16 ms", "bf16/int4"):
+    cols = ["tokens", "int4 ms", "weights GB/s", "vs copy", "GFLOP/s", "bf16 ms", "bf16/int4"]
+    for s in others:
+        cols += [f"{s} ms", f"{s}/int4"]
+    for col in cols:
         t.add_column(col, justify="right")
     for m in batches:
         x = torch.randn(m, hidden, dtype=torch.bfloat16)
-        t_int4 = median_seconds(lambda x=x: expert(x), seconds)
-        t_bf16 = median_seconds(lambda x=x: dense(x), seconds)
+        fns = {"int4": expert, "dequantized": dense, **runs}
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(ROUNDS):
+            for name, fn in fns.items():
+                times[name].append(median_seconds(lambda x=x, fn=fn: fn(x), seconds / ROUNDS))
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        t_int4 = med["int4"]
         gbs = ef.nbytes / t_int4
-        t.add_row(
+        row = [
             str(m),
             f"{t_int4 * 1e3:.2f}",
             f"{gbs / 1e9:.1f}",
             f"{gbs / bw:.2f}",
             f"{2 * m * 3 * hidden * ffn / t_int4 / 1e9:.0f}",
-            f"{t_bf16 * 1e3:.2f}",
-            f"{t_bf16 / t_int4:.1f}x",
-        )
+            f"{med['dequantized'] * 1e3:.2f}",
+            f"{med['dequantized'] / t_int4:.1f}x",
+        ]
+        for s in others:
+            row += [f"{med[s] * 1e3:.2f}", f"{med[s] / t_int4:.2f}x"]
+        t.add_row(*row)
     console.print(t)
     console.print(
         "weights GB/s: int4 expert bytes / kernel time (one token reads every weight once); "
         "vs copy: that over the copy's rate. bf16: the same FFN on weights already dequantized "
-        "to bf16, i.e. a lower bound for any dequantize-then-matmul path, at 4x the memory."
+        "to bf16, i.e. a lower bound for any dequantize-then-matmul path, at 4x the memory. "
+        + "".join(f"{s}/int4: {s}'s time over int4's, measured alternately. " for s in others)
     )

@@ -9,7 +9,7 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="Hugging Face checkpoint directory (or a Hub repository id)")
     p.add_argument("dst", help="store directory to create")
-    p.add_argument("--quant", default="int4", choices=["int4", "int8", "bf16"])
+    p.add_argument("--quant", default="int4", choices=["int4", "int8", "bf16", "mxfp4"])
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
                    help="int4 group size (default 128 or the largest that divides the "
                    "model's dims)")  # fmt: skip
