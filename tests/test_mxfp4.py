@@ -90,6 +90,7 @@ def test_store_keeps_checkpoint_blocks_bit_exact(tmp_path):
 
     store = Store(path)
     assert store.expert_format == ef
+    assert store.manifest["format_version"] == 2  # an older mer, blind to biases, refuses it
     cache = ExpertCache(store, 2 * ef.nbytes, threads=1)
     try:
         for layer, ((gub, gus), (db, ds), gu_bias, d_bias) in layers.items():

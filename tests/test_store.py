@@ -75,6 +75,12 @@ def test_missing_store_dir(tmp_path):
     assert "nope" in one_line(e)
 
 
+def test_a_store_without_expert_biases_stays_format_1(store_factory):
+    from mer.store.reader import Store
+
+    assert Store(store_factory("int4")).manifest["format_version"] == 1
+
+
 def test_newer_format_version(store_copy):
     store = store_copy()
     m = json.loads((store / "manifest.json").read_text())

@@ -16,7 +16,14 @@ from __future__ import annotations
 import xxhash
 
 FORMAT_NAME = "mer-store"
-FORMAT_VERSION = 1
+# 2: experts may carry biases (`experts.format.bias`). A store without them is still written
+# as 1, so an older mer, which would ignore the biases, reads only what it can run right.
+FORMAT_VERSION = 2
+
+
+def version_for(expert_format: dict) -> int:
+    """The oldest format version that describes a store with these experts."""
+    return 2 if expert_format.get("bias") else 1
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.bin"
 EXPERT_FILE = "experts.bin"

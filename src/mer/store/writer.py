@@ -153,7 +153,7 @@ class StoreWriter:
         ]
         manifest = {
             "format": fmt.FORMAT_NAME,
-            "format_version": fmt.FORMAT_VERSION,
+            "format_version": fmt.version_for(self.expert_format.to_dict()),
             "created_by": f"mer {mer.__version__}",
             "model_config": cfg.to_dict(),
             "hf_config": self.hf_config,
