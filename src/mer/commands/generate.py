@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(float16; for router lookahead in mer bench predict)")  # fmt: skip
     add_speculation_options(p)
     p.add_argument("--fixed-k", action="store_true", help="do not adapt --spec-k")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate --max-tokens tokens whatever the model says (benchmarks)",
+    )
     add_io_options(p)
     add_sampling(p)
 
@@ -54,6 +59,7 @@ def run(
     trace: str | None,
     trace_hidden: bool,
     fixed_k: bool,
+    ignore_eos: bool,
     io: IOOptions,
     sampling: SamplingOptions,
     speculation: SpeculationOptions,
@@ -73,22 +79,27 @@ def run(
     recorder = model.record_trace() if trace else None
     if recorder is not None and trace_hidden:
         recorder.watch_hidden()
-    run_generation(model, prompt, sampling, chat)
+    run_generation(model, prompt, sampling, chat, ignore_eos)
     if recorder is not None:
         recorded = recorder.trace()
         recorded.save(trace)
         sys.stderr.write(f"wrote routing trace {trace} ({recorded.n_tokens} tokens)\n")
 
 
-def run_generation(model, prompt: str, sampling: SamplingOptions, chat: bool = False) -> None:
+def run_generation(
+    model, prompt: str, sampling: SamplingOptions, chat: bool = False, ignore_eos: bool = False
+) -> None:
     """Stream a completion to stdout, then the stats line to stderr."""
+    params = sampling.params()
+    if ignore_eos:
+        params["stop_token_ids"] = [-1]  # no token id is -1: nothing stops it but max_tokens
     if chat:
         ids = model.chat_prompt([{"role": "user", "content": prompt}])
     else:
         ids = prompt
         sys.stdout.write(prompt)
         sys.stdout.flush()
-    for piece in model.stream(ids, stop=list(sampling.stop), **sampling.params()):
+    for piece in model.stream(ids, stop=list(sampling.stop), **params):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

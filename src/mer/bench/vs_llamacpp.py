@@ -1,0 +1,206 @@
+"""`mer bench vs-llamacpp --gguf FILE`: mer and llama.cpp on the same GGUF file, each inside
+the same memory limit, in one run.
+
+llama.cpp is never a dependency: the benchmark uses a `llama-bench` the user has (on PATH,
+or `--llama-bench PATH`) and says how to build one when there is none. mer runs the store
+converted from the same file (Q4_0 and Q4_K experts convert exactly, up to the rounding of
+scales), so both engines compute with the same weights.
+
+Each run gets a fresh memory cgroup of the limit (`mer.bench.cgroup`), with the page cache
+dropped before it, so neither starts with the file in RAM and page cache counts against the
+limit as RSS does. llama.cpp runs with its defaults (which copy the weights into RAM) and,
+for the memory-limited regime it can serve, mmap without repacking (weights paged in from
+the file on demand); mer runs with its expert cache sized to what the limit leaves after
+its dense weights and runtime, measured by a calibration run. Figures come from the
+kernel (wait4: peak RSS and bytes read; the cgroup's peak and OOM kills) and from each
+engine's own token rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mer.bench import cgroup
+from mer.errors import ConfigError, MerError
+from mer.options import count, positive_size
+from mer.progress import progress_bar
+from mer.units import fmt_bytes, fmt_decimal
+
+HOW_TO_GET = (
+    "no llama-bench found (give --llama-bench PATH, or put it on PATH). To build one: "
+    "pip download --no-deps llama-cpp-python; tar xf llama_cpp_python-*.tar.gz; "
+    "cd llama_cpp_python-*/vendor/llama.cpp; cmake -B build -DLLAMA_CURL=OFF && "
+    "cmake --build build -j --target llama-bench"
+)
+MARGIN = 64 << 20  # kept free under the limit for what the calibration run did not touch
+
+
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--gguf", required=True, help="the GGUF file both engines run")
+    b.add_argument("--store", help="mer's store of that file (default: convert it, once)")
+    b.add_argument(
+        "--limits",
+        type=positive_size,
+        nargs="+",
+        default=[2 << 30, 4 << 30, 8 << 30],
+        help="memory limits, each run in its own cgroup (default 2GiB 4GiB 8GiB)",
+    )
+    b.add_argument("--tokens", type=count, default=32, help="tokens decoded per run")
+    b.add_argument("--threads", type=count, default=2)
+    b.add_argument("--llama-bench", help="path of llama.cpp's llama-bench")
+    b.add_argument("--timeout", type=count, default=1800, help="seconds per run")  # fmt: skip
+
+
+@dataclass
+class Row:
+    engine: str
+    limit: int
+    tok_s: float | None
+    tokens: int
+    run: cgroup.RunResult | None
+    note: str = ""
+
+
+def run(
+    *,
+    gguf: str,
+    store: str | None,
+    limits: list[int],
+    tokens: int,
+    threads: int,
+    llama_bench: str | None,
+    timeout: int,
+) -> None:
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 180)
+    why = cgroup.available()
+    if why:
+        raise ConfigError(f"cannot compare under memory limits: {why}")
+    model = Path(gguf)
+    if not model.is_file():
+        raise ConfigError(f"{model}: no such GGUF file")
+    bench = llama_bench or shutil.which("llama-bench")
+    if not bench or not Path(bench).is_file():
+        raise ConfigError(HOW_TO_GET)
+    store_path = Path(store) if store else _converted(model, console)
+    overhead = _calibrate(store_path, threads, timeout)
+    console.print(
+        f"{model.name}: {fmt_decimal(model.stat().st_size)}; mer store {store_path} "
+        f"(dense weights and runtime {fmt_bytes(overhead)}, measured); {tokens} tokens "
+        f"decoded per run, {threads} threads; page cache dropped before each run"
+    )
+    rows: list[Row] = []
+    with progress_bar(3 * len(limits), "runs", unit="runs") as bar:
+        for limit in limits:
+            for label, flags in (("llama.cpp default", []), ("llama.cpp mmap", ["--repack", "0",
+                                 "-lm", "mmap"])):  # fmt: skip
+                rows.append(_llama(bench, model, limit, tokens, threads, flags, label, timeout))
+                bar.advance()
+            rows.append(_mer(store_path, limit, overhead, tokens, threads, timeout))
+            bar.advance()
+    console.print(_table(rows, limits))
+    console.print(
+        "read/token: bytes the process read from the device (page-cache misses and O_DIRECT "
+        "alike, loading included) over tokens decoded; peak: the cgroup's peak (page cache "
+        "included) and the process's peak RSS; x: mer's decode tok/s over the best llama.cpp "
+        "run at that limit that was not OOM-killed."
+    )
+
+
+def _converted(model: Path, console: Console) -> Path:
+    from mer.data import cache_dir, run_mer
+
+    dst = cache_dir() / "vs-llamacpp" / f"{model.stem}-{model.stat().st_size}"
+    if not dst.exists():
+        console.print(f"converting once: mer convert {model} {dst}")
+        run_mer("convert", model, dst)
+    return dst
+
+
+def _mer_argv(store: Path, budget: int, tokens: int, threads: int) -> list[str]:
+    return [
+        sys.executable, "-m", "mer.cli", "generate", "--store", str(store), "--prompt",
+        "The", "--max-tokens", str(tokens), "--ram-budget", str(budget), "--threads",
+        str(threads), "--ignore-eos",
+    ]  # fmt: skip
+
+
+def _calibrate(store: Path, threads: int, timeout: int) -> int:
+    """What mer holds besides its expert cache (dense weights, KV, torch, Python): the peak
+    RSS of a short run whose cache is one layer's worth of experts, less that cache."""
+    from mer.store.reader import Store
+
+    s = Store(store)
+    budget = s.config.num_experts_per_tok * s.expert_format.nbytes
+    with cgroup.MemoryLimit(1 << 50) as group:
+        r = group.run(_mer_argv(store, budget, 2, threads), timeout=timeout)
+    if r.returncode != 0:
+        raise MerError(f"mer's calibration run failed: {r.stderr.strip()[-300:]}")
+    return max(r.peak_rss_bytes - budget, 0)
+
+
+def _mer(store: Path, limit: int, overhead: int, tokens: int, threads: int, timeout) -> Row:
+    budget = limit - overhead - MARGIN
+    if budget <= 0:
+        return Row("mer", limit, None, tokens, None, f"needs {fmt_bytes(overhead)} besides experts")
+    cgroup.drop_page_cache()
+    with cgroup.MemoryLimit(limit) as group:
+        r = group.run(_mer_argv(store, budget, tokens, threads), timeout=timeout)
+    m = re.search(r"decode ([\d.]+) tok/s", r.stderr)
+    note = f"expert cache {fmt_bytes(budget)}"
+    if r.returncode != 0 and not r.oom_killed:
+        note = r.stderr.strip().splitlines()[-1][:120] if r.stderr.strip() else "failed"
+    return Row("mer", limit, float(m[1]) if m and r.returncode == 0 else None, tokens, r, note)
+
+
+def _llama(bench, model, limit, tokens, threads, flags, label, timeout) -> Row:
+    argv = [bench, "-m", str(model), "-p", "0", "-n", str(tokens), "-t", str(threads),
+            "-r", "1", "-o", "json", *flags]  # fmt: skip
+    cgroup.drop_page_cache()
+    with cgroup.MemoryLimit(limit) as group:
+        r = group.run(argv, timeout=timeout)
+    tok_s = None
+    if r.returncode == 0:
+        try:
+            tok_s = float(json.loads(r.stdout)[0]["avg_ts"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            pass
+    note = "" if tok_s is not None or r.oom_killed else (r.stderr.strip()[-120:] or "failed")
+    # warm-up decodes one token more than the measured run
+    return Row(label, limit, tok_s, tokens + 1, r, note)
+
+
+def _table(rows: list[Row], limits: list[int]) -> Table:
+    t = Table(title="decode on the same GGUF under the same memory limit")
+    for col in ("limit", "engine", "decode tok/s", "read/token", "peak (group / RSS)", "OOM",
+                "x llama.cpp", "note"):  # fmt: skip
+        t.add_column(col, justify="left" if col in ("engine", "note") else "right")
+    for limit in limits:
+        here = [r for r in rows if r.limit == limit]
+        best = max((r.tok_s for r in here if r.engine != "mer" and r.tok_s), default=None)
+        for r in here:
+            run = r.run
+            ratio = ""
+            if r.engine == "mer" and r.tok_s and best:
+                ratio = f"x{r.tok_s / best:.2f}"
+            t.add_row(
+                fmt_bytes(limit),
+                r.engine,
+                f"{r.tok_s:.2f}" if r.tok_s else "-",
+                fmt_decimal(run.bytes_read / r.tokens) if run else "-",
+                f"{fmt_bytes(run.group_peak_bytes or 0)} / {fmt_bytes(run.peak_rss_bytes)}"
+                if run
+                else "-",
+                "killed" if run and run.oom_killed else "",
+                ratio,
+                r.note,
+            )
+    return t
