@@ -24,6 +24,8 @@ FORMAT_VERSION = 2
 def version_for(expert_format: dict) -> int:
     """The oldest format version that describes a store with these experts."""
     return 2 if expert_format.get("bias") else 1
+
+
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.bin"
 EXPERT_FILE = "experts.bin"
