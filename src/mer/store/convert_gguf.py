@@ -1,0 +1,310 @@
+"""GGUF file (or split set) -> mer store, one tensor (one expert) at a time.
+
+`plan` reads only the header and decides everything before a byte is written:
+the config (from `<arch>.*` metadata and the tensors present), every tensor's
+mer name and shape, and what happens to each GGUF tensor type. Then dense
+tensors are dequantized by `gguf` and stored in bf16, and each expert is read
+slice by slice from its layer's stacked tensors and encoded into its extent.
+
+Expert choices, per GGUF type, for an int4 store:
+- Q4_0, Q4_1, Q4_K at group size 32: the nibbles are kept and the block scales
+  and mins become int4 scales and zeros (mer.quant.gguf_blocks), exact up to
+  rounding scale and zero to bf16.
+- everything else (Q8_0, Q5_K, Q6_K, MXFP4, F16, BF16, F32): dequantized by
+  `gguf` and requantized to int4 at the store's group size. The alternative,
+  an int8 store (`--quant int8`), keeps them closer at twice the bytes read
+  per expert; the conversion prints the error each choice measured.
+int8 and bf16 stores take every type through `gguf`'s dequantization.
+The tokenizer and chat template come from the file's `tokenizer.*` metadata,
+built into tokenizer.json by transformers' GGUF converter.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mer.config import ModelConfig
+from mer.errors import ConvertError
+from mer.models import naming
+from mer.progress import progress_bar
+from mer.quant import gguf_blocks, int4
+from mer.quant.expert import SCHEMES, ExpertFormat
+from mer.store import gguf_arch
+from mer.store.gguf_source import GGUFSource
+from mer.store.writer import StoreWriter
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
+
+
+@dataclass
+class Plan:
+    """Everything decided from the header: what each tensor becomes."""
+
+    cfg: ModelConfig
+    hf_config: dict
+    arch: gguf_arch.GGUFArch
+    expert_format: ExpertFormat
+    dense: dict[str, str]  # mer name -> GGUF name
+    experts: dict[int, dict[str, str]]  # layer -> {"w1","w3","w2" or "w13"} -> GGUF stack
+    rows: list[tuple[str, str, tuple[int, ...], str, str]] = field(default_factory=list)
+    # (GGUF name, type, shape, mer name, action)
+
+    def exact(self, type_name: str) -> bool:
+        ef = self.expert_format
+        return ef.scheme == "int4" and ef.group_size == 32 and type_name in gguf_blocks.EXACT_TYPES
+
+    def action(self, type_name: str, expert: bool) -> str:
+        if not expert:
+            return "dequantize -> bf16 (dense)"
+        ef = self.expert_format
+        if self.exact(type_name):
+            return "int4 g32 exact (scales, zeros -> bf16)"
+        if ef.scheme == "int4":
+            return f"dequantize -> requantize int4 g{ef.group_size}"
+        if ef.scheme == "int8":
+            return "dequantize -> int8 per row"
+        return "dequantize -> bf16"
+
+
+def is_gguf(src: str | Path) -> bool:
+    return str(src).endswith(".gguf")
+
+
+def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None) -> Plan:
+    """Check the file and decide every tensor's fate; raises ConvertError on anything amiss."""
+    where = str(source.path)
+    if quant not in SCHEMES:
+        raise ConvertError(f"unknown --quant {quant!r} (choose from {', '.join(SCHEMES)})")
+    arch = gguf_arch.arch_of(source.meta, where)
+    shapes = source.shapes()
+    hf = gguf_arch.hf_config(source.meta, shapes, where)
+    cfg = ModelConfig.from_hf(hf, where=where)
+    if group_size is None:
+        group_size = 32  # GGUF's own block: keeps 4-bit blocks exact
+    try:
+        ef = ExpertFormat.for_machine(quant, cfg.hidden_size, cfg.intermediate_size, group_size)
+    except ValueError as e:
+        raise ConvertError(f"{where}: cannot store experts as {quant}: {e}") from None
+
+    want = naming.dense_shapes(cfg)
+    names = [n for n in want if not (n == "lm_head" and cfg.tie_word_embeddings)]
+    dense = gguf_arch.gguf_names(names, cfg.num_hidden_layers)
+    p = Plan(cfg, hf, arch, ef, dense, {})
+    expected: dict[str, tuple[tuple[int, ...], str, bool]] = {}  # name -> shape, mer, expert
+    for ours, g in dense.items():
+        expected[g] = (want[ours], ours, False)
+    e, h, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    for layer in cfg.moe_layers:
+        split = {w: n.format(i=layer) for w, n in gguf_arch.EXPERT_NAMES.items()}
+        fused = gguf_arch.FUSED_GATE_UP.format(i=layer)
+        if fused in shapes:
+            p.experts[layer] = {"w13": fused, "w2": split["w2"]}
+            expected[fused] = ((e, 2 * f, h), f"layers.{layer}.experts.gate_up", True)
+        else:
+            p.experts[layer] = split
+            expected[split["w1"]] = ((e, f, h), f"layers.{layer}.experts.gate", True)
+            expected[split["w3"]] = ((e, f, h), f"layers.{layer}.experts.up", True)
+        expected[split["w2"]] = ((e, h, f), f"layers.{layer}.experts.down", True)
+
+    missing = [g for g in expected if g not in source]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConvertError(f"{where}: missing tensors {', '.join(missing[:3])}{more}")
+    for g, (shape, ours, expert) in expected.items():
+        t = source.tensors[g]
+        if t.type_name not in SUPPORTED_TYPES:
+            raise ConvertError(
+                f"{t.path}: tensor {g} has type {t.type_name}, which mer does not convert "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            )
+        same = t.shape == shape or (not expert and _numel(t.shape) == _numel(shape) and
+                                    len(shape) <= 2 and 1 in (*shape, *t.shape))  # fmt: skip
+        if not same:
+            raise ConvertError(
+                f"{t.path}: tensor {g} has shape {list(t.shape)}, "
+                f"the metadata implies {list(shape)}"
+            )
+        p.rows.append((g, t.type_name, t.shape, ours, p.action(t.type_name, expert)))
+    return p
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of llama.cpp's q/k row permutation: interleaved RoPE pairs -> rotate-half."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def dense_tensor(source: GGUFSource, p: Plan, ours: str) -> torch.Tensor:
+    g = p.dense[ours]
+    w = source.floats(g).reshape(naming.dense_shapes(p.cfg)[ours])
+    short = ours.rsplit(".", 1)[-1]
+    if p.arch.permute_qk and short in ("q", "k"):
+        heads = p.cfg.num_attention_heads if short == "q" else p.cfg.num_key_value_heads
+        w = _unpermute_qk(w, heads)
+    return w
+
+
+def _int4_rows(source: GGUFSource, p: Plan, name: str, e: int):
+    """One expert's slice of a stack as int4 (q, scales, zeros), exactly where the type allows."""
+    t = source.tensors[name]
+    count = p.cfg.num_local_experts
+    if p.exact(t.type_name):
+        return gguf_blocks.decode(source.raw(name, e, count), t.type_name, t.shape[-1])
+    return int4.quantize(source.floats(name, e, count), p.expert_format.group_size)
+
+
+def expert_extent(source: GGUFSource, p: Plan, layer: int, e: int) -> torch.Tensor:
+    """The store extent of expert (layer, e), reading only its slices of the stacks."""
+    ef, names, count = p.expert_format, p.experts[layer], p.cfg.num_local_experts
+    if ef.scheme == "int4":
+        parts = {}
+        gate_up = [names["w13"]] if "w13" in names else [names["w1"], names["w3"]]
+        for part, stacks in (("gate_up", gate_up), ("down", [names["w2"]])):
+            pieces = [_int4_rows(source, p, n, e) for n in stacks]
+            q, scales, zeros = (torch.cat(x, 0) for x in zip(*pieces, strict=True))
+            parts[f"{part}.packed"] = int4.pack(q, ef.layout)
+            parts[f"{part}.scales_zeros"] = int4.pack_scales_zeros(scales, zeros)
+        return ef.assemble(parts)
+    if "w13" in names:
+        w1, w3 = source.floats(names["w13"], e, count).chunk(2, 0)
+    else:
+        w1, w3 = source.floats(names["w1"], e, count), source.floats(names["w3"], e, count)
+    return ef.encode(w1, source.floats(names["w2"], e, count), w3)
+
+
+def measure(source: GGUFSource, p: Plan, layer: int, e: int, extent: torch.Tensor) -> dict:
+    """Error of the stored expert against `gguf`'s dequantization: per part, max |error| over
+    max |weight| and RMS error over RMS weight."""
+    ef, names, count = p.expert_format, p.experts[layer], p.cfg.num_local_experts
+    w = ef.view(extent.clone())
+    if "w13" in names:
+        gate_up = source.floats(names["w13"], e, count)
+    else:
+        gate_up = torch.cat([source.floats(names[k], e, count) for k in ("w1", "w3")], 0)
+    out = {}
+    down = source.floats(names["w2"], e, count)
+    for part, ref, got in (
+        ("gate_up", gate_up, w.gate_up.dequantize()),
+        ("down", down, w.down.dequantize()),
+    ):
+        err = (got.float() - ref).float()
+        out[part] = (
+            (err.abs().max() / ref.abs().max().clamp_min(1e-30)).item(),
+            (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
+        )
+    return out
+
+
+def tokenizer_files(path: Path, out_dir: Path) -> list[Path]:
+    """tokenizer.json and tokenizer_config.json (with the chat template) from the file's
+    `tokenizer.ggml.*` metadata, built by transformers' own GGUF tokenizer converter."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise ConvertError(f"{path}: reading a GGUF tokenizer needs transformers ({e})") from None
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers raises many kinds; the message is what helps
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConvertError(
+            f"{path}: cannot build the tokenizer from its metadata ({first})"
+        ) from None
+    tok.save_pretrained(str(out_dir))
+    return [p for p in sorted(out_dir.iterdir()) if p.is_file()]
+
+
+def convert_gguf(
+    src: str | Path,
+    dst: str | Path,
+    quant: str = "int4",
+    group_size: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+    report: list | None = None,
+) -> Path:
+    """Convert; `report`, if given, receives (type, action, tensors, measured error) rows."""
+    src, dst = Path(src), Path(dst)
+    with GGUFSource(src) as source:
+        p = plan(source, quant, group_size)
+        if "tokenizer.ggml.tokens" not in source.meta:
+            raise ConvertError(f"{src}: missing metadata tokenizer.ggml.tokens (no tokenizer)")
+        cfg, ef = p.cfg, p.expert_format
+        total = sum(source.tensors[g].nbytes for g in p.dense.values()) + sum(
+            source.tensors[n].nbytes for names in p.experts.values() for n in names.values()
+        )
+        measured: dict[str, list] = {}  # GGUF type -> [(max, rms) ...] of parts it made
+        with tempfile.TemporaryDirectory(prefix="mer-gguf-tok-") as tok_dir:
+            tok_files = tokenizer_files(source.parts[0], Path(tok_dir))
+            with StoreWriter(dst, cfg, p.hf_config, ef, overwrite=force) as writer:
+                with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
+                    for ours, g in p.dense.items():
+                        writer.add_dense(ours, dense_tensor(source, p, ours))
+                        bar.advance(source.tensors[g].nbytes)
+                    for layer in cfg.moe_layers:
+                        names = p.experts[layer]
+                        stacks = sum(source.tensors[n].nbytes for n in names.values())
+                        for e in range(cfg.num_local_experts):
+                            extent = expert_extent(source, p, layer, e)
+                            writer.add_expert(layer, e, extent)
+                            _record(source, p, layer, e, extent, measured)
+                            bar.advance(stacks // cfg.num_local_experts)
+                for f in tok_files:
+                    writer.add_tokenizer_file(f)
+                path = writer.close()
+    rows = _summary(p, measured)
+    if report is not None:
+        report.extend(rows)
+    if progress:
+        print_choices(rows)
+    return path
+
+
+def _record(source, p: Plan, layer: int, e: int, extent, measured: dict) -> None:
+    """Measure the first expert made from each GGUF type (cheap: one expert per type)."""
+    names = p.experts[layer]
+    kinds = {"gate_up": source.tensors[names.get("w13", names.get("w1"))].type_name,
+             "down": source.tensors[names["w2"]].type_name}  # fmt: skip
+    if all(k in measured for k in kinds.values()):
+        return
+    errs = measure(source, p, layer, e, extent)
+    for part, kind in kinds.items():
+        measured.setdefault(kind, []).append(errs[part])
+
+
+def _summary(p: Plan, measured: dict) -> list[tuple[str, str, int, str]]:
+    counts: dict[tuple[str, str], int] = {}
+    for _, kind, _, _, action in p.rows:
+        counts[(kind, action)] = counts.get((kind, action), 0) + 1
+    rows = []
+    for (kind, action), n in sorted(counts.items()):
+        err = ""
+        if "dense" not in action and kind in measured:
+            mx = max(m[0] for m in measured[kind])
+            rms = max(m[1] for m in measured[kind])
+            err = f"max {mx:.2e}, rms {rms:.2e}"
+        rows.append((kind, action, n, err))
+    return rows
+
+
+def print_choices(rows: list[tuple[str, str, int, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="GGUF tensor types: what the store holds")
+    for col in ("type", "stored as", "tensors", "expert error vs GGUF (max/max|w|, rms/rms)"):
+        t.add_column(col)
+    for kind, action, n, err in rows:
+        t.add_row(kind, action, str(n), err)
+    Console(file=sys.stderr, highlight=False, soft_wrap=True, emoji=False).print(t)

@@ -1,0 +1,270 @@
+"""GGUF in: tiny transformers models of every family written as GGUF files with the `gguf`
+package (Q8_0, Q4_0, Q4_K, F16), converted, and run against transformers holding the same
+weights as `gguf` dequantizes them; 4-bit blocks kept exact; bad files refused cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.gguf_helpers import FAMILIES, gguf_reference, save_tiny, write_tiny_gguf
+from tests.helpers import dequantized_reference
+
+import mer
+from mer.errors import ConvertError
+from mer.quant import gguf_blocks, int4
+from mer.store.convert import convert
+from mer.store.convert_gguf import convert_gguf
+from mer.store.reader import Store
+
+PROMPT = [1, 17, 93, 5, 200, 41, 41, 7, 130, 66, 2, 90]
+TYPES = ("Q4_0", "Q4_K", "Q8_0", "F16")
+# The store a type converts to without a requantization: 4-bit blocks stay int4 (group 32),
+# the others go to bf16 so the comparison shows conversion error, not int4's own.
+STORE_FOR = {"Q4_0": "int4", "Q4_K": "int4", "Q8_0": "bf16", "F16": "bf16"}
+# max |logit error| / max |logit|, mer against transformers running `gguf`'s dequantized
+# weights with the dense ones rounded to bf16 (the store's dense dtype, by design). What
+# remains is the experts' conversion: int4 scales and zeros rounded to bf16 (Q4_0, Q4_K) or the
+# weights rounded to bf16 (Q8_0, F16 in a bf16 store). Measured: at most 3.8e-3 over the 16
+# cases (1e-6 where nothing is rounded).
+TOLERANCE = 1e-2
+# Against the dequantized weights as they are (dense in float32), bf16 rounding of the dense
+# weights adds its own error, and where a token's router scores nearly tie it can flip the
+# expert chosen: measured up to 0.11 (OLMoE, Q4_0), typically 5e-3 to 1e-2.
+TOLERANCE_FLOAT_DENSE = 0.2
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param) / "hf"
+    save_tiny(request.param, path)
+    return request.param, path
+
+
+def logits(store, ids):
+    m = mer.open(store, ram_budget="64MiB", dtype="float32")
+    kv = m.transformer.new_kv_cache(len(ids))
+    return m.transformer.forward(torch.tensor(ids), kv, all_logits=True), m
+
+
+def reference(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_gguf_store_matches_transformers_on_the_gguf_weights(checkpoint, qtype, tmp_path):
+    name, ckpt = checkpoint
+    files = write_tiny_gguf(ckpt, tmp_path / "m.gguf", qtype)
+    report = []
+    store = convert_gguf(files[0], tmp_path / "s", STORE_FOR[qtype], progress=False, report=report)
+    assert Store(store).config.model_type == name
+    ref = gguf_reference(files, ckpt, tmp_path / "deq")
+    ours, m = logits(store, PROMPT)
+    assert rel(ours, reference(ref, PROMPT)) < TOLERANCE_FLOAT_DENSE
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if ".experts." not in n:
+                p.copy_(p.to(torch.bfloat16).float())
+    assert rel(ours, reference(ref, PROMPT)) < TOLERANCE
+    # Exactly what the store holds, in transformers: experts as stored, dense in bf16.
+    tight = dequantized_reference(ref, store)
+    assert rel(ours, reference(tight, PROMPT)) < 1e-5
+    tokens = list(m.tokens(PROMPT, max_tokens=8, stop_token_ids=[-1]))
+    assert tokens == greedy(tight, PROMPT, 8)
+    expert_rows = [r for r in report if "dense" not in r[1]]
+    assert expert_rows and all(r[3] for r in expert_rows)  # every expert type was measured
+    if STORE_FOR[qtype] == "int4":
+        assert {r[1] for r in expert_rows} == {"int4 g32 exact (scales, zeros -> bf16)"}
+
+
+def bound(scales, zeros):
+    """The most bf16 rounding (unit roundoff 2^-8) of scale and zero can move a weight:
+    2^-8 (8|s| + |z|), as |q - 8| <= 8."""
+    return 2.0**-8 * (8 * scales.abs() + zeros.abs())
+
+
+@pytest.mark.parametrize("qtype", gguf_blocks.EXACT_TYPES)
+def test_4bit_blocks_map_exactly_onto_int4_groups(qtype):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from mer.synth.gguf import to_gguf
+
+    rng = np.random.default_rng(0)
+    # Magnitudes over several octaves, so bf16 rounding of scales really happens.
+    w = (rng.standard_normal((64, 512)) * np.exp(rng.uniform(-6, 0, (64, 1)))).astype(np.float32)
+    raw = to_gguf(w, qtype)
+    want = torch.from_numpy(dequantize(raw, GGMLQuantizationType[qtype]))
+    q, scales, zeros = gguf_blocks.decode(raw, qtype, 512)
+    # In float32 the mapping is exact: same nibbles, scale and zero computed exactly.
+    assert torch.allclose(int4.dequantize(q, scales, zeros, 32), want, rtol=1e-6, atol=1e-7)
+    # Stored, scale and zero are bf16 (the kernel's dtype): within the rounding bound.
+    s16, z16 = scales.bfloat16().float(), zeros.bfloat16().float()
+    err = (int4.dequantize(q, s16, z16, 32) - want).abs().reshape(64, 16, 32)
+    assert (err <= bound(scales, zeros)[..., None] * 1.001 + 1e-12).all()
+    assert err.max() > 0  # the rounding is real, and bounded
+
+
+def test_converted_experts_equal_gguf_within_scale_rounding(tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    ckpt = tmp_path / "hf"
+    save_tiny("olmoe", ckpt)
+    files = write_tiny_gguf(ckpt, tmp_path / "m.gguf", "Q4_K")
+    store = Store(convert_gguf(files[0], tmp_path / "s", progress=False))
+    ef, raw = store.expert_format, store.expert_path.read_bytes()
+    Q4_K = GGMLQuantizationType.Q4_K
+    stacks = {t.name: t for t in GGUFReader(files[0]).tensors if "_exps" in t.name}
+    for (layer, e), x in list(store.extents.items())[:6]:
+        w = ef.view(
+            torch.frombuffer(bytearray(raw[x.offset : x.offset + x.length]), dtype=torch.uint8)
+        )
+        gate, up, down = (
+            torch.from_numpy(dequantize(stacks[f"blk.{layer}.ffn_{k}_exps.weight"].data[e], Q4_K))
+            for k in ("gate", "up", "down")
+        )
+        for got, want in (
+            (w.gate_up.dequantize(), torch.cat([gate, up])),
+            (w.down.dequantize(), down),
+        ):
+            err = (got - want).abs()
+            sz = (
+                w.gate_up.scales_zeros
+                if got.shape == (2 * ef.ffn, ef.hidden)
+                else w.down.scales_zeros
+            )
+            s, z = sz[..., 0].float().t(), sz[..., 1].float().t()
+            # The bound from the stored (rounded) values, which are within 2^-8 of the exact.
+            limit = (1.01 * bound(s, z)).repeat_interleave(32, 1)
+            assert (err <= limit).all()
+
+
+def test_split_gguf_converts_like_the_single_file(tmp_path):
+    ckpt = tmp_path / "hf"
+    save_tiny("mixtral", ckpt)
+    single = write_tiny_gguf(ckpt, tmp_path / "one.gguf", "Q4_0")
+    parts = write_tiny_gguf(ckpt, tmp_path / "split.gguf", "Q4_0", split_max_tensors=8)
+    assert len(parts) > 1 and parts[0].name.endswith(f"-00001-of-{len(parts):05d}.gguf")
+    a = Store(convert(single[0], tmp_path / "a", progress=False))
+    b = Store(convert(parts[0], tmp_path / "b", progress=False))
+    assert a.manifest["experts"]["table"] == b.manifest["experts"]["table"]
+    assert a.manifest["dense"]["tensors"] == b.manifest["dense"]["tensors"]
+
+
+def test_tokenizer_and_chat_template_come_from_the_gguf(tmp_path):
+    from mer.synth.tokenizer import build_tokenizer
+
+    ckpt = tmp_path / "hf"
+    save_tiny("qwen3_moe", ckpt)
+    files = write_tiny_gguf(ckpt, tmp_path / "m.gguf", "Q8_0")
+    store = convert(files[0], tmp_path / "s", quant="int4", progress=False)
+    text = "def quicksort(xs):\n    return [x for x in xs if x < 0]  héllo"
+    m = mer.open(store, ram_budget="64MiB")
+    assert m.tokenizer.encode(text) == build_tokenizer(512).encode(text).ids  # <s> included
+    assert m.tokenizer.decode(m.tokenizer.encode(text)) == text
+    ids = m.chat_prompt([{"role": "user", "content": "hi"}])
+    assert m.tokenizer.decode(ids) == "[INST] hi [/INST]" and ids[0] == 1  # <s> from the template
+    assert len(list(m.tokens(ids, max_tokens=4, stop_token_ids=[-1]))) == 4
+
+
+# ---------------------------------------------------------------- bad files
+
+
+@pytest.fixture(scope="module")
+def good_gguf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    save_tiny("mixtral", root / "hf")
+    return write_tiny_gguf(root / "hf", root / "good.gguf", "Q4_0")[0]
+
+
+def damaged(good, tmp_path, edit, name="m.gguf"):
+    data = bytearray(good.read_bytes())
+    data = edit(data)
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+def patch(old: bytes, new: bytes):
+    def edit(data):
+        i = data.find(old)
+        assert i >= 0 and len(old) == len(new)
+        data[i : i + len(old)] = new
+        return data
+
+    return edit
+
+
+def _type_of(tensor: bytes, type_id: int):
+    def edit(data):
+        # tensor info: name, n_dims (u32), dims (u64 each), type (u32), offset (u64)
+        i = data.find(tensor) + len(tensor)
+        n_dims = int.from_bytes(data[i : i + 4], "little")
+        at = i + 4 + 8 * n_dims
+        data[at : at + 4] = type_id.to_bytes(4, "little")
+        return data
+
+    return edit
+
+
+BAD = {
+    "truncated": (lambda d: d[: len(d) - 5000], "truncated; the tensor data ends"),
+    "truncated header": (lambda d: d[:3000], "truncated or malformed GGUF header"),
+    "magic": (patch(b"GGUF", b"GGML"), "not a GGUF file"),
+    "version": (lambda d: d[:4] + (9).to_bytes(4, "little") + d[8:], "GGUF version 9"),
+    "architecture": (
+        patch(b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00lxama"),
+        "unsupported GGUF architecture 'lxama'",
+    ),  # fmt: skip
+    "metadata": (
+        patch(b"llama.expert_used_count", b"llama.expert_usedXcount"),
+        "missing metadata llama.expert_used_count",
+    ),  # fmt: skip
+    "tensor type": (
+        _type_of(b"blk.1.ffn_down_exps.weight", 16),
+        "tensor blk.1.ffn_down_exps.weight has type IQ2_XXS",
+    ),  # fmt: skip
+    "unknown type": (_type_of(b"blk.0.attn_q.weight", 77), "unknown tensor type"),
+    "tokenizer": (
+        patch(b"tokenizer.ggml.tokens", b"tokenizer.ggml.tokenz"),
+        "missing metadata tokenizer.ggml.tokens",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_gguf_is_a_one_line_error_and_leaves_nothing(good_gguf, tmp_path, case):
+    edit, needle = BAD[case]
+    path = damaged(good_gguf, tmp_path, edit)
+    with pytest.raises(ConvertError, match=needle) as info:
+        convert(path, tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value) and str(path.name) in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no store, no temp dir
+
+
+def test_dense_llama_is_refused(tmp_path, good_gguf):
+    path = damaged(good_gguf, tmp_path, patch(b"llama.expert_count", b"llama.expert_coun_"))
+    with pytest.raises(ConvertError, match="dense llama model"):
+        convert(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_split_part_is_named(tmp_path):
+    ckpt = tmp_path / "hf"
+    save_tiny("olmoe", ckpt)
+    parts = write_tiny_gguf(ckpt, tmp_path / "m.gguf", "Q8_0", split_max_tensors=10)
+    parts[1].unlink()
+    with pytest.raises(ConvertError, match=f"{parts[1].name}: part of split GGUF .* is missing"):
+        convert(parts[0], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
