@@ -14,7 +14,7 @@ import mer
 from mer.errors import ConvertError
 from mer.quant import gguf_blocks, int4
 from mer.store.convert import convert
-from mer.store.convert_gguf import convert_gguf
+from mer.store.convert_gguf import EXACT_ACTION, convert_gguf
 from mer.store.reader import Store
 
 PROMPT = [1, 17, 93, 5, 200, 41, 41, 7, 130, 66, 2, 90]
@@ -81,10 +81,10 @@ def test_gguf_store_matches_transformers_on_the_gguf_weights(checkpoint, qtype, 
     assert rel(ours, reference(tight, PROMPT)) < 1e-5
     tokens = list(m.tokens(PROMPT, max_tokens=8, stop_token_ids=[-1]))
     assert tokens == greedy(tight, PROMPT, 8)
-    expert_rows = [r for r in report if "dense" not in r[1]]
+    expert_rows = [r for r in report if not r[1].startswith("dense")]
     assert expert_rows and all(r[3] for r in expert_rows)  # every expert type was measured
     if STORE_FOR[qtype] == "int4":
-        assert {r[1] for r in expert_rows} == {"int4 g32 exact (scales, zeros -> bf16)"}
+        assert {r[1] for r in expert_rows} == {EXACT_ACTION}
 
 
 def bound(scales, zeros):
@@ -268,3 +268,51 @@ def test_missing_split_part_is_named(tmp_path):
     with pytest.raises(ConvertError, match=f"{parts[1].name}: part of split GGUF .* is missing"):
         convert(parts[0], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- synth --gguf, info
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q8_0"])
+def test_synth_gguf_converts_and_info_lists_each_tensor(qtype, tmp_path, capsys):
+    from mer.cli import main
+
+    out = tmp_path / "syn.gguf"
+    args = ["--preset", "tiny-qwen3-moe", "--hidden", "256", "--ffn", "256", "--seed", "3"]
+    assert main(["synth", str(out), "--gguf", "--gguf-type", qtype, *args]) == 0
+    assert main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "qwen3moe -> qwen3_moe" in shown and "blk.*.ffn_down_exps.weight" in shown
+    assert (EXACT_ACTION.split(" (")[0] in shown) == (qtype != "Q8_0")
+    assert main(["convert", str(out), str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().err
+    assert "what the store holds" in printed and qtype in printed
+    from mer.config import ModelConfig
+    from mer.synth.checkpoint import hf_config
+
+    want = ModelConfig.from_hf(hf_config("tiny-qwen3-moe", hidden_size=256, intermediate_size=256))
+    store = Store(tmp_path / "s")
+    assert store.config == want  # everything the config says survives the GGUF round trip
+    assert (
+        len(list(mer.open(store.path, ram_budget="64MiB").tokens("def f(x):", max_tokens=3))) <= 3
+    )
+
+
+def test_synth_gguf_has_the_real_shapes_of_a_preset():
+    from mer.synth.checkpoint import hf_config
+    from mer.synth.gguf import tensor_list
+
+    mixtral = {n: s for n, s, _ in tensor_list(hf_config("mixtral-8x7b"))}
+    assert mixtral["blk.31.ffn_gate_exps.weight"] == (8, 14336, 4096)
+    assert mixtral["blk.0.ffn_down_exps.weight"] == (8, 4096, 14336)
+    assert mixtral["blk.0.attn_k.weight"] == (1024, 4096) and mixtral["output.weight"][0] == 32000
+    qwen3 = {n: s for n, s, _ in tensor_list(hf_config("qwen3-moe-30b-a3b"))}
+    assert qwen3["blk.47.ffn_up_exps.weight"] == (128, 768, 2048)
+    assert qwen3["blk.0.attn_q_norm.weight"] == (128,)
+
+
+def test_synth_gguf_refuses_a_name_without_the_suffix(tmp_path):
+    from mer.cli import main
+
+    assert main(["synth", str(tmp_path / "x.bin"), "--gguf"]) == 1
+    assert not (tmp_path / "x.bin").exists()

@@ -38,6 +38,7 @@ from mer.store import gguf_arch
 from mer.store.gguf_source import GGUFSource
 from mer.store.writer import StoreWriter
 
+EXACT_ACTION = "int4 g32, blocks kept (scale, zero -> bf16)"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 
 
@@ -60,15 +61,15 @@ class Plan:
 
     def action(self, type_name: str, expert: bool) -> str:
         if not expert:
-            return "dequantize -> bf16 (dense)"
+            return "dense, bf16"
         ef = self.expert_format
         if self.exact(type_name):
-            return "int4 g32 exact (scales, zeros -> bf16)"
+            return EXACT_ACTION
         if ef.scheme == "int4":
-            return f"dequantize -> requantize int4 g{ef.group_size}"
+            return f"int4 g{ef.group_size}, requantized"
         if ef.scheme == "int8":
-            return "dequantize -> int8 per row"
-        return "dequantize -> bf16"
+            return "int8 per row, requantized"
+        return "bf16"
 
 
 def is_gguf(src: str | Path) -> bool:
@@ -290,7 +291,7 @@ def _summary(p: Plan, measured: dict) -> list[tuple[str, str, int, str]]:
     rows = []
     for (kind, action), n in sorted(counts.items()):
         err = ""
-        if "dense" not in action and kind in measured:
+        if not action.startswith("dense") and kind in measured:
             mx = max(m[0] for m in measured[kind])
             rms = max(m[1] for m in measured[kind])
             err = f"max {mx:.2e}, rms {rms:.2e}"
@@ -308,3 +309,59 @@ def print_choices(rows: list[tuple[str, str, int, str]]) -> None:
     for kind, action, n, err in rows:
         t.add_row(kind, action, str(n), err)
     Console(file=sys.stderr, highlight=False, soft_wrap=True, emoji=False).print(t)
+
+
+def describe(src: str | Path, quant: str = "int4", group_size: int | None = None) -> None:
+    """`mer info FILE.gguf`: the model the file holds and what convert does with each tensor
+    (tensors of every layer alike are one row, with the layers they cover)."""
+    import re
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mer.units import fmt_bytes
+
+    with GGUFSource(src) as source:
+        p = plan(source, quant, group_size)
+        meta, nbytes = source.meta, sum(t.nbytes for t in source.tensors.values())
+    cfg = p.cfg
+    console = Console(highlight=False, soft_wrap=True, emoji=False)
+    if not console.is_terminal:  # piped: whole tensor names rather than 80 columns
+        console = Console(highlight=False, soft_wrap=True, emoji=False, width=120)
+    t = Table(title=str(src), show_header=False)
+    t.add_row("architecture", f"{meta['general.architecture']} -> {cfg.model_type}")
+    t.add_row("files", f"{len(source.parts)}, {fmt_bytes(nbytes)} of tensors")
+    t.add_row("layers", f"{cfg.num_hidden_layers} ({len(cfg.moe_layers)} MoE)")
+    t.add_row("experts", f"{cfg.num_local_experts} per layer, top-{cfg.num_experts_per_tok}")
+    t.add_row("hidden / ffn", f"{cfg.hidden_size} / {cfg.intermediate_size}")
+    t.add_row("vocab", str(cfg.vocab_size))
+    t.add_row("tokenizer", str(meta.get("tokenizer.ggml.model", "none")) + (
+        ", chat template" if "tokenizer.chat_template" in meta else ""))  # fmt: skip
+    t.add_row(
+        "store", f"experts {p.expert_format.scheme}, extent {fmt_bytes(p.expert_format.nbytes)}"
+    )
+    console.print(t)
+    groups: dict[tuple[str, str, str, str], list[int]] = {}
+    for g, kind, shape, _, action in p.rows:
+        m = re.match(r"blk\.(\d+)\.(.*)", g)
+        key = (f"blk.*.{m[2]}" if m else g, kind, "x".join(map(str, shape)), action)
+        groups.setdefault(key, []).append(int(m[1]) if m else -1)
+    rows = Table(title="what convert does with each tensor")
+    for col in ("tensor", "type", "shape", "layers", "becomes"):
+        rows.add_column(col)
+    for (name, kind, shape, action), layers in groups.items():
+        where = "" if layers == [-1] else _ranges(layers)
+        rows.add_row(name, kind, shape, where, action)
+    console.print(rows)
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out, start = [], None
+    xs = sorted(xs)
+    for i, x in enumerate(xs):
+        start = x if start is None else start
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)

@@ -77,6 +77,8 @@ def _field_value(field) -> Any:
     if field.types[0] == GGUFValueType.ARRAY:
         return field.contents()
     v = field.contents()
+    if field.types[0] == GGUFValueType.FLOAT32:  # 1e-06 as config.json says, not 9.99999997e-07
+        return float(str(np.float32(v)))
     return v.item() if isinstance(v, np.generic) else v
 
 
