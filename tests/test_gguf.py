@@ -316,3 +316,61 @@ def test_synth_gguf_refuses_a_name_without_the_suffix(tmp_path):
 
     assert main(["synth", str(tmp_path / "x.bin"), "--gguf"]) == 1
     assert not (tmp_path / "x.bin").exists()
+
+
+class MixedTensors:
+    """A file mixing every supported type the way Q4_K_M and gpt-oss files do: layer 0's
+    experts Q4_K / Q4_1 / Q6_K, layer 1's MXFP4 / Q5_K / BF16, attention in F16."""
+
+    EXPERTS = {0: ("Q4_K", "Q4_1", "Q6_K"), 1: ("MXFP4", "Q5_K", "BF16")}
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+
+    def type_of(self, name, shape, role):
+        if role in ("norm", "router"):
+            return "F32"
+        if role == "experts":
+            layer, kind = int(name.split(".")[1]), name.split(".")[2]
+            return self.EXPERTS[layer][
+                ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps").index(kind)
+            ]
+        return "F16" if "attn" in name else "Q8_0"
+
+    def __call__(self, name, shape, role):
+        from mer.synth.gguf import random_blocks
+
+        if role in ("norm", "router"):
+            return (1 + 0.1 * self.rng.standard_normal(shape)).astype(np.float32)
+        return random_blocks(self.type_of(name, shape, role), shape, self.rng)
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory):
+    from mer.synth.checkpoint import hf_config
+    from mer.synth.gguf import write_gguf
+    from mer.synth.tokenizer import build_tokenizer
+
+    hf = hf_config("tiny", hidden_size=256, intermediate_size=256)
+    path = tmp_path_factory.mktemp("mixed") / "mixed.gguf"
+    return write_gguf(path, hf, MixedTensors(), build_tokenizer(512))[0]
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "bf16"])
+def test_every_supported_type_converts_and_its_error_is_measured(mixed_gguf, tmp_path, quant):
+    report = []
+    convert_gguf(mixed_gguf, tmp_path / "s", quant, progress=False, report=report)
+    experts = {
+        kind: (action, err) for kind, action, _, err in report if not action.startswith("dense")
+    }
+    assert set(experts) == {"Q4_K", "Q4_1", "Q6_K", "MXFP4", "Q5_K", "BF16"}
+    for kind, (action, err) in experts.items():
+        mx, rms = err
+        if quant == "int4" and kind in gguf_blocks.EXACT_TYPES:
+            assert action == EXACT_ACTION and mx < 2**-7  # scale and zero rounding only
+        elif quant == "int4":
+            assert "requantized" in action and rms < 0.15  # int4's own error, g32
+        elif quant == "int8":
+            assert rms < 0.01
+        else:
+            assert mx < 2**-8  # bf16 rounding of each weight

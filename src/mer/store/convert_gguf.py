@@ -186,22 +186,21 @@ def expert_extent(source: GGUFSource, p: Plan, layer: int, e: int) -> torch.Tens
 
 
 def measure(source: GGUFSource, p: Plan, layer: int, e: int, extent: torch.Tensor) -> dict:
-    """Error of the stored expert against `gguf`'s dequantization: per part, max |error| over
-    max |weight| and RMS error over RMS weight."""
+    """Error of the stored expert against `gguf`'s dequantization, per GGUF stack it came
+    from: (max |error| / max |weight|, RMS error / RMS weight)."""
     ef, names, count = p.expert_format, p.experts[layer], p.cfg.num_local_experts
     w = ef.view(extent.clone())
+    gate_up, down = w.gate_up.dequantize().float(), w.down.dequantize().float()
+    got = {"w2": down}
     if "w13" in names:
-        gate_up = source.floats(names["w13"], e, count)
+        got["w13"] = gate_up
     else:
-        gate_up = torch.cat([source.floats(names[k], e, count) for k in ("w1", "w3")], 0)
+        got["w1"], got["w3"] = gate_up.chunk(2, 0)
     out = {}
-    down = source.floats(names["w2"], e, count)
-    for part, ref, got in (
-        ("gate_up", gate_up, w.gate_up.dequantize()),
-        ("down", down, w.down.dequantize()),
-    ):
-        err = (got.float() - ref).float()
-        out[part] = (
+    for key, stored in got.items():
+        ref = source.floats(names[key], e, count)
+        err = stored - ref
+        out[names[key]] = (
             (err.abs().max() / ref.abs().max().clamp_min(1e-30)).item(),
             (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
         )
@@ -274,40 +273,36 @@ def convert_gguf(
 
 def _record(source, p: Plan, layer: int, e: int, extent, measured: dict) -> None:
     """Measure the first expert made from each GGUF type (cheap: one expert per type)."""
-    names = p.experts[layer]
-    kinds = {"gate_up": source.tensors[names.get("w13", names.get("w1"))].type_name,
-             "down": source.tensors[names["w2"]].type_name}  # fmt: skip
+    kinds = {n: source.tensors[n].type_name for n in p.experts[layer].values()}
     if all(k in measured for k in kinds.values()):
         return
-    errs = measure(source, p, layer, e, extent)
-    for part, kind in kinds.items():
-        measured.setdefault(kind, []).append(errs[part])
+    for name, err in measure(source, p, layer, e, extent).items():
+        measured.setdefault(kinds[name], []).append(err)
 
 
-def _summary(p: Plan, measured: dict) -> list[tuple[str, str, int, str]]:
+def _summary(p: Plan, measured: dict) -> list[tuple[str, str, int, tuple | None]]:
+    """(GGUF type, what it became, tensors, worst (max, rms) error measured or None) rows."""
     counts: dict[tuple[str, str], int] = {}
     for _, kind, _, _, action in p.rows:
         counts[(kind, action)] = counts.get((kind, action), 0) + 1
     rows = []
     for (kind, action), n in sorted(counts.items()):
-        err = ""
+        err = None
         if not action.startswith("dense") and kind in measured:
-            mx = max(m[0] for m in measured[kind])
-            rms = max(m[1] for m in measured[kind])
-            err = f"max {mx:.2e}, rms {rms:.2e}"
+            err = tuple(max(m[i] for m in measured[kind]) for i in range(2))
         rows.append((kind, action, n, err))
     return rows
 
 
-def print_choices(rows: list[tuple[str, str, int, str]]) -> None:
+def print_choices(rows: list[tuple[str, str, int, tuple | None]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title="GGUF tensor types: what the store holds")
-    for col in ("type", "stored as", "tensors", "expert error vs GGUF (max/max|w|, rms/rms)"):
+    for col in ("type", "stored as", "tensors", "expert error vs GGUF: max/max|w|, rms/rms"):
         t.add_column(col)
     for kind, action, n, err in rows:
-        t.add_row(kind, action, str(n), err)
+        t.add_row(kind, action, str(n), f"{err[0]:.2e}, {err[1]:.2e}" if err else "")
     Console(file=sys.stderr, highlight=False, soft_wrap=True, emoji=False).print(t)
 
 

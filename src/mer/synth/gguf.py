@@ -211,15 +211,20 @@ def to_gguf(w: np.ndarray, type_name: str) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
+    if type_name in ("F32", "F16"):
+        return w.astype(np.float32 if type_name == "F32" else np.float16)
     if type_name == "Q4_K":
         return quantize_q4_k(w.reshape(-1, w.shape[-1])).reshape(*w.shape[:-1], -1)
     return quantize(w.astype(np.float32), GGMLQuantizationType[type_name])
 
 
 def random_blocks(type_name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Random valid blocks of `type_name` for a weight of `shape` (~N(0, 0.02)-like spread)."""
+    """Random valid blocks of `type_name` for a weight of `shape`, weights within about +-0.05
+    (float types: N(0, 0.02) values). Every byte is random but the block scales."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    if type_name in ("F32", "F16", "BF16"):
+        return to_gguf((0.02 * rng.standard_normal(shape)).astype(np.float32), type_name)
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
     n = rows * cols // block
@@ -232,9 +237,17 @@ def random_blocks(type_name: str, shape: tuple[int, ...], rng: np.random.Generat
         out[:, 0:2] = f16(0.002, 0.006)
     elif type_name == "Q8_0":
         out[:, 0:2] = f16(0.0001, 0.0003)
-    elif type_name == "Q4_K":
-        out[:, 0:2] = f16(0.0001, 0.0002)  # d, times 6-bit scales up to 63
+    elif type_name == "Q4_1":
+        out[:, 0:2] = f16(0.002, 0.006)
+        out[:, 2:4] = f16(-0.04, -0.02)  # the block's minimum
+    elif type_name in ("Q4_K", "Q5_K"):
+        top = 0.0002 if type_name == "Q4_K" else 0.0001  # times 6-bit scales, 4- or 5-bit q
+        out[:, 0:2] = f16(top / 2, top)  # d
         out[:, 2:4] = f16(0.0001, 0.0002)  # dmin
+    elif type_name == "Q6_K":
+        out[:, 208:210] = f16(0.00001, 0.00002)  # d, times int8 scales, times q - 32
+    elif type_name == "MXFP4":
+        out[:, 0] = rng.integers(119, 122, n)  # e8m0: 2^(e - 127) * (up to +-6)
     else:
         raise ConfigError(f"--gguf-type must be one of {', '.join(SYNTH_TYPES)}, got {type_name}")
     return out.reshape(*shape[:-1], -1)
