@@ -96,9 +96,13 @@ class CheckpointTensors:
     def floats(self, name: str, shape: tuple[int, ...], role: str) -> np.ndarray:
         if role == "experts":
             layer = int(name.split(".")[1])
-            w = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}[
-                name.split(".")[2]
-            ]
+            kind = name.split(".")[2]
+            if kind == "ffn_gate_up_exps":  # fused: gate rows, then up rows
+                gate, up = (
+                    self.floats(name.replace("gate_up", k), shape, role) for k in ("gate", "up")
+                )
+                return np.concatenate([gate, up], axis=1)
+            w = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}[kind]
             return np.stack([
                 self.src.get(naming.expert_names(self.fam, layer, e)[w]).float().numpy()
                 for e in range(self.cfg.num_local_experts)
@@ -115,10 +119,15 @@ class CheckpointTensors:
         return x.astype(np.float32) if kind == "F32" else to_gguf(x, kind)
 
 
-def write_tiny_gguf(ckpt: Path, out: Path, qtype: str, split_max_tensors: int = 0) -> list[Path]:
+def write_tiny_gguf(
+    ckpt: Path, out: Path, qtype: str, split_max_tensors: int = 0, tensors=None
+) -> list[Path]:
+    """`ckpt` as GGUF in `qtype`; `tensors` overrides the tensor list (name, shape, role)."""
     source = CheckpointTensors(ckpt, qtype)
     tok = build_tokenizer(source.cfg.vocab_size)
-    return write_gguf(out, source.hf, source, tok, CHAT_TEMPLATE, split_max_tensors)
+    return write_gguf(
+        out, source.hf, source, tok, CHAT_TEMPLATE, split_max_tensors, tensors=tensors
+    )
 
 
 def gguf_reference(files: list[Path], ckpt: Path, out: Path):

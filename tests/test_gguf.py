@@ -4,10 +4,18 @@ weights as `gguf` dequantizes them; 4-bit blocks kept exact; bad files refused c
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from tests.gguf_helpers import FAMILIES, gguf_reference, save_tiny, write_tiny_gguf
+from tests.gguf_helpers import (
+    FAMILIES,
+    CheckpointTensors,
+    gguf_reference,
+    save_tiny,
+    write_tiny_gguf,
+)
 from tests.helpers import dequantized_reference
 
 import mer
@@ -374,3 +382,42 @@ def test_every_supported_type_converts_and_its_error_is_measured(mixed_gguf, tmp
             assert rms < 0.01
         else:
             assert mx < 2**-8  # bf16 rounding of each weight
+
+
+def test_fused_gate_up_experts_convert_like_split_ones(tmp_path):
+    from mer.synth.gguf import tensor_list
+
+    ckpt = tmp_path / "hf"
+    save_tiny("qwen2_moe", ckpt)
+    hf = json.loads((ckpt / "config.json").read_text())
+    fused = tensor_list(hf, fused_gate_up=True)
+    assert any("ffn_gate_up_exps" in n for n, _, _ in fused)
+    a = write_tiny_gguf(ckpt, tmp_path / "split.gguf", "Q4_K")[0]
+    b = write_tiny_gguf(ckpt, tmp_path / "fused.gguf", "Q4_K", tensors=fused)[0]
+    sa = Store(convert(a, tmp_path / "a", progress=False))
+    sb = Store(convert(b, tmp_path / "b", progress=False))
+    assert sa.manifest["experts"]["table"] == sb.manifest["experts"]["table"]
+
+
+def test_a_tensor_mer_would_drop_is_refused(tmp_path):
+    from mer.synth.gguf import tensor_list
+
+    ckpt = tmp_path / "hf"
+    save_tiny("mixtral", ckpt)
+    hf = json.loads((ckpt / "config.json").read_text())
+    extra = [*tensor_list(hf), ("blk.0.ffn_gate_inp.bias", (4,), "norm")]
+
+    class WithBias(CheckpointTensors):
+        def floats(self, name, shape, role):
+            if name == "blk.0.ffn_gate_inp.bias":
+                return np.ones(shape, np.float32)
+            return super().floats(name, shape, role)
+
+    from mer.synth.gguf import write_gguf
+    from mer.synth.tokenizer import build_tokenizer
+
+    path = write_gguf(tmp_path / "m.gguf", hf, WithBias(ckpt, "Q8_0"), build_tokenizer(512),
+                      tensors=extra)[0]  # fmt: skip
+    with pytest.raises(ConvertError, match="blk.0.ffn_gate_inp.bias have no place in a mixtral"):
+        convert(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -116,6 +116,15 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ConvertError(f"{where}: missing tensors {', '.join(missing[:3])}{more}")
+    # A tensor nobody asked for would be silently dropped (a router bias, a rope table):
+    # refuse rather than convert a different model.
+    unused = [g for g in source.tensors if g not in expected]
+    if unused:
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        raise ConvertError(
+            f"{where}: tensors {', '.join(unused[:3])}{more} have no place in a "
+            f"{cfg.model_type} store (converting would drop them)"
+        )
     for g, (shape, ours, expert) in expected.items():
         t = source.tensors[g]
         if t.type_name not in SUPPORTED_TYPES:

@@ -36,9 +36,10 @@ class TensorSource(Protocol):
     def __call__(self, name: str, shape: tuple[int, ...], role: str) -> np.ndarray: ...
 
 
-def tensor_list(hf: dict) -> list[tuple[str, tuple[int, ...], str]]:
+def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[int, ...], str]]:
     """(GGUF name, row-major shape, role) of every tensor, in file order.
-    role: "norm" (1-D), "router", "matrix", "experts" (stacked)."""
+    role: "norm" (1-D), "router", "matrix", "experts" (stacked). `fused_gate_up` writes
+    each layer's gate and up experts as one `ffn_gate_up_exps` stack (gate rows first)."""
     from mer.config import ModelConfig
 
     cfg = ModelConfig.from_hf(hf)
@@ -74,8 +75,14 @@ def tensor_list(hf: dict) -> list[tuple[str, tuple[int, ...], str]]:
         if cfg.is_moe_layer(i):
             out += [
                 (p + "ffn_gate_inp.weight", (e, h), "router"),
-                (p + "ffn_gate_exps.weight", (e, f, h), "experts"),
-                (p + "ffn_up_exps.weight", (e, f, h), "experts"),
+                *(
+                    [(p + "ffn_gate_up_exps.weight", (e, 2 * f, h), "experts")]
+                    if fused_gate_up
+                    else [
+                        (p + "ffn_gate_exps.weight", (e, f, h), "experts"),
+                        (p + "ffn_up_exps.weight", (e, f, h), "experts"),
+                    ]
+                ),
                 (p + "ffn_down_exps.weight", (e, h, f), "experts"),
             ]
             s = cfg.shared_expert_intermediate_size
@@ -261,9 +268,10 @@ def write_gguf(
     chat_template: str | None = None,
     split_max_tensors: int = 0,
     progress: bool = False,
+    tensors: list[tuple[str, tuple[int, ...], str]] | None = None,
 ) -> list[Path]:
-    """Write a GGUF (or a split set) for config `hf`, tensors in `tensor_list` order, each
-    asked of `source` when its turn comes. Returns the files written."""
+    """Write a GGUF (or a split set) for config `hf`, its tensors (default `tensor_list(hf)`)
+    in order, each asked of `source` when its turn comes. Returns the files written."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
     from mer.progress import progress_bar
@@ -275,7 +283,7 @@ def write_gguf(
     add_metadata(w, hf)
     if tokenizer is not None:
         add_tokenizer(w, tokenizer, hf["vocab_size"], chat_template)
-    listing = tensor_list(hf)
+    listing = tensor_list(hf) if tensors is None else tensors
     # The header lists every tensor's type and size before any data is written.
     for name, shape, role in listing:
         qt = GGMLQuantizationType[source.type_of(name, shape, role)]
