@@ -261,10 +261,13 @@ def test_bad_gguf_is_a_one_line_error_and_leaves_nothing(good_gguf, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no store, no temp dir
 
 
-def test_dense_llama_is_refused(tmp_path, good_gguf):
+def test_dense_llama_is_refused_in_one_line_by_the_cli(tmp_path, good_gguf, capsys):
+    from mer.cli import main
+
     path = damaged(good_gguf, tmp_path, patch(b"llama.expert_count", b"llama.expert_coun_"))
-    with pytest.raises(ConvertError, match="dense llama model"):
-        convert(path, tmp_path / "out", progress=False)
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "dense llama model" in err
     assert not (tmp_path / "out").exists()
 
 
