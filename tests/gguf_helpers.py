@@ -4,6 +4,7 @@ exactly what a GGUF holds (each tensor dequantized by the `gguf` package itself)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,11 @@ class CheckpointTensors:
         return self.qtype
 
     def floats(self, name: str, shape: tuple[int, ...], role: str) -> np.ndarray:
+        per_expert = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight", name)
+        if per_expert:  # the layout of Mixtral files from before stacked experts
+            layer, kind, e = int(per_expert[1]), per_expert[2], int(per_expert[3])
+            w = {"gate": "w1", "up": "w3", "down": "w2"}[kind]
+            return self.src.get(naming.expert_names(self.fam, layer, e)[w]).float().numpy()
         if role == "experts":
             layer = int(name.split(".")[1])
             kind = name.split(".")[2]
@@ -117,6 +123,20 @@ class CheckpointTensors:
         x = self.floats(name, shape, role)
         kind = self.type_of(name, shape, role)
         return x.astype(np.float32) if kind == "F32" else to_gguf(x, kind)
+
+
+def per_expert_list(hf: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """`tensor_list` with each stacked expert tensor as one tensor per expert (old Mixtral)."""
+    from mer.synth.gguf import tensor_list
+
+    out = []
+    for name, shape, role in tensor_list(hf):
+        if role != "experts":
+            out.append((name, shape, role))
+            continue
+        layer, kind = name.split(".")[1], name.split(".")[2].removesuffix("_exps")
+        out += [(f"blk.{layer}.{kind}.{e}.weight", shape[1:], "matrix") for e in range(shape[0])]
+    return out
 
 
 def write_tiny_gguf(

@@ -402,6 +402,23 @@ def test_fused_gate_up_experts_convert_like_split_ones(tmp_path):
     assert sa.manifest["experts"]["table"] == sb.manifest["experts"]["table"]
 
 
+def test_one_tensor_per_expert_mixtral_files_convert_like_stacked_ones(tmp_path, capsys):
+    from tests.gguf_helpers import per_expert_list
+
+    from mer.cli import main
+
+    ckpt = tmp_path / "hf"
+    save_tiny("mixtral", ckpt)
+    hf = json.loads((ckpt / "config.json").read_text())
+    a = write_tiny_gguf(ckpt, tmp_path / "stacked.gguf", "Q4_K")[0]
+    b = write_tiny_gguf(ckpt, tmp_path / "old.gguf", "Q4_K", tensors=per_expert_list(hf))[0]
+    sa = Store(convert(a, tmp_path / "a", progress=False))
+    sb = Store(convert(b, tmp_path / "b", progress=False))
+    assert sa.manifest["experts"]["table"] == sb.manifest["experts"]["table"]
+    assert main(["info", str(b)]) == 0
+    assert "blk.*.ffn_down.*.weight" in capsys.readouterr().out
+
+
 def test_a_tensor_mer_would_drop_is_refused(tmp_path):
     from mer.synth.gguf import tensor_list
 

@@ -51,7 +51,8 @@ class Plan:
     arch: gguf_arch.GGUFArch
     expert_format: ExpertFormat
     dense: dict[str, str]  # mer name -> GGUF name
-    experts: dict[int, dict[str, str]]  # layer -> {"w1","w3","w2" or "w13"} -> GGUF stack
+    # layer -> {"w1","w3","w2" or "w13"} -> GGUF stack, or a per-expert name with "{e}"
+    experts: dict[int, dict[str, str]]
     rows: list[tuple[str, str, tuple[int, ...], str, str]] = field(default_factory=list)
     # (GGUF name, type, shape, mer name, action)
 
@@ -103,6 +104,18 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
     for layer in cfg.moe_layers:
         split = {w: n.format(i=layer) for w, n in gguf_arch.EXPERT_NAMES.items()}
         fused = gguf_arch.FUSED_GATE_UP.format(i=layer)
+        single = {w: n.format(i=layer) for w, n in gguf_arch.PER_EXPERT_NAMES.items()}
+        if single["w2"].format(e=0) in shapes and split["w2"] not in shapes:
+            p.experts[layer] = single
+            for x in range(e):
+                for w, shape, part in (("w1", (f, h), "gate"), ("w3", (f, h), "up"),
+                                       ("w2", (h, f), "down")):  # fmt: skip
+                    expected[single[w].format(e=x)] = (
+                        shape,
+                        f"layers.{layer}.experts.{x}.{part}",
+                        True,
+                    )
+            continue
         if fused in shapes:
             p.experts[layer] = {"w13": fused, "w2": split["w2"]}
             expected[fused] = ((e, 2 * f, h), f"layers.{layer}.experts.gate_up", True)
@@ -166,18 +179,29 @@ def dense_tensor(source: GGUFSource, p: Plan, ours: str) -> torch.Tensor:
     return w
 
 
+def _where(p: Plan, name: str, e: int) -> tuple[str, int | None, int]:
+    """(GGUF tensor, slice index or None for all of it, slices) holding expert e's `name`."""
+    if "{e}" in name:
+        return name.format(e=e), None, 1
+    return name, e, p.cfg.num_local_experts
+
+
+def _floats(source: GGUFSource, p: Plan, name: str, e: int) -> torch.Tensor:
+    return source.floats(*_where(p, name, e))
+
+
 def _int4_rows(source: GGUFSource, p: Plan, name: str, e: int):
     """One expert's slice of a stack as int4 (q, scales, zeros), exactly where the type allows."""
-    t = source.tensors[name]
-    count = p.cfg.num_local_experts
+    tensor, index, count = _where(p, name, e)
+    t = source.tensors[tensor]
     if p.exact(t.type_name):
-        return gguf_blocks.decode(source.raw(name, e, count), t.type_name, t.shape[-1])
-    return int4.quantize(source.floats(name, e, count), p.expert_format.group_size)
+        return gguf_blocks.decode(source.raw(tensor, index, count), t.type_name, t.shape[-1])
+    return int4.quantize(source.floats(tensor, index, count), p.expert_format.group_size)
 
 
 def expert_extent(source: GGUFSource, p: Plan, layer: int, e: int) -> torch.Tensor:
     """The store extent of expert (layer, e), reading only its slices of the stacks."""
-    ef, names, count = p.expert_format, p.experts[layer], p.cfg.num_local_experts
+    ef, names = p.expert_format, p.experts[layer]
     if ef.scheme == "int4":
         parts = {}
         gate_up = [names["w13"]] if "w13" in names else [names["w1"], names["w3"]]
@@ -188,16 +212,16 @@ def expert_extent(source: GGUFSource, p: Plan, layer: int, e: int) -> torch.Tens
             parts[f"{part}.scales_zeros"] = int4.pack_scales_zeros(scales, zeros)
         return ef.assemble(parts)
     if "w13" in names:
-        w1, w3 = source.floats(names["w13"], e, count).chunk(2, 0)
+        w1, w3 = _floats(source, p, names["w13"], e).chunk(2, 0)
     else:
-        w1, w3 = source.floats(names["w1"], e, count), source.floats(names["w3"], e, count)
-    return ef.encode(w1, source.floats(names["w2"], e, count), w3)
+        w1, w3 = _floats(source, p, names["w1"], e), _floats(source, p, names["w3"], e)
+    return ef.encode(w1, _floats(source, p, names["w2"], e), w3)
 
 
 def measure(source: GGUFSource, p: Plan, layer: int, e: int, extent: torch.Tensor) -> dict:
     """Error of the stored expert against `gguf`'s dequantization, per GGUF stack it came
     from: (max |error| / max |weight|, RMS error / RMS weight)."""
-    ef, names, count = p.expert_format, p.experts[layer], p.cfg.num_local_experts
+    ef, names = p.expert_format, p.experts[layer]
     w = ef.view(extent.clone())
     gate_up, down = w.gate_up.dequantize().float(), w.down.dequantize().float()
     got = {"w2": down}
@@ -207,9 +231,9 @@ def measure(source: GGUFSource, p: Plan, layer: int, e: int, extent: torch.Tenso
         got["w1"], got["w3"] = gate_up.chunk(2, 0)
     out = {}
     for key, stored in got.items():
-        ref = source.floats(names[key], e, count)
+        ref = _floats(source, p, names[key], e)
         err = stored - ref
-        out[names[key]] = (
+        out[_where(p, names[key], e)[0]] = (
             (err.abs().max() / ref.abs().max().clamp_min(1e-30)).item(),
             (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
         )
@@ -251,7 +275,7 @@ def convert_gguf(
             raise ConvertError(f"{src}: missing metadata tokenizer.ggml.tokens (no tokenizer)")
         cfg, ef = p.cfg, p.expert_format
         total = sum(source.tensors[g].nbytes for g in p.dense.values()) + sum(
-            source.tensors[n].nbytes for names in p.experts.values() for n in names.values()
+            _expert_nbytes(source, p, layer, e) for layer, e in cfg.expert_keys()
         )
         measured: dict[str, list] = {}  # GGUF type -> [(max, rms) ...] of parts it made
         with tempfile.TemporaryDirectory(prefix="mer-gguf-tok-") as tok_dir:
@@ -261,14 +285,11 @@ def convert_gguf(
                     for ours, g in p.dense.items():
                         writer.add_dense(ours, dense_tensor(source, p, ours))
                         bar.advance(source.tensors[g].nbytes)
-                    for layer in cfg.moe_layers:
-                        names = p.experts[layer]
-                        stacks = sum(source.tensors[n].nbytes for n in names.values())
-                        for e in range(cfg.num_local_experts):
-                            extent = expert_extent(source, p, layer, e)
-                            writer.add_expert(layer, e, extent)
-                            _record(source, p, layer, e, extent, measured)
-                            bar.advance(stacks // cfg.num_local_experts)
+                    for layer, e in cfg.expert_keys():
+                        extent = expert_extent(source, p, layer, e)
+                        writer.add_expert(layer, e, extent)
+                        _record(source, p, layer, e, extent, measured)
+                        bar.advance(_expert_nbytes(source, p, layer, e))
                 for f in tok_files:
                     writer.add_tokenizer_file(f)
                 path = writer.close()
@@ -280,9 +301,19 @@ def convert_gguf(
     return path
 
 
+def _expert_nbytes(source: GGUFSource, p: Plan, layer: int, e: int) -> int:
+    """Bytes of the file that hold expert (layer, e)."""
+    n = 0
+    for name in p.experts[layer].values():
+        tensor, index, count = _where(p, name, e)
+        n += source.tensors[tensor].nbytes // count
+    return n
+
+
 def _record(source, p: Plan, layer: int, e: int, extent, measured: dict) -> None:
     """Measure the first expert made from each GGUF type (cheap: one expert per type)."""
-    kinds = {n: source.tensors[n].type_name for n in p.experts[layer].values()}
+    tensors = (_where(p, n, e)[0] for n in p.experts[layer].values())
+    kinds = {t: source.tensors[t].type_name for t in tensors}
     if all(k in measured for k in kinds.values()):
         return
     for name, err in measure(source, p, layer, e, extent).items():
@@ -356,7 +387,9 @@ def describe(src: str | Path, quant: str = "int4", group_size: int | None = None
     groups: dict[tuple[str, str, str, str], list[int]] = {}
     for g, kind, shape, _, action in p.rows:
         m = re.match(r"blk\.(\d+)\.(.*)", g)
-        key = (f"blk.*.{m[2]}" if m else g, kind, "x".join(map(str, shape)), action)
+        # blk.7.ffn_up.3.weight (one tensor per expert) groups as blk.*.ffn_up.*.weight
+        name = "blk.*." + re.sub(r"[.]\d+[.]", ".*.", m[2]) if m else g
+        key = (name, kind, "x".join(map(str, shape)), action)
         groups.setdefault(key, []).append(int(m[1]) if m else -1)
     rows = Table(title="what convert does with each tensor")
     for col in ("tensor", "type", "shape", "layers", "becomes"):
@@ -370,7 +403,7 @@ def describe(src: str | Path, quant: str = "int4", group_size: int | None = None
 def _ranges(xs: list[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
     out, start = [], None
-    xs = sorted(xs)
+    xs = sorted(set(xs))
     for i, x in enumerate(xs):
         start = x if start is None else start
         if i + 1 == len(xs) or xs[i + 1] != x + 1:

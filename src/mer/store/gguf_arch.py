@@ -101,6 +101,12 @@ EXPERT_NAMES = {
     "w2": "blk.{i}.ffn_down_exps.weight",
 }
 FUSED_GATE_UP = "blk.{i}.ffn_gate_up_exps.weight"
+# Mixtral files written before llama.cpp stacked experts (early 2024): one tensor per expert.
+PER_EXPERT_NAMES = {
+    "w1": "blk.{i}.ffn_gate.{{e}}.weight",
+    "w3": "blk.{i}.ffn_up.{{e}}.weight",
+    "w2": "blk.{i}.ffn_down.{{e}}.weight",
+}
 
 
 def gguf_names(mer_names: set[str] | list[str], n_layers: int) -> dict[str, str]:
@@ -160,7 +166,9 @@ def hf_config(
         raise ConvertError(f"{where}: no layer has a router (blk.N.ffn_gate_inp.weight)")
     down = EXPERT_NAMES["w2"].format(i=moe[0])
     if down not in shapes:
-        raise ConvertError(f"{where}: missing tensor {down}")
+        down = PER_EXPERT_NAMES["w2"].format(i=moe[0]).format(e=0)
+    if down not in shapes:
+        raise ConvertError(f"{where}: missing tensor {EXPERT_NAMES['w2'].format(i=moe[0])}")
     ffn = shapes[down][-1]
     dense = [i for i in range(n) if i not in moe]
     dense_ffn = int(meta.get(f"{name}.feed_forward_length", 0) or 0)
