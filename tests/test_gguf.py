@@ -419,6 +419,21 @@ def test_one_tensor_per_expert_mixtral_files_convert_like_stacked_ones(tmp_path,
     assert "blk.*.ffn_down.*.weight" in capsys.readouterr().out
 
 
+def test_rope_scaling_in_the_metadata_is_refused_as_for_checkpoints(tmp_path):
+    from mer.errors import ConfigError
+    from mer.synth.checkpoint import hf_config
+    from mer.synth.gguf import RandomTensors, write_gguf
+    from mer.synth.tokenizer import build_tokenizer
+
+    hf = hf_config("tiny-qwen3-moe")
+    extra = {"qwen3moe.rope.scaling.type": "yarn", "qwen3moe.rope.scaling.factor": 4.0}
+    path = write_gguf(tmp_path / "m.gguf", hf, RandomTensors(hf, "Q8_0"), build_tokenizer(512),
+                      extra_metadata=extra)[0]  # fmt: skip
+    with pytest.raises(ConfigError, match="rope scaling 'yarn' is not supported"):
+        convert(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tensor_mer_would_drop_is_refused(tmp_path):
     from mer.synth.gguf import tensor_list
 

@@ -155,6 +155,10 @@ def hf_config(
             cfg[hf] = v
     if cfg.get("clip_qkv") in (0, 0.0):
         cfg["clip_qkv"] = None
+    scaling = meta.get(f"{name}.rope.scaling.type")
+    if scaling not in (None, "", "none"):  # ModelConfig refuses what mer does not compute
+        factor = meta.get(f"{name}.rope.scaling.factor")
+        cfg["rope_scaling"] = {"rope_type": scaling, "factor": factor}
     n = cfg["num_hidden_layers"]
     if "token_embd.weight" not in shapes:
         raise ConvertError(f"{where}: missing tensor token_embd.weight")

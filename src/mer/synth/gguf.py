@@ -269,9 +269,11 @@ def write_gguf(
     split_max_tensors: int = 0,
     progress: bool = False,
     tensors: list[tuple[str, tuple[int, ...], str]] | None = None,
+    extra_metadata: dict[str, str | float | int] | None = None,
 ) -> list[Path]:
     """Write a GGUF (or a split set) for config `hf`, its tensors (default `tensor_list(hf)`)
-    in order, each asked of `source` when its turn comes. Returns the files written."""
+    in order, each asked of `source` when its turn comes; `extra_metadata` adds keys
+    (str, float32 or uint32 values). Returns the files written."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
     from mer.progress import progress_bar
@@ -283,6 +285,13 @@ def write_gguf(
     add_metadata(w, hf)
     if tokenizer is not None:
         add_tokenizer(w, tokenizer, hf["vocab_size"], chat_template)
+    for key, value in (extra_metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
     listing = tensor_list(hf) if tensors is None else tensors
     # The header lists every tensor's type and size before any data is written.
     for name, shape, role in listing:
