@@ -186,6 +186,40 @@ def test_tokenizer_and_chat_template_come_from_the_gguf(tmp_path):
     assert len(list(m.tokens(ids, max_tokens=4, stop_token_ids=[-1]))) == 4
 
 
+def test_a_sentencepiece_tokenizer_as_mixtral_files_hold_it(tmp_path):
+    """tokenizer.ggml.model "llama": pieces with scores and byte fallback, as in Mixtral GGUFs."""
+    from mer.synth.checkpoint import hf_config
+    from mer.synth.gguf import TOKEN_UNUSED, RandomTensors, write_gguf
+
+    hf = hf_config("tiny")
+    words = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "llo", "▁he", "▁hello",
+             "▁w", "or", "orl", "▁world"]  # fmt: skip
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *words]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(words))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(words)  # unknown, control, byte, normal
+    pad = hf["vocab_size"] - len(tokens)
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens + [f"<unused{i}>" for i in range(pad)],
+        "tokenizer.ggml.scores": scores + [-1e4] * pad,
+        "tokenizer.ggml.token_type": types + [TOKEN_UNUSED] * pad,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.chat_template": "{{ bos_token }}{% for m in messages %}[INST] "
+        "{{ m['content'] }} [/INST]{% endfor %}",
+    }
+    path = write_gguf(tmp_path / "m.gguf", hf, RandomTensors(hf, "Q8_0"), extra_metadata=meta)[0]
+    m = mer.open(convert(path, tmp_path / "s", progress=False), ram_budget="64MiB")
+    ids = m.tokenizer.encode("hello world")
+    assert ids[:2] == [1, tokens.index("▁hello")] and m.tokenizer.decode(ids) == "hello world"
+    byte = m.tokenizer.encode("é")  # not a piece: byte fallback to <0xC3> <0xA9>
+    assert byte[-2:] == [tokens.index("<0xC3>"), tokens.index("<0xA9>")]
+    assert m.tokenizer.decode(byte) == "é"
+    chat = m.chat_prompt([{"role": "user", "content": "hello"}])
+    assert chat[0] == 1 and m.tokenizer.decode(chat) == "[INST] hello [/INST]"
+
+
 # ---------------------------------------------------------------- bad files
 
 

@@ -269,11 +269,11 @@ def write_gguf(
     split_max_tensors: int = 0,
     progress: bool = False,
     tensors: list[tuple[str, tuple[int, ...], str]] | None = None,
-    extra_metadata: dict[str, str | float | int] | None = None,
+    extra_metadata: dict[str, str | bool | float | int | list] | None = None,
 ) -> list[Path]:
     """Write a GGUF (or a split set) for config `hf`, its tensors (default `tensor_list(hf)`)
     in order, each asked of `source` when its turn comes; `extra_metadata` adds keys
-    (str, float32 or uint32 values). Returns the files written."""
+    (str, bool, float32, uint32, or arrays). Returns the files written."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
     from mer.progress import progress_bar
@@ -288,6 +288,10 @@ def write_gguf(
     for key, value in (extra_metadata or {}).items():
         if isinstance(value, str):
             w.add_string(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
         elif isinstance(value, float):
             w.add_float32(key, value)
         else:
