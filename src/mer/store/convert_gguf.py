@@ -12,7 +12,7 @@ Expert choices, per GGUF type, for an int4 store:
   rounding scale and zero to bf16.
 - everything else (Q8_0, Q5_K, Q6_K, MXFP4, F16, BF16, F32): dequantized by
   `gguf` and requantized to int4 at the store's group size. The alternative,
-  an int8 store (`--quant int8`), keeps them closer at twice the bytes read
+  an int8 store (`--quant int8`), keeps them closer at 1.6x the bytes read
   per expert; the conversion prints the error each choice measured.
 int8 and bf16 stores take every type through `gguf`'s dequantization.
 The tokenizer and chat template come from the file's `tokenizer.*` metadata,
@@ -73,8 +73,31 @@ class Plan:
         return "bf16"
 
 
-def is_gguf(src: str | Path) -> bool:
-    return str(src).endswith(".gguf")
+def _expert_layout(
+    layer: int, shapes: dict, cfg: ModelConfig
+) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
+    """The tensors holding `layer`'s experts as the file lays them out (stacked gate/up/down,
+    fused gate_up, or one tensor per expert), and each one's expected shape and mer name."""
+    e, h, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    split = {w: n.format(i=layer) for w, n in gguf_arch.EXPERT_NAMES.items()}
+    fused = gguf_arch.FUSED_GATE_UP.format(i=layer)
+    single = {w: n.format(i=layer) for w, n in gguf_arch.PER_EXPERT_NAMES.items()}
+    at = f"layers.{layer}.experts"
+    if single["w2"].format(e=0) in shapes and split["w2"] not in shapes:
+        parts = (("w1", (f, h), "gate"), ("w3", (f, h), "up"), ("w2", (h, f), "down"))
+        expected = {
+            single[w].format(e=x): (shape, f"{at}.{x}.{part}")
+            for x in range(e)
+            for w, shape, part in parts
+        }
+        return single, expected
+    expected = {split["w2"]: ((e, h, f), f"{at}.down")}
+    if fused in shapes:
+        expected[fused] = ((e, 2 * f, h), f"{at}.gate_up")
+        return {"w13": fused, "w2": split["w2"]}, expected
+    expected[split["w1"]] = ((e, f, h), f"{at}.gate")
+    expected[split["w3"]] = ((e, f, h), f"{at}.up")
+    return split, expected
 
 
 def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None) -> Plan:
@@ -100,30 +123,9 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
     expected: dict[str, tuple[tuple[int, ...], str, bool]] = {}  # name -> shape, mer, expert
     for ours, g in dense.items():
         expected[g] = (want[ours], ours, False)
-    e, h, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     for layer in cfg.moe_layers:
-        split = {w: n.format(i=layer) for w, n in gguf_arch.EXPERT_NAMES.items()}
-        fused = gguf_arch.FUSED_GATE_UP.format(i=layer)
-        single = {w: n.format(i=layer) for w, n in gguf_arch.PER_EXPERT_NAMES.items()}
-        if single["w2"].format(e=0) in shapes and split["w2"] not in shapes:
-            p.experts[layer] = single
-            for x in range(e):
-                for w, shape, part in (("w1", (f, h), "gate"), ("w3", (f, h), "up"),
-                                       ("w2", (h, f), "down")):  # fmt: skip
-                    expected[single[w].format(e=x)] = (
-                        shape,
-                        f"layers.{layer}.experts.{x}.{part}",
-                        True,
-                    )
-            continue
-        if fused in shapes:
-            p.experts[layer] = {"w13": fused, "w2": split["w2"]}
-            expected[fused] = ((e, 2 * f, h), f"layers.{layer}.experts.gate_up", True)
-        else:
-            p.experts[layer] = split
-            expected[split["w1"]] = ((e, f, h), f"layers.{layer}.experts.gate", True)
-            expected[split["w3"]] = ((e, f, h), f"layers.{layer}.experts.up", True)
-        expected[split["w2"]] = ((e, h, f), f"layers.{layer}.experts.down", True)
+        p.experts[layer], tensors = _expert_layout(layer, shapes, cfg)
+        expected.update({g: (shape, ours, True) for g, (shape, ours) in tensors.items()})
 
     missing = [g for g in expected if g not in source]
     if missing:
