@@ -18,7 +18,7 @@ def run(*, store: str) -> None:
     from mer.store.reader import Store
 
     if store.endswith(".gguf"):
-        from mer.store.convert_gguf import describe
+        from mer.store.gguf_report import describe
 
         return describe(store)
     s = Store(store)
