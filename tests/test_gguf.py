@@ -5,6 +5,8 @@ weights as `gguf` dequantizes them; 4-bit blocks kept exact; bad files refused c
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,6 +220,34 @@ def test_a_sentencepiece_tokenizer_as_mixtral_files_hold_it(tmp_path):
     assert m.tokenizer.decode(byte) == "é"
     chat = m.chat_prompt([{"role": "user", "content": "hello"}])
     assert chat[0] == 1 and m.tokenizer.decode(chat) == "[INST] hello [/INST]"
+
+
+LLAMA_CPP_MODELS = Path(
+    os.environ.get(
+        "MER_LLAMA_CPP_MODELS", "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/models"
+    )
+)
+
+
+@pytest.mark.parametrize("vocab", ["qwen2", "llama-spm"])  # Qwen-MoE's; Mixtral's
+def test_tokenizers_of_real_gguf_files_tokenize_as_llama_cpp(vocab, tmp_path):
+    """llama.cpp's own vocabulary files and test vectors (tests/test-tokenizer-0): the
+    tokenizer built from the metadata gives llama.cpp's ids, and decodes back."""
+    from mer.store.convert_gguf import tokenizer_files
+    from mer.store.gguf_source import GGUFSource
+    from mer.tokenizer import Tokenizer
+
+    path = LLAMA_CPP_MODELS / f"ggml-vocab-{vocab}.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not present (set MER_LLAMA_CPP_MODELS to llama.cpp's models/)")
+    inputs = path.with_suffix(".gguf.inp").read_text(encoding="utf-8")
+    inputs = inputs.split("\n__ggml_vocab_test__\n")
+    outputs = path.with_suffix(".gguf.out").read_text().splitlines()
+    tokenizer_files(path, tmp_path, GGUFSource(path).meta)
+    tok = Tokenizer.from_dir(tmp_path)
+    for text, ids in zip(inputs, outputs, strict=False):  # the .inp ends with a separator
+        assert tok.encode(text, add_special_tokens=False) == [int(x) for x in ids.split()], text
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
 
 # ---------------------------------------------------------------- bad files

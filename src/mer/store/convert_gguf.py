@@ -241,9 +241,11 @@ def measure(source: GGUFSource, p: Plan, layer: int, e: int, extent: torch.Tenso
     return out
 
 
-def tokenizer_files(path: Path, out_dir: Path) -> list[Path]:
+def tokenizer_files(path: Path, out_dir: Path, meta: dict | None = None) -> list[Path]:
     """tokenizer.json and tokenizer_config.json (with the chat template) from the file's
-    `tokenizer.ggml.*` metadata, built by transformers' own GGUF tokenizer converter."""
+    `tokenizer.ggml.*` metadata, built by transformers' own GGUF tokenizer converter.
+    `meta` (the file's metadata) lets a sentencepiece vocabulary split text as llama.cpp
+    and the original tokenizer.json do (`_spm_like_llama_cpp`)."""
     try:
         from transformers import PreTrainedTokenizerFast
     except ImportError as e:  # pragma: no cover - a dependency
@@ -256,7 +258,26 @@ def tokenizer_files(path: Path, out_dir: Path) -> list[Path]:
             f"{path}: cannot build the tokenizer from its metadata ({first})"
         ) from None
     tok.save_pretrained(str(out_dir))
+    meta = meta or {}
+    if meta.get("tokenizer.ggml.model") == "llama":
+        prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+        _spm_like_llama_cpp(out_dir / "tokenizer.json", bool(prefix))
     return [p for p in sorted(out_dir.iterdir()) if p.is_file()]
+
+
+def _spm_like_llama_cpp(tokenizer_json: Path, add_space_prefix: bool) -> None:
+    """transformers 5 builds a sentencepiece (Llama/Mixtral) vocabulary with a Metaspace
+    pre-tokenizer that adds no "▁" before text that starts with a space, so " Hello"
+    encodes differently from llama.cpp and from Mixtral's own tokenizer.json (15 of the 46
+    llama.cpp test strings). Those prepend "▁" to all text and turn spaces into "▁" in the
+    normalizer; do the same (tested against llama.cpp's own vocabulary test vectors)."""
+    from tokenizers import Tokenizer, normalizers
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    steps = [normalizers.Prepend("▁")] if add_space_prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
+    tok.save(str(tokenizer_json))
 
 
 def convert_gguf(
@@ -280,7 +301,7 @@ def convert_gguf(
         )
         measured: dict[str, list] = {}  # GGUF type -> [(max, rms) ...] of parts it made
         with tempfile.TemporaryDirectory(prefix="mer-gguf-tok-") as tok_dir:
-            tok_files = tokenizer_files(source.parts[0], Path(tok_dir))
+            tok_files = tokenizer_files(source.parts[0], Path(tok_dir), source.meta)
             with StoreWriter(dst, cfg, p.hf_config, ef, overwrite=force) as writer:
                 with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
                     for ours, g in p.dense.items():
