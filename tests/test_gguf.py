@@ -339,6 +339,8 @@ def test_missing_split_part_is_named(tmp_path):
     ckpt = tmp_path / "hf"
     save_tiny("olmoe", ckpt)
     parts = write_tiny_gguf(ckpt, tmp_path / "m.gguf", "Q8_0", split_max_tensors=10)
+    with pytest.raises(ConvertError, match=f"part 2 of a split GGUF; pass {parts[0].name}"):
+        convert(parts[1], tmp_path / "out", progress=False)
     parts[1].unlink()
     with pytest.raises(ConvertError, match=f"{parts[1].name}: part of split GGUF .* is missing"):
         convert(parts[0], tmp_path / "out", progress=False)
