@@ -211,7 +211,7 @@ def test_a_sentencepiece_tokenizer_as_mixtral_files_hold_it(tmp_path):
         "tokenizer.chat_template": "{{ bos_token }}{% for m in messages %}[INST] "
         "{{ m['content'] }} [/INST]{% endfor %}",
     }
-    path = write_gguf(tmp_path / "m.gguf", hf, RandomTensors(hf, "Q8_0"), extra_metadata=meta)[0]
+    path = write_gguf(tmp_path / "m.gguf", hf, RandomTensors("Q8_0"), extra_metadata=meta)[0]
     m = mer.open(convert(path, tmp_path / "s", progress=False), ram_budget="64MiB")
     ids = m.tokenizer.encode("hello world")
     assert ids[:2] == [1, tokens.index("▁hello")] and m.tokenizer.decode(ids) == "hello world"
@@ -493,7 +493,7 @@ def test_rope_scaling_in_the_metadata_is_refused_as_for_checkpoints(tmp_path):
 
     hf = hf_config("tiny-qwen3-moe")
     extra = {"qwen3moe.rope.scaling.type": "yarn", "qwen3moe.rope.scaling.factor": 4.0}
-    path = write_gguf(tmp_path / "m.gguf", hf, RandomTensors(hf, "Q8_0"), build_tokenizer(512),
+    path = write_gguf(tmp_path / "m.gguf", hf, RandomTensors("Q8_0"), build_tokenizer(512),
                       extra_metadata=extra)[0]  # fmt: skip
     with pytest.raises(ConfigError, match="rope scaling 'yarn' is not supported"):
         convert(path, tmp_path / "out", progress=False)

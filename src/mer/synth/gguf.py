@@ -320,7 +320,7 @@ def write_gguf(
 class RandomTensors:
     """`write_gguf`'s tensor source for synthetic files: random valid blocks of one type."""
 
-    def __init__(self, hf: dict, type_name: str, seed: int = 0) -> None:
+    def __init__(self, type_name: str, seed: int = 0) -> None:
         if type_name not in SYNTH_TYPES:
             raise ConfigError(
                 f"--gguf-type must be one of {', '.join(SYNTH_TYPES)}, got {type_name}"
@@ -351,7 +351,7 @@ def write_synthetic_gguf(
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out}: already exists")
-    tensors = RandomTensors(hf, type_name, seed)
+    tensors = RandomTensors(type_name, seed)
     tok = build_tokenizer(hf["vocab_size"])
     tmp = out.with_name(f".{out.name}.tmp")
     try:
