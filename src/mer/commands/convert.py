@@ -1,4 +1,4 @@
-"""`mer convert`: a Hugging Face checkpoint to a store."""
+"""`mer convert`: a Hugging Face checkpoint or a GGUF file to a store."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="Hugging Face checkpoint directory (or a Hub repository id)")
+    p.add_argument("src", help="Hugging Face checkpoint directory (or a Hub repository id), "
+                   "or a .gguf file (the first of a split set)")  # fmt: skip
     p.add_argument("dst", help="store directory to create")
     p.add_argument("--quant", default="int4", choices=["int4", "int8", "bf16", "mxfp4"])
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
                    help="int4 group size (default 128 or the largest that divides the "
-                   "model's dims)")  # fmt: skip
+                   "model's dims; 32 for GGUF, which keeps 4-bit blocks exact)")  # fmt: skip
     p.add_argument(
         "--force",
         action="store_true",

@@ -1,4 +1,4 @@
-"""`mer info`: what is in a store."""
+"""`mer info`: what is in a store, or what convert would make of a GGUF file."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ from mer.units import fmt_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store")
+    p.add_argument("store", help="a store directory, or a .gguf file")
 
 
 def run(*, store: str) -> None:
     from mer.store.reader import Store
 
+    if store.endswith(".gguf"):
+        from mer.store.gguf_report import describe
+
+        return describe(store)
     s = Store(store)
     cfg, ef = s.config, s.expert_format
     t = Table(title=str(s.path), show_header=False)

@@ -1,4 +1,5 @@
-"""`mer synth`: a synthetic checkpoint in the real Hugging Face layout, or a random store."""
+"""`mer synth`: a synthetic checkpoint in the real Hugging Face layout, a random store, or a
+GGUF file of random valid blocks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from mer.options import count, natural
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="directory to create")
+    p.add_argument("out", help="directory to create (with --gguf: the .gguf file)")
     from mer.synth.checkpoint import OVERRIDE_FLAGS
 
     p.add_argument("--preset", default="tiny", help="a shape from mer.synth.checkpoint.PRESETS")
@@ -23,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="int4", choices=["int4"], help="with --store")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
                    help="with --store (default as for convert)")  # fmt: skip
+    p.add_argument("--gguf", action="store_true",
+                   help="write a GGUF file laid out as llama.cpp does (random blocks)")  # fmt: skip
+    p.add_argument("--gguf-type", default="Q4_K", choices=["Q4_0", "Q4_K", "Q8_0"],
+                   help="with --gguf: the matrices' type (Q4_K falls back to Q8_0 for rows "
+                   "not a multiple of 256, as llama.cpp does)")  # fmt: skip
 
 
 def run(
@@ -34,6 +40,8 @@ def run(
     store: bool,
     quant: str,
     group_size: int | None,
+    gguf: bool,
+    gguf_type: str,
     layers: int | None,
     experts: int | None,
     top_k: int | None,
@@ -54,7 +62,13 @@ def run(
             f"--vocab must be at least {MIN_VOCAB} (the byte-level tokenizer's bytes and "
             f"special tokens), got {cfg['vocab_size']}"
         )
-    if store:
+    if gguf:
+        from mer.synth.gguf import write_synthetic_gguf
+
+        if not out.endswith(".gguf"):
+            raise ConfigError(f"--gguf writes a file named *.gguf, got {out!r}")
+        path = write_synthetic_gguf(out, cfg, gguf_type, seed=seed)[0]
+    elif store:
         from mer.synth.store import write_random_store
 
         path = write_random_store(out, cfg, quant, group_size, seed=seed)

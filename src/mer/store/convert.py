@@ -34,6 +34,10 @@ def convert(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
+    if str(src).endswith(".gguf"):  # a GGUF file, or the first of a split set
+        from mer.store.convert_gguf import convert_gguf
+
+        return convert_gguf(src, dst, quant, group_size, force=force, progress=progress)
     src, dst = resolve_source(src), Path(dst)
     if not src.is_dir():
         raise ConvertError(f"{src}: no such checkpoint directory")

@@ -1,0 +1,358 @@
+"""GGUF file (or split set) -> mer store, one tensor (one expert) at a time.
+
+`plan` reads only the header and decides everything before a byte is written:
+the config (from `<arch>.*` metadata and the tensors present), every tensor's
+mer name and shape, and what happens to each GGUF tensor type. Then dense
+tensors are dequantized by `gguf` and stored in bf16, and each expert is read
+slice by slice from its layer's stacked tensors and encoded into its extent.
+
+Expert choices, per GGUF type, for an int4 store:
+- Q4_0, Q4_1, Q4_K at group size 32: the nibbles are kept and the block scales
+  and mins become int4 scales and zeros (mer.quant.gguf_blocks), exact up to
+  rounding scale and zero to bf16.
+- everything else (Q8_0, Q5_K, Q6_K, MXFP4, F16, BF16, F32): dequantized by
+  `gguf` and requantized to int4 at the store's group size. The alternative,
+  an int8 store (`--quant int8`), keeps them closer at 1.6x the bytes read
+  per expert; the conversion prints the error each choice measured.
+int8 and bf16 stores take every type through `gguf`'s dequantization.
+The tokenizer and chat template come from the file's `tokenizer.*` metadata,
+built into tokenizer.json by transformers' GGUF converter.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mer.config import ModelConfig
+from mer.errors import ConvertError
+from mer.models import naming
+from mer.progress import progress_bar
+from mer.quant import gguf_blocks, int4
+from mer.quant.expert import SCHEMES, ExpertFormat
+from mer.store import gguf_arch
+from mer.store.gguf_source import GGUFSource
+from mer.store.writer import StoreWriter
+
+EXACT_ACTION = "int4 g32, blocks kept (scale, zero -> bf16)"
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
+
+
+@dataclass
+class Plan:
+    """Everything decided from the header: what each tensor becomes."""
+
+    cfg: ModelConfig
+    hf_config: dict
+    arch: gguf_arch.GGUFArch
+    expert_format: ExpertFormat
+    dense: dict[str, str]  # mer name -> GGUF name
+    # layer -> {"w1","w3","w2" or "w13"} -> GGUF stack, or a per-expert name with "{e}"
+    experts: dict[int, dict[str, str]]
+    rows: list[tuple[str, str, tuple[int, ...], str, str]] = field(default_factory=list)
+    # (GGUF name, type, shape, mer name, action)
+
+    def exact(self, type_name: str) -> bool:
+        ef = self.expert_format
+        return ef.scheme == "int4" and ef.group_size == 32 and type_name in gguf_blocks.EXACT_TYPES
+
+    def action(self, type_name: str, expert: bool) -> str:
+        if not expert:
+            return "dense, bf16"
+        ef = self.expert_format
+        if self.exact(type_name):
+            return EXACT_ACTION
+        if ef.scheme == "int4":
+            return f"int4 g{ef.group_size}, requantized"
+        if ef.scheme == "int8":
+            return "int8 per row, requantized"
+        return "bf16"
+
+
+def _expert_layout(
+    layer: int, shapes: dict, cfg: ModelConfig
+) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
+    """The tensors holding `layer`'s experts as the file lays them out (stacked gate/up/down,
+    fused gate_up, or one tensor per expert), and each one's expected shape and mer name."""
+    e, h, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    split = {w: n.format(i=layer) for w, n in gguf_arch.EXPERT_NAMES.items()}
+    fused = gguf_arch.FUSED_GATE_UP.format(i=layer)
+    single = {w: n.format(i=layer) for w, n in gguf_arch.PER_EXPERT_NAMES.items()}
+    at = f"layers.{layer}.experts"
+    if single["w2"].format(e=0) in shapes and split["w2"] not in shapes:
+        parts = (("w1", (f, h), "gate"), ("w3", (f, h), "up"), ("w2", (h, f), "down"))
+        expected = {
+            single[w].format(e=x): (shape, f"{at}.{x}.{part}")
+            for x in range(e)
+            for w, shape, part in parts
+        }
+        return single, expected
+    expected = {split["w2"]: ((e, h, f), f"{at}.down")}
+    if fused in shapes:
+        expected[fused] = ((e, 2 * f, h), f"{at}.gate_up")
+        return {"w13": fused, "w2": split["w2"]}, expected
+    expected[split["w1"]] = ((e, f, h), f"{at}.gate")
+    expected[split["w3"]] = ((e, f, h), f"{at}.up")
+    return split, expected
+
+
+def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None) -> Plan:
+    """Check the file and decide every tensor's fate; raises ConvertError on anything amiss."""
+    where = str(source.path)
+    if quant not in SCHEMES:
+        raise ConvertError(f"unknown --quant {quant!r} (choose from {', '.join(SCHEMES)})")
+    arch = gguf_arch.arch_of(source.meta, where)
+    shapes = source.shapes()
+    hf = gguf_arch.hf_config(source.meta, shapes, where)
+    cfg = ModelConfig.from_hf(hf, where=where)
+    if group_size is None:
+        group_size = 32  # GGUF's own block: keeps 4-bit blocks exact
+    try:
+        ef = ExpertFormat.for_machine(quant, cfg.hidden_size, cfg.intermediate_size, group_size)
+    except ValueError as e:
+        raise ConvertError(f"{where}: cannot store experts as {quant}: {e}") from None
+
+    want = naming.dense_shapes(cfg)
+    names = [n for n in want if not (n == "lm_head" and cfg.tie_word_embeddings)]
+    dense = gguf_arch.gguf_names(names, cfg.num_hidden_layers)
+    p = Plan(cfg, hf, arch, ef, dense, {})
+    expected: dict[str, tuple[tuple[int, ...], str, bool]] = {}  # name -> shape, mer, expert
+    for ours, g in dense.items():
+        expected[g] = (want[ours], ours, False)
+    for layer in cfg.moe_layers:
+        p.experts[layer], tensors = _expert_layout(layer, shapes, cfg)
+        expected.update({g: (shape, ours, True) for g, (shape, ours) in tensors.items()})
+
+    missing = [g for g in expected if g not in source]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConvertError(f"{where}: missing tensors {', '.join(missing[:3])}{more}")
+    # A tensor nobody asked for would be silently dropped (a router bias, a rope table):
+    # refuse rather than convert a different model.
+    unused = [g for g in source.tensors if g not in expected]
+    if unused:
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        raise ConvertError(
+            f"{where}: tensors {', '.join(unused[:3])}{more} have no place in a "
+            f"{cfg.model_type} store (converting would drop them)"
+        )
+    for g, (shape, ours, expert) in expected.items():
+        t = source.tensors[g]
+        if t.type_name not in SUPPORTED_TYPES:
+            raise ConvertError(
+                f"{t.path}: tensor {g} has type {t.type_name}, which mer does not convert "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            )
+        same = t.shape == shape or (not expert and _numel(t.shape) == _numel(shape) and
+                                    len(shape) <= 2 and 1 in (*shape, *t.shape))  # fmt: skip
+        if not same:
+            raise ConvertError(
+                f"{t.path}: tensor {g} has shape {list(t.shape)}, "
+                f"the metadata implies {list(shape)}"
+            )
+        p.rows.append((g, t.type_name, t.shape, ours, p.action(t.type_name, expert)))
+    return p
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of llama.cpp's q/k row permutation: interleaved RoPE pairs -> rotate-half."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def dense_tensor(source: GGUFSource, p: Plan, ours: str) -> torch.Tensor:
+    g = p.dense[ours]
+    w = source.floats(g).reshape(naming.dense_shapes(p.cfg)[ours])
+    short = ours.rsplit(".", 1)[-1]
+    if p.arch.permute_qk and short in ("q", "k"):
+        heads = p.cfg.num_attention_heads if short == "q" else p.cfg.num_key_value_heads
+        w = _unpermute_qk(w, heads)
+    return w
+
+
+def _where(p: Plan, name: str, e: int) -> tuple[str, int | None, int]:
+    """(GGUF tensor, slice index or None for all of it, slices) holding expert e's `name`."""
+    if "{e}" in name:
+        return name.format(e=e), None, 1
+    return name, e, p.cfg.num_local_experts
+
+
+def _floats(source: GGUFSource, p: Plan, name: str, e: int) -> torch.Tensor:
+    return source.floats(*_where(p, name, e))
+
+
+def _int4_rows(source: GGUFSource, p: Plan, name: str, e: int):
+    """One expert's slice of a stack as int4 (q, scales, zeros), exactly where the type allows."""
+    tensor, index, count = _where(p, name, e)
+    t = source.tensors[tensor]
+    if p.exact(t.type_name):
+        return gguf_blocks.decode(source.raw(tensor, index, count), t.type_name, t.shape[-1])
+    return int4.quantize(source.floats(tensor, index, count), p.expert_format.group_size)
+
+
+def expert_extent(source: GGUFSource, p: Plan, layer: int, e: int) -> torch.Tensor:
+    """The store extent of expert (layer, e), reading only its slices of the stacks."""
+    ef, names = p.expert_format, p.experts[layer]
+    if ef.scheme == "int4":
+        parts = {}
+        gate_up = [names["w13"]] if "w13" in names else [names["w1"], names["w3"]]
+        for part, stacks in (("gate_up", gate_up), ("down", [names["w2"]])):
+            pieces = [_int4_rows(source, p, n, e) for n in stacks]
+            q, scales, zeros = (torch.cat(x, 0) for x in zip(*pieces, strict=True))
+            parts[f"{part}.packed"] = int4.pack(q, ef.layout)
+            parts[f"{part}.scales_zeros"] = int4.pack_scales_zeros(scales, zeros)
+        return ef.assemble(parts)
+    if "w13" in names:
+        w1, w3 = _floats(source, p, names["w13"], e).chunk(2, 0)
+    else:
+        w1, w3 = _floats(source, p, names["w1"], e), _floats(source, p, names["w3"], e)
+    return ef.encode(w1, _floats(source, p, names["w2"], e), w3)
+
+
+def measure(source: GGUFSource, p: Plan, layer: int, e: int, extent: torch.Tensor) -> dict:
+    """Error of the stored expert against `gguf`'s dequantization, per GGUF stack it came
+    from: (max |error| / max |weight|, RMS error / RMS weight)."""
+    ef, names = p.expert_format, p.experts[layer]
+    w = ef.view(extent.clone())
+    gate_up, down = w.gate_up.dequantize().float(), w.down.dequantize().float()
+    got = {"w2": down}
+    if "w13" in names:
+        got["w13"] = gate_up
+    else:
+        got["w1"], got["w3"] = gate_up.chunk(2, 0)
+    out = {}
+    for key, stored in got.items():
+        ref = _floats(source, p, names[key], e)
+        err = stored - ref
+        out[_where(p, names[key], e)[0]] = (
+            (err.abs().max() / ref.abs().max().clamp_min(1e-30)).item(),
+            (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
+        )
+    return out
+
+
+def tokenizer_files(path: Path, out_dir: Path, meta: dict | None = None) -> list[Path]:
+    """tokenizer.json and tokenizer_config.json (with the chat template) from the file's
+    `tokenizer.ggml.*` metadata, built by transformers' own GGUF tokenizer converter.
+    `meta` (the file's metadata) lets a sentencepiece vocabulary split text as llama.cpp
+    and the original tokenizer.json do (`_spm_like_llama_cpp`)."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise ConvertError(f"{path}: reading a GGUF tokenizer needs transformers ({e})") from None
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers raises many kinds; the message is what helps
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConvertError(
+            f"{path}: cannot build the tokenizer from its metadata ({first})"
+        ) from None
+    tok.save_pretrained(str(out_dir))
+    meta = meta or {}
+    if meta.get("tokenizer.ggml.model") == "llama":
+        prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+        _spm_like_llama_cpp(out_dir / "tokenizer.json", bool(prefix))
+    return [p for p in sorted(out_dir.iterdir()) if p.is_file()]
+
+
+def _spm_like_llama_cpp(tokenizer_json: Path, add_space_prefix: bool) -> None:
+    """transformers 5 builds a sentencepiece (Llama/Mixtral) vocabulary with a Metaspace
+    pre-tokenizer that adds no "▁" before text that starts with a space, so " Hello"
+    encodes differently from llama.cpp and from Mixtral's own tokenizer.json (15 of the 46
+    llama.cpp test strings). Those prepend "▁" to all text and turn spaces into "▁" in the
+    normalizer; do the same (tested against llama.cpp's own vocabulary test vectors)."""
+    from tokenizers import Tokenizer, normalizers
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    steps = [normalizers.Prepend("▁")] if add_space_prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
+    tok.save(str(tokenizer_json))
+
+
+def convert_gguf(
+    src: str | Path,
+    dst: str | Path,
+    quant: str = "int4",
+    group_size: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+    report: list | None = None,
+) -> Path:
+    """Convert; `report`, if given, receives (type, action, tensors, measured error) rows."""
+    src, dst = Path(src), Path(dst)
+    with GGUFSource(src) as source:
+        p = plan(source, quant, group_size)
+        if "tokenizer.ggml.tokens" not in source.meta:
+            raise ConvertError(f"{src}: missing metadata tokenizer.ggml.tokens (no tokenizer)")
+        cfg, ef = p.cfg, p.expert_format
+        total = sum(source.tensors[g].nbytes for g in p.dense.values()) + sum(
+            _expert_nbytes(source, p, layer, e) for layer, e in cfg.expert_keys()
+        )
+        measured: dict[str, list] = {}  # GGUF type -> [(max, rms) ...] of parts it made
+        with tempfile.TemporaryDirectory(prefix="mer-gguf-tok-") as tok_dir:
+            tok_files = tokenizer_files(source.parts[0], Path(tok_dir), source.meta)
+            with StoreWriter(dst, cfg, p.hf_config, ef, overwrite=force) as writer:
+                with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
+                    for ours, g in p.dense.items():
+                        writer.add_dense(ours, dense_tensor(source, p, ours))
+                        bar.advance(source.tensors[g].nbytes)
+                    for layer, e in cfg.expert_keys():
+                        extent = expert_extent(source, p, layer, e)
+                        writer.add_expert(layer, e, extent)
+                        _record(source, p, layer, e, extent, measured)
+                        bar.advance(_expert_nbytes(source, p, layer, e))
+                for f in tok_files:
+                    writer.add_tokenizer_file(f)
+                path = writer.close()
+    rows = _summary(p, measured)
+    if report is not None:
+        report.extend(rows)
+    if progress:
+        from mer.store.gguf_report import print_choices
+
+        print_choices(rows)
+    return path
+
+
+def _expert_nbytes(source: GGUFSource, p: Plan, layer: int, e: int) -> int:
+    """Bytes of the file that hold expert (layer, e)."""
+    n = 0
+    for name in p.experts[layer].values():
+        tensor, index, count = _where(p, name, e)
+        n += source.tensors[tensor].nbytes // count
+    return n
+
+
+def _record(source, p: Plan, layer: int, e: int, extent, measured: dict) -> None:
+    """Measure the first expert made from each GGUF type (cheap: one expert per type)."""
+    tensors = (_where(p, n, e)[0] for n in p.experts[layer].values())
+    kinds = {t: source.tensors[t].type_name for t in tensors}
+    if all(k in measured for k in kinds.values()):
+        return
+    for name, err in measure(source, p, layer, e, extent).items():
+        measured.setdefault(kinds[name], []).append(err)
+
+
+def _summary(p: Plan, measured: dict) -> list[tuple[str, str, int, tuple | None]]:
+    """(GGUF type, what it became, tensors, worst (max, rms) error measured or None) rows."""
+    counts: dict[tuple[str, str], int] = {}
+    for _, kind, _, _, action in p.rows:
+        counts[(kind, action)] = counts.get((kind, action), 0) + 1
+    rows = []
+    for (kind, action), n in sorted(counts.items()):
+        err = None
+        if not action.startswith("dense") and kind in measured:
+            err = tuple(max(m[i] for m in measured[kind]) for i in range(2))
+        rows.append((kind, action, n, err))
+    return rows

@@ -1,0 +1,198 @@
+"""GGUF architectures as mer families: the metadata -> config map and the tensor-name table.
+
+llama.cpp names an architecture (`general.architecture`) and writes the model's
+hyperparameters under `<arch>.<key>` and its tensors under fixed names
+(`blk.{i}.attn_q.weight`, `blk.{i}.ffn_gate_exps.weight`, ...). This module is
+the one place those names are translated: `hf_config` rebuilds the Hugging Face
+config dict `ModelConfig.from_hf` already understands, and `DENSE_NAMES` maps
+each resident tensor onto mer's own names. A new family (DeepSeek-V2's
+`deepseek2`, `gpt-oss`) is one `GGUFArch` entry here plus its mer family.
+
+What GGUF does not record is derived from the tensors present, as llama.cpp
+itself does: a layer without a router (`ffn_gate_inp`) is a dense layer, a
+file without `output.weight` ties its embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mer.errors import ConvertError
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one `general.architecture` maps onto a mer family."""
+
+    model_type: str  # mer / Hugging Face model_type
+    architecture: str  # the Hugging Face class name recorded in hf_config
+    defaults: dict[str, Any] = field(default_factory=dict)  # what llama.cpp assumes unwritten
+    # llama.cpp's converter reorders the rows of q_proj/k_proj of llama-arch models from
+    # Hugging Face's rotate-half RoPE to interleaved pairs; mer computes rotate-half, so undo it.
+    permute_qk: bool = False
+    # Accepts the file only if this holds (llama is a MoE only with experts).
+    accepts: Callable[[dict[str, Any]], str | None] = lambda meta: None
+
+
+def _llama_is_moe(meta: dict[str, Any]) -> str | None:
+    if int(meta.get("llama.expert_count", 0) or 0) > 0:
+        return None
+    return "a dense llama model (llama.expert_count is 0 or absent): mer runs MoE models only"
+
+
+ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch(
+        "mixtral", "MixtralForCausalLM", {"norm_topk_prob": True}, True, _llama_is_moe
+    ),
+    "qwen2moe": GGUFArch("qwen2_moe", "Qwen2MoeForCausalLM", {"norm_topk_prob": False}),
+    "qwen3moe": GGUFArch("qwen3_moe", "Qwen3MoeForCausalLM", {"norm_topk_prob": True}),
+    "olmoe": GGUFArch("olmoe", "OlmoeForCausalLM", {"norm_topk_prob": False}),
+}
+
+# `<arch>.<key>` -> Hugging Face config field. Required keys first.
+REQUIRED_KEYS = {
+    "block_count": "num_hidden_layers",
+    "embedding_length": "hidden_size",
+    "attention.head_count": "num_attention_heads",
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+}
+OPTIONAL_KEYS = {
+    "context_length": "max_position_embeddings",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta",
+    "attention.clamp_kqv": "clip_qkv",
+    "expert_weights_norm": "norm_topk_prob",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+}
+
+# GGUF name -> mer name of every resident tensor a file may hold ({i}: the layer).
+GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "norm",
+                "output.weight": "lm_head"}  # fmt: skip
+LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm",
+    "attn_q.weight": "q",
+    "attn_k.weight": "k",
+    "attn_v.weight": "v",
+    "attn_output.weight": "o",
+    "attn_q.bias": "q_bias",
+    "attn_k.bias": "k_bias",
+    "attn_v.bias": "v_bias",
+    "attn_q_norm.weight": "q_norm",
+    "attn_k_norm.weight": "k_norm",
+    "ffn_norm.weight": "ffn_norm",
+    "ffn_gate_inp.weight": "router",
+    "ffn_gate_shexp.weight": "shared.gate",
+    "ffn_up_shexp.weight": "shared.up",
+    "ffn_down_shexp.weight": "shared.down",
+    "ffn_gate_inp_shexp.weight": "shared_gate",
+    "ffn_gate.weight": "mlp.gate",
+    "ffn_up.weight": "mlp.up",
+    "ffn_down.weight": "mlp.down",
+}
+# Routed experts, stacked [n_expert, rows, cols] per layer: split gate/up, or fused gate_up.
+EXPERT_NAMES = {
+    "w1": "blk.{i}.ffn_gate_exps.weight",
+    "w3": "blk.{i}.ffn_up_exps.weight",
+    "w2": "blk.{i}.ffn_down_exps.weight",
+}
+FUSED_GATE_UP = "blk.{i}.ffn_gate_up_exps.weight"
+# Mixtral files written before llama.cpp stacked experts (early 2024): one tensor per expert.
+PER_EXPERT_NAMES = {
+    "w1": "blk.{i}.ffn_gate.{{e}}.weight",
+    "w3": "blk.{i}.ffn_up.{{e}}.weight",
+    "w2": "blk.{i}.ffn_down.{{e}}.weight",
+}
+
+
+def gguf_names(mer_names: set[str] | list[str], n_layers: int) -> dict[str, str]:
+    """mer name -> GGUF name for the given resident tensors."""
+    table = {ours: g for g, ours in GLOBAL_NAMES.items()}
+    for i in range(n_layers):
+        for g, short in LAYER_NAMES.items():
+            table[f"layers.{i}.{short}"] = f"blk.{i}.{g}"
+    return {n: table[n] for n in mer_names}
+
+
+def arch_of(meta: dict[str, Any], where: str) -> GGUFArch:
+    name = meta.get("general.architecture")
+    if name is None:
+        raise ConvertError(f"{where}: missing metadata general.architecture")
+    arch = ARCHS.get(name)
+    if arch is None:
+        raise ConvertError(
+            f"{where}: unsupported GGUF architecture {name!r} (supported: {', '.join(ARCHS)})"
+        )
+    reason = arch.accepts(meta)
+    if reason:
+        raise ConvertError(f"{where}: {reason}")
+    return arch
+
+
+def hf_config(
+    meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str
+) -> dict[str, Any]:
+    """The Hugging Face config dict this file's metadata and tensors describe.
+
+    `shapes` maps GGUF tensor names to their shapes in Hugging Face (row-major) order.
+    """
+    name = meta["general.architecture"]
+    arch = arch_of(meta, where)
+    cfg: dict[str, Any] = {"model_type": arch.model_type, "architectures": [arch.architecture]}
+    cfg.update(arch.defaults)
+    for key, hf in REQUIRED_KEYS.items():
+        full = f"{name}.{key}"
+        if full not in meta:
+            raise ConvertError(f"{where}: missing metadata {full}")
+        cfg[hf] = int(meta[full])
+    for key, hf in OPTIONAL_KEYS.items():
+        v = meta.get(f"{name}.{key}")
+        if v is not None:
+            cfg[hf] = v
+    if cfg.get("clip_qkv") in (0, 0.0):
+        cfg["clip_qkv"] = None
+    scaling = meta.get(f"{name}.rope.scaling.type")
+    if scaling not in (None, "", "none"):  # ModelConfig refuses what mer does not compute
+        factor = meta.get(f"{name}.rope.scaling.factor")
+        cfg["rope_scaling"] = {"rope_type": scaling, "factor": factor}
+    n = cfg["num_hidden_layers"]
+    if "token_embd.weight" not in shapes:
+        raise ConvertError(f"{where}: missing tensor token_embd.weight")
+    cfg["vocab_size"] = shapes["token_embd.weight"][0]
+    cfg["tie_word_embeddings"] = "output.weight" not in shapes
+    # Expert width from the expert tensors themselves: the key is absent in Mixtral files.
+    moe = [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" in shapes]
+    if not moe:
+        raise ConvertError(f"{where}: no layer has a router (blk.N.ffn_gate_inp.weight)")
+    down = EXPERT_NAMES["w2"].format(i=moe[0])
+    if down not in shapes:
+        down = PER_EXPERT_NAMES["w2"].format(i=moe[0]).format(e=0)
+    if down not in shapes:
+        raise ConvertError(f"{where}: missing tensor {EXPERT_NAMES['w2'].format(i=moe[0])}")
+    ffn = shapes[down][-1]
+    dense = [i for i in range(n) if i not in moe]
+    dense_ffn = int(meta.get(f"{name}.feed_forward_length", 0) or 0)
+    if dense:
+        up = f"blk.{dense[0]}.ffn_up.weight"
+        dense_ffn = shapes[up][0] if up in shapes else dense_ffn
+    if arch.model_type == "mixtral":
+        cfg["intermediate_size"] = ffn
+    else:
+        cfg["moe_intermediate_size"] = ffn
+        cfg["intermediate_size"] = dense_ffn or ffn
+        cfg["mlp_only_layers"] = dense
+    if dense and arch.model_type in ("mixtral", "olmoe"):
+        raise ConvertError(f"{where}: layers {dense} have no router; {name} is all-MoE")
+    for i in moe:  # a shared expert is all or nothing in our families
+        if "shared_expert_intermediate_size" not in cfg and (
+            f"blk.{i}.ffn_down_shexp.weight" in shapes
+        ):
+            cfg["shared_expert_intermediate_size"] = shapes[f"blk.{i}.ffn_down_shexp.weight"][-1]
+    if "bos_token_id" not in cfg:
+        cfg["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
+        cfg["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    return cfg
