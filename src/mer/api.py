@@ -163,7 +163,8 @@ class Model:
         """A continuous-batching scheduler over this model (what `mer serve` runs), with a
         paged KV cache of `kv_budget` bytes; call `.start()` to run it on its own thread.
         With a `draft` ("self" or a smaller Model), a request running alone decodes
-        speculatively."""
+        speculatively. Its outputs are token ids: text and stop strings are the caller's
+        (`mer.engine.text.TextStream`, as `stream` and the server use it)."""
         try:
             budget = kv_budget if isinstance(kv_budget, int) else parse_bytes(kv_budget)
         except ValueError as e:
