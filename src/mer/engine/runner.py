@@ -25,6 +25,8 @@ from mer.models.transformer import MoETransformer
 
 
 class ModelRunner:
+    """Runs batches on one model."""
+
     def __init__(self, model: MoETransformer) -> None:
         self.model = model
 

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
+    """A `Batcher` and a `ModelRunner` stepped on one engine thread, with their outputs
+    delivered to each request's callback or queue."""
+
     def __init__(
         self,
         transformer: MoETransformer,

@@ -117,8 +117,17 @@ class SpecSession:
             return 0
         return max(0, min(self.control.k if self.control else self.k, room))
 
-    def round(self, kv, context, pending, k, params, gen) -> list[int]:
-        """`speculative_round`, recorded: the tokens to emit."""
+    def round(
+        self,
+        kv,
+        context: list[int],
+        pending: int,
+        k: int,
+        params: SamplingParams,
+        gen: torch.Generator,
+    ) -> list[int]:
+        """`speculative_round`, recorded: the tokens to emit. `kv` (a KVCache or paged
+        sequence holding `context`) must have room for k+1 more."""
         if not self._started:
             self.drafter.start(self.capacity)
             self._started = True
