@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import mer
+from mer.engine.batching import Batcher, Sequence
+from mer.engine.runner import ModelRunner
 from mer.engine.sampling import SamplingParams
 from mer.engine.scheduler import Output, Request, Scheduler, SchedulerDown
 from mer.errors import BudgetError, ConfigError
@@ -64,7 +66,7 @@ def test_batched_output_equals_each_request_run_alone(model):
         model.generate(p, max_tokens=12, temperature=0.8, seed=i).token_ids
         for i, p in enumerate(PROMPTS)
     ]
-    s = Scheduler(model.transformer, tok, kv_budget=8 << 20, max_batch_tokens=16)
+    s = Scheduler(model.transformer, kv_budget=8 << 20, max_batch_tokens=16)
     try:
         assert run_all(s, requests(model, tok)) == alone
         assert s.stats.dedup_factor > 1.5  # six sequences share most of each layer's experts
@@ -73,21 +75,60 @@ def test_batched_output_equals_each_request_run_alone(model):
         s.close()
 
 
+def test_a_step_is_schedule_then_run_then_postprocess_as_plain_data(model):
+    """The policy alone, step by step: decodes first, prompt chunks within the token budget,
+    a sample only where a chunk ends the prompt, token outputs, dedup from the batch."""
+    tok = model.tokenizer
+    long, short = tok.encode(PROMPTS[2]), tok.encode(PROMPTS[5])
+    assert len(long) > 8 > len(short)
+    batcher = Batcher(model.transformer, 8 << 20, max_batch_tokens=8)
+    runner = ModelRunner(model.transformer)
+    seqs = [Sequence(Request(p, model.sampling_params(max_tokens=3))) for p in (long, short)]
+    assert batcher.admit(seqs) == [] and batcher.running == seqs
+
+    batch = batcher.schedule()  # the long prompt's first chunk takes the whole budget
+    assert batch.seqs == seqs[:1] and batch.chunks == [long[:8]] and batch.sample == [False]
+    result = runner.run(batch)
+    assert result.tokens == [[]] and result.errors == [None]
+    assert batcher.postprocess(batch, result) == []
+
+    batch = batcher.schedule()  # the rest of the long prompt, then the short one's start
+    assert batch.chunks == [long[8:], short[:3]] and batch.sample == [True, False]
+    outputs = batcher.postprocess(batch, runner.run(batch))
+    assert [(s, out.token_ids, out.completion_tokens) for s, out in outputs] == [
+        (seqs[0], seqs[0].generated, 1)
+    ]
+    while len(outputs) < 2 * 3:
+        batch = batcher.schedule()
+        result = runner.run(batch)
+        assert 0 < result.expert_acquired <= result.expert_demand
+        if all(seq.decoding for seq in batch.seqs):
+            assert batch.chunks == [seq.generated[-1:] for seq in batch.seqs]
+        assert sum(map(len, batch.chunks)) <= 8 or all(seq.decoding for seq in batch.seqs)
+        outputs += batcher.postprocess(batch, result)
+    finals = [out for _, out in outputs if out.finish_reason]
+    assert [out.finish_reason for out in finals] == ["length", "length"]
+    assert [out.completion_tokens for out in finals] == [3, 3]
+    assert [out.prompt_tokens for out in finals] == sorted([len(long), len(short)], reverse=True)
+    alone = [model.generate(p, max_tokens=3).token_ids for p in (PROMPTS[2], PROMPTS[5])]
+    assert [[t for s, out in outputs if s is seq for t in out.token_ids] for seq in seqs] == alone
+    assert batcher.schedule() is None and batcher.pool.used_blocks == 0
+    assert batcher.stats.dedup_factor > 1 and batcher.stats.generated_tokens == 6
+
+
 def test_a_full_kv_pool_preempts_and_recomputes_without_changing_output(trained_store):
     # float32: a recomputed prefix runs as one prefill instead of token by token, and in
     # bf16 that reorders roundings enough to flip an occasional sample. The logic is what
     # is tested here; the bf16 caveat is documented in the scheduler.
     model = mer.open(trained_store, ram_budget="1MiB", dtype="float32")
     tok = model.tokenizer
-    roomy = Scheduler(model.transformer, tok, kv_budget=8 << 20)
+    roomy = Scheduler(model.transformer, kv_budget=8 << 20)
     expected = run_all(roomy, requests(model, tok, n_tokens=40))
     roomy.close()
     # Enough blocks for one request at a time: the others wait or get preempted.
     need = max(len(tok.encode(p)) + 40 for p in PROMPTS)
     pool = KVPool(model.config, 1 << 30, model.transformer.dtype)
-    tight = Scheduler(
-        model.transformer, tok, kv_budget=(pool.blocks_for(need) + 2) * pool.block_bytes
-    )
+    tight = Scheduler(model.transformer, kv_budget=(pool.blocks_for(need) + 2) * pool.block_bytes)
     try:
         assert run_all(tight, requests(model, tok, n_tokens=40)) == expected
         assert tight.stats.preemptions > 0
@@ -143,7 +184,7 @@ def test_truncate_returns_blocks_and_the_pool_evicts_least_recent_cached_blocks(
 
 
 def test_requests_that_can_never_run_are_refused_at_once(model):
-    s = Scheduler(model.transformer, model.tokenizer, kv_budget=256 << 10)
+    s = Scheduler(model.transformer, kv_budget=256 << 10)
     try:
         with pytest.raises(BudgetError, match="KV blocks"):
             s.submit(Request([1] * 100, SamplingParams(max_tokens=900)))
@@ -152,13 +193,13 @@ def test_requests_that_can_never_run_are_refused_at_once(model):
         with pytest.raises(ConfigError, match="empty"):
             s.submit(Request([], SamplingParams()))
         with pytest.raises(BudgetError, match="KV budget"):
-            Scheduler(model.transformer, None, kv_budget=1000)
+            Scheduler(model.transformer, kv_budget=1000)
     finally:
         s.close()
 
 
 def test_cancelled_requests_free_their_blocks_in_the_engine_thread(model):
-    s = Scheduler(model.transformer, model.tokenizer, kv_budget=8 << 20).start()
+    s = Scheduler(model.transformer, kv_budget=8 << 20).start()
     try:
         reqs = requests(model, model.tokenizer, n_tokens=200)
         for r in reqs:
@@ -196,7 +237,7 @@ def test_a_failing_output_callback_fails_only_its_own_request(model):
         calls.append(out)
         raise RuntimeError("the client's socket broke")
 
-    s = Scheduler(model.transformer, tok, kv_budget=8 << 20).start()
+    s = Scheduler(model.transformer, kv_budget=8 << 20).start()
     try:
         params = model.sampling_params(max_tokens=12)
         bad = s.submit(Request(tok.encode(PROMPTS[0]), params, on_output=broken))
@@ -221,7 +262,7 @@ def test_nan_logits_fail_that_request_and_the_batch_goes_on(model):
     assert poison not in tok.encode(PROMPTS[1]) + expected
     embed = model.transformer.w["embed"]
     saved = embed[poison].clone()
-    s = Scheduler(model.transformer, tok, kv_budget=8 << 20).start()
+    s = Scheduler(model.transformer, kv_budget=8 << 20).start()
     try:
         embed[poison] = float("nan")  # the model itself now yields NaN logits for it
         for temperature in (0.0, 0.8):
@@ -240,7 +281,7 @@ def test_nan_logits_fail_that_request_and_the_batch_goes_on(model):
 def test_an_exception_escaping_a_step_fails_that_steps_requests_only(model):
     tok = model.tokenizer
     expected = model.generate(PROMPTS[1], max_tokens=6).token_ids
-    s = Scheduler(model.transformer, tok, kv_budget=8 << 20)
+    s = Scheduler(model.transformer, kv_budget=8 << 20)
     real_step, calls = s.step, []
 
     def step_that_breaks_once() -> bool:  # a bug in the step outside its guarded phases
@@ -269,7 +310,7 @@ class _Crash(BaseException):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_engine_thread_fails_every_request_and_reports_why(model):
     tok = model.tokenizer
-    s = Scheduler(model.transformer, tok, kv_budget=8 << 20)
+    s = Scheduler(model.transformer, kv_budget=8 << 20)
     gate = threading.Event()
 
     def dying_step() -> bool:
@@ -294,7 +335,7 @@ def test_a_dead_engine_thread_fails_every_request_and_reports_why(model):
 
 def test_a_step_running_past_the_limit_makes_the_scheduler_unhealthy(model):
     tok = model.tokenizer
-    s = Scheduler(model.transformer, tok, kv_budget=8 << 20, stuck_after=0.3)
+    s = Scheduler(model.transformer, kv_budget=8 << 20, stuck_after=0.3)
     real_step, release = s.step, threading.Event()
 
     def slow_step() -> bool:

@@ -148,6 +148,44 @@ def test_stop_strings_end_the_completion(client):
     assert full.text.startswith(cut.text)
 
 
+def test_a_stop_string_ends_a_completion_as_it_ends_generate(server, trained_store):
+    """The server cuts text at stop strings itself (the engine knows no text): the same
+    text, finish reason and token count as `Model.generate`, streamed or not, and the
+    request it cancels stops generating."""
+    prompt = "def fibonacci(n):\n"
+    model = mer.open(trained_store, ram_budget="1MiB")
+    try:
+        full = model.generate(prompt, max_tokens=24)
+        stop = full.text[len(full.text) // 2 :][:3]
+        done = model.generate(prompt, max_tokens=24, stop=[stop])
+    finally:
+        model.close()
+    assert done.finish_reason == "stop" and len(done.token_ids) < 24
+    generated_before = metrics(server)["mer_generation_tokens_total"]
+    body = {**WELL_FORMED, "prompt": prompt, "max_tokens": 400, "stop": [stop]}
+    status, payload = request(server, "POST", "/v1/completions", body)
+    answer = json.loads(payload)
+    assert status == 200 and answer["choices"][0]["text"] == done.text
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"]["completion_tokens"] == len(done.token_ids)
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    status, events = request(server, "POST", "/v1/completions", streamed)
+    chunks = [
+        json.loads(line[len("data: ") :])
+        for line in events.decode().splitlines()
+        if line.startswith("data: {")
+    ]
+    assert status == 200 and "".join(c["choices"][0]["text"] for c in chunks[:-1]) == done.text
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == len(done.token_ids)
+    deadline = time.monotonic() + 60
+    while metrics(server)["mer_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    m = metrics(server)
+    assert m["mer_requests_running"] == 0 and m["mer_kv_blocks_used"] == 0
+    assert m["mer_generation_tokens_total"] - generated_before < 2 * 100  # not 2 x 400
+
+
 def test_each_request_under_8_way_concurrency_equals_its_output_alone(client):
     prompts = [f"def f{i}(x):\n    return" for i in range(8)]
 

@@ -12,7 +12,7 @@ import mer
 from mer.engine.generate import generate
 from mer.engine.sampling import SamplingParams
 from mer.engine.scheduler import Request
-from mer.engine.speculative import ModelDrafter, SelfDrafter, SpecStats, generate_speculative
+from mer.engine.speculative import SpecStats, Speculation, generate_speculative
 from mer.store.convert import convert
 
 SNIPPET = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
@@ -34,8 +34,8 @@ def draft(draft_store):
     m.close()
 
 
-def drafters(target, draft):
-    return {"self": SelfDrafter(target.transformer), "model": ModelDrafter(draft.transformer)}
+def drafts(target, draft):
+    return {"self": "self", "model": draft.transformer}
 
 
 @pytest.mark.parametrize("which", ["self", "model"])
@@ -45,15 +45,8 @@ def test_greedy_output_equals_plain_decoding(target, draft, which, k):
     params = target.sampling_params(max_tokens=40)
     plain = list(generate(target.transformer, prompt, params))
     spec = SpecStats()
-    out = generate_speculative(
-        target.transformer,
-        drafters(target, draft)[which],
-        prompt,
-        params,
-        spec=spec,
-        k=k or 4,
-        adaptive=k is None,
-    )
+    speculation = Speculation(drafts(target, draft)[which], k=k or 4, adaptive=k is None)
+    out = generate_speculative(target.transformer, speculation, prompt, params, spec=spec)
     assert list(out) == plain
     if k is not None:
         assert spec.rounds > 0 and 0 < spec.accepted < spec.drafted  # real rejections
@@ -65,11 +58,9 @@ def test_a_rejected_draft_leaves_no_trace_in_the_kv_cache(target, draft, which):
     params = target.sampling_params(max_tokens=30, temperature=0.8, seed=3)
     kv = target.transformer.new_kv_cache(len(prompt) + 30 + 9)
     spec = SpecStats()
-    drafter = drafters(target, draft)[which]
+    speculation = Speculation(drafts(target, draft)[which], k=3, adaptive=False)
     out = list(
-        generate_speculative(
-            target.transformer, drafter, prompt, params, spec=spec, k=3, adaptive=False, kv=kv
-        )
+        generate_speculative(target.transformer, speculation, prompt, params, spec=spec, kv=kv)
     )
     assert spec.accepted < spec.drafted  # some drafts were rejected and rolled back
     context = prompt + out[:-1]
@@ -134,11 +125,11 @@ def test_sampled_output_keeps_the_target_distribution(tmp_path):
     assert (q - first).abs().max() > 0.2  # the draft really disagrees with the target
 
     n = 1200
-    for drafter in (ModelDrafter(other.transformer), SelfDrafter(t)):
+    for speculation in (Speculation(other.transformer, 2, False), Speculation("self", 2, False)):
         counts = [0] * VOCAB**2
         for seed in range(n):
             p = SamplingParams(max_tokens=2, temperature=1.0, seed=seed)
-            a, b = generate_speculative(t, drafter, prompt, p, k=2, adaptive=False)
+            a, b = generate_speculative(t, speculation, prompt, p)
             counts[a * VOCAB + b] += 1
         assert chi_square_p_value(counts, [n * x for x in joint]) > 1e-3
     # The test has power: the draft's own samples are rejected by it.
@@ -198,8 +189,8 @@ def test_the_scheduler_speculates_for_a_lone_request_and_batches_otherwise(targe
         while s.step():
             pass
         assert [t for o in alone.outputs.queue for t in o.token_ids] == plain[0]
-        assert s.stats.spec_rounds > 0
-        rounds = s.stats.spec_rounds
+        assert s.stats.spec.rounds > 0
+        rounds = s.stats.spec.rounds
         pair = [Request(tok.encode(p), q) for p, q in zip(prompts, params, strict=True)]
         for r in pair:
             s.submit(r)
@@ -207,6 +198,6 @@ def test_the_scheduler_speculates_for_a_lone_request_and_batches_otherwise(targe
             pass
         assert [[t for o in r.outputs.queue for t in o.token_ids] for r in pair] == plain
         assert s.pool.used_blocks == 0
-        assert s.stats.spec_rounds - rounds < 24  # batched while both ran
+        assert s.stats.spec.rounds - rounds < 24  # batched while both ran
     finally:
         s.close()

@@ -23,7 +23,7 @@ from mer.chat import ChatTemplate
 from mer.engine.generate import GenerationStats, generate
 from mer.engine.sampling import SamplingParams
 from mer.engine.scheduler import Scheduler
-from mer.engine.speculative import ModelDrafter, SelfDrafter, SpecStats, generate_speculative
+from mer.engine.speculative import SpecStats, Speculation, generate_speculative
 from mer.engine.text import TextStream
 from mer.errors import ConfigError
 from mer.models.transformer import MoETransformer
@@ -77,7 +77,7 @@ class Model:
         self._chat: ChatTemplate | None = None
         self._recorders: list[TraceRecorder] = []
         self.generation_stats = GenerationStats()
-        self._speculation: dict | None = None
+        self._speculation: Speculation | None = None
         self.spec_stats = SpecStats()
 
     @property
@@ -112,9 +112,13 @@ class Model:
         params = self.sampling_params(**sampling)
         if self._speculation is not None:
             return generate_speculative(
-                self.transformer, prompt=ids, params=params, stats=self.generation_stats,
-                spec=self.spec_stats, **self._speculation,
-            )  # fmt: skip
+                self.transformer,
+                self._speculation,
+                ids,
+                params,
+                self.generation_stats,
+                self.spec_stats,
+            )
         return generate(self.transformer, ids, params, self.generation_stats)
 
     def speculate(self, draft: str | Model | None = "self", k: int = 4, adaptive: bool = True):
@@ -122,14 +126,7 @@ class Model:
         experts already in RAM, reading nothing from the SSD), a smaller Model with the
         same tokenizer, or None to stop. `k` tokens are drafted per verification pass,
         adapted to the acceptance rate unless `adaptive` is False."""
-        if draft is None:
-            self._speculation = None
-            return self
-        self._check_draft(draft, k)
-        drafter = (
-            SelfDrafter(self.transformer) if draft == "self" else ModelDrafter(draft.transformer)
-        )
-        self._speculation = {"drafter": drafter, "k": k, "adaptive": adaptive}
+        self._speculation = None if draft is None else self._speculation_with(draft, k, adaptive)
         return self
 
     def stream(self, prompt: str | list[int], stop: list[str] | None = None, **sampling):
@@ -166,20 +163,16 @@ class Model:
         """A continuous-batching scheduler over this model (what `mer serve` runs), with a
         paged KV cache of `kv_budget` bytes; call `.start()` to run it on its own thread.
         With a `draft` ("self" or a smaller Model), a request running alone decodes
-        speculatively."""
+        speculatively. Its outputs are token ids: text and stop strings are the caller's
+        (`mer.engine.text.TextStream`, as `stream` and the server use it)."""
         try:
             budget = kv_budget if isinstance(kv_budget, int) else parse_bytes(kv_budget)
         except ValueError as e:
             raise ConfigError(f"--kv-budget: {e}") from None
-        tokenizer = self.tokenizer if (self.store.path / "tokenizer.json").is_file() else None
-        speculation = None
-        if draft is not None:
-            self._check_draft(draft, spec_k)
-            target = "self" if draft == "self" else draft.transformer
-            speculation = {"draft": target, "k": spec_k}
-        return Scheduler(self.transformer, tokenizer, budget, speculation=speculation, **options)
+        speculation = None if draft is None else self._speculation_with(draft, spec_k)
+        return Scheduler(self.transformer, budget, speculation=speculation, **options)
 
-    def _check_draft(self, draft, k: int) -> None:
+    def _speculation_with(self, draft: str | Model, k: int, adaptive: bool = True) -> Speculation:
         if not (draft == "self" or isinstance(draft, Model)):
             raise ConfigError(f"draft must be 'self', a mer Model or None, got {draft!r}")
         if isinstance(draft, Model) and draft.config.vocab_size != self.config.vocab_size:
@@ -187,8 +180,7 @@ class Model:
                 f"the draft's vocabulary ({draft.config.vocab_size}) differs from the "
                 f"target's ({self.config.vocab_size})"
             )
-        if k < 1:
-            raise ConfigError(f"the draft length must be at least 1, got {k}")
+        return Speculation("self" if draft == "self" else draft.transformer, k, adaptive)
 
     def close(self) -> None:
         """Stop the reader threads; the model cannot generate after this."""

@@ -18,6 +18,11 @@ distribution, and greedy output is the target's argmax at every position.
 `k` adapts to the acceptance rate, and speculation turns itself off while a
 speculative token costs more time than a plain one (e.g. when every expert is
 already cached), probing again now and then.
+
+`Speculation` is what a caller asks for (the draft, k, adaptive or not), checked
+once; `SpecSession` is one sequence's speculation (its drafter, its draft length,
+the `SpecStats` it records into), used alike by `generate_speculative` and by the
+scheduler for a sequence that runs alone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -53,6 +59,91 @@ class SpecStats:
     def mean_accepted(self) -> float:
         """Tokens emitted per verification pass (accepted drafts plus the pass's own)."""
         return self.emitted / self.rounds if self.rounds else 0.0
+
+    def record_round(self, drafted: int, emitted: int, draft_s: float, verify_s: float) -> None:
+        """One verification pass: `drafted` tokens proposed, `emitted` tokens out of it."""
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += emitted - 1
+        self.emitted += emitted
+        self.draft_seconds += draft_s
+        self.verify_seconds += verify_s
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding as asked for: `draft` is "self" (the target routed to the
+    experts already in RAM) or a smaller model with the target's vocabulary; `k` tokens
+    are drafted per pass, adapted to the acceptance rate (up to `k_max`) when `adaptive`."""
+
+    draft: Literal["self"] | MoETransformer = "self"
+    k: int = 4
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"the draft length must be at least 1, got {self.k}")
+        if not (self.draft == "self" or isinstance(self.draft, MoETransformer)):
+            raise ConfigError(f"draft must be 'self' or a model, got {self.draft!r}")
+
+    @property
+    def k_max(self) -> int:
+        return max(self.k, 8) if self.adaptive else self.k
+
+    def capacity(self, prompt: int, max_tokens: int, context: int) -> int:
+        """KV room a sequence needs: its prompt, its tokens, and a whole draft past them."""
+        return min(prompt + max_tokens + self.k_max + 1, context)
+
+    def session(self, target: MoETransformer, capacity: int, stats: SpecStats) -> SpecSession:
+        """Speculation for one sequence of at most `capacity` tokens, recorded in `stats`."""
+        return SpecSession(self, target, capacity, stats)
+
+
+class SpecSession:
+    """One sequence's speculative decoding: its drafter (started on the first round), its
+    draft length, and the stats it records every round and plain step into."""
+
+    def __init__(
+        self, spec: Speculation, target: MoETransformer, capacity: int, stats: SpecStats
+    ) -> None:
+        self.target, self.capacity, self.stats, self.k = target, capacity, stats, spec.k
+        self.drafter = SelfDrafter(target) if spec.draft == "self" else ModelDrafter(spec.draft)
+        self.control = AdaptiveK(spec.k, spec.k_max) if spec.adaptive else None
+        self._started = False
+
+    def draft_length(self, room: int) -> int:
+        """Tokens to draft next, at most `room`; 0 means decode this token plainly."""
+        if self.control is not None and not self.control.speculate():
+            return 0
+        return max(0, min(self.control.k if self.control else self.k, room))
+
+    def round(
+        self,
+        kv,
+        context: list[int],
+        pending: int,
+        k: int,
+        params: SamplingParams,
+        gen: torch.Generator,
+    ) -> list[int]:
+        """`speculative_round`, recorded: the tokens to emit. `kv` (a KVCache or paged
+        sequence holding `context`) must have room for k+1 more."""
+        if not self._started:
+            self.drafter.start(self.capacity)
+            self._started = True
+        tokens, draft_s, verify_s = speculative_round(
+            self.target, self.drafter, kv, context, pending, k, params, gen
+        )
+        self.stats.record_round(k, len(tokens), draft_s, verify_s)
+        if self.control is not None:
+            self.control.after_round(k, len(tokens), draft_s + verify_s)
+        return tokens
+
+    def plain(self, seconds: float) -> None:
+        """A token decoded without speculation in `seconds`."""
+        self.stats.plain_tokens += 1
+        if self.control is not None:
+            self.control.after_plain(seconds)
 
 
 class SelfDrafter:
@@ -217,41 +308,35 @@ def _ema(old: float | None, new: float, alpha: float = 0.3) -> float:
 
 def generate_speculative(
     model: MoETransformer,
-    drafter,
+    speculation: Speculation,
     prompt: list[int],
     params: SamplingParams,
     stats: GenerationStats | None = None,
     spec: SpecStats | None = None,
-    k: int = 4,
-    adaptive: bool = True,
     kv: KVCache | None = None,
 ) -> Iterator[int]:
-    """Like `generate`, with tokens proposed by `drafter` and verified k+1 at a time.
+    """Like `generate`, with tokens drafted as `speculation` says and verified k+1 at a time.
 
     `kv` (empty, large enough) lets the caller look at the target's KV cache afterwards:
     it then holds exactly the prompt and every emitted token but the last."""
     stats = stats if stats is not None else GenerationStats()
     spec = spec if spec is not None else SpecStats()
     limit = check_prompt(prompt, model.config.max_position_embeddings)
-    if k < 1:
-        raise ConfigError(f"the draft length must be at least 1, got {k}")
     if params.max_tokens == 0:
         return
-    k_max = max(k, 8) if adaptive else k
-    capacity = min(len(prompt) + params.max_tokens + k_max + 1, limit)
+    capacity = speculation.capacity(len(prompt), params.max_tokens, limit)
     if kv is None:
         kv = model.new_kv_cache(capacity)
     elif kv.length or kv.capacity < capacity:
         raise ConfigError(f"the KV cache must be empty and hold {capacity} tokens")
     gen = params.generator()
     stop = set(params.stop_token_ids)
-    control = AdaptiveK(k, k_max) if adaptive else None
+    session = speculation.session(model, capacity, spec)
 
     t0 = time.perf_counter()
     logits = model.forward(torch.tensor(prompt), kv)[-1]
     stats.prompt_tokens += len(prompt)
     stats.prefill_seconds += time.perf_counter() - t0
-    drafter.start(capacity)
     context = list(prompt)  # the tokens in the target's KV cache
     pending = sample_next_token(logits, params, gen)
     produced = 0
@@ -263,21 +348,10 @@ def generate_speculative(
             return
         room = min(params.max_tokens - produced, capacity - kv.length - 2)
         t0 = time.perf_counter()
-        if (control is None or control.speculate()) and room >= 1:
-            step_k = min(control.k if control else k, room)
-            tokens, draft_s, verify_s = speculative_round(
-                model, drafter, kv, context, pending, step_k, params, gen
-            )
+        if k := session.draft_length(room):
+            tokens = session.round(kv, context, pending, k, params, gen)
             context += [pending, *tokens[:-1]]
-            spec.rounds += 1
-            spec.drafted += step_k
-            spec.accepted += len(tokens) - 1
-            spec.emitted += len(tokens)
-            spec.draft_seconds += draft_s
-            spec.verify_seconds += verify_s
-            stats.decode_seconds += draft_s + verify_s
-            if control:
-                control.after_round(step_k, len(tokens), draft_s + verify_s)
+            stats.decode_seconds += time.perf_counter() - t0
             for tok in tokens[:-1]:
                 stats.generated_tokens += 1
                 produced += 1
@@ -292,6 +366,4 @@ def generate_speculative(
             pending = sample_next_token(logits, params, gen)
             dt = time.perf_counter() - t0
             stats.decode_seconds += dt
-            spec.plain_tokens += 1
-            if control:
-                control.after_plain(dt)
+            session.plain(dt)

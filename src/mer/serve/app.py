@@ -2,9 +2,10 @@
 
 Requests are validated and tokenized on the event loop, then handed to the
 continuous-batching scheduler, whose engine thread runs every forward pass;
-its outputs come back to the request's coroutine through an asyncio queue.
-A client that goes away cancels its request, which frees its sequence and KV
-blocks at the next step.
+its outputs (token ids) come back to the request's coroutine through an asyncio
+queue, where `TextStream` turns them into text and cuts it at a stop string, as
+`Model.generate` does: the request is then cancelled. A client that goes away
+cancels its request too, which frees its sequence and KV blocks at the next step.
 
 Liveness: `/health` answers 503 with the reason while the scheduler is dead or
 stuck (`Scheduler.health`), and generation requests get a 503 then. Should the
@@ -35,6 +36,7 @@ from mer.api import Model
 from mer.engine.sampling import InvalidSamplingParam
 from mer.engine.scheduler import Output, Scheduler, SchedulerDown
 from mer.engine.scheduler import Request as EngineRequest
+from mer.engine.text import TextStream
 from mer.errors import BudgetError, ConfigError, MerError
 from mer.serve import protocol
 from mer.serve.metrics import render_metrics
@@ -137,14 +139,17 @@ class Server:
                     "requests; retry later",
                     type="rate_limit_error",
                 )
-            engine_req, outputs = self._submit(req, prompt)
+            engine_req, outputs, text = self._submit(req, prompt)
         except ApiError as e:
             return self._error(e)
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            events = self._stream(rid, req, chat, engine_req, outputs)
+            events = self._stream(rid, req, chat, engine_req, outputs, text)
             return StreamingResponse(events, media_type="text/event-stream")
-        return await self._complete(request, rid, req, chat, engine_req, outputs)
+        try:
+            return await self._complete(request, rid, chat, engine_req, outputs, text)
+        finally:  # ended at a stop string, or failed here: the engine need not go on
+            engine_req.cancel()
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         try:
@@ -191,7 +196,8 @@ class Server:
             except RuntimeError:  # the event loop has closed: the server is shutting down
                 engine_req.cancel()
 
-        engine_req = EngineRequest(prompt, params, req.stop, on_output=deliver)
+        text = _Text(TextStream(self.model.tokenizer, req.stop, params.stop_token_ids))
+        engine_req = EngineRequest(prompt, params, on_output=deliver)
         try:
             self.scheduler.submit(engine_req)
         except (ConfigError, BudgetError) as e:
@@ -200,29 +206,28 @@ class Server:
             ) from None
         except SchedulerDown as e:
             raise ApiError(503, str(e), type="server_error") from None
-        return engine_req, outputs
+        return engine_req, outputs, text
 
-    async def _complete(self, request, rid, req, chat, engine_req, outputs) -> Response:
-        collect = asyncio.ensure_future(_collect(outputs))
+    async def _complete(self, request, rid, chat, engine_req, outputs, text) -> Response:
+        collect = asyncio.ensure_future(_collect(outputs, text))
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
         if collect not in done:
-            engine_req.cancel()
             collect.cancel()
             return Response(status_code=499)
         gone.cancel()
-        text, last = collect.result()
-        if last.finish_reason == "error":
+        completion, reason, last = collect.result()
+        if reason == "error":
             return self._error(
                 ApiError(500, last.error or "generation failed", type="server_error")
             )
-        use = protocol.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
-        choice = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+        use = protocol.usage(last.prompt_tokens, text.tokens, last.cached_tokens)
+        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
         if chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = {"role": "assistant", "content": completion}
             kind = "chat.completion"
         else:
-            choice["text"] = text
+            choice["text"] = completion
             kind = "text_completion"
         return JSONResponse(
             {
@@ -235,7 +240,7 @@ class Server:
             }
         )
 
-    async def _stream(self, rid, req: GenerationRequest, chat: bool, engine_req, outputs):
+    async def _stream(self, rid, req: GenerationRequest, chat: bool, engine_req, outputs, text):
         name = self.settings.model_name
         try:
             if chat:
@@ -244,16 +249,19 @@ class Server:
                 )
             while True:
                 out = await outputs.get()
-                if out.finish_reason == "error":
+                try:
+                    piece, reason = text.add(out)
+                except Exception as e:  # a decoding fault: this request's, as the engine's are
+                    out, reason = Output([], "error", f"{type(e).__name__}: {e}"), "error"
+                if reason == "error":
                     yield _sse(ApiError(500, out.error or "failed", type="server_error").body())
                     break
-                reason = out.finish_reason
-                if out.text or reason:
+                if piece or reason:
                     if chat:
-                        delta = {"content": out.text} if out.text else {}
+                        delta = {"content": piece} if piece else {}
                         yield _sse(protocol.chat_chunk(rid, name, delta, reason))
                     else:
-                        yield _sse(protocol.completion_chunk(rid, name, out.text, reason))
+                        yield _sse(protocol.completion_chunk(rid, name, piece, reason))
                 if reason:
                     if req.include_usage:
                         chunk = (
@@ -263,12 +271,12 @@ class Server:
                         )
                         chunk["choices"] = []
                         chunk["usage"] = protocol.usage(
-                            out.prompt_tokens, out.completion_tokens, out.cached_tokens
+                            out.prompt_tokens, text.tokens, out.cached_tokens
                         )
                         yield _sse(chunk)
                     break
             yield "data: [DONE]\n\n"
-        finally:  # normal end, or the client went away (the generator is closed)
+        finally:  # normal end, a stop string, or the client went away (the generator is closed)
             engine_req.cancel()
 
     # ---- helpers ----
@@ -314,13 +322,38 @@ class Server:
         return JSONResponse(e.body(), status_code=e.status)
 
 
-async def _collect(outputs: asyncio.Queue) -> tuple[str, Output]:
+class _Text:
+    """One request's engine outputs as text, cut at its stop strings; `tokens` counts the
+    generated tokens up to the one that ended the text (the engine, which knows no text,
+    goes on until the request is cancelled)."""
+
+    def __init__(self, stream: TextStream) -> None:
+        self.stream, self.tokens = stream, 0
+
+    def add(self, out: Output) -> tuple[str, str | None]:
+        """The text `out` adds, and the completion's finish reason once it has ended."""
+        if out.finish_reason == "error":
+            return "", "error"
+        stream, pieces = self.stream, []
+        for token in out.token_ids:
+            if stream.finish_reason is not None:
+                break
+            self.tokens += 1
+            pieces.append(stream.push(token))
+        if stream.finish_reason is None and out.finish_reason is not None:
+            pieces.append(stream.finish(out.finish_reason))  # the held-back text, if any
+        return "".join(pieces), stream.finish_reason
+
+
+async def _collect(outputs: asyncio.Queue, text: _Text) -> tuple[str, str, Output]:
+    """The whole completion, why it ended, and the last engine output read."""
     pieces = []
     while True:
         out = await outputs.get()
-        pieces.append(out.text)
-        if out.finish_reason is not None:
-            return "".join(pieces), out
+        piece, reason = text.add(out)
+        pieces.append(piece)
+        if reason is not None:
+            return "".join(pieces), reason, out
 
 
 async def _disconnected(request: Request) -> None:

@@ -25,9 +25,9 @@ def render_metrics(model, scheduler, http_errors: int) -> str:
         ),  # fmt: skip
         ("batch_tokens_total", "counter", "tokens run in forward passes", s.batch_tokens),
         ("preemptions_total", "counter", "sequences preempted for KV room", s.preemptions),
-        ("spec_rounds_total", "counter", "speculative verification passes", s.spec_rounds),
-        ("spec_drafted_total", "counter", "tokens drafted", s.spec_drafted),
-        ("spec_accepted_total", "counter", "drafted tokens accepted", s.spec_accepted),
+        ("spec_rounds_total", "counter", "speculative verification passes", s.spec.rounds),
+        ("spec_drafted_total", "counter", "tokens drafted", s.spec.drafted),
+        ("spec_accepted_total", "counter", "drafted tokens accepted", s.spec.accepted),
         ("kv_blocks_total", "gauge", "KV blocks in the pool", pool.n_blocks),
         ("kv_blocks_used", "gauge", "KV blocks held by running sequences", pool.used_blocks),
         ("kv_blocks_cached", "gauge", "unheld KV blocks kept for prefix reuse", pool.cached_blocks),

@@ -1,0 +1,92 @@
+"""The model runner: a `Batch` in, a `StepResult` out.
+
+A plain batch is one packed forward pass (`MoETransformer.forward_batch`), then a
+sample for each sequence whose chunk ends what it had to run; a speculative batch
+is one draft-and-verify round for its sequence (`SpecSession.round`). The expert
+dedup counts come from the routing of this batch's own forward, heard through a
+routing hook subscribed for that forward only.
+
+Faults are data: a forward that raises fails every sequence of the batch, a
+sample that raises (NaN logits) fails its sequence only; nothing escapes `run`
+but a bug in the runner itself. The runner changes no sequence state beyond what
+running it means (the KV cache, the sampler's generator, the speculation's
+record); what the results mean for each request is `Batcher.postprocess`'s job.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mer.engine.batching import Batch, StepResult, message
+from mer.engine.sampling import sample_next_token
+from mer.models.transformer import MoETransformer
+
+
+class ModelRunner:
+    """Runs batches on one model."""
+
+    def __init__(self, model: MoETransformer) -> None:
+        self.model = model
+
+    def run(self, batch: Batch) -> StepResult:
+        t0 = time.perf_counter()
+        if batch.draft:
+            return self._speculate(batch, t0)
+        tally = _RoutingTally(batch.spans)
+        hooks = self.model.routing_hooks
+        hooks.append(tally)
+        try:
+            logits = self.model.forward_batch(
+                [(torch.tensor(c), s.kv) for s, c in zip(batch.seqs, batch.chunks, strict=True)]
+            )  # [sequences, V]: each one's last position
+        except Exception as e:  # e.g. an unreadable expert: it fails this batch, not the server
+            return _failed(batch, message(e), t0)
+        finally:
+            hooks.remove(tally)
+        tokens, errors = [], []
+        for seq, sample, row in zip(batch.seqs, batch.sample, logits, strict=True):
+            try:
+                tokens.append([sample_next_token(row, seq.params, seq.gen)] if sample else [])
+                errors.append(None)
+            except Exception as e:  # NaN logits: this sequence only
+                tokens.append([])
+                errors.append(message(e))
+        return StepResult(
+            tokens, errors, time.perf_counter() - t0, True, tally.demand, tally.acquired
+        )
+
+    def _speculate(self, batch: Batch, t0: float) -> StepResult:
+        (seq,) = batch.seqs
+        try:
+            tokens = seq.spec.round(
+                seq.kv,
+                seq.context[: seq.kv.length],
+                batch.chunks[0][0],
+                batch.draft,
+                seq.params,
+                seq.gen,
+            )
+        except Exception as e:
+            return _failed(batch, message(e), t0)
+        return StepResult([tokens], [None], time.perf_counter() - t0)
+
+
+def _failed(batch: Batch, error: str, t0: float) -> StepResult:
+    n = len(batch.seqs)
+    return StepResult([[]] * n, [error] * n, time.perf_counter() - t0, ran=False)
+
+
+class _RoutingTally:
+    """A routing hook counting, per MoE layer, the experts each sequence of a batch wants
+    and the experts the batch acquires (their union)."""
+
+    def __init__(self, spans: list[slice]) -> None:
+        self.spans, self.demand, self.acquired = spans, 0, 0
+
+    def __call__(
+        self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        self.demand += sum(len(ids[s].unique()) for s in self.spans)
+        self.acquired += len(ids.unique())
