@@ -12,7 +12,13 @@ that overrides only what differs from these defaults:
   Face template) and the shapes of what a config has (`layer_shapes`);
 - its compute, called by `MoETransformer` per layer: `attention`, `route`,
   `shared`, `mlp`, the per-token KV layout (`kv_shapes`), the rotary tables
-  (`rotary`) and a seam around the expert provider (`experts`).
+  (`rotary`), each layer's attention window (`sliding_window`) and a seam
+  around the expert provider (`experts`);
+- its experts in a checkpoint: the tensors it reads for a layer's experts
+  (`expert_tensors`) and how one expert's become a store extent
+  (`expert_extent`), whether per-expert matrices or stacked ones, float or
+  already quantized; `expert_bias` when its experts carry biases;
+- the synthetic checkpoints `mer synth` makes of it (`presets`).
 
 The defaults are the Mixtral-like decoder: GQA attention with optional q/k/v
 biases and per-head QK RMSNorm, softmax top-k routing, an ungated SwiGLU shared
@@ -22,7 +28,8 @@ Families hold no weights and no state: one instance serves every model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +40,19 @@ from mer.models.layers import Rotary, apply_rotary, attention, rms_norm, route, 
 if TYPE_CHECKING:
     from mer.models.layers import ExpertProvider
     from mer.models.transformer import MoETransformer
+    from mer.quant.expert import ExpertFormat
 
 Shape = tuple[int, ...]
+
+
+class TensorSource(Protocol):
+    """What a family reads a checkpoint through (`mer.store.safetensors_source`)."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def get_row(self, name: str, index: int) -> torch.Tensor: ...  # t[index] of a stacked t
 
 
 class Family:
@@ -49,6 +67,9 @@ class Family:
     GLOBAL: dict[str, str] = {}
     LAYER: dict[str, str] = {}  # templates with {i}
     EXPERT: dict[str, str] = {}  # w1 (gate), w2 (down), w3 (up): templates with {i} and {e}
+    expert_bias: str = ""  # "" or the dtype its experts' biases are stored in ("bfloat16")
+    presets: dict[str, dict[str, Any]] = {}  # `mer synth --preset` name -> config.json fields
+    SOURCE_DTYPES: tuple[str, ...] = ("BF16", "F16", "F32")  # float checkpoint tensors read
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -103,6 +124,26 @@ class Family:
         h, f = cfg.hidden_size, cfg.intermediate_size
         return {"w1": (f, h), "w2": (h, f), "w3": (f, h)}
 
+    def expert_tensors(
+        self, cfg: ModelConfig, layer: int, source: Container[str] | None = None
+    ) -> dict[str, tuple[Shape, tuple[str, ...]]]:
+        """Hugging Face name -> (shape, safetensors dtypes accepted) of every checkpoint
+        tensor holding layer `layer`'s routed experts; `source` (the names a checkpoint has)
+        lets a family that reads several layouts say which one it will read."""
+        shapes = self.expert_shapes(cfg)
+        return {
+            hf.format(i=layer, e=e): (shapes[w], self.SOURCE_DTYPES)
+            for e in range(cfg.num_local_experts)
+            for w, hf in self.EXPERT.items()
+        }
+
+    def expert_extent(
+        self, source: TensorSource, cfg: ModelConfig, layer: int, e: int, ef: ExpertFormat
+    ) -> torch.Tensor:
+        """One routed expert, read from a checkpoint, as a store extent in format `ef`."""
+        w = {k: source.get(hf.format(i=layer, e=e)).float() for k, hf in self.EXPERT.items()}
+        return ef.encode(w["w1"], w["w2"], w["w3"])
+
     def kv_shapes(self, cfg: ModelConfig) -> tuple[Shape, Shape]:
         """Per-token shapes of the two tensors each layer caches (full keys and values)."""
         kv = (cfg.num_key_value_heads, cfg.head_dim)
@@ -112,6 +153,10 @@ class Family:
 
     def rotary(self, cfg: ModelConfig) -> Rotary:
         return Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+
+    def sliding_window(self, cfg: ModelConfig, i: int) -> int | None:
+        """How many positions (the query's own included) layer i attends to; None: all."""
+        return cfg.sliding_window
 
     def experts(self, cfg: ModelConfig, provider: ExpertProvider) -> ExpertProvider:
         """The provider the MoE block uses: a family whose experts compute differently (another

@@ -12,8 +12,8 @@ hooks are how anything else learns the routing (the cache's policy, live prefetc
 trace recording, the scheduler's dedup count): the model knows none of them.
 
 Where families differ (attention, routing, shared expert, dense MLP, KV layout,
-rotary tables) the pass calls the config's `Family` (`mer.models.family`), whose
-defaults are the shared layers.
+rotary tables, each layer's attention window) the pass calls the config's
+`Family` (`mer.models.family`), whose defaults are the shared layers.
 """
 
 from __future__ import annotations
@@ -93,18 +93,22 @@ class MoETransformer:
         tokens = torch.cat([t for t, _ in batch])
         pos = torch.cat([torch.arange(kv.length, kv.length + len(t)) for t, kv in batch])
         rope = self.rotary.tables(pos, self.dtype)
-        spans, start = [], 0
-        for t, kv in batch:
-            n = len(t)
-            mask = causal_mask(pos[start : start + n], kv.length + n, cfg.sliding_window)
-            spans.append((slice(start, start + n), kv, mask))  # mask [T_i, S_i]
-            start += n
         fam = self.family
+        windows = [fam.sliding_window(cfg, i) for i in range(cfg.num_hidden_layers)]
+        spans_of = {}  # window -> spans: one causal mask per sequence and distinct window
+        for window in dict.fromkeys(windows):
+            spans, start = [], 0
+            for t, kv in batch:
+                n = len(t)
+                mask = causal_mask(pos[start : start + n], kv.length + n, window)
+                spans.append((slice(start, start + n), kv, mask))  # mask [T_i, S_i]
+                start += n
+            spans_of[window] = spans
         x = w["embed"][tokens]  # [T, H]
         for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
             h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
-            x = x + fam.attention(self, i, h, rope, spans)
+            x = x + fam.attention(self, i, h, rope, spans_of[windows[i]])
             h = rms_norm(x, w[p + "ffn_norm"], cfg.rms_norm_eps)
             if cfg.is_moe_layer(i):
                 x = x + self._moe(i, h, draft)
@@ -114,7 +118,7 @@ class MoETransformer:
             kv.advance(len(t))
         self.experts.next_step()
         if not all_logits:
-            x = x[torch.tensor([s.stop - 1 for s, _, _ in spans])]
+            x = x[torch.tensor([s.stop - 1 for s, _, _ in spans_of[windows[0]]])]
         return F.linear(rms_norm(x, w["norm"], cfg.rms_norm_eps), w["lm_head"]).float()
 
     def _moe(self, i: int, h: torch.Tensor, draft: bool = False) -> torch.Tensor:
