@@ -213,11 +213,17 @@ class GptOss(Family):
         return cfg.sliding_window if cfg.layer_types[i] == "sliding_attention" else None
 
     def attend(self, m, i: int, q, k, v, spans) -> torch.Tensor:
-        """Attention with the layer's sinks, then o with its bias."""
+        """Attention with the layer's sinks, then o with its bias. A sliding layer looks only
+        at the keys inside its first query's window: a decode step costs the window, not
+        the context (the masked-out keys before it would contribute nothing)."""
         w, p = m.w, f"layers.{i}."
+        window = self.sliding_window(m.config, i)
         out = torch.empty(q.shape[0], q.shape[1] * v.shape[2], dtype=q.dtype)
         for span, kv, mask in spans:
-            out[span] = attention(q[span], *kv.append(i, k[span], v[span]), mask, w[p + "sinks"])
+            keys, values = kv.append(i, k[span], v[span])  # [S, Hkv, D]
+            t, s = mask.shape  # the queries are positions s - t .. s - 1
+            lo = 0 if window is None else max(0, s - t - window + 1)
+            out[span] = attention(q[span], keys[lo:], values[lo:], mask[:, lo:], w[p + "sinks"])
         return F.linear(out, w[p + "o"], w.get(p + "o_bias"))
 
     def route(self, m, i: int, h: torch.Tensor, allowed: torch.Tensor | None):
