@@ -253,6 +253,36 @@ def test_mxfp4_checkpoint_blocks_are_stored_bit_exact_and_match_transformers(
     assert rel(bf16, logits) < TOL
 
 
+def test_mxfp4_checkpoint_into_int4_quantizes_the_exact_dequantized_values(
+    hf, stores, blocks_checkpoint
+):
+    path, tensors = blocks_checkpoint
+    store = stores("int4", path)
+    ref = store_reference(hf[1], store)
+    logits, m = ours(store, PROMPT)
+    assert rel(logits, logits_of(ref, PROMPT)) < TOL
+    assert rel(logits, logits_of(blocks_reference(hf[1], tensors), PROMPT)) < 0.5  # int4's error
+
+
+def test_a_bad_mxfp4_checkpoint_is_refused_naming_the_tensor(blocks_checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    from mer.errors import ConvertError
+
+    path, tensors = blocks_checkpoint
+    name = "model.layers.1.mlp.experts.down_proj_scales"
+    for bad, match in (
+        ({**tensors, name: tensors[name].float()}, f"tensor {name} has unsupported dtype F32"),
+        ({k: v for k, v in tensors.items() if k != name}, f"missing tensors: {name}"),
+    ):
+        src = tmp_path / "bad"
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(path, src)
+        save_file(bad, src / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(ConvertError, match=match):
+            convert(src, tmp_path / "out", quant="mxfp4", progress=False)
+
+
 def test_a_shared_prefix_and_a_batch_give_the_logits_of_each_sequence_alone(stores):
     """Paged KV (blocks of the window's size) with a prefix taken from the cache, and two
     sequences in one pass, against each sequence alone in a plain KV cache."""
