@@ -388,3 +388,32 @@ def test_the_tiny_preset_is_a_checkpoint_transformers_loads_and_we_match(tmp_pat
     logits, m = ours(store, PROMPT)
     assert rel(logits, logits_of(model, PROMPT)) < TOL
     assert list(m.tokens(PROMPT, max_tokens=6, stop_token_ids=[-1])) == greedy_of(model, PROMPT, 6)
+
+
+def test_live_lookahead_prefetches_by_the_next_routers_bias_too(stores):
+    """Router lookahead guesses with the family's routing: gpt-oss's router bias counts."""
+    from mer.predict.lookahead import LookaheadPrefetcher
+
+    class Cache:
+        def __init__(self):
+            self.prefetched = []
+
+        def cancel_prefetches(self, layer, keep):
+            pass
+
+        def prefetch(self, layer, experts):
+            self.prefetched.append((layer, sorted(experts)))
+
+    m = mer.open(stores("bf16"), ram_budget="64MiB", dtype="float32")
+    try:
+        t, cache = m.transformer, Cache()
+        hidden = torch.randn(3, 64) * 1e-3  # small, so the bias decides
+        LookaheadPrefetcher(t, cache)(0, hidden, torch.zeros(3, 2, dtype=torch.long), None)
+        logits = hidden @ t.w["layers.1.router"].t() + t.w["layers.1.router_bias"]
+        want = sorted(set(logits.topk(2).indices.reshape(-1).tolist()))
+        without_bias = sorted(
+            set((hidden @ t.w["layers.1.router"].t()).topk(2).indices.view(-1).tolist())
+        )
+        assert cache.prefetched == [(1, want)] and want != without_bias
+    finally:
+        m.close()
