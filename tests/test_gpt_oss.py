@@ -417,3 +417,25 @@ def test_live_lookahead_prefetches_by_the_next_routers_bias_too(stores):
         assert cache.prefetched == [(1, want)] and want != without_bias
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("small", [1 << 22, 40, 80])  # 40, 80: chunks of 1 and 2 queries
+def test_attention_with_sinks_matches_the_eager_formula(monkeypatch, small):
+    """Against transformers' eager formula (keys repeated per group, the sink as one more
+    logit, dropped after the softmax); past SMALL_ATTENTION the queries go in chunks."""
+    from mer.models import layers
+
+    monkeypatch.setattr(layers, "SMALL_ATTENTION", small)
+    gen = torch.Generator().manual_seed(3)
+    t, s, hq, hkv, d = 5, 9, 4, 2, 8
+    q, k, v = (torch.randn(n, h, d, generator=gen) for n, h in ((t, hq), (s, hkv), (s, hkv)))
+    sinks = torch.randn(hq, generator=gen)
+    mask = layers.causal_mask(torch.arange(s - t, s), s, 3)
+    got = layers.attention(q, k, v, mask, sinks)
+    kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    scores = torch.einsum("thd,shd->hts", q, kr) * d**-0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([scores, sinks[:, None, None].expand(hq, t, 1)], -1)
+    probs = torch.softmax(logits, -1)[..., :s]
+    want = torch.einsum("hts,shd->thd", probs, vr).reshape(t, hq * d)
+    assert (got - want).abs().max() < 1e-6
