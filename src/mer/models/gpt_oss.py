@@ -107,7 +107,7 @@ class GptOss(Family):
     model_types = ("gpt_oss",)
     architectures = ("GptOssForCausalLM",)
     config_class = GptOssConfig
-    defaults = {"qk_norm": "none", "qkv_bias": True, "norm_topk_prob": True}
+    defaults = {"qk_norm": "none", "qkv_bias": True}
     rope_types = ("default", "yarn")
     expert_bias = "bfloat16"  # the published checkpoints' bias dtype: stored exactly
     presets = PRESETS
