@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="directory to create (with --gguf: the .gguf file)")
     from mer.synth.checkpoint import OVERRIDE_FLAGS
 
-    p.add_argument("--preset", default="tiny", help="a shape from mer.synth.checkpoint.PRESETS")
+    p.add_argument("--preset", default="tiny", help="a shape from mer.synth.checkpoint.presets()")
     for flag in OVERRIDE_FLAGS:
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=count)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])

@@ -1,5 +1,8 @@
-"""Per-sequence key/value cache: one preallocated [max_len, kv_heads, head_dim] pair per layer.
+"""Per-sequence key/value cache: one preallocated pair of tensors per layer.
 
+Each layer caches two per-token tensors whose shapes the family gives
+(`Family.kv_shapes`): keys and values [kv_heads, head_dim] by default;
+DeepSeek's latent attention caches the compressed latent and the rope key.
 Allocated once for the sequence's capacity, so decoding never allocates.
 `truncate` rolls back to an earlier length (speculative decoding drops the
 rejected draft tokens so); rolled-back entries are simply overwritten later.
@@ -9,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from mer.config import ModelConfig
 from mer.errors import ConfigError
+from mer.models.config import ModelConfig
 
 
 class KVCache:
@@ -20,16 +23,16 @@ class KVCache:
                 f"context of {capacity} tokens exceeds the model's "
                 f"max_position_embeddings ({config.max_position_embeddings})"
             )
-        shape = (config.num_hidden_layers, capacity, config.num_key_value_heads, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        k_shape, v_shape = config.family.kv_shapes(config)
+        self.k = torch.zeros((config.num_hidden_layers, capacity, *k_shape), dtype=dtype)
+        self.v = torch.zeros((config.num_hidden_layers, capacity, *v_shape), dtype=dtype)
         self.capacity = capacity
         self.length = 0
 
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [T, Hkv, D] after the current length; return all keys and values so far."""
+        """Write k, v [T, ...] after the current length; return all keys and values so far."""
         end = self.length + k.shape[0]
         if end > self.capacity:
             raise ConfigError(f"sequence of {end} tokens exceeds the KV cache ({self.capacity})")

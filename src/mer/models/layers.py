@@ -57,7 +57,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def causal_mask(q_positions: torch.Tensor, kv_len: int, sliding_window: int | None):
-    """[T, S] bool: which of positions 0..S-1 each query may attend to. Same for every layer."""
+    """[T, S] bool: which of positions 0..S-1 each query may attend to, the last
+    `sliding_window` positions up to its own if given."""
     kv_pos = torch.arange(kv_len)
     allowed = kv_pos[None, :] <= q_positions[:, None]
     if sliding_window is not None:
@@ -70,21 +71,43 @@ def causal_mask(q_positions: torch.Tensor, kv_len: int, sliding_window: int | No
 SMALL_ATTENTION = 1 << 22
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    sinks: torch.Tensor | None = None,
+):
     """GQA attention. q [T, Hq, D]; k, v [S, Hkv, D]; mask [T, S] -> [T, Hq*D].
 
     Grouped heads share keys and values (no copy of the cache per head). While the
     scores fit in 16 MiB of float32, plain batched matmuls in float32 are used: on the
     2-core test machine they ran 2-4x faster than the fused kernel in bf16 for decode
-    steps and prefill chunks alike, and are at least as exact."""
+    steps and prefill chunks alike, and are at least as exact.
+
+    `sinks` [Hq] (gpt-oss): a learned logit per head that joins each softmax's
+    denominator and attends to nothing, so a head may give less than all of its
+    weight to the keys. The fused kernel has no such term: with sinks, queries run
+    in chunks small enough for the float32 path."""
     t, hq, d = q.shape
     s, hkv = k.shape[0], k.shape[1]
+    if sinks is not None and hq * t * s > SMALL_ATTENTION:
+        step = max(1, SMALL_ATTENTION // (hq * s))
+        chunks = [
+            attention(q[a : a + step], k, v, mask[a : a + step], sinks) for a in range(0, t, step)
+        ]
+        return torch.cat(chunks)
     if hq * t * s <= SMALL_ATTENTION:
         g = hq // hkv
         qg = q.float().view(t, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * t, d)
         scores = torch.bmm(qg, k.float().permute(1, 2, 0)).mul_(d**-0.5)  # [Hkv, G*T, S]
         scores = scores.view(hkv, g, t, s).masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).view(hkv, g * t, s)
+        if sinks is not None:
+            sink = sinks.float().view(hkv, g, 1, 1).expand(hkv, g, t, 1)
+            probs = torch.softmax(torch.cat([scores, sink], -1), dim=-1)[..., :s]
+            probs = probs.reshape(hkv, g * t, s)
+        else:
+            probs = torch.softmax(scores, dim=-1).view(hkv, g * t, s)
         out = torch.bmm(probs, v.float().transpose(0, 1))  # [Hkv, G*T, D]
         return out.view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hq * d).to(q.dtype)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T|S, D]

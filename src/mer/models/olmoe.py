@@ -1,4 +1,42 @@
-"""OLMoE (`OlmoeForCausalLM`): tensor names. QK RMSNorm over the whole projection (not per
-head), optional `clip_qkv`; same layout as Qwen-MoE otherwise, without a shared expert."""
+"""OLMoE (`OlmoeForCausalLM`): QK RMSNorm over the whole projection (not per head) and an
+optional `clip_qkv`; Qwen-MoE's tensor names otherwise, without a shared expert."""
 
-from mer.models.qwen_moe import EXPERT, GLOBAL, LAYER  # noqa: F401 - same names
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from mer.models.family import Family, Shape
+from mer.models.layers import rms_norm
+from mer.models.qwen_moe import Qwen2Moe
+
+
+class Olmoe(Family):
+    name = "olmoe"
+    model_types = ("olmoe",)
+    architectures = ("OlmoeForCausalLM",)
+    gguf_architectures = ("olmoe",)
+    defaults = {"norm_topk_prob": False, "qk_norm": "full", "qkv_bias": False}
+    GLOBAL, LAYER, EXPERT = Qwen2Moe.GLOBAL, Qwen2Moe.LAYER, Qwen2Moe.EXPERT
+
+    def attention_shapes(self, cfg) -> dict[str, Shape]:
+        shapes = super().attention_shapes(cfg)
+        if cfg.qk_norm == "full":
+            shapes.update({"q_norm": shapes["q"][:1], "k_norm": shapes["k"][:1]})
+        return shapes
+
+    def qkv(self, m, i: int, h):
+        """Norm over the whole q and k projections, then clip q, k, v, then split heads."""
+        cfg, w, p = m.config, m.w, f"layers.{i}."
+        t, eps = h.shape[0], cfg.rms_norm_eps
+        q = F.linear(h, w[p + "q"], w.get(p + "q_bias"))  # [T, Hq*D]
+        k = F.linear(h, w[p + "k"], w.get(p + "k_bias"))  # [T, Hkv*D]
+        v = F.linear(h, w[p + "v"], w.get(p + "v_bias"))
+        if cfg.qk_norm == "full":
+            q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (z.clamp(-cfg.clip_qkv, cfg.clip_qkv) for z in (q, k, v))
+        hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        return q.view(t, hq, -1), k.view(t, hkv, -1), v.view(t, hkv, -1)
+
+
+FAMILIES = (Olmoe(),)

@@ -8,7 +8,9 @@ after a different prefix has different keys and values). A new sequence whose
 prompt starts with registered blocks takes them instead of computing them; a
 finished sequence's registered blocks stay cached, evicted least recently used
 first when a fresh block is needed. Shared blocks are always full, so no
-sequence ever writes into a block another one reads.
+sequence ever writes into a block another one reads. A block holds, per layer and
+token, what the family caches (`Family.kv_shapes`): full keys and values, or
+DeepSeek's compressed latent and rope key.
 
 The pool is checked against the memory the machine has (`available_memory`)
 before it is allocated: a budget that cannot fit is a one-line BudgetError,
@@ -17,6 +19,7 @@ not an allocation failure or the OOM killer.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -25,8 +28,8 @@ import numpy as np
 import torch
 import xxhash
 
-from mer.config import ModelConfig
 from mer.errors import BudgetError
+from mer.models.config import ModelConfig
 from mer.units import fmt_bytes
 
 
@@ -36,9 +39,9 @@ class KVPool:
     ) -> None:
         self.config, self.block_size = config, block_size
         elem = torch.empty((), dtype=dtype).element_size()
-        self.block_bytes = (
-            2 * config.num_hidden_layers * block_size * config.num_key_value_heads
-        ) * (config.head_dim * elem)
+        k_shape, v_shape = config.family.kv_shapes(config)  # per token and layer
+        per_token = math.prod(k_shape) + math.prod(v_shape)
+        self.block_bytes = config.num_hidden_layers * block_size * per_token * elem
         self.n_blocks = budget_bytes // self.block_bytes
         if self.n_blocks < 2:
             raise BudgetError(
@@ -52,14 +55,9 @@ class KVPool:
                 f"KV budget of {fmt_bytes(budget_bytes)} needs a pool of {fmt_bytes(pool_bytes)}"
                 f", more than the {fmt_bytes(available)} of memory available ({source})"
             )
-        shape = (
-            config.num_hidden_layers,
-            self.n_blocks * block_size,
-            config.num_key_value_heads,
-            config.head_dim,
-        )
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        rows = (config.num_hidden_layers, self.n_blocks * block_size)
+        self.k = torch.zeros((*rows, *k_shape), dtype=dtype)
+        self.v = torch.zeros((*rows, *v_shape), dtype=dtype)
         self.refs = np.zeros(self.n_blocks, dtype=np.int64)
         self.free: list[int] = list(range(self.n_blocks - 1, -1, -1))
         self.by_digest: dict[bytes, int] = {}
@@ -202,7 +200,7 @@ class PagedSequence:
         self._index = (starts[:, None] + torch.arange(bs)).reshape(-1)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [T, Hkv, D] after the current length; return all keys and values so far."""
+        """Write k, v [T, ...] after the current length; return all keys and values so far."""
         end = self.length + k.shape[0]
         if end > self.capacity:
             raise BudgetError(f"{end} tokens written to a sequence reserved for {self.capacity}")

@@ -1,38 +1,96 @@
-"""Qwen2-MoE and Qwen3-MoE (`Qwen2MoeForCausalLM`, `Qwen3MoeForCausalLM`): tensor names.
+"""Qwen2-MoE and Qwen3-MoE (`Qwen2MoeForCausalLM`, `Qwen3MoeForCausalLM`).
 
-Their quirks live in the config: Qwen2-MoE has q/k/v biases and a sigmoid-gated
-shared expert; Qwen3-MoE has per-head QK RMSNorm; both may have dense layers
-(`mlp_only_layers`, `decoder_sparse_step`) and renormalise top-k weights only
-with `norm_topk_prob`. One table serves both: a tensor a config lacks is
-simply never asked for.
+Qwen2-MoE has q/k/v biases and a sigmoid-gated shared expert; Qwen3-MoE has
+per-head QK RMSNorm; both may have dense layers (`mlp_only_layers`,
+`decoder_sparse_step`), call the routed experts' width `moe_intermediate_size`
+(their `intermediate_size` is the dense layers'), and renormalise top-k weights
+only with `norm_topk_prob`. One name table serves both: a tensor a config lacks
+is simply never asked for.
 """
 
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mer.errors import ConfigError
+from mer.models.family import Family, Shape
+from mer.models.layers import swiglu
+
 _P = "model.layers.{i}."
-GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
-          "lm_head": "lm_head.weight"}  # fmt: skip
-LAYER = {
-    "attn_norm": _P + "input_layernorm.weight",
-    "q": _P + "self_attn.q_proj.weight",
-    "k": _P + "self_attn.k_proj.weight",
-    "v": _P + "self_attn.v_proj.weight",
-    "o": _P + "self_attn.o_proj.weight",
-    "q_bias": _P + "self_attn.q_proj.bias",
-    "k_bias": _P + "self_attn.k_proj.bias",
-    "v_bias": _P + "self_attn.v_proj.bias",
-    "q_norm": _P + "self_attn.q_norm.weight",
-    "k_norm": _P + "self_attn.k_norm.weight",
-    "ffn_norm": _P + "post_attention_layernorm.weight",
-    "router": _P + "mlp.gate.weight",
-    "shared.gate": _P + "mlp.shared_expert.gate_proj.weight",
-    "shared.up": _P + "mlp.shared_expert.up_proj.weight",
-    "shared.down": _P + "mlp.shared_expert.down_proj.weight",
-    "shared_gate": _P + "mlp.shared_expert_gate.weight",
-    "mlp.gate": _P + "mlp.gate_proj.weight",
-    "mlp.up": _P + "mlp.up_proj.weight",
-    "mlp.down": _P + "mlp.down_proj.weight",
-}
-EXPERT = {
-    "w1": _P + "mlp.experts.{e}.gate_proj.weight",
-    "w2": _P + "mlp.experts.{e}.down_proj.weight",
-    "w3": _P + "mlp.experts.{e}.up_proj.weight",
-}
+
+
+class Qwen2Moe(Family):
+    name = "qwen2_moe"
+    model_types = ("qwen2_moe",)
+    architectures = ("Qwen2MoeForCausalLM",)
+    gguf_architectures = ("qwen2moe",)
+    defaults = {"norm_topk_prob": False, "qk_norm": "none", "qkv_bias": True}
+    GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
+              "lm_head": "lm_head.weight"}  # fmt: skip
+    LAYER = {
+        "attn_norm": _P + "input_layernorm.weight",
+        "q": _P + "self_attn.q_proj.weight",
+        "k": _P + "self_attn.k_proj.weight",
+        "v": _P + "self_attn.v_proj.weight",
+        "o": _P + "self_attn.o_proj.weight",
+        "q_bias": _P + "self_attn.q_proj.bias",
+        "k_bias": _P + "self_attn.k_proj.bias",
+        "v_bias": _P + "self_attn.v_proj.bias",
+        "q_norm": _P + "self_attn.q_norm.weight",
+        "k_norm": _P + "self_attn.k_norm.weight",
+        "ffn_norm": _P + "post_attention_layernorm.weight",
+        "router": _P + "mlp.gate.weight",
+        "shared.gate": _P + "mlp.shared_expert.gate_proj.weight",
+        "shared.up": _P + "mlp.shared_expert.up_proj.weight",
+        "shared.down": _P + "mlp.shared_expert.down_proj.weight",
+        "shared_gate": _P + "mlp.shared_expert_gate.weight",
+        "mlp.gate": _P + "mlp.gate_proj.weight",
+        "mlp.up": _P + "mlp.up_proj.weight",
+        "mlp.down": _P + "mlp.down_proj.weight",
+    }
+    EXPERT = {
+        "w1": _P + "mlp.experts.{e}.gate_proj.weight",
+        "w2": _P + "mlp.experts.{e}.down_proj.weight",
+        "w3": _P + "mlp.experts.{e}.up_proj.weight",
+    }
+
+    def normalise(self, values: dict, where: str) -> dict:
+        if "moe_intermediate_size" in values:  # intermediate_size is the dense MLP's
+            values.setdefault("dense_intermediate_size", values.get("intermediate_size"))
+            values["intermediate_size"] = values["moe_intermediate_size"]
+        if "dense_layers" not in values:
+            step = values.get("decoder_sparse_step") or 1
+            only = set(values.get("mlp_only_layers") or ())
+            n = values.get("num_hidden_layers", 0)
+            values["dense_layers"] = [i for i in range(n) if i in only or (i + 1) % step]
+        if values.get("use_sliding_window") is False:
+            values["sliding_window"] = None  # Qwen configs carry a window they do not use
+        elif values.get("use_sliding_window"):
+            raise ConfigError(f"{where}: per-layer sliding windows are not supported")
+        return values
+
+    def ffn_shapes(self, cfg, i: int) -> dict[str, Shape]:
+        shapes = super().ffn_shapes(cfg, i)
+        if "shared.gate" in shapes:
+            shapes["shared_gate"] = (1, cfg.hidden_size)
+        return shapes
+
+    def shared(self, m, i: int, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The shared expert, scaled by a sigmoid gate of the token."""
+        if m.config.shared_expert_intermediate_size:
+            w, p = m.w, f"layers.{i}."
+            shared = swiglu(h, w[p + "shared.gate"], w[p + "shared.up"], w[p + "shared.down"])
+            out = out + torch.sigmoid(F.linear(h, w[p + "shared_gate"])) * shared
+        return out
+
+
+class Qwen3Moe(Qwen2Moe):
+    name = "qwen3_moe"
+    model_types = ("qwen3_moe",)
+    architectures = ("Qwen3MoeForCausalLM",)
+    gguf_architectures = ("qwen3moe",)
+    defaults = {"norm_topk_prob": False, "qk_norm": "head", "qkv_bias": False}
+
+
+FAMILIES = (Qwen2Moe(), Qwen3Moe())

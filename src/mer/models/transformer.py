@@ -10,6 +10,10 @@ sequence against the KV cache it brought.
 Each MoE layer reads: route -> tell the routing hooks -> run the experts. The
 hooks are how anything else learns the routing (the cache's policy, live prefetch,
 trace recording, the scheduler's dedup count): the model knows none of them.
+
+Where families differ (attention, routing, shared expert, dense MLP, KV layout,
+rotary tables, each layer's attention window) the pass calls the config's
+`Family` (`mer.models.family`), whose defaults are the shared layers.
 """
 
 from __future__ import annotations
@@ -20,19 +24,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from mer.config import ModelConfig
+from mer.models.config import ModelConfig
 from mer.models.kv_cache import KVCache
-from mer.models.layers import (
-    ExpertProvider,
-    Rotary,
-    apply_rotary,
-    attention,
-    causal_mask,
-    moe,
-    rms_norm,
-    route,
-    swiglu,
-)
+from mer.models.layers import ExpertProvider, causal_mask, moe, rms_norm
 
 
 class KVLike(Protocol):
@@ -62,11 +56,15 @@ class MoETransformer:
     ) -> None:
         self.config = config
         self.dtype = dtype
-        self.w = {name: t.to(dtype) for name, t in weights.items()}
+        self.family = family = config.family
+        fp32 = tuple("." + short for short in family.keep_float32)
+        self.w = {
+            name: t.float() if name.endswith(fp32) else t.to(dtype) for name, t in weights.items()
+        }
         if "lm_head" not in self.w:  # tied embeddings
             self.w["lm_head"] = self.w["embed"]
-        self.experts = experts
-        self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.experts = family.experts(config, experts)
+        self.rotary = family.rotary(config)
         self.routing_hooks: list[RoutingHook] = []
 
     def new_kv_cache(self, capacity: int) -> KVCache:
@@ -95,70 +93,44 @@ class MoETransformer:
         tokens = torch.cat([t for t, _ in batch])
         pos = torch.cat([torch.arange(kv.length, kv.length + len(t)) for t, kv in batch])
         rope = self.rotary.tables(pos, self.dtype)
-        spans, start = [], 0
-        for t, kv in batch:
-            n = len(t)
-            mask = causal_mask(pos[start : start + n], kv.length + n, cfg.sliding_window)
-            spans.append((slice(start, start + n), kv, mask))  # mask [T_i, S_i]
-            start += n
+        fam = self.family
+        windows = [fam.sliding_window(cfg, i) for i in range(cfg.num_hidden_layers)]
+        spans_of = {}  # window -> spans: one causal mask per sequence and distinct window
+        for window in dict.fromkeys(windows):
+            spans, start = [], 0
+            for t, kv in batch:
+                n = len(t)
+                mask = causal_mask(pos[start : start + n], kv.length + n, window)
+                spans.append((slice(start, start + n), kv, mask))  # mask [T_i, S_i]
+                start += n
+            spans_of[window] = spans
         x = w["embed"][tokens]  # [T, H]
         for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
             h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
-            x = x + self._attention(i, h, rope, spans)
+            x = x + fam.attention(self, i, h, rope, spans_of[windows[i]])
             h = rms_norm(x, w[p + "ffn_norm"], cfg.rms_norm_eps)
             if cfg.is_moe_layer(i):
                 x = x + self._moe(i, h, draft)
             else:
-                x = x + swiglu(h, w[p + "mlp.gate"], w[p + "mlp.up"], w[p + "mlp.down"])
+                x = x + fam.mlp(self, i, h)
         for t, kv in batch:
             kv.advance(len(t))
         self.experts.next_step()
         if not all_logits:
-            x = x[torch.tensor([s.stop - 1 for s, _, _ in spans])]
+            x = x[torch.tensor([s.stop - 1 for s, _, _ in spans_of[windows[0]]])]
         return F.linear(rms_norm(x, w["norm"], cfg.rms_norm_eps), w["lm_head"]).float()
-
-    def _attention(self, i: int, h: torch.Tensor, rope, spans):
-        cfg, w, p = self.config, self.w, f"layers.{i}."
-        t, eps = h.shape[0], cfg.rms_norm_eps
-        q = F.linear(h, w[p + "q"], w.get(p + "q_bias"))  # [T, Hq*D]
-        k = F.linear(h, w[p + "k"], w.get(p + "k_bias"))  # [T, Hkv*D]
-        v = F.linear(h, w[p + "v"], w.get(p + "v_bias"))
-        if cfg.qk_norm == "full":
-            q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
-        if cfg.clip_qkv is not None:
-            q, k, v = (z.clamp(-cfg.clip_qkv, cfg.clip_qkv) for z in (q, k, v))
-        q = q.view(t, cfg.num_attention_heads, cfg.head_dim)
-        k = k.view(t, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.view(t, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.qk_norm == "head":
-            q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = torch.empty(t, cfg.num_attention_heads * cfg.head_dim, dtype=h.dtype)
-        for span, kv, mask in spans:
-            out[span] = attention(q[span], *kv.append(i, k[span], v[span]), mask)
-        return F.linear(out, w[p + "o"])
 
     def _moe(self, i: int, h: torch.Tensor, draft: bool = False) -> torch.Tensor:
         """Route h [T, H], tell the routing hooks, run the experts (and the shared one)."""
-        cfg = self.config
         allowed = self._resident(i) if draft else None
-        router = self.w[f"layers.{i}.router"]
-        weights, ids = route(h, router, cfg.num_experts_per_tok, cfg.norm_topk_prob, allowed)
+        weights, ids = self.family.route(self, i, h, allowed)
         if not draft:
             for hook in self.routing_hooks:
                 hook(i, h, ids, weights)
-        return self._shared_expert(i, h, moe(h, weights, ids, i, self.experts))
+        return self.family.shared(self, i, h, moe(h, weights, ids, i, self.experts))
 
     def _resident(self, i: int) -> torch.Tensor:
         """bool [E]: the experts of layer `i` in RAM now, the only ones a draft may use."""
         n = self.config.num_local_experts
         return torch.tensor([self.experts.is_resident(i, e) for e in range(n)])
-
-    def _shared_expert(self, i: int, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Add the layer's always-on shared expert (Qwen-MoE), if it has one."""
-        if self.config.shared_expert_intermediate_size:
-            w, p = self.w, f"layers.{i}."
-            shared = swiglu(h, w[p + "shared.gate"], w[p + "shared.up"], w[p + "shared.down"])
-            out = out + torch.sigmoid(F.linear(h, w[p + "shared_gate"])) * shared
-        return out

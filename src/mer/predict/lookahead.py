@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from mer.errors import ConfigError
-from mer.models.layers import route
 from mer.predict.base import Predictor
 from mer.predict.frequency import FrequencyPredictor
 from mer.trace.format import Trace
@@ -35,11 +34,8 @@ class LookaheadPrefetcher:
     def __init__(self, transformer, cache) -> None:
         """`transformer`: a MoETransformer (its routers); `cache`: anything with
         `prefetch(layer, experts)` and `cancel_prefetches(layer, keep)` (the expert cache)."""
-        cfg = transformer.config
-        self.cache = cache
-        self.top_k = cfg.num_experts_per_tok
-        self.next_layer = dict(pairwise(cfg.moe_layers))
-        self.routers = {n: transformer.w[f"layers.{n}.router"] for n in self.next_layer.values()}
+        self.transformer, self.cache = transformer, cache
+        self.next_layer = dict(pairwise(transformer.config.moe_layers))
 
     def __call__(
         self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
@@ -47,7 +43,8 @@ class LookaheadPrefetcher:
         self.cache.cancel_prefetches(layer, keep=experts.unique().tolist())
         nxt = self.next_layer.get(layer)
         if nxt is not None:
-            _, guess = route(hidden, self.routers[nxt], self.top_k)
+            # the family's own routing (router biases, top-k softmax, ...), on this hidden state
+            _, guess = self.transformer.family.route(self.transformer, nxt, hidden, None)
             self.cache.prefetch(nxt, guess.unique().tolist())
 
 

@@ -57,7 +57,9 @@ def convert(
     if group_size is None:
         group_size = int4.default_group_size(cfg.hidden_size, cfg.intermediate_size)
     try:
-        ef = ExpertFormat.for_machine(quant, cfg.hidden_size, cfg.intermediate_size, group_size)
+        ef = ExpertFormat.for_machine(
+            quant, cfg.hidden_size, cfg.intermediate_size, group_size, bias=fam.expert_bias
+        )
     except ValueError as e:
         raise ConvertError(f"{src}: cannot store experts as {quant}: {e}") from None
 
@@ -69,11 +71,13 @@ def convert(
         }
         _check_tensors(source, cfg, fam, dense)
 
-        total = sum(_nbytes(source, hf) for hf in dense) + sum(
+        expert_bytes = sum(
             _nbytes(source, hf)
-            for layer, e in cfg.expert_keys()
-            for hf in naming.expert_names(fam, layer, e).values()
+            for layer in cfg.moe_layers
+            for hf in fam.expert_tensors(cfg, layer, source)
         )
+        per_expert = expert_bytes // max(1, cfg.num_experts_total)
+        total = sum(_nbytes(source, hf) for hf in dense) + expert_bytes
         tokenizer_files = [src / n for n in fmt.TOKENIZER_FILES if (src / n).is_file()]
         planned = dense_nbytes(source.info(hf)[0] for hf in dense) + sum(
             f.stat().st_size for f in tokenizer_files
@@ -84,10 +88,8 @@ def convert(
                     writer.add_dense(ours, source.get(hf))
                     bar.advance(_nbytes(source, hf))
                 for layer, e in cfg.expert_keys():
-                    names = naming.expert_names(fam, layer, e)
-                    w = {k: source.get(hf).float() for k, hf in names.items()}
-                    writer.add_expert(layer, e, ef.encode(w["w1"], w["w2"], w["w3"]))
-                    bar.advance(sum(_nbytes(source, hf) for hf in names.values()))
+                    writer.add_expert(layer, e, fam.expert_extent(source, cfg, layer, e, ef))
+                    bar.advance(per_expert)
             for f in tokenizer_files:
                 writer.add_tokenizer_file(f)
             return writer.close()
@@ -95,7 +97,7 @@ def convert(
 
 def _nbytes(source: SafetensorsSource, name: str) -> int:
     shape, dtype = source.info(name)
-    n = {"BF16": 2, "F16": 2, "F32": 4}.get(dtype, 4)
+    n = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}.get(dtype, 4)
     for d in shape:
         n *= d
     return n
@@ -103,24 +105,22 @@ def _nbytes(source: SafetensorsSource, name: str) -> int:
 
 def _check_tensors(source: SafetensorsSource, cfg: ModelConfig, fam, dense: dict) -> None:
     """Every tensor present with the shape and dtype we expect, before writing anything."""
-    expected: dict[str, tuple[int, ...]] = {}
+    expected: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
     shapes = naming.dense_shapes(cfg)
     for hf, ours in dense.items():
-        expected[hf] = shapes[ours]
-    eshapes = naming.expert_shapes(cfg)
-    for layer, e in cfg.expert_keys():
-        for w, hf in naming.expert_names(fam, layer, e).items():
-            expected[hf] = eshapes[w]
+        expected[hf] = shapes[ours], tuple(SOURCE_DTYPES)
+    for layer in cfg.moe_layers:
+        expected.update(fam.expert_tensors(cfg, layer, source))
     missing = [name for name in expected if name not in source]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ConvertError(f"checkpoint is missing tensors: {', '.join(missing[:3])}{more}")
-    for name, want in expected.items():
+    for name, (want, dtypes) in expected.items():
         shape, dtype = source.info(name)
         if shape != want:
             raise ConvertError(
                 f"{source.where(name)}: tensor {name} has shape {list(shape)}, "
                 f"config.json implies {list(want)}"
             )
-        if dtype not in SOURCE_DTYPES:
+        if dtype not in dtypes:
             raise ConvertError(f"{source.where(name)}: tensor {name} has unsupported dtype {dtype}")

@@ -18,7 +18,8 @@ import torch
 
 from mer.errors import ConvertError
 
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# U8: MXFP4 blocks and scales (gpt-oss), read as bytes and kept so.
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}
 MAX_HEADER = 100 << 20
 
 
@@ -107,23 +108,36 @@ class SafetensorsSource:
 
     def get(self, name: str) -> torch.Tensor:
         e = self.entries[name]
+        return self._read(name, e.start, e.end - e.start).reshape(e.shape)
+
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """t[index] of a stacked tensor t (e.g. one expert of gpt-oss's [E, ...] experts),
+        reading only that row's bytes."""
+        e = self.entries[name]
+        if not e.shape or not 0 <= index < e.shape[0]:
+            raise ConvertError(f"{e.path}: tensor {name} {list(e.shape)} has no row {index}")
+        row = (e.end - e.start) // e.shape[0]
+        return self._read(name, e.start + index * row, row).reshape(e.shape[1:])
+
+    def _read(self, name: str, start: int, nbytes: int) -> torch.Tensor:
+        """nbytes of tensor `name` from file offset `start`, as its dtype (flat)."""
+        e = self.entries[name]
         if e.dtype not in DTYPES:
             raise ConvertError(f"{e.path}: tensor {name} has unsupported dtype {e.dtype}")
+        if (e.end - e.start) != _numel(e.shape) * DTYPES[e.dtype].itemsize:
+            raise ConvertError(f"{e.path}: tensor {name} byte range does not match its shape")
         fd = self._fds.get(e.path)
         if fd is None:
             fd = self._fds[e.path] = os.open(e.path, os.O_RDONLY)
-        buf = torch.empty(e.end - e.start, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], e.start + done)
+            n = os.preadv(fd, [view[done:]], start + done)
             if n == 0:
-                raise ConvertError(f"{e.path}: tensor {name} cut short at byte {e.start + done}")
+                raise ConvertError(f"{e.path}: tensor {name} cut short at byte {start + done}")
             done += n
-        os.posix_fadvise(fd, e.start, e.end - e.start, os.POSIX_FADV_DONTNEED)
-        t = buf.view(DTYPES[e.dtype])
-        if t.numel() != _numel(e.shape):
-            raise ConvertError(f"{e.path}: tensor {name} byte range does not match its shape")
-        return t.reshape(e.shape)
+        os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+        return buf.view(DTYPES[e.dtype])
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -21,7 +21,7 @@ import torch
 from mer.config import ModelConfig
 from mer.errors import ConfigError
 from mer.models import naming
-from mer.models.registry import family
+from mer.models.registry import families, family
 from mer.progress import progress_bar
 from mer.store.staging import Staging
 from mer.synth.tokenizer import build_tokenizer, write_tokenizer_files
@@ -117,14 +117,20 @@ OVERRIDE_FLAGS = {
 }
 
 
+def presets() -> dict[str, dict]:
+    """Every preset: the ones above and those the registered families bring (`Family.presets`)."""
+    return PRESETS | {name: p for f in families() for name, p in f.presets.items()}
+
+
 def hf_config(preset: str = "tiny", **overrides) -> dict:
     """A complete config.json dict for a preset, with overrides by Hugging Face field name."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    known = presets()
+    if preset not in known:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(known)})")
     cfg = {
-        **PRESETS[preset],
+        **known[preset],
         "hidden_act": "silu",
-        "tie_word_embeddings": PRESETS[preset].get("tie_word_embeddings", False),
+        "tie_word_embeddings": known[preset].get("tie_word_embeddings", False),
         "bos_token_id": 1,
         "eos_token_id": 2,
         "attention_dropout": 0.0,
@@ -136,7 +142,7 @@ def hf_config(preset: str = "tiny", **overrides) -> dict:
     # Families name the expert count and width differently; overrides use one spelling.
     aliases = {"num_local_experts": "num_experts", "intermediate_size": "moe_intermediate_size"}
     for ours, theirs in aliases.items():
-        if ours in overrides and theirs in cfg and ours not in PRESETS[preset]:
+        if ours in overrides and theirs in cfg and ours not in known[preset]:
             overrides[theirs] = overrides.pop(ours)
     unknown = set(overrides) - set(cfg) - set(_FIELDS)
     if unknown:
@@ -154,7 +160,6 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     if config.tie_word_embeddings:
         names = {hf: ours for hf, ours in names.items() if ours != "lm_head"}
     shapes = naming.dense_shapes(config)
-    eshapes = naming.expert_shapes(config)
     by_layer: dict[int, list] = {i: [] for i in range(config.num_hidden_layers)}
     head, tail = [], []
     for hf, ours in names.items():
@@ -162,16 +167,17 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
             by_layer[int(ours.split(".")[1])].append((hf, shapes[ours]))
         else:
             (head if ours == "embed" else tail).append((hf, shapes[ours]))
-    for layer, e in config.expert_keys():
-        by_layer[layer] += [
-            (hf, eshapes[w]) for w, hf in naming.expert_names(fam, layer, e).items()
-        ]
+    for layer in config.moe_layers:
+        by_layer[layer] += [(hf, s) for hf, (s, _) in fam.expert_tensors(config, layer).items()]
     return head + [spec for i in sorted(by_layer) for spec in by_layer[i]] + tail
 
 
 def _std(name: str, shape: tuple[int, ...], layers: int) -> float:
-    fan_in = shape[-1]
-    if name.endswith(("o_proj.weight", "w2.weight", "down_proj.weight")):
+    # gpt-oss stacks its experts as x @ W: [E, in, out]
+    fan_in = (
+        shape[-2] if name.endswith(("experts.gate_up_proj", "experts.down_proj")) else shape[-1]
+    )
+    if name.endswith(("o_proj.weight", "w2.weight", "down_proj.weight", "experts.down_proj")):
         # Outputs added to the residual stream: shrink so depth does not blow it up.
         return 1 / math.sqrt(fan_in * 2 * layers)
     if name == "model.embed_tokens.weight":
@@ -185,7 +191,7 @@ def random_tensor(
 ) -> torch.Tensor:  # fmt: skip
     """Deterministic in (seed, name): the same weights whatever order or shard they land in."""
     gen.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))  # the CPU generator keeps 32 bits
-    if name.endswith(".bias"):
+    if name.endswith((".bias", "_proj_bias")):
         return (0.02 * torch.randn(shape, generator=gen)).to(dtype)
     if len(shape) == 1:  # norm weights
         return (1 + 0.05 * torch.randn(shape, generator=gen)).to(dtype)

@@ -1,0 +1,209 @@
+"""`Family`: what a model family is to mer, with the shared behaviour as its defaults.
+
+A family module (mixtral.py, qwen_moe.py, olmoe.py, ...) defines a subclass
+that overrides only what differs from these defaults:
+
+- who it serves: Hugging Face `architectures` and `model_types`, GGUF
+  `gguf_architectures`;
+- its config: `config_class` (a `ModelConfig` subclass with the family's own
+  fields), `defaults` for what its config.json may leave out, `normalise` from
+  its config.json spellings to ours, the `rope_types` it implements;
+- its tensors: the name tables `GLOBAL`, `LAYER`, `EXPERT` (mer name -> Hugging
+  Face template) and the shapes of what a config has (`layer_shapes`);
+- its compute, called by `MoETransformer` per layer: `attention`, `route`,
+  `shared`, `mlp`, the per-token KV layout (`kv_shapes`), the rotary tables
+  (`rotary`), each layer's attention window (`sliding_window`) and a seam
+  around the expert provider (`experts`);
+- its experts in a checkpoint: the tensors it reads for a layer's experts
+  (`expert_tensors`) and how one expert's become a store extent
+  (`expert_extent`), whether per-expert matrices or stacked ones, float or
+  already quantized; `expert_bias` when its experts carry biases;
+- the synthetic checkpoints `mer synth` makes of it (`presets`).
+
+The defaults are the Mixtral-like decoder: GQA attention with optional q/k/v
+biases and per-head QK RMSNorm, softmax top-k routing, an ungated SwiGLU shared
+expert when the config has one, SwiGLU dense layers, full K and V cached.
+Families hold no weights and no state: one instance serves every model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from mer.models.config import ModelConfig
+from mer.models.layers import Rotary, apply_rotary, attention, rms_norm, route, swiglu
+
+if TYPE_CHECKING:
+    from mer.models.layers import ExpertProvider
+    from mer.models.transformer import MoETransformer
+    from mer.quant.expert import ExpertFormat
+
+Shape = tuple[int, ...]
+
+
+class TensorSource(Protocol):
+    """What a family reads a checkpoint through (`mer.store.safetensors_source`)."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def get_row(self, name: str, index: int) -> torch.Tensor: ...  # t[index] of a stacked t
+
+
+class Family:
+    name: str = ""  # our model_type, written in stores
+    model_types: tuple[str, ...] = ()  # Hugging Face `model_type`s it serves
+    architectures: tuple[str, ...] = ()  # Hugging Face `architectures`
+    gguf_architectures: tuple[str, ...] = ()  # GGUF `general.architecture`
+    config_class: type[ModelConfig] = ModelConfig
+    defaults: dict[str, Any] = {}  # what a config.json may leave out
+    rope_types: tuple[str, ...] = ("default",)
+    keep_float32: frozenset[str] = frozenset()  # short names kept in float32 in store and RAM
+    GLOBAL: dict[str, str] = {}
+    LAYER: dict[str, str] = {}  # templates with {i}
+    EXPERT: dict[str, str] = {}  # w1 (gate), w2 (down), w3 (up): templates with {i} and {e}
+    expert_bias: str = ""  # "" or the dtype its experts' biases are stored in ("bfloat16")
+    presets: dict[str, dict[str, Any]] = {}  # `mer synth --preset` name -> config.json fields
+    SOURCE_DTYPES: tuple[str, ...] = ("BF16", "F16", "F32")  # float checkpoint tensors read
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    # --- config ---------------------------------------------------------------------------
+
+    def normalise(self, values: dict[str, Any], where: str) -> dict[str, Any]:
+        """config.json fields (defaults applied) -> ours. Must accept its own output too: a
+        store's manifest holds `ModelConfig.to_dict()`, read back through here."""
+        values.setdefault("dense_layers", [])
+        return values
+
+    # --- tensors --------------------------------------------------------------------------
+
+    def global_shapes(self, cfg: ModelConfig) -> dict[str, Shape]:
+        h, v = cfg.hidden_size, cfg.vocab_size
+        return {"embed": (v, h), "norm": (h,), "lm_head": (v, h)}
+
+    def layer_shapes(self, cfg: ModelConfig, i: int) -> dict[str, Shape]:
+        """Short name (without `layers.{i}.`) -> shape, for every resident tensor of layer i."""
+        return {
+            "attn_norm": (cfg.hidden_size,),
+            **self.attention_shapes(cfg),
+            **self.ffn_shapes(cfg, i),
+        }
+
+    def attention_shapes(self, cfg: ModelConfig) -> dict[str, Shape]:
+        h, d = cfg.hidden_size, cfg.head_dim
+        q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        shapes = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q)}
+        if cfg.qkv_bias:
+            shapes.update({"q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,)})
+        if cfg.qk_norm == "head":
+            shapes.update({"q_norm": (d,), "k_norm": (d,)})
+        return shapes
+
+    def ffn_shapes(self, cfg: ModelConfig, i: int) -> dict[str, Shape]:
+        """The norm before the FFN, and the router and shared expert or the dense MLP."""
+        h = cfg.hidden_size
+        shapes: dict[str, Shape] = {"ffn_norm": (h,)}
+        if cfg.is_moe_layer(i):
+            shapes["router"] = (cfg.num_local_experts, h)
+            s = cfg.shared_expert_intermediate_size
+            if s:
+                shapes.update({"shared.gate": (s, h), "shared.up": (s, h), "shared.down": (h, s)})
+        else:
+            f = cfg.dense_intermediate_size
+            shapes.update({"mlp.gate": (f, h), "mlp.up": (f, h), "mlp.down": (h, f)})
+        return shapes
+
+    def expert_shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        return {"w1": (f, h), "w2": (h, f), "w3": (f, h)}
+
+    def expert_tensors(
+        self, cfg: ModelConfig, layer: int, source: Container[str] | None = None
+    ) -> dict[str, tuple[Shape, tuple[str, ...]]]:
+        """Hugging Face name -> (shape, safetensors dtypes accepted) of every checkpoint
+        tensor holding layer `layer`'s routed experts; `source` (the names a checkpoint has)
+        lets a family that reads several layouts say which one it will read."""
+        shapes = self.expert_shapes(cfg)
+        return {
+            hf.format(i=layer, e=e): (shapes[w], self.SOURCE_DTYPES)
+            for e in range(cfg.num_local_experts)
+            for w, hf in self.EXPERT.items()
+        }
+
+    def expert_extent(
+        self, source: TensorSource, cfg: ModelConfig, layer: int, e: int, ef: ExpertFormat
+    ) -> torch.Tensor:
+        """One routed expert, read from a checkpoint, as a store extent in format `ef`."""
+        w = {k: source.get(hf.format(i=layer, e=e)).float() for k, hf in self.EXPERT.items()}
+        return ef.encode(w["w1"], w["w2"], w["w3"])
+
+    def kv_shapes(self, cfg: ModelConfig) -> tuple[Shape, Shape]:
+        """Per-token shapes of the two tensors each layer caches (full keys and values)."""
+        kv = (cfg.num_key_value_heads, cfg.head_dim)
+        return kv, kv
+
+    # --- compute --------------------------------------------------------------------------
+
+    def rotary(self, cfg: ModelConfig) -> Rotary:
+        return Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+
+    def sliding_window(self, cfg: ModelConfig, i: int) -> int | None:
+        """How many positions (the query's own included) layer i attends to; None: all."""
+        return cfg.sliding_window
+
+    def experts(self, cfg: ModelConfig, provider: ExpertProvider) -> ExpertProvider:
+        """The provider the MoE block uses: a family whose experts compute differently (another
+        activation) wraps the callables `use` yields. Default: the provider itself."""
+        return provider
+
+    def attention(self, m: MoETransformer, i: int, h: torch.Tensor, rope, spans) -> torch.Tensor:
+        """Self-attention of layer i on the normed hidden h [T, H] -> [T, H]; `spans` are
+        (token slice, KV cache, mask [T_i, S_i]) per sequence, `rope` the rotary tables."""
+        q, k, v = self.qkv(m, i, h)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return self.attend(m, i, q, k, v, spans)
+
+    def qkv(self, m: MoETransformer, i: int, h: torch.Tensor):
+        """Queries [T, Hq, D], keys and values [T, Hkv, D] before the rotary embedding."""
+        cfg, w, p = m.config, m.w, f"layers.{i}."
+        t = h.shape[0]
+        q = F.linear(h, w[p + "q"], w.get(p + "q_bias")).view(t, cfg.num_attention_heads, -1)
+        k = F.linear(h, w[p + "k"], w.get(p + "k_bias")).view(t, cfg.num_key_value_heads, -1)
+        v = F.linear(h, w[p + "v"], w.get(p + "v_bias")).view(t, cfg.num_key_value_heads, -1)
+        if cfg.qk_norm == "head":
+            eps = cfg.rms_norm_eps
+            q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
+        return q, k, v
+
+    def attend(self, m: MoETransformer, i: int, q, k, v, spans) -> torch.Tensor:
+        """Each sequence's queries against its cache (after appending its new k, v), then o."""
+        out = torch.empty(q.shape[0], q.shape[1] * v.shape[2], dtype=q.dtype)
+        for span, kv, mask in spans:
+            out[span] = attention(q[span], *kv.append(i, k[span], v[span]), mask)
+        return F.linear(out, m.w[f"layers.{i}.o"])
+
+    def route(self, m: MoETransformer, i: int, h: torch.Tensor, allowed: torch.Tensor | None):
+        """(weights [T, k] float32, expert ids [T, k]) for h [T, H]; `allowed` (bool [E], a
+        draft's) limits the choice to those experts, as if the others did not exist."""
+        cfg = m.config
+        router = m.w[f"layers.{i}.router"]
+        return route(h, router, cfg.num_experts_per_tok, cfg.norm_topk_prob, allowed)
+
+    def shared(self, m: MoETransformer, i: int, h: torch.Tensor, out: torch.Tensor):
+        """Add the layer's always-on shared expert, if the config has one, to the routed `out`."""
+        if m.config.shared_expert_intermediate_size:
+            w, p = m.w, f"layers.{i}."
+            out = out + swiglu(h, w[p + "shared.gate"], w[p + "shared.up"], w[p + "shared.down"])
+        return out
+
+    def mlp(self, m: MoETransformer, i: int, h: torch.Tensor) -> torch.Tensor:
+        """A dense (non-MoE) layer's FFN."""
+        w, p = m.w, f"layers.{i}."
+        return swiglu(h, w[p + "mlp.gate"], w[p + "mlp.up"], w[p + "mlp.down"])
