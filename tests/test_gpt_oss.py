@@ -18,7 +18,7 @@ import mer
 from mer.config import ModelConfig
 from mer.engine.generate import generate
 from mer.engine.scheduler import Request, Scheduler
-from mer.engine.speculative import SelfDrafter, SpecStats, generate_speculative
+from mer.engine.speculative import SpecStats, Speculation, generate_speculative
 from mer.models.paged_kv import KVPool
 from mer.quant import mxfp4
 from mer.quant.expert import ExpertFormat
@@ -311,7 +311,7 @@ def test_the_scheduler_batches_gpt_oss_like_each_request_alone(stores):
     m = mer.open(stores("mxfp4"), ram_budget="64MiB", dtype="float32")
     prompts = [PROMPT, PROMPT[:9] + [300, 301], [5, 6, 7, 8, 9, 10, 11]]
     alone = [m.generate(p, max_tokens=8).token_ids for p in prompts]
-    s = Scheduler(m.transformer, m.tokenizer, kv_budget=4 << 20, max_batch_tokens=8)
+    s = Scheduler(m.transformer, kv_budget=4 << 20, max_batch_tokens=8)
     try:
         reqs = [Request(p, m.sampling_params(max_tokens=8)) for p in prompts]
         for r in reqs:
@@ -338,8 +338,8 @@ def test_self_speculation_equals_plain_greedy_decoding(stores):
         params = m.sampling_params(max_tokens=24)
         plain = list(generate(m.transformer, PROMPT, params))
         spec = SpecStats()
-        out = generate_speculative(m.transformer, SelfDrafter(m.transformer), PROMPT, params,
-                                   spec=spec, k=3, adaptive=False)  # fmt: skip
+        speculation = Speculation("self", k=3, adaptive=False)
+        out = generate_speculative(m.transformer, speculation, PROMPT, params, spec=spec)
         assert list(out) == plain
         assert spec.rounds > 0 and 0 < spec.accepted < spec.drafted  # real rejections
     finally:
