@@ -8,6 +8,8 @@ that overrides only what differs from these defaults:
 - its config: `config_class` (a `ModelConfig` subclass with the family's own
   fields), `defaults` for what its config.json may leave out, `normalise` from
   its config.json spellings to ours, the `rope_types` it implements;
+- its `presets` for `mer synth`: published full-size shapes, and tiny ones with
+  every quirk switched on;
 - its tensors: the name tables `GLOBAL`, `LAYER`, `EXPERT` (mer name -> Hugging
   Face template) and the shapes of what a config has (`layer_shapes`);
 - its compute, called by `MoETransformer` per layer: `attention`, `route`,
@@ -49,6 +51,7 @@ class Family:
     GLOBAL: dict[str, str] = {}
     LAYER: dict[str, str] = {}  # templates with {i}
     EXPERT: dict[str, str] = {}  # w1 (gate), w2 (down), w3 (up): templates with {i} and {e}
+    presets: dict[str, dict[str, Any]] = {}  # `mer synth --preset` name -> config.json
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
