@@ -1,5 +1,6 @@
 """Every supported family against its transformers implementation on a tiny random checkpoint
-saved by transformers: shared experts, dense layers, QK-norm, biases and tied embeddings."""
+saved by transformers: shared experts, dense layers, QK-norm, biases and tied embeddings;
+DeepSeek's latent attention, YaRN and group-limited routing."""
 
 from __future__ import annotations
 
@@ -45,7 +46,29 @@ def olmoe():
     return OlmoeForCausalLM(cfg)
 
 
-FAMILIES = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe}
+# YaRN as DeepSeek-V2 configures it, stretched 4x past a 64-token original context.
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
+        "mscale_all_dim": 0.707, "original_max_position_embeddings": 64, "beta_fast": 32,
+        "beta_slow": 1}  # fmt: skip
+
+
+def deepseek_v2(q_lora_rank=None):
+    """MLA (K 24 wide, V 20), YaRN, group-limited softmax routing scaled by 1.5, two shared
+    experts, a dense first layer; a low-rank query with `q_lora_rank`."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    cfg = DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4, "num_experts_per_tok": 3},
+                           num_hidden_layers=3, n_routed_experts=8, moe_intermediate_size=32,
+                           intermediate_size=96, n_shared_experts=2, first_k_dense_replace=1,
+                           q_lora_rank=q_lora_rank, kv_lora_rank=32, qk_nope_head_dim=16,
+                           qk_rope_head_dim=8, v_head_dim=20, n_group=4, topk_group=2,
+                           topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+                           rope_parameters=YARN)  # fmt: skip
+    return DeepseekV2ForCausalLM(cfg)
+
+
+FAMILIES = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
+            "deepseek_v2": deepseek_v2}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -23,6 +23,7 @@ MODULES = (
     "mer.models.mixtral",
     "mer.models.qwen_moe",
     "mer.models.olmoe",
+    "mer.models.deepseek",
 )
 
 
