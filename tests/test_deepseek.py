@@ -1,4 +1,5 @@
-"""DeepSeek's multi-head latent attention beyond the shared family runner (test_families.py):
+"""DeepSeek beyond the shared family runner (test_families.py): its routers against the
+reference routers, and multi-head latent attention:
 the low-rank query, decode steps through the compressed cache, the compressed cache against
 full K/V, the paged pool with prefix sharing and batching, the continuous-batching
 scheduler and self-speculation, all on a tiny checkpoint saved by transformers."""
@@ -182,3 +183,39 @@ def test_the_scheduler_and_self_speculation_keep_the_output(ours):
         ours.transformer, SelfDrafter(ours.transformer), PROMPT, params, spec=spec, k=3
     )
     assert list(out) == alone[0] and spec.drafted > 0
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_routing_matches_the_reference_router_and_a_draft_keeps_to_resident_experts(version):
+    """V2: group-limited softmax top-k; V3: sigmoid, the bias chooses but does not weight,
+    groups by their top-2 sum, renormalised; both times routed_scaling_factor."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from mer.models.layers import route_grouped
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                  topk_group=2, routed_scaling_factor=2.5)  # fmt: skip
+    if version == "v2":
+        router = DeepseekV2TopkRouter(
+            DeepseekV2Config(**common, topk_method="group_limited_greedy")
+        )
+        kwargs = dict(scoring="softmax", group_score="max")
+    else:
+        router = DeepseekV3TopkRouter(DeepseekV3Config(**common, norm_topk_prob=True))
+        router.e_score_correction_bias.copy_(0.5 * torch.randn(16))
+        kwargs = dict(scoring="sigmoid", group_score="top2", renormalise=True,
+                      bias=router.e_score_correction_bias)  # fmt: skip
+    router.weight.data.normal_()
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        _, ref_w, ref_ids = router(x)
+    w, ids = route_grouped(x, router.weight, 4, n_group=4, topk_group=2, scale=2.5, **kwargs)
+    order, ref_order = ids.argsort(-1), ref_ids.argsort(-1)
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    torch.testing.assert_close(w.gather(1, order), ref_w.gather(1, ref_order))
+    allowed = torch.arange(16) % 3 == 0
+    w, ids = route_grouped(x, router.weight, 4, n_group=4, topk_group=2, allowed=allowed, **kwargs)
+    assert allowed[ids].all() and ids.shape == (50, 4)

@@ -67,8 +67,36 @@ def deepseek_v2(q_lora_rank=None):
     return DeepseekV2ForCausalLM(cfg)
 
 
+def deepseek_v3():
+    """V3's routing: sigmoid scores, a correction bias that chooses but does not weight,
+    groups chosen by their top-2 sum, renormalised top-k times 2.5; a low-rank query."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4, "num_experts_per_tok": 3},
+                           num_hidden_layers=3, n_routed_experts=8, moe_intermediate_size=32,
+                           intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
+                           q_lora_rank=16, kv_lora_rank=32, qk_nope_head_dim=16,
+                           qk_rope_head_dim=8, v_head_dim=20, n_group=4, topk_group=2,
+                           norm_topk_prob=True, routed_scaling_factor=2.5,
+                           rope_parameters={**YARN, "mscale": 1.0,
+                                            "mscale_all_dim": 1.0})  # fmt: skip
+    return with_correction_bias(DeepseekV3ForCausalLM(cfg))
+
+
+def with_correction_bias(model):
+    """Random routing correction biases (a buffer, zero at init), large enough to change
+    which experts are chosen, exact in bf16."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if hasattr(gate, "e_score_correction_bias"):
+                bias = 0.3 * torch.randn_like(gate.e_score_correction_bias)
+                gate.e_score_correction_bias.copy_(bias.to(torch.bfloat16).float())
+    return model
+
+
 FAMILIES = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
-            "deepseek_v2": deepseek_v2}  # fmt: skip
+            "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

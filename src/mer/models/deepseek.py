@@ -232,20 +232,10 @@ class DeepseekV3(DeepseekV2):
 
 
 def normalise_deepseek(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """DeepSeek's config.json spellings -> ours (also GLM-4.5's, which shares them)."""
+    """DeepSeek's config.json spellings -> ours."""
     if values.get("attention_bias"):
         raise ConfigError(f"{where}: attention_bias is not supported for DeepSeek")
-    if "n_routed_experts" in values:
-        values["num_local_experts"] = values["n_routed_experts"]
-    if "moe_intermediate_size" in values:  # intermediate_size is the dense layers'
-        moe = values["moe_intermediate_size"]
-        values.setdefault("dense_intermediate_size", values.get("intermediate_size"))
-        values["intermediate_size"] = moe
-        values["shared_expert_intermediate_size"] = moe * (values.get("n_shared_experts") or 0)
-    if "dense_layers" not in values:
-        first, freq = values.get("first_k_dense_replace") or 0, values.get("moe_layer_freq") or 1
-        n = values.get("num_hidden_layers", 0)
-        values["dense_layers"] = [i for i in range(n) if i < first or i % freq]
+    values = normalise_experts(values)
     if "qk_nope_head_dim" in values or "qk_rope_head_dim" in values:
         fields = {f.name: f.default for f in dataclasses.fields(DeepseekConfig)}
         nope = values.get("qk_nope_head_dim", fields["qk_nope_head_dim"])
@@ -260,6 +250,25 @@ def normalise_deepseek(values: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: yarn rope scaling needs original_max_position_embeddings")
     else:
         values["rope_scaling"] = None
+    return values
+
+
+def normalise_experts(values: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek's expert spellings (GLM-4.5 shares them): n_routed_experts,
+    moe_intermediate_size (the dense layers' is intermediate_size), n_shared_experts of that
+    width, dense first_k_dense_replace layers (and those off moe_layer_freq).
+    """
+    if "n_routed_experts" in values:
+        values["num_local_experts"] = values["n_routed_experts"]
+    if "moe_intermediate_size" in values:  # intermediate_size is the dense layers'
+        moe = values["moe_intermediate_size"]
+        values.setdefault("dense_intermediate_size", values.get("intermediate_size"))
+        values["intermediate_size"] = moe
+        values["shared_expert_intermediate_size"] = moe * (values.get("n_shared_experts") or 0)
+    if "dense_layers" not in values:
+        first, freq = values.get("first_k_dense_replace") or 0, values.get("moe_layer_freq") or 1
+        n = values.get("num_hidden_layers", 0)
+        values["dense_layers"] = [i for i in range(n) if i < first or i % freq]
     return values
 
 
@@ -280,13 +289,15 @@ _YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
 _V2 = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
        "rms_norm_eps": 1e-6, "rope_theta": 10000, "moe_layer_freq": 1, "scoring_func": "softmax",
        "norm_topk_prob": False, "attention_bias": False}  # fmt: skip
+# head_dim: as transformers writes it for DeepSeek, the rope part's width (we derive ours).
 DeepseekV2.presets = {
     "deepseek-v2-lite": {**_V2, "num_hidden_layers": 27, "hidden_size": 2048,
                          "intermediate_size": 10944, "moe_intermediate_size": 1408,
                          "num_attention_heads": 16, "num_key_value_heads": 16,
                          "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
                          "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 512,
-                         "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                         "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                         "head_dim": 64, "v_head_dim": 128,
                          "topk_method": "greedy", "n_group": 1, "topk_group": 1,
                          "routed_scaling_factor": 1.0, "vocab_size": 102400,
                          "max_position_embeddings": 163840, "rope_scaling": _YARN},
@@ -297,11 +308,42 @@ DeepseekV2.presets = {
                          "num_attention_heads": 4, "num_key_value_heads": 4,
                          "n_routed_experts": 8, "n_shared_experts": 2, "num_experts_per_tok": 3,
                          "first_k_dense_replace": 1, "q_lora_rank": 32, "kv_lora_rank": 32,
-                         "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                         "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                         "head_dim": 8, "v_head_dim": 16,
                          "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
                          "routed_scaling_factor": 1.5, "vocab_size": 512,
                          "max_position_embeddings": 512,
                          "rope_scaling": {**_YARN, "factor": 4,
+                                          "original_max_position_embeddings": 128}},
+}  # fmt: skip
+
+_V3 = {**_V2, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+       "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+       "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}  # fmt: skip
+DeepseekV3.presets = {
+    # 671B: for store and I/O work (mer synth --store); its bf16 checkpoint would be 1.3 TB.
+    "deepseek-v3": {**_V3, "num_hidden_layers": 61, "hidden_size": 7168,
+                    "intermediate_size": 18432, "moe_intermediate_size": 2048,
+                    "num_attention_heads": 128, "num_key_value_heads": 128,
+                    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+                    "first_k_dense_replace": 3, "q_lora_rank": 1536, "kv_lora_rank": 512,
+                    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                    "head_dim": 64, "v_head_dim": 128,
+                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+                    "vocab_size": 129280, "max_position_embeddings": 163840},
+    # V3's routing (sigmoid, correction bias, groups by their top-2 sum, renormalised, x2.5)
+    # on tiny-deepseek-v2's attention.
+    "tiny-deepseek-v3": {**_V3, "num_hidden_layers": 3, "hidden_size": 64,
+                         "intermediate_size": 96, "moe_intermediate_size": 32,
+                         "num_attention_heads": 4, "num_key_value_heads": 4,
+                         "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 3,
+                         "first_k_dense_replace": 1, "q_lora_rank": 32, "kv_lora_rank": 32,
+                         "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                         "head_dim": 8, "v_head_dim": 20,
+                         "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+                         "vocab_size": 512, "max_position_embeddings": 512,
+                         "rope_scaling": {**_YARN, "factor": 4, "mscale": 1.0,
+                                          "mscale_all_dim": 1.0,
                                           "original_max_position_embeddings": 128}},
 }  # fmt: skip
 
