@@ -1,6 +1,7 @@
 """Every supported family against its transformers implementation on a tiny random checkpoint
 saved by transformers: shared experts, dense layers, QK-norm, biases and tied embeddings;
-DeepSeek's latent attention, YaRN and group-limited routing."""
+DeepSeek's latent attention, YaRN and group-limited routing; DeepSeek-V3's and GLM-4.5's
+biased sigmoid routing; GLM-4.5's partial rotary embedding."""
 
 from __future__ import annotations
 
@@ -95,8 +96,22 @@ def with_correction_bias(model):
     return model
 
 
+def glm4_moe():
+    """GLM-4.5: V3's routing, q/k/v biases, per-head QK norm, half of each head rotating."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    cfg = Glm4MoeConfig(**{**COMMON, "num_experts_per_tok": 3}, num_hidden_layers=3,
+                        n_routed_experts=8, moe_intermediate_size=32, intermediate_size=96,
+                        head_dim=32, n_shared_experts=1, first_k_dense_replace=1, n_group=4,
+                        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        use_qk_norm=True, attention_bias=True,
+                        partial_rotary_factor=0.5)  # fmt: skip
+    return with_correction_bias(Glm4MoeForCausalLM(cfg))
+
+
 FAMILIES = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
-            "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3}  # fmt: skip
+            "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3,
+            "glm4_moe": glm4_moe}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -180,3 +195,4 @@ def test_unsupported_rope_scaling_is_a_clear_error(rope):
     cfg["rope_scaling"] = rope
     with pytest.raises(ConfigError, match="rope scaling .* is not supported"):
         ModelConfig.from_hf(cfg)
+

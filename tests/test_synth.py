@@ -38,7 +38,14 @@ def test_transformers_loads_a_synthetic_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(
     "preset",
-    ["tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v2", "tiny-deepseek-v3"],
+    [
+        "tiny-qwen2-moe",
+        "tiny-qwen3-moe",
+        "tiny-olmoe",
+        "tiny-deepseek-v2",
+        "tiny-deepseek-v3",
+        "tiny-glm-4.5",
+    ],
 )
 def test_family_presets_load_in_transformers_and_run_here(preset, tmp_path):
     import transformers

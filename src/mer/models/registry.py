@@ -24,6 +24,7 @@ MODULES = (
     "mer.models.qwen_moe",
     "mer.models.olmoe",
     "mer.models.deepseek",
+    "mer.models.glm",
 )
 
 
