@@ -196,3 +196,33 @@ def test_unsupported_rope_scaling_is_a_clear_error(rope):
     with pytest.raises(ConfigError, match="rope scaling .* is not supported"):
         ModelConfig.from_hf(cfg)
 
+
+def test_decode_steps_paged_batches_and_speculation_keep_the_output(family, tmp_path):
+    """One-token steps through the KV cache equal the full forward, also in the paged pool
+    beside another sequence; self-speculation keeps the greedy output."""
+    from mer.engine.generate import generate
+    from mer.engine.speculative import SelfDrafter, SpecStats, generate_speculative
+    from mer.models.paged_kv import KVPool
+
+    name, path, model = family
+    store = convert(path, tmp_path / "bf16", quant="bf16", progress=False)
+    logits, m = ours(store, PROMPT)
+    t, ref = m.transformer, reference(model, PROMPT)
+    kv = t.new_kv_cache(len(PROMPT))
+    steps = [t.forward(torch.tensor(PROMPT[:5]), kv, all_logits=True)]
+    steps += [t.forward(torch.tensor([tok]), kv) for tok in PROMPT[5:]]
+    assert rel(torch.cat(steps), ref) < 1e-5
+    pool = KVPool(m.config, 1 << 20, t.dtype, block_size=4)
+    a, b = pool.sequence(PROMPT[:5]), pool.sequence([3, 4, 5])
+    a.reserve(PROMPT[:5])
+    b.reserve([3, 4, 5])
+    batch = [(torch.tensor(PROMPT[:5]), a), (torch.tensor([3, 4, 5]), b)]
+    paged = [t.forward_batch(batch, all_logits=True)[:5]]
+    for tok in PROMPT[5:]:
+        a.reserve([tok])
+        b.reserve([7])
+        paged.append(t.forward_batch([(torch.tensor([tok]), a), (torch.tensor([7]), b)])[:1])
+    assert rel(torch.cat(paged), ref) < 1e-5
+    params = m.sampling_params(max_tokens=10)
+    spec = generate_speculative(t, SelfDrafter(t), PROMPT, params, spec=SpecStats(), k=3)
+    assert list(spec) == list(generate(t, PROMPT, params))
