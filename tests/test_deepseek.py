@@ -219,3 +219,17 @@ def test_routing_matches_the_reference_router_and_a_draft_keeps_to_resident_expe
     allowed = torch.arange(16) % 3 == 0
     w, ids = route_grouped(x, router.weight, 4, n_group=4, topk_group=2, allowed=allowed, **kwargs)
     assert allowed[ids].all() and ids.shape == (50, 4)
+
+
+def test_a_trace_records_the_moe_layers_routing(checkpoint, tmp_path):
+    from mer.trace.format import load_trace
+
+    with mer.open(checkpoint[1], ram_budget="64MiB", dtype="float32") as m:
+        recorder = m.record_trace()
+        out = list(m.tokens(PROMPT, max_tokens=4, stop_token_ids=[-1]))
+        recorder.trace().save(tmp_path / "t.npz")
+    trace = load_trace(tmp_path / "t.npz")
+    n = len(PROMPT) + len(out) - 1
+    assert trace.experts.shape == (n, 2, 3)  # layers 1 and 2 (0 is dense), top 3
+    # V2's weights: softmax scores, not renormalised, times routed_scaling_factor 1.5
+    assert (trace.weights.sum(-1) < 1.5 + 1e-4).all() and (trace.weights > 0).all()

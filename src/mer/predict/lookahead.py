@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from mer.errors import ConfigError
-from mer.models.layers import route
 from mer.predict.base import Predictor
 from mer.predict.frequency import FrequencyPredictor
 from mer.trace.format import Trace
@@ -37,9 +36,8 @@ class LookaheadPrefetcher:
         `prefetch(layer, experts)` and `cancel_prefetches(layer, keep)` (the expert cache)."""
         cfg = transformer.config
         self.cache = cache
-        self.top_k = cfg.num_experts_per_tok
+        self.transformer = transformer
         self.next_layer = dict(pairwise(cfg.moe_layers))
-        self.routers = {n: transformer.w[f"layers.{n}.router"] for n in self.next_layer.values()}
 
     def __call__(
         self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
@@ -47,7 +45,8 @@ class LookaheadPrefetcher:
         self.cache.cancel_prefetches(layer, keep=experts.unique().tolist())
         nxt = self.next_layer.get(layer)
         if nxt is not None:
-            _, guess = route(hidden, self.routers[nxt], self.top_k)
+            # The family's own routing (DeepSeek's groups and bias, ...), on this hidden state.
+            _, guess = self.transformer.family.route(self.transformer, nxt, hidden, None)
             self.cache.prefetch(nxt, guess.unique().tolist())
 
 

@@ -67,7 +67,7 @@ def hf_config(preset: str = "tiny", **overrides) -> dict:
     aliases = [("num_local_experts", "num_experts"), ("num_local_experts", "n_routed_experts"),
                ("intermediate_size", "moe_intermediate_size")]  # fmt: skip
     for ours, theirs in aliases:
-        if ours in overrides and theirs in cfg and ours not in PRESETS[preset]:
+        if ours in overrides and theirs in cfg:
             overrides[theirs] = overrides.pop(ours)
     unknown = set(overrides) - set(cfg) - set(_FIELDS)
     if unknown:
