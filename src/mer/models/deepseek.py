@@ -67,6 +67,13 @@ class DeepseekConfig(ModelConfig):
             raise ConfigError(f"{where}: n_group ({self.n_group}) does not divide the experts")
         if not 1 <= self.topk_group <= self.n_group:
             raise ConfigError(f"{where}: topk_group must be in 1..n_group ({self.n_group})")
+        dims = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        for name in (*dims, "q_lora_rank") if self.q_lora_rank is not None else dims:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{where}: {name} must be a positive integer, got {v!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"{where}: qk_rope_head_dim must be even")
         if self.mla_cache not in ("latent", "full"):
             raise ConfigError(f"{where}: mla_cache {self.mla_cache!r} is not latent or full")
 

@@ -24,6 +24,7 @@ Families hold no weights and no state: one instance serves every model.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -110,6 +111,11 @@ class Family:
         """Per-token shapes of the two tensors each layer caches (full keys and values)."""
         kv = (cfg.num_key_value_heads, cfg.head_dim)
         return kv, kv
+
+    def kv_bytes_per_token(self, cfg: ModelConfig, itemsize: int = 2) -> int:
+        """What one token costs in the KV cache over all layers, `itemsize` bytes a number."""
+        k, v = self.kv_shapes(cfg)
+        return cfg.num_hidden_layers * (math.prod(k) + math.prod(v)) * itemsize
 
     # --- compute --------------------------------------------------------------------------
 
