@@ -155,42 +155,18 @@ class DeepseekV2(Family):
     def attention(self, m, i: int, h: torch.Tensor, rope, spans) -> torch.Tensor:
         cfg: DeepseekConfig = m.config
         w, p = m.w, f"layers.{i}."
-        t, heads, nope, r = (
-            h.shape[0],
-            cfg.num_attention_heads,
-            cfg.qk_nope_head_dim,
-            cfg.kv_lora_rank,
-        )
+        t, nope, dr = h.shape[0], cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         if cfg.q_lora_rank:
             q_a = rms_norm(F.linear(h, w[p + "q_a"]), w[p + "q_a_norm"], _LORA_EPS)
             q = F.linear(q_a, w[p + "q_b"])
         else:
             q = F.linear(h, w[p + "q"])
-        q_nope, q_pe = q.view(t, heads, cfg.qk_head_dim).split([nope, cfg.qk_rope_head_dim], -1)
-        latent, k_pe = F.linear(h, w[p + "kv_a"]).split([r, cfg.qk_rope_head_dim], -1)
+        q_nope, q_pe = q.view(t, cfg.num_attention_heads, -1).split([nope, dr], -1)
+        latent, k_pe = F.linear(h, w[p + "kv_a"]).split([cfg.kv_lora_rank, dr], -1)
         latent = rms_norm(latent, w[p + "kv_a_norm"], _LORA_EPS)  # [T, r]
         q_pe, k_pe = self._rotate(cfg, q_pe, rope), self._rotate(cfg, k_pe[:, None], rope)
-        scale = softmax_scale(cfg)
-        kv_b = w[p + "kv_b"].view(heads, nope + cfg.v_head_dim, r)
-        out = torch.empty(t, heads * cfg.v_head_dim, dtype=h.dtype)
-        if cfg.mla_cache == "full":
-            kv_full = F.linear(latent, w[p + "kv_b"]).view(t, heads, -1)
-            k_nope, v = kv_full.split([nope, cfg.v_head_dim], -1)
-            k = torch.cat([k_nope, k_pe.expand(t, heads, -1)], -1)
-            q = torch.cat([q_nope, q_pe], -1)
-            for span, kv, mask in spans:
-                out[span] = attention(q[span], *kv.append(i, k[span], v[span]), mask, scale)
-            return F.linear(out, w[p + "o"])
-        # Absorbed: q_nope . (W_uk c) = (q_nope W_uk) . c, and the value W_uv c after the softmax.
-        q_lat = torch.bmm(q_nope.transpose(0, 1), kv_b[:, :nope]).float()  # [H, T, r]
-        q_pe = q_pe.transpose(0, 1).float()  # [H, T, dr]
-        for span, kv, mask in spans:
-            cached = kv.append(i, latent[span], k_pe[span, 0])
-            c, kr = (z.float() for z in cached)  # [S, r], [S, dr]
-            scores = (q_lat[:, span] @ c.T + q_pe[:, span] @ kr.T).mul_(scale)  # [H, T_i, S]
-            probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), -1)
-            o = torch.bmm((probs @ c).to(h.dtype), kv_b[:, nope:].transpose(1, 2))  # [H, T_i, Dv]
-            out[span] = o.transpose(0, 1).reshape(-1, heads * cfg.v_head_dim)
+        attend = _attend_full if cfg.mla_cache == "full" else _attend_latent
+        out = attend(cfg, i, w[p + "kv_b"], q_nope, q_pe, latent, k_pe, spans)  # [T, H*Dv]
         return F.linear(out, w[p + "o"])
 
     @staticmethod
@@ -236,6 +212,39 @@ class DeepseekV3(DeepseekV2):
         if "router" in shapes:
             shapes["router_bias"] = (cfg.num_local_experts,)
         return shapes
+
+
+def _attend_latent(cfg: DeepseekConfig, i: int, kv_b, q_nope, q_pe, latent, k_pe, spans):
+    """Attention on the cached latents c [S, r] and rope keys [S, dr], nothing expanded:
+    q_nope . (W_uk c) = (q_nope W_uk) . c, and the value W_uv c is applied after the softmax.
+    q_nope [T, H, nope], q_pe [T, H, dr], latent [T, r], k_pe [T, 1, dr] -> [T, H*Dv]."""
+    heads, nope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    kv_b = kv_b.view(heads, nope + dv, cfg.kv_lora_rank)  # per head: [W_uk; W_uv]
+    q_lat = torch.bmm(q_nope.transpose(0, 1), kv_b[:, :nope]).float()  # [H, T, r]
+    q_pe = q_pe.transpose(0, 1).float()  # [H, T, dr]
+    scale = softmax_scale(cfg)
+    out = torch.empty(latent.shape[0], heads * dv, dtype=latent.dtype)
+    for span, kv, mask in spans:
+        c, kr = (z.float() for z in kv.append(i, latent[span], k_pe[span, 0]))  # [S, r], [S, dr]
+        scores = (q_lat[:, span] @ c.T + q_pe[:, span] @ kr.T).mul_(scale)  # [H, T_i, S]
+        probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), -1)
+        o = torch.bmm((probs @ c).to(latent.dtype), kv_b[:, nope:].transpose(1, 2))  # [H, T_i, Dv]
+        out[span] = o.transpose(0, 1).reshape(-1, heads * dv)
+    return out
+
+
+def _attend_full(cfg: DeepseekConfig, i: int, kv_b, q_nope, q_pe, latent, k_pe, spans):
+    """Plain attention on expanded keys [H, nope + dr] and values [H, Dv], cached so."""
+    t, heads = latent.shape[0], cfg.num_attention_heads
+    k_nope, v = (
+        F.linear(latent, kv_b).view(t, heads, -1).split([cfg.qk_nope_head_dim, cfg.v_head_dim], -1)
+    )
+    k = torch.cat([k_nope, k_pe.expand(t, heads, -1)], -1)
+    q = torch.cat([q_nope, q_pe], -1)
+    out = torch.empty(t, heads * cfg.v_head_dim, dtype=latent.dtype)
+    for span, kv, mask in spans:
+        out[span] = attention(q[span], *kv.append(i, k[span], v[span]), mask, softmax_scale(cfg))
+    return out
 
 
 def normalise_deepseek(values: dict[str, Any], where: str) -> dict[str, Any]:
