@@ -1,5 +1,7 @@
 """Every supported family against its transformers implementation on a tiny random checkpoint
-saved by transformers: shared experts, dense layers, QK-norm, biases and tied embeddings."""
+saved by transformers: shared experts, dense layers, QK-norm, biases and tied embeddings;
+DeepSeek's latent attention, YaRN and group-limited routing; DeepSeek-V3's and GLM-4.5's
+biased sigmoid routing; GLM-4.5's partial rotary embedding."""
 
 from __future__ import annotations
 
@@ -45,7 +47,71 @@ def olmoe():
     return OlmoeForCausalLM(cfg)
 
 
-FAMILIES = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe}
+# YaRN as DeepSeek-V2 configures it, stretched 4x past a 64-token original context.
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
+        "mscale_all_dim": 0.707, "original_max_position_embeddings": 64, "beta_fast": 32,
+        "beta_slow": 1}  # fmt: skip
+
+
+def deepseek_v2(q_lora_rank=None):
+    """MLA (K 24 wide, V 20), YaRN, group-limited softmax routing scaled by 1.5, two shared
+    experts, a dense first layer; a low-rank query with `q_lora_rank`."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    cfg = DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4, "num_experts_per_tok": 3},
+                           num_hidden_layers=3, n_routed_experts=8, moe_intermediate_size=32,
+                           intermediate_size=96, n_shared_experts=2, first_k_dense_replace=1,
+                           q_lora_rank=q_lora_rank, kv_lora_rank=32, qk_nope_head_dim=16,
+                           qk_rope_head_dim=8, v_head_dim=20, n_group=4, topk_group=2,
+                           topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+                           rope_parameters=YARN)  # fmt: skip
+    return DeepseekV2ForCausalLM(cfg)
+
+
+def deepseek_v3():
+    """V3's routing: sigmoid scores, a correction bias that chooses but does not weight,
+    groups chosen by their top-2 sum, renormalised top-k times 2.5; a low-rank query."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4, "num_experts_per_tok": 3},
+                           num_hidden_layers=3, n_routed_experts=8, moe_intermediate_size=32,
+                           intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
+                           q_lora_rank=16, kv_lora_rank=32, qk_nope_head_dim=16,
+                           qk_rope_head_dim=8, v_head_dim=20, n_group=4, topk_group=2,
+                           norm_topk_prob=True, routed_scaling_factor=2.5,
+                           rope_parameters={**YARN, "mscale": 1.0,
+                                            "mscale_all_dim": 1.0})  # fmt: skip
+    return with_correction_bias(DeepseekV3ForCausalLM(cfg))
+
+
+def with_correction_bias(model):
+    """Random routing correction biases (a buffer, zero at init), large enough to change
+    which experts are chosen, exact in bf16."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if hasattr(gate, "e_score_correction_bias"):
+                bias = 0.3 * torch.randn_like(gate.e_score_correction_bias)
+                gate.e_score_correction_bias.copy_(bias.to(torch.bfloat16).float())
+    return model
+
+
+def glm4_moe():
+    """GLM-4.5: V3's routing, q/k/v biases, per-head QK norm, half of each head rotating."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    cfg = Glm4MoeConfig(**{**COMMON, "num_experts_per_tok": 3}, num_hidden_layers=3,
+                        n_routed_experts=8, moe_intermediate_size=32, intermediate_size=96,
+                        head_dim=32, n_shared_experts=1, first_k_dense_replace=1, n_group=4,
+                        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        use_qk_norm=True, attention_bias=True,
+                        partial_rotary_factor=0.5)  # fmt: skip
+    return with_correction_bias(Glm4MoeForCausalLM(cfg))
+
+
+FAMILIES = {"qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
+            "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3,
+            "glm4_moe": glm4_moe}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -129,3 +195,34 @@ def test_unsupported_rope_scaling_is_a_clear_error(rope):
     cfg["rope_scaling"] = rope
     with pytest.raises(ConfigError, match="rope scaling .* is not supported"):
         ModelConfig.from_hf(cfg)
+
+
+def test_decode_steps_paged_batches_and_speculation_keep_the_output(family, tmp_path):
+    """One-token steps through the KV cache equal the full forward, also in the paged pool
+    beside another sequence; self-speculation keeps the greedy output."""
+    from mer.engine.generate import generate
+    from mer.engine.speculative import SelfDrafter, SpecStats, generate_speculative
+    from mer.models.paged_kv import KVPool
+
+    name, path, model = family
+    store = convert(path, tmp_path / "bf16", quant="bf16", progress=False)
+    logits, m = ours(store, PROMPT)
+    t, ref = m.transformer, reference(model, PROMPT)
+    kv = t.new_kv_cache(len(PROMPT))
+    steps = [t.forward(torch.tensor(PROMPT[:5]), kv, all_logits=True)]
+    steps += [t.forward(torch.tensor([tok]), kv) for tok in PROMPT[5:]]
+    assert rel(torch.cat(steps), ref) < 1e-5
+    pool = KVPool(m.config, 1 << 20, t.dtype, block_size=4)
+    a, b = pool.sequence(PROMPT[:5]), pool.sequence([3, 4, 5])
+    a.reserve(PROMPT[:5])
+    b.reserve([3, 4, 5])
+    batch = [(torch.tensor(PROMPT[:5]), a), (torch.tensor([3, 4, 5]), b)]
+    paged = [t.forward_batch(batch, all_logits=True)[:5]]
+    for tok in PROMPT[5:]:
+        a.reserve([tok])
+        b.reserve([7])
+        paged.append(t.forward_batch([(torch.tensor([tok]), a), (torch.tensor([7]), b)])[:1])
+    assert rel(torch.cat(paged), ref) < 1e-5
+    params = m.sampling_params(max_tokens=10)
+    spec = generate_speculative(t, SelfDrafter(t), PROMPT, params, spec=SpecStats(), k=3)
+    assert list(spec) == list(generate(t, PROMPT, params))

@@ -36,7 +36,17 @@ def test_transformers_loads_a_synthetic_checkpoint(tmp_path):
     assert torch.isfinite(logits).all() and logits[0, -1].std() > 0.1
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "tiny-qwen2-moe",
+        "tiny-qwen3-moe",
+        "tiny-olmoe",
+        "tiny-deepseek-v2",
+        "tiny-deepseek-v3",
+        "tiny-glm-4.5",
+    ],
+)
 def test_family_presets_load_in_transformers_and_run_here(preset, tmp_path):
     import transformers
 

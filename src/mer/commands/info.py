@@ -31,6 +31,7 @@ def run(*, store: str) -> None:
     t.add_row("heads", f"{cfg.num_attention_heads} query, {cfg.num_key_value_heads} key/value")
     t.add_row("vocab", str(cfg.vocab_size))
     t.add_row("context", str(cfg.max_position_embeddings))
+    t.add_row("KV cache", f"{fmt_bytes(cfg.family.kv_bytes_per_token(cfg))} per token (bf16)")
     scheme = ef.scheme + (f", group {ef.group_size}, {ef.layout}" if ef.scheme == "int4" else "")
     t.add_row("expert quantization", scheme)
     t.add_row("expert extent", fmt_bytes(ef.nbytes))

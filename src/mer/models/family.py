@@ -8,6 +8,8 @@ that overrides only what differs from these defaults:
 - its config: `config_class` (a `ModelConfig` subclass with the family's own
   fields), `defaults` for what its config.json may leave out, `normalise` from
   its config.json spellings to ours, the `rope_types` it implements;
+- its `presets` for `mer synth`: published full-size shapes, and tiny ones with
+  every quirk switched on;
 - its tensors: the name tables `GLOBAL`, `LAYER`, `EXPERT` (mer name -> Hugging
   Face template) and the shapes of what a config has (`layer_shapes`);
 - its compute, called by `MoETransformer` per layer: `attention`, `route`,
@@ -28,6 +30,7 @@ Families hold no weights and no state: one instance serves every model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Container
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -148,6 +151,11 @@ class Family:
         """Per-token shapes of the two tensors each layer caches (full keys and values)."""
         kv = (cfg.num_key_value_heads, cfg.head_dim)
         return kv, kv
+
+    def kv_bytes_per_token(self, cfg: ModelConfig, itemsize: int = 2) -> int:
+        """What one token costs in the KV cache over all layers, `itemsize` bytes a number."""
+        k, v = self.kv_shapes(cfg)
+        return cfg.num_hidden_layers * (math.prod(k) + math.prod(v)) * itemsize
 
     # --- compute --------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ code runs against the SSD-backed cache or, in tests, experts held in memory.
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from typing import Protocol
 
@@ -34,19 +35,69 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Rotary:
-    """Rotate-half RoPE with cos/sin tables built once for the model's context."""
+    """Rotate-half RoPE with cos/sin tables built once for the model's context.
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
-        inv_freq = 1.0 / theta ** (
-            torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        )
+    `inv_freq` replaces the plain frequencies (a scaled rope's, e.g. `yarn`), and
+    `attention_factor` multiplies both tables, as the reference implementations do."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        max_positions: int,
+        inv_freq: torch.Tensor | None = None,
+        attention_factor: float = 1.0,
+    ) -> None:
+        if inv_freq is None:
+            inv_freq = 1.0 / theta ** (
+                torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+            )
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], -1)  # [P, D]
         self.cos, self.sin = emb.cos(), emb.sin()
+        if attention_factor != 1.0:
+            self.cos, self.sin = self.cos * attention_factor, self.sin * attention_factor
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype):
         """(cos, sin) [T, 1, D] for `positions`: gathered once per forward, used by every layer."""
         return self.cos[positions][:, None, :].to(dtype), self.sin[positions][:, None, :].to(dtype)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched `scale` times."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn(dim: int, theta: float, p: dict, max_positions: int) -> tuple[torch.Tensor, float]:
+    """YaRN rope scaling (arXiv 2309.00071): (inv_freq [dim/2], attention factor) from the
+    config's parameters `p` (factor, original_max_position_embeddings, beta_fast, beta_slow,
+    mscale, mscale_all_dim, attention_factor, truncate), as transformers computes them.
+    Low frequencies are interpolated by `factor`, high ones kept, a linear ramp between."""
+    orig = p["original_max_position_embeddings"]
+    factor = p.get("factor") or max_positions / orig
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        mscale, all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        if mscale and all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    keep = 1 - ramp  # share of the original (extrapolated) frequency
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, float(attention_factor)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -77,8 +128,10 @@ def attention(
     v: torch.Tensor,
     mask: torch.Tensor,
     sinks: torch.Tensor | None = None,
+    scale: float | None = None,
 ):
-    """GQA attention. q [T, Hq, D]; k, v [S, Hkv, D]; mask [T, S] -> [T, Hq*D].
+    """GQA attention. q [T, Hq, D]; k [S, Hkv, D]; v [S, Hkv, Dv]; mask [T, S] -> [T, Hq*Dv].
+    Scores are scaled by `scale`, by default D ** -0.5.
 
     Grouped heads share keys and values (no copy of the cache per head). While the
     scores fit in 16 MiB of float32, plain batched matmuls in float32 are used: on the
@@ -90,17 +143,19 @@ def attention(
     weight to the keys. The fused kernel has no such term: with sinks, queries run
     in chunks small enough for the float32 path."""
     t, hq, d = q.shape
-    s, hkv = k.shape[0], k.shape[1]
+    s, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    scale = d**-0.5 if scale is None else scale
     if sinks is not None and hq * t * s > SMALL_ATTENTION:
         step = max(1, SMALL_ATTENTION // (hq * s))
         chunks = [
-            attention(q[a : a + step], k, v, mask[a : a + step], sinks) for a in range(0, t, step)
+            attention(q[a : a + step], k, v, mask[a : a + step], sinks, scale)
+            for a in range(0, t, step)
         ]
         return torch.cat(chunks)
     if hq * t * s <= SMALL_ATTENTION:
         g = hq // hkv
         qg = q.float().view(t, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * t, d)
-        scores = torch.bmm(qg, k.float().permute(1, 2, 0)).mul_(d**-0.5)  # [Hkv, G*T, S]
+        scores = torch.bmm(qg, k.float().permute(1, 2, 0)).mul_(scale)  # [Hkv, G*T, S]
         scores = scores.view(hkv, g, t, s).masked_fill_(~mask, float("-inf"))
         if sinks is not None:
             sink = sinks.float().view(hkv, g, 1, 1).expand(hkv, g, t, 1)
@@ -108,11 +163,13 @@ def attention(
             probs = probs.reshape(hkv, g * t, s)
         else:
             probs = torch.softmax(scores, dim=-1).view(hkv, g * t, s)
-        out = torch.bmm(probs, v.float().transpose(0, 1))  # [Hkv, G*T, D]
-        return out.view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hq * d).to(q.dtype)
+        out = torch.bmm(probs, v.float().transpose(0, 1))  # [Hkv, G*T, Dv]
+        return out.view(hkv, g, t, dv).permute(2, 0, 1, 3).reshape(t, hq * dv).to(q.dtype)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T|S, D]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=hq != hkv)
-    return out.transpose(0, 1).reshape(t, hq * d)
+    out = F.scaled_dot_product_attention(
+        qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=hq != hkv
+    )
+    return out.transpose(0, 1).reshape(t, hq * dv)
 
 
 def route(
@@ -135,6 +192,54 @@ def route(
     if renormalise:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, ids
+
+
+def route_grouped(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "max",
+    bias: torch.Tensor | None = None,
+    renormalise: bool = False,
+    scale: float = 1.0,
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's router, in float32: (weights [T, k], ids [T, k]).
+
+    Scores are the softmax (DeepSeek-V2) or the sigmoid (V3, R1, GLM-4.5) of the
+    router logits. Experts are chosen by score plus `bias` (V3's correction bias:
+    it steers the choice, never the weights) within the `topk_group` best of
+    `n_group` groups, a group scored by its best expert (`max`, V2) or its best two
+    (`top2`, V3). The weights are the chosen experts' scores, renormalised if asked,
+    times `scale` (`routed_scaling_factor`). `allowed` (bool [E], a draft's) limits
+    the choice to those experts, groups aside: a draft's routing only approximates."""
+    logits = F.linear(x.float(), gate.float())  # [T, E]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        top_k = min(top_k, int(allowed.sum()))
+    scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores if bias is None else scores + bias
+    t, e = choice.shape
+    if allowed is not None:
+        choice = choice.masked_fill(~allowed, float("-inf"))
+    elif topk_group < n_group:
+        groups = choice.view(t, n_group, e // n_group)
+        if group_score == "max":
+            group_scores = groups.max(-1).values  # [T, G]
+        else:
+            group_scores = groups.topk(2, dim=-1).values.sum(-1)
+        best = torch.topk(group_scores, topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalise:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scale, ids
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):

@@ -30,4 +30,23 @@ class Mixtral(Family):
     }
 
 
+# (layers, experts, top_k, hidden, ffn, heads, kv_heads, vocab, max_positions)
+_SHAPES = {
+    "tiny": (2, 4, 2, 64, 128, 4, 2, 512, 512),
+    "small": (4, 8, 2, 256, 512, 8, 2, 4096, 4096),
+    "demo": (8, 8, 2, 1024, 2816, 16, 4, 8192, 4096),
+    "medium": (16, 8, 2, 2048, 5632, 16, 4, 32000, 32768),
+    "mixtral-8x7b": (32, 8, 2, 4096, 14336, 32, 8, 32000, 32768),
+}
+_FIELDS = (
+    "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "hidden_size",
+    "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+    "max_position_embeddings",
+)  # fmt: skip
+_BASE = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "rms_norm_eps": 1e-5,
+         "rope_theta": 1e6, "sliding_window": None}  # fmt: skip
+Mixtral.presets = {
+    name: {**_BASE, **dict(zip(_FIELDS, shape, strict=True))} for name, shape in _SHAPES.items()
+}
+
 FAMILIES = (Mixtral(),)

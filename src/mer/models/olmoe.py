@@ -39,4 +39,17 @@ class Olmoe(Family):
         return q.view(t, hq, -1), k.view(t, hkv, -1), v.view(t, hkv, -1)
 
 
+_OLMOE = {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "rms_norm_eps": 1e-5,
+          "rope_theta": 10000.0, "norm_topk_prob": False, "clip_qkv": None}  # fmt: skip
+Olmoe.presets = {
+    "olmoe-1b-7b": {**_OLMOE, "num_hidden_layers": 16, "num_experts": 64,
+                    "num_experts_per_tok": 8, "hidden_size": 2048, "intermediate_size": 1024,
+                    "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 50304,
+                    "max_position_embeddings": 4096},
+    "tiny-olmoe": {**_OLMOE, "num_hidden_layers": 2, "num_experts": 8, "num_experts_per_tok": 2,
+                   "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 512,
+                   "clip_qkv": 3.0},
+}  # fmt: skip
+
 FAMILIES = (Olmoe(),)

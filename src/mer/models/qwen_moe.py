@@ -93,4 +93,37 @@ class Qwen3Moe(Qwen2Moe):
     defaults = {"norm_topk_prob": False, "qk_norm": "head", "qkv_bias": False}
 
 
+_QWEN2 = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+          "rms_norm_eps": 1e-6, "rope_theta": 1e6, "use_sliding_window": False,
+          "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []}  # fmt: skip
+_QWEN3 = {**_QWEN2, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+          "norm_topk_prob": True}  # fmt: skip
+Qwen2Moe.presets = {
+    "qwen2-moe-a2.7b": {**_QWEN2, "num_hidden_layers": 24, "num_experts": 60,
+                        "num_experts_per_tok": 4, "hidden_size": 2048,
+                        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                        "intermediate_size": 5632, "num_attention_heads": 16,
+                        "num_key_value_heads": 16, "vocab_size": 151936,
+                        "max_position_embeddings": 8192},
+    "tiny-qwen2-moe": {**_QWEN2, "num_hidden_layers": 3, "num_experts": 4,
+                       "num_experts_per_tok": 2, "hidden_size": 64, "moe_intermediate_size": 64,
+                       "shared_expert_intermediate_size": 96, "intermediate_size": 128,
+                       "mlp_only_layers": [1], "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "vocab_size": 512,
+                       "max_position_embeddings": 512, "tie_word_embeddings": True},
+}  # fmt: skip
+Qwen3Moe.presets = {
+    "qwen3-moe-30b-a3b": {**_QWEN3, "num_hidden_layers": 48, "num_experts": 128,
+                          "num_experts_per_tok": 8, "hidden_size": 2048, "head_dim": 128,
+                          "moe_intermediate_size": 768, "intermediate_size": 6144,
+                          "num_attention_heads": 32, "num_key_value_heads": 4,
+                          "vocab_size": 151936, "max_position_embeddings": 40960},
+    "tiny-qwen3-moe": {**_QWEN3, "num_hidden_layers": 4, "num_experts": 8,
+                       "num_experts_per_tok": 2, "hidden_size": 64, "head_dim": 32,
+                       "moe_intermediate_size": 64, "intermediate_size": 128,
+                       "decoder_sparse_step": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "vocab_size": 512,
+                       "max_position_embeddings": 512},
+}  # fmt: skip
+
 FAMILIES = (Qwen2Moe(), Qwen3Moe())

@@ -24,6 +24,8 @@ MODULES = (
     "mer.models.qwen_moe",
     "mer.models.olmoe",
     "mer.models.gpt_oss",
+    "mer.models.deepseek",
+    "mer.models.glm",
 )
 
 

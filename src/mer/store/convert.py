@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from mer.config import ModelConfig, read_json
 from mer.errors import ConvertError
 from mer.models import naming
@@ -85,7 +87,10 @@ def convert(
         with StoreWriter(dst, cfg, hf_config, ef, overwrite=force, planned_bytes=planned) as writer:
             with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
                 for hf, ours in dense.items():
-                    writer.add_dense(ours, source.get(hf))
+                    t = source.get(hf)
+                    # What the family computes in float32 keeps float32 precision if it has it.
+                    keep = t.dtype == torch.float32 and ours.rsplit(".", 1)[-1] in fam.keep_float32
+                    writer.add_dense(ours, t, torch.float32 if keep else None)
                     bar.advance(_nbytes(source, hf))
                 for layer, e in cfg.expert_keys():
                     writer.add_expert(layer, e, fam.expert_extent(source, cfg, layer, e, ef))

@@ -96,11 +96,11 @@ class StoreWriter:
             self._experts = open(self.tmp / fmt.EXPERT_FILE, "wb")
             self._experts.truncate(n)  # sparse until written; reserves the layout up front
 
-    def add_dense(self, name: str, tensor: torch.Tensor) -> None:
-        """Append a resident tensor, stored in the store's dense dtype."""
+    def add_dense(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Append a resident tensor, stored in `dtype`, by default the store's dense dtype."""
         if name in self._dense_table:
             raise StoreError(f"dense tensor {name} written twice")
-        t = tensor.detach().to(self.dense_dtype).contiguous()
+        t = tensor.detach().to(dtype or self.dense_dtype).contiguous()
         pos = self._dense.tell()
         pad = -pos % fmt.DENSE_ALIGN
         self._dense.write(b"\0" * pad)

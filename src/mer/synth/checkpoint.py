@@ -26,84 +26,14 @@ from mer.progress import progress_bar
 from mer.store.staging import Staging
 from mer.synth.tokenizer import build_tokenizer, write_tokenizer_files
 
-# Mixtral-architecture shapes: (layers, experts, top_k, hidden, ffn, heads, kv_heads, vocab,
-# max_positions).
-_MIXTRAL = {
-    "tiny": (2, 4, 2, 64, 128, 4, 2, 512, 512),
-    "small": (4, 8, 2, 256, 512, 8, 2, 4096, 4096),
-    "demo": (8, 8, 2, 1024, 2816, 16, 4, 8192, 4096),
-    "medium": (16, 8, 2, 2048, 5632, 16, 4, 32000, 32768),
-    "mixtral-8x7b": (32, 8, 2, 4096, 14336, 32, 8, 32000, 32768),
-}
+# Every family's presets (`Family.presets`): the published full-size shapes of its best-known
+# checkpoints and tiny ones with every quirk switched on, for tests.
+PRESETS: dict[str, dict] = {name: hf for f in families() for name, hf in f.presets.items()}
 _FIELDS = (
     "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "hidden_size",
     "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
     "max_position_embeddings",
 )  # fmt: skip
-_MIXTRAL_BASE = {
-    "architectures": ["MixtralForCausalLM"],
-    "model_type": "mixtral",
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 1e6,
-    "sliding_window": None,
-}
-_QWEN2_MOE = {
-    "architectures": ["Qwen2MoeForCausalLM"],
-    "model_type": "qwen2_moe",
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1e6,
-    "use_sliding_window": False,
-    "norm_topk_prob": False,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-}
-_QWEN3_MOE = {**_QWEN2_MOE, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-              "norm_topk_prob": True}  # fmt: skip
-_OLMOE = {
-    "architectures": ["OlmoeForCausalLM"],
-    "model_type": "olmoe",
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "norm_topk_prob": False,
-    "clip_qkv": None,
-}
-PRESETS: dict[str, dict] = {
-    **{name: {**_MIXTRAL_BASE, **dict(zip(_FIELDS, shape, strict=True))}
-       for name, shape in _MIXTRAL.items()},
-    # The published full-size shapes of each family's best-known checkpoint.
-    "qwen2-moe-a2.7b": {**_QWEN2_MOE, "num_hidden_layers": 24, "num_experts": 60,
-                        "num_experts_per_tok": 4, "hidden_size": 2048,
-                        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
-                        "intermediate_size": 5632, "num_attention_heads": 16,
-                        "num_key_value_heads": 16, "vocab_size": 151936,
-                        "max_position_embeddings": 8192},
-    "qwen3-moe-30b-a3b": {**_QWEN3_MOE, "num_hidden_layers": 48, "num_experts": 128,
-                          "num_experts_per_tok": 8, "hidden_size": 2048, "head_dim": 128,
-                          "moe_intermediate_size": 768, "intermediate_size": 6144,
-                          "num_attention_heads": 32, "num_key_value_heads": 4,
-                          "vocab_size": 151936, "max_position_embeddings": 40960},
-    "olmoe-1b-7b": {**_OLMOE, "num_hidden_layers": 16, "num_experts": 64,
-                    "num_experts_per_tok": 8, "hidden_size": 2048, "intermediate_size": 1024,
-                    "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 50304,
-                    "max_position_embeddings": 4096},
-    # Tiny ones of each, with every quirk switched on, for tests.
-    "tiny-qwen2-moe": {**_QWEN2_MOE, "num_hidden_layers": 3, "num_experts": 4,
-                       "num_experts_per_tok": 2, "hidden_size": 64, "moe_intermediate_size": 64,
-                       "shared_expert_intermediate_size": 96, "intermediate_size": 128,
-                       "mlp_only_layers": [1], "num_attention_heads": 4,
-                       "num_key_value_heads": 2, "vocab_size": 512,
-                       "max_position_embeddings": 512, "tie_word_embeddings": True},
-    "tiny-qwen3-moe": {**_QWEN3_MOE, "num_hidden_layers": 4, "num_experts": 8,
-                       "num_experts_per_tok": 2, "hidden_size": 64, "head_dim": 32,
-                       "moe_intermediate_size": 64, "intermediate_size": 128,
-                       "decoder_sparse_step": 2, "num_attention_heads": 4,
-                       "num_key_value_heads": 2, "vocab_size": 512,
-                       "max_position_embeddings": 512},
-    "tiny-olmoe": {**_OLMOE, "num_hidden_layers": 2, "num_experts": 8, "num_experts_per_tok": 2,
-                   "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 512,
-                   "clip_qkv": 3.0},
-}  # fmt: skip
 # CLI flag -> Hugging Face config field (ffn: the routed experts' width in every family).
 OVERRIDE_FLAGS = {
     "layers": "num_hidden_layers",
@@ -140,9 +70,10 @@ def hf_config(preset: str = "tiny", **overrides) -> dict:
         "torch_dtype": "bfloat16",
     }
     # Families name the expert count and width differently; overrides use one spelling.
-    aliases = {"num_local_experts": "num_experts", "intermediate_size": "moe_intermediate_size"}
-    for ours, theirs in aliases.items():
-        if ours in overrides and theirs in cfg and ours not in known[preset]:
+    aliases = [("num_local_experts", "num_experts"), ("num_local_experts", "n_routed_experts"),
+               ("intermediate_size", "moe_intermediate_size")]  # fmt: skip
+    for ours, theirs in aliases:
+        if ours in overrides and theirs in cfg:
             overrides[theirs] = overrides.pop(ours)
     unknown = set(overrides) - set(cfg) - set(_FIELDS)
     if unknown:
