@@ -16,7 +16,7 @@ import mer
 from mer.config import ModelConfig
 from mer.engine.generate import generate
 from mer.engine.scheduler import Request, Scheduler
-from mer.engine.speculative import SelfDrafter, SpecStats, generate_speculative
+from mer.engine.speculative import SpecStats, Speculation, generate_speculative
 from mer.models.kv_cache import KVCache
 from mer.models.paged_kv import KVPool
 from mer.models.transformer import MoETransformer
@@ -162,7 +162,7 @@ def test_the_scheduler_and_self_speculation_keep_the_output(ours):
     prompts = [PROMPT, PROMPT[:7] + [300, 301], [1, 5, 9, 13]]
     params = ours.sampling_params(max_tokens=8)
     alone = [list(generate(ours.transformer, p, params)) for p in prompts]
-    s = Scheduler(ours.transformer, ours.tokenizer, kv_budget=1 << 20, max_batch_tokens=16)
+    s = Scheduler(ours.transformer, kv_budget=1 << 20, max_batch_tokens=16)
     try:
         reqs = [Request(p, ours.sampling_params(max_tokens=8)) for p in prompts]
         for r in reqs:
@@ -180,7 +180,7 @@ def test_the_scheduler_and_self_speculation_keep_the_output(ours):
         s.close()
     spec = SpecStats()
     out = generate_speculative(
-        ours.transformer, SelfDrafter(ours.transformer), PROMPT, params, spec=spec, k=3
+        ours.transformer, Speculation("self", k=3), PROMPT, params, spec=spec
     )
     assert list(out) == alone[0] and spec.drafted > 0
 

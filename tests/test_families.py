@@ -201,7 +201,7 @@ def test_decode_steps_paged_batches_and_speculation_keep_the_output(family, tmp_
     """One-token steps through the KV cache equal the full forward, also in the paged pool
     beside another sequence; self-speculation keeps the greedy output."""
     from mer.engine.generate import generate
-    from mer.engine.speculative import SelfDrafter, SpecStats, generate_speculative
+    from mer.engine.speculative import SpecStats, Speculation, generate_speculative
     from mer.models.paged_kv import KVPool
 
     name, path, model = family
@@ -224,5 +224,5 @@ def test_decode_steps_paged_batches_and_speculation_keep_the_output(family, tmp_
         paged.append(t.forward_batch([(torch.tensor([tok]), a), (torch.tensor([7]), b)])[:1])
     assert rel(torch.cat(paged), ref) < 1e-5
     params = m.sampling_params(max_tokens=10)
-    spec = generate_speculative(t, SelfDrafter(t), PROMPT, params, spec=SpecStats(), k=3)
+    spec = generate_speculative(t, Speculation("self", k=3), PROMPT, params, spec=SpecStats())
     assert list(spec) == list(generate(t, PROMPT, params))
