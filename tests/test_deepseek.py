@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from tests.helpers import run_all
 from tests.test_families import deepseek_v2
 
 import mer
@@ -165,17 +166,7 @@ def test_the_scheduler_and_self_speculation_keep_the_output(ours):
     s = Scheduler(ours.transformer, kv_budget=1 << 20, max_batch_tokens=16)
     try:
         reqs = [Request(p, ours.sampling_params(max_tokens=8)) for p in prompts]
-        for r in reqs:
-            s.submit(r)
-        while s.step():
-            pass
-        got = []
-        for r in reqs:
-            ids = []
-            while not r.outputs.empty():
-                ids += r.outputs.get().token_ids
-            got.append(ids)
-        assert got == alone
+        assert run_all(s, reqs) == alone
     finally:
         s.close()
     spec = SpecStats()

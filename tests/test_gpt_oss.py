@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from tests.helpers import dequantized_reference, run_all
 from transformers import GptOssConfig, GptOssForCausalLM
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -108,19 +109,7 @@ def interleave(gate_up: torch.Tensor) -> torch.Tensor:
 
 def store_reference(model, store_path):
     """A copy of `model` whose experts hold the store's weights, dequantized."""
-    store = Store(store_path)
-    ref = copy.deepcopy(model)
-    raw = store.expert_path.read_bytes()
-    with torch.no_grad():
-        for (layer, e), x in store.extents.items():
-            buf = torch.frombuffer(
-                bytearray(raw[x.offset : x.offset + x.length]), dtype=torch.uint8
-            )
-            w = store.expert_format.view(buf)
-            experts = ref.model.layers[layer].mlp.experts
-            experts.gate_up_proj[e] = interleave(w.gate_up.dequantize())
-            experts.down_proj[e] = w.down.dequantize().t()
-    return ref
+    return dequantized_reference(model, store_path, interleave, lambda down: down.t())
 
 
 def test_bf16_store_matches_transformers(hf, stores):
@@ -314,17 +303,7 @@ def test_the_scheduler_batches_gpt_oss_like_each_request_alone(stores):
     s = Scheduler(m.transformer, kv_budget=4 << 20, max_batch_tokens=8)
     try:
         reqs = [Request(p, m.sampling_params(max_tokens=8)) for p in prompts]
-        for r in reqs:
-            s.submit(r)
-        while s.step():
-            pass
-        got = []
-        for r in reqs:
-            ids = []
-            while not r.outputs.empty():
-                ids += r.outputs.get().token_ids
-            got.append(ids)
-        assert got == alone
+        assert run_all(s, reqs) == alone
     finally:
         s.close()
         m.close()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from tests.helpers import run_all
 
 import mer
 from mer.engine.batching import Batcher, Sequence
@@ -34,20 +35,6 @@ def model(trained_store):
     m = mer.open(trained_store, ram_budget="1MiB")
     yield m
     m.close()
-
-
-def run_all(scheduler: Scheduler, requests: list[Request]) -> list[list[int]]:
-    for r in requests:
-        scheduler.submit(r)
-    while scheduler.step():
-        pass
-    outs = []
-    for r in requests:
-        ids = []
-        while not r.outputs.empty():
-            ids += r.outputs.get().token_ids
-        outs.append(ids)
-    return outs
 
 
 def requests(model, tok, n_tokens=12, temperature=0.8) -> list[Request]:
