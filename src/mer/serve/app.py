@@ -36,6 +36,7 @@ from mer.api import Model
 from mer.engine.sampling import InvalidSamplingParam
 from mer.engine.scheduler import Output, Scheduler, SchedulerDown
 from mer.engine.scheduler import Request as EngineRequest
+from mer.engine.steering import Steering
 from mer.engine.text import TextStream
 from mer.errors import BudgetError, ConfigError, MerError
 from mer.serve import protocol
@@ -196,8 +197,12 @@ class Server:
             except RuntimeError:  # the event loop has closed: the server is shutting down
                 engine_req.cancel()
 
-        text = _Text(TextStream(self.model.tokenizer, req.stop, params.stop_token_ids))
-        engine_req = EngineRequest(prompt, params, on_output=deliver)
+        stream = TextStream(self.model.tokenizer, req.stop, params.stop_token_ids)
+        text = _Text(stream, asked_logprobs=req.logprobs is not None)
+        steering = None
+        if req.logprobs is not None:
+            steering = Steering(logprobs=req.logprobs)
+        engine_req = EngineRequest(prompt, params, on_output=deliver, steering=steering)
         try:
             self.scheduler.submit(engine_req)
         except (ConfigError, BudgetError) as e:
@@ -222,7 +227,7 @@ class Server:
                 ApiError(500, last.error or "generation failed", type="server_error")
             )
         use = protocol.usage(last.prompt_tokens, text.tokens, last.cached_tokens)
-        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+        choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(text, chat, 0)}
         if chat:
             choice["message"] = {"role": "assistant", "content": completion}
             kind = "chat.completion"
@@ -241,7 +246,7 @@ class Server:
         )
 
     async def _stream(self, rid, req: GenerationRequest, chat: bool, engine_req, outputs, text):
-        name = self.settings.model_name
+        name, sent = self.settings.model_name, 0
         try:
             if chat:
                 yield _sse(
@@ -256,12 +261,16 @@ class Server:
                 if reason == "error":
                     yield _sse(ApiError(500, out.error or "failed", type="server_error").body())
                     break
-                if piece or reason:
+                if piece or reason or text.logprobs:
+                    logprobs = self._logprobs(text, chat, sent)
+                    sent += len(piece)
                     if chat:
                         delta = {"content": piece} if piece else {}
-                        yield _sse(protocol.chat_chunk(rid, name, delta, reason))
+                        chunk = protocol.chat_chunk(rid, name, delta, reason)
+                        chunk["choices"][0]["logprobs"] = logprobs
+                        yield _sse(chunk)
                     else:
-                        yield _sse(protocol.completion_chunk(rid, name, piece, reason))
+                        yield _sse(protocol.completion_chunk(rid, name, piece, reason, logprobs))
                 if reason:
                     if req.include_usage:
                         chunk = (
@@ -280,6 +289,20 @@ class Server:
             engine_req.cancel()
 
     # ---- helpers ----
+
+    def _logprobs(self, text: _Text, chat: bool, offset: int) -> dict | None:
+        """The logprobs of the tokens `text` consumed since the last call, OpenAI-shaped,
+        or None when the request asked for none."""
+        if not text.asked_logprobs:
+            return None
+        entries, text.logprobs = text.logprobs, []
+        token_text = self._token_text
+        if chat:
+            return protocol.chat_logprobs(entries, token_text)
+        return protocol.completion_logprobs(entries, token_text, offset)
+
+    def _token_text(self, token: int) -> str:
+        return self.model.tokenizer.decode([token])
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_request_bytes
@@ -327,18 +350,22 @@ class _Text:
     generated tokens up to the one that ended the text (the engine, which knows no text,
     goes on until the request is cancelled)."""
 
-    def __init__(self, stream: TextStream) -> None:
+    def __init__(self, stream: TextStream, asked_logprobs: bool = False) -> None:
         self.stream, self.tokens = stream, 0
+        self.asked_logprobs = asked_logprobs
+        self.logprobs: list = []  # `TokenLogprob`s of the tokens counted, not yet sent
 
     def add(self, out: Output) -> tuple[str, str | None]:
         """The text `out` adds, and the completion's finish reason once it has ended."""
         if out.finish_reason == "error":
             return "", "error"
         stream, pieces = self.stream, []
-        for token in out.token_ids:
+        for i, token in enumerate(out.token_ids):
             if stream.finish_reason is not None:
                 break
             self.tokens += 1
+            if out.logprobs:
+                self.logprobs.append(out.logprobs[i])
             pieces.append(stream.push(token))
         if stream.finish_reason is None and out.finish_reason is not None:
             pieces.append(stream.finish(out.finish_reason))  # the held-back text, if any

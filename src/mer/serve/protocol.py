@@ -64,6 +64,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the top n
 
 
 def parse_json(raw: bytes) -> dict:
@@ -125,6 +126,11 @@ def parse_chat(body: dict) -> GenerationRequest:
         raise ApiError(400, "tools are not supported by this server", param="tools")
     req = _common(body, max_tokens_keys=("max_completion_tokens", "max_tokens"))
     req.messages = parsed
+    top = body.get("top_logprobs")
+    if body.get("logprobs") is not None and _typed(body, "logprobs", bool, "logprobs"):
+        req.logprobs = 0 if top is None else _number(body, "top_logprobs", int, lo=0, hi=20)
+    elif top is not None:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return req
 
 
@@ -143,6 +149,8 @@ def parse_completion(body: dict) -> GenerationRequest:
         raise ApiError(400, "echo is not supported by this server", param="echo")
     req = _common(body, max_tokens_keys=("max_tokens",), default_max_tokens=16)
     req.prompt = prompt
+    if body.get("logprobs") is not None:
+        req.logprobs = _number(body, "logprobs", int, lo=0, hi=20)
     return req
 
 
@@ -262,11 +270,46 @@ def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None) -> 
     }
 
 
-def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(
+    rid: str, model: str, text: str, finish_reason: str | None, logprobs: dict | None = None
+) -> dict:
     return {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+        ],
+    }
+
+
+def chat_logprobs(entries, token_text) -> dict:
+    """Chat's `logprobs` object for `entries` (`TokenLogprob`s); `token_text(id) -> str`."""
+
+    def one(token: int, logprob: float) -> dict:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = []
+    for e in entries:
+        item = one(e.token, e.logprob)
+        item["top_logprobs"] = [one(t, lp) for t, lp in e.top]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries, token_text, offset: int) -> dict:
+    """The legacy completions `logprobs` object; `offset` is where the first token's text
+    starts in the completion."""
+    tokens, offsets = [], []
+    for e in entries:
+        offsets.append(offset)
+        tokens.append(token_text(e.token))
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
     }
