@@ -5,6 +5,7 @@ concurrent (batched) requests."""
 
 from __future__ import annotations
 
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,5 +133,94 @@ def test_bad_logprobs_are_400_naming_the_field(client, body, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, **body
+        )
+    assert e.value.body["param"] == param
+
+
+TRIP = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 30},
+        "hotel": {"type": "boolean"},
+        "kind": {"enum": ["work", "leisure"]},
+    },
+    "required": ["city", "days", "hotel", "kind"],
+    "additionalProperties": False,
+}
+
+
+def structured(
+    client, seed: int, stream: bool, schema: dict | None = TRIP, max_tokens: int = 96
+) -> str:
+    fmt = (
+        {"type": "json_object"}
+        if schema is None
+        else {
+            "type": "json_schema",
+            "json_schema": {"name": "trip", "schema": schema, "strict": True},
+        }
+    )
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Plan a trip as JSON."}],
+        max_tokens=max_tokens,
+        temperature=0.8,
+        seed=seed,
+        response_format=fmt,
+    )
+    if not stream:
+        out = client.chat.completions.create(**kw)
+        assert out.choices[0].finish_reason == "stop"
+        return out.choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_json_schema_output_validates_alone_and_batched(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    alone = {seed: structured(client, seed, stream=False) for seed in (3, 4, 5)}
+    for text in alone.values():
+        jsonschema.validate(json.loads(text), TRIP)
+    cases = [(s, st) for s in (3, 4, 5) for st in (False, True)]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        together = list(pool.map(lambda c: structured(client, *c), cases))
+    for (seed, _), text in zip(cases, together, strict=True):
+        assert text == alone[seed]  # batched equals alone, streamed equals whole
+
+
+def test_json_object_output_is_an_object(client):
+    value = json.loads(structured(client, 7, stream=False, schema=None, max_tokens=400))
+    assert isinstance(value, dict)
+
+
+def test_a_schema_the_engine_cannot_compile_is_a_400(client):
+    bad = {"type": "object", "properties": {"a": {"$ref": "#/definitions/missing"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        structured(client, 1, stream=False, schema=bad)
+    assert e.value.body["param"] == "response_format"
+    assert "missing" in e.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    "fmt, param",
+    [
+        ({"type": "xml"}, "response_format.type"),
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}},
+            "response_format.json_schema.schema",
+        ),
+        ("json", "response_format"),
+    ],
+)
+def test_bad_response_format_is_400_naming_the_field(client, fmt, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            response_format=fmt,
         )
     assert e.value.body["param"] == param

@@ -39,6 +39,7 @@ from mer.engine.scheduler import Request as EngineRequest
 from mer.engine.steering import Steering
 from mer.engine.text import TextStream
 from mer.errors import BudgetError, ConfigError, MerError
+from mer.grammar import GrammarError, Grammars
 from mer.serve import protocol
 from mer.serve.metrics import render_metrics
 from mer.serve.protocol import ApiError, GenerationRequest
@@ -57,6 +58,7 @@ class Server:
         self.model, self.scheduler, self.settings = model, scheduler, settings
         self.started = int(time.time())
         self.http_errors = 0
+        self._grammars: Grammars | None = None  # built on the first constrained request
 
     def app(self) -> Starlette:
         routes = [
@@ -131,6 +133,7 @@ class Server:
             if req.model != self.settings.model_name:
                 raise self._unknown_model(req.model)
             prompt = self._prompt_ids(req)
+            constraint = await self._constraint(req)
             if (reason := self.scheduler.health()) is not None:
                 raise ApiError(503, reason, type="server_error")
             if self.scheduler.n_running + self.scheduler.n_waiting >= self.settings.max_concurrent:
@@ -140,7 +143,7 @@ class Server:
                     "requests; retry later",
                     type="rate_limit_error",
                 )
-            engine_req, outputs, text = self._submit(req, prompt)
+            engine_req, outputs, text = self._submit(req, prompt, constraint)
         except ApiError as e:
             return self._error(e)
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
@@ -165,7 +168,24 @@ class Server:
         except ConfigError as e:
             raise ApiError(400, str(e), param="messages") from None
 
-    def _submit(self, req: GenerationRequest, prompt: list[int]):
+    async def _constraint(self, req: GenerationRequest):
+        """The request's output constraint (a compiled grammar), or None."""
+        if not req.json_output:
+            return None
+        if self._grammars is None:  # seconds for a large vocabulary: off the event loop
+            model = self.model
+            self._grammars = await asyncio.to_thread(
+                Grammars,
+                model.store.path / "tokenizer.json",
+                model.config.vocab_size,
+                tuple(model.config.eos_token_ids),
+            )
+        try:
+            return self._grammars.constraint(self._grammars.json_schema(req.json_schema))
+        except GrammarError as e:
+            raise ApiError(400, str(e), param="response_format") from None
+
+    def _submit(self, req: GenerationRequest, prompt: list[int], constraint=None):
         context = self.model.config.max_position_embeddings
         room = min(context, self.scheduler.pool.n_blocks * self.scheduler.pool.block_size)
         if len(prompt) >= context:
@@ -200,8 +220,8 @@ class Server:
         stream = TextStream(self.model.tokenizer, req.stop, params.stop_token_ids)
         text = _Text(stream, asked_logprobs=req.logprobs is not None)
         steering = None
-        if req.logprobs is not None:
-            steering = Steering(logprobs=req.logprobs)
+        if req.logprobs is not None or constraint is not None:
+            steering = Steering(constraint, req.logprobs)
         engine_req = EngineRequest(prompt, params, on_output=deliver, steering=steering)
         try:
             self.scheduler.submit(engine_req)

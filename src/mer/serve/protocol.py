@@ -65,6 +65,8 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the top n
+    json_schema: dict | None = None  # the output must be JSON valid against it ...
+    json_output: bool = False  # ... when this is set ({"type": "object"} for json_object)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -126,6 +128,7 @@ def parse_chat(body: dict) -> GenerationRequest:
         raise ApiError(400, "tools are not supported by this server", param="tools")
     req = _common(body, max_tokens_keys=("max_completion_tokens", "max_tokens"))
     req.messages = parsed
+    _response_format(body, req)
     top = body.get("top_logprobs")
     if body.get("logprobs") is not None and _typed(body, "logprobs", bool, "logprobs"):
         req.logprobs = 0 if top is None else _number(body, "top_logprobs", int, lo=0, hi=20)
@@ -149,9 +152,46 @@ def parse_completion(body: dict) -> GenerationRequest:
         raise ApiError(400, "echo is not supported by this server", param="echo")
     req = _common(body, max_tokens_keys=("max_tokens",), default_max_tokens=16)
     req.prompt = prompt
+    _response_format(body, req)
     if body.get("logprobs") is not None:
         req.logprobs = _number(body, "logprobs", int, lo=0, hi=20)
     return req
+
+
+def _response_format(body: dict, req: GenerationRequest) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise ApiError(400, "'response_format' must be an object", param="response_format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return
+    if kind == "json_object":
+        req.json_output, req.json_schema = True, {"type": "object"}
+        return
+    if kind != "json_schema":
+        raise ApiError(
+            400,
+            "response_format.type must be 'text', 'json_object' or 'json_schema'",
+            param="response_format.type",
+        )
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ApiError(
+            400,
+            "response_format.json_schema must be an object with a 'name'",
+            param="response_format.json_schema",
+        )
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise ApiError(
+            400,
+            "response_format.json_schema.schema must be an object",
+            param="response_format.json_schema.schema",
+        )
+    _typed(spec, "strict", bool, "response_format.json_schema.strict", default=False)
+    req.json_output, req.json_schema = True, schema  # strict or not, the output obeys it
 
 
 def _content(content, i: int) -> str:
