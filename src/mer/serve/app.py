@@ -41,8 +41,10 @@ from mer.engine.text import TextStream
 from mer.errors import BudgetError, ConfigError, MerError
 from mer.grammar import GrammarError, Grammars
 from mer.serve import protocol
+from mer.serve import tools as wire_tools
 from mer.serve.metrics import render_metrics
 from mer.serve.protocol import ApiError, GenerationRequest
+from mer.tool_syntax import syntax_for
 
 
 @dataclass
@@ -132,8 +134,9 @@ class Server:
             req = parse(body)
             if req.model != self.settings.model_name:
                 raise self._unknown_model(req.model)
-            prompt = self._prompt_ids(req)
-            constraint = await self._constraint(req)
+            tools = self._tools(body, req) if chat else None
+            prompt = self._prompt_ids(req, tools)
+            constraint = await self._constraint(req, tools)
             if (reason := self.scheduler.health()) is not None:
                 raise ApiError(503, reason, type="server_error")
             if self.scheduler.n_running + self.scheduler.n_waiting >= self.settings.max_concurrent:
@@ -144,6 +147,9 @@ class Server:
                     type="rate_limit_error",
                 )
             engine_req, outputs, text = self._submit(req, prompt, constraint)
+            if tools is not None and tools.choice != "none":
+                syntax = syntax_for(self.model.chat_template.source, self.model.config.model_type)
+                text.tools = wire_tools.ToolStream(syntax, tools.parallel)
         except ApiError as e:
             return self._error(e)
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
@@ -155,10 +161,23 @@ class Server:
         finally:  # ended at a stop string, or failed here: the engine need not go on
             engine_req.cancel()
 
-    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+    def _tools(self, body: dict, req: GenerationRequest) -> wire_tools.ToolRequest | None:
+        """The request's tools, with the tool-call history added to its messages."""
+        tools = wire_tools.parse_tools(body)
+        wire_tools.add_history(body["messages"], req.messages)
+        return tools
+
+    def _prompt_ids(
+        self, req: GenerationRequest, tools: wire_tools.ToolRequest | None = None
+    ) -> list[int]:
         try:
             if req.messages is not None:
-                return self.model.chat_prompt(req.messages)
+                listed = tools.template_tools() if tools is not None else None
+                if listed and not self.model.chat_template.takes_tools:
+                    raise ApiError(
+                        400, "this model's chat template does not take tools", param="tools"
+                    )
+                return self.model.chat_prompt(req.messages, tools=listed)
             if isinstance(req.prompt, list):
                 vocab = self.model.config.vocab_size
                 if not all(0 <= t < vocab for t in req.prompt):
@@ -168,9 +187,17 @@ class Server:
         except ConfigError as e:
             raise ApiError(400, str(e), param="messages") from None
 
-    async def _constraint(self, req: GenerationRequest):
+    async def _constraint(self, req: GenerationRequest, tools=None):
         """The request's output constraint (a compiled grammar), or None."""
-        if not req.json_output:
+        forced = tools.forced if tools is not None else None
+        if forced is not None and req.json_output:
+            raise ApiError(
+                400,
+                "response_format cannot be combined with a forced tool call (tool_choice "
+                f"{tools.choice!r})",
+                param="response_format",
+            )
+        if not req.json_output and forced is None:
             return None
         if self._grammars is None:  # seconds for a large vocabulary: off the event loop
             model = self.model
@@ -180,6 +207,20 @@ class Server:
                 model.config.vocab_size,
                 tuple(model.config.eos_token_ids),
             )
+        if forced is not None:
+            syntax = syntax_for(self.model.chat_template.source, self.model.config.model_type)
+            source = syntax.grammar(forced, tools.parallel)
+            if source is None:
+                raise ApiError(
+                    400,
+                    f"tool_choice {tools.choice!r} cannot be forced in the {syntax.name} "
+                    "tool-call syntax" + (" with parallel_tool_calls" if tools.parallel else ""),
+                    param="tool_choice",
+                )
+            try:
+                return self._grammars.constraint(self._grammars.lark(source))
+            except GrammarError as e:
+                raise ApiError(400, str(e), param="tools") from None
         try:
             return self._grammars.constraint(self._grammars.json_schema(req.json_schema))
         except GrammarError as e:
@@ -250,6 +291,13 @@ class Server:
         choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(text, chat, 0)}
         if chat:
             choice["message"] = {"role": "assistant", "content": completion}
+            if text.tools is not None:
+                content = text.tools.push(completion)
+                rest, calls = text.tools.finish()
+                choice["message"]["content"] = (content + rest) or None
+                if calls:
+                    choice["message"]["tool_calls"] = wire_tools.openai_calls(calls)
+                    choice["finish_reason"] = "tool_calls" if reason == "stop" else reason
             kind = "chat.completion"
         else:
             choice["text"] = completion
@@ -285,7 +333,12 @@ class Server:
                     logprobs = self._logprobs(text, chat, sent)
                     sent += len(piece)
                     if chat:
-                        delta = {"content": piece} if piece else {}
+                        delta, calls = _tool_delta(text, piece, reason)
+                        if calls:  # content first, then the calls, then why it ended
+                            if delta:
+                                yield _sse(protocol.chat_chunk(rid, name, delta, None))
+                            yield _sse(protocol.chat_chunk(rid, name, {"tool_calls": calls}, None))
+                            delta, reason = {}, "tool_calls" if reason == "stop" else reason
                         chunk = protocol.chat_chunk(rid, name, delta, reason)
                         chunk["choices"][0]["logprobs"] = logprobs
                         yield _sse(chunk)
@@ -373,6 +426,7 @@ class _Text:
     def __init__(self, stream: TextStream, asked_logprobs: bool = False) -> None:
         self.stream, self.tokens = stream, 0
         self.asked_logprobs = asked_logprobs
+        self.tools: wire_tools.ToolStream | None = None  # set when tool calls are parsed
         self.logprobs: list = []  # `TokenLogprob`s of the tokens counted, not yet sent
 
     def add(self, out: Output) -> tuple[str, str | None]:
@@ -390,6 +444,19 @@ class _Text:
         if stream.finish_reason is None and out.finish_reason is not None:
             pieces.append(stream.finish(out.finish_reason))  # the held-back text, if any
         return "".join(pieces), stream.finish_reason
+
+
+def _tool_delta(text: _Text, piece: str, reason: str | None) -> tuple[dict, list[dict]]:
+    """A chat chunk's content delta, with tool calls held back; at the end, the calls."""
+    if text.tools is None:
+        return ({"content": piece} if piece else {}), []
+    piece = text.tools.push(piece)
+    calls = []
+    if reason is not None:
+        rest, found = text.tools.finish()
+        piece += rest
+        calls = wire_tools.openai_calls(found, stream=True)
+    return ({"content": piece} if piece else {}), calls
 
 
 async def _collect(outputs: asyncio.Queue, text: _Text) -> tuple[str, str, Output]:

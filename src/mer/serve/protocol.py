@@ -1,7 +1,7 @@
 """The OpenAI wire format: validating request bodies and shaping responses and errors.
 
 Validation is strict about what would change the answer (types, ranges,
-unsupported features such as n > 1 or tools) and lenient about fields that do
+unsupported features such as n > 1; tools are `mer.serve.tools`) and lenient about fields that do
 not (user, logit_bias absent, ...), as OpenAI clients send many of those.
 Every failure is an `ApiError` that renders in OpenAI's error shape. The body
 must be strict JSON (no NaN or Infinity) whose strings are valid Unicode (no
@@ -124,8 +124,6 @@ def parse_chat(body: dict) -> GenerationRequest:
                 param=f"messages[{i}].role",
             )
         parsed.append({"role": m["role"], "content": _content(m.get("content"), i)})
-    if body.get("tools"):
-        raise ApiError(400, "tools are not supported by this server", param="tools")
     req = _common(body, max_tokens_keys=("max_completion_tokens", "max_tokens"))
     req.messages = parsed
     _response_format(body, req)
