@@ -177,7 +177,9 @@ class Server:
                     raise ApiError(
                         400, "this model's chat template does not take tools", param="tools"
                     )
-                return self.model.chat_prompt(req.messages, tools=listed)
+                if listed:
+                    return self.model.chat_prompt(req.messages, tools=listed)
+                return self.model.chat_prompt(req.messages)
             if isinstance(req.prompt, list):
                 vocab = self.model.config.vocab_size
                 if not all(0 <= t < vocab for t in req.prompt):
