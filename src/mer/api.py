@@ -91,11 +91,17 @@ class Model:
         stop_ids = tuple(kw.pop("stop_token_ids", ())) or self.config.eos_token_ids
         return SamplingParams(stop_token_ids=stop_ids, **kw)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation in the checkpoint's chat template, ready to answer."""
+    @property
+    def chat_template(self) -> ChatTemplate:
         if self._chat is None:
             self._chat = ChatTemplate.from_dir(self.store.path)
-        return self.tokenizer.encode(self._chat.render(messages), add_special_tokens=False)
+        return self._chat
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation in the checkpoint's chat template, ready to answer;
+        `tools` are OpenAI-shaped function definitions, for templates that take them."""
+        text = self.chat_template.render(messages, tools=tools)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def record_trace(self) -> TraceRecorder:
         """Record routing of every generation from now on; `.trace()` returns what was seen."""

@@ -3,7 +3,7 @@
 The template comes from `tokenizer_config.json` (`chat_template`, a string or a
 list of named templates) or a `chat_template.jinja` file, as Hugging Face
 stores it; it is rendered in a sandbox with the same variables transformers
-passes (messages, bos_token, eos_token, add_generation_prompt). The result
+passes (messages, bos_token, eos_token, add_generation_prompt, and tools when given). The result
 already holds any BOS the template wants, so it is tokenized without adding
 special tokens again.
 """
@@ -37,8 +37,10 @@ class ChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson  # as transformers does: no HTML escaping
         try:
             self._template = env.from_string(source)
+            self.source = source
         except TemplateError as e:
             raise ConfigError(f"chat template does not parse: {e}") from None
         self.bos_token, self.eos_token = bos_token, eos_token
@@ -57,7 +59,18 @@ class ChatTemplate:
         bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
         return cls(source or DEFAULT_TEMPLATE, bos, eos)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def takes_tools(self) -> bool:
+        """The template renders a `tools` argument (tool definitions in the prompt)."""
+        return "tools" in self.source
+
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
+        """The prompt text; `tools` (OpenAI-shaped function definitions) only where the
+        template takes them (ConfigError otherwise)."""
+        if tools and not self.takes_tools:
+            raise ConfigError("this model's chat template does not take tools")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ConfigError(f"a chat message needs a role and content, got {m!r}")
@@ -67,9 +80,16 @@ class ChatTemplate:
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
                 add_generation_prompt=add_generation_prompt,
+                **({"tools": tools} if tools else {}),
             )
         except TemplateError as e:
             raise ConfigError(f"chat template failed: {e}") from None
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise(message: str):

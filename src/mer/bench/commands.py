@@ -8,5 +8,6 @@ COMMANDS = {
     "predict": ("mer.bench.predict", "expert predictors' recall on held-out sequences"),
     "spec": ("mer.bench.spec", "speculative decoding (draft model, self) vs plain"),
     "serve": ("mer.bench.serve", "simulated agents: batched serving vs one at a time"),
+    "grammar": ("mer.bench.grammar", "constrained decoding (a JSON schema) vs plain, per token"),
     "vs-llamacpp": ("mer.bench.vs_llamacpp", "mer and llama.cpp on one GGUF, same memory limit"),
 }

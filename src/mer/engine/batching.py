@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from mer.engine.sampling import SamplingParams
 from mer.engine.speculative import SpecSession, SpecStats, Speculation
+from mer.engine.steering import Steering, TokenLogprob
 from mer.errors import BudgetError, ConfigError, MerError
 from mer.models.paged_kv import KVPool, PagedSequence
 from mer.models.transformer import MoETransformer
@@ -58,6 +59,7 @@ class Output:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     on_output: Callable[[Output], None] | None = None  # called on the engine thread
+    steering: Steering | None = None  # a token constraint, logprobs: kept through preemption
     id: int = field(default_factory=itertools.count().__next__)
     outputs: queue.Queue = field(default_factory=queue.Queue)  # used when on_output is None
     cancelled: bool = False
@@ -94,6 +97,7 @@ class Sequence:
         self.request = request
         self.params = request.params
         self.gen = request.params.generator()
+        self.steer = request.steering
         self.generated: list[int] = []
         self.kv: PagedSequence | None = None
         self.pending: list[int] = []  # tokens to run before the next sample
@@ -111,6 +115,9 @@ class Sequence:
         return bool(self.generated) and len(self.pending) == 1
 
     def output(self, token_ids: list[int], reason: str | None = None, error: str | None = None):
+        logprobs = None
+        if self.steer is not None and self.steer.logprobs is not None:
+            logprobs = self.steer.drain()[: len(token_ids)]  # a round may run past a stop
         return Output(
             token_ids,
             reason,
@@ -118,6 +125,7 @@ class Sequence:
             prompt_tokens=len(self.request.prompt),
             cached_tokens=self.cached_tokens,
             completion_tokens=len(self.generated),
+            logprobs=logprobs,
         )
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mer.engine.sampling import SamplingParams, sample_next_token
+from mer.engine.sampling import SamplingParams
+from mer.engine.steering import Steering, choose
 from mer.errors import ConfigError
 from mer.models.transformer import MoETransformer
 
@@ -39,8 +40,10 @@ def generate(
     prompt: list[int],
     params: SamplingParams,
     stats: GenerationStats | None = None,
+    steer: Steering | None = None,
 ) -> Iterator[int]:
-    """Yield sampled token ids until max_tokens or a stop token (which is yielded, then ends)."""
+    """Yield sampled token ids until max_tokens or a stop token (which is yielded, then ends);
+    `steer` constrains the choice and records logprobs."""
     stats = stats if stats is not None else GenerationStats()
     limit = check_prompt(prompt, model.config.max_position_embeddings)
     if params.max_tokens == 0:
@@ -54,7 +57,7 @@ def generate(
     stats.prompt_tokens += len(prompt)
     stats.prefill_seconds += time.perf_counter() - t0
     for i in range(params.max_tokens):
-        token = sample_next_token(logits, params, gen)
+        token = choose(logits, params, gen, steer)
         stats.generated_tokens += 1
         yield token
         if token in stop or i + 1 == params.max_tokens or kv.length >= kv.capacity:

@@ -20,7 +20,7 @@ import time
 import torch
 
 from mer.engine.batching import Batch, StepResult, message
-from mer.engine.sampling import sample_next_token
+from mer.engine.steering import choose
 from mer.models.transformer import MoETransformer
 
 
@@ -48,7 +48,7 @@ class ModelRunner:
         tokens, errors = [], []
         for seq, sample, row in zip(batch.seqs, batch.sample, logits, strict=True):
             try:
-                tokens.append([sample_next_token(row, seq.params, seq.gen)] if sample else [])
+                tokens.append([choose(row, seq.params, seq.gen, seq.steer)] if sample else [])
                 errors.append(None)
             except Exception as e:  # NaN logits: this sequence only
                 tokens.append([])
@@ -67,6 +67,7 @@ class ModelRunner:
                 batch.draft,
                 seq.params,
                 seq.gen,
+                seq.steer,
             )
         except Exception as e:
             return _failed(batch, message(e), t0)

@@ -35,7 +35,8 @@ from typing import Literal
 import torch
 
 from mer.engine.generate import GenerationStats, check_prompt
-from mer.engine.sampling import SamplingParams, probabilities, sample_next_token
+from mer.engine.sampling import SamplingParams, probabilities
+from mer.engine.steering import Steering, choose
 from mer.errors import BudgetError, ConfigError
 from mer.models.kv_cache import KVCache
 from mer.models.transformer import MoETransformer
@@ -125,6 +126,7 @@ class SpecSession:
         k: int,
         params: SamplingParams,
         gen: torch.Generator,
+        steer: Steering | None = None,
     ) -> list[int]:
         """`speculative_round`, recorded: the tokens to emit. `kv` (a KVCache or paged
         sequence holding `context`) must have room for k+1 more."""
@@ -132,7 +134,7 @@ class SpecSession:
             self.drafter.start(self.capacity)
             self._started = True
         tokens, draft_s, verify_s = speculative_round(
-            self.target, self.drafter, kv, context, pending, k, params, gen
+            self.target, self.drafter, kv, context, pending, k, params, gen, steer
         )
         self.stats.record_round(k, len(tokens), draft_s, verify_s)
         if self.control is not None:
@@ -222,30 +224,37 @@ def verify(
     logits: torch.Tensor,
     params: SamplingParams,
     gen: torch.Generator,
+    steer: Steering | None = None,
 ) -> list[int]:
     """Target logits [k+1, V] at the draft's positions -> the tokens to emit: the accepted
-    drafts, then one correction (or bonus) token."""
+    drafts, then one correction (or bonus) token. Under `steer` each position's logits are
+    masked by its constraint as it stands after the tokens before it, so a draft token the
+    constraint forbids is never kept."""
     out = []
     for i, x in enumerate(draft):
+        row = steer.logits(logits[i]) if steer is not None else logits[i]
         if params.temperature == 0:
-            best = int(torch.argmax(logits[i]))
-            if best != x:
-                return out + [best]
-            out.append(x)
-            continue
-        p = probabilities(logits[i], params)
-        p = p / p.sum()
-        if torch.rand((), generator=gen) * q[i][x] < p[x]:  # keep with prob min(1, p/q)
-            out.append(x)
-            continue
-        residual = torch.clamp(p - q[i], min=0)
-        total = residual.sum()
-        residual = residual / total if total > 0 else p
-        return out + [int(torch.multinomial(residual, 1, generator=gen))]
-    return out + [sample_next_token(logits[len(draft)], params, gen)]
+            token = int(torch.argmax(row))
+            kept = token == x
+        else:
+            p = probabilities(row, params)
+            p = p / p.sum()
+            kept = bool(torch.rand((), generator=gen) * q[i][x] < p[x])  # prob min(1, p/q)
+            token = x
+            if not kept:
+                residual = torch.clamp(p - q[i], min=0)
+                total = residual.sum()
+                residual = residual / total if total > 0 else p
+                token = int(torch.multinomial(residual, 1, generator=gen))
+        if steer is not None:
+            steer.take(row, token)
+        out.append(token)
+        if not kept:
+            return out
+    return out + [choose(logits[len(draft)], params, gen, steer)]
 
 
-def speculative_round(model, drafter, kv, context, pending, k, params, gen):
+def speculative_round(model, drafter, kv, context, pending, k, params, gen, steer=None):
     """Draft k tokens after `pending` (the last token sampled, not yet in `kv`, which holds
     `context`), verify them in one pass over k+1 positions, and roll `kv` back to pending
     and the accepted drafts. Returns (tokens to emit, draft seconds, verify seconds)."""
@@ -258,7 +267,7 @@ def speculative_round(model, drafter, kv, context, pending, k, params, gen):
     if not kv.reserve([pending, *draft]):
         raise BudgetError(f"no KV room to verify {k + 1} tokens")
     logits = model.forward(torch.tensor([pending, *draft]), kv, all_logits=True)
-    tokens = verify(draft, q, logits, params, gen)
+    tokens = verify(draft, q, logits, params, gen, steer)
     kv.truncate(base + len(tokens))
     return tokens, t1 - t0, time.perf_counter() - t1
 
@@ -314,6 +323,7 @@ def generate_speculative(
     stats: GenerationStats | None = None,
     spec: SpecStats | None = None,
     kv: KVCache | None = None,
+    steer: Steering | None = None,
 ) -> Iterator[int]:
     """Like `generate`, with tokens drafted as `speculation` says and verified k+1 at a time.
 
@@ -338,7 +348,7 @@ def generate_speculative(
     stats.prompt_tokens += len(prompt)
     stats.prefill_seconds += time.perf_counter() - t0
     context = list(prompt)  # the tokens in the target's KV cache
-    pending = sample_next_token(logits, params, gen)
+    pending = choose(logits, params, gen, steer)
     produced = 0
     while True:
         stats.generated_tokens += 1
@@ -349,7 +359,7 @@ def generate_speculative(
         room = min(params.max_tokens - produced, capacity - kv.length - 2)
         t0 = time.perf_counter()
         if k := session.draft_length(room):
-            tokens = session.round(kv, context, pending, k, params, gen)
+            tokens = session.round(kv, context, pending, k, params, gen, steer)
             context += [pending, *tokens[:-1]]
             stats.decode_seconds += time.perf_counter() - t0
             for tok in tokens[:-1]:
@@ -363,7 +373,7 @@ def generate_speculative(
         else:
             logits = model.forward(torch.tensor([pending]), kv)[-1]
             context.append(pending)
-            pending = sample_next_token(logits, params, gen)
+            pending = choose(logits, params, gen, steer)
             dt = time.perf_counter() - t0
             stats.decode_seconds += dt
             session.plain(dt)

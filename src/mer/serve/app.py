@@ -36,11 +36,15 @@ from mer.api import Model
 from mer.engine.sampling import InvalidSamplingParam
 from mer.engine.scheduler import Output, Scheduler, SchedulerDown
 from mer.engine.scheduler import Request as EngineRequest
+from mer.engine.steering import Steering
 from mer.engine.text import TextStream
 from mer.errors import BudgetError, ConfigError, MerError
+from mer.grammar import GrammarError, Grammars
 from mer.serve import protocol
+from mer.serve import tools as wire_tools
 from mer.serve.metrics import render_metrics
 from mer.serve.protocol import ApiError, GenerationRequest
+from mer.tool_syntax import syntax_for
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Server:
         self.model, self.scheduler, self.settings = model, scheduler, settings
         self.started = int(time.time())
         self.http_errors = 0
+        self._grammars: Grammars | None = None  # built on the first constrained request
 
     def app(self) -> Starlette:
         routes = [
@@ -129,7 +134,9 @@ class Server:
             req = parse(body)
             if req.model != self.settings.model_name:
                 raise self._unknown_model(req.model)
-            prompt = self._prompt_ids(req)
+            tools = self._tools(body, req) if chat else None
+            prompt = self._prompt_ids(req, tools)
+            constraint = await self._constraint(req, tools)
             if (reason := self.scheduler.health()) is not None:
                 raise ApiError(503, reason, type="server_error")
             if self.scheduler.n_running + self.scheduler.n_waiting >= self.settings.max_concurrent:
@@ -139,7 +146,10 @@ class Server:
                     "requests; retry later",
                     type="rate_limit_error",
                 )
-            engine_req, outputs, text = self._submit(req, prompt)
+            engine_req, outputs, text = self._submit(req, prompt, constraint)
+            if tools is not None and tools.choice != "none":
+                syntax = syntax_for(self.model.chat_template.source, self.model.config.model_type)
+                text.tools = wire_tools.ToolStream(syntax, tools.parallel)
         except ApiError as e:
             return self._error(e)
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
@@ -151,9 +161,24 @@ class Server:
         finally:  # ended at a stop string, or failed here: the engine need not go on
             engine_req.cancel()
 
-    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+    def _tools(self, body: dict, req: GenerationRequest) -> wire_tools.ToolRequest | None:
+        """The request's tools, with the tool-call history added to its messages."""
+        tools = wire_tools.parse_tools(body)
+        wire_tools.add_history(body["messages"], req.messages)
+        return tools
+
+    def _prompt_ids(
+        self, req: GenerationRequest, tools: wire_tools.ToolRequest | None = None
+    ) -> list[int]:
         try:
             if req.messages is not None:
+                listed = tools.template_tools() if tools is not None else None
+                if listed and not self.model.chat_template.takes_tools:
+                    raise ApiError(
+                        400, "this model's chat template does not take tools", param="tools"
+                    )
+                if listed:
+                    return self.model.chat_prompt(req.messages, tools=listed)
                 return self.model.chat_prompt(req.messages)
             if isinstance(req.prompt, list):
                 vocab = self.model.config.vocab_size
@@ -164,7 +189,46 @@ class Server:
         except ConfigError as e:
             raise ApiError(400, str(e), param="messages") from None
 
-    def _submit(self, req: GenerationRequest, prompt: list[int]):
+    async def _constraint(self, req: GenerationRequest, tools=None):
+        """The request's output constraint (a compiled grammar), or None."""
+        forced = tools.forced if tools is not None else None
+        if forced is not None and req.json_output:
+            raise ApiError(
+                400,
+                "response_format cannot be combined with a forced tool call (tool_choice "
+                f"{tools.choice!r})",
+                param="response_format",
+            )
+        if not req.json_output and forced is None:
+            return None
+        if self._grammars is None:  # seconds for a large vocabulary: off the event loop
+            model = self.model
+            self._grammars = await asyncio.to_thread(
+                Grammars,
+                model.store.path / "tokenizer.json",
+                model.config.vocab_size,
+                tuple(model.config.eos_token_ids),
+            )
+        if forced is not None:
+            syntax = syntax_for(self.model.chat_template.source, self.model.config.model_type)
+            source = syntax.grammar(forced, tools.parallel)
+            if source is None:
+                raise ApiError(
+                    400,
+                    f"tool_choice {tools.choice!r} cannot be forced in the {syntax.name} "
+                    "tool-call syntax" + (" with parallel_tool_calls" if tools.parallel else ""),
+                    param="tool_choice",
+                )
+            try:
+                return self._grammars.constraint(self._grammars.lark(source))
+            except GrammarError as e:
+                raise ApiError(400, str(e), param="tools") from None
+        try:
+            return self._grammars.constraint(self._grammars.json_schema(req.json_schema))
+        except GrammarError as e:
+            raise ApiError(400, str(e), param="response_format") from None
+
+    def _submit(self, req: GenerationRequest, prompt: list[int], constraint=None):
         context = self.model.config.max_position_embeddings
         room = min(context, self.scheduler.pool.n_blocks * self.scheduler.pool.block_size)
         if len(prompt) >= context:
@@ -196,8 +260,12 @@ class Server:
             except RuntimeError:  # the event loop has closed: the server is shutting down
                 engine_req.cancel()
 
-        text = _Text(TextStream(self.model.tokenizer, req.stop, params.stop_token_ids))
-        engine_req = EngineRequest(prompt, params, on_output=deliver)
+        stream = TextStream(self.model.tokenizer, req.stop, params.stop_token_ids)
+        text = _Text(stream, asked_logprobs=req.logprobs is not None)
+        steering = None
+        if req.logprobs is not None or constraint is not None:
+            steering = Steering(constraint, req.logprobs)
+        engine_req = EngineRequest(prompt, params, on_output=deliver, steering=steering)
         try:
             self.scheduler.submit(engine_req)
         except (ConfigError, BudgetError) as e:
@@ -222,9 +290,16 @@ class Server:
                 ApiError(500, last.error or "generation failed", type="server_error")
             )
         use = protocol.usage(last.prompt_tokens, text.tokens, last.cached_tokens)
-        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+        choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs(text, chat, 0)}
         if chat:
             choice["message"] = {"role": "assistant", "content": completion}
+            if text.tools is not None:
+                content = text.tools.push(completion)
+                rest, calls = text.tools.finish()
+                choice["message"]["content"] = (content + rest) or None
+                if calls:
+                    choice["message"]["tool_calls"] = wire_tools.openai_calls(calls)
+                    choice["finish_reason"] = "tool_calls" if reason == "stop" else reason
             kind = "chat.completion"
         else:
             choice["text"] = completion
@@ -241,7 +316,7 @@ class Server:
         )
 
     async def _stream(self, rid, req: GenerationRequest, chat: bool, engine_req, outputs, text):
-        name = self.settings.model_name
+        name, sent = self.settings.model_name, 0
         try:
             if chat:
                 yield _sse(
@@ -256,12 +331,21 @@ class Server:
                 if reason == "error":
                     yield _sse(ApiError(500, out.error or "failed", type="server_error").body())
                     break
-                if piece or reason:
+                if piece or reason or text.logprobs:
+                    logprobs = self._logprobs(text, chat, sent)
+                    sent += len(piece)
                     if chat:
-                        delta = {"content": piece} if piece else {}
-                        yield _sse(protocol.chat_chunk(rid, name, delta, reason))
+                        delta, calls = _tool_delta(text, piece, reason)
+                        if calls:  # content first, then the calls, then why it ended
+                            if delta:
+                                yield _sse(protocol.chat_chunk(rid, name, delta, None))
+                            yield _sse(protocol.chat_chunk(rid, name, {"tool_calls": calls}, None))
+                            delta, reason = {}, "tool_calls" if reason == "stop" else reason
+                        chunk = protocol.chat_chunk(rid, name, delta, reason)
+                        chunk["choices"][0]["logprobs"] = logprobs
+                        yield _sse(chunk)
                     else:
-                        yield _sse(protocol.completion_chunk(rid, name, piece, reason))
+                        yield _sse(protocol.completion_chunk(rid, name, piece, reason, logprobs))
                 if reason:
                     if req.include_usage:
                         chunk = (
@@ -280,6 +364,20 @@ class Server:
             engine_req.cancel()
 
     # ---- helpers ----
+
+    def _logprobs(self, text: _Text, chat: bool, offset: int) -> dict | None:
+        """The logprobs of the tokens `text` consumed since the last call, OpenAI-shaped,
+        or None when the request asked for none."""
+        if not text.asked_logprobs:
+            return None
+        entries, text.logprobs = text.logprobs, []
+        token_text = self._token_text
+        if chat:
+            return protocol.chat_logprobs(entries, token_text)
+        return protocol.completion_logprobs(entries, token_text, offset)
+
+    def _token_text(self, token: int) -> str:
+        return self.model.tokenizer.decode([token])
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_request_bytes
@@ -327,22 +425,40 @@ class _Text:
     generated tokens up to the one that ended the text (the engine, which knows no text,
     goes on until the request is cancelled)."""
 
-    def __init__(self, stream: TextStream) -> None:
+    def __init__(self, stream: TextStream, asked_logprobs: bool = False) -> None:
         self.stream, self.tokens = stream, 0
+        self.asked_logprobs = asked_logprobs
+        self.tools: wire_tools.ToolStream | None = None  # set when tool calls are parsed
+        self.logprobs: list = []  # `TokenLogprob`s of the tokens counted, not yet sent
 
     def add(self, out: Output) -> tuple[str, str | None]:
         """The text `out` adds, and the completion's finish reason once it has ended."""
         if out.finish_reason == "error":
             return "", "error"
         stream, pieces = self.stream, []
-        for token in out.token_ids:
+        for i, token in enumerate(out.token_ids):
             if stream.finish_reason is not None:
                 break
             self.tokens += 1
+            if out.logprobs:
+                self.logprobs.append(out.logprobs[i])
             pieces.append(stream.push(token))
         if stream.finish_reason is None and out.finish_reason is not None:
             pieces.append(stream.finish(out.finish_reason))  # the held-back text, if any
         return "".join(pieces), stream.finish_reason
+
+
+def _tool_delta(text: _Text, piece: str, reason: str | None) -> tuple[dict, list[dict]]:
+    """A chat chunk's content delta, with tool calls held back; at the end, the calls."""
+    if text.tools is None:
+        return ({"content": piece} if piece else {}), []
+    piece = text.tools.push(piece)
+    calls = []
+    if reason is not None:
+        rest, found = text.tools.finish()
+        piece += rest
+        calls = wire_tools.openai_calls(found, stream=True)
+    return ({"content": piece} if piece else {}), calls
 
 
 async def _collect(outputs: asyncio.Queue, text: _Text) -> tuple[str, str, Output]:

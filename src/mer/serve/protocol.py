@@ -1,7 +1,7 @@
 """The OpenAI wire format: validating request bodies and shaping responses and errors.
 
 Validation is strict about what would change the answer (types, ranges,
-unsupported features such as n > 1 or tools) and lenient about fields that do
+unsupported features such as n > 1; tools are `mer.serve.tools`) and lenient about fields that do
 not (user, logit_bias absent, ...), as OpenAI clients send many of those.
 Every failure is an `ApiError` that renders in OpenAI's error shape. The body
 must be strict JSON (no NaN or Infinity) whose strings are valid Unicode (no
@@ -64,6 +64,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the top n
+    json_schema: dict | None = None  # the output must be JSON valid against it ...
+    json_output: bool = False  # ... when this is set ({"type": "object"} for json_object)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -121,10 +124,14 @@ def parse_chat(body: dict) -> GenerationRequest:
                 param=f"messages[{i}].role",
             )
         parsed.append({"role": m["role"], "content": _content(m.get("content"), i)})
-    if body.get("tools"):
-        raise ApiError(400, "tools are not supported by this server", param="tools")
     req = _common(body, max_tokens_keys=("max_completion_tokens", "max_tokens"))
     req.messages = parsed
+    _response_format(body, req)
+    top = body.get("top_logprobs")
+    if body.get("logprobs") is not None and _typed(body, "logprobs", bool, "logprobs"):
+        req.logprobs = 0 if top is None else _number(body, "top_logprobs", int, lo=0, hi=20)
+    elif top is not None:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return req
 
 
@@ -143,7 +150,46 @@ def parse_completion(body: dict) -> GenerationRequest:
         raise ApiError(400, "echo is not supported by this server", param="echo")
     req = _common(body, max_tokens_keys=("max_tokens",), default_max_tokens=16)
     req.prompt = prompt
+    _response_format(body, req)
+    if body.get("logprobs") is not None:
+        req.logprobs = _number(body, "logprobs", int, lo=0, hi=20)
     return req
+
+
+def _response_format(body: dict, req: GenerationRequest) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise ApiError(400, "'response_format' must be an object", param="response_format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return
+    if kind == "json_object":
+        req.json_output, req.json_schema = True, {"type": "object"}
+        return
+    if kind != "json_schema":
+        raise ApiError(
+            400,
+            "response_format.type must be 'text', 'json_object' or 'json_schema'",
+            param="response_format.type",
+        )
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ApiError(
+            400,
+            "response_format.json_schema must be an object with a 'name'",
+            param="response_format.json_schema",
+        )
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise ApiError(
+            400,
+            "response_format.json_schema.schema must be an object",
+            param="response_format.json_schema.schema",
+        )
+    _typed(spec, "strict", bool, "response_format.json_schema.strict", default=False)
+    req.json_output, req.json_schema = True, schema  # strict or not, the output obeys it
 
 
 def _content(content, i: int) -> str:
@@ -262,11 +308,46 @@ def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None) -> 
     }
 
 
-def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(
+    rid: str, model: str, text: str, finish_reason: str | None, logprobs: dict | None = None
+) -> dict:
     return {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+        ],
+    }
+
+
+def chat_logprobs(entries, token_text) -> dict:
+    """Chat's `logprobs` object for `entries` (`TokenLogprob`s); `token_text(id) -> str`."""
+
+    def one(token: int, logprob: float) -> dict:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = []
+    for e in entries:
+        item = one(e.token, e.logprob)
+        item["top_logprobs"] = [one(t, lp) for t, lp in e.top]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries, token_text, offset: int) -> dict:
+    """The legacy completions `logprobs` object; `offset` is where the first token's text
+    starts in the completion."""
+    tokens, offsets = [], []
+    for e in entries:
+        offsets.append(offset)
+        tokens.append(token_text(e.token))
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
     }
