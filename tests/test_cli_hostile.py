@@ -45,6 +45,7 @@ def base_args(path: list[str], tmp) -> list[str]:
         "cache": ["--trace", missing + ".npz"],
         "routing": ["--trace", missing + ".npz"],
         "predict": ["--trace", missing + ".npz"],
+        "vs-llamacpp": ["--gguf", missing + ".gguf"],
     }.get(path[-1], [])
 
 
