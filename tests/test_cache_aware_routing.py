@@ -152,3 +152,14 @@ def test_generate_counts_substitutions_on_the_stats_line(store_factory):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "cache-aware routing:" in proc.stderr and "substituted" in proc.stderr
+
+
+def test_bench_quality_prints_its_table(trained_store):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mer.cli", "bench", "quality", "--store", str(trained_store),
+         "--tokens", "24", "--window", "12", "--residency", "0.25", "--slacks", "0.2"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "exact, Belady" in out and "cache-aware" in out and "reads/token" in out
