@@ -26,6 +26,7 @@ from mer.engine.scheduler import Scheduler
 from mer.engine.speculative import SpecStats, Speculation, generate_speculative
 from mer.engine.text import TextStream
 from mer.errors import ConfigError
+from mer.models.routing import DEFAULT_SLACK, RoutingStats, make_routing
 from mer.models.transformer import MoETransformer
 from mer.predict.lookahead import LookaheadPrefetcher
 from mer.store.reader import Store
@@ -45,6 +46,7 @@ class RunStats:
     budget_bytes: int
     slots: int
     speculation: SpecStats | None = None
+    routing: RoutingStats | None = None  # under cache-aware routing
 
     @property
     def bytes_read_per_token(self) -> float:
@@ -61,13 +63,21 @@ class Completion:
 
 class Model:
     def __init__(
-        self, store: Store, cache: ExpertCache, dtype: torch.dtype, budget: int, prefetch: bool
+        self,
+        store: Store,
+        cache: ExpertCache,
+        dtype: torch.dtype,
+        budget: int,
+        prefetch: bool,
+        routing: str = "exact",
+        routing_slack: float = DEFAULT_SLACK,
     ) -> None:
         self.store = store
         self.config = store.config
         self.cache = cache
         self.budget_bytes = budget
         self.transformer = MoETransformer(self.config, store.load_dense(), cache, dtype)
+        self.transformer.routing = make_routing(routing, routing_slack)
         hooks = self.transformer.routing_hooks
         if cache.policy != "lru":  # first: a prefetch asks the policy, which learns routing
             hooks.append(lambda layer, hidden, ids, weights: cache.observe(layer, ids))
@@ -206,6 +216,7 @@ class Model:
             self.budget_bytes,
             self.cache.n_slots,
             self.spec_stats if self.spec_stats.rounds or self.spec_stats.plain_tokens else None,
+            self.transformer.routing.stats if self.transformer.routing is not None else None,
         )
 
 
@@ -220,6 +231,8 @@ def open(  # noqa: A001 - mer.open reads naturally
     pin_share: float = 0.0,
     pin_file: str | Path | None = None,
     compute_threads: int | None = None,
+    routing: str = "exact",
+    routing_slack: float = DEFAULT_SLACK,
 ) -> Model:
     """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB').
 
@@ -228,7 +241,9 @@ def open(  # noqa: A001 - mer.open reads naturally
     [layer, expert] pairs, or a trace) or `pin_share` > 0 (most used experts, chosen as it
     runs) pins experts in RAM within that share of the budget (`mer.cache.pinning`).
     `compute_threads` sets PyTorch's (process-wide) thread count; by default see
-    `default_compute_threads`.
+    `default_compute_threads`. `routing="cache-aware"` (opt-in; exact by default) prefers
+    experts already in RAM when the router's scores are within `routing_slack` and drops
+    low-weight reads (`mer.models.routing`); it changes the output.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -247,7 +262,7 @@ def open(  # noqa: A001 - mer.open reads naturally
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
         pin_share=pin_share, pins=pins,
     )  # fmt: skip
-    return Model(s, cache, DTYPES[dtype], budget, prefetch)
+    return Model(s, cache, DTYPES[dtype], budget, prefetch, routing, routing_slack)
 
 
 def default_compute_threads(config) -> int:

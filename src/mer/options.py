@@ -20,6 +20,7 @@ from mer.errors import ConfigError
 from mer.units import parse_bytes
 
 POLICIES = ("lru", "lfu", "ours")  # mer.cache.policy.POLICIES; a test keeps the two equal
+ROUTINGS = ("exact", "cache-aware")  # mer.models.routing.ROUTINGS; a test keeps the two equal
 
 
 # ---- value types: each raises ArgumentTypeError, shown after the flag's name ----
@@ -168,6 +169,8 @@ class IOOptions:
     cache_policy: str = "lru"
     pin_share: float = 0.0
     pin_file: str | None = None
+    routing: str = "exact"
+    routing_slack: float = 0.1
 
 
 def add_io_options(p: argparse.ArgumentParser, io_threads: int = 4) -> None:
@@ -184,6 +187,14 @@ def add_io_options(p: argparse.ArgumentParser, io_threads: int = 4) -> None:
     p.add_argument("--pin-file",
                    help="experts to pin: JSON list of [layer, expert], or a trace .npz whose "
                    "most frequent experts fill --pin-share")  # fmt: skip
+    p.add_argument("--routing", choices=ROUTINGS, default="exact",
+                   help="exact (default) or cache-aware: prefer experts in RAM within "
+                   "--routing-slack and skip low-weight reads; changes the output "
+                   "(its cost: mer bench quality)")  # fmt: skip
+    p.add_argument("--routing-slack", type=number(0, 1), default=0.1,
+                   help="cache-aware routing: a resident expert may replace a pick whose "
+                   "router score is at most S higher, and a non-resident pick with under S "
+                   "of the weight is dropped (default 0.1)")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ COMMANDS = {
     "cache": ("mer.bench.cache", "replay a routing trace through cache policies"),
     "routing": ("mer.bench.routing", "routing statistics of a trace"),
     "predict": ("mer.bench.predict", "expert predictors' recall on held-out sequences"),
+    "quality": ("mer.bench.quality", "cache-aware routing: held-out loss against reads"),
     "spec": ("mer.bench.spec", "speculative decoding (draft model, self) vs plain"),
     "serve": ("mer.bench.serve", "simulated agents: batched serving vs one at a time"),
     "grammar": ("mer.bench.grammar", "constrained decoding (a JSON schema) vs plain, per token"),

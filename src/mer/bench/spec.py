@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import mer.api
-from mer.options import count, number, positive_size
+from mer.options import ROUTINGS, count, number, positive_size
 from mer.progress import progress_bar
 from mer.units import fmt_bytes, fmt_decimal
 
@@ -42,6 +42,9 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--temperature", type=number(0, 2), default=0.0)
     b.add_argument("--spec-k", type=count, default=4)
     b.add_argument("--io-threads", type=count, default=4)
+    b.add_argument("--routing", choices=ROUTINGS, default="exact",
+                   help="the target's routing in every mode (see mer bench quality)")  # fmt: skip
+    b.add_argument("--routing-slack", type=number(0, 1), default=0.1)
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,13 @@ class SpecRun:
     temperature: float
     spec_k: int
     io_threads: int
+    routing: str = "exact"
+    routing_slack: float = 0.1
 
 
 def run_mode(setup: SpecRun, budget: int, mode: str) -> dict:
-    model = mer.api.open(setup.store, budget, io_threads=setup.io_threads)
+    model = mer.api.open(setup.store, budget, io_threads=setup.io_threads,
+                         routing=setup.routing, routing_slack=setup.routing_slack)  # fmt: skip
     draft = None
     if mode == "draft":
         draft = mer.api.open(setup.draft, setup.draft_ram_budget)
@@ -95,13 +101,15 @@ def run(
     temperature: float,
     spec_k: int,
     io_threads: int,
+    routing: str = "exact",
+    routing_slack: float = 0.1,
 ) -> None:
     if store is None:  # the bundled model and its bundled draft
         from mer.data import draft_store, trained_store
 
         store, draft = str(trained_store()), draft or str(draft_store())
     setup = SpecRun(store, draft, draft_ram_budget, prompts, max_tokens, temperature, spec_k,
-                   io_threads)  # fmt: skip
+                   io_threads, routing, routing_slack)  # fmt: skip
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     modes = ["plain", "draft", "self"] if setup.draft else ["plain", "self"]
     console.print(

@@ -118,7 +118,18 @@ def stats_line(stats) -> str:
         f"I/O stall {1e3 * c.stall_seconds / tokens:.1f} ms/token | "
         f"cache {stats.slots} slots in {fmt_bytes(stats.budget_bytes)}"
         f"{f', {c.pinned} pinned' if c.pinned else ''} | "
-        f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}" + spec_segment(stats.speculation)
+        f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}"
+        + spec_segment(stats.speculation)
+        + routing_segment(stats.routing)
+    )
+
+
+def routing_segment(routing) -> str:
+    if routing is None:
+        return ""
+    return (
+        f" | cache-aware routing: {routing.substituted} substituted, {routing.dropped} "
+        f"dropped of {routing.picks} picks"
     )
 
 

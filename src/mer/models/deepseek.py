@@ -177,6 +177,13 @@ class DeepseekV2(Family):
             x = torch.cat([x[..., 0::2], x[..., 1::2]], -1)
         return apply_rotary(x, *rope)
 
+    def router_scores(self, m, i: int, h: torch.Tensor) -> torch.Tensor:
+        """The scores the routing weights are made of: softmax (V2) or sigmoid (V3) of the
+        router logits, without V3's correction bias (it steers the choice, not the weights);
+        group limits aside, as for a draft."""
+        logits = F.linear(h.float(), m.w[f"layers.{i}.router"].float())
+        return logits.sigmoid() if m.config.topk_method == "noaux_tc" else logits.softmax(-1)
+
     def route(self, m, i: int, h: torch.Tensor, allowed: torch.Tensor | None):
         cfg: DeepseekConfig = m.config
         v3 = cfg.topk_method == "noaux_tc"

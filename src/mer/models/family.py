@@ -204,6 +204,11 @@ class Family:
         router = m.w[f"layers.{i}.router"]
         return route(h, router, cfg.num_experts_per_tok, cfg.norm_topk_prob, allowed)
 
+    def router_scores(self, m: MoETransformer, i: int, h: torch.Tensor) -> torch.Tensor:
+        """float32 [T, E]: the router's score of every expert for h [T, H], what `route`
+        takes its top-k from (cache-aware routing compares them, `mer.models.routing`)."""
+        return F.softmax(F.linear(h, m.w[f"layers.{i}.router"]).float(), dim=-1)
+
     def shared(self, m: MoETransformer, i: int, h: torch.Tensor, out: torch.Tensor):
         """Add the layer's always-on shared expert, if the config has one, to the routed `out`."""
         if m.config.shared_expert_intermediate_size:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mer.errors import ConfigError
 from mer.models.config import ModelConfig
@@ -89,6 +90,11 @@ class Glm4Moe(Family):
         q = torch.cat([apply_rotary(q[..., :d], *rope), q[..., d:]], -1)
         k = torch.cat([apply_rotary(k[..., :d], *rope), k[..., d:]], -1)
         return self.attend(m, i, q, k, v, spans)
+
+    def router_scores(self, m, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Sigmoid scores of the router logits, what the weights are made of (the correction
+        bias only steers the choice; group limits aside, as for a draft)."""
+        return F.linear(h.float(), m.w[f"layers.{i}.router"].float()).sigmoid()
 
     def route(self, m, i: int, h: torch.Tensor, allowed: torch.Tensor | None):
         cfg: GlmMoeConfig = m.config

@@ -237,6 +237,11 @@ class GptOss(Family):
         top, ids = torch.topk(logits, k, dim=-1)  # [T, k]
         return torch.softmax(top, dim=-1), ids
 
+    def router_scores(self, m, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Softmax of the biased router logits over all experts (float32 [T, E])."""
+        w, p = m.w, f"layers.{i}."
+        return torch.softmax(F.linear(h, w[p + "router"], w[p + "router_bias"]).float(), -1)
+
     def experts(self, cfg, provider: ExpertProvider) -> ExpertProvider:
         return ClampedSwiGLUExperts(provider, cfg.swiglu_alpha, cfg.swiglu_limit)
 

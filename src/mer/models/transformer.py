@@ -66,6 +66,7 @@ class MoETransformer:
         self.experts = family.experts(config, experts)
         self.rotary = family.rotary(config)
         self.routing_hooks: list[RoutingHook] = []
+        self.routing = None  # exact; or a `mer.models.routing.CacheAwareRouting`
 
     def new_kv_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype)
@@ -125,6 +126,8 @@ class MoETransformer:
         """Route h [T, H], tell the routing hooks, run the experts (and the shared one)."""
         allowed = self._resident(i) if draft else None
         weights, ids = self.family.route(self, i, h, allowed)
+        if not draft and self.routing is not None:  # opt-in cache-aware routing
+            weights, ids = self.routing.adjust(self, i, h, weights, ids)
         if not draft:
             for hook in self.routing_hooks:
                 hook(i, h, ids, weights)

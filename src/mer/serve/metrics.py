@@ -80,6 +80,12 @@ def render_metrics(model, scheduler, http_errors: int) -> str:
             c.prefetches_used,
         ),  # fmt: skip
     ]
+    routing = model.transformer.routing  # None: exact routing, nothing changed
+    r_sub, r_drop = (routing.stats.substituted, routing.stats.dropped) if routing else (0, 0)
+    rows += [
+        ("routing_substituted_total", "counter", "picks swapped for a resident expert", r_sub),
+        ("routing_dropped_total", "counter", "non-resident picks left out", r_drop),
+    ]
     lines = []
     for name, kind, help_text, value in rows:
         lines += [
