@@ -163,3 +163,18 @@ def test_bench_quality_prints_its_table(trained_store):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "exact, Belady" in out and "cache-aware" in out and "reads/token" in out
+
+
+@pytest.mark.parametrize(
+    "preset", ["tiny", "tiny-qwen2-moe", "tiny-deepseek-v2", "tiny-deepseek-v3", "tiny-glm-4.5"]
+)
+def test_router_scores_are_what_each_familys_weights_are_made_of(preset):
+    """The rule reweights from `router_scores`: for every family, the chosen experts'
+    scores are proportional to the weights its own routing gives them."""
+    m = memory_model(preset)
+    h = torch.randn(16, m.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    i = m.config.moe_layers[0]
+    weights, ids = m.family.route(m, i, h, None)
+    scores = m.family.router_scores(m, i, h).gather(1, ids)
+    ratio = weights / scores
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5)
