@@ -34,6 +34,8 @@ class GGUFArch:
     permute_qk: bool = False
     # Accepts the file only if this holds (llama is a MoE only with experts).
     accepts: Callable[[dict[str, Any]], str | None] = lambda meta: None
+    # GGUF name -> mer name of layer tensors this architecture names its own way.
+    layer_names: dict[str, str] = field(default_factory=dict)
 
 
 def _llama_is_moe(meta: dict[str, Any]) -> str | None:
@@ -49,6 +51,15 @@ ARCHS: dict[str, GGUFArch] = {
     "qwen2moe": GGUFArch("qwen2_moe", "Qwen2MoeForCausalLM", {"norm_topk_prob": False}),
     "qwen3moe": GGUFArch("qwen3_moe", "Qwen3MoeForCausalLM", {"norm_topk_prob": True}),
     "olmoe": GGUFArch("olmoe", "OlmoeForCausalLM", {"norm_topk_prob": False}),
+    # gpt-oss: what llama.cpp does not write is what it assumes (alternating sliding/full
+    # layers from the first, SwiGLU alpha 1.702 and limit 7, the published YaRN without
+    # truncation of the ramp, as transformers runs openai/gpt-oss-*).
+    "gpt-oss": GGUFArch(
+        "gpt_oss",
+        "GptOssForCausalLM",
+        {"norm_topk_prob": True, "swiglu_limit": 7.0, "attention_bias": True},
+        layer_names={"post_attention_norm.weight": "ffn_norm"},
+    ),
 }
 
 # `<arch>.<key>` -> Hugging Face config field. Required keys first.
@@ -79,6 +90,8 @@ LAYER_NAMES = {
     "attn_k.weight": "k",
     "attn_v.weight": "v",
     "attn_output.weight": "o",
+    "attn_output.bias": "o_bias",
+    "attn_sinks.weight": "sinks",
     "attn_q.bias": "q_bias",
     "attn_k.bias": "k_bias",
     "attn_v.bias": "v_bias",
@@ -86,6 +99,7 @@ LAYER_NAMES = {
     "attn_k_norm.weight": "k_norm",
     "ffn_norm.weight": "ffn_norm",
     "ffn_gate_inp.weight": "router",
+    "ffn_gate_inp.bias": "router_bias",
     "ffn_gate_shexp.weight": "shared.gate",
     "ffn_up_shexp.weight": "shared.up",
     "ffn_down_shexp.weight": "shared.down",
@@ -101,6 +115,11 @@ EXPERT_NAMES = {
     "w2": "blk.{i}.ffn_down_exps.weight",
 }
 FUSED_GATE_UP = "blk.{i}.ffn_gate_up_exps.weight"
+EXPERT_BIAS_NAMES = {
+    "b1": "blk.{i}.ffn_gate_exps.bias",
+    "b3": "blk.{i}.ffn_up_exps.bias",
+    "b2": "blk.{i}.ffn_down_exps.bias",
+}
 # Mixtral files written before llama.cpp stacked experts (early 2024): one tensor per expert.
 PER_EXPERT_NAMES = {
     "w1": "blk.{i}.ffn_gate.{{e}}.weight",
@@ -109,11 +128,15 @@ PER_EXPERT_NAMES = {
 }
 
 
-def gguf_names(mer_names: set[str] | list[str], n_layers: int) -> dict[str, str]:
-    """mer name -> GGUF name for the given resident tensors."""
+def gguf_names(
+    mer_names: set[str] | list[str], n_layers: int, arch: GGUFArch | None = None
+) -> dict[str, str]:
+    """mer name -> GGUF name for the given resident tensors (`arch`'s own names first)."""
     table = {ours: g for g, ours in GLOBAL_NAMES.items()}
+    own = arch.layer_names if arch else {}
+    layer = {g: s for g, s in LAYER_NAMES.items() if s not in own.values()} | own
     for i in range(n_layers):
-        for g, short in LAYER_NAMES.items():
+        for g, short in layer.items():
             table[f"layers.{i}.{short}"] = f"blk.{i}.{g}"
     return {n: table[n] for n in mer_names}
 
@@ -159,6 +182,21 @@ def hf_config(
     if scaling not in (None, "", "none"):  # ModelConfig refuses what mer does not compute
         factor = meta.get(f"{name}.rope.scaling.factor")
         cfg["rope_scaling"] = {"rope_type": scaling, "factor": factor}
+        for key, hf_key in (
+            ("original_context_length", "original_max_position_embeddings"),
+            ("yarn_beta_fast", "beta_fast"),
+            ("yarn_beta_slow", "beta_slow"),
+        ):
+            v = meta.get(f"{name}.rope.scaling.{key}")
+            if v is not None:
+                cfg["rope_scaling"][hf_key] = v
+        if arch.model_type == "gpt_oss":
+            cfg["rope_scaling"].setdefault("truncate", False)
+    if arch.model_type == "gpt_oss":  # llama.cpp: sliding, full, sliding, ... from layer 0
+        window = meta.get(f"{name}.attention.sliding_window")
+        if window is None:
+            raise ConvertError(f"{where}: missing metadata {name}.attention.sliding_window")
+        cfg["sliding_window"] = int(window)
     n = cfg["num_hidden_layers"]
     if "token_embd.weight" not in shapes:
         raise ConvertError(f"{where}: missing tensor token_embd.weight")
@@ -179,13 +217,13 @@ def hf_config(
     if dense:
         up = f"blk.{dense[0]}.ffn_up.weight"
         dense_ffn = shapes[up][0] if up in shapes else dense_ffn
-    if arch.model_type == "mixtral":
+    if arch.model_type in ("mixtral", "gpt_oss"):
         cfg["intermediate_size"] = ffn
     else:
         cfg["moe_intermediate_size"] = ffn
         cfg["intermediate_size"] = dense_ffn or ffn
         cfg["mlp_only_layers"] = dense
-    if dense and arch.model_type in ("mixtral", "olmoe"):
+    if dense and arch.model_type in ("mixtral", "olmoe", "gpt_oss"):
         raise ConvertError(f"{where}: layers {dense} have no router; {name} is all-MoE")
     for i in moe:  # a shared expert is all or nothing in our families
         if "shared_expert_intermediate_size" not in cfg and (

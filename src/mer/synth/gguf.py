@@ -50,6 +50,7 @@ def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[
         cfg.num_local_experts,
         cfg.intermediate_size,
     )
+    oss = cfg.model_type == "gpt_oss"  # biases, sinks, post_attention_norm, expert biases
     out = [("token_embd.weight", (v, h), "matrix")]
     for i in range(cfg.num_hidden_layers):
         p = f"blk.{i}."
@@ -71,10 +72,18 @@ def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[
                 (p + "attn_q_norm.weight", (q if full else d,), "norm"),
                 (p + "attn_k_norm.weight", (kv if full else d,), "norm"),
             ]
-        out += [(p + "attn_output.weight", (h, q), "matrix"), (p + "ffn_norm.weight", (h,), "norm")]
-        if cfg.is_moe_layer(i):
+        out.append((p + "attn_output.weight", (h, q), "matrix"))
+        if oss:
             out += [
-                (p + "ffn_gate_inp.weight", (e, h), "router"),
+                (p + "attn_output.bias", (h,), "norm"),
+                (p + "attn_sinks.weight", (cfg.num_attention_heads,), "norm"),
+            ]
+        out.append((p + ("post_attention_norm" if oss else "ffn_norm") + ".weight", (h,), "norm"))
+        if cfg.is_moe_layer(i):
+            out.append((p + "ffn_gate_inp.weight", (e, h), "router"))
+            if oss:
+                out.append((p + "ffn_gate_inp.bias", (e,), "norm"))
+            out += [
                 *(
                     [(p + "ffn_gate_up_exps.weight", (e, 2 * f, h), "experts")]
                     if fused_gate_up
@@ -85,6 +94,12 @@ def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[
                 ),
                 (p + "ffn_down_exps.weight", (e, h, f), "experts"),
             ]
+            if oss:
+                out += [
+                    (p + "ffn_gate_exps.bias", (e, f), "norm"),
+                    (p + "ffn_up_exps.bias", (e, f), "norm"),
+                    (p + "ffn_down_exps.bias", (e, h), "norm"),
+                ]
             s = cfg.shared_expert_intermediate_size
             if s:
                 out += [
@@ -132,6 +147,14 @@ def add_metadata(w, hf: dict) -> None:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if cfg.clip_qkv:
         w.add_clamp_kqv(float(cfg.clip_qkv))
+    if cfg.model_type == "gpt_oss":
+        w.add_sliding_window(cfg.sliding_window)
+    if getattr(cfg, "rope_type", "default") == "yarn":  # as llama.cpp writes gpt-oss's
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(cfg.rope_factor))
+        w.add_rope_scaling_orig_ctx_len(cfg.rope_original_max_positions)
 
 
 def add_tokenizer(w, tok, vocab_size: int, chat_template: str | None) -> None:
