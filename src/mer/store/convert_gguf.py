@@ -147,6 +147,14 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
     expected: dict[str, tuple[tuple[int, ...], str, bool | str]] = {}
     for ours, g in dense.items():
         expected[g] = (want[ours], ours, False)
+    for ours, g in list(dense.items()):  # newer deepseek2 files: kv_b split in k_b and v_b
+        k_b = g.replace("attn_kv_b", "attn_k_b")
+        if g.endswith("attn_kv_b.weight") and g not in source and k_b in source:
+            heads, r = cfg.num_attention_heads, cfg.kv_lora_rank
+            dense[ours] = k_b
+            del expected[g]
+            expected[k_b] = ((heads, r, cfg.qk_nope_head_dim), ours, False)
+            expected[g.replace("attn_kv_b", "attn_v_b")] = ((heads, cfg.v_head_dim, r), ours, False)
     for layer in cfg.moe_layers:
         p.experts[layer], tensors = _expert_layout(layer, shapes, cfg)
         expected.update({
@@ -202,6 +210,10 @@ def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def dense_tensor(source: GGUFSource, p: Plan, ours: str) -> torch.Tensor:
     g = p.dense[ours]
+    if g.endswith("attn_k_b.weight"):  # per head: W_uk^T [r, nope] and W_uv [v, r]
+        k_b, v_b = source.floats(g), source.floats(g.replace("attn_k_b", "attn_v_b"))
+        w = torch.cat([k_b.transpose(1, 2), v_b], 1)  # [H, nope + v, r]
+        return w.reshape(naming.dense_shapes(p.cfg)[ours])
     w = source.floats(g).reshape(naming.dense_shapes(p.cfg)[ours])
     short = ours.rsplit(".", 1)[-1]
     if p.arch.permute_qk and short in ("q", "k"):

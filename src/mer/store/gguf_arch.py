@@ -60,7 +60,13 @@ ARCHS: dict[str, GGUFArch] = {
         {"norm_topk_prob": True, "swiglu_limit": 7.0, "attention_bias": True},
         layer_names={"post_attention_norm.weight": "ffn_norm"},
     ),
+    # DeepSeek-V2 and V3 share the name; V3 is the one routing by sigmoid
+    # (`expert_gating_func` 2). Its config is built by `_deepseek2_config`.
+    "deepseek2": GGUFArch(
+        "deepseek_v2", "DeepseekV2ForCausalLM", layer_names={"exp_probs_b.bias": "router_bias"}
+    ),
 }
+GATING_SIGMOID = 2  # gguf's ExpertGatingFuncType.SIGMOID
 
 # `<arch>.<key>` -> Hugging Face config field. Required keys first.
 REQUIRED_KEYS = {
@@ -100,6 +106,12 @@ LAYER_NAMES = {
     "ffn_norm.weight": "ffn_norm",
     "ffn_gate_inp.weight": "router",
     "ffn_gate_inp.bias": "router_bias",
+    "attn_q_a.weight": "q_a",
+    "attn_q_a_norm.weight": "q_a_norm",
+    "attn_q_b.weight": "q_b",
+    "attn_kv_a_mqa.weight": "kv_a",
+    "attn_kv_a_norm.weight": "kv_a_norm",
+    "attn_kv_b.weight": "kv_b",
     "ffn_gate_shexp.weight": "shared.gate",
     "ffn_up_shexp.weight": "shared.up",
     "ffn_down_shexp.weight": "shared.down",
@@ -165,6 +177,8 @@ def hf_config(
     """
     name = meta["general.architecture"]
     arch = arch_of(meta, where)
+    if name == "deepseek2":
+        return _deepseek2_config(meta, shapes, where)
     cfg: dict[str, Any] = {"model_type": arch.model_type, "architectures": [arch.architecture]}
     cfg.update(arch.defaults)
     for key, hf in REQUIRED_KEYS.items():
@@ -233,4 +247,90 @@ def hf_config(
     if "bos_token_id" not in cfg:
         cfg["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
         cfg["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    return cfg
+
+
+def _deepseek2_config(
+    meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str
+) -> dict[str, Any]:
+    """DeepSeek-V2/V3's config.json from a `deepseek2` file. llama.cpp writes the latent
+    attention as MQA over [latent | rope key] (key_length = kv_lora_rank + rope dims) and
+    the real head widths as key_length_mla/value_length_mla (older files: key_length and
+    value_length are the heads' own)."""
+
+    def get(key: str, default: Any = ...) -> Any:
+        v = meta.get(f"deepseek2.{key}")
+        if v is None:
+            if default is ...:
+                raise ConvertError(f"{where}: missing metadata deepseek2.{key}")
+            return default
+        return v
+
+    if "token_embd.weight" not in shapes:
+        raise ConvertError(f"{where}: missing tensor token_embd.weight")
+    n = int(get("block_count"))
+    v3 = int(get("expert_gating_func", 1)) == GATING_SIGMOID
+    rope = int(get("rope.dimension_count"))
+    if get("attention.key_length_mla", None) is not None:
+        qk, v = int(get("attention.key_length_mla")), int(get("attention.value_length_mla"))
+    else:
+        qk, v = int(get("attention.key_length")), int(get("attention.value_length"))
+    moe = [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" in shapes]
+    first = int(get("leading_dense_block_count", 0))
+    if moe != list(range(first, n)):
+        raise ConvertError(
+            f"{where}: routers in layers {moe}, but leading_dense_block_count says {first}"
+        )
+    down = EXPERT_NAMES["w2"].format(i=first)
+    if down not in shapes:
+        raise ConvertError(f"{where}: missing tensor {down}")
+    n_group = int(get("expert_group_count", 1) or 1)
+    cfg: dict[str, Any] = {
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "num_hidden_layers": n,
+        "hidden_size": int(get("embedding_length")),
+        "num_attention_heads": int(get("attention.head_count")),
+        "n_routed_experts": int(get("expert_count")),
+        "num_experts_per_tok": int(get("expert_used_count")),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "vocab_size": shapes["token_embd.weight"][0],
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "q_lora_rank": get("attention.q_lora_rank", None),
+        "kv_lora_rank": int(get("attention.kv_lora_rank")),
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": qk - rope,
+        "v_head_dim": v,
+        "moe_intermediate_size": shapes[down][-1],
+        "intermediate_size": int(get("feed_forward_length", 0) or shapes[down][-1]),
+        "n_shared_experts": int(get("expert_shared_count", 0)),
+        "first_k_dense_replace": first,
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0) or 1.0),
+        "norm_topk_prob": bool(get("expert_weights_norm", False)),
+        "n_group": n_group,
+        "topk_group": int(get("expert_group_used_count", 1) or 1),
+        "topk_method": "noaux_tc" if v3 else "group_limited_greedy" if n_group > 1 else "greedy",
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    if first:
+        up = "blk.0.ffn_up.weight"
+        cfg["intermediate_size"] = shapes[up][0] if up in shapes else cfg["intermediate_size"]
+    scaling = get("rope.scaling.type", None)
+    if scaling not in (None, "", "none"):
+        y: dict[str, Any] = {"rope_type": scaling, "factor": get("rope.scaling.factor", None)}
+        for key, hf_key in (
+            ("original_context_length", "original_max_position_embeddings"),
+            ("yarn_beta_fast", "beta_fast"),
+            ("yarn_beta_slow", "beta_slow"),
+        ):
+            if get(f"rope.scaling.{key}", None) is not None:
+                y[hf_key] = get(f"rope.scaling.{key}")
+        log_mul = get("rope.scaling.yarn_log_multiplier", None)
+        if log_mul:  # llama.cpp writes 0.1 * mscale_all_dim (published: mscale == it)
+            y["mscale"] = y["mscale_all_dim"] = round(float(log_mul) / 0.1, 6)
+        cfg["rope_scaling"] = y
     return cfg

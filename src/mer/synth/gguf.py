@@ -22,7 +22,7 @@ import numpy as np
 from mer.errors import ConfigError
 from mer.store.gguf_arch import ARCHS
 
-GGUF_ARCH = {a.model_type: name for name, a in ARCHS.items()}
+GGUF_ARCH = {a.model_type: name for name, a in ARCHS.items()} | {"deepseek_v3": "deepseek2"}
 SYNTH_TYPES = ("Q4_0", "Q4_K", "Q8_0")
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
 
@@ -132,11 +132,14 @@ def add_metadata(w, hf: dict) -> None:
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.dense_intermediate_size or cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    mla = cfg.model_type.startswith("deepseek")  # latent attention: MQA in llama.cpp's terms
+    w.add_head_count_kv(1 if mla else cfg.num_key_value_heads)
     w.add_rope_freq_base(float(cfg.rope_theta))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_expert_count(cfg.num_local_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
+    if mla:
+        return _deepseek2_metadata(w, cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
@@ -155,6 +158,47 @@ def add_metadata(w, hf: dict) -> None:
         w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(cfg.rope_factor))
         w.add_rope_scaling_orig_ctx_len(cfg.rope_original_max_positions)
+
+
+def _deepseek2_metadata(w, cfg) -> None:
+    """DeepSeek-V2/V3 as llama.cpp writes it: latent attention as MQA over [latent | rope
+    key], the heads' widths as key_length_mla/value_length_mla, V3 routing by sigmoid."""
+    from gguf import ExpertGatingFuncType
+
+    r, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    w.add_key_length(r + rope)
+    w.add_value_length(r)
+    w.add_key_length_mla(cfg.qk_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_kv_lora_rank(r)
+    if cfg.q_lora_rank:
+        w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_rope_dimension_count(rope)
+    w.add_leading_dense_block_count(len(cfg.dense_layers))
+    w.add_expert_feed_forward_length(cfg.intermediate_size)
+    w.add_expert_shared_count(cfg.shared_expert_intermediate_size // cfg.intermediate_size)
+    w.add_expert_weights_scale(float(cfg.routed_scaling_factor))
+    if cfg.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    w.add_expert_group_count(cfg.n_group)
+    w.add_expert_group_used_count(cfg.topk_group)
+    v3 = cfg.topk_method == "noaux_tc"
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if v3 else ExpertGatingFuncType.SOFTMAX)
+    y = cfg.rope_scaling
+    if y:
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(y["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(y["original_max_position_embeddings"]))
+        for key, setter in (
+            ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", w.add_rope_scaling_yarn_beta_slow),
+        ):
+            if y.get(key) is not None:
+                setter(float(y[key]))
+        if y.get("mscale_all_dim"):
+            w.add_rope_scaling_yarn_log_mul(0.1 * y["mscale_all_dim"])
 
 
 def add_tokenizer(w, tok, vocab_size: int, chat_template: str | None) -> None:
