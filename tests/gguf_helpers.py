@@ -95,8 +95,24 @@ def deepseek_v3():
     return with_correction_bias(DeepseekV3ForCausalLM(cfg))
 
 
+def glm4_moe():
+    """GLM-4.5: V3's routing with the correction bias, q/k/v biases, per-head QK norm, half
+    of each head rotating, a dense first layer, one shared expert."""
+    from tests.test_families import with_correction_bias
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    cfg = Glm4MoeConfig(**{**COMMON, "num_experts_per_tok": 3}, num_hidden_layers=3,
+                        n_routed_experts=8, moe_intermediate_size=256, intermediate_size=512,
+                        head_dim=64, n_shared_experts=1, first_k_dense_replace=1, n_group=4,
+                        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        use_qk_norm=True, attention_bias=True,
+                        partial_rotary_factor=0.5)  # fmt: skip
+    return with_correction_bias(Glm4MoeForCausalLM(cfg))
+
+
 FAMILIES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
-            "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3}  # fmt: skip
+            "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3,
+            "glm4_moe": glm4_moe}  # fmt: skip
 SPLIT_KV_B = {"deepseek_v3"}  # families written with attn_k_b/attn_v_b instead of attn_kv_b
 
 
@@ -189,9 +205,9 @@ def per_expert_list(hf: dict) -> list[tuple[str, tuple[int, ...], str]]:
 
 def listing(source: CheckpointTensors) -> list[tuple[str, tuple[int, ...], str]] | None:
     """The tensor list of families `tensor_list` does not lay out (DeepSeek's latent
-    attention), from mer's own shapes; None for the others."""
+    attention, GLM-4.5's spellings), from mer's own shapes; None for the others."""
     cfg = source.cfg
-    if not cfg.model_type.startswith("deepseek"):
+    if not cfg.model_type.startswith(("deepseek", "glm4")):
         return None
     split = cfg.model_type in SPLIT_KV_B
     shapes = naming.dense_shapes(cfg)

@@ -41,9 +41,11 @@ STORE_FOR = {"Q4_0": "int4", "Q4_K": "int4", "Q8_0": "bf16", "F16": "bf16"}
 TOLERANCE = 1e-2
 # Against the dequantized weights as they are (dense in float32), bf16 rounding of the dense
 # weights adds its own error, and where a token's router scores nearly tie it can flip the
-# expert chosen: measured up to 0.11 (OLMoE, Q4_0) and 0.22 (DeepSeek-V2, Q4_K: group-limited
-# routing, where a flipped group moves several experts), typically 5e-3 to 1e-2.
-TOLERANCE_FLOAT_DENSE = 0.3
+# expert chosen: measured up to 0.11 (OLMoE, Q4_0), typically 5e-3 to 1e-2. Group-limited
+# routing (DeepSeek, GLM-4.5) amplifies such a flip (a group changes, several experts with it:
+# 0.22 and 0.43 measured with Q4_K), so there only the comparisons below are asserted.
+TOLERANCE_FLOAT_DENSE = 0.2
+GROUPED_ROUTING = {"deepseek_v2", "deepseek_v3", "glm4_moe"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -82,11 +84,13 @@ def test_gguf_store_matches_transformers_on_the_gguf_weights(checkpoint, qtype, 
     assert Store(store).config.model_type == name
     ref = gguf_reference(files, ckpt, tmp_path / "deq")
     ours, m = logits(store, PROMPT)
-    assert rel(ours, reference(ref, PROMPT)) < TOLERANCE_FLOAT_DENSE
+    if name not in GROUPED_ROUTING:
+        assert rel(ours, reference(ref, PROMPT)) < TOLERANCE_FLOAT_DENSE
     with torch.no_grad():
         for n, p in ref.named_parameters():
             if ".experts." not in n:
                 p.copy_(p.to(torch.bfloat16).float())
+    print(f"{name} {qtype} -> {STORE_FOR[qtype]}: {rel(ours, reference(ref, PROMPT)):.2e}")
     assert rel(ours, reference(ref, PROMPT)) < TOLERANCE
     # Exactly what the store holds, in transformers: experts as stored, dense in bf16.
     tight = dequantized_reference(ref, store)

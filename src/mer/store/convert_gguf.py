@@ -168,7 +168,11 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
         raise ConvertError(f"{where}: missing tensors {', '.join(missing[:3])}{more}")
     # A tensor nobody asked for would be silently dropped (a router bias, a rope table):
     # refuse rather than convert a different model.
-    unused = [g for g in source.tensors if g not in expected]
+    mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + gguf_arch.mtp_layers(source.meta))
+    unused = [  # a glm4moe file's MTP layers are not part of the model: not read
+        g for g in source.tensors
+        if g not in expected and not (g.startswith("blk.") and int(g.split(".")[1]) in mtp)
+    ]  # fmt: skip
     if unused:
         more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
         raise ConvertError(

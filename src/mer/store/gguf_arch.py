@@ -65,6 +65,13 @@ ARCHS: dict[str, GGUFArch] = {
     "deepseek2": GGUFArch(
         "deepseek_v2", "DeepseekV2ForCausalLM", layer_names={"exp_probs_b.bias": "router_bias"}
     ),
+    # GLM-4.5: DeepSeek-V3's routing and spellings over GQA attention; the multi-token-
+    # prediction layer llama.cpp appends (`nextn_predict_layers`) is not read.
+    "glm4moe": GGUFArch(
+        "glm4_moe",
+        "Glm4MoeForCausalLM",
+        layer_names={"post_attention_norm.weight": "ffn_norm", "exp_probs_b.bias": "router_bias"},
+    ),
 }
 GATING_SIGMOID = 2  # gguf's ExpertGatingFuncType.SIGMOID
 
@@ -179,6 +186,8 @@ def hf_config(
     arch = arch_of(meta, where)
     if name == "deepseek2":
         return _deepseek2_config(meta, shapes, where)
+    if name == "glm4moe":
+        return _glm4moe_config(meta, shapes, where)
     cfg: dict[str, Any] = {"model_type": arch.model_type, "architectures": [arch.architecture]}
     cfg.update(arch.defaults)
     for key, hf in REQUIRED_KEYS.items():
@@ -258,16 +267,7 @@ def _deepseek2_config(
     the real head widths as key_length_mla/value_length_mla (older files: key_length and
     value_length are the heads' own)."""
 
-    def get(key: str, default: Any = ...) -> Any:
-        v = meta.get(f"deepseek2.{key}")
-        if v is None:
-            if default is ...:
-                raise ConvertError(f"{where}: missing metadata deepseek2.{key}")
-            return default
-        return v
-
-    if "token_embd.weight" not in shapes:
-        raise ConvertError(f"{where}: missing tensor token_embd.weight")
+    get = _getter(meta, "deepseek2", where)
     n = int(get("block_count"))
     v3 = int(get("expert_gating_func", 1)) == GATING_SIGMOID
     rope = int(get("rope.dimension_count"))
@@ -275,50 +275,19 @@ def _deepseek2_config(
         qk, v = int(get("attention.key_length_mla")), int(get("attention.value_length_mla"))
     else:
         qk, v = int(get("attention.key_length")), int(get("attention.value_length"))
-    moe = [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" in shapes]
-    first = int(get("leading_dense_block_count", 0))
-    if moe != list(range(first, n)):
-        raise ConvertError(
-            f"{where}: routers in layers {moe}, but leading_dense_block_count says {first}"
-        )
-    down = EXPERT_NAMES["w2"].format(i=first)
-    if down not in shapes:
-        raise ConvertError(f"{where}: missing tensor {down}")
-    n_group = int(get("expert_group_count", 1) or 1)
-    cfg: dict[str, Any] = {
+    cfg = _v3_moe(get, meta, shapes, n, where)
+    n_group = cfg["n_group"]
+    cfg |= {
         "model_type": "deepseek_v3" if v3 else "deepseek_v2",
         "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-        "num_hidden_layers": n,
-        "hidden_size": int(get("embedding_length")),
-        "num_attention_heads": int(get("attention.head_count")),
-        "n_routed_experts": int(get("expert_count")),
-        "num_experts_per_tok": int(get("expert_used_count")),
-        "max_position_embeddings": int(get("context_length", 4096)),
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": get("rope.freq_base", 10000.0),
-        "vocab_size": shapes["token_embd.weight"][0],
-        "tie_word_embeddings": "output.weight" not in shapes,
         "q_lora_rank": get("attention.q_lora_rank", None),
         "kv_lora_rank": int(get("attention.kv_lora_rank")),
         "qk_rope_head_dim": rope,
         "qk_nope_head_dim": qk - rope,
         "v_head_dim": v,
-        "moe_intermediate_size": shapes[down][-1],
-        "intermediate_size": int(get("feed_forward_length", 0) or shapes[down][-1]),
-        "n_shared_experts": int(get("expert_shared_count", 0)),
-        "first_k_dense_replace": first,
-        "routed_scaling_factor": float(get("expert_weights_scale", 1.0) or 1.0),
-        "norm_topk_prob": bool(get("expert_weights_norm", False)),
-        "n_group": n_group,
-        "topk_group": int(get("expert_group_used_count", 1) or 1),
         "topk_method": "noaux_tc" if v3 else "group_limited_greedy" if n_group > 1 else "greedy",
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
     cfg["num_key_value_heads"] = cfg["num_attention_heads"]
-    if first:
-        up = "blk.0.ffn_up.weight"
-        cfg["intermediate_size"] = shapes[up][0] if up in shapes else cfg["intermediate_size"]
     scaling = get("rope.scaling.type", None)
     if scaling not in (None, "", "none"):
         y: dict[str, Any] = {"rope_type": scaling, "factor": get("rope.scaling.factor", None)}
@@ -333,4 +302,91 @@ def _deepseek2_config(
         if log_mul:  # llama.cpp writes 0.1 * mscale_all_dim (published: mscale == it)
             y["mscale"] = y["mscale_all_dim"] = round(float(log_mul) / 0.1, 6)
         cfg["rope_scaling"] = y
+    return cfg
+
+
+def _getter(meta: dict[str, Any], arch: str, where: str) -> Callable[..., Any]:
+    def get(key: str, default: Any = ...) -> Any:
+        v = meta.get(f"{arch}.{key}")
+        if v is None:
+            if default is ...:
+                raise ConvertError(f"{where}: missing metadata {arch}.{key}")
+            return default
+        return v
+
+    return get
+
+
+def _v3_moe(get, meta: dict[str, Any], shapes: dict, n: int, where: str) -> dict[str, Any]:
+    """The config fields DeepSeek and GLM-4.5 share: sizes, leading dense layers, shared
+    experts and the grouped, scaled routing, in DeepSeek's config.json spellings."""
+    if "token_embd.weight" not in shapes:
+        raise ConvertError(f"{where}: missing tensor token_embd.weight")
+    moe = [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" in shapes]
+    first = int(get("leading_dense_block_count", 0))
+    if moe != list(range(first, n)):
+        raise ConvertError(
+            f"{where}: routers in layers {moe}, but leading_dense_block_count says {first}"
+        )
+    down = EXPERT_NAMES["w2"].format(i=first)
+    if down not in shapes:
+        raise ConvertError(f"{where}: missing tensor {down}")
+    up = "blk.0.ffn_up.weight"
+    dense_ffn = int(get("feed_forward_length", 0) or shapes[down][-1])
+    return {
+        "num_hidden_layers": n,
+        "hidden_size": int(get("embedding_length")),
+        "num_attention_heads": int(get("attention.head_count")),
+        "n_routed_experts": int(get("expert_count")),
+        "num_experts_per_tok": int(get("expert_used_count")),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "vocab_size": shapes["token_embd.weight"][0],
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "moe_intermediate_size": shapes[down][-1],
+        "intermediate_size": shapes[up][0] if first and up in shapes else dense_ffn,
+        "n_shared_experts": int(get("expert_shared_count", 0)),
+        "first_k_dense_replace": first,
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0) or 1.0),
+        "norm_topk_prob": bool(get("expert_weights_norm", False)),
+        "n_group": int(get("expert_group_count", 1) or 1),
+        "topk_group": int(get("expert_group_used_count", 1) or 1),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+
+
+def mtp_layers(meta: dict[str, Any]) -> int:
+    """Multi-token-prediction layers a glm4moe file appends after the model's own."""
+    if meta.get("general.architecture") != "glm4moe":
+        return 0
+    return int(meta.get("glm4moe.nextn_predict_layers", 0) or 0)
+
+
+def _glm4moe_config(
+    meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str
+) -> dict[str, Any]:
+    """GLM-4.5's config.json from a `glm4moe` file: block_count counts the appended MTP
+    layers; biases and QK norms are as the tensors present say; the rotating part of each
+    head is rope.dimension_count (partial_rotary_factor)."""
+    get = _getter(meta, "glm4moe", where)
+    n = int(get("block_count")) - mtp_layers(meta)
+    if int(get("expert_gating_func", GATING_SIGMOID)) != GATING_SIGMOID:
+        raise ConvertError(f"{where}: glm4moe routing other than sigmoid is not supported")
+    cfg = _v3_moe(get, meta, shapes, n, where)
+    heads = cfg["num_attention_heads"]
+    head_dim = int(get("attention.key_length", cfg["hidden_size"] // heads))
+    cfg |= {
+        "model_type": "glm4_moe",
+        "architectures": ["Glm4MoeForCausalLM"],
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "partial_rotary_factor": int(get("rope.dimension_count", head_dim // 2)) / head_dim,
+        "attention_bias": "blk.0.attn_q.bias" in shapes,
+        "use_qk_norm": "blk.0.attn_q_norm.weight" in shapes,
+    }
+    scaling = get("rope.scaling.type", None)
+    if scaling not in (None, "", "none"):  # ModelConfig refuses what mer does not compute
+        cfg["rope_scaling"] = {"rope_type": scaling, "factor": get("rope.scaling.factor", None)}
     return cfg

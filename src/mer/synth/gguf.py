@@ -142,7 +142,7 @@ def add_metadata(w, hf: dict) -> None:
         return _deepseek2_metadata(w, cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(getattr(cfg, "rotary_dim", cfg.head_dim))  # GLM: partial
     if cfg.model_type != "mixtral":
         w.add_expert_feed_forward_length(cfg.intermediate_size)
         w.add_expert_weights_norm(cfg.norm_topk_prob)
@@ -150,6 +150,15 @@ def add_metadata(w, hf: dict) -> None:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if cfg.clip_qkv:
         w.add_clamp_kqv(float(cfg.clip_qkv))
+    if cfg.model_type == "glm4_moe":  # DeepSeek-V3's routing and dense first layers
+        from gguf import ExpertGatingFuncType
+
+        w.add_leading_dense_block_count(len(cfg.dense_layers))
+        w.add_expert_shared_count(cfg.shared_expert_intermediate_size // cfg.intermediate_size)
+        w.add_expert_weights_scale(float(cfg.routed_scaling_factor))
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
     if cfg.model_type == "gpt_oss":
         w.add_sliding_window(cfg.sliding_window)
     if getattr(cfg, "rope_type", "default") == "yarn":  # as llama.cpp writes gpt-oss's
