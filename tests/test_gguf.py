@@ -566,3 +566,54 @@ def test_conversion_memory_follows_one_expert_not_the_file(tmp_path):
     assert large_file > 3 * small_file
     # The file grows by 230 MiB; peak memory may move by allocator noise, not with the file.
     assert large - small < (large_file - small_file) / 8
+
+
+# ---------------------------------------------------------------- DeepSeek and GLM specifics
+
+
+def _set_u32(key: bytes, value: int):
+    def edit(data):
+        i = data.find(key) + len(key)  # then the value type (u32) and the value
+        assert int.from_bytes(data[i : i + 4], "little") == 4  # GGUFValueType.UINT32
+        data[i + 4 : i + 8] = value.to_bytes(4, "little")
+        return data
+
+    return edit
+
+
+def test_glm_mtp_layers_are_not_read(tmp_path):
+    """llama.cpp appends GLM-4.5's multi-token-prediction layer (block_count counts it,
+    `nextn_predict_layers` says how many): the model converts without it."""
+    from tests.gguf_helpers import listing
+
+    ckpt = tmp_path / "hf"
+    save_tiny("glm4_moe", ckpt)
+    source = CheckpointTensors(ckpt, "Q8_0")
+    mtp = [("blk.3.nextn.eh_proj.weight", (256, 512), "matrix"),
+           ("blk.3.nextn.enorm.weight", (256,), "norm")]  # fmt: skip
+
+    class WithMtp(CheckpointTensors):
+        def floats(self, name, shape, role):
+            if ".nextn." in name:
+                return np.ones(shape, np.float32)
+            return super().floats(name, shape, role)
+
+    from mer.synth.gguf import write_gguf
+    from mer.synth.tokenizer import build_tokenizer
+
+    path = write_gguf(tmp_path / "m.gguf", source.hf, WithMtp(ckpt, "Q8_0"),
+                      build_tokenizer(512), tensors=[*listing(source), *mtp],
+                      extra_metadata={"glm4moe.nextn_predict_layers": 1})[0]  # fmt: skip
+    path = damaged(path, tmp_path, _set_u32(b"glm4moe.block_count", 4), "mtp.gguf")
+    store = Store(convert(path, tmp_path / "s", progress=False))
+    assert store.config.num_hidden_layers == 3 and store.config.model_type == "glm4_moe"
+
+
+def test_a_deepseek_file_whose_routers_contradict_its_dense_layers_is_refused(tmp_path):
+    ckpt = tmp_path / "hf"
+    save_tiny("deepseek_v3", ckpt)
+    path = write_tiny_gguf(ckpt, tmp_path / "m.gguf", "Q8_0")[0]
+    path = damaged(path, tmp_path, _set_u32(b"deepseek2.leading_dense_block_count", 2), "x.gguf")
+    with pytest.raises(ConvertError, match="leading_dense_block_count says 2") as info:
+        convert(path, tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
