@@ -204,32 +204,13 @@ def per_expert_list(hf: dict) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def listing(source: CheckpointTensors) -> list[tuple[str, tuple[int, ...], str]] | None:
-    """The tensor list of families `tensor_list` does not lay out (DeepSeek's latent
-    attention, GLM-4.5's spellings), from mer's own shapes; None for the others."""
-    cfg = source.cfg
-    if not cfg.model_type.startswith(("deepseek", "glm4")):
+    """The tensor list of DeepSeek (kv_b split as SPLIT_KV_B says) and GLM-4.5; None for the
+    others (`write_gguf`'s default)."""
+    from mer.synth.gguf import tensor_list
+
+    if not source.cfg.model_type.startswith(("deepseek", "glm4")):
         return None
-    split = cfg.model_type in SPLIT_KV_B
-    shapes = naming.dense_shapes(cfg)
-    names = gguf_arch.gguf_names(list(shapes), cfg.num_hidden_layers, source.arch)
-    ours_of = {g: ours for ours, g in names.items()}
-    out = []
-    for g in source.hf_of:
-        ours = ours_of[g]
-        shape = shapes[ours]
-        role = "norm" if len(shape) == 1 else "router" if ours.endswith("router") else "matrix"
-        if split and g.endswith("attn_kv_b.weight"):
-            heads, r = cfg.num_attention_heads, cfg.kv_lora_rank
-            out.append((g.replace("kv_b", "k_b"), (heads, r, cfg.qk_nope_head_dim), "matrix"))
-            out.append((g.replace("kv_b", "v_b"), (heads, cfg.v_head_dim, r), "matrix"))
-            continue
-        out.append((g, shape, role))
-    e, h, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    for i in cfg.moe_layers:
-        out += [(f"blk.{i}.ffn_gate_exps.weight", (e, f, h), "experts"),
-                (f"blk.{i}.ffn_up_exps.weight", (e, f, h), "experts"),
-                (f"blk.{i}.ffn_down_exps.weight", (e, h, f), "experts")]  # fmt: skip
-    return out
+    return tensor_list(source.hf, split_kv_b=source.cfg.model_type in SPLIT_KV_B)
 
 
 def write_tiny_gguf(

@@ -617,3 +617,17 @@ def test_a_deepseek_file_whose_routers_contradict_its_dense_layers_is_refused(tm
     with pytest.raises(ConvertError, match="leading_dense_block_count says 2") as info:
         convert(path, tmp_path / "out", progress=False)
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v2", "tiny-deepseek-v3", "tiny-glm-4.5"])
+def test_synth_gguf_of_deepseek_and_glm_converts_to_the_same_config(preset, tmp_path):
+    """`mer synth --gguf` lays these out as llama.cpp does (narrow rows in F16), and every
+    config field survives the round trip through the GGUF metadata."""
+    from mer.cli import main
+    from mer.config import ModelConfig
+    from mer.synth.checkpoint import hf_config
+
+    out = tmp_path / "m.gguf"
+    assert main(["synth", str(out), "--gguf", "--preset", preset, "--gguf-type", "Q4_0"]) == 0
+    store = Store(convert(out, tmp_path / "s", progress=False))
+    assert store.config == ModelConfig.from_hf(hf_config(preset))

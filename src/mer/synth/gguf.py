@@ -36,13 +36,18 @@ class TensorSource(Protocol):
     def __call__(self, name: str, shape: tuple[int, ...], role: str) -> np.ndarray: ...
 
 
-def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[int, ...], str]]:
+def tensor_list(
+    hf: dict, fused_gate_up: bool = False, split_kv_b: bool = True
+) -> list[tuple[str, tuple[int, ...], str]]:
     """(GGUF name, row-major shape, role) of every tensor, in file order.
     role: "norm" (1-D), "router", "matrix", "experts" (stacked). `fused_gate_up` writes
-    each layer's gate and up experts as one `ffn_gate_up_exps` stack (gate rows first)."""
+    each layer's gate and up experts as one `ffn_gate_up_exps` stack (gate rows first);
+    `split_kv_b` DeepSeek's kv_b as attn_k_b and attn_v_b (llama.cpp's newer files)."""
     from mer.config import ModelConfig
 
     cfg = ModelConfig.from_hf(hf)
+    if cfg.model_type.startswith(("deepseek", "glm4")):
+        return _tensor_list_from_shapes(cfg, split_kv_b)
     h, d, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     q, kv, e, f = (
         cfg.num_attention_heads * d,
@@ -119,6 +124,41 @@ def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[
     if not cfg.tie_word_embeddings:
         out.append(("output.weight", (v, h), "matrix"))
     return out
+
+
+def _tensor_list_from_shapes(cfg, split_kv_b: bool) -> list[tuple[str, tuple[int, ...], str]]:
+    """DeepSeek's latent attention and GLM-4.5's spellings, from mer's own tensor shapes and
+    the GGUF names of `gguf_arch`, layer by layer, then the layer's expert stacks."""
+    from mer.models import naming
+    from mer.store.gguf_arch import gguf_names
+
+    arch = ARCHS[GGUF_ARCH[cfg.model_type]]
+    shapes = naming.dense_shapes(cfg)
+    names = gguf_names(list(shapes), cfg.num_hidden_layers, arch)
+    e, h, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    layers: dict[int | None, list] = {}
+    for ours, g in names.items():
+        shape = shapes[ours]
+        role = "norm" if len(shape) == 1 else "router" if ours.endswith("router") else "matrix"
+        layer = int(ours.split(".")[1]) if ours.startswith("layers.") else None
+        rows = layers.setdefault(layer, [])
+        if split_kv_b and g.endswith("attn_kv_b.weight"):
+            heads, r = cfg.num_attention_heads, cfg.kv_lora_rank
+            rows.append((g.replace("kv_b", "k_b"), (heads, r, cfg.qk_nope_head_dim), "matrix"))
+            rows.append((g.replace("kv_b", "v_b"), (heads, cfg.v_head_dim, r), "matrix"))
+        else:
+            rows.append((g, shape, role))
+    for i in cfg.moe_layers:
+        layers[i] += [
+            (f"blk.{i}.ffn_gate_exps.weight", (e, f, h), "experts"),
+            (f"blk.{i}.ffn_up_exps.weight", (e, f, h), "experts"),
+            (f"blk.{i}.ffn_down_exps.weight", (e, h, f), "experts"),
+        ]
+    glob = layers.pop(None)
+    out = [t for t in glob if t[0] == "token_embd.weight"]
+    for i in range(cfg.num_hidden_layers):
+        out += layers[i]
+    return out + [t for t in glob if t[0] != "token_embd.weight"]
 
 
 def add_metadata(w, hf: dict) -> None:
@@ -407,6 +447,8 @@ class RandomTensors:
     def type_of(self, name: str, shape: tuple[int, ...], role: str) -> str:
         if role in ("norm", "router"):
             return "F32"
+        if shape[-1] % 32:  # rows not whole blocks (DeepSeek's narrow heads): F16, as llama.cpp
+            return "F16"
         return self.type_name if shape[-1] % 256 == 0 or self.type_name != "Q4_K" else "Q8_0"
 
     def __call__(self, name: str, shape: tuple[int, ...], role: str) -> np.ndarray:
