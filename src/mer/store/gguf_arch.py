@@ -5,8 +5,10 @@ hyperparameters under `<arch>.<key>` and its tensors under fixed names
 (`blk.{i}.attn_q.weight`, `blk.{i}.ffn_gate_exps.weight`, ...). This module is
 the one place those names are translated: `hf_config` rebuilds the Hugging Face
 config dict `ModelConfig.from_hf` already understands, and `DENSE_NAMES` maps
-each resident tensor onto mer's own names. A new family (DeepSeek-V2's
-`deepseek2`, `gpt-oss`) is one `GGUFArch` entry here plus its mer family.
+each resident tensor onto mer's own names. A new family is one `GGUFArch` entry
+here plus its mer family; `deepseek2` (V2 and V3) and `glm4moe` write their MoE
+settings DeepSeek's way and have their own config readers (`_deepseek2_config`,
+`_glm4moe_config`).
 
 What GGUF does not record is derived from the tensors present, as llama.cpp
 itself does: a layer without a router (`ffn_gate_inp`) is a dense layer, a
