@@ -1,6 +1,7 @@
 """GGUF in: tiny transformers models of every family written as GGUF files with the `gguf`
-package (Q8_0, Q4_0, Q4_K, F16), converted, and run against transformers holding the same
-weights as `gguf` dequantizes them; 4-bit blocks kept exact; bad files refused cleanly."""
+package (Q8_0, Q4_0, Q4_K, F16; gpt-oss and MXFP4 in test_gguf_gpt_oss.py), converted, and
+run against transformers holding the same weights as `gguf` dequantizes them; 4-bit blocks
+kept exact; bad files refused cleanly."""
 
 from __future__ import annotations
 
@@ -40,8 +41,11 @@ STORE_FOR = {"Q4_0": "int4", "Q4_K": "int4", "Q8_0": "bf16", "F16": "bf16"}
 TOLERANCE = 1e-2
 # Against the dequantized weights as they are (dense in float32), bf16 rounding of the dense
 # weights adds its own error, and where a token's router scores nearly tie it can flip the
-# expert chosen: measured up to 0.11 (OLMoE, Q4_0), typically 5e-3 to 1e-2.
+# expert chosen: measured up to 0.11 (OLMoE, Q4_0), typically 5e-3 to 1e-2. Group-limited
+# routing (DeepSeek, GLM-4.5) amplifies such a flip (a group changes, several experts with it:
+# 0.22 and 0.43 measured with Q4_K), so there only the comparisons below are asserted.
 TOLERANCE_FLOAT_DENSE = 0.2
+GROUPED_ROUTING = {"deepseek_v2", "deepseek_v3", "glm4_moe"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -80,11 +84,13 @@ def test_gguf_store_matches_transformers_on_the_gguf_weights(checkpoint, qtype, 
     assert Store(store).config.model_type == name
     ref = gguf_reference(files, ckpt, tmp_path / "deq")
     ours, m = logits(store, PROMPT)
-    assert rel(ours, reference(ref, PROMPT)) < TOLERANCE_FLOAT_DENSE
+    if name not in GROUPED_ROUTING:
+        assert rel(ours, reference(ref, PROMPT)) < TOLERANCE_FLOAT_DENSE
     with torch.no_grad():
         for n, p in ref.named_parameters():
             if ".experts." not in n:
                 p.copy_(p.to(torch.bfloat16).float())
+    print(f"{name} {qtype} -> {STORE_FOR[qtype]}: {rel(ours, reference(ref, PROMPT)):.2e}")
     assert rel(ours, reference(ref, PROMPT)) < TOLERANCE
     # Exactly what the store holds, in transformers: experts as stored, dense in bf16.
     tight = dequantized_reference(ref, store)
@@ -560,3 +566,68 @@ def test_conversion_memory_follows_one_expert_not_the_file(tmp_path):
     assert large_file > 3 * small_file
     # The file grows by 230 MiB; peak memory may move by allocator noise, not with the file.
     assert large - small < (large_file - small_file) / 8
+
+
+# ---------------------------------------------------------------- DeepSeek and GLM specifics
+
+
+def _set_u32(key: bytes, value: int):
+    def edit(data):
+        i = data.find(key) + len(key)  # then the value type (u32) and the value
+        assert int.from_bytes(data[i : i + 4], "little") == 4  # GGUFValueType.UINT32
+        data[i + 4 : i + 8] = value.to_bytes(4, "little")
+        return data
+
+    return edit
+
+
+def test_glm_mtp_layers_are_not_read(tmp_path):
+    """llama.cpp appends GLM-4.5's multi-token-prediction layer (block_count counts it,
+    `nextn_predict_layers` says how many): the model converts without it."""
+    from tests.gguf_helpers import listing
+
+    ckpt = tmp_path / "hf"
+    save_tiny("glm4_moe", ckpt)
+    source = CheckpointTensors(ckpt, "Q8_0")
+    mtp = [("blk.3.nextn.eh_proj.weight", (256, 512), "matrix"),
+           ("blk.3.nextn.enorm.weight", (256,), "norm")]  # fmt: skip
+
+    class WithMtp(CheckpointTensors):
+        def floats(self, name, shape, role):
+            if ".nextn." in name:
+                return np.ones(shape, np.float32)
+            return super().floats(name, shape, role)
+
+    from mer.synth.gguf import write_gguf
+    from mer.synth.tokenizer import build_tokenizer
+
+    path = write_gguf(tmp_path / "m.gguf", source.hf, WithMtp(ckpt, "Q8_0"),
+                      build_tokenizer(512), tensors=[*listing(source), *mtp],
+                      extra_metadata={"glm4moe.nextn_predict_layers": 1})[0]  # fmt: skip
+    path = damaged(path, tmp_path, _set_u32(b"glm4moe.block_count", 4), "mtp.gguf")
+    store = Store(convert(path, tmp_path / "s", progress=False))
+    assert store.config.num_hidden_layers == 3 and store.config.model_type == "glm4_moe"
+
+
+def test_a_deepseek_file_whose_routers_contradict_its_dense_layers_is_refused(tmp_path):
+    ckpt = tmp_path / "hf"
+    save_tiny("deepseek_v3", ckpt)
+    path = write_tiny_gguf(ckpt, tmp_path / "m.gguf", "Q8_0")[0]
+    path = damaged(path, tmp_path, _set_u32(b"deepseek2.leading_dense_block_count", 2), "x.gguf")
+    with pytest.raises(ConvertError, match="leading_dense_block_count says 2") as info:
+        convert(path, tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v2", "tiny-deepseek-v3", "tiny-glm-4.5"])
+def test_synth_gguf_of_deepseek_and_glm_converts_to_the_same_config(preset, tmp_path):
+    """`mer synth --gguf` lays these out as llama.cpp does (narrow rows in F16), and every
+    config field survives the round trip through the GGUF metadata."""
+    from mer.cli import main
+    from mer.config import ModelConfig
+    from mer.synth.checkpoint import hf_config
+
+    out = tmp_path / "m.gguf"
+    assert main(["synth", str(out), "--gguf", "--preset", preset, "--gguf-type", "Q4_0"]) == 0
+    store = Store(convert(out, tmp_path / "s", progress=False))
+    assert store.config == ModelConfig.from_hf(hf_config(preset))

@@ -109,6 +109,7 @@ class GptOss(Family):
     config_class = GptOssConfig
     defaults = {"qk_norm": "none", "qkv_bias": True}
     rope_types = ("default", "yarn")
+    gguf_architectures = ("gpt-oss",)
     expert_bias = "bfloat16"  # the published checkpoints' bias dtype: stored exactly
     presets = PRESETS
     GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",

@@ -15,6 +15,9 @@ Expert choices, per GGUF type, for an int4 store:
   an int8 store (`--quant int8`), keeps them closer at 1.6x the bytes read
   per expert; the conversion prints the error each choice measured.
 int8 and bf16 stores take every type through `gguf`'s dequantization.
+An mxfp4 store (gpt-oss) keeps MXFP4 experts bit for bit (ggml's block layout
+turned back into the checkpoint's); other types are rounded to MXFP4.
+Expert biases (gpt-oss) are stored in float32, as the file holds them.
 The tokenizer and chat template come from the file's `tokenizer.*` metadata,
 built into tokenizer.json by transformers' GGUF converter.
 """
@@ -38,6 +41,8 @@ from mer.store.gguf_source import GGUFSource
 from mer.store.writer import StoreWriter
 
 EXACT_ACTION = "int4 g32, blocks kept (scale, zero -> bf16)"
+MXFP4_ACTION = "mxfp4, blocks kept"
+BIAS_ACTION = "expert bias, float32"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 
 
@@ -59,12 +64,21 @@ class Plan:
         ef = self.expert_format
         return ef.scheme == "int4" and ef.group_size == 32 and type_name in gguf_blocks.EXACT_TYPES
 
-    def action(self, type_name: str, expert: bool) -> str:
+    def native(self, type_name: str) -> bool:
+        return self.expert_format.scheme == "mxfp4" and type_name == "MXFP4"
+
+    def action(self, type_name: str, expert: bool | str) -> str:
+        if expert == "bias":
+            return BIAS_ACTION
         if not expert:
             return "dense, bf16"
         ef = self.expert_format
         if self.exact(type_name):
             return EXACT_ACTION
+        if self.native(type_name):
+            return MXFP4_ACTION
+        if ef.scheme == "mxfp4":
+            return "mxfp4, requantized"
         if ef.scheme == "int4":
             return f"int4 g{ef.group_size}, requantized"
         if ef.scheme == "int8":
@@ -79,6 +93,9 @@ def _expert_layout(
     fused gate_up, or one tensor per expert), and each one's expected shape and mer name."""
     e, h, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     split = {w: n.format(i=layer) for w, n in gguf_arch.EXPERT_NAMES.items()}
+    biases = {}
+    if cfg.family.expert_bias:
+        biases = {b: n.format(i=layer) for b, n in gguf_arch.EXPERT_BIAS_NAMES.items()}
     fused = gguf_arch.FUSED_GATE_UP.format(i=layer)
     single = {w: n.format(i=layer) for w, n in gguf_arch.PER_EXPERT_NAMES.items()}
     at = f"layers.{layer}.experts"
@@ -96,7 +113,11 @@ def _expert_layout(
         return {"w13": fused, "w2": split["w2"]}, expected
     expected[split["w1"]] = ((e, f, h), f"{at}.gate")
     expected[split["w3"]] = ((e, f, h), f"{at}.up")
-    return split, expected
+    if biases:  # gpt-oss: biases of gate, up (rows of each) and down
+        expected[biases["b1"]] = ((e, f), f"{at}.gate_bias")
+        expected[biases["b3"]] = ((e, f), f"{at}.up_bias")
+        expected[biases["b2"]] = ((e, h), f"{at}.down_bias")
+    return split | biases, expected
 
 
 def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None) -> Plan:
@@ -111,20 +132,35 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
     if group_size is None:
         group_size = 32  # GGUF's own block: keeps 4-bit blocks exact
     try:
-        ef = ExpertFormat.for_machine(quant, cfg.hidden_size, cfg.intermediate_size, group_size)
+        bias = "float32" if cfg.family.expert_bias else ""
+        ef = ExpertFormat.for_machine(
+            quant, cfg.hidden_size, cfg.intermediate_size, group_size, bias=bias
+        )
     except ValueError as e:
         raise ConvertError(f"{where}: cannot store experts as {quant}: {e}") from None
 
     want = naming.dense_shapes(cfg)
     names = [n for n in want if not (n == "lm_head" and cfg.tie_word_embeddings)]
-    dense = gguf_arch.gguf_names(names, cfg.num_hidden_layers)
+    dense = gguf_arch.gguf_names(names, cfg.num_hidden_layers, arch)
     p = Plan(cfg, hf, arch, ef, dense, {})
-    expected: dict[str, tuple[tuple[int, ...], str, bool]] = {}  # name -> shape, mer, expert
+    # name -> shape, mer name, expert (True, False, or "bias")
+    expected: dict[str, tuple[tuple[int, ...], str, bool | str]] = {}
     for ours, g in dense.items():
         expected[g] = (want[ours], ours, False)
+    for ours, g in list(dense.items()):  # newer deepseek2 files: kv_b split in k_b and v_b
+        k_b = g.replace("attn_kv_b", "attn_k_b")
+        if g.endswith("attn_kv_b.weight") and g not in source and k_b in source:
+            heads, r = cfg.num_attention_heads, cfg.kv_lora_rank
+            dense[ours] = k_b
+            del expected[g]
+            expected[k_b] = ((heads, r, cfg.qk_nope_head_dim), ours, False)
+            expected[g.replace("attn_kv_b", "attn_v_b")] = ((heads, cfg.v_head_dim, r), ours, False)
     for layer in cfg.moe_layers:
         p.experts[layer], tensors = _expert_layout(layer, shapes, cfg)
-        expected.update({g: (shape, ours, True) for g, (shape, ours) in tensors.items()})
+        expected.update({
+            g: (shape, ours, "bias" if ours.endswith("_bias") else True)
+            for g, (shape, ours) in tensors.items()
+        })  # fmt: skip
 
     missing = [g for g in expected if g not in source]
     if missing:
@@ -132,7 +168,11 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
         raise ConvertError(f"{where}: missing tensors {', '.join(missing[:3])}{more}")
     # A tensor nobody asked for would be silently dropped (a router bias, a rope table):
     # refuse rather than convert a different model.
-    unused = [g for g in source.tensors if g not in expected]
+    mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + gguf_arch.mtp_layers(source.meta))
+    unused = [  # a glm4moe file's MTP layers are not part of the model: not read
+        g for g in source.tensors
+        if g not in expected and not (g.startswith("blk.") and int(g.split(".")[1]) in mtp)
+    ]  # fmt: skip
     if unused:
         more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
         raise ConvertError(
@@ -146,6 +186,8 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
                 f"{t.path}: tensor {g} has type {t.type_name}, which mer does not convert "
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
+        if expert == "bias" and t.type_name not in ("F32", "F16", "BF16"):
+            raise ConvertError(f"{t.path}: expert bias {g} has type {t.type_name}, not a float")
         same = t.shape == shape or (not expert and _numel(t.shape) == _numel(shape) and
                                     len(shape) <= 2 and 1 in (*shape, *t.shape))  # fmt: skip
         if not same:
@@ -172,6 +214,10 @@ def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def dense_tensor(source: GGUFSource, p: Plan, ours: str) -> torch.Tensor:
     g = p.dense[ours]
+    if g.endswith("attn_k_b.weight"):  # per head: W_uk^T [r, nope] and W_uv [v, r]
+        k_b, v_b = source.floats(g), source.floats(g.replace("attn_k_b", "attn_v_b"))
+        w = torch.cat([k_b.transpose(1, 2), v_b], 1)  # [H, nope + v, r]
+        return w.reshape(naming.dense_shapes(p.cfg)[ours])
     w = source.floats(g).reshape(naming.dense_shapes(p.cfg)[ours])
     short = ours.rsplit(".", 1)[-1]
     if p.arch.permute_qk and short in ("q", "k"):
@@ -200,9 +246,36 @@ def _int4_rows(source: GGUFSource, p: Plan, name: str, e: int):
     return int4.quantize(source.floats(tensor, index, count), p.expert_format.group_size)
 
 
+def _mxfp4_parts(source: GGUFSource, p: Plan, name: str, e: int) -> dict[str, torch.Tensor]:
+    """One expert's slice of an MXFP4 stack as the checkpoint's {"blocks", "scales"}, bit
+    for bit. ggml's block is [scale byte, 16 bytes] with element j in byte j's low nibble and
+    element j + 16 in its high one; the checkpoint packs elements 2j, 2j + 1 into byte j."""
+    raw = source.raw(*_where(p, name, e))
+    x = torch.from_numpy(raw.reshape(raw.shape[0], -1, 17))
+    qs = x[..., 1:]
+    codes = torch.cat([qs & 15, qs >> 4], -1)  # [rows, blocks, 32] in element order
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return {"blocks": blocks.contiguous(), "scales": x[..., 0].contiguous()}
+
+
+def _biases(source: GGUFSource, p: Plan, names: dict, e: int) -> dict[str, torch.Tensor]:
+    if "b2" not in names:
+        return {}
+    gate_up = torch.cat([_floats(source, p, names["b1"], e), _floats(source, p, names["b3"], e)])
+    return {"gate_up_bias": gate_up, "down_bias": _floats(source, p, names["b2"], e)}
+
+
 def expert_extent(source: GGUFSource, p: Plan, layer: int, e: int) -> torch.Tensor:
     """The store extent of expert (layer, e), reading only its slices of the stacks."""
     ef, names = p.expert_format, p.experts[layer]
+    bias = _biases(source, p, names, e)
+    stacks = [n for k, n in names.items() if k.startswith("w")]
+    types = {source.tensors[_where(p, n, e)[0]].type_name for n in stacks}
+    if "w13" not in names and types == {"MXFP4"} and ef.scheme == "mxfp4":
+        gate, up = (_mxfp4_parts(source, p, names[w], e) for w in ("w1", "w3"))
+        gate_up = {k: torch.cat([gate[k], up[k]]) for k in gate}
+        down = _mxfp4_parts(source, p, names["w2"], e)
+        return ef.encode_native(gate_up, down, bias.get("gate_up_bias"), bias.get("down_bias"))
     if ef.scheme == "int4":
         parts = {}
         gate_up = [names["w13"]] if "w13" in names else [names["w1"], names["w3"]]
@@ -211,12 +284,12 @@ def expert_extent(source: GGUFSource, p: Plan, layer: int, e: int) -> torch.Tens
             q, scales, zeros = (torch.cat(x, 0) for x in zip(*pieces, strict=True))
             parts[f"{part}.packed"] = int4.pack(q, ef.layout)
             parts[f"{part}.scales_zeros"] = int4.pack_scales_zeros(scales, zeros)
-        return ef.assemble(parts)
+        return ef.assemble(parts | ef._bias_parts(*bias.values()) if bias else parts)
     if "w13" in names:
         w1, w3 = _floats(source, p, names["w13"], e).chunk(2, 0)
     else:
         w1, w3 = _floats(source, p, names["w1"], e), _floats(source, p, names["w3"], e)
-    return ef.encode(w1, _floats(source, p, names["w2"], e), w3)
+    return ef.encode(w1, _floats(source, p, names["w2"], e), w3, **bias)
 
 
 def measure(source: GGUFSource, p: Plan, layer: int, e: int, extent: torch.Tensor) -> dict:
@@ -328,7 +401,7 @@ def convert_gguf(
 def _expert_nbytes(source: GGUFSource, p: Plan, layer: int, e: int) -> int:
     """Bytes of the file that hold expert (layer, e)."""
     n = 0
-    for name in p.experts[layer].values():
+    for name in p.experts[layer].values():  # biases included
         tensor, index, count = _where(p, name, e)
         n += source.tensors[tensor].nbytes // count
     return n
@@ -336,7 +409,7 @@ def _expert_nbytes(source: GGUFSource, p: Plan, layer: int, e: int) -> int:
 
 def _record(source, p: Plan, layer: int, e: int, extent, measured: dict) -> None:
     """Measure the first expert made from each GGUF type (cheap: one expert per type)."""
-    tensors = (_where(p, n, e)[0] for n in p.experts[layer].values())
+    tensors = (_where(p, n, e)[0] for k, n in p.experts[layer].items() if k.startswith("w"))
     kinds = {t: source.tensors[t].type_name for t in tensors}
     if all(k in measured for k in kinds.values()):
         return

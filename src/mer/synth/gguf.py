@@ -22,7 +22,7 @@ import numpy as np
 from mer.errors import ConfigError
 from mer.store.gguf_arch import ARCHS
 
-GGUF_ARCH = {a.model_type: name for name, a in ARCHS.items()}
+GGUF_ARCH = {a.model_type: name for name, a in ARCHS.items()} | {"deepseek_v3": "deepseek2"}
 SYNTH_TYPES = ("Q4_0", "Q4_K", "Q8_0")
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
 
@@ -36,13 +36,18 @@ class TensorSource(Protocol):
     def __call__(self, name: str, shape: tuple[int, ...], role: str) -> np.ndarray: ...
 
 
-def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[int, ...], str]]:
+def tensor_list(
+    hf: dict, fused_gate_up: bool = False, split_kv_b: bool = True
+) -> list[tuple[str, tuple[int, ...], str]]:
     """(GGUF name, row-major shape, role) of every tensor, in file order.
     role: "norm" (1-D), "router", "matrix", "experts" (stacked). `fused_gate_up` writes
-    each layer's gate and up experts as one `ffn_gate_up_exps` stack (gate rows first)."""
+    each layer's gate and up experts as one `ffn_gate_up_exps` stack (gate rows first);
+    `split_kv_b` DeepSeek's kv_b as attn_k_b and attn_v_b (llama.cpp's newer files)."""
     from mer.config import ModelConfig
 
     cfg = ModelConfig.from_hf(hf)
+    if cfg.model_type.startswith(("deepseek", "glm4")):
+        return _tensor_list_from_shapes(cfg, split_kv_b)
     h, d, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     q, kv, e, f = (
         cfg.num_attention_heads * d,
@@ -50,6 +55,7 @@ def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[
         cfg.num_local_experts,
         cfg.intermediate_size,
     )
+    oss = cfg.model_type == "gpt_oss"  # biases, sinks, post_attention_norm, expert biases
     out = [("token_embd.weight", (v, h), "matrix")]
     for i in range(cfg.num_hidden_layers):
         p = f"blk.{i}."
@@ -71,10 +77,18 @@ def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[
                 (p + "attn_q_norm.weight", (q if full else d,), "norm"),
                 (p + "attn_k_norm.weight", (kv if full else d,), "norm"),
             ]
-        out += [(p + "attn_output.weight", (h, q), "matrix"), (p + "ffn_norm.weight", (h,), "norm")]
-        if cfg.is_moe_layer(i):
+        out.append((p + "attn_output.weight", (h, q), "matrix"))
+        if oss:
             out += [
-                (p + "ffn_gate_inp.weight", (e, h), "router"),
+                (p + "attn_output.bias", (h,), "norm"),
+                (p + "attn_sinks.weight", (cfg.num_attention_heads,), "norm"),
+            ]
+        out.append((p + ("post_attention_norm" if oss else "ffn_norm") + ".weight", (h,), "norm"))
+        if cfg.is_moe_layer(i):
+            out.append((p + "ffn_gate_inp.weight", (e, h), "router"))
+            if oss:
+                out.append((p + "ffn_gate_inp.bias", (e,), "norm"))
+            out += [
                 *(
                     [(p + "ffn_gate_up_exps.weight", (e, 2 * f, h), "experts")]
                     if fused_gate_up
@@ -85,6 +99,12 @@ def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[
                 ),
                 (p + "ffn_down_exps.weight", (e, h, f), "experts"),
             ]
+            if oss:
+                out += [
+                    (p + "ffn_gate_exps.bias", (e, f), "norm"),
+                    (p + "ffn_up_exps.bias", (e, f), "norm"),
+                    (p + "ffn_down_exps.bias", (e, h), "norm"),
+                ]
             s = cfg.shared_expert_intermediate_size
             if s:
                 out += [
@@ -106,6 +126,41 @@ def tensor_list(hf: dict, fused_gate_up: bool = False) -> list[tuple[str, tuple[
     return out
 
 
+def _tensor_list_from_shapes(cfg, split_kv_b: bool) -> list[tuple[str, tuple[int, ...], str]]:
+    """DeepSeek's latent attention and GLM-4.5's spellings, from mer's own tensor shapes and
+    the GGUF names of `gguf_arch`, layer by layer, then the layer's expert stacks."""
+    from mer.models import naming
+    from mer.store.gguf_arch import gguf_names
+
+    arch = ARCHS[GGUF_ARCH[cfg.model_type]]
+    shapes = naming.dense_shapes(cfg)
+    names = gguf_names(list(shapes), cfg.num_hidden_layers, arch)
+    e, h, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    layers: dict[int | None, list] = {}
+    for ours, g in names.items():
+        shape = shapes[ours]
+        role = "norm" if len(shape) == 1 else "router" if ours.endswith("router") else "matrix"
+        layer = int(ours.split(".")[1]) if ours.startswith("layers.") else None
+        rows = layers.setdefault(layer, [])
+        if split_kv_b and g.endswith("attn_kv_b.weight"):
+            heads, r = cfg.num_attention_heads, cfg.kv_lora_rank
+            rows.append((g.replace("kv_b", "k_b"), (heads, r, cfg.qk_nope_head_dim), "matrix"))
+            rows.append((g.replace("kv_b", "v_b"), (heads, cfg.v_head_dim, r), "matrix"))
+        else:
+            rows.append((g, shape, role))
+    for i in cfg.moe_layers:
+        layers[i] += [
+            (f"blk.{i}.ffn_gate_exps.weight", (e, f, h), "experts"),
+            (f"blk.{i}.ffn_up_exps.weight", (e, f, h), "experts"),
+            (f"blk.{i}.ffn_down_exps.weight", (e, h, f), "experts"),
+        ]
+    glob = layers.pop(None)
+    out = [t for t in glob if t[0] == "token_embd.weight"]
+    for i in range(cfg.num_hidden_layers):
+        out += layers[i]
+    return out + [t for t in glob if t[0] != "token_embd.weight"]
+
+
 def add_metadata(w, hf: dict) -> None:
     """The `<arch>.*` keys llama.cpp's converter writes for this config."""
     from mer.config import ModelConfig
@@ -117,14 +172,17 @@ def add_metadata(w, hf: dict) -> None:
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.dense_intermediate_size or cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    mla = cfg.model_type.startswith("deepseek")  # latent attention: MQA in llama.cpp's terms
+    w.add_head_count_kv(1 if mla else cfg.num_key_value_heads)
     w.add_rope_freq_base(float(cfg.rope_theta))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_expert_count(cfg.num_local_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
+    if mla:
+        return _deepseek2_metadata(w, cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(getattr(cfg, "rotary_dim", cfg.head_dim))  # GLM: partial
     if cfg.model_type != "mixtral":
         w.add_expert_feed_forward_length(cfg.intermediate_size)
         w.add_expert_weights_norm(cfg.norm_topk_prob)
@@ -132,6 +190,64 @@ def add_metadata(w, hf: dict) -> None:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if cfg.clip_qkv:
         w.add_clamp_kqv(float(cfg.clip_qkv))
+    if cfg.model_type == "glm4_moe":  # DeepSeek-V3's routing and dense first layers
+        from gguf import ExpertGatingFuncType
+
+        w.add_leading_dense_block_count(len(cfg.dense_layers))
+        w.add_expert_shared_count(cfg.shared_expert_intermediate_size // cfg.intermediate_size)
+        w.add_expert_weights_scale(float(cfg.routed_scaling_factor))
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+    if cfg.model_type == "gpt_oss":
+        w.add_sliding_window(cfg.sliding_window)
+    if getattr(cfg, "rope_type", "default") == "yarn":  # as llama.cpp writes gpt-oss's
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(cfg.rope_factor))
+        w.add_rope_scaling_orig_ctx_len(cfg.rope_original_max_positions)
+
+
+def _deepseek2_metadata(w, cfg) -> None:
+    """DeepSeek-V2/V3 as llama.cpp writes it: latent attention as MQA over [latent | rope
+    key], the heads' widths as key_length_mla/value_length_mla, V3 routing by sigmoid."""
+    from gguf import ExpertGatingFuncType
+
+    r, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    w.add_key_length(r + rope)
+    w.add_value_length(r)
+    w.add_key_length_mla(cfg.qk_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_kv_lora_rank(r)
+    if cfg.q_lora_rank:
+        w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_rope_dimension_count(rope)
+    w.add_leading_dense_block_count(len(cfg.dense_layers))
+    w.add_expert_feed_forward_length(cfg.intermediate_size)
+    w.add_expert_shared_count(cfg.shared_expert_intermediate_size // cfg.intermediate_size)
+    w.add_expert_weights_scale(float(cfg.routed_scaling_factor))
+    if cfg.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    w.add_expert_group_count(cfg.n_group)
+    w.add_expert_group_used_count(cfg.topk_group)
+    v3 = cfg.topk_method == "noaux_tc"
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if v3 else ExpertGatingFuncType.SOFTMAX)
+    y = cfg.rope_scaling
+    if y:
+        from gguf import RopeScalingType
+
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(y["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(y["original_max_position_embeddings"]))
+        for key, setter in (
+            ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", w.add_rope_scaling_yarn_beta_slow),
+        ):
+            if y.get(key) is not None:
+                setter(float(y[key]))
+        if y.get("mscale_all_dim"):
+            w.add_rope_scaling_yarn_log_mul(0.1 * y["mscale_all_dim"])
 
 
 def add_tokenizer(w, tok, vocab_size: int, chat_template: str | None) -> None:
@@ -331,6 +447,8 @@ class RandomTensors:
     def type_of(self, name: str, shape: tuple[int, ...], role: str) -> str:
         if role in ("norm", "router"):
             return "F32"
+        if shape[-1] % 32:  # rows not whole blocks (DeepSeek's narrow heads): F16, as llama.cpp
+            return "F16"
         return self.type_name if shape[-1] % 256 == 0 or self.type_name != "Q4_K" else "Q8_0"
 
     def __call__(self, name: str, shape: tuple[int, ...], role: str) -> np.ndarray:
