@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -157,9 +158,8 @@ def kernel_bench(
         t.add_column(col, justify="right")
     for m in batches:
         x = torch.randn(m, hidden, dtype=torch.bfloat16)
-        run = int4_paths.RUNNERS
-        fns = {"int4": lambda x, e=expert: run["tinygemm"](e, x), "dequantized": dense}
-        fns |= {p: lambda x, e=expert, p=p: run[p](e, x) for p in paths}
+        fns = {"int4": partial(int4_paths.RUNNERS["tinygemm"], expert), "dequantized": dense}
+        fns |= {p: partial(int4_paths.RUNNERS[p], expert) for p in paths}
         fns |= runs
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(ROUNDS):
