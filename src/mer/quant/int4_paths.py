@@ -1,11 +1,13 @@
 """The int4 expert FFN's paths, and the one each shape class takes here, chosen by measurement.
 
-An int4 expert's SwiGLU FFN can run four ways on the same bytes:
+An int4 expert's SwiGLU FFN can run five ways on the same bytes:
 
 - "tinygemm": PyTorch's `_weight_int4pack_mm_for_cpu` per linear, SiLU in torch (the path
   every CPU build of PyTorch has);
 - "c-fused": `int4_kernel.c`'s whole FFN in one call (gate and up rows of a block in one
   pass, SiLU, down), float32 accumulation, AVX-512 only;
+- "c-bf16": the same on bfloat16 activations with AVX512_BF16 dot products (x, and the
+  SiLU product, rounded to bfloat16 as a bf16 model rounds them);
 - "dequant-bf16" / "dequant-f32": a chunk of rows dequantized by the C kernel into a small
   buffer that stays in cache, then a bf16 or float32 GEMM by PyTorch (oneDNN, AMX where
   the CPU has it), so a weight serves every token of a prefill.
@@ -42,7 +44,7 @@ from mer.quant import int4, native
 from mer.quant.expert import ExpertWeights
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
-PATHS = ("tinygemm", "c-fused", "dequant-bf16", "dequant-f32")
+PATHS = ("tinygemm", "c-fused", "c-bf16", "dequant-bf16", "dequant-f32")
 # Shape classes and the token count each is measured at.
 CLASSES = {"decode": 1, "small": 8, "prefill": 64}
 ROUNDS = 5
@@ -73,7 +75,17 @@ def _lib() -> ctypes.CDLL | None:
     if not _probe(lib):
         warnings.warn("int4 C kernel disagrees with the reference here: not used", stacklevel=3)
         return None
+    if hasattr(lib, "int4_ffn_bf16"):  # built only where the compiler targets AVX512_BF16
+        lib.int4_ffn_bf16.argtypes = [p] * 10 + [i64] * 5 + [ctypes.c_int]
+        lib.int4_ffn_bf16.restype = None
     return lib
+
+
+@functools.cache
+def bf16_available() -> bool:
+    """The AVX512_BF16 fused FFN built and matches the reference on a probe."""
+    lib = _lib()
+    return lib is not None and hasattr(lib, "int4_ffn_bf16") and _probe_bf16(lib)
 
 
 def native_available() -> bool:
@@ -110,6 +122,24 @@ def _probe(lib: ctypes.CDLL) -> bool:
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
         got = _dequant_raw(lib, gu, 64, 128, dtype).double().t()
         ok &= _close(got, wgu[64:192], tol)
+    return bool(ok)
+
+
+def _probe_bf16(lib: ctypes.CDLL) -> bool:
+    gen = torch.Generator().manual_seed(1)
+    h, f, g = 128, 192, 32
+    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
+    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, "tinygemm-avx512"), g, 2 * f, h)
+    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, "tinygemm-avx512"),
+                           g, h, f)  # fmt: skip
+    wgu, wd = gu.dequantize("tinygemm-avx512").double(), down.dequantize("tinygemm-avx512")
+    ok = True
+    for t in (1, 3, 4, 9):
+        x = torch.randn(t, h, generator=gen).bfloat16()
+        a = x.double() @ wgu.t()
+        hb = (F.silu(a[:, :f]) * a[:, f:]).bfloat16().double()  # h rounded as the kernel does
+        # bf16 rounding of h can flip where two paths round differently: compare loosely.
+        ok &= _close(_c_ffn_bf16_raw(lib, gu, down, f, x), hb @ wd.double().t(), 1e-2)
     return bool(ok)
 
 
@@ -157,6 +187,22 @@ def _c_ffn_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x: tor
     return y
 
 
+def _c_ffn_bf16_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x: torch.Tensor,
+                    threads: int = 2) -> torch.Tensor:  # fmt: skip
+    xb = x.to(torch.bfloat16).contiguous()
+    t, hidden = xb.shape
+    h = torch.empty(t, ffn, dtype=torch.bfloat16)
+    scratch = torch.empty(threads * t * 128)
+    xs = torch.empty(t * hidden // gu.group_size)
+    hs = torch.empty(threads * t * ffn // down.group_size)
+    y = torch.empty(t, hidden)
+    lib.int4_ffn_bf16(gu.packed.data_ptr(), gu.scales_zeros.data_ptr(), down.packed.data_ptr(),
+                      down.scales_zeros.data_ptr(), xb.data_ptr(), h.data_ptr(),
+                      scratch.data_ptr(), xs.data_ptr(), hs.data_ptr(), y.data_ptr(), t, hidden,
+                      ffn, gu.group_size, down.group_size, threads)  # fmt: skip
+    return y
+
+
 # --- the paths, as functions of (expert, x) -----------------------------------------------
 
 
@@ -174,6 +220,11 @@ def threads_for(nbytes: int) -> int:
 def _c_fused(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
     return _c_ffn_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
+
+
+def _c_bf16(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
+    return _c_ffn_bf16_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
 
 
 def _dequant(dtype: torch.dtype) -> Callable[[ExpertWeights, torch.Tensor], torch.Tensor]:
@@ -198,6 +249,7 @@ def _dequant(dtype: torch.dtype) -> Callable[[ExpertWeights, torch.Tensor], torc
 RUNNERS: dict[str, Callable[[ExpertWeights, torch.Tensor], torch.Tensor]] = {
     "tinygemm": _tinygemm,
     "c-fused": _c_fused,
+    "c-bf16": _c_bf16,
     "dequant-bf16": _dequant(torch.bfloat16),
     "dequant-f32": _dequant(torch.float32),
 }
@@ -211,7 +263,7 @@ def eligible(e: ExpertWeights) -> list[str]:
         and e.down.n % 64 == 0
         and native_available()
     )
-    return ["tinygemm", *(p for p in PATHS[1:] if c_ok)]
+    return ["tinygemm", *(p for p in PATHS[1:] if c_ok and (p != "c-bf16" or bf16_available()))]
 
 
 # --- choosing by measurement ---------------------------------------------------------------
