@@ -89,7 +89,7 @@ def test_the_choice_is_measured_once_kept_per_machine_and_used(monkeypatch):
     assert set(choice.paths) == set(int4_paths.CLASSES)
     for cls, p in choice.paths.items():  # the fastest measured candidate wins
         assert choice.ms[cls][p] == min(choice.ms[cls].values())
-        assert set(choice.ms[cls]) == set(int4_paths.eligible(e))
+        assert set(choice.ms[cls]) <= set(int4_paths.eligible(e))
     saved = json.loads(int4_paths._cache_file(e).read_text())
     assert saved["paths"] == choice.paths
     # A new process (memory forgotten) reads the file and measures nothing.
