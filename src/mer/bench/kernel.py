@@ -7,7 +7,9 @@ for those we also time the alternatives (dequantize to bf16 then matmul, and
 a resident bf16 matmul) to show which path is faster. Every other scheme asked
 for (by default mxfp4) runs the same FFN from its own random extent, each
 token count measured in alternating rounds with int4 and reported as a ratio
-to it: the baseline always comes from the same run.
+to it: the baseline always comes from the same run. A second table times each
+path the int4 expert can take here (quant/int4_paths.py) in the same rounds, with
+the path this machine's measurement chose for the token count's class.
 """
 
 from __future__ import annotations

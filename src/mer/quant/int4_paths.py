@@ -30,7 +30,6 @@ import functools
 import hashlib
 import json
 import os
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -48,6 +47,7 @@ PATHS = ("tinygemm", "c-fused", "c-bf16", "dequant-bf16", "dequant-f32")
 # Shape classes and the token count each is measured at.
 CLASSES = {"decode": 1, "small": 8, "prefill": 64}
 ROUNDS = 4
+ROUND_S = 0.02  # seconds of calls per candidate and round, at least
 GRAIN = 1 << 20  # weight bytes per C thread at least
 CHUNK = 512  # rows dequantized at a time: a few MiB, so the GEMM reads them from cache
 
@@ -280,25 +280,30 @@ class Choice:
 def measure(
     e: ExpertWeights, candidates: list[str], tokens: int, rounds: int = ROUNDS
 ) -> dict[str, float]:
-    """Median ms of each candidate on `tokens` bf16 tokens through `e`, alternated per round
-    (those far behind on a first call are dropped)."""
+    """Each candidate's ms on `tokens` bf16 tokens through `e`: calls alternate between
+    candidates in rounds (each round calls a candidate for ROUND_S at least), and the score
+    is the 20th percentile of its calls, which the other processes of a busy machine
+    inflate least. Candidates 3x behind the best on a first call are dropped: they would
+    not win, and timing them again is most of the cost."""
     x = torch.randn(tokens, e.down.n, generator=torch.Generator().manual_seed(0))
     x = x.to(torch.bfloat16)
-    first = {}
-    for c in candidates:  # warm-up, and a first look
-        t0 = time.perf_counter()
-        RUNNERS[c](e, x)
-        first[c] = time.perf_counter() - t0
-    # A path 3x slower than the best on its first call is out: it would not win the rounds
-    # (3x is wider than this machine's noise), and timing it again is most of the cost.
+    first = {c: _timed(c, e, x) for c in candidates}  # also the warm-up
     candidates = [c for c in candidates if first[c] <= 3 * min(first.values())]
     times: dict[str, list[float]] = {c: [] for c in candidates}
     for _ in range(rounds):
         for c in candidates:
-            t0 = time.perf_counter()
-            RUNNERS[c](e, x)
-            times[c].append(time.perf_counter() - t0)
-    return {c: statistics.median(ts) * 1e3 for c, ts in times.items()}
+            start = time.perf_counter()
+            while True:
+                times[c].append(_timed(c, e, x))
+                if time.perf_counter() - start >= ROUND_S:
+                    break
+    return {c: sorted(ts)[len(ts) // 5] * 1e3 for c, ts in times.items()}
+
+
+def _timed(path: str, e: ExpertWeights, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    RUNNERS[path](e, x)
+    return time.perf_counter() - t0
 
 
 def _cache_file(e: ExpertWeights) -> Path:
