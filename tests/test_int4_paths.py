@@ -126,3 +126,15 @@ def test_an_expert_with_biases_or_an_odd_shape_keeps_the_plain_path():
     ef = ExpertFormat.for_machine("int4", 96, 192, 32)
     e = ef.view(torch.zeros(ef.nbytes, dtype=torch.uint8))
     assert int4_paths.eligible(e) == ["tinygemm"]  # 96 output rows: no whole 64-row block
+
+
+def test_bench_kernel_prints_each_path_and_the_choice(capsys):
+    from mer.bench.kernel import kernel_bench
+
+    kernel_bench(128, 256, [1, 40], 32, 0.02, ("int4",))
+    out = capsys.readouterr().out
+    assert "int4 path per shape class, measured here at first use: decode (1 tok)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("1 ", "40")]
+    chosen = int4_paths.choose(_expert(hidden=128, ffn=256, group=32)[1]).paths
+    assert [r[0] for r in rows[-2:]] == ["1", "40"]
+    assert rows[-2][-4] == chosen["decode"] and rows[-1][-4] == chosen["prefill"]
