@@ -271,7 +271,8 @@ def eligible(e: ExpertWeights) -> list[str]:
 
 @dataclass(frozen=True)
 class Choice:
-    """Per shape class: the path taken and each candidate's median ms at its token count."""
+    """Per shape class: the path taken and each candidate's score (ms, `measure`) at the
+    class's token count."""
 
     paths: dict[str, str]
     ms: dict[str, dict[str, float]]
@@ -321,15 +322,16 @@ def _cache_file(e: ExpertWeights) -> Path:
     return native.cache_dir() / f"int4-paths-{e.down.n}x{e.ffn}-{digest}.json"
 
 
-_chosen: dict[Path, Choice] = {}
+_chosen: dict[tuple, Choice] = {}
 
 
 def choose(e: ExpertWeights) -> Choice:
     """This machine's path per shape class for experts shaped like `e`: from memory, from the
     cache file, or measured now on `e` (and saved)."""
+    mem = (e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, torch.get_num_threads())
+    if mem in _chosen:  # every expert call asks: no file, no hashing
+        return _chosen[mem]
     path = _cache_file(e)
-    if path in _chosen:
-        return _chosen[path]
     choice = None
     try:
         d = json.loads(path.read_text())
@@ -342,7 +344,7 @@ def choose(e: ExpertWeights) -> Choice:
         ms = {cls: measure(e, cands, m) for cls, m in CLASSES.items()}
         choice = Choice({cls: min(t, key=t.get) for cls, t in ms.items()}, ms)
         _save(path, choice)
-    _chosen[path] = choice
+    _chosen[mem] = choice
     return choice
 
 
