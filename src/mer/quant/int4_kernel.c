@@ -13,7 +13,9 @@
  * tiles. `int4_ffn` is the whole SwiGLU expert in one call: gate and up rows of the same
  * block of ffn units in one pass (gate_up holds gate rows first, then up rows), SiLU and
  * product in registers, then down over the product, in one OpenMP region with a barrier
- * between the two. Only the AVX-512 build computes anything; int4_simd() says which build
+ * between the two. Blocks are handed out dynamically, two at a time: on a busy machine a
+ * descheduled thread's blocks go to the others instead of holding the barrier. Only the
+ * AVX-512 build computes anything; int4_simd() says which build
  * this is, and the caller uses the kernel only where it is 512 and its probe passes.
  */
 #include <math.h>
@@ -106,7 +108,7 @@ static void group_sums(const float *x, float *xs, int64_t T, int64_t K, int64_t 
 void int4_linear(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs, float *y,
                  int64_t T, int64_t N, int64_t K, int64_t G, int threads) {
     group_sums(x, xs, T, K, G);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
     for (int64_t nb = 0; nb < N / 64; nb++)
         block_rows(packed, sz, x, xs, y + nb * 64, N, nb * 64, N, K, G, T);
 }
@@ -123,7 +125,7 @@ void int4_ffn(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
 #ifdef _OPENMP
         mine = gu + (int64_t)omp_get_thread_num() * T * 128;
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
         for (int64_t fb = 0; fb < F / 64; fb++) {
             /* gate rows fb*64.. into mine[t*128 + 0..63], up rows F + fb*64.. into +64. */
             block_rows(p_gu, sz_gu, x, xs, mine, 128, fb * 64, 2 * F, H, Gu, T);
@@ -140,7 +142,7 @@ void int4_ffn(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
         my_hs = hs + (int64_t)omp_get_thread_num() * T * (F / Gd);
 #endif
         group_sums(h, my_hs, T, F, Gd);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
         for (int64_t nb = 0; nb < H / 64; nb++)
             block_rows(p_d, sz_d, h, my_hs, y + nb * 64, H, nb * 64, H, F, Gd, T);
     }
@@ -150,7 +152,7 @@ void int4_ffn(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
  * bf16 rounded to nearest even, for dequantize-then-GEMM (y = x @ out). */
 void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16, int64_t n0,
                   int64_t rows, int64_t N, int64_t K, int64_t G, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
     for (int64_t bl = 0; bl < rows / 64; bl++) {
         const uint8_t *pb = packed + (n0 + bl * 64) * (K / 2);
         const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -314,7 +316,7 @@ void int4_ffn_bf16(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_
         mine = gu + (int64_t)omp_get_thread_num() * T * 128;
         my_hs = hs + (int64_t)omp_get_thread_num() * T * (F / Gd);
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
         for (int64_t fb = 0; fb < F / 64; fb++) {
             block_rows_bf16(p_gu, sz_gu, x, xs, mine, 128, fb * 64, 2 * F, H, Gu, T);
             block_rows_bf16(p_gu, sz_gu, x, xs, mine + 64, 128, F + fb * 64, 2 * F, H, Gu, T);
@@ -325,7 +327,7 @@ void int4_ffn_bf16(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_
                 }
         }
         group_sums_bf16(h16, my_hs, T, F, Gd);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
         for (int64_t nb = 0; nb < H / 64; nb++)
             block_rows_bf16(p_d, sz_d, h16, my_hs, y + nb * 64, H, nb * 64, H, F, Gd, T);
     }
