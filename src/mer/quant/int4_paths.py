@@ -284,20 +284,23 @@ def measure(
     """Each candidate's ms on `tokens` bf16 tokens through `e`: calls alternate between
     candidates in rounds (each round calls a candidate for ROUND_S at least), and the score
     is the 20th percentile of its calls, which the other processes of a busy machine
-    inflate least. Candidates 3x behind the best on a first call are dropped: they would
-    not win, and timing them again is most of the cost."""
+    inflate least. Candidates whose fastest call of the first round is 3x behind the best
+    one's are dropped: they would not win, and timing them again is most of the cost."""
     x = torch.randn(tokens, e.down.n, generator=torch.Generator().manual_seed(0))
     x = x.to(torch.bfloat16)
-    first = {c: _timed(c, e, x) for c in candidates}  # also the warm-up
-    candidates = [c for c in candidates if first[c] <= 3 * min(first.values())]
+    for c in candidates:
+        _timed(c, e, x)  # warm-up: first calls allocate
     times: dict[str, list[float]] = {c: [] for c in candidates}
-    for _ in range(rounds):
-        for c in candidates:
+    for r in range(rounds):
+        for c in times:
             start = time.perf_counter()
             while True:
                 times[c].append(_timed(c, e, x))
                 if time.perf_counter() - start >= ROUND_S:
                     break
+        if r == 0:
+            best = min(min(ts) for ts in times.values())
+            times = {c: ts for c, ts in times.items() if min(ts) <= 3 * best}
     return {c: sorted(ts)[len(ts) // 5] * 1e3 for c, ts in times.items()}
 
 
