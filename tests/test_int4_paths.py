@@ -101,9 +101,13 @@ def test_the_choice_is_measured_once_kept_per_machine_and_used(monkeypatch):
     int4_paths._chosen.clear()
     taken = []
     monkeypatch.setitem(int4_paths.RUNNERS, "tinygemm", lambda e, x: taken.append(len(x)) or x)
-    e(torch.randn(1, 64))
-    e(torch.randn(33, 64))
+    e(torch.randn(1, 64, dtype=torch.bfloat16))
+    e(torch.randn(33, 64, dtype=torch.bfloat16))
     assert taken == [1, 33] and len(calls) == 3
+    # Float32 activations have their own choice, among paths that keep them float32.
+    choice32 = int4_paths.choose(e, torch.float32)
+    assert len(calls) == 6
+    assert not set(choice32.paths.values()) & set(int4_paths.ROUNDS_TO_BF16)
 
 
 def test_a_forced_path_is_taken_and_a_bad_one_named(monkeypatch):

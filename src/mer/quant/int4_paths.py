@@ -15,7 +15,9 @@ An int4 expert's SwiGLU FFN can run five ways on the same bytes:
 Which is fastest depends on the CPU and on the token count, so nothing is chosen from CPU
 flags: the first time an expert of a shape runs, each eligible path runs that expert at a
 token count standing for its class (decode: 1 token; small batches: 2-31; prefill: 32 and
-more), alternating paths over several rounds, and the fastest median wins. The choice is
+more), alternating paths over several rounds, and the fastest wins. Float32 activations
+(a model run in float32 to be exact) get their own choice among the paths that do not
+round them to bfloat16. The choice is
 kept in memory and in a JSON file under the kernel cache directory whose name hashes this
 CPU, the PyTorch version, the kernel source, the shape and the thread count, so later
 processes on this machine reuse it. `MER_INT4_PATH` forces one path everywhere (for
@@ -255,15 +257,23 @@ RUNNERS: dict[str, Callable[[ExpertWeights, torch.Tensor], torch.Tensor]] = {
 }
 
 
-def eligible(e: ExpertWeights) -> list[str]:
-    """The paths that can run this expert here."""
+# Paths that round activations to bfloat16 on the way: never taken for float32 activations,
+# which a model runs in to be exact (parity checks), not fast.
+ROUNDS_TO_BF16 = ("c-bf16", "dequant-bf16")
+
+
+def eligible(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """The paths that can run this expert here on activations of `dtype`."""
     c_ok = (
         int4.kernel_layout() == "tinygemm-avx512"
         and e.ffn % 64 == 0
         and e.down.n % 64 == 0
         and native_available()
     )
-    return ["tinygemm", *(p for p in PATHS[1:] if c_ok and (p != "c-bf16" or bf16_available()))]
+    paths = [p for p in PATHS[1:] if c_ok and (p != "c-bf16" or bf16_available())]
+    if dtype != torch.bfloat16:
+        paths = [p for p in paths if p not in ROUNDS_TO_BF16]
+    return ["tinygemm", *paths]
 
 
 # --- choosing by measurement ---------------------------------------------------------------
@@ -279,7 +289,11 @@ class Choice:
 
 
 def measure(
-    e: ExpertWeights, candidates: list[str], tokens: int, rounds: int = ROUNDS
+    e: ExpertWeights,
+    candidates: list[str],
+    tokens: int,
+    rounds: int = ROUNDS,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, float]:
     """Each candidate's ms on `tokens` bf16 tokens through `e`: calls alternate between
     candidates in rounds (each round calls a candidate for ROUND_S at least), and the score
@@ -287,7 +301,7 @@ def measure(
     inflate least. Candidates whose fastest call of the first round is 3x behind the best
     one's are dropped: they would not win, and timing them again is most of the cost."""
     x = torch.randn(tokens, e.down.n, generator=torch.Generator().manual_seed(0))
-    x = x.to(torch.bfloat16)
+    x = x.to(dtype)
     for c in candidates:
         _timed(c, e, x)  # warm-up: first calls allocate
     times: dict[str, list[float]] = {c: [] for c in candidates}
@@ -310,41 +324,43 @@ def _timed(path: str, e: ExpertWeights, x: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def _cache_file(e: ExpertWeights) -> Path:
+def _cache_file(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Path:
     key = "\0".join(
         [
             native._cpu_identity(),
             torch.__version__,
             SOURCE.read_text(),
-            repr((e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size)),
+            repr((e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, str(dtype))),
             str(torch.get_num_threads()),
             int4.kernel_layout(),
         ]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return native.cache_dir() / f"int4-paths-{e.down.n}x{e.ffn}-{digest}.json"
+    kind = str(dtype).removeprefix("torch.")
+    return native.cache_dir() / f"int4-paths-{e.down.n}x{e.ffn}-{kind}-{digest}.json"
 
 
 _chosen: dict[tuple, Choice] = {}
 
 
-def choose(e: ExpertWeights) -> Choice:
+def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice:
     """This machine's path per shape class for experts shaped like `e`: from memory, from the
     cache file, or measured now on `e` (and saved)."""
-    mem = (e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, torch.get_num_threads())
+    mem = (e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, torch.get_num_threads(),
+           dtype)  # fmt: skip
     if mem in _chosen:  # every expert call asks: no file, no hashing
         return _chosen[mem]
-    path = _cache_file(e)
+    path = _cache_file(e, dtype)
     choice = None
     try:
         d = json.loads(path.read_text())
-        if set(d["paths"]) == set(CLASSES) and set(d["paths"].values()) <= set(eligible(e)):
+        if set(d["paths"]) == set(CLASSES) and set(d["paths"].values()) <= set(eligible(e, dtype)):
             choice = Choice(d["paths"], d["ms"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     if choice is None:
-        cands = eligible(e)
-        ms = {cls: measure(e, cands, m) for cls, m in CLASSES.items()}
+        cands = eligible(e, dtype)
+        ms = {cls: measure(e, cands, m, dtype=dtype) for cls, m in CLASSES.items()}
         choice = Choice({cls: min(t, key=t.get) for cls, t in ms.items()}, ms)
         _save(path, choice)
     _chosen[mem] = choice
@@ -361,13 +377,13 @@ def _save(path: Path, choice: Choice) -> None:
         pass
 
 
-def path_for(e: ExpertWeights, tokens: int) -> str:
+def path_for(e: ExpertWeights, tokens: int, dtype: torch.dtype = torch.bfloat16) -> str:
     forced = os.environ.get("MER_INT4_PATH")
     if forced:
         if forced not in PATHS:
             raise ValueError(f"MER_INT4_PATH={forced!r}: choose from {', '.join(PATHS)}")
-        return forced if forced in eligible(e) else "tinygemm"
-    return choose(e).paths[shape_class(tokens)]
+        return forced if forced in eligible(e, dtype) else "tinygemm"
+    return choose(e, dtype).paths[shape_class(tokens)]
 
 
 @dataclass(frozen=True)
@@ -375,4 +391,4 @@ class Int4Expert(ExpertWeights):
     """An int4 SwiGLU expert whose call takes the path chosen for its token count here."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return RUNNERS[path_for(self, x.shape[0])](self, x)
+        return RUNNERS[path_for(self, x.shape[0], x.dtype)](self, x)
