@@ -77,8 +77,9 @@ def test_shape_classes():
     ]  # fmt: skip
 
 
-def test_the_choice_is_measured_once_kept_per_machine_and_used(monkeypatch):
+def test_the_choice_is_measured_once_kept_per_machine_and_used(monkeypatch, tmp_path):
     monkeypatch.delenv("MER_INT4_PATH", raising=False)
+    monkeypatch.setenv("MER_CACHE_DIR", str(tmp_path))  # other tests measured this shape
     int4_paths._chosen.clear()
     _, e = _expert(hidden=64, ffn=128, group=32)
     calls = []
