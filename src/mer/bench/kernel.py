@@ -7,7 +7,9 @@ for those we also time the alternatives (dequantize to bf16 then matmul, and
 a resident bf16 matmul) to show which path is faster. Every other scheme asked
 for (by default mxfp4) runs the same FFN from its own random extent, each
 token count measured in alternating rounds with int4 and reported as a ratio
-to it: the baseline always comes from the same run.
+to it: the baseline always comes from the same run. A second table times each
+path the int4 expert can take here (quant/int4_paths.py) in the same rounds, with
+the path this machine's measurement chose for the token count's class.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import argparse
 import statistics
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from mer.bench.timing import median_seconds
 from mer.errors import ConfigError
 from mer.options import count, number
-from mer.quant import int4, mxfp4
+from mer.quant import int4, int4_paths, mxfp4
 from mer.quant.expert import SCHEMES, ExpertFormat, ExpertWeights
 from mer.quant.schemes.bf16 import DenseLinear
 from mer.synth.store import random_int4_extent
@@ -125,6 +129,8 @@ def kernel_bench(
     rng = np.random.default_rng(0)
     buf = random_int4_extent(ef, rng)
     expert = ef.view(buf)
+    paths = [p for p in int4_paths.eligible(expert) if p != "tinygemm"]
+    choice = int4_paths.choose(expert) if isinstance(expert, int4_paths.Int4Expert) else None
     dense = dequantized(ef, buf)
     runs = {s: other.view(random_extent(other, rng)) for s, other in others.items()}
     bw = memory_bandwidth(max(256 << 20, 4 * ef.nbytes), seconds)
@@ -133,18 +139,30 @@ def kernel_bench(
         f"{fmt_bytes(ef.nbytes)} per expert; {torch.get_num_threads()} threads; "
         f"baseline: memory copy {bw / 1e9:.1f} GB/s (bytes read + written)"
     )
+    if choice is not None:
+        how = ", ".join(
+            f"{cls} ({int4_paths.CLASSES[cls]} tok) {p}" for cls, p in choice.paths.items()
+        )
+        console.print(f"int4 path per shape class, measured here at first use: {how}")
     for s, other in others.items():
         path = f", kernel: {mxfp4.kernel_description()}" if s == "mxfp4" else ""
         console.print(f"{s}: {fmt_bytes(other.nbytes)} per expert{path}")
     t = Table(title="expert FFN (gate+up, SiLU, down), median times")
     cols = ["tokens", "int4 ms", "weights GB/s", "vs copy", "GFLOP/s", "bf16 ms", "bf16/int4"]
+    tp = Table(title="int4 expert FFN by path (same rounds), and the path chosen here",
+               box=box.SIMPLE_HEAD)  # fmt: skip
+    for col in ["tokens", "tinygemm ms", *(f"{p} ms" for p in paths), "chosen", "GB/s",
+                "vs copy", "chosen/tinygemm"]:  # fmt: skip
+        tp.add_column(col, justify="right")
     for s in others:
         cols += [f"{s} ms", f"{s}/int4"]
     for col in cols:
         t.add_column(col, justify="right")
     for m in batches:
         x = torch.randn(m, hidden, dtype=torch.bfloat16)
-        fns = {"int4": expert, "dequantized": dense, **runs}
+        fns = {"int4": partial(int4_paths.RUNNERS["tinygemm"], expert), "dequantized": dense}
+        fns |= {p: partial(int4_paths.RUNNERS[p], expert) for p in paths}
+        fns |= runs
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(ROUNDS):
             for name, fn in fns.items():
@@ -161,13 +179,23 @@ def kernel_bench(
             f"{med['dequantized'] * 1e3:.2f}",
             f"{med['dequantized'] / t_int4:.1f}x",
         ]
+        best = choice.paths[int4_paths.shape_class(m)] if choice else "tinygemm"
+        t_best = med["int4" if best == "tinygemm" else best]
+        gb_best = ef.nbytes / t_best
+        times_ms = [f"{med[p] * 1e3:.2f}" for p in ("int4", *paths)]
+        tp.add_row(str(m), *times_ms, best, f"{gb_best / 1e9:.1f}", f"{gb_best / bw:.2f}",
+                   f"{t_best / t_int4:.2f}x")  # fmt: skip
         for s in others:
             row += [f"{med[s] * 1e3:.2f}", f"{med[s] / t_int4:.2f}x"]
         t.add_row(*row)
     console.print(t)
+    console.print(tp)
     console.print(
         "weights GB/s: int4 expert bytes / kernel time (one token reads every weight once); "
         "vs copy: that over the copy's rate. bf16: the same FFN on weights already dequantized "
         "to bf16, i.e. a lower bound for any dequantize-then-matmul path, at 4x the memory. "
+        "int4 ms is PyTorch's tinygemm int4 kernel; c-fused our C FFN, dequant-* a chunk of "
+        "rows dequantized then a bf16/float32 GEMM (quant/int4_paths.py); chosen: the path "
+        "this machine's measurement picked for the token count's class, timed in this run. "
         + "".join(f"{s}/int4: {s}'s time over int4's, measured alternately. " for s in others)
     )

@@ -221,4 +221,7 @@ class ExpertFormat:
             lin[name] = s.view(self, own, n, k)
             if self.bias:
                 lin[name] = BiasedLinear(lin[name], t[f"{name}.bias"])
+        expert = getattr(s, "expert", None)  # a scheme's own SwiGLU (int4: kernel per shape)
+        if expert is not None and not self.bias:
+            return expert(lin["gate_up"], lin["down"], self.ffn)
         return ExpertWeights(lin["gate_up"], lin["down"], self.ffn)

@@ -56,6 +56,14 @@ def view(fmt: ExpertFormat, t: dict[str, torch.Tensor], n: int, k: int) -> int4.
     return int4.Int4Linear(packed, t["scales_zeros"], fmt.group_size, n, k)
 
 
+def expert(gate_up: int4.Int4Linear, down: int4.Int4Linear, ffn: int):
+    """The SwiGLU expert over these weights, taking the path measured fastest here per
+    token count (quant/int4_paths.py)."""
+    from mer.quant.int4_paths import Int4Expert  # it builds on quant.expert, which imports us
+
+    return Int4Expert(gate_up, down, ffn)
+
+
 _warned: set[tuple[str, str]] = set()
 
 

@@ -1,0 +1,360 @@
+/* Int4 expert kernels on the bytes the store holds, in PyTorch's AVX-512 tinygemm layout.
+ *
+ * A weight W [N, K] (out, in) with N a multiple of 64 is `packed` uint8 [N/64, K, 32]: for
+ * each block of 64 output rows and each input column k, 32 bytes whose low nibbles are
+ * rows 0..31 of the block and whose high nibbles are rows 32..63 ("tinygemm-avx512",
+ * quant/int4.py). `sz` is the bf16 [K/G, N, 2] (scale, zero) table, read here as one
+ * uint32 per row and group: w = (q - 8) * scale + zero. x is float32 [T, K], y float32.
+ *
+ * Per block and group the kernel sums q * x in float32 (exact integers times x) and adds
+ * scale * dot + (zero - 8 * scale) * sum(x over the group) once per group, so the inner
+ * loop is: 32 bytes -> 64 nibbles -> 64 floats -> one FMA per token and row. Tokens go in
+ * tiles of TT, so a weight is decoded once per tile; a block's bytes stay in L2 across
+ * tiles. `int4_ffn` is the whole SwiGLU expert in one call: gate and up rows of the same
+ * block of ffn units in one pass (gate_up holds gate rows first, then up rows), SiLU and
+ * product in registers, then down over the product, in one OpenMP region with a barrier
+ * between the two. Blocks are handed out dynamically, two at a time: on a busy machine a
+ * descheduled thread's blocks go to the others instead of holding the barrier. Only the
+ * AVX-512 build computes anything; int4_simd() says which build
+ * this is, and the caller uses the kernel only where it is 512 and its probe passes.
+ */
+#include <math.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+#define TT 4 /* tokens per tile */
+
+int int4_simd(void) { return 512; }
+
+/* Rows n0..n0+63 of W times tokens t0..t0+toks-1 of x -> out[t * ldo + r], r in 0..63. */
+static inline __attribute__((always_inline)) void block_tile(
+    const uint8_t *packed, const uint32_t *sz, const float *x, const float *xs, float *out,
+    int64_t ldo, int64_t n0, int64_t N, int64_t K, int64_t G, int64_t t0, const int toks) {
+    const uint8_t *pb = packed + n0 * (K / 2); /* the block's K * 32 bytes */
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    const int64_t ng = K / G;
+    __m512 acc[TT][4];
+    for (int t = 0; t < TT; t++)
+        for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512 dot[TT][4];
+        for (int t = 0; t < TT; t++)
+            for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; k++) {
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(pb + k * 32));
+            const __m256i lo = _mm256_and_si256(b, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+            __m512 w[4];
+            w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)));
+            w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1)));
+            w[2] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)));
+            w[3] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1)));
+            for (int t = 0; t < TT; t++) {
+                if (t >= toks) break;
+                const __m512 xb = _mm512_set1_ps(x[(t0 + t) * K + k]);
+                for (int i = 0; i < 4; i++) dot[t][i] = _mm512_fmadd_ps(w[i], xb, dot[t][i]);
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(sz + g * N + n0 + 16 * i));
+            const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+            const __m512 bz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z); /* z - 8 s */
+            for (int t = 0; t < TT; t++) {
+                if (t >= toks) break;
+                const __m512 xsum = _mm512_set1_ps(xs[(t0 + t) * ng + g]);
+                acc[t][i] = _mm512_fmadd_ps(s, dot[t][i], acc[t][i]);
+                acc[t][i] = _mm512_fmadd_ps(bz, xsum, acc[t][i]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        if (t >= toks) break;
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + t * ldo + 16 * i, acc[t][i]);
+    }
+}
+
+/* All tokens through one block of rows, TT at a time; out[t * ldo + r]. */
+static void block_rows(const uint8_t *packed, const uint32_t *sz, const float *x,
+                       const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N,
+                       int64_t K, int64_t G, int64_t T) {
+    int64_t t0 = 0;
+    for (; t0 + TT <= T; t0 += TT) block_tile(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, TT);
+    switch (T - t0) {
+    case 1: block_tile(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 1); break;
+    case 2: block_tile(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 2); break;
+    case 3: block_tile(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 3); break;
+    default: break;
+    }
+}
+
+/* xs[t * (K/G) + g] = sum of x[t, g*G .. g*G+G-1]. */
+static void group_sums(const float *x, float *xs, int64_t T, int64_t K, int64_t G) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < K / G; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) s += x[t * K + k];
+            xs[t * (K / G) + g] = s;
+        }
+}
+
+/* y [T, N] = x [T, K] @ W.T. xs: scratch of T * K/G floats. */
+void int4_linear(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs, float *y,
+                 int64_t T, int64_t N, int64_t K, int64_t G, int threads) {
+    group_sums(x, xs, T, K, G);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
+    for (int64_t nb = 0; nb < N / 64; nb++)
+        block_rows(packed, sz, x, xs, y + nb * 64, N, nb * 64, N, K, G, T);
+}
+
+/* y [T, H] = down(silu(gate(x)) * up(x)) for gate_up [2F, H] (gate rows first), down [H, F].
+ * Scratch: h [T, F], gu [threads, T, 128], xs [T, H/Gu], hs [threads, T, F/Gd] floats. */
+void int4_ffn(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
+              const uint32_t *sz_d, const float *x, float *h, float *gu, float *xs, float *hs,
+              float *y, int64_t T, int64_t H, int64_t F, int64_t Gu, int64_t Gd, int threads) {
+    group_sums(x, xs, T, H, Gu);
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = gu;
+#ifdef _OPENMP
+        mine = gu + (int64_t)omp_get_thread_num() * T * 128;
+#endif
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t fb = 0; fb < F / 64; fb++) {
+            /* gate rows fb*64.. into mine[t*128 + 0..63], up rows F + fb*64.. into +64. */
+            block_rows(p_gu, sz_gu, x, xs, mine, 128, fb * 64, 2 * F, H, Gu, T);
+            block_rows(p_gu, sz_gu, x, xs, mine + 64, 128, F + fb * 64, 2 * F, H, Gu, T);
+            for (int64_t t = 0; t < T; t++)
+                for (int r = 0; r < 64; r++) {
+                    const float g = mine[t * 128 + r], u = mine[t * 128 + 64 + r];
+                    h[t * F + fb * 64 + r] = g / (1.0f + expf(-g)) * u;
+                }
+        }
+        /* Each thread sums h's groups itself: cheaper than one more barrier. */
+        float *my_hs = hs;
+#ifdef _OPENMP
+        my_hs = hs + (int64_t)omp_get_thread_num() * T * (F / Gd);
+#endif
+        group_sums(h, my_hs, T, F, Gd);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t nb = 0; nb < H / 64; nb++)
+            block_rows(p_d, sz_d, h, my_hs, y + nb * 64, H, nb * 64, H, F, Gd, T);
+    }
+}
+
+/* Rows n0..n0+rows-1 (rows a multiple of 64) of W, transposed: out [K, rows] float32, or
+ * bf16 rounded to nearest even, for dequantize-then-GEMM (y = x @ out). */
+void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16, int64_t n0,
+                  int64_t rows, int64_t N, int64_t K, int64_t G, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
+    for (int64_t bl = 0; bl < rows / 64; bl++) {
+        const uint8_t *pb = packed + (n0 + bl * 64) * (K / 2);
+        const __m256i low4 = _mm256_set1_epi8(0x0F);
+        const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+        for (int64_t g = 0; g < K / G; g++) {
+            __m512 s[4], bz[4];
+            for (int i = 0; i < 4; i++) {
+                const __m512i v =
+                    _mm512_loadu_si512((const void *)(sz + g * N + n0 + bl * 64 + 16 * i));
+                s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+                bz[i] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s[i], z);
+            }
+            for (int64_t k = g * G; k < (g + 1) * G; k++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(pb + k * 32));
+                const __m256i lo = _mm256_and_si256(b, low4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+                const __m128i q[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                                      _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+                for (int i = 0; i < 4; i++) {
+                    const __m512 w =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q[i])), s[i], bz[i]);
+                    const int64_t at = k * rows + bl * 64 + 16 * i;
+                    if (bf16) {
+                        const __m512i u = _mm512_castps_si512(w);
+                        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                             _mm512_set1_epi32(1));
+                        const __m512i r = _mm512_add_epi32(
+                            u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)out + at),
+                                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+                    } else {
+                        _mm512_storeu_ps((float *)out + at, w);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#ifdef __AVX512BF16__
+/* The same sums with vdpbf16ps: 2 k-steps x 16 rows a instruction (float32 FMAs do 1 x 16).
+ * A nibble q becomes the bfloat16 128 + q by OR-ing 0x4300 (exponent 7, q as mantissa), so
+ * no conversion instruction is needed; each group's dot then carries 128 * sum(x), taken
+ * off with the scale: w x = s * dot + (z - 136 s) * sum(x). x is bfloat16 [T, K], read as
+ * (x[k], x[k+1]) pairs; products of bfloat16s are exact in float32. Lanes hold rows in the
+ * order the byte unpacking leaves them (0-7 16-23 | 8-15 24-31 | 32-39 48-55 | 40-47 56-63),
+ * so scales are permuted to match and outputs are stored back in row order. */
+int int4_has_bf16(void) { return 1; }
+
+static inline __attribute__((always_inline)) void block_tile_bf16(
+    const uint8_t *packed, const uint32_t *sz, const uint16_t *x, const float *xs, float *out,
+    int64_t ldo, int64_t n0, int64_t N, int64_t K, int64_t G, int64_t t0, const int toks) {
+    const uint8_t *pb = packed + n0 * (K / 2);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m512i bias = _mm512_set1_epi16(0x4300);
+    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    const __m512i pa = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i pbx = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                          30, 31);
+    const int64_t ng = K / G;
+    __m512 acc[TT][4];
+    for (int t = 0; t < TT; t++)
+        for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512 dot[TT][4];
+        for (int t = 0; t < TT; t++)
+            for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(pb + k * 32));
+            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(pb + k * 32 + 32));
+            const __m256i lo0 = _mm256_and_si256(b0, low4), lo1 = _mm256_and_si256(b1, low4);
+            const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low4);
+            const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low4);
+            __m512bh w[4];
+            w[0] = (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(lo0, lo1)), bias);
+            w[1] = (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(lo0, lo1)), bias);
+            w[2] = (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(hi0, hi1)), bias);
+            w[3] = (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(hi0, hi1)), bias);
+            for (int t = 0; t < TT; t++) {
+                if (t >= toks) break;
+                const uint32_t pair = *(const uint32_t *)(x + (t0 + t) * K + k);
+                const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)pair);
+                for (int i = 0; i < 4; i++) dot[t][i] = _mm512_dpbf16_ps(dot[t][i], w[i], xb);
+            }
+        }
+        const uint32_t *sg = sz + g * N + n0;
+        __m512i v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm512_loadu_si512((const void *)(sg + 16 * i));
+        const __m512i vp[4] = {_mm512_permutex2var_epi32(v[0], pa, v[1]),
+                               _mm512_permutex2var_epi32(v[0], pbx, v[1]),
+                               _mm512_permutex2var_epi32(v[2], pa, v[3]),
+                               _mm512_permutex2var_epi32(v[2], pbx, v[3])};
+        for (int i = 0; i < 4; i++) {
+            const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(vp[i], 16));
+            const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(vp[i], hi16));
+            const __m512 bz = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sc, z);
+            for (int t = 0; t < TT; t++) {
+                if (t >= toks) break;
+                const __m512 xsum = _mm512_set1_ps(xs[(t0 + t) * ng + g]);
+                acc[t][i] = _mm512_fmadd_ps(sc, dot[t][i], acc[t][i]);
+                acc[t][i] = _mm512_fmadd_ps(bz, xsum, acc[t][i]);
+            }
+        }
+    }
+    static const int base[4] = {0, 8, 32, 40};
+    for (int t = 0; t < TT; t++) {
+        if (t >= toks) break;
+        float *o = out + t * ldo;
+        for (int i = 0; i < 4; i++) { /* lanes 0-7 -> rows base..+7, lanes 8-15 -> +16 */
+            _mm256_storeu_ps(o + base[i], _mm512_castps512_ps256(acc[t][i]));
+            _mm256_storeu_ps(o + base[i] + 16, _mm512_extractf32x8_ps(acc[t][i], 1));
+        }
+    }
+}
+
+static void block_rows_bf16(const uint8_t *packed, const uint32_t *sz, const uint16_t *x,
+                            const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N,
+                            int64_t K, int64_t G, int64_t T) {
+    int64_t t0 = 0;
+    for (; t0 + TT <= T; t0 += TT)
+        block_tile_bf16(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, TT);
+    switch (T - t0) {
+    case 1: block_tile_bf16(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 1); break;
+    case 2: block_tile_bf16(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 2); break;
+    case 3: block_tile_bf16(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 3); break;
+    default: break;
+    }
+}
+
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } c = {(uint32_t)v << 16};
+    return c.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; finite inputs */
+    union { float f; uint32_t u; } c = {f};
+    return (uint16_t)((c.u + 0x7FFF + ((c.u >> 16) & 1)) >> 16);
+}
+
+static void group_sums_bf16(const uint16_t *x, float *xs, int64_t T, int64_t K, int64_t G) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < K / G; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) s += bf16_to_f32(x[t * K + k]);
+            xs[t * (K / G) + g] = s;
+        }
+}
+
+/* int4_ffn on bfloat16 activations: x [T, H] bf16; the SiLU product h is rounded to bf16
+ * (h16 [T, F] scratch) before down, as a bf16 model rounds it; y float32. */
+void int4_ffn_bf16(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
+                   const uint32_t *sz_d, const uint16_t *x, uint16_t *h16, float *gu, float *xs,
+                   float *hs, float *y, int64_t T, int64_t H, int64_t F, int64_t Gu, int64_t Gd,
+                   int threads) {
+    group_sums_bf16(x, xs, T, H, Gu);
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = gu, *my_hs = hs;
+#ifdef _OPENMP
+        mine = gu + (int64_t)omp_get_thread_num() * T * 128;
+        my_hs = hs + (int64_t)omp_get_thread_num() * T * (F / Gd);
+#endif
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t fb = 0; fb < F / 64; fb++) {
+            block_rows_bf16(p_gu, sz_gu, x, xs, mine, 128, fb * 64, 2 * F, H, Gu, T);
+            block_rows_bf16(p_gu, sz_gu, x, xs, mine + 64, 128, F + fb * 64, 2 * F, H, Gu, T);
+            for (int64_t t = 0; t < T; t++)
+                for (int r = 0; r < 64; r++) {
+                    const float g = mine[t * 128 + r], u = mine[t * 128 + 64 + r];
+                    h16[t * F + fb * 64 + r] = f32_to_bf16(g / (1.0f + expf(-g)) * u);
+                }
+        }
+        group_sums_bf16(h16, my_hs, T, F, Gd);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t nb = 0; nb < H / 64; nb++)
+            block_rows_bf16(p_d, sz_d, h16, my_hs, y + nb * 64, H, nb * 64, H, F, Gd, T);
+    }
+}
+#endif /* __AVX512BF16__ */
+
+#else /* no AVX-512: never chosen (the caller checks int4_simd) */
+
+int int4_simd(void) { return 0; }
+
+void int4_linear(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs, float *y,
+                 int64_t T, int64_t N, int64_t K, int64_t G, int threads) {
+    (void)packed; (void)sz; (void)x; (void)xs; (void)y; (void)T; (void)N; (void)K; (void)G;
+    (void)threads;
+}
+
+void int4_ffn(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
+              const uint32_t *sz_d, const float *x, float *h, float *gu, float *xs, float *hs,
+              float *y, int64_t T, int64_t H, int64_t F, int64_t Gu, int64_t Gd, int threads) {
+    (void)p_gu; (void)sz_gu; (void)p_d; (void)sz_d; (void)x; (void)h; (void)gu; (void)xs;
+    (void)hs; (void)y; (void)T; (void)H; (void)F; (void)Gu; (void)Gd; (void)threads;
+}
+
+void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16, int64_t n0,
+                  int64_t rows, int64_t N, int64_t K, int64_t G, int threads) {
+    (void)packed; (void)sz; (void)out; (void)bf16; (void)n0; (void)rows; (void)N; (void)K;
+    (void)G; (void)threads;
+}
+
+#endif

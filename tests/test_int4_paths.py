@@ -1,0 +1,145 @@
+"""Every int4 expert path against the float64 reference, and the per-shape-class choice:
+measured once, kept in a file per machine, reused, overridable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mer.quant import int4, int4_paths
+from mer.quant.expert import ExpertFormat, ExpertWeights
+
+
+def _expert(hidden=128, ffn=256, group=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w1, w3 = (torch.randn(ffn, hidden, generator=gen) / hidden**0.5 for _ in range(2))
+    w2 = torch.randn(hidden, ffn, generator=gen) / ffn**0.5
+    ef = ExpertFormat.for_machine("int4", hidden, ffn, group)
+    return ef, ef.view(ef.encode(w1, w2, w3))
+
+
+def _reference(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    h = x.double() @ e.gate_up.dequantize().double().t()
+    return (F.silu(h[:, : e.ffn]) * h[:, e.ffn :]) @ e.down.dequantize().double().t()
+
+
+def _cpu_has_avx512() -> bool:
+    return "avx512f" in Path("/proc/cpuinfo").read_text()
+
+
+def test_the_c_kernel_builds_and_passes_its_probe_where_the_cpu_has_avx512():
+    if not _cpu_has_avx512() or int4.kernel_layout() != "tinygemm-avx512":
+        pytest.skip("no AVX-512 here: only PyTorch's paths run")
+    assert int4_paths.native_available()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 17, 40])
+def test_every_path_matches_the_reference(group, tokens):
+    _, e = _expert(group=group)
+    assert isinstance(e, int4_paths.Int4Expert)
+    paths = int4_paths.eligible(e)
+    assert paths[0] == "tinygemm"
+    gen = torch.Generator().manual_seed(tokens)
+    x32 = torch.randn(tokens, 128, generator=gen)
+    for dtype, exact in ((torch.float32, ("c-fused", "dequant-f32")), (torch.bfloat16, ())):
+        x = x32.to(dtype)
+        ref = _reference(e, x.float())
+        for p in paths:
+            got = int4_paths.RUNNERS[p](e, x)
+            assert got.dtype == dtype and got.shape == (tokens, 128)
+            tol = 1e-5 if p in exact else 2e-2  # float32 arithmetic, or bf16 somewhere on the way
+            err = (got.double() - ref).abs().max() / ref.abs().max()
+            assert err < tol, (p, dtype, float(err))
+
+
+def test_the_linear_and_the_dequantization_match_the_reference():
+    if not int4_paths.native_available():
+        pytest.skip("no C kernel here")
+    _, e = _expert()
+    x = torch.randn(5, 128)
+    ref = x.double() @ e.gate_up.dequantize().double().t()
+    got = int4_paths.c_linear(e.gate_up, x)
+    assert ((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    w = e.gate_up.dequantize()
+    assert torch.equal(int4_paths.dequantize_rows(e.gate_up, 64, 128, torch.float32).t(), w[64:192])
+    bf = int4_paths.dequantize_rows(e.gate_up, 0, e.gate_up.n, torch.bfloat16).t()
+    assert torch.equal(bf, w.to(torch.bfloat16))  # round to nearest even, as torch rounds
+
+
+def test_shape_classes():
+    assert [int4_paths.shape_class(m) for m in (1, 2, 16, 31, 32, 256)] == [
+        "decode", "small", "small", "small", "prefill", "prefill",
+    ]  # fmt: skip
+
+
+def test_the_choice_is_measured_once_kept_per_machine_and_used(monkeypatch, tmp_path):
+    monkeypatch.delenv("MER_INT4_PATH", raising=False)
+    monkeypatch.setenv("MER_CACHE_DIR", str(tmp_path))  # other tests measured this shape
+    int4_paths._chosen.clear()
+    _, e = _expert(hidden=64, ffn=128, group=32)
+    calls = []
+    real = int4_paths.measure
+    monkeypatch.setattr(int4_paths, "measure", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    choice = int4_paths.choose(e)
+    assert calls == list(int4_paths.CLASSES.values())
+    assert set(choice.paths) == set(int4_paths.CLASSES)
+    for cls, p in choice.paths.items():  # the fastest measured candidate wins
+        assert choice.ms[cls][p] == min(choice.ms[cls].values())
+        assert set(choice.ms[cls]) <= set(int4_paths.eligible(e))
+    saved = json.loads(int4_paths._cache_file(e).read_text())
+    assert saved["paths"] == choice.paths
+    # A new process (memory forgotten) reads the file and measures nothing.
+    int4_paths._chosen.clear()
+    assert int4_paths.choose(e).paths == choice.paths and len(calls) == 3
+    # A call takes its class's path.
+    saved["paths"] = {"decode": "tinygemm", "small": "tinygemm", "prefill": "tinygemm"}
+    int4_paths._cache_file(e).write_text(json.dumps(saved))
+    int4_paths._chosen.clear()
+    taken = []
+    monkeypatch.setitem(int4_paths.RUNNERS, "tinygemm", lambda e, x: taken.append(len(x)) or x)
+    e(torch.randn(1, 64, dtype=torch.bfloat16))
+    e(torch.randn(33, 64, dtype=torch.bfloat16))
+    assert taken == [1, 33] and len(calls) == 3
+    # Float32 activations have their own choice, among paths that keep them float32.
+    choice32 = int4_paths.choose(e, torch.float32)
+    assert len(calls) == 6
+    assert not set(choice32.paths.values()) & set(int4_paths.ROUNDS_TO_BF16)
+
+
+def test_a_forced_path_is_taken_and_a_bad_one_named(monkeypatch):
+    _, e = _expert()
+    x = torch.randn(2, 128)
+    monkeypatch.setenv("MER_INT4_PATH", "dequant-f32")
+    want = "dequant-f32" if "dequant-f32" in int4_paths.eligible(e) else "tinygemm"
+    assert int4_paths.path_for(e, 2) == want
+    ref = _reference(e, x)
+    assert ((e(x).double() - ref).abs().max() / ref.abs().max()) < 1e-4
+    monkeypatch.setenv("MER_INT4_PATH", "amx")
+    with pytest.raises(ValueError, match="MER_INT4_PATH='amx'"):
+        e(x)
+
+
+def test_an_expert_with_biases_or_an_odd_shape_keeps_the_plain_path():
+    ef = ExpertFormat.for_machine("int4", 96, 192, 32, bias="float32")
+    e = ef.view(torch.zeros(ef.nbytes, dtype=torch.uint8))
+    assert not isinstance(e, int4_paths.Int4Expert)
+    ef = ExpertFormat.for_machine("int4", 96, 192, 32)
+    e = ef.view(torch.zeros(ef.nbytes, dtype=torch.uint8))
+    assert int4_paths.eligible(e) == ["tinygemm"]  # 96 output rows: no whole 64-row block
+
+
+def test_bench_kernel_prints_each_path_and_the_choice(capsys):
+    from mer.bench.kernel import kernel_bench
+
+    kernel_bench(128, 256, [1, 40], 32, 0.02, ("int4",))
+    out = capsys.readouterr().out
+    assert "int4 path per shape class, measured here at first use: decode (1 tok)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("1 ", "40")]
+    chosen = int4_paths.choose(_expert(hidden=128, ffn=256, group=32)[1]).paths
+    assert [r[0] for r in rows[-2:]] == ["1", "40"]
+    assert rows[-2][-4] == chosen["decode"] and rows[-1][-4] == chosen["prefill"]
