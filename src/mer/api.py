@@ -26,6 +26,14 @@ from mer.engine.scheduler import Scheduler
 from mer.engine.speculative import SpecStats, Speculation, generate_speculative
 from mer.engine.text import TextStream
 from mer.errors import ConfigError
+from mer.memory import (
+    MemoryPlan,
+    current_rss,
+    kv_bytes_per_token,
+    tensor_bytes,
+    workspace_bytes,
+)
+from mer.memory import plan as plan_memory
 from mer.models.transformer import MoETransformer
 from mer.predict.lookahead import LookaheadPrefetcher
 from mer.store.reader import Store
@@ -45,6 +53,7 @@ class RunStats:
     budget_bytes: int
     slots: int
     speculation: SpecStats | None = None
+    memory_target: int | None = None  # the whole process's target (`memory=`), if given
 
     @property
     def bytes_read_per_token(self) -> float:
@@ -61,13 +70,27 @@ class Completion:
 
 class Model:
     def __init__(
-        self, store: Store, cache: ExpertCache, dtype: torch.dtype, budget: int, prefetch: bool
+        self,
+        store: Store,
+        cache: ExpertCache,
+        dtype: torch.dtype,
+        budget: int,
+        prefetch: bool,
+        transformer: MoETransformer | None = None,
+        memory: MemoryPlan | None = None,
     ) -> None:
+        """`transformer`: built already (by `open` with a memory target), its experts not
+        yet given; `memory`: the split of that target."""
         self.store = store
         self.config = store.config
         self.cache = cache
         self.budget_bytes = budget
-        self.transformer = MoETransformer(self.config, store.load_dense(), cache, dtype)
+        self.memory = memory
+        if transformer is None:
+            transformer = MoETransformer(self.config, store.load_dense(), cache, dtype)
+        else:
+            transformer.experts = transformer.family.experts(self.config, cache)
+        self.transformer = transformer
         hooks = self.transformer.routing_hooks
         if cache.policy != "lru":  # first: a prefetch asks the policy, which learns routing
             hooks.append(lambda layer, hidden, ids, weights: cache.observe(layer, ids))
@@ -200,6 +223,7 @@ class Model:
             self.budget_bytes,
             self.cache.n_slots,
             self.spec_stats if self.spec_stats.rounds or self.spec_stats.plain_tokens else None,
+            self.memory.target if self.memory is not None else None,
         )
 
 
@@ -214,8 +238,17 @@ def open(  # noqa: A001 - mer.open reads naturally
     pin_share: float = 0.0,
     pin_file: str | Path | None = None,
     compute_threads: int | None = None,
+    memory: str | int | None = None,
+    kv_budget: str | int | None = None,
+    context: int | None = None,
+    pass_tokens: int = 512,
 ) -> Model:
-    """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB').
+    """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB'), or, with
+    `memory` (e.g. '8GiB'), whatever that target for the whole process leaves once the
+    dense weights are loaded, the KV cache (`kv_budget` bytes, or `context` tokens' worth;
+    default 4096 tokens, or the model's context if shorter) and the workspace of a forward
+    pass of up to `pass_tokens` tokens are counted (`mer.memory`); `ram_budget` is then
+    ignored.
 
     `io_threads` reader threads fetch missing experts; with `prefetch` the next layer's
     experts are predicted and read while the current layer computes. `pin_file` (JSON
@@ -237,11 +270,41 @@ def open(  # noqa: A001 - mer.open reads naturally
     if io_threads < 1:
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
     pins = read_pin_file(pin_file, s.config, pin_share) if pin_file is not None else None
+    transformer = split = None
+    if memory is not None:
+        transformer, split = _fit(s, memory, kv_budget, context, pass_tokens, DTYPES[dtype])
+        budget = split.cache
     cache = ExpertCache(
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
         pin_share=pin_share, pins=pins,
     )  # fmt: skip
-    return Model(s, cache, DTYPES[dtype], budget, prefetch)
+    return Model(s, cache, DTYPES[dtype], budget, prefetch, transformer, split)
+
+
+def _fit(s: Store, memory, kv_budget, context, pass_tokens: int, dtype: torch.dtype):
+    """Load the dense weights, measure what is resident, and split the memory target."""
+    try:
+        target = memory if isinstance(memory, int) else parse_bytes(memory)
+        kv = (
+            kv_budget if isinstance(kv_budget, int) or kv_budget is None else parse_bytes(kv_budget)
+        )
+    except ValueError as e:
+        raise ConfigError(f"--memory: {e}") from None
+    cfg = s.config
+    transformer = MoETransformer(cfg, s.load_dense(), None, dtype)
+    per_token = kv_bytes_per_token(cfg, dtype)
+    if kv is None:
+        kv = per_token * min(context or 4096, cfg.max_position_embeddings)
+    split = plan_memory(
+        target,
+        dense=tensor_bytes(transformer.w.values()),
+        resident=current_rss(),
+        kv=kv,
+        workspace=workspace_bytes(cfg, min(pass_tokens, kv // per_token), kv // per_token),
+        slot_bytes=s.expert_format.nbytes,
+        min_slots=cfg.num_experts_per_tok,
+    )
+    return transformer, split
 
 
 def default_compute_threads(config) -> int:

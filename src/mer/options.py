@@ -157,6 +157,15 @@ def writable_file(path: str | Path, what: str) -> Path:
 # ---- shared groups ----
 
 
+def add_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--memory",
+        type=positive_size,
+        help="RAM target for the whole process, e.g. 8GiB: the expert cache gets what the "
+        "dense weights, KV cache and runtime leave (instead of --ram-budget)",
+    )
+
+
 @dataclass(frozen=True)
 class IOOptions:
     """How a model reads its experts: what every generating command takes."""
