@@ -99,3 +99,16 @@ def test_generate_inside_a_cgroup_at_its_target_stays_within_it(tmp_path):
     assert r.peak_rss_bytes <= target
     assert r.group_peak_bytes is None or r.group_peak_bytes <= target
     assert "of --memory 512.0 MiB" in r.stderr
+
+
+def test_metrics_report_peak_rss_next_to_the_target(trained_store):
+    from mer.serve.metrics import render_metrics
+
+    with mer.open(trained_store, memory="1GiB", kv_budget="8MiB", pass_tokens=64) as m:
+        rows = dict(
+            line.split() for line in render_metrics(m, m.scheduler("8MiB"), 0).splitlines()
+            if not line.startswith("#")
+        )  # fmt: skip
+        assert float(rows["mer_memory_target_bytes"]) == 1 << 30
+        assert 0 < float(rows["mer_peak_rss_bytes"]) <= 1 << 30
+        assert float(rows["mer_expert_cache_bytes"]) == m.memory.cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mer.api import peak_rss
+
 
 def render_metrics(model, scheduler, http_errors: int) -> str:
     s, pool, c = scheduler.stats, scheduler.pool, model.cache.stats
@@ -79,7 +81,12 @@ def render_metrics(model, scheduler, http_errors: int) -> str:
             "prefetched experts that were used",
             c.prefetches_used,
         ),  # fmt: skip
+        ("peak_rss_bytes", "gauge", "high-water mark of the process's resident memory", peak_rss()),
+        ("expert_cache_bytes", "gauge", "RAM of the expert cache's slots", model.budget_bytes),
     ]
+    if model.memory is not None:
+        target = model.memory.target
+        rows.append(("memory_target_bytes", "gauge", "the whole process's --memory", target))
     lines = []
     for name, kind, help_text, value in rows:
         lines += [
