@@ -30,12 +30,15 @@ from mer.memory import (
     MemoryPlan,
     current_rss,
     kv_bytes_per_token,
+    release_freed,
     tensor_bytes,
     workspace_bytes,
 )
 from mer.memory import plan as plan_memory
 from mer.models.transformer import MoETransformer
 from mer.predict.lookahead import LookaheadPrefetcher
+from mer.quant.dense import DENSE_QUANTS, quantizable
+from mer.quant.dense import quantize as quantize_dense
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
 from mer.trace.pins import read_pin_file
@@ -242,13 +245,15 @@ def open(  # noqa: A001 - mer.open reads naturally
     kv_budget: str | int | None = None,
     context: int | None = None,
     pass_tokens: int = 512,
+    dense_quant: str = "bf16",
 ) -> Model:
     """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB'), or, with
     `memory` (e.g. '8GiB'), whatever that target for the whole process leaves once the
     dense weights are loaded, the KV cache (`kv_budget` bytes, or `context` tokens' worth;
     default 4096 tokens, or the model's context if shorter) and the workspace of a forward
     pass of up to `pass_tokens` tokens are counted (`mer.memory`); `ram_budget` is then
-    ignored.
+    ignored. `dense_quant` ("int8", "int4") holds the attention, shared-expert, dense-layer
+    and output-head matrices at that width as they load (`mer.quant.dense`).
 
     `io_threads` reader threads fetch missing experts; with `prefetch` the next layer's
     experts are predicted and read while the current layer computes. `pin_file` (JSON
@@ -270,9 +275,15 @@ def open(  # noqa: A001 - mer.open reads naturally
     if io_threads < 1:
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
     pins = read_pin_file(pin_file, s.config, pin_share) if pin_file is not None else None
+    if dense_quant not in DENSE_QUANTS:
+        raise ConfigError(f"--dense-quant must be one of {', '.join(DENSE_QUANTS)}")
     transformer = split = None
+    if memory is not None or dense_quant != "bf16":
+        weights = dense_weights(s, dense_quant)
+        transformer = MoETransformer(s.config, weights, None, DTYPES[dtype])
+        del weights
     if memory is not None:
-        transformer, split = _fit(s, memory, kv_budget, context, pass_tokens, DTYPES[dtype])
+        split = _fit(s, transformer, memory, kv_budget, context, pass_tokens, DTYPES[dtype])
         budget = split.cache
     cache = ExpertCache(
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
@@ -281,8 +292,20 @@ def open(  # noqa: A001 - mer.open reads naturally
     return Model(s, cache, DTYPES[dtype], budget, prefetch, transformer, split)
 
 
-def _fit(s: Store, memory, kv_budget, context, pass_tokens: int, dtype: torch.dtype):
-    """Load the dense weights, measure what is resident, and split the memory target."""
+def dense_weights(s: Store, dense_quant: str = "bf16") -> dict:
+    """The store's dense tensors, the quantizable matrices in `dense_quant`, loaded one by
+    one so that no more than one of them is ever held at full width beside the rest."""
+    if dense_quant == "bf16":
+        return s.load_dense()
+    out = {}
+    for name in s.dense_table:
+        t = s.load_dense(names=[name])[name]
+        out[name] = quantize_dense(t, dense_quant) if quantizable(name, t) else t
+    return out
+
+
+def _fit(s: Store, transformer, memory, kv_budget, context, pass_tokens: int, dtype):
+    """Measure what is resident with the dense weights loaded, and split the memory target."""
     try:
         target = memory if isinstance(memory, int) else parse_bytes(memory)
         kv = (
@@ -291,8 +314,8 @@ def _fit(s: Store, memory, kv_budget, context, pass_tokens: int, dtype: torch.dt
     except ValueError as e:
         raise ConfigError(f"--memory: {e}") from None
     cfg = s.config
-    transformer = MoETransformer(cfg, s.load_dense(), None, dtype)
     per_token = kv_bytes_per_token(cfg, dtype)
+    release_freed()
     if kv is None:
         kv = per_token * min(context or 4096, cfg.max_position_embeddings)
     split = plan_memory(
@@ -303,8 +326,9 @@ def _fit(s: Store, memory, kv_budget, context, pass_tokens: int, dtype: torch.dt
         workspace=workspace_bytes(cfg, min(pass_tokens, kv // per_token), kv // per_token),
         slot_bytes=s.expert_format.nbytes,
         min_slots=cfg.num_experts_per_tok,
+        max_slots=cfg.num_experts_total,
     )
-    return transformer, split
+    return split
 
 
 def default_compute_threads(config) -> int:

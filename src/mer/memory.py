@@ -35,6 +35,7 @@ class MemoryPlan:
     workspace: int  # activations of the largest forward pass
     min_cache: int  # one token's experts at one layer
     slot_bytes: int
+    max_cache: int | None = None  # every expert of the model: more is never used
 
     @property
     def fixed(self) -> int:
@@ -42,8 +43,11 @@ class MemoryPlan:
 
     @property
     def cache(self) -> int:
-        """Bytes for the expert cache: whole slots of what the target leaves."""
+        """Bytes for the expert cache: whole slots of what the target leaves (at most all
+        the experts)."""
         left = max(0, self.target - self.fixed)
+        if self.max_cache is not None:
+            left = min(left, self.max_cache)
         return left // self.slot_bytes * self.slot_bytes
 
     def line(self) -> str:
@@ -56,12 +60,18 @@ class MemoryPlan:
 
 
 def plan(
-    target: int, dense: int, resident: int, kv: int, workspace: int, slot_bytes: int, min_slots: int
+    target: int,
+    dense: int,
+    resident: int,
+    kv: int,
+    workspace: int,
+    slot_bytes: int,
+    min_slots: int,
+    max_slots: int | None = None,
 ) -> MemoryPlan:
     """The split of `target`; `resident` is the RSS measured with the dense weights loaded."""
-    p = MemoryPlan(
-        target, dense, max(0, resident - dense), kv, workspace, min_slots * slot_bytes, slot_bytes
-    )
+    runtime, most = max(0, resident - dense), None if max_slots is None else max_slots * slot_bytes
+    p = MemoryPlan(target, dense, runtime, kv, workspace, min_slots * slot_bytes, slot_bytes, most)
     need = p.fixed + p.min_cache
     if need > target:
         raise BudgetError(
@@ -104,6 +114,17 @@ def workspace_bytes(config, pass_tokens: int, context: int) -> int:
     per_token = 4 * (8 * h + 4 * f + config.vocab_size)
     scores = 3 * 4 * min(config.num_attention_heads * t * s, SMALL_ATTENTION)
     return BASE_WORKSPACE + t * per_token + scores + t * s
+
+
+def release_freed() -> None:
+    """Hand memory freed to the C allocator back to the system (glibc `malloc_trim`), so
+    that what loading left behind is not counted as in use; a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def current_rss() -> int:

@@ -43,6 +43,7 @@ def run(
     *,
     ram_budget: int | None,
     memory: int | None,
+    dense_quant: str,
     prompt: str,
     preset: str | None,
     io: IOOptions,
@@ -84,5 +85,6 @@ def run(
         budget = None
         context = len(prompt.encode("utf-8")) + 16
         fit = dict(context=context + sampling.max_tokens, pass_tokens=context)
-    model = open_model(store, budget, io, memory, **(fit if memory is not None else {}))
+    fit = fit if memory is not None else {}
+    model = open_model(store, budget, io, memory, dense_quant=dense_quant, **fit)
     run_generation(model, prompt, sampling)

@@ -58,6 +58,7 @@ def run(
     chat: bool,
     ram_budget: int | None,
     memory: int | None,
+    dense_quant: str,
     dtype: str,
     trace: str | None,
     trace_hidden: bool,
@@ -80,7 +81,13 @@ def run(
     prompt_tokens = len(prompt.encode("utf-8")) + (1024 if chat else 16)
     context = dict(context=prompt_tokens + sampling.max_tokens, pass_tokens=prompt_tokens)
     model = open_model(
-        store, ram_budget, io, memory, dtype=dtype, **(context if memory is not None else {})
+        store,
+        ram_budget,
+        io,
+        memory,
+        dtype=dtype,
+        dense_quant=dense_quant,
+        **(context if memory is not None else {}),
     )
     draft = open_draft(speculation, dtype)
     if draft is not None:

@@ -64,6 +64,7 @@ def run(
     api_key: str | None,
     ram_budget: int | None,
     memory: int | None,
+    dense_quant: str,
     kv_budget: int,
     dtype: str,
     max_batch_tokens: int,
@@ -79,7 +80,7 @@ def run(
     key = api_key or os.environ.get("MER_API_KEY")
     settings = ServerSettings(name, key, max_concurrent, max_request_bytes)
     fit = dict(kv_budget=kv_budget, pass_tokens=max_batch_tokens) if memory is not None else {}
-    model = open_model(store, ram_budget, io, memory, dtype=dtype, **fit)
+    model = open_model(store, ram_budget, io, memory, dtype=dtype, dense_quant=dense_quant, **fit)
     scheduler = model.scheduler(
         kv_budget,
         max_batch_tokens=max_batch_tokens,
