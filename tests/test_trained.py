@@ -19,6 +19,8 @@ from mer.tokenizer import Tokenizer
 SNIPPET = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 # Stated margin: int4 (group 128) may cost at most this much held-out loss over bf16.
 INT4_LOSS_MARGIN = 0.10  # nats per token
+# And compact dense weights (`--dense-quant`, bf16 experts) at most this much.
+DENSE_LOSS_MARGIN = {"int8": 0.02, "int4": 0.10}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,8 @@ def held_out_tokens(limit: int = 4 * 256 + 1) -> list[int]:
     pytest.skip("this Python's stdlib lacks the held-out files")
 
 
-def loss(store, ids: list[int], window: int = 256) -> float:
-    model = mer.open(store, ram_budget="64MiB", dtype="float32")
+def loss(store, ids: list[int], window: int = 256, dense_quant: str = "bf16") -> float:
+    model = mer.open(store, ram_budget="64MiB", dtype="float32", dense_quant=dense_quant)
     total, count = 0.0, 0
     for a in range(0, len(ids) - 1, window):
         x = torch.tensor(ids[a : a + window + 1])
@@ -60,6 +62,14 @@ def test_shipped_checkpoint_is_trained_and_int4_keeps_its_quality(stores):
     card = json.loads((TRAINED_MODEL / "training.json").read_text())
     assert math.exp(bf16) < 2 * card["held_out_perplexity"]  # trained, not random (ppl ~4096)
     assert int4 - bf16 < INT4_LOSS_MARGIN, f"int4 {int4:.3f} vs bf16 {bf16:.3f} nats/token"
+
+
+@pytest.mark.parametrize("dense_quant", ["int8", "int4"])
+def test_compact_dense_weights_keep_the_quality(stores, dense_quant):
+    ids = held_out_tokens()
+    bf16, compact = loss(stores["bf16"], ids), loss(stores["bf16"], ids, dense_quant=dense_quant)
+    margin = DENSE_LOSS_MARGIN[dense_quant]
+    assert compact - bf16 < margin, f"{dense_quant} dense {compact:.3f} vs {bf16:.3f} nats/token"
 
 
 def test_greedy_completion_is_the_same_at_any_budget(stores):

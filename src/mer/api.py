@@ -26,9 +26,20 @@ from mer.engine.scheduler import Scheduler
 from mer.engine.speculative import SpecStats, Speculation, generate_speculative
 from mer.engine.text import TextStream
 from mer.errors import ConfigError
+from mer.memory import (
+    MemoryPlan,
+    current_rss,
+    kv_bytes_per_token,
+    release_freed,
+    tensor_bytes,
+    workspace_bytes,
+)
+from mer.memory import plan as plan_memory
 from mer.models.routing import DEFAULT_SLACK, RoutingStats, make_routing
 from mer.models.transformer import MoETransformer
 from mer.predict.lookahead import LookaheadPrefetcher
+from mer.quant.dense import DENSE_QUANTS, quantizable
+from mer.quant.dense import quantize as quantize_dense
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
 from mer.trace.pins import read_pin_file
@@ -47,6 +58,7 @@ class RunStats:
     slots: int
     speculation: SpecStats | None = None
     routing: RoutingStats | None = None  # under cache-aware routing
+    memory_target: int | None = None  # the whole process's target (`memory=`), if given
 
     @property
     def bytes_read_per_token(self) -> float:
@@ -71,12 +83,21 @@ class Model:
         prefetch: bool,
         routing: str = "exact",
         routing_slack: float = DEFAULT_SLACK,
+        transformer: MoETransformer | None = None,
+        memory: MemoryPlan | None = None,
     ) -> None:
+        """`transformer`: built already (by `open` with a memory target), its experts not
+        yet given; `memory`: the split of that target."""
         self.store = store
         self.config = store.config
         self.cache = cache
         self.budget_bytes = budget
-        self.transformer = MoETransformer(self.config, store.load_dense(), cache, dtype)
+        self.memory = memory
+        if transformer is None:
+            transformer = MoETransformer(self.config, store.load_dense(), cache, dtype)
+        else:
+            transformer.experts = transformer.family.experts(self.config, cache)
+        self.transformer = transformer
         self.transformer.routing = make_routing(routing, routing_slack)
         hooks = self.transformer.routing_hooks
         if cache.policy != "lru":  # first: a prefetch asks the policy, which learns routing
@@ -217,6 +238,7 @@ class Model:
             self.cache.n_slots,
             self.spec_stats if self.spec_stats.rounds or self.spec_stats.plain_tokens else None,
             self.transformer.routing.stats if self.transformer.routing is not None else None,
+            self.memory.target if self.memory is not None else None,
         )
 
 
@@ -233,8 +255,19 @@ def open(  # noqa: A001 - mer.open reads naturally
     compute_threads: int | None = None,
     routing: str = "exact",
     routing_slack: float = DEFAULT_SLACK,
+    memory: str | int | None = None,
+    kv_budget: str | int | None = None,
+    context: int | None = None,
+    pass_tokens: int = 512,
+    dense_quant: str = "bf16",
 ) -> Model:
-    """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB').
+    """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB'), or, with
+    `memory` (e.g. '8GiB'), whatever that target for the whole process leaves once the
+    dense weights are loaded, the KV cache (`kv_budget` bytes, or `context` tokens' worth;
+    default 4096 tokens, or the model's context if shorter) and the workspace of a forward
+    pass of up to `pass_tokens` tokens are counted (`mer.memory`); `ram_budget` is then
+    ignored. `dense_quant` ("int8", "int4") holds the attention, shared-expert, dense-layer
+    and output-head matrices at that width as they load (`mer.quant.dense`).
 
     `io_threads` reader threads fetch missing experts; with `prefetch` the next layer's
     experts are predicted and read while the current layer computes. `pin_file` (JSON
@@ -258,11 +291,62 @@ def open(  # noqa: A001 - mer.open reads naturally
     if io_threads < 1:
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
     pins = read_pin_file(pin_file, s.config, pin_share) if pin_file is not None else None
+    if dense_quant not in DENSE_QUANTS:
+        raise ConfigError(f"--dense-quant must be one of {', '.join(DENSE_QUANTS)}")
+    transformer = split = None
+    if memory is not None or dense_quant != "bf16":
+        weights = dense_weights(s, dense_quant)
+        transformer = MoETransformer(s.config, weights, None, DTYPES[dtype])
+        del weights
+    if memory is not None:
+        split = _fit(s, transformer, memory, kv_budget, context, pass_tokens, DTYPES[dtype])
+        budget = split.cache
     cache = ExpertCache(
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
         pin_share=pin_share, pins=pins,
     )  # fmt: skip
-    return Model(s, cache, DTYPES[dtype], budget, prefetch, routing, routing_slack)
+    return Model(
+        s, cache, DTYPES[dtype], budget, prefetch, routing, routing_slack, transformer, split
+    )
+
+
+def dense_weights(s: Store, dense_quant: str = "bf16") -> dict:
+    """The store's dense tensors, the quantizable matrices in `dense_quant`, loaded one by
+    one so that no more than one of them is ever held at full width beside the rest."""
+    if dense_quant == "bf16":
+        return s.load_dense()
+    out = {}
+    for name in s.dense_table:
+        t = s.load_dense(names=[name])[name]
+        out[name] = quantize_dense(t, dense_quant) if quantizable(name, t) else t
+    return out
+
+
+def _fit(s: Store, transformer, memory, kv_budget, context, pass_tokens: int, dtype):
+    """Measure what is resident with the dense weights loaded, and split the memory target."""
+    try:
+        target = memory if isinstance(memory, int) else parse_bytes(memory)
+        kv = (
+            kv_budget if isinstance(kv_budget, int) or kv_budget is None else parse_bytes(kv_budget)
+        )
+    except ValueError as e:
+        raise ConfigError(f"--memory: {e}") from None
+    cfg = s.config
+    per_token = kv_bytes_per_token(cfg, dtype)
+    release_freed()
+    if kv is None:
+        kv = per_token * min(context or 4096, cfg.max_position_embeddings)
+    split = plan_memory(
+        target,
+        dense=tensor_bytes(transformer.w.values()),
+        resident=current_rss(),
+        kv=kv,
+        workspace=workspace_bytes(cfg, min(pass_tokens, kv // per_token), kv // per_token),
+        slot_bytes=s.expert_format.nbytes,
+        min_slots=cfg.num_experts_per_tok,
+        max_slots=cfg.num_experts_total,
+    )
+    return split
 
 
 def default_compute_threads(config) -> int:

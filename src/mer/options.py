@@ -158,6 +158,22 @@ def writable_file(path: str | Path, what: str) -> Path:
 # ---- shared groups ----
 
 
+def add_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--memory",
+        type=positive_size,
+        help="RAM target for the whole process, e.g. 8GiB: the expert cache gets what the "
+        "dense weights, KV cache and runtime leave (instead of --ram-budget)",
+    )
+    p.add_argument(
+        "--dense-quant",
+        choices=("bf16", "int8", "int4"),  # mer.quant.dense.DENSE_QUANTS
+        default="bf16",
+        help="hold attention, shared experts, dense layers and the output head at this width "
+        "(default bf16, as stored)",
+    )
+
+
 @dataclass(frozen=True)
 class IOOptions:
     """How a model reads its experts: what every generating command takes."""

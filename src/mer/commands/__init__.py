@@ -6,16 +6,26 @@ from __future__ import annotations
 from mer.options import IOOptions, SpeculationOptions
 
 
-def open_model(store, ram_budget: int, io: IOOptions, **kw):
-    """mer.open with the reader options every generating command takes."""
-    import mer.api
+def open_model(store, ram_budget: int | None, io: IOOptions, memory: int | None = None, **kw):
+    """mer.open with the reader options every generating command takes; with `memory`
+    (the whole process's target) the expert cache gets what it leaves, and the split is
+    printed once. --ram-budget and --memory exclude each other."""
+    import sys
 
-    return mer.api.open(
-        store, ram_budget, direct_io=not io.no_direct_io, io_threads=io.io_threads,
-        prefetch=not io.no_prefetch, cache_policy=io.cache_policy, pin_share=io.pin_share,
-        pin_file=io.pin_file, compute_threads=io.threads, routing=io.routing,
-        routing_slack=io.routing_slack, **kw,
+    import mer.api
+    from mer.errors import ConfigError
+
+    if memory is not None and ram_budget is not None:
+        raise ConfigError("give --memory (the whole process) or --ram-budget (experts), not both")
+    model = mer.api.open(
+        store, 4 << 30 if ram_budget is None else ram_budget, direct_io=not io.no_direct_io,
+        io_threads=io.io_threads, prefetch=not io.no_prefetch, cache_policy=io.cache_policy,
+        pin_share=io.pin_share, pin_file=io.pin_file, compute_threads=io.threads,
+        routing=io.routing, routing_slack=io.routing_slack, memory=memory, **kw,
     )  # fmt: skip
+    if model.memory is not None:
+        sys.stderr.write(model.memory.line() + "\n")
+    return model
 
 
 def open_draft(speculation: SpeculationOptions, dtype: str):

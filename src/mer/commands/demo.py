@@ -15,7 +15,15 @@ import sys
 from mer.commands import open_model
 from mer.commands.generate import run_generation
 from mer.data import TRAINED_MODEL, cache_dir, convert_once, run_mer
-from mer.options import IOOptions, SamplingOptions, add_io_options, add_sampling, size, text_arg
+from mer.options import (
+    IOOptions,
+    SamplingOptions,
+    add_io_options,
+    add_memory_option,
+    add_sampling,
+    size,
+    text_arg,
+)
 from mer.units import fmt_bytes
 
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
@@ -24,6 +32,7 @@ PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram-budget", type=size,
                    help="default 1MiB (bundled model) or 96MiB (--preset)")  # fmt: skip
+    add_memory_option(p)
     p.add_argument("--prompt", type=text_arg, default=PROMPT)
     p.add_argument("--preset", help="run a synthetic model of this shape instead (see mer synth)")
     add_io_options(p)
@@ -33,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(
     *,
     ram_budget: int | None,
+    memory: int | None,
+    dense_quant: str,
     prompt: str,
     preset: str | None,
     io: IOOptions,
@@ -61,10 +72,19 @@ def run(
     convert_once(checkpoint, store)
     s = Store(store)
     cfg = s.config
+    held = "" if memory else (
+        f"; RAM budget {fmt_bytes(budget)} holds {budget // s.expert_format.nbytes} of "
+        f"{len(s.extents)} experts"
+    )  # fmt: skip
     say(
         f"model: {checkpoint.name}, {what}; {cfg.num_hidden_layers} layers x "
         f"{cfg.num_local_experts} experts (top-{cfg.num_experts_per_tok}), experts "
-        f"{fmt_bytes(s.expert_bytes_total)} on disk in int4; RAM budget {fmt_bytes(budget)} "
-        f"holds {budget // s.expert_format.nbytes} of {len(s.extents)} experts\n"
+        f"{fmt_bytes(s.expert_bytes_total)} on disk in int4{held}\n"
     )
-    run_generation(open_model(store, budget, io), prompt, sampling)
+    if memory is not None:
+        budget = None
+        context = len(prompt.encode("utf-8")) + 16
+        fit = dict(context=context + sampling.max_tokens, pass_tokens=context)
+    fit = fit if memory is not None else {}
+    model = open_model(store, budget, io, memory, dense_quant=dense_quant, **fit)
+    run_generation(model, prompt, sampling)

@@ -12,6 +12,7 @@ from mer.options import (
     SamplingOptions,
     SpeculationOptions,
     add_io_options,
+    add_memory_option,
     add_sampling,
     add_speculation_options,
     read_text_file,
@@ -30,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chat", action="store_true", help="send the prompt as a user turn in the chat template"
     )
-    p.add_argument("--ram-budget", type=size, default="4GiB",
-                   help="RAM for cached experts, e.g. 4GiB")  # fmt: skip
+    p.add_argument("--ram-budget", type=size,
+                   help="RAM for cached experts alone, e.g. 4GiB (default 4GiB)")  # fmt: skip
+    add_memory_option(p)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--trace", help="record routing to this .npz file (see mer bench cache)")
     p.add_argument("--trace-hidden", action="store_true",
@@ -54,7 +56,9 @@ def run(
     prompt: str | None,
     prompt_file: str | None,
     chat: bool,
-    ram_budget: int,
+    ram_budget: int | None,
+    memory: int | None,
+    dense_quant: str,
     dtype: str,
     trace: str | None,
     trace_hidden: bool,
@@ -72,7 +76,19 @@ def run(
         raise ConfigError("--trace-hidden needs --trace FILE")
     if trace:
         writable_file(trace, "--trace")
-    model = open_model(store, ram_budget, io, dtype=dtype)
+    # KV and the largest pass: the prompt's UTF-8 bytes bound its tokens (a chat template
+    # adds its own text), then every token generated.
+    prompt_tokens = len(prompt.encode("utf-8")) + (1024 if chat else 16)
+    context = dict(context=prompt_tokens + sampling.max_tokens, pass_tokens=prompt_tokens)
+    model = open_model(
+        store,
+        ram_budget,
+        io,
+        memory,
+        dtype=dtype,
+        dense_quant=dense_quant,
+        **(context if memory is not None else {}),
+    )
     draft = open_draft(speculation, dtype)
     if draft is not None:
         model.speculate(draft, k=speculation.spec_k, adaptive=not fixed_k)
@@ -118,7 +134,7 @@ def stats_line(stats) -> str:
         f"I/O stall {1e3 * c.stall_seconds / tokens:.1f} ms/token | "
         f"cache {stats.slots} slots in {fmt_bytes(stats.budget_bytes)}"
         f"{f', {c.pinned} pinned' if c.pinned else ''} | "
-        f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}"
+        f"peak RSS {fmt_bytes(stats.peak_rss_bytes)}{target_segment(stats)}"
         + spec_segment(stats.speculation)
         + routing_segment(stats.routing)
     )
@@ -131,6 +147,12 @@ def routing_segment(routing) -> str:
         f" | cache-aware routing: {routing.substituted} substituted, {routing.dropped} "
         f"dropped of {routing.picks} picks"
     )
+
+
+def target_segment(stats) -> str:
+    if stats.memory_target is None:
+        return ""
+    return f" of --memory {fmt_bytes(stats.memory_target)}"
 
 
 def spec_segment(spec) -> str:

@@ -12,6 +12,7 @@ from mer.options import (
     IOOptions,
     SpeculationOptions,
     add_io_options,
+    add_memory_option,
     add_speculation_options,
     count,
     port,
@@ -27,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=port, default=8000, help="0 picks a free port")
     p.add_argument("--model-name", help="model id clients ask for (default: the store's name)")
     p.add_argument("--api-key", help="require this bearer key (or set MER_API_KEY)")
-    p.add_argument("--ram-budget", type=size, default="4GiB",
-                   help="RAM for cached experts, e.g. 4GiB")  # fmt: skip
+    p.add_argument("--ram-budget", type=size,
+                   help="RAM for cached experts alone, e.g. 4GiB (default 4GiB)")  # fmt: skip
+    add_memory_option(p)
     p.add_argument("--kv-budget", type=positive_size, default="512MiB",
                    help="RAM for the paged KV cache")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -60,7 +62,9 @@ def run(
     port: int,
     model_name: str | None,
     api_key: str | None,
-    ram_budget: int,
+    ram_budget: int | None,
+    memory: int | None,
+    dense_quant: str,
     kv_budget: int,
     dtype: str,
     max_batch_tokens: int,
@@ -75,7 +79,8 @@ def run(
     name = model_name or Path(store).resolve().name
     key = api_key or os.environ.get("MER_API_KEY")
     settings = ServerSettings(name, key, max_concurrent, max_request_bytes)
-    model = open_model(store, ram_budget, io, dtype=dtype)
+    fit = dict(kv_budget=kv_budget, pass_tokens=max_batch_tokens) if memory is not None else {}
+    model = open_model(store, ram_budget, io, memory, dtype=dtype, dense_quant=dense_quant, **fit)
     scheduler = model.scheduler(
         kv_budget,
         max_batch_tokens=max_batch_tokens,

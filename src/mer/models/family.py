@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from mer.models.config import ModelConfig
 from mer.models.layers import Rotary, apply_rotary, attention, rms_norm, route, swiglu
+from mer.quant.dense import linear
 
 if TYPE_CHECKING:
     from mer.models.layers import ExpertProvider
@@ -182,9 +183,9 @@ class Family:
         """Queries [T, Hq, D], keys and values [T, Hkv, D] before the rotary embedding."""
         cfg, w, p = m.config, m.w, f"layers.{i}."
         t = h.shape[0]
-        q = F.linear(h, w[p + "q"], w.get(p + "q_bias")).view(t, cfg.num_attention_heads, -1)
-        k = F.linear(h, w[p + "k"], w.get(p + "k_bias")).view(t, cfg.num_key_value_heads, -1)
-        v = F.linear(h, w[p + "v"], w.get(p + "v_bias")).view(t, cfg.num_key_value_heads, -1)
+        q = linear(h, w[p + "q"], w.get(p + "q_bias")).view(t, cfg.num_attention_heads, -1)
+        k = linear(h, w[p + "k"], w.get(p + "k_bias")).view(t, cfg.num_key_value_heads, -1)
+        v = linear(h, w[p + "v"], w.get(p + "v_bias")).view(t, cfg.num_key_value_heads, -1)
         if cfg.qk_norm == "head":
             eps = cfg.rms_norm_eps
             q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
@@ -195,7 +196,7 @@ class Family:
         out = torch.empty(q.shape[0], q.shape[1] * v.shape[2], dtype=q.dtype)
         for span, kv, mask in spans:
             out[span] = attention(q[span], *kv.append(i, k[span], v[span]), mask)
-        return F.linear(out, m.w[f"layers.{i}.o"])
+        return linear(out, m.w[f"layers.{i}.o"])
 
     def route(self, m: MoETransformer, i: int, h: torch.Tensor, allowed: torch.Tensor | None):
         """(weights [T, k] float32, expert ids [T, k]) for h [T, H]; `allowed` (bool [E], a

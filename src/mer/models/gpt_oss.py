@@ -40,6 +40,7 @@ from mer.models.config import ModelConfig
 from mer.models.family import Family, Shape, TensorSource
 from mer.models.layers import ExpertProvider, Rotary, attention
 from mer.quant import mxfp4
+from mer.quant.dense import linear
 from mer.quant.expert import ExpertFormat, ExpertWeights
 
 _P = "model.layers.{i}."
@@ -225,7 +226,7 @@ class GptOss(Family):
             t, s = mask.shape  # the queries are positions s - t .. s - 1
             lo = 0 if window is None else max(0, s - t - window + 1)
             out[span] = attention(q[span], keys[lo:], values[lo:], mask[:, lo:], w[p + "sinks"])
-        return F.linear(out, w[p + "o"], w.get(p + "o_bias"))
+        return linear(out, w[p + "o"], w.get(p + "o_bias"))
 
     def route(self, m, i: int, h: torch.Tensor, allowed: torch.Tensor | None):
         """Top-k of the biased router logits, softmax over those k (float32)."""

@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from mer.quant.dense import linear
+
 
 class ExpertProvider(Protocol):
     """Where the MoE block gets experts, addressed by (layer, expert)."""
@@ -244,7 +246,7 @@ def route_grouped(
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
     """A resident SwiGLU MLP: down(silu(gate(x)) * up(x))."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def moe(

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from mer.models.config import ModelConfig
 from mer.models.kv_cache import KVCache
 from mer.models.layers import ExpertProvider, causal_mask, moe, rms_norm
+from mer.quant.dense import linear
 
 
 class KVLike(Protocol):
@@ -58,9 +58,11 @@ class MoETransformer:
         self.dtype = dtype
         self.family = family = config.family
         fp32 = tuple("." + short for short in family.keep_float32)
-        self.w = {
-            name: t.float() if name.endswith(fp32) else t.to(dtype) for name, t in weights.items()
-        }
+        self.w = {  # a quantized weight (`mer.quant.dense`) is kept as it is
+            name: t if not isinstance(t, torch.Tensor) else t.float() if name.endswith(fp32)
+            else t.to(dtype)
+            for name, t in weights.items()
+        }  # fmt: skip
         if "lm_head" not in self.w:  # tied embeddings
             self.w["lm_head"] = self.w["embed"]
         self.experts = family.experts(config, experts)
@@ -120,7 +122,7 @@ class MoETransformer:
         self.experts.next_step()
         if not all_logits:
             x = x[torch.tensor([s.stop - 1 for s, _, _ in spans_of[windows[0]]])]
-        return F.linear(rms_norm(x, w["norm"], cfg.rms_norm_eps), w["lm_head"]).float()
+        return linear(rms_norm(x, w["norm"], cfg.rms_norm_eps), w["lm_head"]).float()
 
     def _moe(self, i: int, h: torch.Tensor, draft: bool = False) -> torch.Tensor:
         """Route h [T, H], tell the routing hooks, run the experts (and the shared one)."""

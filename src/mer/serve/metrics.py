@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mer.api import peak_rss
+
 
 def render_metrics(model, scheduler, http_errors: int) -> str:
     s, pool, c = scheduler.stats, scheduler.pool, model.cache.stats
@@ -79,6 +81,8 @@ def render_metrics(model, scheduler, http_errors: int) -> str:
             "prefetched experts that were used",
             c.prefetches_used,
         ),  # fmt: skip
+        ("peak_rss_bytes", "gauge", "high-water mark of the process's resident memory", peak_rss()),
+        ("expert_cache_bytes", "gauge", "RAM of the expert cache's slots", model.budget_bytes),
     ]
     routing = model.transformer.routing  # None: exact routing, nothing changed
     r_sub, r_drop = (routing.stats.substituted, routing.stats.dropped) if routing else (0, 0)
@@ -86,6 +90,9 @@ def render_metrics(model, scheduler, http_errors: int) -> str:
         ("routing_substituted_total", "counter", "picks swapped for a resident expert", r_sub),
         ("routing_dropped_total", "counter", "non-resident picks left out", r_drop),
     ]
+    if model.memory is not None:
+        target = model.memory.target
+        rows.append(("memory_target_bytes", "gauge", "the whole process's --memory", target))
     lines = []
     for name, kind, help_text, value in rows:
         lines += [

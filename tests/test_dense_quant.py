@@ -1,0 +1,103 @@
+"""Compact dense weights: the int8 and int4 kernels against their dequantized weights, the
+tiny Mixtral with int8/int4 dense weights against transformers (stated tolerances), and
+what stays exact (norms, routers, the embedding; bf16 dense in float32)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.test_parity import PROMPT, greedy, reference_logits
+
+import mer.api
+from mer.errors import ConfigError
+from mer.memory import tensor_bytes
+from mer.quant.dense import Int4Weight, Int8Weight, linear
+
+# max |ours - transformers| / max |transformers| over the prompt's logits, float32 compute,
+# bf16 experts: the dense weights' own quantization error (per-channel int8; int4 min-max
+# groups of 64, a whole row of the tiny model's 64-wide matrices, on Gaussian weights: every
+# matrix of the model is int4, unlike int4 experts' 0.5 in tests/test_parity.py).
+TOLERANCE = {"int8": 0.05, "int4": 0.75}
+
+
+@pytest.mark.parametrize("kind", [Int8Weight, Int4Weight])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_its_dequantized_weight(kind, dtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 128, generator=g)
+    x = torch.randn(2, 5, 128, generator=g).to(dtype)  # any leading dims
+    q = kind.quantize(w)
+    ref = x.float() @ q.dequantize().t()
+    out = linear(x, q)
+    assert out.shape == (2, 5, 96) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < tol
+    err = ((q.dequantize() - w).abs().max() / w.abs().max()).item()
+    assert err < (0.01 if kind is Int8Weight else 0.1)
+
+
+def our_logits(model, ids):
+    kv = model.transformer.new_kv_cache(len(ids))
+    return model.transformer.forward(torch.tensor(ids), kv, all_logits=True)
+
+
+def dequantized_dense(hf_model, model):
+    """transformers' model holding our quantized dense matrices, dequantized."""
+    ref = copy.deepcopy(hf_model)
+    params = dict(ref.named_parameters())
+    fam, cfg = model.config.family, model.config
+    with torch.no_grad():
+        for name, w in model.transformer.w.items():
+            if isinstance(w, torch.Tensor):
+                continue
+            if name.startswith("layers."):
+                i, short = name.split(".", 2)[1:]
+                hf = fam.LAYER[short].format(i=int(i))
+            else:
+                hf = fam.GLOBAL[name]
+            params[hf].copy_(w.dequantize())
+    assert cfg.num_hidden_layers == len(ref.model.layers)
+    return ref
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_dense_matches_transformers(quant, store_factory, hf_tiny):
+    store = store_factory("bf16")
+    model = mer.api.open(store, ram_budget="64MiB", dtype="float32", dense_quant=quant)
+    quantized = [n for n, w in model.transformer.w.items() if not isinstance(w, torch.Tensor)]
+    assert "lm_head" in quantized and "layers.0.q" in quantized and "layers.1.o" in quantized
+    for exact in ("embed", "norm", "layers.0.router", "layers.0.attn_norm"):
+        assert isinstance(model.transformer.w[exact], torch.Tensor)
+    ref = reference_logits(hf_tiny[1], PROMPT)
+    rel = ((our_logits(model, PROMPT) - ref).abs().max() / ref.abs().max()).item()
+    assert rel < TOLERANCE[quant], f"{quant} dense: relative logit error {rel:.2e}"
+    # Against transformers holding the same dequantized matrices only float rounding remains,
+    # and greedy decoding gives the same tokens.
+    deq = dequantized_dense(hf_tiny[1], model)
+    rel = ((our_logits(model, PROMPT) - reference_logits(deq, PROMPT)).abs().max()).item()
+    assert rel < 1e-4 * reference_logits(deq, PROMPT).abs().max().item()
+    ours = list(model.tokens(PROMPT, max_tokens=12, stop_token_ids=[-1]))
+    assert ours == greedy(deq, PROMPT, 12)
+
+
+def test_int8_dense_greedy_tokens_match_transformers(store_factory, hf_tiny):
+    model = mer.api.open(store_factory("bf16"), ram_budget="64MiB", dense_quant="int8",
+                         dtype="float32")  # fmt: skip
+    ours = list(model.tokens(PROMPT, max_tokens=12, stop_token_ids=[-1]))
+    assert ours == greedy(hf_tiny[1], PROMPT, 12)
+
+
+def test_quantized_dense_weights_take_less_memory(store_factory):
+    store = store_factory("bf16")
+    size = {
+        q: tensor_bytes(mer.api.open(store, "64MiB", dense_quant=q).transformer.w.values())
+        for q in ("bf16", "int8", "int4")
+    }
+    assert size["int4"] < size["int8"] < size["bf16"]
+
+
+def test_an_unknown_dense_quant_is_refused(store_factory):
+    with pytest.raises(ConfigError, match="--dense-quant"):
+        mer.api.open(store_factory("bf16"), ram_budget="64MiB", dense_quant="int3")
