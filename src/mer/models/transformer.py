@@ -68,6 +68,9 @@ class MoETransformer:
         self.experts = experts
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings)
         self.routing_hooks: list[RoutingHook] = []
+        # Replaces the router's choice (layer, hidden, weights, ids) -> (weights, ids) before
+        # the hooks hear of it: forced routing from a trace (mer.trace.forced).
+        self.routing_override: Callable | None = None
 
     def new_kv_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype)
@@ -145,6 +148,8 @@ class MoETransformer:
         allowed = self._resident(i) if draft else None
         router = self.w[f"layers.{i}.router"]
         weights, ids = route(h, router, cfg.num_experts_per_tok, cfg.norm_topk_prob, allowed)
+        if self.routing_override is not None and not draft:
+            weights, ids = self.routing_override(i, h, weights, ids)
         if not draft:
             for hook in self.routing_hooks:
                 hook(i, h, ids, weights)
