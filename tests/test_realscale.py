@@ -77,3 +77,37 @@ def test_trace_of_another_shape_is_refused(small_store, change):
         TraceRouting.for_model(trace, model.transformer, "t.npz", str(small_store))
     model.close()
     assert "\n" not in str(e.value) and "t.npz" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def sticky_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rs") / "sticky.npz"
+    sticky_trace(n_seqs=16, length=16).save(path)
+    return path
+
+
+def test_bench_decode_prints_engine_beside_simulator(small_store, sticky_file, capsys):
+    from mer.cli import main
+
+    code = main(["bench", "decode", "--store", small_store, "--routing-trace", sticky_file,
+                 "--tokens", "40", "--fractions", "0.5", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    for run in ("lru (all in RAM, warm)", "lru", "lfu", "ours+pin", "ours+markov"):
+        assert f" {run} " in out
+    # The warm 100% run reads nothing and never stalls.
+    full = next(line for line in out.splitlines() if "all in RAM" in line)
+    cells = [c.strip() for c in full.split("│")]
+    assert cells[4:7] == ["0.0", "100.0%", "0.0"]
+    assert "one expert read takes" in out and "ms of compute per MoE layer" in out
+
+
+def test_bench_decode_refuses_a_trace_of_another_shape(small_store, tmp_path, capsys):
+    from mer.cli import main
+
+    path = tmp_path / "other.npz"
+    sticky_trace(n_seqs=4, experts=6).save(path)
+    code = main(["bench", "decode", "--store", small_store, "--routing-trace", path])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "does not match" in err and str(path) in err
