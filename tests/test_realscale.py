@@ -111,3 +111,64 @@ def test_bench_decode_refuses_a_trace_of_another_shape(small_store, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1 and "does not match" in err and str(path) in err
+
+
+def _decode_tokens(model, routing, trace, seqs) -> list[int]:
+    """Argmax tokens of decoding `seqs` one at a time with forced routing."""
+    out = []
+    for i in seqs:
+        a, b = int(trace.seq_starts[i]), int(trace.seq_starts[i + 1])
+        if model.prefetcher is not None:
+            model.prefetcher.begin_sequence()
+        kv, token = model.transformer.new_kv_cache(b - a), 1
+        for row in range(a, b):
+            routing.feed([row])
+            token = int(model.transformer.forward(torch.tensor([token]), kv)[-1].argmax())
+            out.append(token)
+    return out
+
+
+def test_live_markov_prefetch_is_used_and_changes_no_output(small_store):
+    from mer.predict.live import live_predictor
+    from mer.trace.format import split_trace
+
+    trace = sticky_trace(n_seqs=16)
+    train, held = split_trace(trace, 0.5)
+    runs = {}
+    for prefetch in ("off", "markov"):
+        # 6 slots of 32 experts: most of each layer's experts are read from the store.
+        model = mer.api.open(small_store, ram_budget=6 * 8192, prefetch=prefetch, dtype="float32")
+        if model.prefetcher is not None:  # learned from the training part, as bench decode does
+            model.prefetcher.predictor = live_predictor("markov", model.config, train)
+            model.prefetcher.learners = [model.prefetcher.predictor]
+        routing = TraceRouting.for_model(held, model.transformer)
+        model.transformer.routing_override = routing
+        runs[prefetch] = (_decode_tokens(model, routing, held, range(4)), model.cache.stats)
+        model.close()
+    (plain, off), (tokens, on) = runs["off"], runs["markov"]
+    assert tokens == plain  # results never depend on prefetching
+    assert off.prefetches == 0 and on.prefetches > 0
+    assert on.prefetches_used > 0
+    assert on.misses < off.misses  # used prefetches replaced demand misses
+
+
+def test_prefetch_options_on_the_command_line(small_store, tmp_path, capsys):
+    from mer.cli import main
+
+    args = ["generate", "--store", small_store, "--prompt", "ab", "--max-tokens", "6"]
+    assert main([*args, "--prefetch", "markov", "--ram-budget", "48KiB"]) == 0
+    assert "prefetch used" in capsys.readouterr().err
+    assert main([*args, "--prefetch", "ensemble"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--speculator" in err
+
+
+def test_bench_decode_says_lookahead_cannot_predict_forced_routing(
+    small_store, sticky_file, capsys
+):
+    from mer.cli import main
+
+    code = main(["bench", "decode", "--store", small_store, "--routing-trace", sticky_file,
+                 "--prefetch", "lookahead"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "hidden states" in err

@@ -27,6 +27,8 @@ from mer.engine.speculative import ModelDrafter, SelfDrafter, SpecStats, generat
 from mer.engine.text import TextStream
 from mer.errors import ConfigError
 from mer.models.transformer import MoETransformer
+from mer.options import PREFETCHERS
+from mer.predict.live import LivePrefetcher, live_predictor
 from mer.predict.lookahead import LookaheadPrefetcher
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
@@ -61,7 +63,13 @@ class Completion:
 
 class Model:
     def __init__(
-        self, store: Store, cache: ExpertCache, dtype: torch.dtype, budget: int, prefetch: bool
+        self,
+        store: Store,
+        cache: ExpertCache,
+        dtype: torch.dtype,
+        budget: int,
+        prefetch: bool | str,
+        speculator: str | Path | None = None,
     ) -> None:
         self.store = store
         self.config = store.config
@@ -71,8 +79,14 @@ class Model:
         hooks = self.transformer.routing_hooks
         if cache.policy != "lru":  # first: a prefetch asks the policy, which learns routing
             hooks.append(lambda layer, hidden, ids, weights: cache.observe(layer, ids))
-        if prefetch:
+        prefetch = {True: "lookahead", False: "off"}.get(prefetch, prefetch)
+        self.prefetcher: LivePrefetcher | None = None
+        if prefetch == "lookahead":
             hooks.append(LookaheadPrefetcher(self.transformer, cache))
+        elif prefetch != "off":
+            predictor = live_predictor(prefetch, self.config, speculator=speculator)
+            self.prefetcher = LivePrefetcher(predictor, cache, self.config)
+            hooks.append(self.prefetcher)
         self._tokenizer: Tokenizer | None = None
         self._chat: ChatTemplate | None = None
         self._recorders: list[TraceRecorder] = []
@@ -109,6 +123,8 @@ class Model:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         for recorder in self._recorders:
             recorder.begin_sequence()
+        if self.prefetcher is not None:
+            self.prefetcher.begin_sequence()
         params = self.sampling_params(**sampling)
         if self._speculation is not None:
             return generate_speculative(
@@ -217,18 +233,22 @@ def open(  # noqa: A001 - mer.open reads naturally
     dtype: str = "bfloat16",
     direct_io: bool = True,
     io_threads: int = 4,
-    prefetch: bool = True,
+    prefetch: bool | str = True,
     cache_policy: str = "lru",
     pin_share: float = 0.0,
     pin_file: str | Path | None = None,
     compute_threads: int | None = None,
+    speculator: str | Path | None = None,
 ) -> Model:
     """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB').
 
     `io_threads` reader threads fetch missing experts; with `prefetch` the next layer's
-    experts are predicted and read while the current layer computes. `pin_file` (JSON
-    [layer, expert] pairs, or a trace) or `pin_share` > 0 (most used experts, chosen as it
-    runs) pins experts in RAM within that share of the budget (`mer.cache.pinning`).
+    experts are predicted and read while the current layer computes: by its router
+    ("lookahead", or True), or by a predictor of routing history that learns as it runs
+    ("markov"; "speculator" or "ensemble" with a `speculator` file), or not ("off", False).
+    `pin_file` (JSON [layer, expert] pairs, or a trace) or `pin_share` > 0 (most used
+    experts, chosen as it runs) pins experts in RAM within that share of the budget
+    (`mer.cache.pinning`).
     `compute_threads` sets PyTorch's (process-wide) thread count; by default see
     `default_compute_threads`.
     """
@@ -249,7 +269,9 @@ def open(  # noqa: A001 - mer.open reads naturally
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
         pin_share=pin_share, pins=pins,
     )  # fmt: skip
-    return Model(s, cache, DTYPES[dtype], budget, prefetch)
+    if prefetch not in (True, False, *PREFETCHERS):
+        raise ConfigError(f"prefetch must be one of {', '.join(PREFETCHERS)}, got {prefetch!r}")
+    return Model(s, cache, DTYPES[dtype], budget, prefetch, speculator)
 
 
 def default_compute_threads(config) -> int:

@@ -57,7 +57,7 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                    help="expert cache sizes as shares of all experts")  # fmt: skip
     b.add_argument("--tokens", type=count, default=200,
                    help="decode the held-out sequences that fit in N tokens, per run")  # fmt: skip
-    b.add_argument("--prefetch", nargs="*", choices=LIVE, default=["markov"],
+    b.add_argument("--prefetch", nargs="*", choices=[*LIVE, "lookahead"], default=["markov"],
                    help="live prefetchers (speculator, ensemble: need --speculator)")  # fmt: skip
     b.add_argument("--speculator", help="a trained speculator (mer train-speculator)")
     b.add_argument("--pin-share", type=number(0, 0.9), default=0.25,
@@ -119,6 +119,12 @@ def run(
     check_trace_shape(trace, cfg, routing_trace, store)
     if no_full and step_ms is None:
         raise ConfigError("--no-full needs --step-ms (the compute time the simulator assumes)")
+    if "lookahead" in prefetch:
+        raise ConfigError(
+            "--prefetch lookahead: router lookahead cannot predict forced routing (the trace "
+            "has no hidden states of this store's random weights); use markov, speculator "
+            "or ensemble"
+        )
     if any(p != "markov" for p in prefetch) and speculator is None:
         raise ConfigError("--prefetch speculator and ensemble need --speculator FILE.pt")
     train, replay = split_trace(trace, held_out)

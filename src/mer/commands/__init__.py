@@ -12,7 +12,8 @@ def open_model(store, ram_budget: int, io: IOOptions, **kw):
 
     return mer.api.open(
         store, ram_budget, direct_io=not io.no_direct_io, io_threads=io.io_threads,
-        prefetch=not io.no_prefetch, cache_policy=io.cache_policy, pin_share=io.pin_share,
+        prefetch="off" if io.no_prefetch else io.prefetch, speculator=io.speculator,
+        cache_policy=io.cache_policy, pin_share=io.pin_share,
         pin_file=io.pin_file, compute_threads=io.threads, **kw,
     )  # fmt: skip
 
