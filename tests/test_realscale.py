@@ -12,7 +12,7 @@ from mer.errors import ConfigError
 from mer.synth.checkpoint import hf_config
 from mer.synth.store import write_random_store
 from mer.trace.forced import TraceRouting, decode_sequences
-from mer.trace.format import Trace
+from mer.trace.format import Trace, load_trace
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,8 @@ def test_bench_decode_prints_engine_beside_simulator(small_store, sticky_file, c
     from mer.cli import main
 
     code = main(["bench", "decode", "--store", small_store, "--routing-trace", sticky_file,
-                 "--tokens", "40", "--fractions", "0.5", "--threads", "1"])  # fmt: skip
+                 "--tokens", "40", "--fractions", "0.5", "--threads", "1",
+                 "--batch", "4", "--batch-tokens", "8", "--batch-fraction", "0.75"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
     for run in ("lru (all in RAM, warm)", "lru", "lfu", "ours+pin", "ours+markov"):
@@ -100,6 +101,16 @@ def test_bench_decode_prints_engine_beside_simulator(small_store, sticky_file, c
     cells = [c.strip() for c in full.split("│")]
     assert cells[4:7] == ["0.0", "100.0%", "0.0"]
     assert "one expert read takes" in out and "ms of compute per MoE layer" in out
+    # Batching: the same 4 x 8 tokens alone and together, beside the trace's dedup bound.
+    from mer.trace.stats import batch_dedup
+
+    rows = [line.split("│") for line in out.splitlines() if line.startswith("│")]
+    alone = next(r for r in rows if r[1].strip() == "one at a time")
+    together = next(r for r in rows if r[1].strip() == "4 together")
+    reads = [int(alone[4]), int(together[4])]
+    assert min(reads) > 0
+    assert float(together[5]) == pytest.approx(reads[0] / reads[1], abs=0.01)
+    assert together[6].strip() == f"{batch_dedup(load_trace(sticky_file), 4):.2f}"
 
 
 def test_bench_decode_refuses_a_trace_of_another_shape(small_store, tmp_path, capsys):

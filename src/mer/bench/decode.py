@@ -38,23 +38,24 @@ from mer.errors import ConfigError
 from mer.io.direct import DirectReader, aligned_buffer
 from mer.io.engine import DEMAND, ReadEngine
 from mer.models.transformer import MoETransformer
-from mer.options import count, number
+from mer.options import count, natural, number
 from mer.predict import catalog
 from mer.predict.live import LIVE, LivePrefetcher, live_predictor
 from mer.progress import progress_bar
 from mer.store.reader import Store
 from mer.trace.forced import TraceRouting, check_trace_shape, decode_sequences
-from mer.trace.format import load_trace, split_trace
+from mer.trace.format import Trace, load_trace, split_trace
 from mer.trace.prefetch import Device, plan, simulate_prefetch
 from mer.trace.replay import accesses, frequent_keys, simulate
+from mer.trace.stats import batch_dedup
 from mer.units import fmt_decimal
 
 
 def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--store", required=True, help="store whose shape matches the trace")
     b.add_argument("--routing-trace", required=True, help="routing trace (.npz) to decode")
-    b.add_argument("--fractions", type=number(0, 1, lo_open=True), nargs="+", default=[0.25, 0.5],
-                   help="expert cache sizes as shares of all experts")  # fmt: skip
+    b.add_argument("--fractions", type=number(0, 1, lo_open=True), nargs="*", default=[0.25, 0.5],
+                   help="cache sizes as shares of all experts (none: batching only)")  # fmt: skip
     b.add_argument("--tokens", type=count, default=200,
                    help="decode the held-out sequences that fit in N tokens, per run")  # fmt: skip
     b.add_argument("--prefetch", nargs="*", choices=[*LIVE, "lookahead"], default=["markov"],
@@ -70,6 +71,13 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                    help="share of the sequences held out for decoding, the last")  # fmt: skip
     b.add_argument("--train-tokens", type=count, default=20000,
                    help="pins and predictors learn from the first N other tokens")  # fmt: skip
+    b.add_argument("--batch", type=natural, default=8,
+                   help="also decode this many held-out sequences together and one at a "
+                   "time (0: skip)")  # fmt: skip
+    b.add_argument("--batch-tokens", type=count, default=24,
+                   help="tokens of each sequence in the batching runs")  # fmt: skip
+    b.add_argument("--batch-fraction", type=number(0, 1, lo_open=True), default=0.25,
+                   help="expert cache of the batching runs, as a share of all experts")  # fmt: skip
     b.add_argument("--io-threads", type=count, default=4, help="expert reader threads")
     b.add_argument("--threads", type=count, help="compute threads (default: every core)")
     b.add_argument("--no-full", action="store_true",
@@ -111,6 +119,9 @@ def run(
     threads: int | None,
     no_full: bool,
     step_ms: float | None,
+    batch: int = 0,
+    batch_tokens: int = 24,
+    batch_fraction: float = 0.25,
 ) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     s = Store(store)
@@ -168,7 +179,57 @@ def run(
             name = policy + "+pin" * pinned + f"+{pf}" * bool(pf)
             got = dec.run(policy, live=live, name=name)
             rows.append((fraction, slots, got, sims.predict(policy, slots, pinned, pf)))
-    show(console, rows, full, read_s, step_s, spare, replay.n_tokens, layers)
+    if rows or full is not None:
+        show(console, rows, full, read_s, step_s, spare, replay.n_tokens, layers)
+    if batch > 1:
+        slots = max(round(batch_fraction * total), batch * cfg.num_experts_per_tok)
+        batching(console, model, s, trace, split_trace(trace, held_out)[1], batch,
+                 batch_tokens, slots, io_threads)  # fmt: skip
+
+
+def batching(console, model, store, trace, held, n, length, slots, io_threads) -> None:
+    """`n` held-out sequences (their first `length` tokens) decoded one at a time, then
+    together, each time from a cold cache of `slots` experts (lru, no prefetch): tok/s and
+    SSD bytes per token, beside the most batching can divide reads by on this trace
+    (`mer.trace.stats.batch_dedup`, what `mer bench routing` prints)."""
+    long = [i for i, (a, b) in enumerate(held.sequences()) if b - a >= length][:n]
+    if len(long) < n:
+        console.print(f"batching: only {len(long)} held-out sequences of {length} tokens")
+        return
+    rows = np.concatenate([np.arange(held.seq_starts[i], held.seq_starts[i] + length)
+                           for i in long])  # fmt: skip
+    starts = np.arange(n + 1, dtype=np.int64) * length
+    cut = Trace(held.experts[rows], starts, held.phase[rows], held.meta)
+    model.routing_override = routing = TraceRouting.for_model(cut, model)
+    model.routing_hooks = []
+    got = {}
+    budget = slots * store.expert_format.nbytes
+    with progress_bar(2 * n * length, "bench decode: batching", unit="tokens") as bar:
+        for name, groups in (("one at a time", [[i] for i in range(n)]),
+                             (f"{n} together", [list(range(n))])):  # fmt: skip
+            cache = ExpertCache(store, budget, threads=io_threads, policy="lru")
+            model.experts = cache
+            seconds = decode_sequences(model, routing, groups, lambda g, k: bar.advance(k))
+            got[name] = (seconds, cache.stats.bytes_read, cache.stats.misses)
+            cache.engine.close()
+            model.experts = None
+    bound = batch_dedup(trace, n)
+    table = Table(title=f"batching {n} trace sequences x {length} tokens, {slots} slots, lru")
+    for c in ("run", "tok/s", "SSD read/token", "expert reads", "÷ one at a time (bytes)",
+              "dedup bound", "share of bound"):  # fmt: skip
+        table.add_column(c, justify="right")
+    alone_bytes = got["one at a time"][1]
+    for name, (seconds, nbytes, misses) in got.items():
+        cut_by = alone_bytes / nbytes if nbytes else float("inf")
+        table.add_row(name, f"{n * length / seconds:.2f}", fmt_decimal(nbytes / (n * length)),
+                      str(misses), f"{cut_by:.2f}", f"{bound:.2f}",
+                      f"{(cut_by - 1) / (bound - 1):.2f}" if bound > 1 else "")  # fmt: skip
+    console.print(table)
+    console.print(
+        "dedup bound: experts chosen per distinct expert when these many sequences decode "
+        "one token each (random tokens of the whole trace, mer bench routing); share of "
+        "bound: the measured cut in SSD bytes less 1, over the bound less 1."
+    )
 
 
 class Decoder:
