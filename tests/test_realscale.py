@@ -101,6 +101,7 @@ def test_bench_decode_prints_engine_beside_simulator(small_store, sticky_file, c
     cells = [c.strip() for c in full.split("│")]
     assert cells[4:7] == ["0.0", "100.0%", "0.0"]
     assert "one expert read takes" in out and "ms of compute per MoE layer" in out
+    assert "in PyTorch ops (the sum of their self times)" in out
     # Batching: the same 4 x 8 tokens alone and together, beside the trace's dedup bound.
     from mer.trace.stats import batch_dedup
 

@@ -162,10 +162,11 @@ def run(
             whole = Decoder(model, s, routing, replay, total * nbytes, io_threads, bar)
             whole.run("lru", warm=True)
             full = whole.run("lru", name="lru (all in RAM, warm)")
+            kernels = kernel_time(model, routing, bar)
             whole.cache = model.experts = None  # its slots go back before the next runs
             step_s = (full.seconds - full.stall) / (full.tokens * layers)
         else:
-            step_s = step_ms / 1e3
+            step_s, kernels = step_ms / 1e3, None
         spare = guesses or max(1, min(cfg.num_experts_per_tok, math.floor(step_s / read_s)))
         sims = Simulator(
             train, replay, cfg.moe_layers, read_s, step_s, pin_share, spare, speculator
@@ -181,6 +182,13 @@ def run(
             rows.append((fraction, slots, got, sims.predict(policy, slots, pinned, pf)))
     if rows or full is not None:
         show(console, rows, full, read_s, step_s, spare, replay.n_tokens, layers)
+    if kernels is not None:
+        wall, inside, n = kernels
+        console.print(
+            f"100% residency, warm, under the profiler ({n} tokens): {1e3 * wall / n:.1f} ms "
+            f"per token, of which {1e3 * inside / n:.1f} ms in PyTorch ops (the sum of their "
+            f"self times): {wall / inside:.2f}x"
+        )
     if batch > 1:
         slots = max(round(batch_fraction * total), batch * cfg.num_experts_per_tok)
         batching(console, model, s, trace, split_trace(trace, held_out)[1], batch,
@@ -230,6 +238,19 @@ def batching(console, model, store, trace, held, n, length, slots, io_threads) -
         "one token each (random tokens of the whole trace, mer bench routing); share of "
         "bound: the measured cut in SSD bytes less 1, over the bound less 1."
     )
+
+
+def kernel_time(model, routing: TraceRouting, bar) -> tuple[float, float, int]:
+    """(wall seconds, seconds inside PyTorch ops, tokens) of decoding the trace's first
+    sequence again on the warm cache under the profiler: how far a token's time is from
+    the sum of its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = decode_sequences(model, routing, [[0]], lambda g, n: bar.advance(0))
+    inside = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    n = int(routing.trace.seq_starts[1])
+    return wall, inside, n
 
 
 class Decoder:
