@@ -45,6 +45,7 @@ def base_args(path: list[str], tmp) -> list[str]:
         "cache": ["--trace", missing + ".npz"],
         "routing": ["--trace", missing + ".npz"],
         "predict": ["--trace", missing + ".npz"],
+        "decode": ["--store", missing, "--routing-trace", missing + ".npz"],
     }.get(path[-1], [])
 
 
