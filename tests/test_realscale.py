@@ -184,3 +184,41 @@ def test_bench_decode_says_lookahead_cannot_predict_forced_routing(
                  "--prefetch", "lookahead"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "hidden states" in err
+
+
+def test_a_prefetch_read_waits_while_a_demand_read_is_in_flight(small_store):
+    """The read engine starts a prefetch only once no demand read is in flight, so a
+    prefetch never takes bandwidth a demand read could use (real reads of the store)."""
+    import threading
+
+    from mer.io.direct import DirectReader, aligned_buffer
+    from mer.io.engine import DEMAND, PREFETCH, ReadEngine
+    from mer.store.reader import Store
+
+    store = Store(small_store)
+    gate, order = threading.Event(), []
+
+    def read(reader, buf, offset):
+        order.append(("start", offset))
+        if offset == first.offset:
+            assert gate.wait(10)
+        reader.read_into(buf, offset)
+        order.append(("end", offset))
+
+    first, second = store.extent(1, 0), store.extent(1, 1)
+    n = store.expert_format.nbytes
+    _, buf = aligned_buffer(2 * n)
+    mem = memoryview(buf.numpy())
+    engine = ReadEngine(DirectReader(store.expert_path), threads=4, read=read)
+    try:
+        demand = engine.submit(mem[: first.length], first.offset, DEMAND)
+        prefetch = engine.submit(mem[n : n + second.length], second.offset, PREFETCH)
+        threading.Event().wait(0.2)  # three idle reader threads could take the prefetch now
+        assert not prefetch.started
+        gate.set()
+        demand.wait()
+        prefetch.wait()
+    finally:
+        engine.close()
+    assert order == [("start", first.offset), ("end", first.offset),
+                     ("start", second.offset), ("end", second.offset)]  # fmt: skip
