@@ -222,3 +222,25 @@ def test_a_prefetch_read_waits_while_a_demand_read_is_in_flight(small_store):
         engine.close()
     assert order == [("start", first.offset), ("end", first.offset),
                      ("start", second.offset), ("end", second.offset)]  # fmt: skip
+
+
+def test_bench_decode_with_speculator_and_ensemble_prefetch(small_store, sticky_file, tmp_path,
+                                                             capsys):  # fmt: skip
+    from mer.cli import main
+    from mer.predict.speculator import train_speculator
+    from mer.trace.format import split_trace
+
+    train, _ = split_trace(load_trace(sticky_file), 0.5)
+    spec = tmp_path / "spec.pt"
+    train_speculator([train], epochs=1, hidden=32, progress=False).save(spec)
+    code = main(["bench", "decode", "--store", small_store, "--routing-trace", sticky_file,
+                 "--tokens", "20", "--fractions", "0.5", "--threads", "1", "--batch", "0",
+                 "--no-full", "--step-ms", "1", "--prefetch", "speculator", "ensemble",
+                 "--speculator", spec])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = {line.split("│")[2].strip(): line.split("│") for line in out.splitlines()
+            if line.startswith("│")}  # fmt: skip
+    for name in ("ours+speculator", "ours+pin+ensemble"):
+        used, issued = map(int, rows[name][7].split("/"))
+        assert 0 <= used <= issued and issued > 0
