@@ -97,10 +97,24 @@ class Result:
     bytes_read: int
     prefetches: int
     used: int
+    read_busy: float = 0.0  # seconds with a read in flight
+    expert_bytes: int = 1
+    layers: int = 1
 
     @property
     def tok_s(self) -> float:
         return self.tokens / self.seconds
+
+    @property
+    def read_s(self) -> float | None:
+        """Measured device time per expert read: busy time over reads (None: no reads)."""
+        reads = self.bytes_read / self.expert_bytes
+        return self.read_busy / reads if reads else None
+
+    @property
+    def step_s(self) -> float:
+        """Measured compute per MoE layer step: forward time less stall, per step."""
+        return (self.seconds - self.stall) / (self.tokens * self.layers)
 
 
 def run(
@@ -123,7 +137,7 @@ def run(
     batch_tokens: int = 24,
     batch_fraction: float = 0.25,
 ) -> None:
-    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 320)
     s = Store(store)
     cfg = s.config
     trace = load_trace(routing_trace)
@@ -167,21 +181,25 @@ def run(
             step_s = (full.seconds - full.stall) / (full.tokens * layers)
         else:
             step_s, kernels = step_ms / 1e3, None
-        spare = guesses or max(1, min(cfg.num_experts_per_tok, math.floor(step_s / read_s)))
-        sims = Simulator(
-            train, replay, cfg.moe_layers, read_s, step_s, pin_share, spare, speculator
-        )
+        top_k = cfg.num_experts_per_tok
+        spare = guesses or max(1, min(top_k, math.floor(step_s / read_s)))
+        sims = Simulator(train, replay, cfg.moe_layers, pin_share, speculator)
         rows = []
         for fraction, policy, pinned, pf in runs:
-            slots = max(round(fraction * total), cfg.num_experts_per_tok)
+            slots = max(round(fraction * total), top_k)
             pins = sims.pins(slots) if pinned else None
             dec = Decoder(model, s, routing, replay, slots * nbytes, io_threads, bar, pins)
             live = (pf, train, speculator, spare) if pf else None
             name = policy + "+pin" * pinned + f"+{pf}" * bool(pf)
             got = dec.run(policy, live=live, name=name)
-            rows.append((fraction, slots, got, sims.predict(policy, slots, pinned, pf)))
+            # The simulator gets this run's own measured read time and compute per step.
+            run_read = got.read_s or read_s
+            if policy == "lru" and not pinned and not pf and guesses is None:
+                spare = max(1, min(top_k, math.floor(got.step_s / run_read)))  # what it saw
+            sim = sims.predict(policy, slots, pinned, pf, run_read, got.step_s, spare)
+            rows.append((fraction, slots, got, sim))
     if rows or full is not None:
-        show(console, rows, full, read_s, step_s, spare, replay.n_tokens, layers)
+        show(console, rows, full, read_s, replay.n_tokens, layers, cfg.num_experts_per_tok)
     if kernels is not None:
         wall, inside, n = kernels
         console.print(
@@ -293,26 +311,27 @@ class Decoder:
         if not warm:
             cache.engine.close()
         return Result(name or policy, self.replay.n_tokens, seconds, d["stall"], d["hits"],
-                      d["misses"], d["bytes"], d["prefetches"], d["used"])  # fmt: skip
+                      d["misses"], d["bytes"], d["prefetches"], d["used"], d["busy"],
+                      self.store.expert_format.nbytes, len(cfg.moe_layers))  # fmt: skip
 
 
 def _snapshot(cache: ExpertCache) -> dict:
     st = cache.stats
     return dict(stall=st.stall_seconds, hits=st.hits, misses=st.misses, bytes=st.bytes_read,
-                prefetches=st.prefetches, used=st.prefetches_used)  # fmt: skip
+                prefetches=st.prefetches, used=st.prefetches_used,
+                busy=st.read_seconds)  # fmt: skip
 
 
 class Simulator:
     """The replay simulator's prediction of a run: misses, stall and tok/s on a device that
     reads one expert in `read_s`, with `step_s` of compute per MoE layer."""
 
-    def __init__(self, train, replay, layers, read_s, step_s, pin_share, guesses, speculator):
+    def __init__(self, train, replay, layers, pin_share, speculator):
         self.train, self.replay, self.pin_share = train, replay, pin_share
         self.layers = layers  # the model's MoE layers, for the keys of pins
         self.acc = accesses(replay, "token")
-        self.device = Device(read_s, step_s)
-        self.guesses, self.speculator = guesses, speculator
-        self._plans: dict[str, object] = {}
+        self.speculator = speculator
+        self._plans: dict[tuple[str, int], object] = {}
 
     def pins(self, slots: int) -> Pins:
         """The experts most frequent in the training part, as many as the share allows."""
@@ -324,7 +343,10 @@ class Simulator:
         n = self.replay.n_experts
         return self.layers[k // n], k % n
 
-    def predict(self, policy: str, slots: int, pinned: bool, pf: str | None):
+    def predict(self, policy, slots, pinned, pf, read_s, step_s, guesses):
+        """The prediction for a run on a device reading an expert in `read_s`, computing
+        `step_s` per MoE layer, prefetching `guesses` per layer with `pf`."""
+        device = Device(read_s, step_s)
         pins = ()
         if pinned:
             n = pin_capacity(slots, self.pin_share, self.replay.top_k)
@@ -332,20 +354,21 @@ class Simulator:
         steps = len(self.acc.step_layer)
         if pf is None:
             misses = simulate(self.acc, policy, slots, pins)
-            stall, prefetched, used = misses * self.device.read_s, 0, 0
+            stall, prefetched, used = misses * read_s, 0, 0
         else:
-            r = simulate_prefetch(self.acc, policy, slots, self._plan(pf), pins, self.device)
+            r = simulate_prefetch(self.acc, policy, slots, self._plan(pf, guesses), pins, device)
             misses, stall, prefetched, used = r.misses, r.stall_s, r.prefetches, r.useful
-        wall = steps * self.device.step_s + stall
+        wall = steps * step_s + stall
         return dict(misses=misses, stall=stall, tok_s=self.replay.n_tokens / wall,
-                    prefetched=prefetched, used=used)  # fmt: skip
+                    prefetched=prefetched, used=used, read_s=read_s, step_s=step_s,
+                    guesses=guesses if pf else 0)  # fmt: skip
 
-    def _plan(self, pf: str):
-        if pf not in self._plans:
+    def _plan(self, pf: str, guesses: int):
+        if (pf, guesses) not in self._plans:
             predictor = catalog.one(pf, self.train, self.speculator, None, 1)
             scorer = partial(predictor.scores, self.replay)
-            self._plans[pf] = plan(self.replay, "token", scorer, 1, self.guesses)
-        return self._plans[pf]
+            self._plans[pf, guesses] = plan(self.replay, "token", scorer, 1, guesses)
+        return self._plans[pf, guesses]
 
 
 def measure_read(store: Store, threads: int, n: int = 48, rounds: int = 3) -> float:
@@ -386,16 +409,18 @@ def _runs(fractions, prefetch):
     return out
 
 
-def show(console, rows, full, read_s, step_s, spare, tokens, layers) -> None:
+def show(console, rows, full, read_s, tokens, layers, top_k) -> None:
     table = Table(title="decode with real routing: engine (measured) vs replay simulator")
     cols = ["residency", "run", "tok/s", "stall ms/tok", "hits", "MB/tok", "prefetch used",
-            "sim tok/s", "sim stall ms/tok", "stall err", "tok/s ÷ sim", "÷ lru tok/s"]  # fmt: skip
+            "read ms", "step ms", "sim hits", "sim stall ms/tok", "stall err", "sim tok/s",
+            "tok/s ÷ sim", "÷ lru tok/s"]  # fmt: skip
     for c in cols:
         table.add_column(c, justify="right")
     if full is not None:
         cells = [f"{full.tok_s:.2f}", f"{1e3 * full.stall / full.tokens:.1f}", _hit(full),
                  f"{full.bytes_read / full.tokens / 1e6:.1f}"]  # fmt: skip
-        table.add_row("100%", full.name, *cells, *[""] * (len(cols) - 6))
+        step = f"{1e3 * full.step_s:.2f}"
+        table.add_row("100%", full.name, *cells, "", "", step, *[""] * (len(cols) - 9))
         table.add_section()
     lru: dict[float, float] = {}
     last = None
@@ -408,6 +433,8 @@ def show(console, rows, full, read_s, step_s, spare, tokens, layers) -> None:
         last = fraction
         stall, sim_stall = r.stall / r.tokens, sim["stall"] / r.tokens
         err = (stall - sim_stall) / sim_stall if sim_stall else float("nan")
+        accesses = r.tokens * layers * top_k
+        pf = f"{r.used}/{r.prefetches} ({sim['guesses']}/layer)" if sim["guesses"] else ""
         table.add_row(
             f"{100 * fraction:.0f}% ({slots})" if first else "",
             r.name,
@@ -415,20 +442,24 @@ def show(console, rows, full, read_s, step_s, spare, tokens, layers) -> None:
             f"{1e3 * stall:.1f}",
             _hit(r),
             f"{r.bytes_read / r.tokens / 1e6:.1f}",
-            f"{r.used}/{r.prefetches}" if r.prefetches or "+" in r.name[4:] else "",
-            f"{sim['tok_s']:.2f}",
+            pf,
+            f"{1e3 * sim['read_s']:.2f}",
+            f"{1e3 * sim['step_s']:.2f}",
+            f"{100 * (1 - sim['misses'] / accesses):.1f}%",
             f"{1e3 * sim_stall:.1f}",
             f"{100 * err:+.0f}%",
+            f"{sim['tok_s']:.2f}",
             f"{r.tok_s / sim['tok_s']:.2f}",
             f"{r.tok_s / lru[fraction]:.2f}",
         )
     console.print(table)
     notes = [
-        f"simulator: one expert read takes {1e3 * read_s:.2f} ms (measured: random experts "
-        f"read together by the read engine), {1e3 * step_s:.2f} ms of compute per MoE layer "
-        f"step (measured at 100% residency, warm), {tokens} tokens x {layers} MoE layers",
-        f"live prefetch: {spare} expert(s) per layer, the next MoE layer's best guesses not in "
-        "RAM (read while no demand read is in flight)",
+        f"{tokens} tokens x {layers} MoE layers per run; the simulator replays each run with "
+        "that run's measured read ms (device busy time per expert read; a run that read "
+        f"nothing: {1e3 * read_s:.2f} ms, random experts read together before the runs) and "
+        "step ms (forward time less stall, per MoE layer step)",
+        "live prefetch: the next MoE layer's best guesses not in RAM, as many per layer as "
+        "the lru run's step ms over read ms (read while no demand read is in flight)",
         "stall: time acquires waited for reads; stall err: engine over simulator, less 1",
     ]
     console.print("; ".join(notes) + ".")
