@@ -46,6 +46,7 @@ def base_args(path: list[str], tmp) -> list[str]:
         "routing": ["--trace", missing + ".npz"],
         "predict": ["--trace", missing + ".npz"],
         "vs-llamacpp": ["--gguf", missing + ".gguf"],
+        "decode": ["--store", missing, "--routing-trace", missing + ".npz"],
     }.get(path[-1], [])
 
 

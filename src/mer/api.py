@@ -37,6 +37,8 @@ from mer.memory import (
 from mer.memory import plan as plan_memory
 from mer.models.routing import DEFAULT_SLACK, RoutingStats, make_routing
 from mer.models.transformer import MoETransformer
+from mer.options import PREFETCHERS
+from mer.predict.live import LivePrefetcher, live_predictor
 from mer.predict.lookahead import LookaheadPrefetcher
 from mer.quant.dense import DENSE_QUANTS, quantizable
 from mer.quant.dense import quantize as quantize_dense
@@ -80,11 +82,12 @@ class Model:
         cache: ExpertCache,
         dtype: torch.dtype,
         budget: int,
-        prefetch: bool,
+        prefetch: bool | str,
         routing: str = "exact",
         routing_slack: float = DEFAULT_SLACK,
         transformer: MoETransformer | None = None,
         memory: MemoryPlan | None = None,
+        speculator: str | Path | None = None,
     ) -> None:
         """`transformer`: built already (by `open` with a memory target), its experts not
         yet given; `memory`: the split of that target."""
@@ -102,8 +105,14 @@ class Model:
         hooks = self.transformer.routing_hooks
         if cache.policy != "lru":  # first: a prefetch asks the policy, which learns routing
             hooks.append(lambda layer, hidden, ids, weights: cache.observe(layer, ids))
-        if prefetch:
+        prefetch = {True: "lookahead", False: "off"}.get(prefetch, prefetch)
+        self.prefetcher: LivePrefetcher | None = None
+        if prefetch == "lookahead":
             hooks.append(LookaheadPrefetcher(self.transformer, cache))
+        elif prefetch != "off":
+            predictor = live_predictor(prefetch, self.config, speculator=speculator)
+            self.prefetcher = LivePrefetcher(predictor, cache, self.config)
+            hooks.append(self.prefetcher)
         self._tokenizer: Tokenizer | None = None
         self._chat: ChatTemplate | None = None
         self._recorders: list[TraceRecorder] = []
@@ -146,6 +155,8 @@ class Model:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         for recorder in self._recorders:
             recorder.begin_sequence()
+        if self.prefetcher is not None:
+            self.prefetcher.begin_sequence()
         params = self.sampling_params(**sampling)
         if self._speculation is not None:
             return generate_speculative(
@@ -248,7 +259,7 @@ def open(  # noqa: A001 - mer.open reads naturally
     dtype: str = "bfloat16",
     direct_io: bool = True,
     io_threads: int = 4,
-    prefetch: bool = True,
+    prefetch: bool | str = True,
     cache_policy: str = "lru",
     pin_share: float = 0.0,
     pin_file: str | Path | None = None,
@@ -260,6 +271,7 @@ def open(  # noqa: A001 - mer.open reads naturally
     context: int | None = None,
     pass_tokens: int = 512,
     dense_quant: str = "bf16",
+    speculator: str | Path | None = None,
 ) -> Model:
     """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB'), or, with
     `memory` (e.g. '8GiB'), whatever that target for the whole process leaves once the
@@ -270,9 +282,12 @@ def open(  # noqa: A001 - mer.open reads naturally
     and output-head matrices at that width as they load (`mer.quant.dense`).
 
     `io_threads` reader threads fetch missing experts; with `prefetch` the next layer's
-    experts are predicted and read while the current layer computes. `pin_file` (JSON
-    [layer, expert] pairs, or a trace) or `pin_share` > 0 (most used experts, chosen as it
-    runs) pins experts in RAM within that share of the budget (`mer.cache.pinning`).
+    experts are predicted and read while the current layer computes: by its router
+    ("lookahead", or True), or by a predictor of routing history that learns as it runs
+    ("markov"; "speculator" or "ensemble" with a `speculator` file), or not ("off", False).
+    `pin_file` (JSON [layer, expert] pairs, or a trace) or `pin_share` > 0 (most used
+    experts, chosen as it runs) pins experts in RAM within that share of the budget
+    (`mer.cache.pinning`).
     `compute_threads` sets PyTorch's (process-wide) thread count; by default see
     `default_compute_threads`. `routing="cache-aware"` (opt-in; exact by default) prefers
     experts already in RAM when the router's scores are within `routing_slack` and drops
@@ -305,8 +320,19 @@ def open(  # noqa: A001 - mer.open reads naturally
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
         pin_share=pin_share, pins=pins,
     )  # fmt: skip
+    if prefetch not in (True, False, *PREFETCHERS):
+        raise ConfigError(f"prefetch must be one of {', '.join(PREFETCHERS)}, got {prefetch!r}")
     return Model(
-        s, cache, DTYPES[dtype], budget, prefetch, routing, routing_slack, transformer, split
+        s,
+        cache,
+        DTYPES[dtype],
+        budget,
+        prefetch,
+        routing,
+        routing_slack,
+        transformer,
+        split,
+        speculator,
     )
 
 

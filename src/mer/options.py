@@ -21,6 +21,8 @@ from mer.units import parse_bytes
 
 POLICIES = ("lru", "lfu", "ours")  # mer.cache.policy.POLICIES; a test keeps the two equal
 ROUTINGS = ("exact", "cache-aware")  # mer.models.routing.ROUTINGS; a test keeps the two equal
+# Live prefetchers: router lookahead, or mer.predict.live.LIVE (routing history), or none.
+PREFETCHERS = ("lookahead", "markov", "speculator", "ensemble", "off")
 
 
 # ---- value types: each raises ArgumentTypeError, shown after the flag's name ----
@@ -181,6 +183,8 @@ class IOOptions:
     io_threads: int = 4
     threads: int | None = None
     no_prefetch: bool = False
+    prefetch: str = "lookahead"
+    speculator: str | None = None
     no_direct_io: bool = False
     cache_policy: str = "lru"
     pin_share: float = 0.0
@@ -194,6 +198,12 @@ def add_io_options(p: argparse.ArgumentParser, io_threads: int = 4) -> None:
     p.add_argument("--threads", type=count,
                    help="compute threads (default: 1 below hidden 2048, else all)")  # fmt: skip
     p.add_argument("--no-prefetch", action="store_true", help="read experts only on demand")
+    p.add_argument("--prefetch", choices=PREFETCHERS, default="lookahead",
+                   help="live prefetch: the next layer's router (lookahead), or a predictor "
+                   "of routing history that learns as it runs (markov; speculator and "
+                   "ensemble need --speculator); off = --no-prefetch")  # fmt: skip
+    p.add_argument("--speculator", help="a trained speculator (mer train-speculator), for "
+                   "--prefetch speculator or ensemble")  # fmt: skip
     p.add_argument("--no-direct-io", action="store_true", help="read through the page cache")
     p.add_argument("--cache-policy", choices=POLICIES, default="lru",
                    help="eviction policy (see mer bench cache)")  # fmt: skip

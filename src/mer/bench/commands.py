@@ -4,6 +4,7 @@ COMMANDS = {
     "kernel": ("mer.bench.kernel", "int4 expert FFN vs memory bandwidth"),
     "io": ("mer.bench.io", "expert reads vs the device, and decode stall"),
     "cache": ("mer.bench.cache", "replay a routing trace through cache policies"),
+    "decode": ("mer.bench.decode", "decode a routing trace's sequences on a store (real engine)"),
     "routing": ("mer.bench.routing", "routing statistics of a trace"),
     "predict": ("mer.bench.predict", "expert predictors' recall on held-out sequences"),
     "quality": ("mer.bench.quality", "cache-aware routing: held-out loss against reads"),

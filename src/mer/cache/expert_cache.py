@@ -157,7 +157,9 @@ class ExpertCache:
         return self.engine.reader
 
     def is_resident(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self._entries
+        """In RAM now: read whole (an expert still being read is not)."""
+        entry = self._entries.get((layer, expert))
+        return entry is not None and entry.request is None
 
     def next_step(self) -> None:
         self.step += 1

@@ -19,7 +19,8 @@ def open_model(store, ram_budget: int | None, io: IOOptions, memory: int | None 
         raise ConfigError("give --memory (the whole process) or --ram-budget (experts), not both")
     model = mer.api.open(
         store, 4 << 30 if ram_budget is None else ram_budget, direct_io=not io.no_direct_io,
-        io_threads=io.io_threads, prefetch=not io.no_prefetch, cache_policy=io.cache_policy,
+        io_threads=io.io_threads, prefetch="off" if io.no_prefetch else io.prefetch,
+        speculator=io.speculator, cache_policy=io.cache_policy,
         pin_share=io.pin_share, pin_file=io.pin_file, compute_threads=io.threads,
         routing=io.routing, routing_slack=io.routing_slack, memory=memory, **kw,
     )  # fmt: skip

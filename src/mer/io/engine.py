@@ -64,6 +64,7 @@ class _Chunk:
     start: int  # within the request
     end: int
     taken: bool = False
+    demand: bool = False  # taken as a demand read
 
 
 @dataclass
@@ -96,6 +97,7 @@ class ReadEngine:
         self._cv = threading.Condition()
         self._closed = False
         self._in_flight = 0
+        self._demand_in_flight = 0  # a prefetch chunk starts only while this is 0
         self._busy_since = 0.0
         self._threads = [
             threading.Thread(target=self._worker, name=f"mer-read-{i}", daemon=True)
@@ -156,9 +158,12 @@ class ReadEngine:
 
     def _take(self, finished: list[ReadRequest]) -> _Chunk | None:
         """Pop the next chunk worth reading (lock held); requests completed by dropping
-        chunks of failed requests go to `finished`. None: nothing runnable now."""
+        chunks of failed requests go to `finished`. None: nothing runnable now. A prefetch
+        waits while a demand read is in flight: it only uses bandwidth demand leaves."""
         while self._heap:
-            _, _, c = heapq.heappop(self._heap)
+            if self._heap[0][0] != DEMAND and self._demand_in_flight:
+                return None
+            priority, _, c = heapq.heappop(self._heap)
             if c.taken:  # superseded by a promoted copy
                 continue
             c.taken = True
@@ -167,6 +172,8 @@ class ReadEngine:
                     finished.append(c.request)
                 continue
             c.request.started = True
+            c.demand = priority == DEMAND
+            self._demand_in_flight += c.demand
             if self._in_flight == 0:
                 self._busy_since = time.perf_counter()
             self._in_flight += 1
@@ -199,6 +206,10 @@ class ReadEngine:
                             self.stats.retries += 1
             with self._cv:
                 self._in_flight -= 1
+                if c.demand:
+                    self._demand_in_flight -= 1
+                    if not self._demand_in_flight and self._heap:
+                        self._cv.notify_all()  # prefetches may start now
                 if self._in_flight == 0:
                     self.stats.busy_seconds += time.perf_counter() - self._busy_since
                 if error is None:

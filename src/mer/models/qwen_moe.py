@@ -105,6 +105,15 @@ Qwen2Moe.presets = {
                         "intermediate_size": 5632, "num_attention_heads": 16,
                         "num_key_value_heads": 16, "vocab_size": 151936,
                         "max_position_embeddings": 8192},
+    # DeepSeek-V2-Lite's expert shapes and counts (the shared trace's model) in Qwen2-MoE's
+    # form: 26 MoE layers after a dense one, 64 routed experts of 2048 x 1408, top-6, two
+    # shared experts (one of 2 x 1408); plain attention, not MLA (see deepseek-v2-lite).
+    "dsv2-lite-shape": {**_QWEN2, "num_hidden_layers": 27, "mlp_only_layers": [0],
+                        "num_experts": 64, "num_experts_per_tok": 6, "hidden_size": 2048,
+                        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 2816,
+                        "intermediate_size": 10944, "num_attention_heads": 16,
+                        "num_key_value_heads": 16, "vocab_size": 102400,
+                        "max_position_embeddings": 4096},
     "tiny-qwen2-moe": {**_QWEN2, "num_hidden_layers": 3, "num_experts": 4,
                        "num_experts_per_tok": 2, "hidden_size": 64, "moe_intermediate_size": 64,
                        "shared_expert_intermediate_size": 96, "intermediate_size": 128,

@@ -69,6 +69,9 @@ class MoETransformer:
         self.rotary = family.rotary(config)
         self.routing_hooks: list[RoutingHook] = []
         self.routing = None  # exact; or a `mer.models.routing.CacheAwareRouting`
+        # Replaces the router's choice (layer, hidden, weights, ids) -> (weights, ids) before
+        # the hooks hear of it: forced routing from a trace (mer.trace.forced).
+        self.routing_override: Callable | None = None
 
     def new_kv_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype)
@@ -128,6 +131,8 @@ class MoETransformer:
         """Route h [T, H], tell the routing hooks, run the experts (and the shared one)."""
         allowed = self._resident(i) if draft else None
         weights, ids = self.family.route(self, i, h, allowed)
+        if self.routing_override is not None and not draft:  # forced routing (a trace's)
+            weights, ids = self.routing_override(i, h, weights, ids)
         if not draft and self.routing is not None:  # opt-in cache-aware routing
             weights, ids = self.routing.adjust(self, i, h, weights, ids)
         if not draft:

@@ -1,0 +1,470 @@
+"""`mer bench decode --store DIR --routing-trace FILE`: the real engine on a real model's routing.
+
+The store's model decodes held-out sequences of the trace token by token with forced
+routing (`mer.trace.forced`): the router runs, but each token takes the experts the
+trace recorded, so every read, cache decision, prefetch and expert FFN is the engine's
+own on a real model's routing (outputs are text from random weights and never shown).
+Pins and predictors learn from the trace's other sequences; live prefetch also learns
+online (`mer.predict.live`). Every run starts from a cold cache and reads from the SSD
+with O_DIRECT.
+
+First two measurements that the replay simulator is given: the device's read time of
+one expert at the engine's concurrency (experts read together by the read engine), and
+the compute time per MoE layer (a decode at 100% residency, once every expert is in).
+Then, at each residency, decodes with `lru`, `lfu`, `ours`, `ours` with pins, and `ours`
+(with and without pins) with each live prefetcher, each printed beside the simulator's
+prediction for the same trace, slots, device and step time (`mer.trace.replay`,
+`mer.trace.prefetch`) and the prediction's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from mer.cache.expert_cache import ExpertCache
+from mer.cache.pinning import Pins, pin_capacity
+from mer.errors import ConfigError
+from mer.io.direct import DirectReader, aligned_buffer
+from mer.io.engine import DEMAND, ReadEngine
+from mer.models.transformer import MoETransformer
+from mer.options import count, natural, number
+from mer.predict import catalog
+from mer.predict.live import LIVE, LivePrefetcher, live_predictor
+from mer.progress import progress_bar
+from mer.store.reader import Store
+from mer.trace.forced import TraceRouting, check_trace_shape, decode_sequences
+from mer.trace.format import Trace, load_trace, split_trace
+from mer.trace.prefetch import Device, plan, simulate_prefetch
+from mer.trace.replay import accesses, frequent_keys, simulate
+from mer.trace.stats import batch_dedup
+from mer.units import fmt_decimal
+
+
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--store", required=True, help="store whose shape matches the trace")
+    b.add_argument("--routing-trace", required=True, help="routing trace (.npz) to decode")
+    b.add_argument("--fractions", type=number(0, 1, lo_open=True), nargs="*", default=[0.25, 0.5],
+                   help="cache sizes as shares of all experts (none: batching only)")  # fmt: skip
+    b.add_argument("--tokens", type=count, default=200,
+                   help="decode the held-out sequences that fit in N tokens, per run")  # fmt: skip
+    b.add_argument("--prefetch", nargs="*", choices=[*LIVE, "lookahead"], default=["markov"],
+                   help="live prefetchers (speculator, ensemble: need --speculator)")  # fmt: skip
+    b.add_argument("--speculator", help="a trained speculator (mer train-speculator)")
+    b.add_argument("--pin-share", type=number(0, 0.9), default=0.25,
+                   help="share of the slots pinned to the experts most frequent in the "
+                   "training part, for the +pin runs")  # fmt: skip
+    b.add_argument("--guesses", type=count,
+                   help="experts prefetched per layer (default: as many as the measured read "
+                   "time fits in the measured layer time)")  # fmt: skip
+    b.add_argument("--held-out", type=number(0, 1, lo_open=True), default=0.5,
+                   help="share of the sequences held out for decoding, the last")  # fmt: skip
+    b.add_argument("--train-tokens", type=count, default=20000,
+                   help="pins and predictors learn from the first N other tokens")  # fmt: skip
+    b.add_argument("--batch", type=natural, default=8,
+                   help="also decode this many held-out sequences together and one at a "
+                   "time (0: skip)")  # fmt: skip
+    b.add_argument("--batch-tokens", type=count, default=24,
+                   help="tokens of each sequence in the batching runs")  # fmt: skip
+    b.add_argument("--batch-fraction", type=number(0, 1, lo_open=True), default=0.25,
+                   help="expert cache of the batching runs, as a share of all experts")  # fmt: skip
+    b.add_argument("--io-threads", type=count, default=4, help="expert reader threads")
+    b.add_argument("--threads", type=count, help="compute threads (default: every core)")
+    b.add_argument("--no-full", action="store_true",
+                   help="skip the 100%% residency run (then give --step-ms)")  # fmt: skip
+    b.add_argument("--step-ms", type=number(0, lo_open=True),
+                   help="compute per MoE layer for the simulator (not measured)")  # fmt: skip
+
+
+@dataclass
+class Result:
+    name: str
+    tokens: int
+    seconds: float  # in forward passes
+    stall: float  # seconds acquire() waited for reads
+    hits: int
+    misses: int
+    bytes_read: int
+    prefetches: int
+    used: int
+    read_busy: float = 0.0  # seconds with a read in flight
+    expert_bytes: int = 1
+    layers: int = 1
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def read_s(self) -> float | None:
+        """Measured device time per expert read: busy time over reads (None: no reads)."""
+        reads = self.bytes_read / self.expert_bytes
+        return self.read_busy / reads if reads else None
+
+    @property
+    def step_s(self) -> float:
+        """Measured compute per MoE layer step: forward time less stall, per step."""
+        return (self.seconds - self.stall) / (self.tokens * self.layers)
+
+
+def run(
+    *,
+    store: str,
+    routing_trace: str,
+    fractions: list[float],
+    tokens: int,
+    prefetch: list[str],
+    speculator: str | None,
+    pin_share: float,
+    guesses: int | None,
+    held_out: float,
+    train_tokens: int,
+    io_threads: int,
+    threads: int | None,
+    no_full: bool,
+    step_ms: float | None,
+    batch: int = 0,
+    batch_tokens: int = 24,
+    batch_fraction: float = 0.25,
+) -> None:
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 320)
+    s = Store(store)
+    cfg = s.config
+    trace = load_trace(routing_trace)
+    check_trace_shape(trace, cfg, routing_trace, store)
+    if no_full and step_ms is None:
+        raise ConfigError("--no-full needs --step-ms (the compute time the simulator assumes)")
+    if "lookahead" in prefetch:
+        raise ConfigError(
+            "--prefetch lookahead: router lookahead cannot predict forced routing (the trace "
+            "has no hidden states of this store's random weights); use markov, speculator "
+            "or ensemble"
+        )
+    if any(p != "markov" for p in prefetch) and speculator is None:
+        raise ConfigError("--prefetch speculator and ensemble need --speculator FILE.pt")
+    train, replay = split_trace(trace, held_out)
+    train, replay = train.head(train_tokens), replay.head(tokens)
+    torch.set_num_threads(threads or torch.get_num_threads())
+    nbytes, total = s.expert_format.nbytes, cfg.num_experts_total
+    console.print(
+        f"{routing_trace}: decoding {replay.n_tokens} held-out tokens ({replay.n_sequences} "
+        f"sequences) per run on {store} ({len(cfg.moe_layers)} MoE layers x "
+        f"{cfg.num_local_experts} experts of {fmt_decimal(nbytes)}, top-"
+        f"{cfg.num_experts_per_tok}); pins and predictors learned from {train.n_tokens} "
+        "other tokens; outputs are from random weights and not shown"
+    )
+    model = MoETransformer(cfg, s.load_dense(), None, torch.bfloat16)
+    routing = TraceRouting.for_model(replay, model, routing_trace, store)
+    model.routing_override = routing
+    read_s = measure_read(s, io_threads)
+    layers = len(cfg.moe_layers)
+    full = None
+    runs = _runs(fractions, prefetch)
+    n_runs = len(runs) + (0 if no_full else 2)
+    with progress_bar(n_runs * replay.n_tokens, "bench decode", unit="tokens") as bar:
+        if not no_full:  # once to read every expert used, once to time compute alone
+            whole = Decoder(model, s, routing, replay, total * nbytes, io_threads, bar)
+            whole.run("lru", warm=True)
+            full = whole.run("lru", name="lru (all in RAM, warm)")
+            kernels = kernel_time(model, routing, bar)
+            whole.cache = model.experts = None  # its slots go back before the next runs
+            step_s = (full.seconds - full.stall) / (full.tokens * layers)
+        else:
+            step_s, kernels = step_ms / 1e3, None
+        top_k = cfg.num_experts_per_tok
+        spare = guesses or max(1, min(top_k, math.floor(step_s / read_s)))
+        sims = Simulator(train, replay, cfg.moe_layers, pin_share, speculator)
+        rows = []
+        for fraction, policy, pinned, pf in runs:
+            slots = max(round(fraction * total), top_k)
+            pins = sims.pins(slots) if pinned else None
+            dec = Decoder(model, s, routing, replay, slots * nbytes, io_threads, bar, pins)
+            live = (pf, train, speculator, spare) if pf else None
+            name = policy + "+pin" * pinned + f"+{pf}" * bool(pf)
+            got = dec.run(policy, live=live, name=name)
+            # The simulator gets this run's own measured read time and compute per step.
+            run_read = got.read_s or read_s
+            if policy == "lru" and not pinned and not pf and guesses is None:
+                spare = max(1, min(top_k, math.floor(got.step_s / run_read)))  # what it saw
+            sim = sims.predict(policy, slots, pinned, pf, run_read, got.step_s, spare)
+            rows.append((fraction, slots, got, sim))
+    if rows or full is not None:
+        show(console, rows, full, read_s, replay.n_tokens, layers, cfg.num_experts_per_tok)
+    if kernels is not None:
+        wall, inside, n = kernels
+        console.print(
+            f"100% residency, warm, under the profiler ({n} tokens): {1e3 * wall / n:.1f} ms "
+            f"per token, of which {1e3 * inside / n:.1f} ms in PyTorch ops (the sum of their "
+            f"self times): {wall / inside:.2f}x"
+        )
+    if batch > 1:
+        slots = max(round(batch_fraction * total), batch * cfg.num_experts_per_tok)
+        batching(console, model, s, trace, split_trace(trace, held_out)[1], batch,
+                 batch_tokens, slots, io_threads)  # fmt: skip
+
+
+def batching(console, model, store, trace, held, n, length, slots, io_threads) -> None:
+    """`n` held-out sequences (their first `length` tokens) decoded one at a time, then
+    together, each time from a cold cache of `slots` experts (lru, no prefetch): tok/s and
+    SSD bytes per token, beside the most batching can divide reads by on this trace
+    (`mer.trace.stats.batch_dedup`, what `mer bench routing` prints)."""
+    long = [i for i, (a, b) in enumerate(held.sequences()) if b - a >= length][:n]
+    if len(long) < n:
+        console.print(f"batching: only {len(long)} held-out sequences of {length} tokens")
+        return
+    rows = np.concatenate([np.arange(held.seq_starts[i], held.seq_starts[i] + length)
+                           for i in long])  # fmt: skip
+    starts = np.arange(n + 1, dtype=np.int64) * length
+    cut = Trace(held.experts[rows], starts, held.phase[rows], held.meta)
+    model.routing_override = routing = TraceRouting.for_model(cut, model)
+    model.routing_hooks = []
+    got = {}
+    budget = slots * store.expert_format.nbytes
+    with progress_bar(2 * n * length, "bench decode: batching", unit="tokens") as bar:
+        for name, groups in (("one at a time", [[i] for i in range(n)]),
+                             (f"{n} together", [list(range(n))])):  # fmt: skip
+            cache = ExpertCache(store, budget, threads=io_threads, policy="lru")
+            model.experts = cache
+            seconds = decode_sequences(model, routing, groups, lambda g, k: bar.advance(k))
+            got[name] = (seconds, cache.stats.bytes_read, cache.stats.misses)
+            cache.engine.close()
+            model.experts = None
+    bound = batch_dedup(trace, n)
+    table = Table(title=f"batching {n} trace sequences x {length} tokens, {slots} slots, lru")
+    for c in ("run", "tok/s", "SSD read/token", "expert reads", "÷ one at a time (bytes)",
+              "dedup bound", "share of bound"):  # fmt: skip
+        table.add_column(c, justify="right")
+    alone_bytes = got["one at a time"][1]
+    for name, (seconds, nbytes, misses) in got.items():
+        cut_by = alone_bytes / nbytes if nbytes else float("inf")
+        table.add_row(name, f"{n * length / seconds:.2f}", fmt_decimal(nbytes / (n * length)),
+                      str(misses), f"{cut_by:.2f}", f"{bound:.2f}",
+                      f"{(cut_by - 1) / (bound - 1):.2f}" if bound > 1 else "")  # fmt: skip
+    console.print(table)
+    console.print(
+        "dedup bound: experts chosen per distinct expert when these many sequences decode "
+        "one token each (random tokens of the whole trace, mer bench routing); share of "
+        "bound: the measured cut in SSD bytes less 1, over the bound less 1."
+    )
+
+
+def kernel_time(model, routing: TraceRouting, bar) -> tuple[float, float, int]:
+    """(wall seconds, seconds inside PyTorch ops, tokens) of decoding the trace's first
+    sequence again on the warm cache under the profiler: how far a token's time is from
+    the sum of its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = decode_sequences(model, routing, [[0]], lambda g, n: bar.advance(0))
+    inside = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    n = int(routing.trace.seq_starts[1])
+    return wall, inside, n
+
+
+class Decoder:
+    """Decodes the replay trace through a fresh expert cache of `budget` bytes per run."""
+
+    def __init__(self, model, store, routing, replay, budget, io_threads, bar, pins=None):
+        self.model, self.store, self.routing, self.replay = model, store, routing, replay
+        self.budget, self.io_threads, self.bar, self.pins = budget, io_threads, bar, pins
+        self.cache: ExpertCache | None = None
+
+    def _advance(self, group, n: int) -> None:
+        self.bar.advance(n)
+
+    def run(self, policy: str, warm: bool = False, live=None, name: str = "") -> Result:
+        model, cfg = self.model, self.store.config
+        if self.cache is None or not warm and self.cache.policy != policy:
+            self.cache = ExpertCache(self.store, self.budget, threads=self.io_threads,
+                                     policy=policy, pins=self.pins,
+                                     pin_share=0.9 if self.pins else 0.0)  # fmt: skip
+        cache = self.cache
+        model.experts = cache
+        hooks = [] if policy == "lru" else [lambda m, h, ids, w: cache.observe(m, ids)]
+        prefetcher = None
+        if live is not None:
+            pf, train, speculator, spare = live
+            prefetcher = LivePrefetcher(
+                live_predictor(pf, cfg, train, speculator), cache, cfg, guesses=spare
+            )
+            hooks.append(prefetcher)
+        model.routing_hooks = hooks
+        before = _snapshot(cache)
+
+        seconds = 0.0
+        for i in range(self.replay.n_sequences):
+            if prefetcher is not None:
+                prefetcher.begin_sequence()
+            seconds += decode_sequences(model, self.routing, [[i]], self._advance)
+        after = _snapshot(cache)
+        d = {k: after[k] - before[k] for k in after}
+        if not warm:
+            cache.engine.close()
+        return Result(name or policy, self.replay.n_tokens, seconds, d["stall"], d["hits"],
+                      d["misses"], d["bytes"], d["prefetches"], d["used"], d["busy"],
+                      self.store.expert_format.nbytes, len(cfg.moe_layers))  # fmt: skip
+
+
+def _snapshot(cache: ExpertCache) -> dict:
+    st = cache.stats
+    return dict(stall=st.stall_seconds, hits=st.hits, misses=st.misses, bytes=st.bytes_read,
+                prefetches=st.prefetches, used=st.prefetches_used,
+                busy=st.read_seconds)  # fmt: skip
+
+
+class Simulator:
+    """The replay simulator's prediction of a run: misses, stall and tok/s on a device that
+    reads one expert in `read_s`, with `step_s` of compute per MoE layer."""
+
+    def __init__(self, train, replay, layers, pin_share, speculator):
+        self.train, self.replay, self.pin_share = train, replay, pin_share
+        self.layers = layers  # the model's MoE layers, for the keys of pins
+        self.acc = accesses(replay, "token")
+        self.speculator = speculator
+        self._plans: dict[tuple[str, int], object] = {}
+
+    def pins(self, slots: int) -> Pins:
+        """The experts most frequent in the training part, as many as the share allows."""
+        n = pin_capacity(slots, self.pin_share, self.replay.top_k)
+        keys = frequent_keys(accesses(self.train, "token"), n)
+        return Pins(tuple(self._key(int(k)) for k in keys))
+
+    def _key(self, k: int) -> tuple[int, int]:
+        n = self.replay.n_experts
+        return self.layers[k // n], k % n
+
+    def predict(self, policy, slots, pinned, pf, read_s, step_s, guesses):
+        """The prediction for a run on a device reading an expert in `read_s`, computing
+        `step_s` per MoE layer, prefetching `guesses` per layer with `pf`."""
+        device = Device(read_s, step_s)
+        pins = ()
+        if pinned:
+            n = pin_capacity(slots, self.pin_share, self.replay.top_k)
+            pins = frequent_keys(accesses(self.train, "token"), n)
+        steps = len(self.acc.step_layer)
+        if pf is None:
+            misses = simulate(self.acc, policy, slots, pins)
+            stall, prefetched, used = misses * read_s, 0, 0
+        else:
+            r = simulate_prefetch(self.acc, policy, slots, self._plan(pf, guesses), pins, device)
+            misses, stall, prefetched, used = r.misses, r.stall_s, r.prefetches, r.useful
+        wall = steps * step_s + stall
+        return dict(misses=misses, stall=stall, tok_s=self.replay.n_tokens / wall,
+                    prefetched=prefetched, used=used, read_s=read_s, step_s=step_s,
+                    guesses=guesses if pf else 0)  # fmt: skip
+
+    def _plan(self, pf: str, guesses: int):
+        if (pf, guesses) not in self._plans:
+            predictor = catalog.one(pf, self.train, self.speculator, None, 1)
+            scorer = partial(predictor.scores, self.replay)
+            self._plans[pf, guesses] = plan(self.replay, "token", scorer, 1, guesses)
+        return self._plans[pf, guesses]
+
+
+def measure_read(store: Store, threads: int, n: int = 48, rounds: int = 3) -> float:
+    """Seconds per expert when `n` random experts are read together by the read engine (its
+    concurrency, O_DIRECT): the median of `rounds`."""
+    nbytes = store.expert_format.nbytes
+    keys = list(store.extents)
+    n = min(n, len(keys))
+    mm, _ = aligned_buffer(n * nbytes)
+    view = memoryview(mm)
+    engine = ReadEngine(DirectReader(store.expert_path), threads)
+    rng = random.Random(0)
+    times = []
+    try:
+        for _ in range(rounds):
+            picks = rng.sample(keys, n)
+            t0 = time.perf_counter()
+            reqs = [engine.submit(view[i * nbytes : i * nbytes + store.extent(*k).length],
+                                  store.extent(*k).offset, DEMAND)
+                    for i, k in enumerate(picks)]  # fmt: skip
+            for r in reqs:
+                r.wait()
+            times.append((time.perf_counter() - t0) / n)
+    finally:
+        engine.close()
+        view.release()
+    return float(np.median(times))
+
+
+def _runs(fractions, prefetch):
+    """(fraction, policy, pinned, live prefetcher) of every run, residency by residency."""
+    out = []
+    for f in fractions:
+        out += [(f, "lru", False, None), (f, "lfu", False, None), (f, "ours", False, None),
+                (f, "ours", True, None)]  # fmt: skip
+        for pf in prefetch:
+            out += [(f, "ours", False, pf), (f, "ours", True, pf)]
+    return out
+
+
+def show(console, rows, full, read_s, tokens, layers, top_k) -> None:
+    table = Table(title="decode with real routing: engine (measured) vs replay simulator")
+    cols = ["residency", "run", "tok/s", "stall ms/tok", "hits", "MB/tok", "prefetch used",
+            "read ms", "step ms", "sim hits", "sim stall ms/tok", "stall err", "sim tok/s",
+            "tok/s ÷ sim", "÷ lru tok/s"]  # fmt: skip
+    for c in cols:
+        table.add_column(c, justify="right")
+    if full is not None:
+        cells = [f"{full.tok_s:.2f}", f"{1e3 * full.stall / full.tokens:.1f}", _hit(full),
+                 f"{full.bytes_read / full.tokens / 1e6:.1f}"]  # fmt: skip
+        step = f"{1e3 * full.step_s:.2f}"
+        table.add_row("100%", full.name, *cells, "", "", step, *[""] * (len(cols) - 9))
+        table.add_section()
+    lru: dict[float, float] = {}
+    last = None
+    for fraction, slots, r, sim in rows:
+        if r.name == "lru":
+            lru[fraction] = r.tok_s
+        if last is not None and fraction != last:
+            table.add_section()
+        first = fraction != last
+        last = fraction
+        stall, sim_stall = r.stall / r.tokens, sim["stall"] / r.tokens
+        err = (stall - sim_stall) / sim_stall if sim_stall else float("nan")
+        accesses = r.tokens * layers * top_k
+        pf = f"{r.used}/{r.prefetches} ({sim['guesses']}/layer)" if sim["guesses"] else ""
+        table.add_row(
+            f"{100 * fraction:.0f}% ({slots})" if first else "",
+            r.name,
+            f"{r.tok_s:.2f}",
+            f"{1e3 * stall:.1f}",
+            _hit(r),
+            f"{r.bytes_read / r.tokens / 1e6:.1f}",
+            pf,
+            f"{1e3 * sim['read_s']:.2f}",
+            f"{1e3 * sim['step_s']:.2f}",
+            f"{100 * (1 - sim['misses'] / accesses):.1f}%",
+            f"{1e3 * sim_stall:.1f}",
+            f"{100 * err:+.0f}%",
+            f"{sim['tok_s']:.2f}",
+            f"{r.tok_s / sim['tok_s']:.2f}",
+            f"{r.tok_s / lru[fraction]:.2f}",
+        )
+    console.print(table)
+    notes = [
+        f"{tokens} tokens x {layers} MoE layers per run; the simulator replays each run with "
+        "that run's measured read ms (device busy time per expert read; a run that read "
+        f"nothing: {1e3 * read_s:.2f} ms, random experts read together before the runs) and "
+        "step ms (forward time less stall, per MoE layer step)",
+        "live prefetch: the next MoE layer's best guesses not in RAM, as many per layer as "
+        "the lru run's step ms over read ms (read while no demand read is in flight)",
+        "stall: time acquires waited for reads; stall err: engine over simulator, less 1",
+    ]
+    console.print("; ".join(notes) + ".")
+
+
+def _hit(r: Result) -> str:
+    n = r.hits + r.misses
+    return f"{100 * r.hits / n:.1f}%" if n else ""
