@@ -116,14 +116,16 @@ def test_same_prompt_same_resident_set_same_output(trained_store):
 
 
 def test_a_read_in_flight_counts_as_resident(store_factory):
-    """The fixed rule: resident from the moment its read is issued, finished or not."""
+    """The fixed rule: resident from the moment its read is issued, finished or not (what
+    the cache calls held; `is_resident`, read whole, is what the MoE block runs now)."""
     model = mer.open(store_factory("int4"), ram_budget="64MiB", prefetch=False)
     cache = model.cache
-    assert not cache.is_resident(0, 3)
+    assert not cache.is_held(0, 3)
     assert cache.prefetch(0, [3]) == 1
-    assert cache.is_resident(0, 3)  # checked before waiting for the read
+    assert cache.is_held(0, 3)  # checked before waiting for the read
+    assert bool(model.transformer._resident(0, held=True)[3])
     with cache.use(0, 3):
-        assert cache.is_resident(0, 3)
+        assert cache.is_held(0, 3) and cache.is_resident(0, 3)
     model.close()
 
 

@@ -161,6 +161,11 @@ class ExpertCache:
         entry = self._entries.get((layer, expert))
         return entry is not None and entry.request is None
 
+    def is_held(self, layer: int, expert: int) -> bool:
+        """Read whole or being read: what cache-aware routing counts as resident, so that
+        its choice does not depend on how far a read has got."""
+        return (layer, expert) in self._entries
+
     def next_step(self) -> None:
         self.step += 1
         with self._lock:

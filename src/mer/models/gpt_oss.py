@@ -276,6 +276,9 @@ class ClampedSwiGLUExperts:
     def is_resident(self, layer: int, expert: int) -> bool:
         return self.provider.is_resident(layer, expert)
 
+    def is_held(self, layer: int, expert: int) -> bool:
+        return getattr(self.provider, "is_held", self.provider.is_resident)(layer, expert)
+
     def fetch(self, layer: int, experts) -> int:
         return self.provider.fetch(layer, experts)
 

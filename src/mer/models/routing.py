@@ -100,7 +100,7 @@ class CacheAwareRouting:
 
     def adjust(self, m, i: int, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
         """(weights, ids) of layer `i` for h [T, H] after the family's exact routing."""
-        resident = m._resident(i)
+        resident = m._resident(i, held=True)  # a read in flight counts: a fixed rule
         scores = m.family.router_scores(m, i, h)  # [T, E] float32
         weights, ids, sub, dropped = cache_aware(
             scores, weights, ids, resident, self.slack, self.drop

@@ -140,7 +140,10 @@ class MoETransformer:
                 hook(i, h, ids, weights)
         return self.family.shared(self, i, h, moe(h, weights, ids, i, self.experts))
 
-    def _resident(self, i: int) -> torch.Tensor:
-        """bool [E]: the experts of layer `i` in RAM now, the only ones a draft may use."""
+    def _resident(self, i: int, held: bool = False) -> torch.Tensor:
+        """bool [E]: the experts of layer `i` in RAM now, the only ones a draft may use; with
+        `held`, also those whose read is under way (a provider without reads has none)."""
         n = self.config.num_local_experts
-        return torch.tensor([self.experts.is_resident(i, e) for e in range(n)])
+        ask = getattr(self.experts, "is_held", None) if held else None
+        ask = ask or self.experts.is_resident
+        return torch.tensor([ask(i, e) for e in range(n)])
