@@ -112,8 +112,8 @@ class Hermes(Syntax):
         )
 
     def grammar(self, tools, parallel):
-        schema = json.dumps(_call_schema(tools))
-        call = f"{_lit('<tool_call>' + NL)} %json{schema} {_lit(NL + '</tool_call>')}"
+        body = _json(_call_schema(tools))
+        call = f"{_lit('<tool_call>' + NL)} {body} {_lit(NL + '</tool_call>')}"
         more = f" ({_lit(NL)} call)*" if parallel else ""
         return f"start: call{more}\ncall: {call}\n"
 
@@ -134,7 +134,7 @@ class Mistral(Syntax):
         items = {"type": "array", "items": _call_schema(tools), "minItems": 1}
         if not parallel:
             items["maxItems"] = 1
-        return f"start: {_lit(self.start)} %json{json.dumps(items)}\n"
+        return f"start: {_lit(self.start)} {_json(items)}\n"
 
 
 class DeepSeek(Syntax):
@@ -162,7 +162,7 @@ class DeepSeek(Syntax):
         head = self.begin + "function" + self.sep
         alts = " | ".join(
             f"{_lit(head + t['name'] + NL + '```json' + NL)} "
-            f"%json{json.dumps(_params(t))} {_lit(NL + '```' + self.end)}"
+            f"{_json(_params(t))} {_lit(NL + '```' + self.end)}"
             for t in tools
         )
         more = " call*" if parallel else ""
@@ -231,7 +231,7 @@ class Harmony(Syntax):
             return None  # harmony ends the turn at <|call|>: one call per message
         alts = " | ".join(
             f"{_lit(self.start + t['name'] + ' <|constrain|>json<|message|>')} "
-            f"%json{json.dumps(_params(t))} {_lit('<|call|>')}"
+            f"{_json(_params(t))} {_lit('<|call|>')}"
             for t in tools
         )
         return f"start: {alts}\n"
@@ -263,3 +263,10 @@ def syntax_for(template: str, model_type: str) -> Syntax:
     if "<tool_call>" in template:
         return SYNTAXES["hermes"]
     return SYNTAXES[BY_FAMILY.get(model_type, "hermes")]
+
+
+def _json(schema: dict) -> str:
+    """A Lark `%json` rule for `schema` without free whitespace between its tokens: a small
+    model may otherwise fill a forced call with newlines and spaces until max_tokens (as
+    `response_format` schemas are compiled, in `mer.grammar`)."""
+    return "%json" + json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
