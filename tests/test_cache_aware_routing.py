@@ -180,3 +180,21 @@ def test_router_scores_are_what_each_familys_weights_are_made_of(preset):
     scores = m.family.router_scores(m, i, h).gather(1, ids)
     ratio = weights / scores
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5)
+
+
+def test_metrics_count_what_cache_aware_routing_changed(store_factory):
+    from mer.serve.metrics import render_metrics
+    from mer.store.reader import Store
+
+    store = store_factory("int4")
+    budget = 2 * Store(store).expert_format.nbytes  # two experts: top-2 of one layer
+    with mer.open(store, ram_budget=budget, routing="cache-aware", routing_slack=0.5) as m:
+        m.generate("ab", max_tokens=8, stop_token_ids=[-1])
+        rows = dict(
+            line.split() for line in render_metrics(m, m.scheduler("1MiB"), 0).splitlines()
+            if not line.startswith("#")
+        )  # fmt: skip
+        stats = m.transformer.routing.stats
+        assert float(rows["mer_routing_substituted_total"]) == stats.substituted
+        assert float(rows["mer_routing_dropped_total"]) == stats.dropped
+        assert stats.substituted + stats.dropped > 0  # a tiny cache: the rule had work to do
