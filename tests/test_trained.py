@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
 
 import mer
-from mer.data import TRAINED_MODEL
+from mer.data import TRAINED_MODEL, held_out_ids
 from mer.store.convert import convert
-from mer.tokenizer import Tokenizer
 
 SNIPPET = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 # Stated margin: int4 (group 128) may cost at most this much held-out loss over bf16.
@@ -31,17 +28,10 @@ def stores(tmp_path_factory):
 
 def held_out_tokens(limit: int = 4 * 256 + 1) -> list[int]:
     """Tokens of the files the training held out, as the training script laid them out."""
-    meta = json.loads((TRAINED_MODEL / "training.json").read_text())
-    tok = Tokenizer.from_dir(TRAINED_MODEL)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    ids: list[int] = []
-    for name in meta["held_out_files"]:
-        for path in sorted(stdlib.rglob(name)):
-            ids += tok.encode(path.read_text(errors="replace")) + [2]
-            break
-        if len(ids) >= limit:
-            return ids[:limit]
-    pytest.skip("this Python's stdlib lacks the held-out files")
+    ids = held_out_ids(limit)
+    if len(ids) < limit:
+        pytest.skip("this Python's stdlib lacks the held-out files")
+    return ids
 
 
 def loss(store, ids: list[int], window: int = 256, dense_quant: str = "bf16") -> float:

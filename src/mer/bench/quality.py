@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import sysconfig
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 import mer.api
+from mer.data import held_out_ids
 from mer.errors import ConfigError
 from mer.options import POLICIES, count, number
 from mer.progress import progress_bar
@@ -48,24 +48,6 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                    help="cache-aware routing slacks to measure")  # fmt: skip
     b.add_argument("--cache-policy", choices=POLICIES, default="ours")
     b.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
-
-
-def held_out_ids(limit: int) -> list[int]:
-    """The bundled model's held-out files, tokenized one after another (as in training)."""
-    from mer.data import TRAINED_MODEL
-    from mer.tokenizer import Tokenizer
-
-    meta = json.loads((TRAINED_MODEL / "training.json").read_text())
-    tok = Tokenizer.from_dir(TRAINED_MODEL)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    ids: list[int] = []
-    for name in meta["held_out_files"]:
-        for path in sorted(stdlib.rglob(name)):
-            ids += tok.encode(path.read_text(errors="replace")) + [2]
-            break
-        if len(ids) > limit:
-            break
-    return ids
 
 
 def run_setting(store, ids, window, slots, policy, dtype, routing, slack, trace=False) -> dict:

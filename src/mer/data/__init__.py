@@ -9,9 +9,11 @@ tokenizer). Both are converted to int4 stores on first use, in child processes
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from mer.errors import MerError
@@ -48,3 +50,22 @@ def draft_store(workdir: Path | None = None) -> Path:
     """The bundled draft model as an int4 store, converted on first use."""
     workdir = workdir or cache_dir() / "demo"
     return convert_once(DRAFT_MODEL, workdir / f"{DRAFT_MODEL.name}-int4")
+
+
+def held_out_ids(limit: int) -> list[int]:
+    """Up to `limit` tokens of the files the bundled model's training held out, laid out as
+    training laid them out (each file, then EOS); fewer where this Python's stdlib lacks
+    some of them."""
+    from mer.tokenizer import Tokenizer
+
+    meta = json.loads((TRAINED_MODEL / "training.json").read_text())
+    tok = Tokenizer.from_dir(TRAINED_MODEL)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    ids: list[int] = []
+    for name in meta["held_out_files"]:
+        for path in sorted(stdlib.rglob(name)):
+            ids += tok.encode(path.read_text(errors="replace")) + [2]
+            break
+        if len(ids) >= limit:
+            break
+    return ids[:limit]
