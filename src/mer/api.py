@@ -231,8 +231,9 @@ class Model:
         return Speculation("self" if draft == "self" else draft.transformer, k, adaptive)
 
     def close(self) -> None:
-        """Stop the reader threads; the model cannot generate after this."""
-        self.cache.engine.close()
+        """Stop the reader threads (or a cluster's workers); the model cannot generate after."""
+        close = getattr(self.cache, "close", None)  # a cluster's experts (mer.cluster)
+        close() if close else self.cache.engine.close()
 
     def __enter__(self) -> Model:
         return self
@@ -272,6 +273,11 @@ def open(  # noqa: A001 - mer.open reads naturally
     pass_tokens: int = 512,
     dense_quant: str = "bf16",
     speculator: str | Path | None = None,
+    cluster: str | None = None,
+    workers: int | None = None,
+    worker_stores: list[str | Path] | None = None,
+    placement_trace: str | Path | None = None,
+    cluster_timeout: float = 60.0,
 ) -> Model:
     """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB'), or, with
     `memory` (e.g. '8GiB'), whatever that target for the whole process leaves once the
@@ -292,6 +298,13 @@ def open(  # noqa: A001 - mer.open reads naturally
     `default_compute_threads`. `routing="cache-aware"` (opt-in; exact by default) prefers
     experts already in RAM when the router's scores are within `routing_slack` and drops
     low-weight reads (`mer.models.routing`); it changes the output.
+
+    `cluster` ("local", "local:N", "auto" or a Ray address host:port) runs the experts on
+    `workers` Ray actors (`mer.cluster`), each with an expert cache of `ram_budget` bytes
+    (per machine), reading `store` or its own `worker_stores[i]` (a shard from
+    `mer store split`); experts are placed to balance the load of `placement_trace`
+    (a routing trace), else split evenly. A layer call that fails, its worker restarted,
+    fails the pass after `cluster_timeout` seconds.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -300,6 +313,19 @@ def open(  # noqa: A001 - mer.open reads naturally
     except ValueError as e:
         raise ConfigError(f"--ram-budget: {e}") from None
     s = Store(store)
+    if cluster is not None:
+        from mer.cluster.open import open_experts
+
+        threads = compute_threads or default_compute_threads(s.config)
+        experts = open_experts(
+            s, cluster, workers, budget, worker_stores, placement_trace, cluster_timeout,
+            io_threads=io_threads, direct=direct_io, prefetch=prefetch, policy=cache_policy,
+            pin_share=pin_share, threads=threads, refused=dict(
+                memory=memory, pin_file=pin_file, dense_quant=dense_quant != "bf16",
+            ),
+        )  # fmt: skip
+        torch.set_num_threads(threads)
+        return Model(s, experts, DTYPES[dtype], budget, False, routing, routing_slack)
     if compute_threads is not None and compute_threads < 1:
         raise ConfigError(f"compute_threads must be at least 1, got {compute_threads}")
     torch.set_num_threads(compute_threads or default_compute_threads(s.config))

@@ -27,3 +27,7 @@ class BudgetError(MerError):
 
 class ExpertReadError(StoreError):
     """Reading one expert from the store failed."""
+
+
+class ClusterError(MerError):
+    """Expert workers cannot start, or stopped answering (`mer.cluster`)."""

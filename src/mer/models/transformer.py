@@ -138,7 +138,9 @@ class MoETransformer:
         if not draft:
             for hook in self.routing_hooks:
                 hook(i, h, ids, weights)
-        return self.family.shared(self, i, h, moe(h, weights, ids, i, self.experts))
+        remote = getattr(self.experts, "moe", None)  # experts on other machines (mer.cluster)
+        routed = remote(h, weights, ids, i) if remote else moe(h, weights, ids, i, self.experts)
+        return self.family.shared(self, i, h, routed)
 
     def _resident(self, i: int, held: bool = False) -> torch.Tensor:
         """bool [E]: the experts of layer `i` in RAM now, the only ones a draft may use; with

