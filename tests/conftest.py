@@ -162,3 +162,22 @@ def memory_model(preset: str = "tiny", dtype=torch.float32, seed: int = 0, **ove
         for name, shape in dense_shapes(config).items()
     }
     return MoETransformer(config, weights, MemoryExperts.random(config, dtype, seed), dtype)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One small local Ray instance for every cluster test (`mer.cluster`), started once.
+
+    Its processes get the kernel cache directory the tests use (`_isolated`'s), so expert
+    workers take the int4 paths the test process chose and compute what it computes."""
+    ray = pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mer-cache"))
+        ray.init(
+            num_cpus=1, include_dashboard=False, object_store_memory=96 << 20,
+            log_to_driver=False, configure_logging=False,
+        )  # fmt: skip
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
