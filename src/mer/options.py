@@ -285,12 +285,63 @@ def add_split_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help="learn from the first N tokens of the other part")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where the experts run: in this process, or on Ray workers (`mer.cluster`)."""
+
+    cluster: str | None = None
+    workers: int | None = None
+    worker_store: str | None = None
+    placement_trace: str | None = None
+    cluster_timeout: float = 60.0
+
+    def open_kwargs(self) -> dict:
+        """mer.open's cluster arguments (none without --cluster)."""
+        if self.cluster is None:
+            for flag, given in (("--workers", self.workers), ("--worker-store", self.worker_store),
+                                ("--placement-trace", self.placement_trace)):  # fmt: skip
+                if given is not None:
+                    raise ConfigError(f"{flag} needs --cluster")
+            return {}
+        n = self.workers
+        stores = None
+        if self.worker_store is not None:
+            if n is None and "{i}" in self.worker_store:
+                raise ConfigError("--worker-store with {i} needs --workers N")
+            stores = [self.worker_store.replace("{i}", str(i)) for i in range(n or 1)]
+        return dict(cluster=self.cluster, workers=n, worker_stores=stores,
+                    placement_trace=self.placement_trace,
+                    cluster_timeout=self.cluster_timeout)  # fmt: skip
+
+
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", type=nonempty,
+                   help="run the experts on Ray workers: local, local:N, auto, or the address "
+                   "`ray start --head` printed (pip install mer[cluster])")  # fmt: skip
+    p.add_argument("--workers", type=count, help="expert workers (default: local:N's N, or 1)")
+    p.add_argument(
+        "--worker-store",
+        help="the store each worker opens, {i} standing for its index (shards from mer store "
+        "split); default: --store, at the same path on every machine",
+    )
+    p.add_argument(
+        "--placement-trace", help="a routing trace whose expert load the placement balances"
+    )
+    p.add_argument(
+        "--cluster-timeout",
+        type=number(0, lo_open=True),
+        default=60.0,
+        help="seconds a layer call may take, retries of a dead worker included",
+    )
+
+
 # ---- handing parsed values to a command ----
 
 GROUPS: dict[str, type] = {
     "io": IOOptions,
     "sampling": SamplingOptions,
     "speculation": SpeculationOptions,
+    "cluster": ClusterOptions,
 }
 
 

@@ -8,9 +8,11 @@ import sys
 from mer.commands import open_draft, open_model
 from mer.errors import ConfigError
 from mer.options import (
+    ClusterOptions,
     IOOptions,
     SamplingOptions,
     SpeculationOptions,
+    add_cluster_options,
     add_io_options,
     add_memory_option,
     add_sampling,
@@ -48,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_io_options(p)
     add_sampling(p)
+    add_cluster_options(p)
 
 
 def run(
@@ -67,6 +70,7 @@ def run(
     io: IOOptions,
     sampling: SamplingOptions,
     speculation: SpeculationOptions,
+    cluster: ClusterOptions,
 ) -> None:
     if prompt_file is not None:
         prompt = read_text_file(prompt_file, "--prompt-file")
@@ -88,6 +92,7 @@ def run(
         dtype=dtype,
         dense_quant=dense_quant,
         **(context if memory is not None else {}),
+        **cluster.open_kwargs(),
     )
     draft = open_draft(speculation, dtype)
     if draft is not None:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from mer.commands import open_draft, open_model
 from mer.options import (
+    ClusterOptions,
     IOOptions,
     SpeculationOptions,
+    add_cluster_options,
     add_io_options,
     add_memory_option,
     add_speculation_options,
@@ -53,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # A batch asks for several experts per layer at once, and small reads are bound by the
     # device's latency: more reads in flight (4 -> 16) took 8 agents from 1.5x to 1.8x.
     add_io_options(p, io_threads=16)
+    add_cluster_options(p)
 
 
 def run(
@@ -73,6 +76,7 @@ def run(
     max_request_bytes: int,
     io: IOOptions,
     speculation: SpeculationOptions,
+    cluster: ClusterOptions,
 ) -> None:
     from mer.serve.app import ServerSettings, serve
 
@@ -80,7 +84,10 @@ def run(
     key = api_key or os.environ.get("MER_API_KEY")
     settings = ServerSettings(name, key, max_concurrent, max_request_bytes)
     fit = dict(kv_budget=kv_budget, pass_tokens=max_batch_tokens) if memory is not None else {}
-    model = open_model(store, ram_budget, io, memory, dtype=dtype, dense_quant=dense_quant, **fit)
+    model = open_model(
+        store, ram_budget, io, memory, dtype=dtype, dense_quant=dense_quant, **fit,
+        **cluster.open_kwargs(),
+    )  # fmt: skip
     scheduler = model.scheduler(
         kv_budget,
         max_batch_tokens=max_batch_tokens,
