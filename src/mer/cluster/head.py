@@ -24,7 +24,7 @@ import torch
 
 from mer.cache.expert_cache import CacheStats
 from mer.cluster.placement import Key, owner_table
-from mer.cluster.wire import dtype_name, from_wire, to_wire
+from mer.cluster.wire import from_wire, pack_meta, to_wire
 from mer.errors import ClusterError, MerError
 from mer.models.config import ModelConfig
 
@@ -92,7 +92,7 @@ class ClusterExperts:
         wanted, counts = torch.unique_consecutive(by_expert, return_counts=True)
         pair_owner = self.owner[layer][by_expert]  # [n]
         expert_owner = self.owner[layer][wanted]
-        single, dtype = t == 1, dtype_name(x.dtype)
+        single = t == 1
         jobs, picks = {}, {}
         for wk in expert_owner.unique().tolist():
             sel = (pair_owner == wk).nonzero().squeeze(1)
@@ -102,10 +102,11 @@ class ClusterExperts:
             else:
                 uniq, rows = torch.unique(tok[sel], return_inverse=True)
                 xs = x[uniq]
-            args = (layer, to_wire(xs), rows.numpy(), wanted[mine].tolist(),
-                    counts[mine].tolist(), w[sel].numpy(), single, dtype)  # fmt: skip
+            meta = pack_meta(layer, single, x.dtype, wanted[mine].numpy(),
+                             counts[mine].numpy(), rows.numpy())  # fmt: skip
+            args = (to_wire(xs), meta, w[sel].numpy())
             jobs[wk], picks[wk] = args, sel
-            self.dispatch.bytes_sent += args[1].nbytes + args[2].nbytes + args[5].nbytes
+            self.dispatch.bytes_sent += sum(a.nbytes for a in args)
         refs = {wk: self.handles[wk].run.remote(*args) for wk, args in jobs.items()}
         t1 = time.perf_counter()
         answers = self._gather(layer, jobs, refs, t0)

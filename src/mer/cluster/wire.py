@@ -20,8 +20,18 @@ def from_wire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPES = (torch.bfloat16, torch.float32, torch.float16)  # by their code in a call's meta
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def pack_meta(layer: int, single: bool, dtype: torch.dtype, experts, counts, rows) -> np.ndarray:
+    """One int64 array of what a layer call says besides its arrays of numbers:
+    [layer, single, dtype code, number of experts, experts..., counts..., rows...]."""
+    head = np.array([layer, single, DTYPES.index(dtype), len(experts)], np.int64)
+    return np.concatenate([head, experts, counts, rows]).astype(np.int64, copy=False)
+
+
+def unpack_meta(meta: np.ndarray):
+    """(layer, single, dtype, experts, counts, rows) from `pack_meta`'s array."""
+    layer, single, code, n = meta[:4].tolist()
+    experts, counts = meta[4 : 4 + n].tolist(), meta[4 + n : 4 + 2 * n].tolist()
+    return layer, bool(single), DTYPES[code], experts, counts, meta[4 + 2 * n :]

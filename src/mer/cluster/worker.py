@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from mer.cluster.wire import DTYPES, from_wire, to_wire
+from mer.cluster.wire import from_wire, to_wire, unpack_meta
 from mer.errors import ClusterError, MerError, StoreError
 
 Key = tuple[int, int]
@@ -99,33 +99,25 @@ class ExpertWorker:
         return out
 
     def run(
-        self,
-        layer: int,
-        x: np.ndarray,
-        rows: np.ndarray,
-        experts: list[int],
-        counts: list[int],
-        weights: np.ndarray,
-        single: bool,
-        dtype: str,
+        self, x: np.ndarray, meta: np.ndarray, weights: np.ndarray
     ) -> tuple[np.ndarray, list[int], float]:
-        """The weighted output of each (token, expert) pair of MoE layer `layer` that this
-        worker owns. x [R, H]: the distinct token rows; rows [n]: each pair's row in x;
-        `experts` and `counts`: the pairs' experts, ascending, and how many pairs each has
-        (pairs are grouped by expert); weights [n] float32. `single`: the head's batch is one
-        token, whose products the single process rounds to the dtype before summing.
-        Returns (outputs [n, H] in `dtype`, this layer's experts now in RAM, seconds spent)."""
+        """The weighted output of each (token, expert) pair of one MoE layer that this
+        worker owns. x [R, H]: the distinct token rows; `meta` (`wire.pack_meta`): the layer,
+        whether the head's batch is one token (whose products the single process rounds to
+        the dtype before summing), the dtype, the pairs' experts ascending and how many
+        pairs each has (pairs are grouped by expert), and each pair's row in x; weights [n]
+        float32. Three arrays: each argument of a Ray call costs its own serialisation.
+        Returns (outputs [n, H] in the dtype, this layer's experts now in RAM, seconds spent)."""
         t0 = time.perf_counter()
         if self.error is not None:
             raise ClusterError(self.error)
-        dt = DTYPES[dtype]
+        layer, single, dt, experts, counts, rows = unpack_meta(meta)
         x = from_wire(x, dt)
         if layer <= self._last_layer:  # a new forward pass began at the head
             self.cache.next_step()
         self._last_layer = layer
-        ids = torch.tensor(experts)
         if self.cache.policy != "lru":
-            self.cache.observe(layer, ids)
+            self.cache.observe(layer, torch.tensor(experts))
         if self._router is not None:
             self._lookahead(layer, x, experts)
         y = self._compute(layer, x, torch.from_numpy(rows), experts, counts,
