@@ -7,6 +7,7 @@ the bound), and the next request succeeds."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -18,6 +19,7 @@ from tests.helpers import run_all
 
 import mer
 from mer.cluster.placement import owner_table, place
+from mer.cluster.worker import ExpertWorker
 from mer.engine.scheduler import Request, Scheduler
 from mer.engine.speculative import SpecStats, Speculation, generate_speculative
 from mer.errors import ClusterError, ConfigError
@@ -169,3 +171,63 @@ def test_a_worker_killed_mid_generation_is_restarted_and_the_next_request_succee
         assert m.generate(PROMPTS[1], max_tokens=TOKENS).token_ids == plain[1]
     finally:
         m.close()
+
+
+def test_store_split_writes_disjoint_shards_that_workers_serve(trained_store, single, tmp_path):
+    from mer.cluster.split import split_store
+    from mer.store.reader import Store
+
+    _, plain, _ = single
+    shards = split_store(trained_store, 2, tmp_path / "shards")
+    full = Store(trained_store)
+    held = [set(Store(p).extents) for p in shards]
+    assert not held[0] & held[1] and held[0] | held[1] == set(full.extents)
+    for p, keys in zip(shards, held, strict=True):
+        s = Store(p)
+        assert s.shard["workers"] == 2 and {tuple(k) for k in s.shard["experts"]} == keys
+        assert (p / "experts.bin").stat().st_size == len(keys) * full.expert_format.nbytes
+        for k in keys:  # the same bytes, where the shard's table says
+            x, y = s.extent(*k), full.extent(*k)
+            with open(s.expert_path, "rb") as f:
+                f.seek(x.offset)
+                s.verify_expert(*k, f.read(x.length))
+            assert x.checksum == y.checksum
+    with pytest.raises(ConfigError, match="shard of cluster worker 0"):
+        mer.open(shards[0])
+    m = mer.open(shards[0], ram_budget=BUDGET, dtype="float32", cluster="local:2",
+                 worker_stores=shards)  # fmt: skip
+    try:
+        assert m.cache.owned == [sorted(k) for k in held]  # the shards' own experts
+        assert m.generate(PROMPTS[0], max_tokens=TOKENS).token_ids == plain[0]
+    finally:
+        m.close()
+    # Shards that do not hold every expert between them are refused before any worker starts.
+    with pytest.raises(ConfigError, match="expert 0 of layer 0 has no worker"):
+        mer.open(trained_store, ram_budget=BUDGET, cluster="local:1", worker_stores=[shards[1]])
+    # A worker whose store lacks experts it was given (the head could not read the shards
+    # to know) fails at start with one line naming itself, its store and the expert.
+    worker = ExpertWorker(1, shards[1], sorted(held[0]), 1 << 20)
+    assert re.fullmatch(rf"worker 1 \(store {shards[1]}\): .*has no expert \d+ of layer \d+.*",
+                        worker.ready()["error"])  # fmt: skip
+
+
+def test_mer_store_split_on_the_command_line_and_a_damaged_shard_manifest(trained_store, tmp_path):
+    import json
+
+    from tests.test_cli import mer as mer_cli
+
+    from mer.errors import StoreError
+    from mer.store.reader import Store
+
+    proc = mer_cli("store", "split", trained_store, "--workers", "3", "--out", tmp_path / "s")
+    assert proc.stderr.count("wrote ") == 3 and "worker-2: 10 experts" in proc.stderr
+    assert "worker 2 of 3" in mer_cli("info", tmp_path / "s" / "worker-2").stdout
+    bad = mer_cli("store", "split", tmp_path / "nope", "--workers", "2", "--out", tmp_path / "t",
+                  check=False)  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "nope" in bad.stderr
+    manifest = tmp_path / "s" / "worker-1" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["shard"]["index"] = 7
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match=r"manifest.json: field shard.index must be a worker"):
+        Store(manifest.parent)

@@ -313,6 +313,11 @@ def open(  # noqa: A001 - mer.open reads naturally
     except ValueError as e:
         raise ConfigError(f"--ram-budget: {e}") from None
     s = Store(store)
+    if s.shard is not None and cluster is None:
+        raise ConfigError(
+            f"{s.path} is the shard of cluster worker {s.shard['index']} (mer store split): "
+            "open the full store, or give the shard to a worker (--cluster, --worker-store)"
+        )
     if cluster is not None:
         from mer.cluster.open import open_experts
 

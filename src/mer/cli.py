@@ -26,6 +26,7 @@ COMMANDS = {
     "demo": ("mer.commands.demo", "convert the bundled model and generate with experts on disk"),
     "train-speculator": ("mer.predict.training", "train the learned expert predictor on traces"),
     "bench": ("mer.bench.commands", "benchmarks"),
+    "store": ("mer.commands.store", "store operations (split for a cluster)"),
 }
 
 

@@ -62,7 +62,19 @@ def open_experts(
 
 
 def shard_placement(worker_stores, cfg):
-    """The experts each shard store's manifest says it holds, where the head can read the
-    manifests (on another machine's disk they are not here: then None, and the
-    placement is recomputed, which gives the shards' own when they were split evenly)."""
-    return None
+    """The experts each shard store's manifest says it holds, where the head can read them
+    all; else None, and the experts are placed again as `mer store split` placed them (give
+    the same --placement-trace if it had one): each worker checks it holds its experts."""
+    from mer.errors import StoreError
+    from mer.store.reader import Store
+
+    owned = []
+    for path in worker_stores:
+        try:
+            s = Store(path)
+        except StoreError:
+            return None  # on another machine, or broken: the worker will say which
+        if s.shard is None or s.config.expert_keys() != cfg.expert_keys():
+            return None
+        owned.append(sorted(s.extents))
+    return owned

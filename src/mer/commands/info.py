@@ -38,4 +38,6 @@ def run(*, store: str) -> None:
     t.add_row("experts total", f"{len(s.extents)} = {fmt_bytes(s.expert_bytes_total)}")
     t.add_row("dense weights", fmt_bytes(s.manifest["dense"]["nbytes"]))
     t.add_row("format version", str(s.manifest["format_version"]))
+    if s.shard is not None:
+        t.add_row("shard", f"worker {s.shard['index']} of {s.shard['workers']} (mer store split)")
     Console(highlight=False, soft_wrap=True, emoji=False).print(t)

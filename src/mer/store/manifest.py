@@ -94,7 +94,26 @@ def check_manifest(m, path: Path) -> ExpertFormat:
         if (layer, expert) in seen:
             fail(where, f"repeats {fmt.expert_name(layer, expert)}")
         seen.add((layer, expert))
+    if "shard" in m:
+        _check_shard(m["shard"], fail)
     return ef
+
+
+def _check_shard(shard, fail) -> None:
+    """`shard`: {"index": i, "workers": n, "experts": [[layer, expert], ...]}, written by
+    `mer store split` for one cluster worker."""
+    if not isinstance(shard, dict):
+        fail("shard", "must be an object")
+    index, workers, experts = shard.get("index"), shard.get("workers"), shard.get("experts")
+    if not (_is_int(workers) and workers >= 1):
+        fail("shard.workers", f"must be a worker count, got {workers!r}")
+    if not (_is_int(index) and 0 <= index < workers):
+        fail("shard.index", f"must be a worker index below {workers}, got {index!r}")
+    if not isinstance(experts, list) or not all(
+        isinstance(k, list) and len(k) == 2 and all(_is_int(x) and x >= 0 for x in k)
+        for k in experts
+    ):
+        fail("shard.experts", "must be a list of [layer, expert]")
 
 
 def _is_int(x) -> bool:

@@ -41,6 +41,8 @@ class Store:
             raise StoreError(f"{e} (field model_config)") from None
         self.dense_table: dict[str, dict] = m["dense"]["tensors"]
         self.extents = {(row[0], row[1]): ExpertExtent(*row) for row in m["experts"]["table"]}
+        # A shard (`mer store split`) holds the experts of one cluster worker, not all.
+        self.shard: dict | None = m.get("shard")
         self.dense_path = self.path / m["dense"]["file"]
         self.expert_path = self.path / m["experts"]["file"]
         self._check_files()
@@ -70,6 +72,14 @@ class Store:
 
     def _check_files(self) -> None:
         want = set(self.config.expert_keys())
+        if self.shard is not None:
+            held = {tuple(k) for k in self.shard["experts"]}
+            if stray := sorted(held - want):
+                raise StoreError(
+                    f"{self.manifest_path}: field shard.experts names {stray[0]}, not an expert "
+                    "of this model"
+                )
+            want = held
         if set(self.extents) != want:
             missing = sorted(want - set(self.extents))
             raise StoreError(
