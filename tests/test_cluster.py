@@ -6,6 +6,7 @@ the bound), and the next request succeeds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import pytest
 from tests.helpers import run_all
 
 import mer
+import mer.store.reader
 from mer.cluster.placement import owner_table, place
 from mer.cluster.worker import ExpertWorker
 from mer.engine.scheduler import Request, Scheduler
@@ -119,13 +121,21 @@ def test_a_worker_whose_store_is_missing_or_corrupt_fails_at_start(
     missing = tmp_path / "no-such-store"
     with pytest.raises(ClusterError, match=rf"^worker 0 \(store {missing}\): .*no such store"):
         mer.open(trained_store, ram_budget=BUDGET, cluster="local:1", worker_stores=[missing])
+    # What a worker reports from its store, as above (here without starting a Ray actor).
     bad = tmp_path / "truncated"
     shutil.copytree(trained_store, bad)
     experts = next(bad.glob("experts*"))
     os.truncate(experts, experts.stat().st_size // 2)
-    with pytest.raises(ClusterError, match=rf"^worker 0 \(store {bad}\): .*truncated") as e:
-        mer.open(trained_store, ram_budget=BUDGET, cluster="local:1", worker_stores=[bad])
-    assert "\n" not in str(e.value)
+    keys = place(mer.store.reader.Store(trained_store).config, 1)[0]
+    error = ExpertWorker(0, bad, keys, 1 << 20).ready()["error"]
+    assert re.fullmatch(rf"worker 0 \(store {bad}\): {experts}: truncated, .*cut off", error)
+    manifest = tmp_path / "bad-json"
+    shutil.copytree(trained_store, manifest)
+    (manifest / "manifest.json").write_text("{")
+    error = ExpertWorker(2, manifest, keys, 1 << 20).ready()["error"]
+    assert re.fullmatch(
+        rf"worker 2 \(store {manifest}\): .*manifest.json: not valid JSON .*", error
+    )
 
 
 def test_a_worker_killed_mid_generation_is_restarted_and_the_next_request_succeeds(
@@ -211,23 +221,107 @@ def test_store_split_writes_disjoint_shards_that_workers_serve(trained_store, si
                         worker.ready()["error"])  # fmt: skip
 
 
-def test_mer_store_split_on_the_command_line_and_a_damaged_shard_manifest(trained_store, tmp_path):
+def test_mer_store_split_on_the_command_line_and_a_damaged_shard_manifest(
+    trained_store, tmp_path, capsys
+):
     import json
 
-    from tests.test_cli import mer as mer_cli
-
+    from mer.cli import main
     from mer.errors import StoreError
     from mer.store.reader import Store
 
-    proc = mer_cli("store", "split", trained_store, "--workers", "3", "--out", tmp_path / "s")
-    assert proc.stderr.count("wrote ") == 3 and "worker-2: 10 experts" in proc.stderr
-    assert "worker 2 of 3" in mer_cli("info", tmp_path / "s" / "worker-2").stdout
-    bad = mer_cli("store", "split", tmp_path / "nope", "--workers", "2", "--out", tmp_path / "t",
-                  check=False)  # fmt: skip
-    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "nope" in bad.stderr
+    assert main(["store", "split", trained_store, "--workers", "3", "--out", tmp_path / "s"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("wrote ") == 3 and "worker-2: 10 experts" in err
+    assert main(["info", tmp_path / "s" / "worker-2"]) == 0
+    assert "worker 2 of 3" in capsys.readouterr().out
+    assert main(["store", "split", tmp_path / "nope", "--workers", "2", "--out", tmp_path]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope" in err and err.count("\n") == 1
     manifest = tmp_path / "s" / "worker-1" / "manifest.json"
     m = json.loads(manifest.read_text())
     m["shard"]["index"] = 7
     manifest.write_text(json.dumps(m))
     with pytest.raises(StoreError, match=r"manifest.json: field shard.index must be a worker"):
         Store(manifest.parent)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_of(temp_dir: str) -> list[int]:
+    """Every process that names `temp_dir` on its command line or holds a file under it: the
+    Ray processes of the cluster whose session lives there (workers included), and none else."""
+    from pathlib import Path
+
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if temp_dir in (d / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(d.name))
+                continue
+            if any(os.readlink(fd).startswith(temp_dir) for fd in (d / "fd").iterdir()):
+                pids.append(int(d.name))
+        except OSError:
+            pass  # gone, or not ours to look at
+    return pids
+
+
+@pytest.mark.multinode
+def test_a_two_node_ray_cluster_on_one_machine_gives_the_same_output(
+    trained_store, single, tmp_path_factory
+):
+    """`ray start --head`, then `ray start --address` for a second node, each its own
+    processes; `mer generate --cluster ADDRESS --workers 2` places a worker on each node and
+    prints what the single process prints."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from tests.test_cli import mer as mer_cli
+
+    import mer as mer_pkg
+
+    m, plain, _ = single
+    temp_dir = tempfile.mkdtemp(prefix="mr-", dir="/tmp")  # short: Ray's socket paths
+    port = _free_port()
+    src = str(Path(mer_pkg.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",  # no token to hand between the processes of one test
+        "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+    }
+    ray_cli = [str(Path(sys.executable).parent / "ray"), "start", "--num-cpus", "1",
+               "--object-store-memory", str(80 << 20), "--disable-usage-stats"]  # fmt: skip
+
+    def ray_start(*args):
+        done = subprocess.run([*ray_cli, *args], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 0, f"ray start {args}: {done.stderr[-2000:]}"
+
+    try:
+        dashboard = str(_free_port())
+        ray_start("--head", "--port", str(port), "--temp-dir", temp_dir,
+                  "--include-dashboard", "false", "--dashboard-port", dashboard)  # fmt: skip
+        ray_start("--address", f"127.0.0.1:{port}")
+        proc = mer_cli("generate", "--store", trained_store, "--prompt", PROMPTS[0],
+                       "--max-tokens", TOKENS, "--ram-budget", BUDGET, "--dtype", "float32",
+                       "--cluster", f"127.0.0.1:{port}", "--workers", "2", env=env)  # fmt: skip
+        assert "2 workers on 2 nodes" in proc.stderr
+        assert proc.stdout.removesuffix("\n") == PROMPTS[0] + m.tokenizer.decode(plain[0])
+    finally:
+        for _ in range(2):  # a process may start a child while the first round kills
+            for pid in _processes_of(temp_dir):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert _processes_of(temp_dir) == []

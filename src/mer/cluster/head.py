@@ -195,6 +195,16 @@ class ClusterExperts:
     def n_slots(self) -> int:
         return sum(info.get("slots", 0) for info in self.infos)
 
+    def describe(self) -> str:
+        """One line: how many workers on how many nodes, each holding how many experts."""
+        nodes = len({info["node"] for info in self.infos})
+        held = "/".join(str(len(keys)) for keys in self.owned)
+        n = len(self.handles)
+        return (
+            f"cluster: {n} worker{'s' if n > 1 else ''} on {nodes} node{'s' if nodes > 1 else ''}"
+            f", experts per worker {held}, {self.n_slots} cache slots in all"
+        )
+
     def worker_stats(self) -> list[dict]:
         import ray
 
@@ -263,8 +273,10 @@ def start(
                     num_cpus=0,
                     max_restarts=RESTARTS,
                     max_task_retries=0,  # the head retries, within its time bound
+                    # Hard: Ray's soft affinity put zero-CPU actors anywhere. A worker whose
+                    # node is gone cannot come back: its layer call fails within the timeout.
                     scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        nodes[i % len(nodes)], soft=True
+                        nodes[i % len(nodes)], soft=False
                     ),
                 ).remote(
                     i,
@@ -282,8 +294,10 @@ def start(
             )
         try:
             infos = ray.get([h.ready.remote() for h in handles], timeout=max(timeout, 120))
-        except Exception as e:
-            raise ClusterError(f"expert workers did not start: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # a worker process that cannot even import mer, say
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            why = lines[-1] if lines else type(e).__name__  # the cause, at the end of Ray's text
+            raise ClusterError(f"expert workers did not start: {why}") from None
         for info in infos:
             if info["error"] is not None:
                 raise ClusterError(info["error"])

@@ -26,6 +26,9 @@ def open_model(store, ram_budget: int | None, io: IOOptions, memory: int | None 
     )  # fmt: skip
     if model.memory is not None:
         sys.stderr.write(model.memory.line() + "\n")
+    describe = getattr(model.cache, "describe", None)  # experts on a cluster's workers
+    if describe is not None:
+        sys.stderr.write(describe() + "\n")
     return model
 
 
