@@ -34,6 +34,11 @@ def connect(address: str | None) -> bool:
         raise ConfigError("--cluster needs Ray: pip install 'mer[cluster]'") from None
     if ray.is_initialized():
         return False
+    import signal
+
+    # ray.init makes SIGTERM raise SystemExit in the driver; mer's own handling stays (the
+    # server's graceful stop, then the default action), as without a cluster.
+    before = signal.getsignal(signal.SIGTERM)
     try:
         if address is None:
             ray.init(
@@ -45,4 +50,6 @@ def connect(address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "a local Ray instance" if address is None else f"Ray at {address}"
         raise ClusterError(f"cannot start or reach {where}: {str(e).splitlines()[0]}") from None
+    if before is not None:
+        signal.signal(signal.SIGTERM, before)
     return True
