@@ -65,14 +65,23 @@ def default_store() -> Path:
     return path
 
 
-def bare_round_trip(hidden: int, calls: int) -> dict[int, float]:
-    """Median ms of a call echoing one float32 hidden row to 1 actor and to 3 in parallel."""
+class Echo:
+    """The bare actor: answers a call with its argument, after keeping its CPU busy for
+    `busy_ms` (a worker's compute time: on a machine with few cores, a busy worker slows
+    the round trip of the processes it shares them with)."""
+
+    def run(self, x, busy_ms: float = 0.0):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < busy_ms / 1e3:
+            pass
+        return x
+
+
+def bare_round_trip(hidden: int, calls: int, busy_ms: float = 0.0) -> dict[int, float]:
+    """Median ms, less `busy_ms`, of a call echoing one float32 hidden row to 1 actor and to
+    3 in parallel."""
     import numpy as np
     import ray
-
-    class Echo:
-        def run(self, x):
-            return x
 
     actors = [ray.remote(Echo).options(num_cpus=0).remote() for _ in range(3)]
     x = np.zeros((1, hidden), np.float32)
@@ -82,9 +91,9 @@ def bare_round_trip(hidden: int, calls: int) -> dict[int, float]:
         times = []
         for _ in range(calls):
             t0 = time.perf_counter()
-            ray.get([a.run.remote(x) for a in actors[:n]])
+            ray.get([a.run.remote(x, busy_ms) for a in actors[:n]])
             times.append(time.perf_counter() - t0)
-        out[n] = 1e3 * statistics.median(times)
+        out[n] = 1e3 * statistics.median(times) - busy_ms
     for a in actors:
         ray.kill(a)
     return out
@@ -180,6 +189,8 @@ def run(
             m = mer.api.open(path, budget, cluster=ray_address, workers=n)
             results[n] = decode(m, PROMPT, warmup, tokens)
             m.close()
+        busy = {n: results[n]["worker"] for n in (1, 3) if n in results}
+        floors = {n: bare_round_trip(cfg.hidden_size, rtt_calls, ms)[n] for n, ms in busy.items()}
     finally:
         if started:
             import ray
@@ -223,8 +234,9 @@ def run(
             r = results[n]
             console.print(
                 f"dispatch overhead, {n} worker{'s' if n > 1 else ''}: {r['overhead']:.2f} ms per "
-                f"layer (target <= {target} ms; the bare Ray round trip {rtt[n]:.2f} ms, "
-                f"ratio {r['overhead'] / rtt[n]:.2f})"
+                f"layer (target <= {target} ms); the bare Ray round trip {rtt[n]:.2f} ms idle "
+                f"(ratio {r['overhead'] / rtt[n]:.2f}), {floors[n]:.2f} ms with the actor busy "
+                f"for the workers' {r['worker']:.2f} ms (ratio {r['overhead'] / floors[n]:.2f})"
             )
     project(console, results, cfg, budget, nbytes, link_gbps, link_latency_us, machines)
 

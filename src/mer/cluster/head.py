@@ -69,6 +69,7 @@ class ClusterExperts:
     ) -> None:
         self.config = config
         self.handles, self.owned, self.infos = handles, owned, infos
+        self._run = [h.run for h in handles]  # Ray builds a method object per attribute access
         self.timeout = timeout
         self._started_ray = started_ray
         self.owner = {layer: torch.tensor(row) for layer, row in owner_table(config, owned).items()}
@@ -107,7 +108,7 @@ class ClusterExperts:
             args = (to_wire(xs), meta, w[sel].numpy())
             jobs[wk], picks[wk] = args, sel
             self.dispatch.bytes_sent += sum(a.nbytes for a in args)
-        refs = {wk: self.handles[wk].run.remote(*args) for wk, args in jobs.items()}
+        refs = {wk: self._run[wk].remote(*args) for wk, args in jobs.items()}
         t1 = time.perf_counter()
         answers = self._gather(layer, jobs, refs, t0)
         t2 = time.perf_counter()
@@ -158,7 +159,7 @@ class ClusterExperts:
                         ) from None
                     self.dispatch.retries += 1
                     time.sleep(0.05)
-                    refs[wk] = self.handles[wk].run.remote(*jobs[wk])
+                    refs[wk] = self._run[wk].remote(*jobs[wk])
                 except GetTimeoutError:
                     raise ClusterError(
                         f"worker {wk} did not answer MoE layer {layer} within {self.timeout:g} s"
