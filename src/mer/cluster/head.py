@@ -257,7 +257,8 @@ def start(
     from mer.cluster.session import connect
     from mer.cluster.worker import ExpertWorker
 
-    stores = [str(s) for s in worker_stores] if worker_stores else [str(store)] * len(owned)
+    # Absolute: a Ray worker's working directory is not the head's.
+    stores = [str(Path(s).absolute()) for s in (worker_stores or [store] * len(owned))]
     if len(stores) != len(owned):
         raise ClusterError(f"{len(stores)} worker stores for {len(owned)} workers")
     started = connect(address)
