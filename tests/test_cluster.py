@@ -99,20 +99,33 @@ def test_speculative_decoding_equals_the_single_process(cluster, single, draft_s
         draft.close()
 
 
-def test_placement_is_disjoint_balanced_and_follows_measured_load(trained_store):
-    cfg = mer.open(trained_store, ram_budget=BUDGET, prefetch=False).config
+def test_placement_is_disjoint_balanced_and_follows_measured_load(trained_store, tmp_path):
+    from mer.cluster.placement import counts_from_trace
+    from mer.trace.format import Trace
+
+    cfg = mer.store.reader.Store(trained_store).config
+    layers, n_experts, k = len(cfg.moe_layers), cfg.num_local_experts, cfg.num_experts_per_tok
     for n in (1, 2, 3):
         owned = place(cfg, n)
         table = owner_table(cfg, owned)  # raises unless every expert has exactly one owner
         sizes = [len(keys) for keys in owned]
-        assert max(sizes) - min(sizes) <= 1 and len(table) == len(cfg.moe_layers)
-    counts = np.ones((len(cfg.moe_layers), cfg.num_local_experts))
-    counts[:, 0] = counts[:, 1] = 100  # two hot experts per layer: never on one worker
-    for keys_by_worker in [place(cfg, 2, counts)]:
-        table = owner_table(cfg, keys_by_worker)
-        assert all(row[0] != row[1] for row in table.values())
+        assert max(sizes) - min(sizes) <= 1 and len(table) == layers
+    # A trace whose tokens all choose experts 0 and 1 at every layer, and others now and then.
+    rng = np.random.default_rng(0)
+    chosen = np.stack([np.zeros((400, layers)), rng.integers(1, n_experts, (400, layers))], -1)
+    chosen[:200, :, 1] = 1
+    Trace(chosen.astype(np.int16), np.array([0, 400]), np.ones(400, np.int8),
+          {"n_experts": n_experts, "top_k": k}).save(tmp_path / "t.npz")  # fmt: skip
+    counts = counts_from_trace(tmp_path / "t.npz", cfg)
+    assert counts.shape == (layers, n_experts) and (counts.sum(1) == 400 * k).all()
+    for n in (2, 3):
+        table = owner_table(cfg, place(cfg, n, counts))
+        for j, row in enumerate(table.values()):
+            assert row[0] != row[1]  # the two hottest never share a worker
+            load = [counts[j][[e for e in range(n_experts) if row[e] == w]].sum() for w in range(n)]
+            assert max(load) - min(load) <= counts[j].max()  # greedy's bound: one expert's load
     with pytest.raises(ConfigError, match="more workers than experts"):
-        place(cfg, cfg.num_local_experts + 1)
+        place(cfg, n_experts + 1)
 
 
 def test_a_worker_whose_store_is_missing_or_corrupt_fails_at_start(
