@@ -17,9 +17,14 @@ BAD = ["", "abc", "-1", "0", "nan", "inf", "-inf", "1e400", "9" * 40, "2.5", "ca
 
 
 def command_paths() -> list[list[str]]:
-    from mer.bench.commands import COMMANDS as BENCHES
+    """Every command, a command of commands (bench, store) as each of its own."""
+    import importlib
 
-    return [[c] for c in COMMANDS if c != "bench"] + [["bench", b] for b in BENCHES]
+    paths = []
+    for name, (module, _) in COMMANDS.items():
+        table = getattr(importlib.import_module(module), "COMMANDS", None)
+        paths += [[name, sub] for sub in table] if table else [[name]]
+    return paths
 
 
 def subparser(path: list[str]) -> argparse.ArgumentParser:
@@ -47,6 +52,7 @@ def base_args(path: list[str], tmp) -> list[str]:
         "predict": ["--trace", missing + ".npz"],
         "vs-llamacpp": ["--gguf", missing + ".gguf"],
         "decode": ["--store", missing, "--routing-trace", missing + ".npz"],
+        "split": [missing, "--workers", "2", "--out", str(tmp / "out")],
     }.get(path[-1], [])
 
 

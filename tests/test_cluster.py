@@ -338,3 +338,23 @@ def test_a_two_node_ray_cluster_on_one_machine_gives_the_same_output(
             time.sleep(0.5)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert _processes_of(temp_dir) == []
+
+
+def test_bench_cluster_prints_the_table_the_floor_and_a_labelled_projection(
+    trained_store, ray_local, capsys
+):
+    from mer.cli import main
+
+    args = ["bench", "cluster", "--store", trained_store, "--workers", "1", "--tokens", "4",
+            "--warmup", "2", "--rtt-calls", "10", "--machines", "1", "8"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"bare Ray actor round trip .*: \d+\.\d+ ms to one actor", out)
+    rows = [
+        line for line in out.splitlines() if "│" in line and ("single" in line or "worker" in line)
+    ]
+    assert any("1 worker" in r and r.rstrip("│ ").endswith("yes") for r in rows)  # same tokens
+    assert re.search(
+        r"dispatch overhead, 1 worker: \d+\.\d+ ms per layer .* with the actor busy", out
+    )
+    assert "PROJECTION (not measured)" in out

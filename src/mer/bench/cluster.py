@@ -77,26 +77,19 @@ class Echo:
         return x
 
 
-def bare_round_trip(hidden: int, calls: int, busy_ms: float = 0.0) -> dict[int, float]:
-    """Median ms, less `busy_ms`, of a call echoing one float32 hidden row to 1 actor and to
-    3 in parallel."""
+def bare_round_trip(actors: list, hidden: int, calls: int, n: int, busy_ms: float = 0.0):
+    """Median ms, less `busy_ms`, of a call echoing one float32 hidden row to `n` of the
+    `actors` (`Echo`) in parallel."""
     import numpy as np
     import ray
 
-    actors = [ray.remote(Echo).options(num_cpus=0).remote() for _ in range(3)]
     x = np.zeros((1, hidden), np.float32)
-    ray.get([a.run.remote(x) for a in actors])  # started
-    out = {}
-    for n in (1, 3):
-        times = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            ray.get([a.run.remote(x, busy_ms) for a in actors[:n]])
-            times.append(time.perf_counter() - t0)
-        out[n] = 1e3 * statistics.median(times) - busy_ms
-    for a in actors:
-        ray.kill(a)
-    return out
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        ray.get([a.run.remote(x, busy_ms) for a in actors[:n]])
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times) - busy_ms
 
 
 def decode(model, prompt: str, warmup: int, tokens: int) -> dict:
@@ -176,7 +169,11 @@ def run(
     address, _ = parse_cluster(ray_address)
     started = connect(address)
     try:
-        rtt = bare_round_trip(cfg.hidden_size, rtt_calls)
+        import ray
+
+        echo = [ray.remote(Echo).options(num_cpus=0).remote() for _ in range(3)]
+        ray.get([a.run.remote(None) for a in echo])  # started
+        rtt = {n: bare_round_trip(echo, cfg.hidden_size, rtt_calls, n) for n in (1, 3)}
         console.print(
             f"bare Ray actor round trip (one hidden row, echoed): {rtt[1]:.2f} ms to one actor, "
             f"{rtt[3]:.2f} ms to three in parallel"
@@ -190,7 +187,10 @@ def run(
             results[n] = decode(m, PROMPT, warmup, tokens)
             m.close()
         busy = {n: results[n]["worker"] for n in (1, 3) if n in results}
-        floors = {n: bare_round_trip(cfg.hidden_size, rtt_calls, ms)[n] for n, ms in busy.items()}
+        floors = {n: bare_round_trip(echo, cfg.hidden_size, rtt_calls, n, ms)
+                  for n, ms in busy.items()}  # fmt: skip
+        for a in echo:
+            ray.kill(a)
     finally:
         if started:
             import ray
