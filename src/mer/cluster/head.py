@@ -74,6 +74,12 @@ class ClusterExperts:
         self._started_ray = started_ray
         self.owner = {layer: torch.tensor(row) for layer, row in owner_table(config, owned).items()}
         self._resident: dict[int, set[int]] = {layer: set() for layer in config.moe_layers}
+        self._owned_at: list[dict[int, list[int]]] = []  # worker -> layer -> its experts
+        for keys in owned:
+            at: dict[int, list[int]] = {}
+            for lay, e in keys:
+                at.setdefault(lay, []).append(e)
+            self._owned_at.append(at)
         self.dispatch = DispatchStats()
         self.step = 0
 
@@ -81,7 +87,6 @@ class ClusterExperts:
 
     def moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: int):
         """`mer.models.layers.moe` with the experts on the workers. x [T, H] -> [T, H]."""
-
         t0 = time.perf_counter()
         t, k = ids.shape
         if k == 0:  # a draft pass with none of the layer's experts in RAM
@@ -116,7 +121,7 @@ class ClusterExperts:
         slowest = 0.0
         for wk, (y, resident, seconds) in answers.items():
             ys[picks[wk]] = from_wire(y, x.dtype)
-            self._resident[layer].difference_update(self.owned_experts(wk, layer))
+            self._resident[layer].difference_update(self._owned_at[wk].get(layer, ()))
             self._resident[layer].update(resident)
             self.dispatch.bytes_received += y.nbytes
             slowest = max(slowest, seconds)
@@ -170,9 +175,6 @@ class ClusterExperts:
                         raise ClusterError(str(cause)) from None
                     raise
         return out
-
-    def owned_experts(self, worker: int, layer: int) -> list[int]:
-        return [e for lay, e in self.owned[worker] if lay == layer]
 
     def is_resident(self, layer: int, expert: int) -> bool:
         """In its worker's RAM when that worker last answered."""
