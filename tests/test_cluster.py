@@ -192,6 +192,15 @@ def test_a_worker_killed_mid_generation_is_restarted_and_the_next_request_succee
             assert "worker 0" in outcome and "\n" not in outcome
         assert ray.get(victim.pid.remote()) != pid  # Ray restarted it
         assert m.generate(PROMPTS[1], max_tokens=TOKENS).token_ids == plain[1]
+        # A worker that never comes back (its machine gone): the request fails within the
+        # bound, in one line naming the worker.
+        ray.kill(m.cache.handles[1], no_restart=True)
+        m.cache.timeout = 3.0
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match=r"^worker 1 died at MoE layer \d+ and was not back "
+                           r"within 3 s$"):  # fmt: skip
+            m.generate(PROMPTS[2], max_tokens=TOKENS)
+        assert time.monotonic() - t0 < 3.0 + 5
     finally:
         m.close()
 
