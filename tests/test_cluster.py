@@ -367,3 +367,15 @@ def test_bench_cluster_prints_the_table_the_floor_and_a_labelled_projection(
         r"dispatch overhead, 1 worker: \d+\.\d+ ms per layer .* with the actor busy", out
     )
     assert "PROJECTION (not measured)" in out
+
+
+def test_an_address_where_no_ray_listens_is_one_line_at_once():
+    from mer.cluster.session import parse_cluster, reachable
+
+    port = _free_port()  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=rf"^--cluster 127.0.0.1:{port}: no Ray cluster answers"):
+        reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(ConfigError, match="local:N wants a worker count"):
+        parse_cluster("local:zero")

@@ -34,6 +34,8 @@ def connect(address: str | None) -> bool:
         raise ConfigError("--cluster needs Ray: pip install 'mer[cluster]'") from None
     if ray.is_initialized():
         return False
+    if address is not None:
+        reachable(address)
     import signal
 
     # ray.init makes SIGTERM raise SystemExit in the driver; mer's own handling stays (the
@@ -53,3 +55,21 @@ def connect(address: str | None) -> bool:
     if before is not None:
         signal.signal(signal.SIGTERM, before)
     return True
+
+
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise ClusterError unless host:port accepts a connection: ray.init waits minutes, deaf
+    to signals, on an address where nothing listens. ("auto" and ray:// pass unchecked.)"""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ClusterError(
+            f"--cluster {address}: no Ray cluster answers there ({why}); start one with "
+            "`ray start --head`, or use --cluster local"
+        ) from None
