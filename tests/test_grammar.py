@@ -112,3 +112,50 @@ def test_a_drafted_token_the_grammar_forbids_is_rejected(target, grammars):
 def test_a_schema_that_cannot_compile_names_the_problem(grammars):
     with pytest.raises(GrammarError, match="nowhere"):
         grammars.json_schema({"$ref": "#/definitions/nowhere"})
+
+
+def test_the_mask_is_llguidances_own_bitmask_applied(grammars):
+    """mer applies the bitmask itself (numpy unpacking, not llguidance.torch's compiled
+    kernel): at every step of a JSON text the masked row equals llguidance's reference
+    application of the same bitmask, and the text's own next token stays allowed."""
+    import llguidance.numpy as lln
+
+    c = grammars.constraint(grammars.json_schema(SCHEMA))
+    tokens = grammars.tokenizer.tokenize_str('{"name":"ab","n":42,"ok":true}')
+    row = torch.randn(grammars.vocab_size, generator=torch.Generator().manual_seed(0))
+    for token in tokens:
+        ours = row.clone()
+        c.mask(ours)
+        reference = row.clone().numpy()
+        lln.apply_token_bitmask_inplace(reference, c.bitmask)
+        assert torch.equal(ours, torch.from_numpy(reference))
+        assert ours[token] == row[token]
+        assert 0 < int(torch.isfinite(ours).sum()) < grammars.vocab_size
+        c.advance(token)
+    assert c.complete
+
+
+def test_a_tokenizer_with_tokens_past_the_models_vocab(target, tmp_path):
+    """A GGUF's tokenizer may add a token past the embedding (<|endoftext|> at id 32000 of
+    a 32,000 vocab): the grammar engine takes it, and the mask still fits the logits."""
+    tok = json.loads((target.store.path / "tokenizer.json").read_text())
+    vocab = target.config.vocab_size
+    tok["added_tokens"].append(
+        {
+            "id": vocab,
+            "content": "<|extra|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    g = Grammars(tmp_path / "tokenizer.json", vocab, target.config.eos_token_ids)
+    assert g.n_vocab == vocab + 1
+    row = torch.zeros(vocab)
+    g.constraint(g.json_schema({"type": "integer"})).mask(row)
+    digit = target.tokenizer.encode("7", add_special_tokens=False)[0]
+    letter = target.tokenizer.encode("x", add_special_tokens=False)[0]
+    assert row[digit] == 0 and row[letter] == float("-inf")
