@@ -104,6 +104,10 @@ class GrammarConstraint:
         if not self.matcher.consume_token(token):
             raise GrammarError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
 
+    def rollback(self, n: int) -> None:
+        if not self.matcher.rollback(n):
+            raise GrammarError(f"cannot roll back {n} tokens: {self.matcher.get_error()}")
+
     @property
     def complete(self) -> bool:
         """The text so far is a whole sentence of the grammar."""
