@@ -15,6 +15,7 @@ import torch
 from tests.test_serve import MODEL, completion_text, start_server
 
 import mer
+from mer.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -443,3 +444,110 @@ def test_tools_on_a_template_without_them_are_a_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, tools=[WEATHER])
     assert e.value.body["param"] == "tools"
+
+
+# DeepSeek's tool-call markers, each one special token (as in DeepSeek-V3's tokenizer).
+DEEPSEEK_MARKS = [
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁calls▁end｜>",
+]
+DEEPSEEK_TEMPLATE = """{%- if tools %}## Tools
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}Call a tool as <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+```json
+ARGUMENTS
+```<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}<｜User｜>{{ message.content }}
+{%- elif message.role == 'tool' %}<｜tool▁output▁begin｜>{{ message.content }}
+{%- elif message.role == 'assistant' %}<｜Assistant｜>{{ message.content or '' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<｜Assistant｜>{% endif %}"""
+
+
+def with_special_marks(tokenizer: dict, marks: list[str]) -> dict:
+    """The tokenizer with `marks` as special tokens in place of its last merges (the
+    rarest), so their ids are inside the model's vocabulary."""
+    bpe = tokenizer["model"]
+    by_id = {i: t for t, i in bpe["vocab"].items()}
+    first = len(bpe["vocab"]) - len(marks)
+    for tid in range(len(bpe["vocab"]) - 1, first - 1, -1):
+        a, b = bpe["merges"].pop()
+        assert a + b == by_id[tid]  # the last merges made the last tokens
+        del bpe["vocab"][by_id[tid]]
+    for tid, mark in enumerate(marks, start=first):
+        tokenizer["added_tokens"].append(
+            {
+                "id": tid,
+                "content": mark,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def deepseek_client(trained_store, tmp_path_factory):
+    store = tmp_path_factory.mktemp("deepseek-tools") / "store"
+    shutil.copytree(trained_store, store)
+    tok = json.loads((store / "tokenizer.json").read_text())
+    (store / "tokenizer.json").write_text(json.dumps(with_special_marks(tok, DEEPSEEK_MARKS)))
+    cfg_path = store / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg["chat_template"] = DEEPSEEK_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg))
+    with start_server(store) as local:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{local.port}/v1", api_key="unused")
+
+
+def test_calls_written_with_special_tokens_are_parsed(deepseek_client):
+    """The forced call is written with DeepSeek's markers as special tokens (the grammar
+    asks for the tokens themselves): the parser sees them, decoded kept, and the calls come
+    back parsed and valid, streamed and whole, with no marker left in the content."""
+    for stream in (False, True):
+        reason, content, calls = call_tools(deepseek_client, 3, stream, parallel=True)
+        assert reason in ("tool_calls", "length") and content is None
+        check_calls(calls)
+    for stream in (False, True):
+        reason, content, calls = call_tools(deepseek_client, 4, stream, parallel=False)
+        assert reason == "tool_calls" and content is None and len(calls) == 1
+        check_calls(calls)
+    # The markers are single tokens: the whole call takes far fewer tokens than its text.
+    out = deepseek_client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[TIME], tool_choice="required", max_tokens=80
+    )
+    call = out.choices[0].message.tool_calls[0].function
+    spelled = len("".join(DEEPSEEK_MARKS)) + len("function") + len(call.name)
+    assert out.usage.completion_tokens < spelled
+
+
+def test_echo_gives_the_prompt_back_before_the_completion(client, trained_store):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    echoed = client.completions.create(echo=True, **kw)
+    assert echoed.choices[0].text == PROMPT + plain
+    assert echoed.usage.completion_tokens == 6
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kw)
+    )
+    assert streamed == PROMPT + plain
+    tokenizer = Tokenizer.from_dir(trained_store)
+    ids = tokenizer.encode(PROMPT)  # token ids echo as their text
+    by_ids = client.completions.create(**{**kw, "prompt": ids}, echo=True)
+    assert by_ids.choices[0].text == tokenizer.decode(ids) + plain
+
+
+@pytest.mark.parametrize("body", [{"echo": True, "logprobs": 2}, {"echo": "yes"}, {"echo": 1}])
+def test_bad_echo_is_400_naming_it(client, body):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **body)
+    assert e.value.body["param"] == "echo"

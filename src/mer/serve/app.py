@@ -146,10 +146,15 @@ class Server:
                     "requests; retry later",
                     type="rate_limit_error",
                 )
-            engine_req, outputs, text = self._submit(req, prompt, constraint)
-            if tools is not None and tools.choice != "none":
+            calling = tools is not None and tools.choice != "none"
+            # Tool-call markers may be special tokens: the parser sees them, the user not.
+            engine_req, outputs, text = self._submit(req, prompt, constraint, calling)
+            if req.echo:
+                text.echo = req.prompt if isinstance(req.prompt, str) else self._decode(prompt)
+            if calling:
                 syntax = syntax_for(self.model.chat_template.source, self.model.config.model_type)
-                text.tools = wire_tools.ToolStream(syntax, tools.parallel)
+                clean = self.model.tokenizer.strip_special
+                text.tools = wire_tools.ToolStream(syntax, tools.parallel, clean)
         except ApiError as e:
             return self._error(e)
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
@@ -211,7 +216,7 @@ class Server:
             )
         if forced is not None:
             syntax = syntax_for(self.model.chat_template.source, self.model.config.model_type)
-            source = syntax.grammar(forced, tools.parallel)
+            source = syntax.grammar(forced, tools.parallel, self.model.tokenizer.special_tokens)
             if source is None:
                 raise ApiError(
                     400,
@@ -228,7 +233,9 @@ class Server:
         except GrammarError as e:
             raise ApiError(400, str(e), param="response_format") from None
 
-    def _submit(self, req: GenerationRequest, prompt: list[int], constraint=None):
+    def _submit(
+        self, req: GenerationRequest, prompt: list[int], constraint=None, keep_special=False
+    ):
         context = self.model.config.max_position_embeddings
         room = min(context, self.scheduler.pool.n_blocks * self.scheduler.pool.block_size)
         if len(prompt) >= context:
@@ -260,7 +267,7 @@ class Server:
             except RuntimeError:  # the event loop has closed: the server is shutting down
                 engine_req.cancel()
 
-        stream = TextStream(self.model.tokenizer, req.stop, params.stop_token_ids)
+        stream = TextStream(self.model.tokenizer, req.stop, params.stop_token_ids, keep_special)
         text = _Text(stream, asked_logprobs=req.logprobs is not None)
         steering = None
         if req.logprobs is not None or constraint is not None:
@@ -302,7 +309,7 @@ class Server:
                     choice["finish_reason"] = "tool_calls" if reason == "stop" else reason
             kind = "chat.completion"
         else:
-            choice["text"] = completion
+            choice["text"] = text.echo + completion
             kind = "text_completion"
         return JSONResponse(
             {
@@ -322,6 +329,8 @@ class Server:
                 yield _sse(
                     protocol.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)
                 )
+            elif text.echo:
+                yield _sse(protocol.completion_chunk(rid, name, text.echo, None))
             while True:
                 out = await outputs.get()
                 try:
@@ -379,6 +388,9 @@ class Server:
     def _token_text(self, token: int) -> str:
         return self.model.tokenizer.decode([token])
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.model.tokenizer.decode(ids)
+
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_request_bytes
         declared = request.headers.get("content-length")
@@ -430,6 +442,7 @@ class _Text:
         self.asked_logprobs = asked_logprobs
         self.tools: wire_tools.ToolStream | None = None  # set when tool calls are parsed
         self.logprobs: list = []  # `TokenLogprob`s of the tokens counted, not yet sent
+        self.echo = ""  # the prompt's text, when a completion request asked for it back
 
     def add(self, out: Output) -> tuple[str, str | None]:
         """The text `out` adds, and the completion's finish reason once it has ended."""

@@ -67,6 +67,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the top n
     json_schema: dict | None = None  # the output must be JSON valid against it ...
     json_output: bool = False  # ... when this is set ({"type": "object"} for json_object)
+    echo: bool = False  # completions: the prompt's text comes before the completion's
 
 
 def parse_json(raw: bytes) -> dict:
@@ -146,13 +147,16 @@ def parse_completion(body: dict) -> GenerationRequest:
             )
     elif not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
-    if body.get("echo"):
-        raise ApiError(400, "echo is not supported by this server", param="echo")
     req = _common(body, max_tokens_keys=("max_tokens",), default_max_tokens=16)
     req.prompt = prompt
     _response_format(body, req)
     if body.get("logprobs") is not None:
         req.logprobs = _number(body, "logprobs", int, lo=0, hi=20)
+    req.echo = body.get("echo") is not None and _typed(body, "echo", bool, "echo")
+    if req.echo and req.logprobs is not None:
+        # The batched engine computes each sequence's last logits only (and a cached
+        # prefix none at all): the prompt's logprobs are not at hand.
+        raise ApiError(400, "echo with logprobs is not supported by this server", param="echo")
     return req
 
 
