@@ -551,3 +551,44 @@ def test_bad_echo_is_400_naming_it(client, body):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **body)
     assert e.value.body["param"] == "echo"
+
+
+def test_bench_agents_call_tools_and_send_their_results_back(tools_client):
+    """`mer bench serve`'s agents: every turn a forced call to one of the bench's tools,
+    valid against its schema, whose result goes back as a tool message (the next prompt
+    holds it)."""
+    from mer.bench.agents import TOOLS, make_sessions, run_agent, stream_chat
+
+    url = str(tools_client.base_url)
+    (session,) = make_sessions(1, 3, seed=4, think=0.0, result_chars=(100, 200))
+    result = run_agent(url, MODEL, session, context=1024)
+    assert result.tool_calls == 3 and result.restarts == 0
+    prompts = [t.prompt_tokens for t in result.timings]
+    assert prompts == sorted(prompts) and prompts[-1] > prompts[0] + 60  # results went back
+    timing, _, calls = stream_chat(
+        url, MODEL, [{"role": "user", "content": "go"}], session.turns[0]
+    )
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    (call,) = calls
+    jsonschema.validate(
+        json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]]
+    )
+    assert timing.ttft > 0 and timing.completion_tokens > 1 and timing.tpot > 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "--chat-template"), ("{% for %}", "chat template does not parse")],
+)
+def test_serve_rejects_a_bad_chat_template_in_one_line(
+    trained_store, tmp_path, capsys, content, message
+):
+    from mer.cli import main
+
+    path = tmp_path / "template.jinja"
+    if content is not None:
+        path.write_text(content)
+    assert main(["serve", "--store", str(trained_store), "--chat-template", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
