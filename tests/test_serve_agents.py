@@ -546,7 +546,54 @@ def test_echo_gives_the_prompt_back_before_the_completion(client, trained_store)
     assert by_ids.choices[0].text == tokenizer.decode(ids) + plain
 
 
-@pytest.mark.parametrize("body", [{"echo": True, "logprobs": 2}, {"echo": "yes"}, {"echo": 1}])
+LONG_PROMPT = (
+    "import os\nimport sys\n\n\ndef main(argv):\n"
+    "    for name in argv[1:]:\n        print(os.path.abspath(name))\n"
+)
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, trained_store):
+    """The prompt's tokens come back with their logprobs under the model (the first null,
+    as OpenAI gives it), then the completion's, the same alone, again (its prefix now
+    cached: a scored prompt runs whole) and batched with other requests."""
+    kw = dict(model=MODEL, prompt=LONG_PROMPT, max_tokens=4, temperature=0, logprobs=2)
+    plain = client.completions.create(**kw).choices[0]
+    with mer.open(trained_store, ram_budget="64MiB") as model:
+        ids = model.tokenizer.encode(LONG_PROMPT)
+        kv = model.transformer.new_kv_cache(len(ids))
+        logits = model.transformer.forward(torch.tensor(ids), kv, all_logits=True)
+        want = torch.log_softmax(logits.float(), -1)
+    assert len(ids) > 32  # two KV blocks: a prefix the cache could give
+
+    def echoed():
+        return client.completions.create(echo=True, **kw).choices[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        runs = [echoed(), echoed(), *pool.map(lambda _: echoed(), range(3))]
+    for out in runs:
+        lp = out.logprobs
+        assert out.text == LONG_PROMPT + plain.text
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        n = len(ids)
+        assert len(lp.tokens) == n + 4 and lp.text_offset[0] == 0
+        for pos in range(1, n):
+            assert lp.token_logprobs[pos] == pytest.approx(float(want[pos - 1, ids[pos]]), abs=1e-3)
+            assert max(lp.top_logprobs[pos].values()) == pytest.approx(
+                float(want[pos - 1].max()), abs=1e-3
+            )
+        assert lp.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+        assert lp.tokens[n:] == plain.logprobs.tokens
+    streamed = list(client.completions.create(echo=True, stream=True, **kw))
+    text = "".join(c.choices[0].text for c in streamed)
+    entries = [
+        v for c in streamed if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs
+    ]
+    assert text == LONG_PROMPT + plain.text
+    want_entries = runs[0].logprobs.token_logprobs
+    assert entries[0] is None and entries[1:] == pytest.approx(want_entries[1:], abs=1e-4)
+
+
+@pytest.mark.parametrize("body", [{"echo": "yes"}, {"echo": 1}])
 def test_bad_echo_is_400_naming_it(client, body):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **body)
@@ -592,3 +639,33 @@ def test_serve_rejects_a_bad_chat_template_in_one_line(
     assert main(["serve", "--store", str(trained_store), "--chat-template", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"best_of": 2}, "best_of"),
+        ({"suffix": "\n"}, "suffix"),
+    ],
+)
+def test_fields_that_would_change_the_answer_are_refused_not_ignored(client, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **body)
+    assert e.value.body["param"] == param and "not supported" in e.value.body["message"]
+
+
+def test_their_off_values_are_accepted(client):
+    out = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=2,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logit_bias={},
+        best_of=1,
+        user="someone",
+    )
+    assert out.usage.completion_tokens == 2

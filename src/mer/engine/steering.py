@@ -47,8 +47,8 @@ class Constraint(Protocol):
 @dataclass(frozen=True)
 class TokenLogprob:
     token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+    logprob: float | None  # None: a prompt's first token, which nothing predicts
+    top: tuple[tuple[int, float], ...] | None = ()  # (token, logprob), most likely first
 
 
 @dataclass

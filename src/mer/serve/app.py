@@ -36,7 +36,7 @@ from mer.api import Model
 from mer.engine.sampling import InvalidSamplingParam
 from mer.engine.scheduler import Output, Scheduler, SchedulerDown
 from mer.engine.scheduler import Request as EngineRequest
-from mer.engine.steering import Steering
+from mer.engine.steering import Steering, TokenLogprob
 from mer.engine.text import TextStream
 from mer.errors import BudgetError, ConfigError, MerError
 from mer.grammar import GrammarError, Grammars
@@ -149,8 +149,9 @@ class Server:
             calling = tools is not None and tools.choice != "none"
             # Tool-call markers may be special tokens: the parser sees them, the user not.
             engine_req, outputs, text = self._submit(req, prompt, constraint, calling)
-            if req.echo:
+            if req.echo:  # the prompt's text (and logprobs) come before the first tokens
                 text.echo = req.prompt if isinstance(req.prompt, str) else self._decode(prompt)
+                text.prompt = prompt
             if calling:
                 syntax = syntax_for(self.model.chat_template.source, self.model.config.model_type)
                 clean = self.model.tokenizer.strip_special
@@ -272,7 +273,13 @@ class Server:
         steering = None
         if req.logprobs is not None or constraint is not None:
             steering = Steering(constraint, req.logprobs)
-        engine_req = EngineRequest(prompt, params, on_output=deliver, steering=steering)
+        engine_req = EngineRequest(
+            prompt,
+            params,
+            on_output=deliver,
+            steering=steering,
+            prompt_logprobs=req.logprobs if req.echo else None,
+        )
         try:
             self.scheduler.submit(engine_req)
         except (ConfigError, BudgetError) as e:
@@ -309,7 +316,7 @@ class Server:
                     choice["finish_reason"] = "tool_calls" if reason == "stop" else reason
             kind = "chat.completion"
         else:
-            choice["text"] = text.echo + completion
+            choice["text"] = completion
             kind = "text_completion"
         return JSONResponse(
             {
@@ -329,8 +336,6 @@ class Server:
                 yield _sse(
                     protocol.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)
                 )
-            elif text.echo:
-                yield _sse(protocol.completion_chunk(rid, name, text.echo, None))
             while True:
                 out = await outputs.get()
                 try:
@@ -442,13 +447,20 @@ class _Text:
         self.asked_logprobs = asked_logprobs
         self.tools: wire_tools.ToolStream | None = None  # set when tool calls are parsed
         self.logprobs: list = []  # `TokenLogprob`s of the tokens counted, not yet sent
-        self.echo = ""  # the prompt's text, when a completion request asked for it back
+        self.echo: str | None = None  # the prompt's text, when a completion asked it back
+        self.prompt: list[int] = []  # ... and its token ids, for its logprobs
 
     def add(self, out: Output) -> tuple[str, str | None]:
         """The text `out` adds, and the completion's finish reason once it has ended."""
         if out.finish_reason == "error":
             return "", "error"
         stream, pieces = self.stream, []
+        if self.echo is not None:  # the first output: the prompt comes first
+            pieces.append(self.echo)
+            if self.asked_logprobs:  # nothing predicts the first prompt token: null
+                first = TokenLogprob(self.prompt[0], None, None)
+                self.logprobs += [first, *(out.prompt_logprobs or [])]
+            self.echo = None
         for i, token in enumerate(out.token_ids):
             if stream.finish_reason is not None:
                 break
