@@ -555,8 +555,12 @@ LONG_PROMPT = (
 def test_echo_with_logprobs_scores_the_prompt(client, trained_store):
     """The prompt's tokens come back with their logprobs under the model (the first null,
     as OpenAI gives it), then the completion's, the same alone, again (its prefix now
-    cached: a scored prompt runs whole) and batched with other requests."""
+    cached: a scored prompt runs whole) and batched with other requests. The server runs
+    bf16, where a packed pass may take another int4 kernel than one whole forward (the
+    kernel is chosen per token count by measuring): values agree to 2e-2; a token off by
+    one position would be off by nats."""
     kw = dict(model=MODEL, prompt=LONG_PROMPT, max_tokens=4, temperature=0, logprobs=2)
+    TOL = 2e-2  # noqa: N806
     plain = client.completions.create(**kw).choices[0]
     with mer.open(trained_store, ram_budget="64MiB") as model:
         ids = model.tokenizer.encode(LONG_PROMPT)
@@ -577,11 +581,11 @@ def test_echo_with_logprobs_scores_the_prompt(client, trained_store):
         n = len(ids)
         assert len(lp.tokens) == n + 4 and lp.text_offset[0] == 0
         for pos in range(1, n):
-            assert lp.token_logprobs[pos] == pytest.approx(float(want[pos - 1, ids[pos]]), abs=1e-3)
+            assert lp.token_logprobs[pos] == pytest.approx(float(want[pos - 1, ids[pos]]), abs=TOL)
             assert max(lp.top_logprobs[pos].values()) == pytest.approx(
-                float(want[pos - 1].max()), abs=1e-3
+                float(want[pos - 1].max()), abs=TOL
             )
-        assert lp.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-4)
+        assert lp.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=TOL)
         assert lp.tokens[n:] == plain.logprobs.tokens
     streamed = list(client.completions.create(echo=True, stream=True, **kw))
     text = "".join(c.choices[0].text for c in streamed)
@@ -590,7 +594,7 @@ def test_echo_with_logprobs_scores_the_prompt(client, trained_store):
     ]
     assert text == LONG_PROMPT + plain.text
     want_entries = runs[0].logprobs.token_logprobs
-    assert entries[0] is None and entries[1:] == pytest.approx(want_entries[1:], abs=1e-4)
+    assert entries[0] is None and entries[1:] == pytest.approx(want_entries[1:], abs=TOL)
 
 
 @pytest.mark.parametrize("body", [{"echo": "yes"}, {"echo": 1}])
