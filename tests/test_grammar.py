@@ -205,3 +205,17 @@ def test_a_rolled_back_draft_leaves_the_mask_as_it_was(grammars):
     s.undraft()
     assert s.drafted == 0
     assert torch.equal(s.logits(row), before)
+
+
+def test_bench_grammar_prints_both_modes_and_the_mask_share(trained_store, capsys):
+    from mer.cli import main
+
+    args = ["bench", "grammar", "--store", str(trained_store), "--prompts", "2"]
+    assert main([*args, "--max-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    plain = [line for line in out.splitlines() if "│       plain │" in line]
+    schema = [line for line in out.splitlines() if "│ json schema │" in line]
+    assert len(plain) == 1 and len(schema) == 1
+    cells = [c.strip() for c in schema[0].split("│")[1:-1]]
+    assert cells[4].endswith("%") and 0 < float(cells[4][:-1]) < 100  # the mask's share
+    assert float(cells[3]) > 0  # µs per token
