@@ -15,6 +15,7 @@ import torch
 from tests.test_serve import MODEL, completion_text, start_server
 
 import mer
+from mer.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -443,3 +444,232 @@ def test_tools_on_a_template_without_them_are_a_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, tools=[WEATHER])
     assert e.value.body["param"] == "tools"
+
+
+# DeepSeek's tool-call markers, each one special token (as in DeepSeek-V3's tokenizer).
+DEEPSEEK_MARKS = [
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁calls▁end｜>",
+]
+DEEPSEEK_TEMPLATE = """{%- if tools %}## Tools
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}Call a tool as <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
+```json
+ARGUMENTS
+```<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}<｜User｜>{{ message.content }}
+{%- elif message.role == 'tool' %}<｜tool▁output▁begin｜>{{ message.content }}
+{%- elif message.role == 'assistant' %}<｜Assistant｜>{{ message.content or '' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<｜Assistant｜>{% endif %}"""
+
+
+def with_special_marks(tokenizer: dict, marks: list[str]) -> dict:
+    """The tokenizer with `marks` as special tokens in place of its last merges (the
+    rarest), so their ids are inside the model's vocabulary."""
+    bpe = tokenizer["model"]
+    by_id = {i: t for t, i in bpe["vocab"].items()}
+    first = len(bpe["vocab"]) - len(marks)
+    for tid in range(len(bpe["vocab"]) - 1, first - 1, -1):
+        a, b = bpe["merges"].pop()
+        assert a + b == by_id[tid]  # the last merges made the last tokens
+        del bpe["vocab"][by_id[tid]]
+    for tid, mark in enumerate(marks, start=first):
+        tokenizer["added_tokens"].append(
+            {
+                "id": tid,
+                "content": mark,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def deepseek_client(trained_store, tmp_path_factory):
+    store = tmp_path_factory.mktemp("deepseek-tools") / "store"
+    shutil.copytree(trained_store, store)
+    tok = json.loads((store / "tokenizer.json").read_text())
+    (store / "tokenizer.json").write_text(json.dumps(with_special_marks(tok, DEEPSEEK_MARKS)))
+    cfg_path = store / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg["chat_template"] = DEEPSEEK_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg))
+    with start_server(store) as local:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{local.port}/v1", api_key="unused")
+
+
+def test_calls_written_with_special_tokens_are_parsed(deepseek_client):
+    """The forced call is written with DeepSeek's markers as special tokens (the grammar
+    asks for the tokens themselves): the parser sees them, decoded kept, and the calls come
+    back parsed and valid, streamed and whole, with no marker left in the content."""
+    for stream in (False, True):
+        reason, content, calls = call_tools(deepseek_client, 3, stream, parallel=True)
+        assert reason in ("tool_calls", "length") and content is None
+        check_calls(calls)
+    for stream in (False, True):
+        reason, content, calls = call_tools(deepseek_client, 4, stream, parallel=False)
+        assert reason == "tool_calls" and content is None and len(calls) == 1
+        check_calls(calls)
+    # The markers are single tokens: the whole call takes far fewer tokens than its text.
+    out = deepseek_client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[TIME], tool_choice="required", max_tokens=80
+    )
+    call = out.choices[0].message.tool_calls[0].function
+    spelled = len("".join(DEEPSEEK_MARKS)) + len("function") + len(call.name)
+    assert out.usage.completion_tokens < spelled
+
+
+def test_echo_gives_the_prompt_back_before_the_completion(client, trained_store):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    echoed = client.completions.create(echo=True, **kw)
+    assert echoed.choices[0].text == PROMPT + plain
+    assert echoed.usage.completion_tokens == 6
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kw)
+    )
+    assert streamed == PROMPT + plain
+    tokenizer = Tokenizer.from_dir(trained_store)
+    ids = tokenizer.encode(PROMPT)  # token ids echo as their text
+    by_ids = client.completions.create(**{**kw, "prompt": ids}, echo=True)
+    assert by_ids.choices[0].text == tokenizer.decode(ids) + plain
+
+
+LONG_PROMPT = (
+    "import os\nimport sys\n\n\ndef main(argv):\n"
+    "    for name in argv[1:]:\n        print(os.path.abspath(name))\n"
+)
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, trained_store):
+    """The prompt's tokens come back with their logprobs under the model (the first null,
+    as OpenAI gives it), then the completion's, the same alone, again (its prefix now
+    cached: a scored prompt runs whole) and batched with other requests. The server runs
+    bf16, where a packed pass may take another int4 kernel than one whole forward (the
+    kernel is chosen per token count by measuring): values agree to 2e-2; a token off by
+    one position would be off by nats."""
+    kw = dict(model=MODEL, prompt=LONG_PROMPT, max_tokens=4, temperature=0, logprobs=2)
+    TOL = 2e-2  # noqa: N806
+    plain = client.completions.create(**kw).choices[0]
+    with mer.open(trained_store, ram_budget="64MiB") as model:
+        ids = model.tokenizer.encode(LONG_PROMPT)
+        kv = model.transformer.new_kv_cache(len(ids))
+        logits = model.transformer.forward(torch.tensor(ids), kv, all_logits=True)
+        want = torch.log_softmax(logits.float(), -1)
+    assert len(ids) > 32  # two KV blocks: a prefix the cache could give
+
+    def echoed():
+        return client.completions.create(echo=True, **kw).choices[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        runs = [echoed(), echoed(), *pool.map(lambda _: echoed(), range(3))]
+    for out in runs:
+        lp = out.logprobs
+        assert out.text == LONG_PROMPT + plain.text
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        n = len(ids)
+        assert len(lp.tokens) == n + 4 and lp.text_offset[0] == 0
+        for pos in range(1, n):
+            assert lp.token_logprobs[pos] == pytest.approx(float(want[pos - 1, ids[pos]]), abs=TOL)
+            assert max(lp.top_logprobs[pos].values()) == pytest.approx(
+                float(want[pos - 1].max()), abs=TOL
+            )
+        assert lp.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=TOL)
+        assert lp.tokens[n:] == plain.logprobs.tokens
+    streamed = list(client.completions.create(echo=True, stream=True, **kw))
+    text = "".join(c.choices[0].text for c in streamed)
+    entries = [
+        v for c in streamed if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs
+    ]
+    assert text == LONG_PROMPT + plain.text
+    want_entries = runs[0].logprobs.token_logprobs
+    assert entries[0] is None and entries[1:] == pytest.approx(want_entries[1:], abs=TOL)
+
+
+@pytest.mark.parametrize("body", [{"echo": "yes"}, {"echo": 1}])
+def test_bad_echo_is_400_naming_it(client, body):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **body)
+    assert e.value.body["param"] == "echo"
+
+
+def test_bench_agents_call_tools_and_send_their_results_back(tools_client):
+    """`mer bench serve`'s agents: every turn a forced call to one of the bench's tools,
+    valid against its schema, whose result goes back as a tool message (the next prompt
+    holds it)."""
+    from mer.bench.agents import TOOLS, make_sessions, run_agent, stream_chat
+
+    url = str(tools_client.base_url)
+    (session,) = make_sessions(1, 3, seed=4, think=0.0, result_chars=(100, 200))
+    result = run_agent(url, MODEL, session, context=1024)
+    assert result.tool_calls == 3 and result.restarts == 0
+    prompts = [t.prompt_tokens for t in result.timings]
+    assert prompts == sorted(prompts) and prompts[-1] > prompts[0] + 60  # results went back
+    timing, _, calls = stream_chat(
+        url, MODEL, [{"role": "user", "content": "go"}], session.turns[0]
+    )
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    (call,) = calls
+    jsonschema.validate(
+        json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]]
+    )
+    assert timing.ttft > 0 and timing.completion_tokens > 1 and timing.tpot > 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "--chat-template"), ("{% for %}", "chat template does not parse")],
+)
+def test_serve_rejects_a_bad_chat_template_in_one_line(
+    trained_store, tmp_path, capsys, content, message
+):
+    from mer.cli import main
+
+    path = tmp_path / "template.jinja"
+    if content is not None:
+        path.write_text(content)
+    assert main(["serve", "--store", str(trained_store), "--chat-template", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"best_of": 2}, "best_of"),
+        ({"suffix": "\n"}, "suffix"),
+    ],
+)
+def test_fields_that_would_change_the_answer_are_refused_not_ignored(client, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **body)
+    assert e.value.body["param"] == param and "not supported" in e.value.body["message"]
+
+
+def test_their_off_values_are_accepted(client):
+    out = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=2,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logit_bias={},
+        best_of=1,
+        user="someone",
+    )
+    assert out.usage.completion_tokens == 2

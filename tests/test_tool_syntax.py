@@ -3,9 +3,11 @@ back parse into the same calls."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from mer.tool_syntax import SYNTAXES, ToolCall, syntax_for
+from mer.tool_syntax import NL, SYNTAXES, ToolCall, syntax_for
 
 # Examples in each family's documented format (the model cards and their chat templates).
 DOCUMENTED = {
@@ -86,3 +88,25 @@ def test_the_syntax_follows_the_template_then_the_family():
     assert syntax_for("", "gpt_oss").name == "harmony"
     assert syntax_for("", "deepseek_v3").name == "deepseek"
     assert syntax_for("", "glm4_moe").name == "glm"
+
+
+def test_a_harmony_call_ended_by_its_stop_token_parses():
+    """<|call|> is a gpt-oss stop token: the decoded text ends where it would be."""
+    text = '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}'
+    assert SYNTAXES["harmony"].parse(text) == ("", [ToolCall("f", {"a": 1})])
+
+
+def test_forced_calls_write_special_token_markers_as_tokens():
+    """A marker that is a special token is that token in the grammar (`<[id]>`): a quoted
+    string would only match it spelled out in ordinary tokens."""
+    tool = [{"name": "f", "parameters": {"type": "object"}}]
+    special = {"<|channel|>": 7, "<|constrain|>": 8, "<|message|>": 9, "<|call|>": 10}
+    harmony = SYNTAXES["harmony"].grammar(tool, False, special)
+    assert harmony.startswith('start: <[7]> "commentary to=functions.f " <[8]> "json" <[9]> ')
+    assert harmony.rstrip().endswith("<[10]>")
+    assert SYNTAXES["harmony"].grammar(tool, False).startswith('start: "<|channel|>commentary')
+    deepseek = {"<｜tool▁calls▁begin｜>": 3, "<｜tool▁sep｜>": 4}
+    grammar = SYNTAXES["deepseek"].grammar(tool, False, deepseek)
+    assert grammar.startswith(f"start: <[3]> call {json.dumps('<｜tool▁calls▁end｜>')}")
+    head = json.dumps("<｜tool▁call▁begin｜>function")
+    assert f"{head} <[4]> {json.dumps('f' + NL + '```json' + NL)}" in grammar

@@ -137,6 +137,12 @@ class Model:
             self._chat = ChatTemplate.from_dir(self.store.path)
         return self._chat
 
+    def use_chat_template(self, source: str) -> None:
+        """Render chats with `source` (Jinja) instead of the checkpoint's own template, as
+        `mer serve --chat-template` asks; the checkpoint's BOS and EOS texts are kept."""
+        own = ChatTemplate.from_dir(self.store.path)
+        self._chat = ChatTemplate(source, own.bos_token, own.eos_token)
+
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation in the checkpoint's chat template, ready to answer;
         `tools` are OpenAI-shaped function definitions, for templates that take them."""

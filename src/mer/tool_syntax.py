@@ -15,9 +15,14 @@ family's documented format:
 `parse(text)` returns the content before the first call and the calls (none when the text
 holds no well-formed call: it is then plain content). `start` is the marker a call begins
 with, so a stream can hold text back from the first character that might begin one.
-`grammar(tools, parallel)` is Lark source (llguidance's dialect, `%json` for a schema)
-for one call, or one or more, to any of `tools`, or None where the family's arguments are
-not one JSON value (glm), which then cannot be forced.
+`grammar(tools, parallel, special)` is Lark source (llguidance's dialect, `%json` for a
+schema) for one call, or one or more, to any of `tools`, or None where the family's
+arguments are not one JSON value (glm), which then cannot be forced. A marker that is one
+of the tokenizer's special tokens (`special`: text -> id; DeepSeek's
+<｜tool▁calls▁begin｜>, harmony's <|channel|>, <|call|>) is written as that token
+(`<[id]>`): a quoted string would match only its text spelled out in ordinary tokens,
+which the model never writes. The text parsed must then hold the special tokens too
+(decoded with them kept; the server shows the user the content without them).
 
 The syntax is chosen from the chat template (the markers it writes), then the family.
 """
@@ -52,8 +57,11 @@ class Syntax:
     def render(self, calls: list[ToolCall]) -> str:
         raise NotImplementedError
 
-    def grammar(self, tools: list[dict], parallel: bool) -> str | None:
-        """Lark source forcing calls to `tools` ([{"name", "parameters"}]); None if unsupported."""
+    def grammar(
+        self, tools: list[dict], parallel: bool, special: dict[str, int] | None = None
+    ) -> str | None:
+        """Lark source forcing calls to `tools` ([{"name", "parameters"}]); None if
+        unsupported. `special`: the tokenizer's special tokens (text -> id)."""
         return None
 
     def _calls(self, text: str) -> list[ToolCall]:
@@ -82,8 +90,15 @@ def _params(tool: dict) -> dict:
 NL = "\n"
 
 
-def _lit(text: str) -> str:
-    return json.dumps(text)
+def _lit(text: str, special: dict[str, int] | None = None) -> str:
+    """`text` as a Lark sequence: quoted strings, and `<[id]>` for each special token in it."""
+    marks = [m for m in (special or {}) if m and m in text]
+    if not marks:
+        return json.dumps(text)
+    parts = re.split(
+        "(" + "|".join(map(re.escape, sorted(marks, key=len, reverse=True))) + ")", text
+    )
+    return " ".join(f"<[{special[p]}]>" if p in special else json.dumps(p) for p in parts if p)
 
 
 def _args(value) -> dict:
@@ -111,9 +126,9 @@ class Hermes(Syntax):
             for c in calls
         )
 
-    def grammar(self, tools, parallel):
+    def grammar(self, tools, parallel, special=None):
         body = _json(_call_schema(tools))
-        call = f"{_lit('<tool_call>' + NL)} {body} {_lit(NL + '</tool_call>')}"
+        call = f"{_lit('<tool_call>' + NL, special)} {body} {_lit(NL + '</tool_call>', special)}"
         more = f" ({_lit(NL)} call)*" if parallel else ""
         return f"start: call{more}\ncall: {call}\n"
 
@@ -130,11 +145,11 @@ class Mistral(Syntax):
     def render(self, calls):
         return self.start + json.dumps([{"name": c.name, "arguments": c.arguments} for c in calls])
 
-    def grammar(self, tools, parallel):
+    def grammar(self, tools, parallel, special=None):
         items = {"type": "array", "items": _call_schema(tools), "minItems": 1}
         if not parallel:
             items["maxItems"] = 1
-        return f"start: {_lit(self.start)} {_json(items)}\n"
+        return f"start: {_lit(self.start, special)} {_json(items)}\n"
 
 
 class DeepSeek(Syntax):
@@ -158,15 +173,16 @@ class DeepSeek(Syntax):
         )
         return f"{self.start}{inner}{self.close}"
 
-    def grammar(self, tools, parallel):
+    def grammar(self, tools, parallel, special=None):
         head = self.begin + "function" + self.sep
         alts = " | ".join(
-            f"{_lit(head + t['name'] + NL + '```json' + NL)} "
-            f"{_json(_params(t))} {_lit(NL + '```' + self.end)}"
+            f"{_lit(head + t['name'] + NL + '```json' + NL, special)} "
+            f"{_json(_params(t))} {_lit(NL + '```' + self.end, special)}"
             for t in tools
         )
         more = " call*" if parallel else ""
-        return f"start: {_lit(self.start)} call{more} {_lit(self.close)}\ncall: {alts}\n"
+        start, close = _lit(self.start, special), _lit(self.close, special)
+        return f"start: {start} call{more} {close}\ncall: {alts}\n"
 
 
 class Glm(Syntax):
@@ -204,9 +220,10 @@ class Glm(Syntax):
 class Harmony(Syntax):
     name = "harmony"
     start = "<|channel|>commentary to=functions."
+    # <|call|> is one of gpt-oss's stop tokens, so the text may end where it would be
     _call = re.compile(
         r"<\|channel\|>commentary to=functions\.([\w.-]+)\s*(?:<\|constrain\|>json)?"
-        r"<\|message\|>(.*?)<\|call\|>",
+        r"<\|message\|>(.*?)(?:<\|call\|>|\Z)",
         re.S,
     )
 
@@ -226,12 +243,12 @@ class Harmony(Syntax):
             for c in calls
         )
 
-    def grammar(self, tools, parallel):
+    def grammar(self, tools, parallel, special=None):
         if parallel:
             return None  # harmony ends the turn at <|call|>: one call per message
         alts = " | ".join(
-            f"{_lit(self.start + t['name'] + ' <|constrain|>json<|message|>')} "
-            f"{_json(_params(t))} {_lit('<|call|>')}"
+            f"{_lit(self.start + t['name'] + ' <|constrain|>json<|message|>', special)} "
+            f"{_json(_params(t))} {_lit('<|call|>', special)}"
             for t in tools
         )
         return f"start: {alts}\n"

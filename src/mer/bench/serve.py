@@ -8,6 +8,9 @@ once with continuous batching. The table gives aggregate tok/s, TTFT and time
 per output token (p50/p99), SSD bytes per generated token, the dedup factor
 (sequences served per expert acquisition) and the prefix-cache hit rate, with
 the ratios of the batched run to the one-at-a-time run.
+
+The agents call tools (`mer.bench.agents`): a store whose chat template takes no
+tools (the bundled model's) is served with `TOOLS_TEMPLATE` (`--chat-template`).
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mer.bench.agents import AgentResult, Session, make_sessions, run_agent
+from mer.bench.agents import TOOLS_TEMPLATE, AgentResult, Session, make_sessions, run_agent
+from mer.chat import ChatTemplate
 from mer.errors import MerError
 from mer.options import POLICIES, count, natural, number, size_text
 from mer.progress import progress_bar
@@ -47,6 +53,10 @@ class RunResult:
     @property
     def generated(self) -> int:
         return sum(t.completion_tokens for t in self.timings)
+
+    @property
+    def tool_calls(self) -> int:
+        return sum(a.tool_calls for a in self.agents)
 
     @property
     def tok_per_s(self) -> float:
@@ -126,7 +136,7 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--agents", type=count, nargs="+", default=[1, 4, 8],
                    help="agent counts to run (each against its own baseline)")  # fmt: skip
     b.add_argument("--turns", type=count, default=4, help="tool calls per agent")
-    b.add_argument("--max-tokens", type=count, default=24, help="tokens per generated tool call")
+    b.add_argument("--max-tokens", type=count, default=48, help="tokens per generated tool call")
     b.add_argument("--think", type=number(0), default=0.2,
                    help="mean think time between turns (s)")  # fmt: skip
     b.add_argument("--ram-budget", type=size_text, default="1MiB",
@@ -172,6 +182,11 @@ def run(
     else:
         opened = Store(store)
         model, context = MODEL, opened.config.max_position_embeddings
+        if not ChatTemplate.from_dir(opened.path).takes_tools:
+            scratch = tempfile.TemporaryDirectory(prefix="mer-bench-")
+            template = Path(scratch.name) / "tools.jinja"  # removed with `scratch` as run() returns
+            template.write_text(TOOLS_TEMPLATE)
+            options += ["--chat-template", str(template)]
         console.print(
             f"store {store}: experts {fmt_decimal(opened.expert_bytes_total)} on disk, "
             f"RAM budget {ram_budget} ({cache_policy}), KV budget {kv_budget}"
@@ -187,7 +202,7 @@ def run(
         return LocalServer(store, *options, *(["--max-running", "1"] * one_at_a_time))
 
     table = Table(title="agent workload: one request at a time vs continuous batching")
-    cols = ["agents", "mode", "reqs", "tokens", "wall s", "tok/s", "TTFT ms p50/p99"]
+    cols = ["agents", "mode", "reqs", "calls", "tokens", "wall s", "tok/s", "TTFT ms p50/p99"]
     cols += ["TPOT ms p50/p99", "prefill/tok", "busy", "reads/tok", "SSD/tok", "dedup"]
     cols += ["prefix hit", "tok/s", "SSD"]
     for col in cols:
@@ -209,6 +224,7 @@ def run(
                     str(n),
                     mode,
                     str(len(r.timings)),
+                    str(r.tool_calls),
                     str(r.generated),
                     f"{r.wall:.1f}",
                     f"{r.tok_per_s:.1f}",
@@ -225,6 +241,8 @@ def run(
                 )
     console.print(table)
     console.print(
+        "Each request carries three tool schemas with tool_choice required; calls: the "
+        "turns answered with a whole call (its result goes back as a tool message). "
         "1 at a time: one request runs at a time (the server's --max-running 1, or with "
         "--url client-side turns), the others queue; batched: continuous batching. Both serve "
         "the same N agents, think time included. prefill/tok: prompt tokens computed (not "

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from mer.chat import ChatTemplate
 from mer.commands import open_draft, open_model
 from mer.options import (
     ClusterOptions,
@@ -19,6 +20,7 @@ from mer.options import (
     count,
     port,
     positive_size,
+    read_text_file,
     size,
 )
 from mer.units import fmt_bytes
@@ -51,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-request-bytes", type=positive_size, default="1MiB",
                    help="largest request body")  # fmt: skip
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template to use instead of the store's")  # fmt: skip
     add_speculation_options(p)  # used while a request runs alone; batching takes over after
     # A batch asks for several experts per layer at once, and small reads are bound by the
     # device's latency: more reads in flight (4 -> 16) took 8 agents from 1.5x to 1.8x.
@@ -77,9 +81,14 @@ def run(
     io: IOOptions,
     speculation: SpeculationOptions,
     cluster: ClusterOptions,
+    chat_template: str | None = None,
 ) -> None:
     from mer.serve.app import ServerSettings, serve
 
+    template = None
+    if chat_template is not None:  # checked before the model loads
+        template = read_text_file(chat_template, "--chat-template")
+        ChatTemplate(template)
     name = model_name or Path(store).resolve().name
     key = api_key or os.environ.get("MER_API_KEY")
     settings = ServerSettings(name, key, max_concurrent, max_request_bytes)
@@ -88,6 +97,8 @@ def run(
         store, ram_budget, io, memory, dtype=dtype, dense_quant=dense_quant, **fit,
         **cluster.open_kwargs(),
     )  # fmt: skip
+    if template is not None:
+        model.use_chat_template(template)
     scheduler = model.scheduler(
         kv_budget,
         max_batch_tokens=max_batch_tokens,

@@ -60,6 +60,9 @@ class Output:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
+    # The prompt's tokens after the first, each's logprob given those before it (when the
+    # request asked for `prompt_logprobs`), once, on the first output after its prefill.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Request:
     params: SamplingParams
     on_output: Callable[[Output], None] | None = None  # called on the engine thread
     steering: Steering | None = None  # a token constraint, logprobs: kept through preemption
+    prompt_logprobs: int | None = None  # score the prompt too, with this many top tokens
     id: int = field(default_factory=itertools.count().__next__)
     outputs: queue.Queue = field(default_factory=queue.Queue)  # used when on_output is None
     cancelled: bool = False
@@ -104,6 +108,12 @@ class Sequence:
         self.cached_tokens = 0
         self.spec: SpecSession | None = None  # made when it first decodes alone
         self.finished = False
+        self.prompt_scores: list[TokenLogprob] | None = None  # filled by prefill, then sent
+
+    @property
+    def scoring(self) -> bool:
+        """Its prompt's logprobs are asked for and still being computed."""
+        return self.request.prompt_logprobs is not None and not self.generated
 
     @property
     def context(self) -> list[int]:
@@ -118,6 +128,9 @@ class Sequence:
         logprobs = None
         if self.steer is not None and self.steer.logprobs is not None:
             logprobs = self.steer.drain()[: len(token_ids)]  # a round may run past a stop
+        scores = None
+        if token_ids and self.prompt_scores is not None:  # the first tokens: prefill is done
+            scores, self.prompt_scores = self.prompt_scores, None
         return Output(
             token_ids,
             reason,
@@ -126,6 +139,7 @@ class Sequence:
             cached_tokens=self.cached_tokens,
             completion_tokens=len(self.generated),
             logprobs=logprobs,
+            prompt_logprobs=scores,
         )
 
 
@@ -165,6 +179,7 @@ class StepResult:
     ran: bool = True
     expert_demand: int = 0  # experts wanted per layer, summed over sequences
     expert_acquired: int = 0  # experts acquired per layer (the union over the batch)
+    prompt_logprobs: list[list[TokenLogprob]] | None = None  # per sequence, when scoring
 
 
 @dataclass
@@ -244,7 +259,8 @@ class Batcher:
             seq = self.waiting[0]
             context = seq.context
             try:
-                kv = self.pool.sequence(context)
+                # A prompt being scored runs whole: a cached prefix would have no logits.
+                kv = self.pool.sequence(context, reuse=not seq.scoring)
             except Exception as e:  # a request admission cannot place fails alone
                 done.append(self.finish(seq, "error", message(e)))
                 continue
@@ -258,6 +274,8 @@ class Batcher:
             seq.kv, seq.pending = kv, context[kv.length :]
             if not seq.generated:
                 seq.cached_tokens = kv.length
+            if seq.scoring:
+                seq.prompt_scores = []  # (again, if preempted during its prefill)
             self.running.append(seq)
         return [d for d in done if d is not None]
 
@@ -322,13 +340,15 @@ class Batcher:
             s.expert_demand += result.expert_demand
             s.expert_acquired += result.expert_acquired
         done = []
-        for seq, chunk, tokens, error in zip(
-            batch.seqs, batch.chunks, result.tokens, result.errors, strict=True
+        for i, (seq, chunk, tokens, error) in enumerate(
+            zip(batch.seqs, batch.chunks, result.tokens, result.errors, strict=True)
         ):
             if error is not None:
                 done.append(self.finish(seq, "error", error))
                 continue
             seq.pending = [] if batch.draft else seq.pending[len(chunk) :]
+            if result.prompt_logprobs and seq.prompt_scores is not None:
+                seq.prompt_scores += result.prompt_logprobs[i]
             if tokens:
                 done.append(self._extend(seq, tokens))
         lone = batch.seqs[0] if len(batch.seqs) == 1 else None

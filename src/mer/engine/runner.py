@@ -20,7 +20,7 @@ import time
 import torch
 
 from mer.engine.batching import Batch, StepResult, message
-from mer.engine.steering import choose
+from mer.engine.steering import TokenLogprob, choose, token_logprob
 from mer.models.transformer import MoETransformer
 
 
@@ -37,14 +37,24 @@ class ModelRunner:
         tally = _RoutingTally(batch.spans)
         hooks = self.model.routing_hooks
         hooks.append(tally)
+        scoring = any(s.scoring for s in batch.seqs)  # a prompt's logprobs: every row's logits
         try:
             logits = self.model.forward_batch(
-                [(torch.tensor(c), s.kv) for s, c in zip(batch.seqs, batch.chunks, strict=True)]
-            )  # [sequences, V]: each one's last position
+                [(torch.tensor(c), s.kv) for s, c in zip(batch.seqs, batch.chunks, strict=True)],
+                all_logits=scoring,
+            )  # [sequences, V]: each one's last position ([tokens, V] when scoring)
         except Exception as e:  # e.g. an unreadable expert: it fails this batch, not the server
             return _failed(batch, message(e), t0)
         finally:
             hooks.remove(tally)
+        prompt_logprobs = None
+        if scoring:
+            rows, spans = logits, batch.spans
+            logits = rows[[span.stop - 1 for span in spans]]
+            prompt_logprobs = [
+                _prompt_logprobs(seq, rows[span]) if seq.scoring else []
+                for seq, span in zip(batch.seqs, spans, strict=True)
+            ]
         tokens, errors = [], []
         for seq, sample, row in zip(batch.seqs, batch.sample, logits, strict=True):
             try:
@@ -53,8 +63,9 @@ class ModelRunner:
             except Exception as e:  # NaN logits: this sequence only
                 tokens.append([])
                 errors.append(message(e))
+        seconds = time.perf_counter() - t0
         return StepResult(
-            tokens, errors, time.perf_counter() - t0, True, tally.demand, tally.acquired
+            tokens, errors, seconds, True, tally.demand, tally.acquired, prompt_logprobs
         )
 
     def _speculate(self, batch: Batch, t0: float) -> StepResult:
@@ -72,6 +83,18 @@ class ModelRunner:
         except Exception as e:
             return _failed(batch, message(e), t0)
         return StepResult([tokens], [None], time.perf_counter() - t0)
+
+
+def _prompt_logprobs(seq, rows: torch.Tensor) -> list[TokenLogprob]:
+    """The logprobs of the prompt tokens that `rows` (the logits of this step's chunk of
+    the prompt) predict: row j, at prompt position p + j, gives token p + j + 1's."""
+    prompt, n = seq.request.prompt, seq.request.prompt_logprobs
+    start = len(prompt) - len(seq.pending)  # the chunk's first position
+    return [
+        token_logprob(row, prompt[start + j + 1], n)
+        for j, row in enumerate(rows)
+        if start + j + 1 < len(prompt)
+    ]
 
 
 def _failed(batch: Batch, error: str, t0: float) -> StepResult:

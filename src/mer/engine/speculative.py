@@ -133,12 +133,12 @@ class SpecSession:
         if not self._started:
             self.drafter.start(self.capacity)
             self._started = True
-        tokens, draft_s, verify_s = speculative_round(
+        tokens, drafted, draft_s, verify_s = speculative_round(
             self.target, self.drafter, kv, context, pending, k, params, gen, steer
         )
-        self.stats.record_round(k, len(tokens), draft_s, verify_s)
+        self.stats.record_round(drafted, len(tokens), draft_s, verify_s)
         if self.control is not None:
-            self.control.after_round(k, len(tokens), draft_s + verify_s)
+            self.control.after_round(drafted, len(tokens), draft_s + verify_s)
         return tokens
 
     def plain(self, seconds: float) -> None:
@@ -158,16 +158,21 @@ class SelfDrafter:
     def start(self, capacity: int) -> None:
         """Nothing to set up: the target's own KV cache is used."""
 
-    def propose(self, kv, pending: int, k: int, params: SamplingParams, gen: torch.Generator):
-        """k draft tokens after `pending` (not yet in the target's KV cache `kv`, which must
-        have room for k more), and their distributions (None when greedy)."""
+    def propose(self, kv, pending: int, k: int, params: SamplingParams, gen, steer=None):
+        """At most k draft tokens after `pending` (not yet in the target's KV cache `kv`,
+        which must have room for k more), and their distributions (None when greedy);
+        under `steer` drawn from its masked rows, the constraint moved past each."""
         tokens, dists = [], []
         tok = pending
         for _ in range(k):
             logits = self.target.forward(torch.tensor([tok]), kv, draft=True)[-1]
-            tok, dist = _draw(logits, params, gen)
+            tok, dist = _draw(logits, params, gen, steer)
             tokens.append(tok)
             dists.append(dist)
+            if _draft_ends(tok, params, steer):
+                break
+            if steer is not None:
+                steer.draft(tok)
         return tokens, dists
 
     def commit(self, context: list[int]) -> None:
@@ -186,15 +191,19 @@ class ModelDrafter:
         self.seen: list[int] = []  # the tokens whose keys and values our cache holds
         self.context: list[int] = []
 
-    def propose(self, kv, pending: int, k: int, params: SamplingParams, gen: torch.Generator):
+    def propose(self, kv, pending: int, k: int, params: SamplingParams, gen, steer=None):
         feed = self.context[len(self.seen) :] + [pending]
         tokens, dists = [], []
         for _ in range(k):
             logits = self.draft.forward(torch.tensor(feed), self.kv)[-1]
             self.seen += feed
-            tok, dist = _draw(logits, params, gen)
+            tok, dist = _draw(logits, params, gen, steer)
             tokens.append(tok)
             dists.append(dist)
+            if _draft_ends(tok, params, steer):
+                break
+            if steer is not None:
+                steer.draft(tok)
             feed = [tok]
         return tokens, dists
 
@@ -210,12 +219,22 @@ class ModelDrafter:
         self.context = context
 
 
-def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
+def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, steer=None):
+    """A draft token and the distribution it came from (None when greedy); under a
+    constraint, from its masked row."""
+    if steer is not None and steer.constraint is not None:
+        logits = steer.logits(logits)
     if params.temperature == 0:
         return int(torch.argmax(logits)), None
     dist = probabilities(logits, params)
     dist = dist / dist.sum()
     return int(torch.multinomial(dist, 1, generator=gen)), dist
+
+
+def _draft_ends(token: int, params: SamplingParams, steer) -> bool:
+    """A constrained draft stops at a stop token, before the constraint moves past it: the
+    grammar allows nothing after it, and llguidance's rollback does not count it."""
+    return steer is not None and steer.constraint is not None and token in params.stop_token_ids
 
 
 def verify(
@@ -257,19 +276,22 @@ def verify(
 def speculative_round(model, drafter, kv, context, pending, k, params, gen, steer=None):
     """Draft k tokens after `pending` (the last token sampled, not yet in `kv`, which holds
     `context`), verify them in one pass over k+1 positions, and roll `kv` back to pending
-    and the accepted drafts. Returns (tokens to emit, draft seconds, verify seconds)."""
+    and the accepted drafts. Returns (tokens to emit, tokens drafted, draft seconds, verify
+    seconds); a constrained draft ends early at a stop token."""
     t0 = time.perf_counter()
     base = kv.length
     drafter.commit(context)
-    draft, q = drafter.propose(kv, pending, k, params, gen)
+    draft, q = drafter.propose(kv, pending, k, params, gen, steer)
+    if steer is not None:
+        steer.undraft()  # verification steps the constraint through the drafts itself
     t1 = time.perf_counter()
     kv.truncate(base)
     if not kv.reserve([pending, *draft]):
-        raise BudgetError(f"no KV room to verify {k + 1} tokens")
+        raise BudgetError(f"no KV room to verify {len(draft) + 1} tokens")
     logits = model.forward(torch.tensor([pending, *draft]), kv, all_logits=True)
     tokens = verify(draft, q, logits, params, gen, steer)
     kv.truncate(base + len(tokens))
-    return tokens, t1 - t0, time.perf_counter() - t1
+    return tokens, len(draft), t1 - t0, time.perf_counter() - t1
 
 
 class AdaptiveK:

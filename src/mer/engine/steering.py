@@ -11,8 +11,14 @@ Logprobs are those of the model's distribution after the constraint's mask and
 before temperature, top-k or top-p (as vLLM reports them by default): the log-softmax
 of the masked logits in float32. `top` holds the `n` most likely tokens, best first.
 
+Drafts of speculative decoding are steered too: `draft()` moves the constraint past a
+drafted token (its row masked by `logits()` first, nothing recorded) and `undraft()`
+rolls it back before verification, so a draft proposes only tokens the constraint
+allows and acceptance does not drop under a schema.
+
 The engine knows nothing of grammars or text: a `Constraint` is anything with `mask`
-(forbidden tokens to -inf, in place, on a float32 row) and `advance` (a chosen token).
+(forbidden tokens to -inf, in place, on a float32 row), `advance` (a chosen token) and
+`rollback` (undo the last n advances).
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ class Constraint(Protocol):
     def advance(self, token: int) -> None:
         """`token` was chosen: move past it."""
 
+    def rollback(self, n: int) -> None:
+        """Undo the last `n` advances."""
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
     token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
+    logprob: float | None  # None: a prompt's first token, which nothing predicts
+    top: tuple[tuple[int, float], ...] | None = ()  # (token, logprob), most likely first
 
 
 @dataclass
@@ -47,6 +56,7 @@ class Steering:
     constraint: Constraint | None = None
     logprobs: int | None = None  # None: none recorded; n: the chosen token's and the top n
     recorded: list[TokenLogprob] = field(default_factory=list)
+    drafted: int = 0  # draft tokens the constraint has moved past, undone by `undraft`
 
     def __post_init__(self) -> None:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
@@ -58,7 +68,7 @@ class Steering:
             return row
         row = row.float().clone()
         self.constraint.mask(row)
-        if torch.isneginf(row).all():
+        if row.max() == float("-inf"):  # one reduction, no [V] bool tensor
             raise SamplingError("the output constraint allows no token here")
         return row
 
@@ -68,6 +78,18 @@ class Steering:
             self.recorded.append(token_logprob(row, token, self.logprobs))
         if self.constraint is not None:
             self.constraint.advance(token)
+
+    def draft(self, token: int) -> None:
+        """A draft proposed `token` (from `logits()`'s row): move the constraint past it."""
+        if self.constraint is not None:
+            self.constraint.advance(token)
+            self.drafted += 1
+
+    def undraft(self) -> None:
+        """Back to where the constraint was before the draft's tokens."""
+        if self.drafted:
+            self.constraint.rollback(self.drafted)
+            self.drafted = 0
 
     def drain(self) -> list[TokenLogprob]:
         """The logprobs recorded since the last drain, in order."""

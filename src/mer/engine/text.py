@@ -11,8 +11,10 @@ from mer.tokenizer import Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], stop_ids) -> None:
-        self.decoder = tokenizer.stream_decoder()
+    def __init__(
+        self, tokenizer: Tokenizer, stop: list[str], stop_ids, keep_special: bool = False
+    ) -> None:
+        self.decoder = tokenizer.stream_decoder(keep_special)  # kept: for a tool-call parser
         self.stop, self.stop_ids = list(stop), set(stop_ids)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.pending = ""

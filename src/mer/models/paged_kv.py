@@ -83,12 +83,13 @@ class KVPool:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def sequence(self, prompt: list[int]) -> PagedSequence:
+    def sequence(self, prompt: list[int], reuse: bool = True) -> PagedSequence:
         """A new sequence holding the longest registered prefix of `prompt` (never all of
-        it: the last prompt token must still run to give the next token's logits)."""
+        it: the last prompt token must still run to give the next token's logits); none
+        without `reuse` (every prompt token then runs, as scoring the prompt needs)."""
         seq = PagedSequence(self)
         digest = b""
-        full = (len(prompt) - 1) // self.block_size
+        full = (len(prompt) - 1) // self.block_size if reuse else 0
         for b in range(full):
             digest = _chain(digest, prompt[b * self.block_size : (b + 1) * self.block_size])
             block = self.by_digest.get(digest)

@@ -36,7 +36,7 @@ from mer.api import Model
 from mer.engine.sampling import InvalidSamplingParam
 from mer.engine.scheduler import Output, Scheduler, SchedulerDown
 from mer.engine.scheduler import Request as EngineRequest
-from mer.engine.steering import Steering
+from mer.engine.steering import Steering, TokenLogprob
 from mer.engine.text import TextStream
 from mer.errors import BudgetError, ConfigError, MerError
 from mer.grammar import GrammarError, Grammars
@@ -146,10 +146,16 @@ class Server:
                     "requests; retry later",
                     type="rate_limit_error",
                 )
-            engine_req, outputs, text = self._submit(req, prompt, constraint)
-            if tools is not None and tools.choice != "none":
+            calling = tools is not None and tools.choice != "none"
+            # Tool-call markers may be special tokens: the parser sees them, the user not.
+            engine_req, outputs, text = self._submit(req, prompt, constraint, calling)
+            if req.echo:  # the prompt's text (and logprobs) come before the first tokens
+                text.echo = req.prompt if isinstance(req.prompt, str) else self._decode(prompt)
+                text.prompt = prompt
+            if calling:
                 syntax = syntax_for(self.model.chat_template.source, self.model.config.model_type)
-                text.tools = wire_tools.ToolStream(syntax, tools.parallel)
+                clean = self.model.tokenizer.strip_special
+                text.tools = wire_tools.ToolStream(syntax, tools.parallel, clean)
         except ApiError as e:
             return self._error(e)
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
@@ -211,7 +217,7 @@ class Server:
             )
         if forced is not None:
             syntax = syntax_for(self.model.chat_template.source, self.model.config.model_type)
-            source = syntax.grammar(forced, tools.parallel)
+            source = syntax.grammar(forced, tools.parallel, self.model.tokenizer.special_tokens)
             if source is None:
                 raise ApiError(
                     400,
@@ -228,7 +234,9 @@ class Server:
         except GrammarError as e:
             raise ApiError(400, str(e), param="response_format") from None
 
-    def _submit(self, req: GenerationRequest, prompt: list[int], constraint=None):
+    def _submit(
+        self, req: GenerationRequest, prompt: list[int], constraint=None, keep_special=False
+    ):
         context = self.model.config.max_position_embeddings
         room = min(context, self.scheduler.pool.n_blocks * self.scheduler.pool.block_size)
         if len(prompt) >= context:
@@ -260,12 +268,18 @@ class Server:
             except RuntimeError:  # the event loop has closed: the server is shutting down
                 engine_req.cancel()
 
-        stream = TextStream(self.model.tokenizer, req.stop, params.stop_token_ids)
+        stream = TextStream(self.model.tokenizer, req.stop, params.stop_token_ids, keep_special)
         text = _Text(stream, asked_logprobs=req.logprobs is not None)
         steering = None
         if req.logprobs is not None or constraint is not None:
             steering = Steering(constraint, req.logprobs)
-        engine_req = EngineRequest(prompt, params, on_output=deliver, steering=steering)
+        engine_req = EngineRequest(
+            prompt,
+            params,
+            on_output=deliver,
+            steering=steering,
+            prompt_logprobs=req.logprobs if req.echo else None,
+        )
         try:
             self.scheduler.submit(engine_req)
         except (ConfigError, BudgetError) as e:
@@ -379,6 +393,9 @@ class Server:
     def _token_text(self, token: int) -> str:
         return self.model.tokenizer.decode([token])
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.model.tokenizer.decode(ids)
+
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_request_bytes
         declared = request.headers.get("content-length")
@@ -430,12 +447,20 @@ class _Text:
         self.asked_logprobs = asked_logprobs
         self.tools: wire_tools.ToolStream | None = None  # set when tool calls are parsed
         self.logprobs: list = []  # `TokenLogprob`s of the tokens counted, not yet sent
+        self.echo: str | None = None  # the prompt's text, when a completion asked it back
+        self.prompt: list[int] = []  # ... and its token ids, for its logprobs
 
     def add(self, out: Output) -> tuple[str, str | None]:
         """The text `out` adds, and the completion's finish reason once it has ended."""
         if out.finish_reason == "error":
             return "", "error"
         stream, pieces = self.stream, []
+        if self.echo is not None:  # the first output: the prompt comes first
+            pieces.append(self.echo)
+            if self.asked_logprobs:  # nothing predicts the first prompt token: null
+                first = TokenLogprob(self.prompt[0], None, None)
+                self.logprobs += [first, *(out.prompt_logprobs or [])]
+            self.echo = None
         for i, token in enumerate(out.token_ids):
             if stream.finish_reason is not None:
                 break

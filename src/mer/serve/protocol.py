@@ -1,8 +1,9 @@
 """The OpenAI wire format: validating request bodies and shaping responses and errors.
 
 Validation is strict about what would change the answer (types, ranges,
-unsupported features such as n > 1; tools are `mer.serve.tools`) and lenient about fields that do
-not (user, logit_bias absent, ...), as OpenAI clients send many of those.
+unsupported features such as n > 1 or a presence penalty, `UNSUPPORTED`; tools are
+`mer.serve.tools`) and lenient about fields that do not (user, metadata, ...), as OpenAI
+clients send many of those.
 Every failure is an `ApiError` that renders in OpenAI's error shape. The body
 must be strict JSON (no NaN or Infinity) whose strings are valid Unicode (no
 lone surrogates, which JSON's escapes can spell but no tokenizer can encode).
@@ -18,6 +19,22 @@ import uuid
 from dataclasses import dataclass, field
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+# Fields that would change the answer and that this server does not implement, with the
+# value that means "off": any other value is a 400 naming the field, never ignored.
+UNSUPPORTED = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "repetition_penalty": 1,  # vLLM's
+    "min_p": 0,  # vLLM's
+    "logit_bias": {},
+    "best_of": 1,
+    "suffix": "",
+    "functions": [],  # the deprecated form of tools
+    "function_call": "auto",
+    "prediction": None,
+    "audio": None,
+    "modalities": ["text"],
+}
 
 
 class ApiError(Exception):
@@ -67,6 +84,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the top n
     json_schema: dict | None = None  # the output must be JSON valid against it ...
     json_output: bool = False  # ... when this is set ({"type": "object"} for json_object)
+    echo: bool = False  # completions: the prompt's text comes before the completion's
 
 
 def parse_json(raw: bytes) -> dict:
@@ -146,13 +164,12 @@ def parse_completion(body: dict) -> GenerationRequest:
             )
     elif not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
-    if body.get("echo"):
-        raise ApiError(400, "echo is not supported by this server", param="echo")
     req = _common(body, max_tokens_keys=("max_tokens",), default_max_tokens=16)
     req.prompt = prompt
     _response_format(body, req)
     if body.get("logprobs") is not None:
         req.logprobs = _number(body, "logprobs", int, lo=0, hi=20)
+    req.echo = body.get("echo") is not None and _typed(body, "echo", bool, "echo")
     return req
 
 
@@ -213,6 +230,9 @@ def _common(body: dict, max_tokens_keys, default_max_tokens: int | None = None):
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' must be a non-empty string", param="model")
+    for key, off in UNSUPPORTED.items():
+        if body.get(key) is not None and body[key] != off:
+            raise ApiError(400, f"'{key}' is not supported by this server", param=key)
     req = GenerationRequest(model=model, max_tokens=default_max_tokens)
     for key in max_tokens_keys:
         if body.get(key) is not None:
@@ -347,7 +367,9 @@ def completion_logprobs(entries, token_text, offset: int) -> dict:
         offset += len(tokens[-1])
     return {
         "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+        "token_logprobs": [e.logprob for e in entries],  # an echoed prompt's first: null
+        "top_logprobs": [
+            None if e.top is None else {token_text(t): lp for t, lp in e.top} for e in entries
+        ],
         "text_offset": offsets,
     }

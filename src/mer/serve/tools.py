@@ -171,10 +171,13 @@ def openai_calls(calls: list[ToolCall], stream: bool = False) -> list[dict]:
 class ToolStream:
     """Streamed text with tool calls cut out: content flows until the text might begin a
     call (the syntax's start marker, or a prefix of it at the end), then is held; `finish`
-    parses what was held into calls (or gives it back as content if it is none)."""
+    parses what was held into calls (or gives it back as content if it is none).
 
-    def __init__(self, syntax: Syntax, parallel: bool) -> None:
-        self.syntax, self.parallel = syntax, parallel
+    The text pushed may hold special tokens (decoded kept, for markers that are special
+    tokens); the content given back goes through `clean`, which removes them."""
+
+    def __init__(self, syntax: Syntax, parallel: bool, clean=lambda text: text) -> None:
+        self.syntax, self.parallel, self.clean = syntax, parallel, clean
         self.held = ""
         self.calling = False
 
@@ -187,14 +190,14 @@ class ToolStream:
         at = text.find(start)
         if at >= 0:
             self.calling, self.held = True, text[at:]
-            return text[:at]
+            return self.clean(text[:at])
         keep = next((n for n in range(len(start) - 1, 0, -1) if text.endswith(start[:n])), 0)
         self.held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep]
+        return self.clean(text[: len(text) - keep])
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(content still held, the calls)."""
         content, calls = self.syntax.parse(self.held)
         if not self.parallel:
             calls = calls[:1]
-        return content, calls
+        return self.clean(content), calls
