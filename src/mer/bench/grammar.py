@@ -5,7 +5,8 @@ opened model (greedy), the two modes alternating prompt by prompt (each first ev
 prompt, after an untimed warm-up decode). What the schema adds to choosing a token (the
 masked copy of the logits, computing and applying the mask, advancing the grammar) is
 measured around the steering itself, and reported per token and as a share of the
-constrained decode time; a decode step's wall time is given both ways. The target: at most 10% on the bundled model and 2% on a Mixtral-shape store
+constrained decode time; a decode step's wall time is given both ways. The target: at most
+10% on the bundled model and 2% on a Mixtral-shape store
 (`--store /path/to/mixtral-store --ram-budget 2GiB`).
 """
 
