@@ -143,3 +143,29 @@ def test_bench_kernel_prints_each_path_and_the_choice(capsys):
     chosen = int4_paths.choose(_expert(hidden=128, ffn=256, group=32)[1]).paths
     assert [r[0] for r in rows[-2:]] == ["1", "40"]
     assert rows[-2][-4] == chosen["decode"] and rows[-1][-4] == chosen["prefill"]
+
+
+def test_opening_a_model_measures_its_experts_paths_so_generating_measures_nothing(
+    monkeypatch, tmp_path, store_factory
+):
+    import mer
+    from mer.store.reader import Store
+
+    monkeypatch.delenv("MER_INT4_PATH", raising=False)
+    monkeypatch.setenv("MER_CACHE_DIR", str(tmp_path))  # nothing measured on this "machine"
+    int4_paths._chosen.clear()
+    calls = []
+    real = int4_paths.measure
+    monkeypatch.setattr(int4_paths, "measure", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    store = store_factory("int4")
+    ef = Store(store).expert_format
+    if len(int4_paths.eligible(ef.view(torch.zeros(ef.nbytes, dtype=torch.uint8)))) == 1:
+        pytest.skip("one path here: nothing to measure")
+    with mer.open(store, dtype="float32", prefetch=False) as model:
+        assert calls == list(int4_paths.CLASSES.values())  # at open, each class once
+        model.generate([1, 2, 3, 4, 5], max_tokens=4)
+        assert len(calls) == 3  # prefill and decode took the paths chosen at open
+    int4_paths._chosen.clear()  # a new process: the machine's file answers
+    with mer.open(store, dtype="float32", prefetch=False) as model:
+        model.generate([1, 2, 3], max_tokens=2)
+    assert len(calls) == 3

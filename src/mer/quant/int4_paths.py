@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mer.progress import progress_bar
 from mer.quant import int4, native
-from mer.quant.expert import ExpertWeights
+from mer.quant.expert import ExpertFormat, ExpertWeights
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
 PATHS = ("tinygemm", "c-fused", "c-bf16", "dequant-bf16", "dequant-f32")
@@ -343,27 +344,70 @@ def _cache_file(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Path:
 _chosen: dict[tuple, Choice] = {}
 
 
-def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice:
-    """This machine's path per shape class for experts shaped like `e`: from memory, from the
-    cache file, or measured now on `e` (and saved)."""
-    mem = (e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, torch.get_num_threads(),
-           dtype)  # fmt: skip
+def _memory_key(e: ExpertWeights, dtype: torch.dtype) -> tuple:
+    return (e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, torch.get_num_threads(),
+            dtype)  # fmt: skip
+
+
+def known(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice | None:
+    """The choice for experts shaped like `e` if this process or an earlier one on this
+    machine made it (memory, then the cache file), else None. Reads no weight."""
+    mem = _memory_key(e, dtype)
     if mem in _chosen:  # every expert call asks: no file, no hashing
         return _chosen[mem]
-    path = _cache_file(e, dtype)
-    choice = None
+    cands = eligible(e, dtype)
+    if len(cands) == 1:  # nothing to choose between: nothing to measure
+        _chosen[mem] = Choice({cls: cands[0] for cls in CLASSES}, {})
+        return _chosen[mem]
     try:
-        d = json.loads(path.read_text())
-        if set(d["paths"]) == set(CLASSES) and set(d["paths"].values()) <= set(eligible(e, dtype)):
-            choice = Choice(d["paths"], d["ms"])
+        d = json.loads(_cache_file(e, dtype).read_text())
+        if set(d["paths"]) == set(CLASSES) and set(d["paths"].values()) <= set(cands):
+            _chosen[mem] = Choice(d["paths"], d["ms"])
+            return _chosen[mem]
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    return None
+
+
+def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> Choice:
+    """This machine's path per shape class for experts shaped like `e`: from memory, from the
+    cache file, or measured now on `e` (and saved), with a progress bar if `progress`."""
+    choice = known(e, dtype)
+    if choice is not None:
+        return choice
+    cands = eligible(e, dtype)
+    kind = str(dtype).removeprefix("torch.")
+    what = (f"measuring int4 kernel paths for {e.down.n}x{e.ffn} experts ({kind}, "
+            f"{torch.get_num_threads()} threads; once per machine)")  # fmt: skip
+    ms = {}
+    with progress_bar(len(CLASSES), what, enabled=progress, unit="classes") as bar:
+        for cls, m in CLASSES.items():
+            ms[cls] = measure(e, cands, m, dtype=dtype)
+            bar.advance()
+    choice = Choice({cls: min(t, key=t.get) for cls, t in ms.items()}, ms)
+    _save(_cache_file(e, dtype), choice)
+    _chosen[_memory_key(e, dtype)] = choice
+    return choice
+
+
+def prepare(
+    fmt: ExpertFormat,
+    read_into: Callable[[torch.Tensor], None],
+    dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+) -> Choice | None:
+    """Make the choice for experts of `fmt` before any runs (a model calls this as it opens,
+    so its first token pays no measurement): known already, or measured on an expert that
+    `read_into(buf)` fills (only then: a known choice costs no read and no memory). None
+    for experts that take no int4 path choice (another scheme)."""
+    buf = torch.empty(fmt.nbytes, dtype=torch.uint8)  # untouched pages: nothing resident yet
+    e = fmt.view(buf)
+    if not isinstance(e, Int4Expert):
+        return None
+    choice = known(e, dtype)
     if choice is None:
-        cands = eligible(e, dtype)
-        ms = {cls: measure(e, cands, m, dtype=dtype) for cls, m in CLASSES.items()}
-        choice = Choice({cls: min(t, key=t.get) for cls, t in ms.items()}, ms)
-        _save(path, choice)
-    _chosen[mem] = choice
+        read_into(buf)
+        choice = choose(e, dtype, progress=progress)
     return choice
 
 
