@@ -1,6 +1,6 @@
 """The int4 expert FFN's paths, and the one each shape class takes here, chosen by measurement.
 
-An int4 expert's SwiGLU FFN can run five ways on the same bytes:
+An int4 expert's SwiGLU FFN can run six ways on the same bytes:
 
 - "tinygemm": PyTorch's `_weight_int4pack_mm_for_cpu` per linear, SiLU in torch (the path
   every CPU build of PyTorch has);
@@ -8,6 +8,9 @@ An int4 expert's SwiGLU FFN can run five ways on the same bytes:
   pass, SiLU, down), float32 accumulation, AVX-512 only;
 - "c-bf16": the same on bfloat16 activations with AVX512_BF16 dot products (x, and the
   SiLU product, rounded to bfloat16 as a bf16 model rounds them);
+- "c-int8": the same with AVX512_VNNI int8 dot products, x and the SiLU product rounded
+  per group to int8 with a float scale (as llama.cpp's Q4_0 x Q8_0), 4 k-steps a
+  instruction;
 - "dequant-bf16" / "dequant-f32": a chunk of rows dequantized by the C kernel into a small
   buffer that stays in cache, then a bf16 or float32 GEMM by PyTorch (oneDNN, AMX where
   the CPU has it), so a weight serves every token of a prefill.
@@ -46,7 +49,7 @@ from mer.quant import int4, native
 from mer.quant.expert import ExpertFormat, ExpertWeights
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
-PATHS = ("tinygemm", "c-fused", "c-bf16", "dequant-bf16", "dequant-f32")
+PATHS = ("tinygemm", "c-fused", "c-bf16", "c-int8", "dequant-bf16", "dequant-f32")
 # Shape classes and the token count each is measured at.
 CLASSES = {"decode": 1, "small": 8, "prefill": 64}
 ROUNDS = 4
@@ -81,6 +84,9 @@ def _lib() -> ctypes.CDLL | None:
     if hasattr(lib, "int4_ffn_bf16"):  # built only where the compiler targets AVX512_BF16
         lib.int4_ffn_bf16.argtypes = [p] * 10 + [i64] * 5 + [ctypes.c_int]
         lib.int4_ffn_bf16.restype = None
+    if hasattr(lib, "int4_ffn_i8"):  # built only where the compiler targets AVX512_VNNI
+        lib.int4_ffn_i8.argtypes = [p] * 14 + [i64] * 5 + [ctypes.c_int]
+        lib.int4_ffn_i8.restype = None
     return lib
 
 
@@ -89,6 +95,13 @@ def bf16_available() -> bool:
     """The AVX512_BF16 fused FFN built and matches the reference on a probe."""
     lib = _lib()
     return lib is not None and hasattr(lib, "int4_ffn_bf16") and _probe_bf16(lib)
+
+
+@functools.cache
+def int8_available() -> bool:
+    """The AVX512_VNNI fused FFN (int8 activations) built and matches the reference."""
+    lib = _lib()
+    return lib is not None and hasattr(lib, "int4_ffn_i8") and _probe_i8(lib)
 
 
 def native_available() -> bool:
@@ -144,6 +157,33 @@ def _probe_bf16(lib: ctypes.CDLL) -> bool:
         # bf16 rounding of h can flip where two paths round differently: compare loosely.
         ok &= _close(_c_ffn_bf16_raw(lib, gu, down, f, x), hb @ wd.double().t(), 1e-2)
     return bool(ok)
+
+
+def _probe_i8(lib: ctypes.CDLL) -> bool:
+    """Against the float64 reference run on activations rounded as the kernel rounds them
+    (`round_int8`), so a wrong sum shows however small the rounding."""
+    gen = torch.Generator().manual_seed(2)
+    h, f, g = 128, 192, 32
+    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
+    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, "tinygemm-avx512"), g, 2 * f, h)
+    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, "tinygemm-avx512"),
+                           g, h, f)  # fmt: skip
+    wgu, wd = gu.dequantize("tinygemm-avx512").double(), down.dequantize("tinygemm-avx512")
+    ok = True
+    for t in (1, 3, 4, 9):
+        x = torch.randn(t, h, generator=gen)
+        a = round_int8(x.double(), g) @ wgu.t()
+        ref = round_int8(F.silu(a[:, :f]) * a[:, f:], g) @ wd.double().t()
+        ok &= _close(_c_ffn_i8_raw(lib, gu, down, f, x), ref, 1e-4)
+    return bool(ok)
+
+
+def round_int8(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [T, K] rounded as c-int8 rounds activations: per group, to int8 steps of max|x|/127."""
+    t, k = x.shape
+    xg = x.reshape(t, k // group, group)
+    step = xg.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(xg / torch.where(step > 0, step, 1)) * step).reshape(t, k)
 
 
 def _encode(w: torch.Tensor, g: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +246,22 @@ def _c_ffn_bf16_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x
     return y
 
 
+def _c_ffn_i8_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x: torch.Tensor,
+                  threads: int = 2) -> torch.Tensor:  # fmt: skip
+    x32 = x.float().contiguous()
+    t, hidden = x32.shape
+    xq, hq = torch.empty(t, hidden, dtype=torch.int8), torch.empty(t, ffn, dtype=torch.int8)
+    sx, xs = torch.empty(t * hidden // gu.group_size), torch.empty(t * hidden // gu.group_size)
+    hsx, hs = torch.empty(t * ffn // down.group_size), torch.empty(t * ffn // down.group_size)
+    h, scratch, y = torch.empty(t, ffn), torch.empty(threads * t * 128), torch.empty(t, hidden)
+    lib.int4_ffn_i8(gu.packed.data_ptr(), gu.scales_zeros.data_ptr(), down.packed.data_ptr(),
+                    down.scales_zeros.data_ptr(), x32.data_ptr(), xq.data_ptr(), sx.data_ptr(),
+                    xs.data_ptr(), h.data_ptr(), hq.data_ptr(), hsx.data_ptr(), hs.data_ptr(),
+                    scratch.data_ptr(), y.data_ptr(), t, hidden, ffn, gu.group_size,
+                    down.group_size, threads)  # fmt: skip
+    return y
+
+
 # --- the paths, as functions of (expert, x) -----------------------------------------------
 
 
@@ -228,6 +284,11 @@ def _c_fused(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
 def _c_bf16(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
     return _c_ffn_bf16_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
+
+
+def _c_int8(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
+    return _c_ffn_i8_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
 
 
 def _dequant(dtype: torch.dtype) -> Callable[[ExpertWeights, torch.Tensor], torch.Tensor]:
@@ -253,14 +314,15 @@ RUNNERS: dict[str, Callable[[ExpertWeights, torch.Tensor], torch.Tensor]] = {
     "tinygemm": _tinygemm,
     "c-fused": _c_fused,
     "c-bf16": _c_bf16,
+    "c-int8": _c_int8,
     "dequant-bf16": _dequant(torch.bfloat16),
     "dequant-f32": _dequant(torch.float32),
 }
 
 
-# Paths that round activations to bfloat16 on the way: never taken for float32 activations,
-# which a model runs in to be exact (parity checks), not fast.
-ROUNDS_TO_BF16 = ("c-bf16", "dequant-bf16")
+# Paths that round activations on the way (to bfloat16, or to int8 per group): never taken
+# for float32 activations, which a model runs in to be exact (parity checks), not fast.
+ROUNDS_TO_BF16 = ("c-bf16", "c-int8", "dequant-bf16")
 
 
 def eligible(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> list[str]:
@@ -271,7 +333,8 @@ def eligible(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> list[str]
         and e.down.n % 64 == 0
         and native_available()
     )
-    paths = [p for p in PATHS[1:] if c_ok and (p != "c-bf16" or bf16_available())]
+    extra = {"c-bf16": bf16_available, "c-int8": int8_available}  # where the CPU has them
+    paths = [p for p in PATHS[1:] if c_ok and (p not in extra or extra[p]())]
     if dtype != torch.bfloat16:
         paths = [p for p in paths if p not in ROUNDS_TO_BF16]
     return ["tinygemm", *paths]
