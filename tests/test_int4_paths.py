@@ -186,3 +186,26 @@ def test_opening_a_model_measures_its_experts_paths_so_generating_measures_nothi
     with mer.open(store, dtype="float32", prefetch=False) as model:
         model.generate([1, 2, 3], max_tokens=2)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("layout", ["tinygemm-avx512", "tinygemm-avx2"])
+@pytest.mark.parametrize("tokens", [1, 2, 7])
+def test_the_avx2_build_matches_the_reference_on_both_halves_layouts(layout, tokens):
+    """The kernel CPUs without AVX-512 get, built without AVX-512 and run here: on the layout
+    PyTorch packs there (32-row blocks) and on this machine's (64-row blocks)."""
+    if not int4_paths.avx2_available():
+        pytest.skip("no AVX2 build here")
+    lib = int4_paths._lib_avx2()
+    assert lib.int4_simd() == 256  # no AVX-512 instruction in it
+    gen = torch.Generator().manual_seed(tokens)
+    h, f, g = 256, 192, 32
+    w = torch.randn(2 * f, h, generator=gen)
+    gu = int4.Int4Linear(*int4_paths._encode(w, g, layout), g, 2 * f, h)
+    down = int4.Int4Linear(*int4_paths._encode(torch.randn(h, f, generator=gen), g, layout),
+                           g, h, f)  # fmt: skip
+    x = torch.randn(tokens, h, generator=gen)
+    a = x.double() @ gu.dequantize(layout).double().t()
+    ref = (F.silu(a[:, :f]) * a[:, f:]) @ down.dequantize(layout).double().t()
+    got = int4_paths._c_ffn_avx2_raw(lib, gu, down, f, x, int4_paths.block_rows(layout))
+    assert ((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert "c-avx2" in int4_paths.eligible(_expert()[1], torch.float32)  # float32: exact

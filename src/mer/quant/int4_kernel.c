@@ -489,9 +489,13 @@ void int4_ffn_i8(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
 }
 #endif /* __AVX512VNNI__ */
 
-#else /* no AVX-512: never chosen (the caller checks int4_simd) */
+#else /* no AVX-512: these are never chosen (the caller checks int4_simd) */
 
+#if defined(__AVX2__) && defined(__FMA__)
+int int4_simd(void) { return 256; }
+#else
 int int4_simd(void) { return 0; }
+#endif
 
 void int4_linear(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs, float *y,
                  int64_t T, int64_t N, int64_t K, int64_t G, int threads) {
@@ -513,3 +517,114 @@ void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16
 }
 
 #endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* The AVX2 + FMA kernels (no AVX-512 instruction when built with -mno-avx512f: the path of
+ * CPUs without AVX-512; they run on AVX-512 CPUs too, so they are measured and tested on
+ * them). They read either "halves" layout: a block of B = 64 ("tinygemm-avx512") or 32
+ * ("tinygemm-avx2", what PyTorch packs on such CPUs) rows holds, per column k, B/2 bytes
+ * whose low nibbles are rows 0..B/2-1 and high nibbles rows B/2..B-1. One token at a time
+ * (16 ymm registers hold B/8 accumulators and their decoded weights), float32 FMAs. */
+#include <immintrin.h>
+
+static inline __attribute__((always_inline)) void block_token_avx2(
+    const uint8_t *packed, const uint32_t *sz, const float *x, const float *xs, float *out,
+    int64_t n0, int64_t N, int64_t K, int64_t G, const int B) {
+    const uint8_t *pb = packed + n0 * (K / 2);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+    const int64_t ng = K / G;
+    __m256 acc[8];
+    for (int i = 0; i < B / 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 dot[8];
+        for (int i = 0; i < B / 8; i++) dot[i] = _mm256_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; k++) {
+            const __m256 xb = _mm256_set1_ps(x[k]);
+            for (int c = 0; c < B / 32; c++) { /* 16 bytes: rows 16c.. (low), B/2 + 16c.. (high) */
+                const __m128i b = _mm_loadu_si128((const __m128i *)(pb + k * (B / 2) + 16 * c));
+                const __m128i lo = _mm_and_si128(b, low4);
+                const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                const int r0 = 2 * c, r1 = B / 16 + 2 * c; /* vector index of 8 rows */
+                dot[r0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), xb, dot[r0]);
+                dot[r0 + 1] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), xb, dot[r0 + 1]);
+                dot[r1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), xb, dot[r1]);
+                dot[r1 + 1] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), xb, dot[r1 + 1]);
+            }
+        }
+        const __m256 xsum = _mm256_set1_ps(xs[g]);
+        for (int i = 0; i < B / 8; i++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(sz + g * N + n0 + 8 * i));
+            const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
+            const __m256 bz = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z); /* z - 8 s */
+            acc[i] = _mm256_fmadd_ps(s, dot[i], acc[i]);
+            acc[i] = _mm256_fmadd_ps(bz, xsum, acc[i]);
+        }
+    }
+    for (int i = 0; i < B / 8; i++) _mm256_storeu_ps(out + 8 * i, acc[i]);
+}
+
+/* All T tokens through one block of B rows; out[t * ldo + r]. */
+static void block_rows_avx2(const uint8_t *packed, const uint32_t *sz, const float *x,
+                            const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N,
+                            int64_t K, int64_t G, int64_t T, int64_t B) {
+    for (int64_t t = 0; t < T; t++) {
+        if (B == 64)
+            block_token_avx2(packed, sz, x + t * K, xs + t * (K / G), out + t * ldo, n0, N, K, G, 64);
+        else
+            block_token_avx2(packed, sz, x + t * K, xs + t * (K / G), out + t * ldo, n0, N, K, G, 32);
+    }
+}
+
+static void group_sums_avx2(const float *x, float *xs, int64_t T, int64_t K, int64_t G) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < K / G; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) s += x[t * K + k];
+            xs[t * (K / G) + g] = s;
+        }
+}
+
+/* int4_linear for a layout of B-row blocks (64 or 32). */
+void int4_linear_avx2(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs,
+                      float *y, int64_t T, int64_t N, int64_t K, int64_t G, int64_t B,
+                      int threads) {
+    group_sums_avx2(x, xs, T, K, G);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
+    for (int64_t nb = 0; nb < N / B; nb++)
+        block_rows_avx2(packed, sz, x, xs, y + nb * B, N, nb * B, N, K, G, T, B);
+}
+
+/* int4_ffn for a layout of B-row blocks (64 or 32); scratch as int4_ffn's, gu [threads, T, 2B]. */
+void int4_ffn_avx2(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
+                   const uint32_t *sz_d, const float *x, float *h, float *gu, float *xs,
+                   float *hs, float *y, int64_t T, int64_t H, int64_t F, int64_t Gu, int64_t Gd,
+                   int64_t B, int threads) {
+    group_sums_avx2(x, xs, T, H, Gu);
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = gu, *my_hs = hs;
+#ifdef _OPENMP
+        mine = gu + (int64_t)omp_get_thread_num() * T * 2 * B;
+        my_hs = hs + (int64_t)omp_get_thread_num() * T * (F / Gd);
+#endif
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t fb = 0; fb < F / B; fb++) {
+            block_rows_avx2(p_gu, sz_gu, x, xs, mine, 2 * B, fb * B, 2 * F, H, Gu, T, B);
+            block_rows_avx2(p_gu, sz_gu, x, xs, mine + B, 2 * B, F + fb * B, 2 * F, H, Gu, T, B);
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t r = 0; r < B; r++) {
+                    const float g = mine[t * 2 * B + r], u = mine[t * 2 * B + B + r];
+                    h[t * F + fb * B + r] = g / (1.0f + expf(-g)) * u;
+                }
+        }
+        group_sums_avx2(h, my_hs, T, F, Gd);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t nb = 0; nb < H / B; nb++)
+            block_rows_avx2(p_d, sz_d, h, my_hs, y + nb * B, H, nb * B, H, F, Gd, T, B);
+    }
+}
+#endif /* __AVX2__ && __FMA__ */

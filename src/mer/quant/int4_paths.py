@@ -1,6 +1,6 @@
 """The int4 expert FFN's paths, and the one each shape class takes here, chosen by measurement.
 
-An int4 expert's SwiGLU FFN can run six ways on the same bytes:
+An int4 expert's SwiGLU FFN can run seven ways on the same bytes:
 
 - "tinygemm": PyTorch's `_weight_int4pack_mm_for_cpu` per linear, SiLU in torch (the path
   every CPU build of PyTorch has);
@@ -11,6 +11,8 @@ An int4 expert's SwiGLU FFN can run six ways on the same bytes:
 - "c-int8": the same with AVX512_VNNI int8 dot products, x and the SiLU product rounded
   per group to int8 with a float scale (as llama.cpp's Q4_0 x Q8_0), 4 k-steps a
   instruction;
+- "c-avx2": the float32 fused FFN built for AVX2 + FMA without AVX-512, one token at a
+  time, on either "halves" layout: the native kernel of CPUs without AVX-512;
 - "dequant-bf16" / "dequant-f32": a chunk of rows dequantized by the C kernel into a small
   buffer that stays in cache, then a bf16 or float32 GEMM by PyTorch (oneDNN, AMX where
   the CPU has it), so a weight serves every token of a prefill.
@@ -24,8 +26,9 @@ round them to bfloat16. The choice is
 kept in memory and in a JSON file under the kernel cache directory whose name hashes this
 CPU, the PyTorch version, the kernel source, the shape and the thread count, so later
 processes on this machine reuse it. `MER_INT4_PATH` forces one path everywhere (for
-benchmarks and tests). The C kernel is used only where it built, is the AVX-512 build and
-matched `reference_matmul` on a probe; every path is tested against the reference.
+benchmarks and tests). A C kernel is used only where it built (the native build for the
+AVX-512 paths, a -mno-avx512f build for c-avx2) and matched the reference on a probe;
+every path is tested against the reference.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from mer.quant import int4, native
 from mer.quant.expert import ExpertFormat, ExpertWeights
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
-PATHS = ("tinygemm", "c-fused", "c-bf16", "c-int8", "dequant-bf16", "dequant-f32")
+PATHS = ("tinygemm", "c-fused", "c-bf16", "c-int8", "c-avx2", "dequant-bf16", "dequant-f32")
 # Shape classes and the token count each is measured at.
 CLASSES = {"decode": 1, "small": 8, "prefill": 64}
 ROUNDS = 4
@@ -88,6 +91,37 @@ def _lib() -> ctypes.CDLL | None:
         lib.int4_ffn_i8.argtypes = [p] * 14 + [i64] * 5 + [ctypes.c_int]
         lib.int4_ffn_i8.restype = None
     return lib
+
+
+@functools.cache
+def _lib_avx2() -> ctypes.CDLL | None:
+    """The same source built for AVX2 + FMA without AVX-512 (what a CPU without AVX-512
+    builds natively), where it builds and passes its probe on both "halves" layouts."""
+    try:
+        lib = native.build(SOURCE, ("-mno-avx512f", "-mavx2", "-mfma"))
+    except native.BuildError as e:
+        warnings.warn(f"int4 AVX2 kernel unavailable ({e})", stacklevel=3)
+        return None
+    if lib.int4_simd() != 256 or not hasattr(lib, "int4_ffn_avx2"):
+        return None
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.int4_ffn_avx2.argtypes = [p] * 10 + [i64] * 6 + [ctypes.c_int]
+    lib.int4_linear_avx2.argtypes = [p] * 5 + [i64] * 5 + [ctypes.c_int]
+    lib.int4_ffn_avx2.restype = lib.int4_linear_avx2.restype = None
+    if not all(_probe_avx2(lib, layout) for layout in ("tinygemm-avx512", "tinygemm-avx2")):
+        warnings.warn("int4 AVX2 kernel disagrees with the reference here: not used", stacklevel=3)
+        return None
+    return lib
+
+
+def avx2_available() -> bool:
+    return _lib_avx2() is not None
+
+
+def block_rows(layout: str) -> int | None:
+    """Rows per block of a layout the AVX2 kernels read ("halves" layouts), else None."""
+    block, mode = int4.LAYOUTS[layout]
+    return block if mode == "halves" else None
 
 
 @functools.cache
@@ -156,6 +190,22 @@ def _probe_bf16(lib: ctypes.CDLL) -> bool:
         hb = (F.silu(a[:, :f]) * a[:, f:]).bfloat16().double()  # h rounded as the kernel does
         # bf16 rounding of h can flip where two paths round differently: compare loosely.
         ok &= _close(_c_ffn_bf16_raw(lib, gu, down, f, x), hb @ wd.double().t(), 1e-2)
+    return bool(ok)
+
+
+def _probe_avx2(lib: ctypes.CDLL, layout: str) -> bool:
+    gen = torch.Generator().manual_seed(3)
+    h, f, g = 128, 192, 64
+    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
+    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, layout), g, 2 * f, h)
+    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, layout), g, h, f)
+    wgu, wd = gu.dequantize(layout).double(), down.dequantize(layout).double()
+    ok = True
+    for t in (1, 3):
+        x = torch.randn(t, h, generator=gen)
+        a = x.double() @ wgu.t()
+        ref = (F.silu(a[:, :f]) * a[:, f:]) @ wd.t()
+        ok &= _close(_c_ffn_avx2_raw(lib, gu, down, f, x, block_rows(layout)), ref)
     return bool(ok)
 
 
@@ -246,6 +296,21 @@ def _c_ffn_bf16_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x
     return y
 
 
+def _c_ffn_avx2_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x: torch.Tensor,
+                    block: int, threads: int = 2) -> torch.Tensor:  # fmt: skip
+    x32 = x.float().contiguous()
+    t, hidden = x32.shape
+    h, scratch = torch.empty(t, ffn), torch.empty(threads * t * 2 * block)
+    xs = torch.empty(t * hidden // gu.group_size)
+    hs = torch.empty(threads * t * ffn // down.group_size)
+    y = torch.empty(t, hidden)
+    lib.int4_ffn_avx2(gu.packed.data_ptr(), gu.scales_zeros.data_ptr(), down.packed.data_ptr(),
+                      down.scales_zeros.data_ptr(), x32.data_ptr(), h.data_ptr(),
+                      scratch.data_ptr(), xs.data_ptr(), hs.data_ptr(), y.data_ptr(), t, hidden,
+                      ffn, gu.group_size, down.group_size, block, threads)  # fmt: skip
+    return y
+
+
 def _c_ffn_i8_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x: torch.Tensor,
                   threads: int = 2) -> torch.Tensor:  # fmt: skip
     x32 = x.float().contiguous()
@@ -291,6 +356,13 @@ def _c_int8(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     return _c_ffn_i8_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
 
 
+def _c_avx2(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
+    block = block_rows(int4.kernel_layout())
+    y = _c_ffn_avx2_raw(_lib_avx2(), e.gate_up, e.down, e.ffn, x, block, threads_for(nbytes))
+    return y.to(x.dtype)
+
+
 def _dequant(dtype: torch.dtype) -> Callable[[ExpertWeights, torch.Tensor], torch.Tensor]:
     def run(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
         gu, down, f = e.gate_up, e.down, e.ffn
@@ -315,6 +387,7 @@ RUNNERS: dict[str, Callable[[ExpertWeights, torch.Tensor], torch.Tensor]] = {
     "c-fused": _c_fused,
     "c-bf16": _c_bf16,
     "c-int8": _c_int8,
+    "c-avx2": _c_avx2,
     "dequant-bf16": _dequant(torch.bfloat16),
     "dequant-f32": _dequant(torch.float32),
 }
@@ -327,14 +400,22 @@ ROUNDS_TO_BF16 = ("c-bf16", "c-int8", "dequant-bf16")
 
 def eligible(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """The paths that can run this expert here on activations of `dtype`."""
+    layout = int4.kernel_layout()
     c_ok = (
-        int4.kernel_layout() == "tinygemm-avx512"
+        layout == "tinygemm-avx512"
         and e.ffn % 64 == 0
         and e.down.n % 64 == 0
         and native_available()
     )
+    block = block_rows(layout)
+    avx2_ok = block is not None and e.ffn % block == 0 and e.down.n % block == 0
     extra = {"c-bf16": bf16_available, "c-int8": int8_available}  # where the CPU has them
-    paths = [p for p in PATHS[1:] if c_ok and (p not in extra or extra[p]())]
+    paths = [
+        p
+        for p in PATHS[1:]
+        if (p == "c-avx2" and avx2_ok and avx2_available())
+        or (p != "c-avx2" and c_ok and (p not in extra or extra[p]()))
+    ]
     if dtype != torch.bfloat16:
         paths = [p for p in paths if p not in ROUNDS_TO_BF16]
     return ["tinygemm", *paths]
