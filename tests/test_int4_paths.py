@@ -209,3 +209,63 @@ def test_the_avx2_build_matches_the_reference_on_both_halves_layouts(layout, tok
     got = int4_paths._c_ffn_avx2_raw(lib, gu, down, f, x, int4_paths.block_rows(layout))
     assert ((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
     assert "c-avx2" in int4_paths.eligible(_expert()[1], torch.float32)  # float32: exact
+
+
+def _biased_expert(hidden=128, ffn=256, group=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w1, w3 = (torch.randn(ffn, hidden, generator=gen) / hidden**0.5 for _ in range(2))
+    w2 = torch.randn(hidden, ffn, generator=gen) / ffn**0.5
+    b_gu, b_d = torch.randn(2 * ffn, generator=gen), torch.randn(hidden, generator=gen)
+    ef = ExpertFormat.for_machine("int4", hidden, ffn, group, bias="float32")
+    return ef.view(ef.encode(w1, w2, w3, b_gu, b_d)), b_gu, b_d
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_biased_experts_take_the_c_kernels_with_the_bias_added(tokens, monkeypatch):
+    """gpt-oss's experts carry biases and call their linear maps themselves (a clamped
+    SwiGLU): each linear path, forced, matches the dequantized reference with the biases."""
+    from mer.models.gpt_oss import clamped_swiglu
+
+    e, b_gu, b_d = _biased_expert()
+    assert isinstance(e, int4_paths.Int4BiasedExpert)
+    paths = int4_paths.eligible(e)
+    if int4_paths.native_available():
+        assert "c-linear" in paths
+    wgu, wd = e.gate_up.dequantize().double(), e.down.dequantize().double()
+    x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens))
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        a = xd.double() @ wgu.t() + b_gu.double()
+        ref = (F.silu(a[:, :256]) * a[:, 256:]) @ wd.t() + b_d.double()
+        gate, up = a[:, :256].clamp(max=7.0), a[:, 256:].clamp(-7.0, 7.0)
+        ref_oss = ((up + 1) * (gate * torch.sigmoid(gate * 1.702))) @ wd.t() + b_d.double()
+        for p in int4_paths.eligible(e, dtype):
+            monkeypatch.setenv("MER_INT4_PATH", p)
+            exact = p == "c-linear" and dtype == torch.float32  # float32 all the way
+            tol = 1e-5 if exact else 5e-2 if p == "c-linear-i8" else 2e-2
+            for got, want in ((e(xd), ref), (clamped_swiglu(e, 1.702, 7.0, xd), ref_oss)):
+                assert got.dtype == dtype
+                err = (got.double() - want).abs().max() / want.abs().max()
+                assert err < tol, (p, dtype, float(err))
+    monkeypatch.delenv("MER_INT4_PATH")
+    assert "c-linear-i8" not in int4_paths.eligible(e, torch.float32)  # float32 stays exact
+
+
+def test_a_biased_experts_choice_is_measured_apart_and_taken(monkeypatch, tmp_path):
+    monkeypatch.delenv("MER_INT4_PATH", raising=False)
+    monkeypatch.setenv("MER_CACHE_DIR", str(tmp_path))
+    int4_paths._chosen.clear()
+    e, _, _ = _biased_expert()
+    if len(int4_paths.eligible(e)) == 1:
+        pytest.skip("one path here")
+    choice = int4_paths.choose(e)
+    assert set(choice.paths.values()) <= set(int4_paths.LINEAR_PATHS)
+    assert "biased" in int4_paths._cache_file(e).name
+    plain = _expert(hidden=128, ffn=256, group=32)[1]
+    assert int4_paths._cache_file(plain) != int4_paths._cache_file(e)
+    taken = []
+    run = int4_paths.LINEAR_PATHS[choice.paths["decode"]]
+    monkeypatch.setitem(int4_paths.LINEAR_PATHS, choice.paths["decode"],
+                        lambda lin, x: taken.append(len(x)) or run(lin, x))  # fmt: skip
+    e.gate_up(torch.randn(1, 128, dtype=torch.bfloat16))
+    assert taken == [1]

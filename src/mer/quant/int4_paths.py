@@ -41,7 +41,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -89,7 +89,8 @@ def _lib() -> ctypes.CDLL | None:
         lib.int4_ffn_bf16.restype = None
     if hasattr(lib, "int4_ffn_i8"):  # built only where the compiler targets AVX512_VNNI
         lib.int4_ffn_i8.argtypes = [p] * 14 + [i64] * 5 + [ctypes.c_int]
-        lib.int4_ffn_i8.restype = None
+        lib.int4_linear_i8.argtypes = [p] * 7 + [i64] * 4 + [ctypes.c_int]
+        lib.int4_ffn_i8.restype = lib.int4_linear_i8.restype = None
     return lib
 
 
@@ -145,6 +146,18 @@ def native_available() -> bool:
 def c_linear(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
     """y = x @ W.T by the C kernel (float32 out). The caller checks `eligible`."""
     return _linear_raw(_lib(), lin, x, threads_for(lin.packed.nbytes))
+
+
+def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ W.T by the C kernel on x rounded per group to int8 (float32 out)."""
+    x32 = x.float().contiguous()
+    t, g = len(x32), lin.group_size
+    xq = torch.empty(t, lin.k, dtype=torch.int8)
+    sx, xs, y = torch.empty(t * lin.k // g), torch.empty(t * lin.k // g), torch.empty(t, lin.n)
+    _lib().int4_linear_i8(lin.packed.data_ptr(), lin.scales_zeros.data_ptr(), x32.data_ptr(),
+                          xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), y.data_ptr(), t, lin.n,
+                          lin.k, g, threads_for(lin.packed.nbytes))  # fmt: skip
+    return y
 
 
 def dequantize_rows(lin: int4.Int4Linear, n0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -400,6 +413,8 @@ ROUNDS_TO_BF16 = ("c-bf16", "c-int8", "dequant-bf16")
 
 def eligible(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """The paths that can run this expert here on activations of `dtype`."""
+    if isinstance(e, Int4BiasedExpert):
+        return _eligible_biased(e, dtype)
     layout = int4.kernel_layout()
     c_ok = (
         layout == "tinygemm-avx512"
@@ -419,6 +434,84 @@ def eligible(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> list[str]
     if dtype != torch.bfloat16:
         paths = [p for p in paths if p not in ROUNDS_TO_BF16]
     return ["tinygemm", *paths]
+
+
+# --- experts with biases (gpt-oss): the path is chosen per linear map ---------------------
+
+# How one biased linear map runs: PyTorch's int4 kernel, or the C kernel's linear in float32
+# or on int8 activations; the bias is added in x's dtype either way.
+LINEAR_PATHS: dict[str, Callable[[int4.Int4Linear, torch.Tensor], torch.Tensor]] = {
+    "tinygemm": lambda lin, x: lin(x),
+    "c-linear": lambda lin, x: c_linear(lin, x).to(x.dtype),
+    "c-linear-i8": lambda lin, x: c_linear_i8(lin, x).to(x.dtype),
+}
+
+
+@dataclass(frozen=True)
+class PathLinear:
+    """x @ W.T + b for an int4 W by the linear path chosen for its expert's shape and the
+    token count. `owner` holds that expert once it is built (a frozen expert and its maps
+    cannot name each other at construction), so a family that calls the maps itself
+    (gpt-oss's clamped SwiGLU) gets the chosen path too."""
+
+    linear: int4.Int4Linear
+    bias: torch.Tensor
+    owner: list = field(repr=False, compare=False)
+
+    n = property(lambda self: self.linear.n)
+    k = property(lambda self: self.linear.k)
+    group_size = property(lambda self: self.linear.group_size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(path_for(self.owner[0], x.shape[0], x.dtype), x)
+
+    def run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        return LINEAR_PATHS[path](self.linear, x) + self.bias.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.linear.dequantize()
+
+
+@dataclass(frozen=True)
+class Int4BiasedExpert(ExpertWeights):
+    """An int4 SwiGLU expert with biases whose maps take the path chosen here."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return BIASED_RUNNERS[path_for(self, x.shape[0], x.dtype)](self, x)
+
+
+def biased_expert(gate_up, gate_up_bias, down, down_bias, ffn: int) -> Int4BiasedExpert:
+    owner: list = []
+    e = Int4BiasedExpert(PathLinear(gate_up, gate_up_bias, owner),
+                         PathLinear(down, down_bias, owner), ffn)  # fmt: skip
+    owner.append(e)
+    return e
+
+
+def _biased(path: str) -> Callable[[ExpertWeights, torch.Tensor], torch.Tensor]:
+    def run(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        h = e.gate_up.run(path, x)  # [T, 2*ffn]
+        return e.down.run(path, F.silu(h[:, : e.ffn]) * h[:, e.ffn :])
+
+    return run
+
+
+BIASED_RUNNERS = {p: _biased(p) for p in LINEAR_PATHS}
+
+
+def _runners(e: ExpertWeights) -> dict:
+    return BIASED_RUNNERS if isinstance(e, Int4BiasedExpert) else RUNNERS
+
+
+def _eligible_biased(e: ExpertWeights, dtype: torch.dtype) -> list[str]:
+    c_ok = (
+        int4.kernel_layout() == "tinygemm-avx512"
+        and e.gate_up.n % 64 == 0
+        and e.down.n % 64 == 0
+        and native_available()
+    )
+    i8 = c_ok and dtype == torch.bfloat16 and int8_available()  # int8 rounds: bf16 runs only
+    return ["tinygemm", *(["c-linear"] if c_ok else []), *(["c-linear-i8"] if i8 else [])]
 
 
 # --- choosing by measurement ---------------------------------------------------------------
@@ -465,7 +558,7 @@ def measure(
 
 def _timed(path: str, e: ExpertWeights, x: torch.Tensor) -> float:
     t0 = time.perf_counter()
-    RUNNERS[path](e, x)
+    _runners(e)[path](e, x)
     return time.perf_counter() - t0
 
 
@@ -482,6 +575,7 @@ def _cache_file(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Path:
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     kind = str(dtype).removeprefix("torch.")
+    kind += "-biased" if isinstance(e, Int4BiasedExpert) else ""
     return native.cache_dir() / f"int4-paths-{e.down.n}x{e.ffn}-{kind}-{digest}.json"
 
 
@@ -490,7 +584,7 @@ _chosen: dict[tuple, Choice] = {}
 
 def _memory_key(e: ExpertWeights, dtype: torch.dtype) -> tuple:
     return (e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, torch.get_num_threads(),
-            dtype)  # fmt: skip
+            dtype, isinstance(e, Int4BiasedExpert))  # fmt: skip
 
 
 def known(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice | None:
@@ -546,7 +640,7 @@ def prepare(
     for experts that take no int4 path choice (another scheme)."""
     buf = torch.empty(fmt.nbytes, dtype=torch.uint8)  # untouched pages: nothing resident yet
     e = fmt.view(buf)
-    if not isinstance(e, Int4Expert):
+    if not isinstance(e, Int4Expert | Int4BiasedExpert):
         return None
     choice = known(e, dtype)
     if choice is None:
@@ -568,8 +662,9 @@ def _save(path: Path, choice: Choice) -> None:
 def path_for(e: ExpertWeights, tokens: int, dtype: torch.dtype = torch.bfloat16) -> str:
     forced = os.environ.get("MER_INT4_PATH")
     if forced:
-        if forced not in PATHS:
-            raise ValueError(f"MER_INT4_PATH={forced!r}: choose from {', '.join(PATHS)}")
+        if forced not in PATHS and forced not in LINEAR_PATHS:
+            known_paths = ", ".join(dict.fromkeys([*PATHS, *LINEAR_PATHS]))
+            raise ValueError(f"MER_INT4_PATH={forced!r}: choose from {known_paths}")
         return forced if forced in eligible(e, dtype) else "tinygemm"
     return choose(e, dtype).paths[shape_class(tokens)]
 
