@@ -20,6 +20,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -354,12 +355,30 @@ static inline void lanes_4x4(__m512i v[4]) { /* v[L].lane[i] <-> v[i].lane[L] */
     v[3] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
-static inline __attribute__((always_inline)) void block_tile_i8(
-    const uint8_t *packed, const uint32_t *sz, const int8_t *xq, const float *sx,
-    const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N, int64_t K, int64_t G,
-    int64_t t0, const int toks) {
-    const uint8_t *pb = packed + n0 * (K / 2);
+/* The nibbles of columns k..k+3 of a block (p: its bytes at column k) as (k, k+1, k+2, k+3)
+ * byte quads, q[i] lane L holding rows 16 L + 4 i .. + 3. */
+static inline __attribute__((always_inline)) void interleave4(const uint8_t *p, __m512i q[4]) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m512i w[4];
+    for (int j = 0; j < 4; j++) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(p + j * 32));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+        w[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)), hi, 1);
+    }
+    const __m512i a = _mm512_unpacklo_epi8(w[0], w[1]), b = _mm512_unpackhi_epi8(w[0], w[1]);
+    const __m512i c = _mm512_unpacklo_epi8(w[2], w[3]), d = _mm512_unpackhi_epi8(w[2], w[3]);
+    q[0] = _mm512_unpacklo_epi16(a, c);
+    q[1] = _mm512_unpackhi_epi16(a, c);
+    q[2] = _mm512_unpacklo_epi16(b, d);
+    q[3] = _mm512_unpackhi_epi16(b, d);
+}
+
+/* qb: the block interleaved by interleave_block (K vectors), or NULL to interleave here. */
+static inline __attribute__((always_inline)) void block_tile_i8(
+    const uint8_t *packed, const __m512i *qb, const uint32_t *sz, const int8_t *xq,
+    const float *sx, const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N, int64_t K,
+    int64_t G, int64_t t0, const int toks) {
+    const uint8_t *pb = packed + n0 * (K / 2);
     const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
     const int64_t ng = K / G;
     __m512 acc[TT][4];
@@ -370,16 +389,12 @@ static inline __attribute__((always_inline)) void block_tile_i8(
         for (int t = 0; t < TT; t++)
             for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_si512();
         for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
-            __m512i w[4];
-            for (int j = 0; j < 4; j++) {
-                const __m256i b = _mm256_loadu_si256((const __m256i *)(pb + (k + j) * 32));
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
-                w[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)), hi, 1);
+            __m512i q[4];
+            if (qb) { /* interleaved already (interleave_block) */
+                for (int i = 0; i < 4; i++) q[i] = _mm512_load_si512((const void *)(qb + k + i));
+            } else {
+                interleave4(pb + k * 32, q);
             }
-            const __m512i a = _mm512_unpacklo_epi8(w[0], w[1]), b = _mm512_unpackhi_epi8(w[0], w[1]);
-            const __m512i c = _mm512_unpacklo_epi8(w[2], w[3]), d = _mm512_unpackhi_epi8(w[2], w[3]);
-            const __m512i q[4] = {_mm512_unpacklo_epi16(a, c), _mm512_unpackhi_epi16(a, c),
-                                  _mm512_unpacklo_epi16(b, d), _mm512_unpackhi_epi16(b, d)};
             for (int t = 0; t < TT; t++) {
                 if (t >= toks) break;
                 const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(xq + (t0 + t) * K + k));
@@ -411,18 +426,40 @@ static inline __attribute__((always_inline)) void block_tile_i8(
     }
 }
 
+/* From MANY tokens on, a block is interleaved once into a per-thread buffer (K * 64 bytes,
+ * in L2) that every token tile reads, instead of once per tile of TT tokens (TT = 6
+ * spills and runs 2x slower). */
+#define MANY 8
+static __thread __m512i *qbuf = NULL; /* kept for the thread's life: one block's worth */
+static __thread int64_t qcap = 0;
+
+static const __m512i *interleave_block(const uint8_t *pb, int64_t K) {
+    if (K > qcap) {
+        free(qbuf);
+        qbuf = aligned_alloc(64, (size_t)K * 64);
+        qcap = qbuf ? K : 0;
+    }
+    if (!qbuf) return NULL;
+    for (int64_t k = 0; k < K; k += 4) interleave4(pb + k * 32, qbuf + k);
+    return qbuf;
+}
+
 static void block_rows_i8(const uint8_t *packed, const uint32_t *sz, const int8_t *xq,
                           const float *sx, const float *xs, float *out, int64_t ldo, int64_t n0,
                           int64_t N, int64_t K, int64_t G, int64_t T) {
+    const __m512i *qb = T >= MANY ? interleave_block(packed + n0 * (K / 2), K) : NULL;
     int64_t t0 = 0;
-    for (; t0 + TT <= T; t0 += TT)
-        block_tile_i8(packed, sz, xq, sx, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, TT);
+#define TILE(n)                                                                               \
+    (qb ? block_tile_i8(packed, qb, sz, xq, sx, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, n)  \
+        : block_tile_i8(packed, NULL, sz, xq, sx, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, n))
+    for (; t0 + TT <= T; t0 += TT) TILE(TT);
     switch (T - t0) {
-    case 1: block_tile_i8(packed, sz, xq, sx, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 1); break;
-    case 2: block_tile_i8(packed, sz, xq, sx, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 2); break;
-    case 3: block_tile_i8(packed, sz, xq, sx, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 3); break;
+    case 1: TILE(1); break;
+    case 2: TILE(2); break;
+    case 3: TILE(3); break;
     default: break;
     }
+#undef TILE
 }
 
 /* Row t of x [T, K] -> int8 xq, per group of G: scale sx = max|x| / 127, and xs the sum of
