@@ -615,8 +615,7 @@ def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16, progress: bool
         return choice
     cands = eligible(e, dtype)
     kind = str(dtype).removeprefix("torch.")
-    what = (f"int4 kernel paths for {e.down.n}x{e.ffn} experts ({kind}, "
-            f"{torch.get_num_threads()} threads), measured once per machine")  # fmt: skip
+    what = f"choosing int4 kernels for {e.down.n}x{e.ffn} {kind} (once per machine)"
     ms = {}
     with progress_bar(len(CLASSES), what, enabled=progress, unit="classes") as bar:
         for cls, m in CLASSES.items():
