@@ -41,7 +41,7 @@ from mer.models.transformer import MoETransformer
 from mer.options import PREFETCHERS
 from mer.predict.live import LivePrefetcher, live_predictor
 from mer.predict.lookahead import LookaheadPrefetcher
-from mer.quant import int4_paths
+from mer.quant import dense_paths, int4_paths
 from mer.quant.dense import DENSE_QUANTS, quantizable
 from mer.quant.dense import quantize as quantize_dense
 from mer.store.reader import Store
@@ -325,7 +325,7 @@ def open(  # noqa: A001 - mer.open reads naturally
     )  # fmt: skip
     if prefetch not in (True, False, *PREFETCHERS):
         raise ConfigError(f"prefetch must be one of {', '.join(PREFETCHERS)}, got {prefetch!r}")
-    return Model(
+    model = Model(
         s,
         cache,
         DTYPES[dtype],
@@ -337,6 +337,8 @@ def open(  # noqa: A001 - mer.open reads naturally
         split,
         speculator,
     )
+    dense_paths.prepare(model.transformer.w.values())  # one token's GEMV, measured per shape
+    return model
 
 
 def prepare_kernels(s: Store, dtype: torch.dtype, progress: bool = True) -> None:
