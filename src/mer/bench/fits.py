@@ -7,7 +7,9 @@ reads them all before timing (a warm-up: no read happens while timing, which the
 checks), then times a `--prompt-tokens` prefill and a `--tokens` decode from one token,
 as llama-bench times its `pp` and `tg` tests; each is the median of `--repeats` runs.
 With `--gguf FILE --llama-bench PATH`, llama-bench runs the same file with the same
-threads first (mer on the store converted from that file, once). Always, the bound: the
+threads before and after mer (the mean of the two is the baseline, so a machine whose
+load drifts during the run weighs on both engines alike; mer runs the store converted from
+that file, once). Always, the bound: the
 bytes a token touches (dense weights but the embedding table, plus the experts it was
 routed to, counted from the routing that happened) over the memory-copy rate measured in
 the same run; prefill's bound counts each distinct expert of the prompt once, so it says
@@ -81,13 +83,18 @@ def run(
         f"{threads} threads, {dtype}; prefill {prompt_tokens} tokens, decode {tokens} tokens, "
         f"median of {repeats}; load average {_load()} at start"
     )
-    llama = {}
+    llama, runs = {}, []
     if bench is not None:
         console.print("llama.cpp: " + " ".join(llamacpp.bench_argv(
             bench, model, prompt_tokens, tokens, threads, repeats)))  # fmt: skip
-        llama = _llama(bench, model, prompt_tokens, tokens, threads, repeats)
+        runs.append(_llama(bench, model, prompt_tokens, tokens, threads, repeats))
     bw = memory_bandwidth(512 << 20, 1.0)
     mer_res = measure_mer(store_path, threads, prompt_tokens, tokens, repeats, dtype)
+    if bench is not None:  # before and after mer: a machine whose load drifts hits both
+        runs.append(_llama(bench, model, prompt_tokens, tokens, threads, repeats))
+        llama = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
+        console.print("llama.cpp before and after mer: " + "; ".join(
+            f"{k} {runs[0][k]:.2f} and {runs[1][k]:.2f} tok/s" for k in runs[0]))  # fmt: skip
     console.print(_table(mer_res, llama, bw, prompt_tokens))
     console.print(
         f"memory copy {bw / 1e9:.1f} GB/s (read + written, this run); bytes/token: dense "
