@@ -269,3 +269,20 @@ def test_a_biased_experts_choice_is_measured_apart_and_taken(monkeypatch, tmp_pa
                         lambda lin, x: taken.append(len(x)) or run(lin, x))  # fmt: skip
     e.gate_up(torch.randn(1, 128, dtype=torch.bfloat16))
     assert taken == [1]
+
+
+def test_float32_takes_one_path_whose_tokens_do_not_depend_on_the_count():
+    """An exact (float32) run takes one path for every class, so a prefix recomputed as a
+    prefill gives what it gave token by token; the C kernels sum a token in the same order
+    whatever else shares the call."""
+    ms = {"decode": {"c-fused": 1.0, "dequant-f32": 2.0}, "small": {"c-fused": 3.0,
+          "dequant-f32": 2.0}, "prefill": {"c-fused": 30.0, "dequant-f32": 10.0}}  # fmt: skip
+    assert set(int4_paths._pick(ms, torch.float32).values()) == {"dequant-f32"}
+    assert int4_paths._pick(ms, torch.bfloat16)["decode"] == "c-fused"
+    _, e = _expert()
+    x = torch.randn(9, 128)
+    for p in set(int4_paths.eligible(e, torch.float32)) & {"c-fused", "c-avx2"}:
+        many = int4_paths.RUNNERS[p](e, x)
+        assert all(
+            torch.equal(int4_paths.RUNNERS[p](e, x[i : i + 1])[0], many[i]) for i in range(9)
+        )

@@ -621,10 +621,26 @@ def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16, progress: bool
         for cls, m in CLASSES.items():
             ms[cls] = measure(e, cands, m, dtype=dtype)
             bar.advance()
-    choice = Choice({cls: min(t, key=t.get) for cls, t in ms.items()}, ms)
+    choice = Choice(_pick(ms, dtype), ms)
     _save(_cache_file(e, dtype), choice)
     _chosen[_memory_key(e, dtype)] = choice
     return choice
+
+
+def _pick(ms: dict[str, dict[str, float]], dtype: torch.dtype) -> dict[str, str]:
+    """The fastest path per class; for float32 (exact runs) one path for every class, the
+    least slow over all of them relative to each class's best: a token's result then does
+    not depend on how many tokens share its pass (the C kernels sum each token in the same
+    order at any count; a GEMM library may not), so a prefix recomputed as one prefill
+    gives the tokens it gave decoded one by one."""
+    if dtype == torch.bfloat16:
+        return {cls: min(t, key=t.get) for cls, t in ms.items()}
+    everywhere = set.intersection(*(set(t) for t in ms.values()))
+    if not everywhere:  # pruned somewhere: the decode winner, which decode must have
+        everywhere = {min(ms["decode"], key=ms["decode"].get)}
+    cost = {p: sum(t[p] / min(t.values()) for t in ms.values()) for p in everywhere}
+    one = min(cost, key=cost.get)
+    return {cls: one for cls in ms}
 
 
 def prepare(
