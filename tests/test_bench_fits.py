@@ -41,9 +41,10 @@ def test_fits_prints_decode_and_prefill_against_the_bound_and_llama_cpp(
         pytest.skip("no llama-bench here (PATH or $LLAMA_BENCH)")
     argv = ["bench", "fits", "--gguf", tiny_gguf, "--threads", "1", "--prompt-tokens", "16",
             "--tokens", "4", "--repeats", "1"]  # fmt: skip
-    argv += ["--llama-bench", bench] if with_llama else []
+    argv += ["--llama-bench", bench] if with_llama else ["--dense-quant", "int8"]
     assert main(argv) == 0
     out = capsys.readouterr().out
+    assert f"dense weights {'bf16' if with_llama else 'int8'}" in out
     assert "expert reads while timing: 0" in out  # every expert was in RAM
     decode, prefill = _row(out, "decode"), _row(out, "prefill (16 tokens)")
     for row in (decode, prefill):

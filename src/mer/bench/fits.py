@@ -47,6 +47,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--tokens", type=count, default=32, help="tokens decoded per run (32)")
     b.add_argument("--repeats", type=count, default=3, help="runs of each, median kept (3)")
     b.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    b.add_argument("--dense-quant", choices=["bf16", "int8", "int4"], default="bf16",
+                   help="width of mer's dense matrices (llama.cpp keeps the GGUF's)")  # fmt: skip
 
 
 def run(
@@ -59,6 +61,7 @@ def run(
     tokens: int,
     repeats: int,
     dtype: str,
+    dense_quant: str = "bf16",
 ) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     if store is None and gguf is None:
@@ -80,8 +83,8 @@ def run(
         )
     console.print(
         f"{store_path}: {fmt_bytes(s.expert_bytes_total)} of experts, all held in RAM; "
-        f"{threads} threads, {dtype}; prefill {prompt_tokens} tokens, decode {tokens} tokens, "
-        f"median of {repeats}; load average {_load()} at start"
+        f"{threads} threads, {dtype}, dense weights {dense_quant}; prefill {prompt_tokens} "
+        f"tokens, decode {tokens} tokens, median of {repeats}; load average {_load()} at start"
     )
     llama, runs = {}, []
     if bench is not None:
@@ -89,7 +92,7 @@ def run(
             bench, model, prompt_tokens, tokens, threads, repeats)))  # fmt: skip
         runs.append(_llama(bench, model, prompt_tokens, tokens, threads, repeats))
     bw = memory_bandwidth(512 << 20, 1.0)
-    mer_res = measure_mer(store_path, threads, prompt_tokens, tokens, repeats, dtype)
+    mer_res = measure_mer(store_path, threads, prompt_tokens, tokens, repeats, dtype, dense_quant)
     if bench is not None:  # before and after mer: a machine whose load drifts hits both
         runs.append(_llama(bench, model, prompt_tokens, tokens, threads, repeats))
         llama = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
@@ -107,7 +110,13 @@ def run(
 
 
 def measure_mer(
-    store: Path, threads: int, prompt_tokens: int, tokens: int, repeats: int, dtype: str
+    store: Path,
+    threads: int,
+    prompt_tokens: int,
+    tokens: int,
+    repeats: int,
+    dtype: str,
+    dense_quant: str = "bf16",
 ) -> dict:
     """mer's prefill and decode tok/s (medians) with every expert in RAM, and what a token
     touched: the dense bytes and the experts routed to, counted by a routing hook."""
@@ -117,7 +126,8 @@ def measure_mer(
     from mer.store.reader import Store
 
     budget = Store(store).expert_bytes_total
-    m = mer.open(store, budget, dtype=dtype, prefetch=False, compute_threads=threads)
+    m = mer.open(store, budget, dtype=dtype, prefetch=False, compute_threads=threads,
+                 dense_quant=dense_quant)  # fmt: skip
     try:
         cfg, cache = m.config, m.cache
         if cache.n_slots < cfg.num_experts_total:
