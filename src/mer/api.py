@@ -11,6 +11,7 @@ The CLI and the server are built on this and nothing else.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from mer.models.transformer import MoETransformer
 from mer.options import PREFETCHERS
 from mer.predict.live import LivePrefetcher, live_predictor
 from mer.predict.lookahead import LookaheadPrefetcher
+from mer.quant import dense_paths, int4_paths
 from mer.quant.dense import DENSE_QUANTS, quantizable
 from mer.quant.dense import quantize as quantize_dense
 from mer.store.reader import Store
@@ -340,6 +342,7 @@ def open(  # noqa: A001 - mer.open reads naturally
     if compute_threads is not None and compute_threads < 1:
         raise ConfigError(f"compute_threads must be at least 1, got {compute_threads}")
     torch.set_num_threads(compute_threads or default_compute_threads(s.config))
+    prepare_kernels(s, DTYPES[dtype])
     if io_threads < 1:
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
     pins = read_pin_file(pin_file, s.config, pin_share) if pin_file is not None else None
@@ -359,7 +362,7 @@ def open(  # noqa: A001 - mer.open reads naturally
     )  # fmt: skip
     if prefetch not in (True, False, *PREFETCHERS):
         raise ConfigError(f"prefetch must be one of {', '.join(PREFETCHERS)}, got {prefetch!r}")
-    return Model(
+    model = Model(
         s,
         cache,
         DTYPES[dtype],
@@ -371,6 +374,24 @@ def open(  # noqa: A001 - mer.open reads naturally
         split,
         speculator,
     )
+    dense_paths.prepare(model.transformer.w.values())  # one token's GEMV, measured per shape
+    return model
+
+
+def prepare_kernels(s: Store, dtype: torch.dtype, progress: bool = True) -> None:
+    """Choose the expert kernel path per shape class now, at the thread count just set, so
+    the first token pays no measurement: from this machine's cache, or measured on the
+    store's first expert (read once here, before the dense weights and the expert cache
+    take their memory, so the buffer never adds to the peak)."""
+    first = s.extent(*min(s.extents))
+
+    def read_into(buf: torch.Tensor) -> None:
+        with builtins.open(s.expert_path, "rb", buffering=0) as f:
+            f.seek(first.offset)
+            f.readinto(buf.numpy())
+            os.posix_fadvise(f.fileno(), first.offset, first.length, os.POSIX_FADV_DONTNEED)
+
+    int4_paths.prepare(s.expert_format, read_into, dtype, progress)
 
 
 def dense_weights(s: Store, dense_quant: str = "bf16") -> dict:

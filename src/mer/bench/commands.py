@@ -13,4 +13,5 @@ COMMANDS = {
     "grammar": ("mer.bench.grammar", "constrained decoding (a JSON schema) vs plain, per token"),
     "vs-llamacpp": ("mer.bench.vs_llamacpp", "mer and llama.cpp on one GGUF, same memory limit"),
     "cluster": ("mer.bench.cluster", "experts on 1, 2, 3 Ray workers vs one process"),
+    "fits": ("mer.bench.fits", "the whole model in RAM: decode and prefill vs llama.cpp"),
 }

@@ -194,7 +194,8 @@ def kernel_bench(
         "weights GB/s: int4 expert bytes / kernel time (one token reads every weight once); "
         "vs copy: that over the copy's rate. bf16: the same FFN on weights already dequantized "
         "to bf16, i.e. a lower bound for any dequantize-then-matmul path, at 4x the memory. "
-        "int4 ms is PyTorch's tinygemm int4 kernel; c-fused our C FFN, dequant-* a chunk of "
+        "int4 ms is PyTorch's tinygemm int4 kernel; c-fused our C FFN (c-bf16, c-int8: on bf16 or "
+        "int8 activations with AVX512_BF16 or VNNI dot products), dequant-* a chunk of "
         "rows dequantized then a bf16/float32 GEMM (quant/int4_paths.py); chosen: the path "
         "this machine's measurement picked for the token count's class, timed in this run. "
         + "".join(f"{s}/int4: {s}'s time over int4's, measured alternately. " for s in others)

@@ -19,9 +19,7 @@ engine's own token rate.
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +27,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mer.bench import cgroup
+from mer.bench import cgroup, llamacpp
 from mer.errors import ConfigError, MerError
 from mer.options import count, positive_size
 from mer.progress import progress_bar
 from mer.units import fmt_bytes, fmt_decimal
 
-HOW_TO_GET = (
-    "no llama-bench found (give --llama-bench PATH, or put it on PATH). To build one: "
-    "pip download --no-deps llama-cpp-python; tar xf llama_cpp_python-*.tar.gz; "
-    "cd llama_cpp_python-*/vendor/llama.cpp; cmake -B build -DLLAMA_CURL=OFF && "
-    "cmake --build build -j --target llama-bench"
-)
 MARGIN = 64 << 20  # kept free under the limit for what the calibration run did not touch
 
 
@@ -84,13 +76,9 @@ def run(
     why = cgroup.available()
     if why:
         raise ConfigError(f"cannot compare under memory limits: {why}")
-    model = Path(gguf)
-    if not model.is_file():
-        raise ConfigError(f"{model}: no such GGUF file")
-    bench = llama_bench or shutil.which("llama-bench")
-    if not bench or not Path(bench).is_file():
-        raise ConfigError(HOW_TO_GET)
-    store_path = Path(store) if store else _converted(model, console)
+    model = llamacpp.gguf_file(gguf)
+    bench = llamacpp.find_llama_bench(llama_bench)
+    store_path = Path(store) if store else llamacpp.converted_store(model, console.print)
     overhead = _calibrate(store_path, threads, timeout)
     console.print(
         f"{model.name}: {fmt_decimal(model.stat().st_size)}; mer store {store_path} "
@@ -113,16 +101,6 @@ def run(
         "included) and the process's peak RSS; x: mer's decode tok/s over the best llama.cpp "
         "run at that limit that was not OOM-killed."
     )
-
-
-def _converted(model: Path, console: Console) -> Path:
-    from mer.data import cache_dir, run_mer
-
-    dst = cache_dir() / "vs-llamacpp" / f"{model.stem}-{model.stat().st_size}"
-    if not dst.exists():
-        console.print(f"converting once: mer convert {model} {dst}")
-        run_mer("convert", model, dst)
-    return dst
 
 
 def _mer_argv(store: Path, budget: int, tokens: int, threads: int) -> list[str]:
@@ -162,17 +140,11 @@ def _mer(store: Path, limit: int, overhead: int, tokens: int, threads: int, time
 
 
 def _llama(bench, model, limit, tokens, threads, flags, label, timeout) -> Row:
-    argv = [bench, "-m", str(model), "-p", "0", "-n", str(tokens), "-t", str(threads),
-            "-r", "1", "-o", "json", *flags]  # fmt: skip
+    argv = llamacpp.bench_argv(bench, model, 0, tokens, threads, flags=flags)
     cgroup.drop_page_cache()
     with cgroup.MemoryLimit(limit) as group:
         r = group.run(argv, timeout=timeout)
-    tok_s = None
-    if r.returncode == 0:
-        try:
-            tok_s = float(json.loads(r.stdout)[0]["avg_ts"])
-        except (ValueError, KeyError, IndexError, TypeError):
-            pass
+    tok_s = llamacpp.bench_rates(r.stdout).get("decode") if r.returncode == 0 else None
     note = "" if tok_s is not None or r.oom_killed else (r.stderr.strip()[-120:] or "failed")
     # warm-up decodes one token more than the measured run
     return Row(label, limit, tok_s, tokens + 1, r, note)

@@ -222,6 +222,6 @@ class ExpertFormat:
             if self.bias:
                 lin[name] = BiasedLinear(lin[name], t[f"{name}.bias"])
         expert = getattr(s, "expert", None)  # a scheme's own SwiGLU (int4: kernel per shape)
-        if expert is not None and not self.bias:
+        if expert is not None and (not self.bias or getattr(s, "BIASED_EXPERTS", False)):
             return expert(lin["gate_up"], lin["down"], self.ffn)
         return ExpertWeights(lin["gate_up"], lin["down"], self.ffn)

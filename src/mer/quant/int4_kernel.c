@@ -20,6 +20,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -334,9 +335,204 @@ void int4_ffn_bf16(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_
 }
 #endif /* __AVX512BF16__ */
 
-#else /* no AVX-512: never chosen (the caller checks int4_simd) */
+#ifdef __AVX512VNNI__
+/* The same sums with vpdpbusd on int8 activations, as llama.cpp computes Q4 x Q8: each token's
+ * x is rounded per group to int8 with one float scale (sx), and nibbles times int8 x sum
+ * exactly in int32, 4 k-steps x 16 rows an instruction (twice vdpbf16ps' work). Per group:
+ * w x = s * sx * dot + (z - 8 s) * sx * sum(xq). The nibbles of k..k+3 are
+ * interleaved into (row: k, k+1, k+2, k+3) byte quads; lanes then hold rows in 4-row pieces
+ * that a 4x4 transpose of 128-bit lanes turns into row order (and scales into lane order). */
+int int4_has_vnni(void) { return 1; }
 
+static inline void lanes_4x4(__m512i v[4]) { /* v[L].lane[i] <-> v[i].lane[L] */
+    const __m512i t0 = _mm512_shuffle_i32x4(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t1 = _mm512_shuffle_i32x4(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i t2 = _mm512_shuffle_i32x4(v[2], v[3], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t3 = _mm512_shuffle_i32x4(v[2], v[3], _MM_SHUFFLE(3, 2, 3, 2));
+    v[0] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0));
+    v[1] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1));
+    v[2] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0));
+    v[3] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+/* The nibbles of columns k..k+3 of a block (p: its bytes at column k) as (k, k+1, k+2, k+3)
+ * byte quads, q[i] lane L holding rows 16 L + 4 i .. + 3. */
+static inline __attribute__((always_inline)) void interleave4(const uint8_t *p, __m512i q[4]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m512i w[4];
+    for (int j = 0; j < 4; j++) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(p + j * 32));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+        w[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)), hi, 1);
+    }
+    const __m512i a = _mm512_unpacklo_epi8(w[0], w[1]), b = _mm512_unpackhi_epi8(w[0], w[1]);
+    const __m512i c = _mm512_unpacklo_epi8(w[2], w[3]), d = _mm512_unpackhi_epi8(w[2], w[3]);
+    q[0] = _mm512_unpacklo_epi16(a, c);
+    q[1] = _mm512_unpackhi_epi16(a, c);
+    q[2] = _mm512_unpacklo_epi16(b, d);
+    q[3] = _mm512_unpackhi_epi16(b, d);
+}
+
+/* qb: the block interleaved by interleave_block (K vectors), or NULL to interleave here. */
+static inline __attribute__((always_inline)) void block_tile_i8(
+    const uint8_t *packed, const __m512i *qb, const uint32_t *sz, const int8_t *xq,
+    const float *sx, const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N, int64_t K,
+    int64_t G, int64_t t0, const int toks) {
+    const uint8_t *pb = packed + n0 * (K / 2);
+    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    const int64_t ng = K / G;
+    __m512 acc[TT][4];
+    for (int t = 0; t < TT; t++)
+        for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i dot[TT][4];
+        for (int t = 0; t < TT; t++)
+            for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_si512();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
+            __m512i q[4];
+            if (qb) { /* interleaved already (interleave_block) */
+                for (int i = 0; i < 4; i++) q[i] = _mm512_load_si512((const void *)(qb + k + i));
+            } else {
+                interleave4(pb + k * 32, q);
+            }
+            for (int t = 0; t < TT; t++) {
+                if (t >= toks) break;
+                const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(xq + (t0 + t) * K + k));
+                for (int i = 0; i < 4; i++) dot[t][i] = _mm512_dpbusd_epi32(dot[t][i], q[i], xb);
+            }
+        }
+        __m512i v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm512_loadu_si512((const void *)(sz + g * N + n0 + 16 * i));
+        lanes_4x4(v);
+        for (int i = 0; i < 4; i++) {
+            const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v[i], 16));
+            const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v[i], hi16));
+            const __m512 bz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, z);
+            for (int t = 0; t < TT; t++) {
+                if (t >= toks) break;
+                const __m512 ssx = _mm512_mul_ps(sc, _mm512_set1_ps(sx[(t0 + t) * ng + g]));
+                const __m512 xsum = _mm512_set1_ps(xs[(t0 + t) * ng + g]);
+                acc[t][i] = _mm512_fmadd_ps(ssx, _mm512_cvtepi32_ps(dot[t][i]), acc[t][i]);
+                acc[t][i] = _mm512_fmadd_ps(bz, xsum, acc[t][i]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        if (t >= toks) break;
+        __m512i r[4];
+        for (int i = 0; i < 4; i++) r[i] = _mm512_castps_si512(acc[t][i]);
+        lanes_4x4(r);
+        for (int i = 0; i < 4; i++) _mm512_storeu_si512((void *)(out + t * ldo + 16 * i), r[i]);
+    }
+}
+
+/* From MANY tokens on, a block is interleaved once into a per-thread buffer (K * 64 bytes,
+ * in L2) that every token tile reads, instead of once per tile of TT tokens (TT = 6
+ * spills and runs 2x slower). */
+#define MANY 8
+static __thread __m512i *qbuf = NULL; /* kept for the thread's life: one block's worth */
+static __thread int64_t qcap = 0;
+
+static const __m512i *interleave_block(const uint8_t *pb, int64_t K) {
+    if (K > qcap) {
+        free(qbuf);
+        qbuf = aligned_alloc(64, (size_t)K * 64);
+        qcap = qbuf ? K : 0;
+    }
+    if (!qbuf) return NULL;
+    for (int64_t k = 0; k < K; k += 4) interleave4(pb + k * 32, qbuf + k);
+    return qbuf;
+}
+
+static void block_rows_i8(const uint8_t *packed, const uint32_t *sz, const int8_t *xq,
+                          const float *sx, const float *xs, float *out, int64_t ldo, int64_t n0,
+                          int64_t N, int64_t K, int64_t G, int64_t T) {
+    const __m512i *qb = T >= MANY ? interleave_block(packed + n0 * (K / 2), K) : NULL;
+    int64_t t0 = 0;
+#define TILE(n)                                                                               \
+    (qb ? block_tile_i8(packed, qb, sz, xq, sx, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, n)  \
+        : block_tile_i8(packed, NULL, sz, xq, sx, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, n))
+    for (; t0 + TT <= T; t0 += TT) TILE(TT);
+    switch (T - t0) {
+    case 1: TILE(1); break;
+    case 2: TILE(2); break;
+    case 3: TILE(3); break;
+    default: break;
+    }
+#undef TILE
+}
+
+/* Row t of x [T, K] -> int8 xq, per group of G: scale sx = max|x| / 127, and xs the sum of
+ * the rounded group (sx * sum xq), not of x: the zero-point term then has the same rounding
+ * as the nibble term and their errors cancel (the weights' offset z - 8 s is large). */
+static void quant_row_i8(const float *x, int8_t *xq, float *sx, float *xs, int64_t t, int64_t K,
+                         int64_t G) {
+    for (int64_t g = 0; g < K / G; g++) {
+        const float *xg = x + t * K + g * G;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < G; k++) amax = fmaxf(amax, fabsf(xg[k]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < G; k++) {
+            const int8_t q = (int8_t)lrintf(xg[k] * inv);
+            xq[t * K + g * G + k] = q;
+            sum += q;
+        }
+        sx[t * (K / G) + g] = amax / 127.0f;
+        xs[t * (K / G) + g] = (float)sum * (amax / 127.0f);
+    }
+}
+
+/* y [T, N] = x [T, K] @ W.T with int8 activations. Scratch: xq [T, K] int8, sx, xs [T, K/G]. */
+void int4_linear_i8(const uint8_t *packed, const uint32_t *sz, const float *x, int8_t *xq,
+                    float *sx, float *xs, float *y, int64_t T, int64_t N, int64_t K, int64_t G,
+                    int threads) {
+    for (int64_t t = 0; t < T; t++) quant_row_i8(x, xq, sx, xs, t, K, G);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
+    for (int64_t nb = 0; nb < N / 64; nb++)
+        block_rows_i8(packed, sz, xq, sx, xs, y + nb * 64, N, nb * 64, N, K, G, T);
+}
+
+/* int4_ffn with int8 activations: x [T, H] float32, y float32. Scratch: xq [T, H] and hq
+ * [T, F] int8; sx, xs [T, H/Gu] and hsx, hs [T, F/Gd] floats; h [T, F] and gu
+ * [threads, T, 128] floats. */
+void int4_ffn_i8(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
+                 const uint32_t *sz_d, const float *x, int8_t *xq, float *sx, float *xs,
+                 float *h, int8_t *hq, float *hsx, float *hs, float *gu, float *y, int64_t T,
+                 int64_t H, int64_t F, int64_t Gu, int64_t Gd, int threads) {
+    for (int64_t t = 0; t < T; t++) quant_row_i8(x, xq, sx, xs, t, H, Gu);
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = gu;
+#ifdef _OPENMP
+        mine = gu + (int64_t)omp_get_thread_num() * T * 128;
+#endif
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t fb = 0; fb < F / 64; fb++) {
+            block_rows_i8(p_gu, sz_gu, xq, sx, xs, mine, 128, fb * 64, 2 * F, H, Gu, T);
+            block_rows_i8(p_gu, sz_gu, xq, sx, xs, mine + 64, 128, F + fb * 64, 2 * F, H, Gu, T);
+            for (int64_t t = 0; t < T; t++)
+                for (int r = 0; r < 64; r++) {
+                    const float g = mine[t * 128 + r], u = mine[t * 128 + 64 + r];
+                    h[t * F + fb * 64 + r] = g / (1.0f + expf(-g)) * u;
+                }
+        }
+#pragma omp for
+        for (int64_t t = 0; t < T; t++) quant_row_i8(h, hq, hsx, hs, t, F, Gd);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t nb = 0; nb < H / 64; nb++)
+            block_rows_i8(p_d, sz_d, hq, hsx, hs, y + nb * 64, H, nb * 64, H, F, Gd, T);
+    }
+}
+#endif /* __AVX512VNNI__ */
+
+#else /* no AVX-512: these are never chosen (the caller checks int4_simd) */
+
+#if defined(__AVX2__) && defined(__FMA__)
+int int4_simd(void) { return 256; }
+#else
 int int4_simd(void) { return 0; }
+#endif
 
 void int4_linear(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs, float *y,
                  int64_t T, int64_t N, int64_t K, int64_t G, int threads) {
@@ -358,3 +554,114 @@ void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16
 }
 
 #endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* The AVX2 + FMA kernels (no AVX-512 instruction when built with -mno-avx512f: the path of
+ * CPUs without AVX-512; they run on AVX-512 CPUs too, so they are measured and tested on
+ * them). They read either "halves" layout: a block of B = 64 ("tinygemm-avx512") or 32
+ * ("tinygemm-avx2", what PyTorch packs on such CPUs) rows holds, per column k, B/2 bytes
+ * whose low nibbles are rows 0..B/2-1 and high nibbles rows B/2..B-1. One token at a time
+ * (16 ymm registers hold B/8 accumulators and their decoded weights), float32 FMAs. */
+#include <immintrin.h>
+
+static inline __attribute__((always_inline)) void block_token_avx2(
+    const uint8_t *packed, const uint32_t *sz, const float *x, const float *xs, float *out,
+    int64_t n0, int64_t N, int64_t K, int64_t G, const int B) {
+    const uint8_t *pb = packed + n0 * (K / 2);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+    const int64_t ng = K / G;
+    __m256 acc[8];
+    for (int i = 0; i < B / 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 dot[8];
+        for (int i = 0; i < B / 8; i++) dot[i] = _mm256_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; k++) {
+            const __m256 xb = _mm256_set1_ps(x[k]);
+            for (int c = 0; c < B / 32; c++) { /* 16 bytes: rows 16c.. (low), B/2 + 16c.. (high) */
+                const __m128i b = _mm_loadu_si128((const __m128i *)(pb + k * (B / 2) + 16 * c));
+                const __m128i lo = _mm_and_si128(b, low4);
+                const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                const int r0 = 2 * c, r1 = B / 16 + 2 * c; /* vector index of 8 rows */
+                dot[r0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), xb, dot[r0]);
+                dot[r0 + 1] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), xb, dot[r0 + 1]);
+                dot[r1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), xb, dot[r1]);
+                dot[r1 + 1] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), xb, dot[r1 + 1]);
+            }
+        }
+        const __m256 xsum = _mm256_set1_ps(xs[g]);
+        for (int i = 0; i < B / 8; i++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(sz + g * N + n0 + 8 * i));
+            const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
+            const __m256 bz = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z); /* z - 8 s */
+            acc[i] = _mm256_fmadd_ps(s, dot[i], acc[i]);
+            acc[i] = _mm256_fmadd_ps(bz, xsum, acc[i]);
+        }
+    }
+    for (int i = 0; i < B / 8; i++) _mm256_storeu_ps(out + 8 * i, acc[i]);
+}
+
+/* All T tokens through one block of B rows; out[t * ldo + r]. */
+static void block_rows_avx2(const uint8_t *packed, const uint32_t *sz, const float *x,
+                            const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N,
+                            int64_t K, int64_t G, int64_t T, int64_t B) {
+    for (int64_t t = 0; t < T; t++) {
+        if (B == 64)
+            block_token_avx2(packed, sz, x + t * K, xs + t * (K / G), out + t * ldo, n0, N, K, G, 64);
+        else
+            block_token_avx2(packed, sz, x + t * K, xs + t * (K / G), out + t * ldo, n0, N, K, G, 32);
+    }
+}
+
+static void group_sums_avx2(const float *x, float *xs, int64_t T, int64_t K, int64_t G) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < K / G; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) s += x[t * K + k];
+            xs[t * (K / G) + g] = s;
+        }
+}
+
+/* int4_linear for a layout of B-row blocks (64 or 32). */
+void int4_linear_avx2(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs,
+                      float *y, int64_t T, int64_t N, int64_t K, int64_t G, int64_t B,
+                      int threads) {
+    group_sums_avx2(x, xs, T, K, G);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
+    for (int64_t nb = 0; nb < N / B; nb++)
+        block_rows_avx2(packed, sz, x, xs, y + nb * B, N, nb * B, N, K, G, T, B);
+}
+
+/* int4_ffn for a layout of B-row blocks (64 or 32); scratch as int4_ffn's, gu [threads, T, 2B]. */
+void int4_ffn_avx2(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
+                   const uint32_t *sz_d, const float *x, float *h, float *gu, float *xs,
+                   float *hs, float *y, int64_t T, int64_t H, int64_t F, int64_t Gu, int64_t Gd,
+                   int64_t B, int threads) {
+    group_sums_avx2(x, xs, T, H, Gu);
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = gu, *my_hs = hs;
+#ifdef _OPENMP
+        mine = gu + (int64_t)omp_get_thread_num() * T * 2 * B;
+        my_hs = hs + (int64_t)omp_get_thread_num() * T * (F / Gd);
+#endif
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t fb = 0; fb < F / B; fb++) {
+            block_rows_avx2(p_gu, sz_gu, x, xs, mine, 2 * B, fb * B, 2 * F, H, Gu, T, B);
+            block_rows_avx2(p_gu, sz_gu, x, xs, mine + B, 2 * B, F + fb * B, 2 * F, H, Gu, T, B);
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t r = 0; r < B; r++) {
+                    const float g = mine[t * 2 * B + r], u = mine[t * 2 * B + B + r];
+                    h[t * F + fb * B + r] = g / (1.0f + expf(-g)) * u;
+                }
+        }
+        group_sums_avx2(h, my_hs, T, F, Gd);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t nb = 0; nb < H / B; nb++)
+            block_rows_avx2(p_d, sz_d, h, my_hs, y + nb * B, H, nb * B, H, F, Gd, T, B);
+    }
+}
+#endif /* __AVX2__ && __FMA__ */

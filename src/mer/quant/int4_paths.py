@@ -1,6 +1,6 @@
 """The int4 expert FFN's paths, and the one each shape class takes here, chosen by measurement.
 
-An int4 expert's SwiGLU FFN can run five ways on the same bytes:
+An int4 expert's SwiGLU FFN can run seven ways on the same bytes:
 
 - "tinygemm": PyTorch's `_weight_int4pack_mm_for_cpu` per linear, SiLU in torch (the path
   every CPU build of PyTorch has);
@@ -8,6 +8,11 @@ An int4 expert's SwiGLU FFN can run five ways on the same bytes:
   pass, SiLU, down), float32 accumulation, AVX-512 only;
 - "c-bf16": the same on bfloat16 activations with AVX512_BF16 dot products (x, and the
   SiLU product, rounded to bfloat16 as a bf16 model rounds them);
+- "c-int8": the same with AVX512_VNNI int8 dot products, x and the SiLU product rounded
+  per group to int8 with a float scale (as llama.cpp's Q4_0 x Q8_0), 4 k-steps a
+  instruction;
+- "c-avx2": the float32 fused FFN built for AVX2 + FMA without AVX-512, one token at a
+  time, on either "halves" layout: the native kernel of CPUs without AVX-512;
 - "dequant-bf16" / "dequant-f32": a chunk of rows dequantized by the C kernel into a small
   buffer that stays in cache, then a bf16 or float32 GEMM by PyTorch (oneDNN, AMX where
   the CPU has it), so a weight serves every token of a prefill.
@@ -21,8 +26,9 @@ round them to bfloat16. The choice is
 kept in memory and in a JSON file under the kernel cache directory whose name hashes this
 CPU, the PyTorch version, the kernel source, the shape and the thread count, so later
 processes on this machine reuse it. `MER_INT4_PATH` forces one path everywhere (for
-benchmarks and tests). The C kernel is used only where it built, is the AVX-512 build and
-matched `reference_matmul` on a probe; every path is tested against the reference.
+benchmarks and tests). A C kernel is used only where it built (the native build for the
+AVX-512 paths, a -mno-avx512f build for c-avx2) and matched the reference on a probe;
+every path is tested against the reference.
 """
 
 from __future__ import annotations
@@ -35,17 +41,18 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from mer.progress import progress_bar
 from mer.quant import int4, native
-from mer.quant.expert import ExpertWeights
+from mer.quant.expert import ExpertFormat, ExpertWeights
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
-PATHS = ("tinygemm", "c-fused", "c-bf16", "dequant-bf16", "dequant-f32")
+PATHS = ("tinygemm", "c-fused", "c-bf16", "c-int8", "c-avx2", "dequant-bf16", "dequant-f32")
 # Shape classes and the token count each is measured at.
 CLASSES = {"decode": 1, "small": 8, "prefill": 64}
 ROUNDS = 4
@@ -80,7 +87,42 @@ def _lib() -> ctypes.CDLL | None:
     if hasattr(lib, "int4_ffn_bf16"):  # built only where the compiler targets AVX512_BF16
         lib.int4_ffn_bf16.argtypes = [p] * 10 + [i64] * 5 + [ctypes.c_int]
         lib.int4_ffn_bf16.restype = None
+    if hasattr(lib, "int4_ffn_i8"):  # built only where the compiler targets AVX512_VNNI
+        lib.int4_ffn_i8.argtypes = [p] * 14 + [i64] * 5 + [ctypes.c_int]
+        lib.int4_linear_i8.argtypes = [p] * 7 + [i64] * 4 + [ctypes.c_int]
+        lib.int4_ffn_i8.restype = lib.int4_linear_i8.restype = None
     return lib
+
+
+@functools.cache
+def _lib_avx2() -> ctypes.CDLL | None:
+    """The same source built for AVX2 + FMA without AVX-512 (what a CPU without AVX-512
+    builds natively), where it builds and passes its probe on both "halves" layouts."""
+    try:
+        lib = native.build(SOURCE, ("-mno-avx512f", "-mavx2", "-mfma"))
+    except native.BuildError as e:
+        warnings.warn(f"int4 AVX2 kernel unavailable ({e})", stacklevel=3)
+        return None
+    if lib.int4_simd() != 256 or not hasattr(lib, "int4_ffn_avx2"):
+        return None
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.int4_ffn_avx2.argtypes = [p] * 10 + [i64] * 6 + [ctypes.c_int]
+    lib.int4_linear_avx2.argtypes = [p] * 5 + [i64] * 5 + [ctypes.c_int]
+    lib.int4_ffn_avx2.restype = lib.int4_linear_avx2.restype = None
+    if not all(_probe_avx2(lib, layout) for layout in ("tinygemm-avx512", "tinygemm-avx2")):
+        warnings.warn("int4 AVX2 kernel disagrees with the reference here: not used", stacklevel=3)
+        return None
+    return lib
+
+
+def avx2_available() -> bool:
+    return _lib_avx2() is not None
+
+
+def block_rows(layout: str) -> int | None:
+    """Rows per block of a layout the AVX2 kernels read ("halves" layouts), else None."""
+    block, mode = int4.LAYOUTS[layout]
+    return block if mode == "halves" else None
 
 
 @functools.cache
@@ -90,6 +132,13 @@ def bf16_available() -> bool:
     return lib is not None and hasattr(lib, "int4_ffn_bf16") and _probe_bf16(lib)
 
 
+@functools.cache
+def int8_available() -> bool:
+    """The AVX512_VNNI fused FFN (int8 activations) built and matches the reference."""
+    lib = _lib()
+    return lib is not None and hasattr(lib, "int4_ffn_i8") and _probe_i8(lib)
+
+
 def native_available() -> bool:
     return _lib() is not None
 
@@ -97,6 +146,18 @@ def native_available() -> bool:
 def c_linear(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
     """y = x @ W.T by the C kernel (float32 out). The caller checks `eligible`."""
     return _linear_raw(_lib(), lin, x, threads_for(lin.packed.nbytes))
+
+
+def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ W.T by the C kernel on x rounded per group to int8 (float32 out)."""
+    x32 = x.float().contiguous()
+    t, g = len(x32), lin.group_size
+    xq = torch.empty(t, lin.k, dtype=torch.int8)
+    sx, xs, y = torch.empty(t * lin.k // g), torch.empty(t * lin.k // g), torch.empty(t, lin.n)
+    _lib().int4_linear_i8(lin.packed.data_ptr(), lin.scales_zeros.data_ptr(), x32.data_ptr(),
+                          xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), y.data_ptr(), t, lin.n,
+                          lin.k, g, threads_for(lin.packed.nbytes))  # fmt: skip
+    return y
 
 
 def dequantize_rows(lin: int4.Int4Linear, n0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -143,6 +204,49 @@ def _probe_bf16(lib: ctypes.CDLL) -> bool:
         # bf16 rounding of h can flip where two paths round differently: compare loosely.
         ok &= _close(_c_ffn_bf16_raw(lib, gu, down, f, x), hb @ wd.double().t(), 1e-2)
     return bool(ok)
+
+
+def _probe_avx2(lib: ctypes.CDLL, layout: str) -> bool:
+    gen = torch.Generator().manual_seed(3)
+    h, f, g = 128, 192, 64
+    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
+    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, layout), g, 2 * f, h)
+    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, layout), g, h, f)
+    wgu, wd = gu.dequantize(layout).double(), down.dequantize(layout).double()
+    ok = True
+    for t in (1, 3):
+        x = torch.randn(t, h, generator=gen)
+        a = x.double() @ wgu.t()
+        ref = (F.silu(a[:, :f]) * a[:, f:]) @ wd.t()
+        ok &= _close(_c_ffn_avx2_raw(lib, gu, down, f, x, block_rows(layout)), ref)
+    return bool(ok)
+
+
+def _probe_i8(lib: ctypes.CDLL) -> bool:
+    """Against the float64 reference run on activations rounded as the kernel rounds them
+    (`round_int8`), so a wrong sum shows however small the rounding."""
+    gen = torch.Generator().manual_seed(2)
+    h, f, g = 128, 192, 32
+    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
+    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, "tinygemm-avx512"), g, 2 * f, h)
+    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, "tinygemm-avx512"),
+                           g, h, f)  # fmt: skip
+    wgu, wd = gu.dequantize("tinygemm-avx512").double(), down.dequantize("tinygemm-avx512")
+    ok = True
+    for t in (1, 3, 4, 9):
+        x = torch.randn(t, h, generator=gen)
+        a = round_int8(x.double(), g) @ wgu.t()
+        ref = round_int8(F.silu(a[:, :f]) * a[:, f:], g) @ wd.double().t()
+        ok &= _close(_c_ffn_i8_raw(lib, gu, down, f, x), ref, 1e-4)
+    return bool(ok)
+
+
+def round_int8(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [T, K] rounded as c-int8 rounds activations: per group, to int8 steps of max|x|/127."""
+    t, k = x.shape
+    xg = x.reshape(t, k // group, group)
+    step = xg.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(xg / torch.where(step > 0, step, 1)) * step).reshape(t, k)
 
 
 def _encode(w: torch.Tensor, g: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,6 +309,37 @@ def _c_ffn_bf16_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x
     return y
 
 
+def _c_ffn_avx2_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x: torch.Tensor,
+                    block: int, threads: int = 2) -> torch.Tensor:  # fmt: skip
+    x32 = x.float().contiguous()
+    t, hidden = x32.shape
+    h, scratch = torch.empty(t, ffn), torch.empty(threads * t * 2 * block)
+    xs = torch.empty(t * hidden // gu.group_size)
+    hs = torch.empty(threads * t * ffn // down.group_size)
+    y = torch.empty(t, hidden)
+    lib.int4_ffn_avx2(gu.packed.data_ptr(), gu.scales_zeros.data_ptr(), down.packed.data_ptr(),
+                      down.scales_zeros.data_ptr(), x32.data_ptr(), h.data_ptr(),
+                      scratch.data_ptr(), xs.data_ptr(), hs.data_ptr(), y.data_ptr(), t, hidden,
+                      ffn, gu.group_size, down.group_size, block, threads)  # fmt: skip
+    return y
+
+
+def _c_ffn_i8_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x: torch.Tensor,
+                  threads: int = 2) -> torch.Tensor:  # fmt: skip
+    x32 = x.float().contiguous()
+    t, hidden = x32.shape
+    xq, hq = torch.empty(t, hidden, dtype=torch.int8), torch.empty(t, ffn, dtype=torch.int8)
+    sx, xs = torch.empty(t * hidden // gu.group_size), torch.empty(t * hidden // gu.group_size)
+    hsx, hs = torch.empty(t * ffn // down.group_size), torch.empty(t * ffn // down.group_size)
+    h, scratch, y = torch.empty(t, ffn), torch.empty(threads * t * 128), torch.empty(t, hidden)
+    lib.int4_ffn_i8(gu.packed.data_ptr(), gu.scales_zeros.data_ptr(), down.packed.data_ptr(),
+                    down.scales_zeros.data_ptr(), x32.data_ptr(), xq.data_ptr(), sx.data_ptr(),
+                    xs.data_ptr(), h.data_ptr(), hq.data_ptr(), hsx.data_ptr(), hs.data_ptr(),
+                    scratch.data_ptr(), y.data_ptr(), t, hidden, ffn, gu.group_size,
+                    down.group_size, threads)  # fmt: skip
+    return y
+
+
 # --- the paths, as functions of (expert, x) -----------------------------------------------
 
 
@@ -227,6 +362,18 @@ def _c_fused(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
 def _c_bf16(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
     return _c_ffn_bf16_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
+
+
+def _c_int8(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
+    return _c_ffn_i8_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
+
+
+def _c_avx2(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
+    block = block_rows(int4.kernel_layout())
+    y = _c_ffn_avx2_raw(_lib_avx2(), e.gate_up, e.down, e.ffn, x, block, threads_for(nbytes))
+    return y.to(x.dtype)
 
 
 def _dequant(dtype: torch.dtype) -> Callable[[ExpertWeights, torch.Tensor], torch.Tensor]:
@@ -252,28 +399,119 @@ RUNNERS: dict[str, Callable[[ExpertWeights, torch.Tensor], torch.Tensor]] = {
     "tinygemm": _tinygemm,
     "c-fused": _c_fused,
     "c-bf16": _c_bf16,
+    "c-int8": _c_int8,
+    "c-avx2": _c_avx2,
     "dequant-bf16": _dequant(torch.bfloat16),
     "dequant-f32": _dequant(torch.float32),
 }
 
 
-# Paths that round activations to bfloat16 on the way: never taken for float32 activations,
-# which a model runs in to be exact (parity checks), not fast.
-ROUNDS_TO_BF16 = ("c-bf16", "dequant-bf16")
+# Paths that round activations on the way (to bfloat16, or to int8 per group): never taken
+# for float32 activations, which a model runs in to be exact (parity checks), not fast.
+ROUNDS_TO_BF16 = ("c-bf16", "c-int8", "dequant-bf16")
 
 
 def eligible(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """The paths that can run this expert here on activations of `dtype`."""
+    if isinstance(e, Int4BiasedExpert):
+        return _eligible_biased(e, dtype)
+    layout = int4.kernel_layout()
     c_ok = (
-        int4.kernel_layout() == "tinygemm-avx512"
+        layout == "tinygemm-avx512"
         and e.ffn % 64 == 0
         and e.down.n % 64 == 0
         and native_available()
     )
-    paths = [p for p in PATHS[1:] if c_ok and (p != "c-bf16" or bf16_available())]
+    block = block_rows(layout)
+    avx2_ok = block is not None and e.ffn % block == 0 and e.down.n % block == 0
+    extra = {"c-bf16": bf16_available, "c-int8": int8_available}  # where the CPU has them
+    paths = [
+        p
+        for p in PATHS[1:]
+        if (p == "c-avx2" and avx2_ok and avx2_available())
+        or (p != "c-avx2" and c_ok and (p not in extra or extra[p]()))
+    ]
     if dtype != torch.bfloat16:
         paths = [p for p in paths if p not in ROUNDS_TO_BF16]
     return ["tinygemm", *paths]
+
+
+# --- experts with biases (gpt-oss): the path is chosen per linear map ---------------------
+
+# How one biased linear map runs: PyTorch's int4 kernel, or the C kernel's linear in float32
+# or on int8 activations; the bias is added in x's dtype either way.
+LINEAR_PATHS: dict[str, Callable[[int4.Int4Linear, torch.Tensor], torch.Tensor]] = {
+    "tinygemm": lambda lin, x: lin(x),
+    "c-linear": lambda lin, x: c_linear(lin, x).to(x.dtype),
+    "c-linear-i8": lambda lin, x: c_linear_i8(lin, x).to(x.dtype),
+}
+
+
+@dataclass(frozen=True)
+class PathLinear:
+    """x @ W.T + b for an int4 W by the linear path chosen for its expert's shape and the
+    token count. `owner` holds that expert once it is built (a frozen expert and its maps
+    cannot name each other at construction), so a family that calls the maps itself
+    (gpt-oss's clamped SwiGLU) gets the chosen path too."""
+
+    linear: int4.Int4Linear
+    bias: torch.Tensor
+    owner: list = field(repr=False, compare=False)
+
+    n = property(lambda self: self.linear.n)
+    k = property(lambda self: self.linear.k)
+    group_size = property(lambda self: self.linear.group_size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(path_for(self.owner[0], x.shape[0], x.dtype), x)
+
+    def run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        return LINEAR_PATHS[path](self.linear, x) + self.bias.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.linear.dequantize()
+
+
+@dataclass(frozen=True)
+class Int4BiasedExpert(ExpertWeights):
+    """An int4 SwiGLU expert with biases whose maps take the path chosen here."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return BIASED_RUNNERS[path_for(self, x.shape[0], x.dtype)](self, x)
+
+
+def biased_expert(gate_up, gate_up_bias, down, down_bias, ffn: int) -> Int4BiasedExpert:
+    owner: list = []
+    e = Int4BiasedExpert(PathLinear(gate_up, gate_up_bias, owner),
+                         PathLinear(down, down_bias, owner), ffn)  # fmt: skip
+    owner.append(e)
+    return e
+
+
+def _biased(path: str) -> Callable[[ExpertWeights, torch.Tensor], torch.Tensor]:
+    def run(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        h = e.gate_up.run(path, x)  # [T, 2*ffn]
+        return e.down.run(path, F.silu(h[:, : e.ffn]) * h[:, e.ffn :])
+
+    return run
+
+
+BIASED_RUNNERS = {p: _biased(p) for p in LINEAR_PATHS}
+
+
+def _runners(e: ExpertWeights) -> dict:
+    return BIASED_RUNNERS if isinstance(e, Int4BiasedExpert) else RUNNERS
+
+
+def _eligible_biased(e: ExpertWeights, dtype: torch.dtype) -> list[str]:
+    c_ok = (
+        int4.kernel_layout() == "tinygemm-avx512"
+        and e.gate_up.n % 64 == 0
+        and e.down.n % 64 == 0
+        and native_available()
+    )
+    i8 = c_ok and dtype == torch.bfloat16 and int8_available()  # int8 rounds: bf16 runs only
+    return ["tinygemm", *(["c-linear"] if c_ok else []), *(["c-linear-i8"] if i8 else [])]
 
 
 # --- choosing by measurement ---------------------------------------------------------------
@@ -320,7 +558,7 @@ def measure(
 
 def _timed(path: str, e: ExpertWeights, x: torch.Tensor) -> float:
     t0 = time.perf_counter()
-    RUNNERS[path](e, x)
+    _runners(e)[path](e, x)
     return time.perf_counter() - t0
 
 
@@ -337,33 +575,92 @@ def _cache_file(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Path:
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     kind = str(dtype).removeprefix("torch.")
+    kind += "-biased" if isinstance(e, Int4BiasedExpert) else ""
     return native.cache_dir() / f"int4-paths-{e.down.n}x{e.ffn}-{kind}-{digest}.json"
 
 
 _chosen: dict[tuple, Choice] = {}
 
 
-def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice:
-    """This machine's path per shape class for experts shaped like `e`: from memory, from the
-    cache file, or measured now on `e` (and saved)."""
-    mem = (e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, torch.get_num_threads(),
-           dtype)  # fmt: skip
+def _memory_key(e: ExpertWeights, dtype: torch.dtype) -> tuple:
+    return (e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, torch.get_num_threads(),
+            dtype, isinstance(e, Int4BiasedExpert))  # fmt: skip
+
+
+def known(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice | None:
+    """The choice for experts shaped like `e` if this process or an earlier one on this
+    machine made it (memory, then the cache file), else None. Reads no weight."""
+    mem = _memory_key(e, dtype)
     if mem in _chosen:  # every expert call asks: no file, no hashing
         return _chosen[mem]
-    path = _cache_file(e, dtype)
-    choice = None
+    cands = eligible(e, dtype)
+    if len(cands) == 1:  # nothing to choose between: nothing to measure
+        _chosen[mem] = Choice({cls: cands[0] for cls in CLASSES}, {})
+        return _chosen[mem]
     try:
-        d = json.loads(path.read_text())
-        if set(d["paths"]) == set(CLASSES) and set(d["paths"].values()) <= set(eligible(e, dtype)):
-            choice = Choice(d["paths"], d["ms"])
+        d = json.loads(_cache_file(e, dtype).read_text())
+        if set(d["paths"]) == set(CLASSES) and set(d["paths"].values()) <= set(cands):
+            _chosen[mem] = Choice(d["paths"], d["ms"])
+            return _chosen[mem]
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    return None
+
+
+def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> Choice:
+    """This machine's path per shape class for experts shaped like `e`: from memory, from the
+    cache file, or measured now on `e` (and saved), with a progress bar if `progress`."""
+    choice = known(e, dtype)
+    if choice is not None:
+        return choice
+    cands = eligible(e, dtype)
+    kind = str(dtype).removeprefix("torch.")
+    what = f"choosing int4 kernels for {e.down.n}x{e.ffn} {kind} (once per machine)"
+    ms = {}
+    with progress_bar(len(CLASSES), what, enabled=progress, unit="classes") as bar:
+        for cls, m in CLASSES.items():
+            ms[cls] = measure(e, cands, m, dtype=dtype)
+            bar.advance()
+    choice = Choice(_pick(ms, dtype), ms)
+    _save(_cache_file(e, dtype), choice)
+    _chosen[_memory_key(e, dtype)] = choice
+    return choice
+
+
+def _pick(ms: dict[str, dict[str, float]], dtype: torch.dtype) -> dict[str, str]:
+    """The fastest path per class; for float32 (exact runs) one path for every class, the
+    least slow over all of them relative to each class's best: a token's result then does
+    not depend on how many tokens share its pass (the C kernels sum each token in the same
+    order at any count; a GEMM library may not), so a prefix recomputed as one prefill
+    gives the tokens it gave decoded one by one."""
+    if dtype == torch.bfloat16:
+        return {cls: min(t, key=t.get) for cls, t in ms.items()}
+    everywhere = set.intersection(*(set(t) for t in ms.values()))
+    if not everywhere:  # pruned somewhere: the decode winner, which decode must have
+        everywhere = {min(ms["decode"], key=ms["decode"].get)}
+    cost = {p: sum(t[p] / min(t.values()) for t in ms.values()) for p in everywhere}
+    one = min(cost, key=cost.get)
+    return {cls: one for cls in ms}
+
+
+def prepare(
+    fmt: ExpertFormat,
+    read_into: Callable[[torch.Tensor], None],
+    dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+) -> Choice | None:
+    """Make the choice for experts of `fmt` before any runs (a model calls this as it opens,
+    so its first token pays no measurement): known already, or measured on an expert that
+    `read_into(buf)` fills (only then: a known choice costs no read and no memory). None
+    for experts that take no int4 path choice (another scheme)."""
+    buf = torch.empty(fmt.nbytes, dtype=torch.uint8)  # untouched pages: nothing resident yet
+    e = fmt.view(buf)
+    if not isinstance(e, Int4Expert | Int4BiasedExpert):
+        return None
+    choice = known(e, dtype)
     if choice is None:
-        cands = eligible(e, dtype)
-        ms = {cls: measure(e, cands, m, dtype=dtype) for cls, m in CLASSES.items()}
-        choice = Choice({cls: min(t, key=t.get) for cls, t in ms.items()}, ms)
-        _save(path, choice)
-    _chosen[mem] = choice
+        read_into(buf)
+        choice = choose(e, dtype, progress=progress)
     return choice
 
 
@@ -380,8 +677,9 @@ def _save(path: Path, choice: Choice) -> None:
 def path_for(e: ExpertWeights, tokens: int, dtype: torch.dtype = torch.bfloat16) -> str:
     forced = os.environ.get("MER_INT4_PATH")
     if forced:
-        if forced not in PATHS:
-            raise ValueError(f"MER_INT4_PATH={forced!r}: choose from {', '.join(PATHS)}")
+        if forced not in PATHS and forced not in LINEAR_PATHS:
+            known_paths = ", ".join(dict.fromkeys([*PATHS, *LINEAR_PATHS]))
+            raise ValueError(f"MER_INT4_PATH={forced!r}: choose from {known_paths}")
         return forced if forced in eligible(e, dtype) else "tinygemm"
     return choose(e, dtype).paths[shape_class(tokens)]
 

@@ -56,12 +56,19 @@ def view(fmt: ExpertFormat, t: dict[str, torch.Tensor], n: int, k: int) -> int4.
     return int4.Int4Linear(packed, t["scales_zeros"], fmt.group_size, n, k)
 
 
-def expert(gate_up: int4.Int4Linear, down: int4.Int4Linear, ffn: int):
-    """The SwiGLU expert over these weights, taking the path measured fastest here per
-    token count (quant/int4_paths.py)."""
-    from mer.quant.int4_paths import Int4Expert  # it builds on quant.expert, which imports us
+BIASED_EXPERTS = True  # `expert` takes BiasedLinear maps too
 
-    return Int4Expert(gate_up, down, ffn)
+
+def expert(gate_up, down, ffn: int):
+    """The SwiGLU expert over these weights (Int4Linear, or BiasedLinear of one: gpt-oss),
+    whose linear maps take the path measured fastest here per token count
+    (quant/int4_paths.py)."""
+    # int4_paths builds on quant.expert, which imports us
+    from mer.quant.int4_paths import Int4Expert, biased_expert
+
+    if isinstance(gate_up, int4.Int4Linear):
+        return Int4Expert(gate_up, down, ffn)
+    return biased_expert(gate_up.linear, gate_up.bias, down.linear, down.bias, ffn)
 
 
 _warned: set[tuple[str, str]] = set()

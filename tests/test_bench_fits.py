@@ -1,0 +1,80 @@
+"""`mer bench fits` on a tiny GGUF: mer with every expert in RAM against the bandwidth bound
+(and llama.cpp's llama-bench where one is found: on PATH or $LLAMA_BENCH), one table."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+
+from mer.bench import llamacpp
+from mer.cli import main
+from mer.synth.checkpoint import hf_config
+from mer.synth.gguf import write_synthetic_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fits") / "tiny.gguf"
+    write_synthetic_gguf(path, hf_config("tiny"), "Q4_0", progress=False)
+    return path
+
+
+def _llama_bench() -> str | None:
+    found = os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench")
+    return found if found and os.path.isfile(found) else None
+
+
+def _row(out: str, phase: str) -> list[str]:
+    line = next(ln for ln in out.splitlines() if ln.strip("│┃ ").startswith(phase))
+    return [c.strip() for c in line.strip("│┃ ").split("│")]
+
+
+@pytest.mark.parametrize("with_llama", [False, True])
+def test_fits_prints_decode_and_prefill_against_the_bound_and_llama_cpp(
+    tiny_gguf, capsys, with_llama
+):
+    bench = _llama_bench()
+    if with_llama and bench is None:
+        pytest.skip("no llama-bench here (PATH or $LLAMA_BENCH)")
+    argv = ["bench", "fits", "--gguf", tiny_gguf, "--threads", "1", "--prompt-tokens", "16",
+            "--tokens", "4", "--repeats", "1"]  # fmt: skip
+    argv += ["--llama-bench", bench] if with_llama else ["--dense-quant", "int8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"dense weights {'bf16' if with_llama else 'int8'}" in out
+    assert "expert reads while timing: 0" in out  # every expert was in RAM
+    decode, prefill = _row(out, "decode"), _row(out, "prefill (16 tokens)")
+    for row in (decode, prefill):
+        mer_tps, llama_tps, x_llama, _, bound, x_bound = row[1:]
+        assert float(mer_tps) > 0 and float(bound) > 0
+        assert x_bound == f"x{float(mer_tps) / float(bound):.2f}"
+        if with_llama:
+            assert float(llama_tps) > 0
+            assert abs(float(x_llama[1:]) - float(mer_tps) / float(llama_tps)) < 0.011
+        else:
+            assert llama_tps == "-" and x_llama == "-"
+    # A decode token touches 2 of 4 experts at each of 2 layers: 4 experts' bytes at least.
+    assert re.search(r"\(4\.0 per decode token", out)
+
+
+def test_fits_names_what_is_missing(tmp_path, capsys):
+    assert main(["bench", "fits"]) == 1
+    assert capsys.readouterr().err == "error: give --store DIR or --gguf FILE (or both)\n"
+    assert main(["bench", "fits", "--store", tmp_path, "--llama-bench", "x"]) == 1
+    assert "--llama-bench needs --gguf FILE" in capsys.readouterr().err
+    assert main(["bench", "fits", "--gguf", tmp_path / "no.gguf"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'no.gguf'}: no such GGUF file\n"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert main(["bench", "fits", "--gguf", gguf, "--llama-bench", tmp_path / "nope"]) == 1
+    assert capsys.readouterr().err == f"error: --llama-bench {tmp_path / 'nope'}: no such file\n"
+
+
+def test_llama_bench_json_reads_as_prefill_and_decode_rates():
+    out = '[{"n_prompt": 256, "n_gen": 0, "avg_ts": 20.5},'
+    out += ' {"n_prompt": 0, "n_gen": 32, "avg_ts": 9.25}]'
+    assert llamacpp.bench_rates(out) == {"prefill": 20.5, "decode": 9.25}
+    assert llamacpp.bench_rates("not json") == {}
