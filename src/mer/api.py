@@ -270,7 +270,7 @@ def open(  # noqa: A001 - mer.open reads naturally
     kv_budget: str | int | None = None,
     context: int | None = None,
     pass_tokens: int = 512,
-    dense_quant: str = "bf16",
+    dense_quant: str | None = None,
     speculator: str | Path | None = None,
 ) -> Model:
     """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB'), or, with
@@ -279,7 +279,10 @@ def open(  # noqa: A001 - mer.open reads naturally
     default 4096 tokens, or the model's context if shorter) and the workspace of a forward
     pass of up to `pass_tokens` tokens are counted (`mer.memory`); `ram_budget` is then
     ignored. `dense_quant` ("int8", "int4") holds the attention, shared-expert, dense-layer
-    and output-head matrices at that width as they load (`mer.quant.dense`).
+    and output-head matrices at that width (`mer.quant.dense`): as stored when the store
+    holds them so (`mer convert --dense-quant`; None, the default, takes what the store
+    holds), else quantized as they load from a bf16 store; never requantized from 8 or 4
+    bits.
 
     `io_threads` reader threads fetch missing experts; with `prefetch` the next layer's
     experts are predicted and read while the current layer computes: by its router
@@ -306,8 +309,7 @@ def open(  # noqa: A001 - mer.open reads naturally
     if io_threads < 1:
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
     pins = read_pin_file(pin_file, s.config, pin_share) if pin_file is not None else None
-    if dense_quant not in DENSE_QUANTS:
-        raise ConfigError(f"--dense-quant must be one of {', '.join(DENSE_QUANTS)}")
+    dense_quant = resolve_dense_quant(s, dense_quant)
     transformer = split = None
     if memory is not None or dense_quant != "bf16":
         weights = dense_weights(s, dense_quant)
@@ -336,10 +338,29 @@ def open(  # noqa: A001 - mer.open reads naturally
     )
 
 
+def resolve_dense_quant(s: Store, asked: str | None) -> str:
+    """The dense scheme to run: what the store holds unless `asked` differs; a store already
+    at 8 or 4 bits is used as stored (quantizing again would only add error), so asking it
+    for another scheme is refused in one line."""
+    if asked is not None and asked not in DENSE_QUANTS:
+        raise ConfigError(f"--dense-quant must be one of {', '.join(DENSE_QUANTS)}")
+    held = s.dense_quant
+    if asked is None or asked == held:
+        return held
+    if held != "bf16":
+        raise ConfigError(
+            f"--dense-quant {asked}: {s.path} holds its dense weights as {held}, and they are "
+            f"requantized only from bf16 (drop --dense-quant, or convert again with "
+            f"--dense-quant {asked})"
+        )
+    return asked
+
+
 def dense_weights(s: Store, dense_quant: str = "bf16") -> dict:
     """The store's dense tensors, the quantizable matrices in `dense_quant`, loaded one by
-    one so that no more than one of them is ever held at full width beside the rest."""
-    if dense_quant == "bf16":
+    one so that no more than one of them is ever held at full width beside the rest (a
+    store that holds them in `dense_quant` already gives them as they are)."""
+    if dense_quant == s.dense_quant:
         return s.load_dense()
     out = {}
     for name in s.dense_table:

@@ -58,7 +58,7 @@ def run(
     chat: bool,
     ram_budget: int | None,
     memory: int | None,
-    dense_quant: str,
+    dense_quant: str | None,
     dtype: str,
     trace: str | None,
     trace_hidden: bool,
