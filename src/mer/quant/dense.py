@@ -29,6 +29,7 @@ ROWS_PER_BLOCK = 1024  # rows quantized at a time (a multiple of every int4 layo
 QUANTIZED = frozenset(
     {"q", "k", "v", "o", "shared.gate", "shared.up", "shared.down", "mlp.gate", "mlp.up"}
     | {"mlp.down", "lm_head"}
+    | {"q_a", "q_b", "kv_a", "kv_b"}  # DeepSeek's latent attention (MLA)
 )
 
 
