@@ -151,3 +151,56 @@ def test_a_quantized_part_that_fails_its_checksum_is_named(dense_store, tmp_path
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(StoreError, match=r"tensor layers\.1\.o\.data .* fails its checksum"):
         Store(store).load_dense()
+
+
+def test_the_embedding_is_read_row_by_row_and_the_output_is_unchanged(store_factory):
+    from mer.memory import tensor_bytes
+    from mer.store.embedding import EmbeddingRows
+
+    store = store_factory("bf16")
+    held = mer.api.open(store, "64MiB", dtype="float32")
+    want = list(held.tokens(PROMPT, max_tokens=12, stop_token_ids=[-1]))
+    model = mer.api.open(store, "64MiB", dtype="float32", embed_rows=True)
+    rows = model.transformer.w["embed"]
+    assert isinstance(rows, EmbeddingRows) and rows.reads == 0  # nothing read yet
+    assert list(model.tokens(PROMPT, max_tokens=12, stop_token_ids=[-1])) == want
+    distinct = len(set(PROMPT) | set(want))
+    assert 0 < rows.reads <= distinct  # each distinct token's row once (the cache holds them)
+    # What is resident: the row cache (here as many rows as the tiny vocabulary), never the
+    # table: bigger vocabularies than the cache are read row by row.
+    table = held.transformer.w["embed"]
+    assert tensor_bytes([rows]) <= table.nbytes
+    small = EmbeddingRows(Store(store).dense_path, Store(store).dense_table["embed"],
+                          torch.float32, cached_rows=4)  # fmt: skip
+    ids = torch.tensor(PROMPT)
+    assert torch.equal(small[ids], table[ids]) and tensor_bytes([small]) == 4 * 64 * 4
+    # 12 tokens through 4 cached rows: only the second of two 41s in a row is a hit.
+    assert PROMPT[5:7] == [41, 41] and small.reads == len(PROMPT) - 1
+
+
+def test_memory_reads_the_embedding_by_rows_unless_it_is_tied(store_factory, hf_tiny, tmp_path):
+    from tests.conftest import save_tiny_mixtral
+
+    from mer.store.embedding import EmbeddingRows
+
+    with mer.api.open(store_factory("bf16"), memory="4GiB", context=64) as m:
+        assert isinstance(m.transformer.w["embed"], EmbeddingRows)
+    save_tiny_mixtral(tmp_path / "tied", tie_word_embeddings=True)
+    tied = convert(tmp_path / "tied", tmp_path / "tied-store", "bf16", 32, progress=False)
+    with mer.api.open(tied, memory="4GiB", context=64) as m:
+        assert isinstance(m.transformer.w["embed"], torch.Tensor)  # the head uses it whole
+    with pytest.raises(ConfigError, match="tied to the output head"):
+        mer.api.open(tied, "64MiB", embed_rows=True)
+
+
+def test_a_damaged_embedding_is_named_at_open(store_factory, tmp_path):
+    import shutil
+
+    store = tmp_path / "copy"
+    shutil.copytree(store_factory("bf16"), store)
+    e = Store(store).dense_table["embed"]
+    with open(store / "dense.bin", "r+b") as f:
+        f.seek(e["offset"] + e["nbytes"] - 1)
+        f.write(b"\x7f")
+    with pytest.raises(StoreError, match="tensor embed at offset .* fails its checksum"):
+        mer.api.open(store, "64MiB", embed_rows=True)

@@ -42,6 +42,7 @@ from mer.predict.live import LivePrefetcher, live_predictor
 from mer.predict.lookahead import LookaheadPrefetcher
 from mer.quant.dense import DENSE_QUANTS, quantizable
 from mer.quant.dense import quantize as quantize_dense
+from mer.store.embedding import EmbeddingRows
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
 from mer.trace.pins import read_pin_file
@@ -272,6 +273,7 @@ def open(  # noqa: A001 - mer.open reads naturally
     pass_tokens: int = 512,
     dense_quant: str | None = None,
     speculator: str | Path | None = None,
+    embed_rows: bool | None = None,
 ) -> Model:
     """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB'), or, with
     `memory` (e.g. '8GiB'), whatever that target for the whole process leaves once the
@@ -282,7 +284,10 @@ def open(  # noqa: A001 - mer.open reads naturally
     and output-head matrices at that width (`mer.quant.dense`): as stored when the store
     holds them so (`mer convert --dense-quant`; None, the default, takes what the store
     holds), else quantized as they load from a bf16 store; never requantized from 8 or 4
-    bits.
+    bits. `embed_rows` reads the token embedding from the store row by row as tokens need
+    it, with a small row cache, instead of holding it (`mer.store.embedding`); by default
+    it does so with a `memory` target. Only an embedding separate from the output head can
+    be read so: a tied one is multiplied whole at every step and stays resident.
 
     `io_threads` reader threads fetch missing experts; with `prefetch` the next layer's
     experts are predicted and read while the current layer computes: by its router
@@ -310,9 +315,18 @@ def open(  # noqa: A001 - mer.open reads naturally
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
     pins = read_pin_file(pin_file, s.config, pin_share) if pin_file is not None else None
     dense_quant = resolve_dense_quant(s, dense_quant)
+    tied = "lm_head" not in s.dense_table
+    if embed_rows and tied:
+        raise ConfigError(
+            f"{s.path}: the token embedding is tied to the output head, which multiplies "
+            "all of it at every step; it cannot be read row by row"
+        )
+    rows = (memory is not None if embed_rows is None else embed_rows) and not tied
     transformer = split = None
-    if memory is not None or dense_quant != "bf16":
-        weights = dense_weights(s, dense_quant)
+    if memory is not None or dense_quant != "bf16" or rows:
+        weights = dense_weights(s, dense_quant, skip={"embed"} if rows else ())
+        if rows:
+            weights["embed"] = EmbeddingRows(s.dense_path, s.dense_table["embed"], DTYPES[dtype])
         transformer = MoETransformer(s.config, weights, None, DTYPES[dtype])
         del weights
     if memory is not None:
@@ -356,14 +370,15 @@ def resolve_dense_quant(s: Store, asked: str | None) -> str:
     return asked
 
 
-def dense_weights(s: Store, dense_quant: str = "bf16") -> dict:
-    """The store's dense tensors, the quantizable matrices in `dense_quant`, loaded one by
-    one so that no more than one of them is ever held at full width beside the rest (a
-    store that holds them in `dense_quant` already gives them as they are)."""
+def dense_weights(s: Store, dense_quant: str = "bf16", skip=()) -> dict:
+    """The store's dense tensors but those in `skip`, the quantizable matrices in
+    `dense_quant`, loaded one by one so that no more than one of them is ever held at full
+    width beside the rest (a store that holds them in `dense_quant` gives them as they are)."""
+    names = [n for n in s.dense_table if n not in skip]
     if dense_quant == s.dense_quant:
-        return s.load_dense()
+        return s.load_dense(names=names)
     out = {}
-    for name in s.dense_table:
+    for name in names:
         t = s.load_dense(names=[name])[name]
         out[name] = quantize_dense(t, dense_quant) if quantizable(name, t) else t
     return out

@@ -12,4 +12,5 @@ COMMANDS = {
     "serve": ("mer.bench.serve", "simulated agents: batched serving vs one at a time"),
     "grammar": ("mer.bench.grammar", "constrained decoding (a JSON schema) vs plain, per token"),
     "vs-llamacpp": ("mer.bench.vs_llamacpp", "mer and llama.cpp on one GGUF, same memory limit"),
+    "memory": ("mer.bench.memory", "generate --memory L in a cgroup of L, per dense width"),
 }
