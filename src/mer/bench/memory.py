@@ -73,9 +73,6 @@ def run(
 ) -> None:
     from mer.store.reader import Store
 
-    why = cgroup.available()
-    if why:
-        raise ConfigError(f"cannot run under memory limits: {why}")
     s = Store(store)  # checked before any run
     held = s.dense_quant
     if held != "bf16" and set(dense) != {held}:
@@ -83,6 +80,9 @@ def run(
             f"--dense {' '.join(dense)}: {s.path} holds {held} dense weights, which are "
             f"not requantized; give --dense {held}, or a bf16 store"
         )
+    why = cgroup.available()
+    if why:
+        raise ConfigError(f"cannot run under memory limits: {why}")
     order = sorted(dict.fromkeys(dense), key=DENSE_QUANTS.index)  # bf16 first: the baseline
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     console.print(

@@ -1,0 +1,36 @@
+"""`mer bench memory`: each dense width's `mer generate --memory L` in a real cgroup of L
+(root only), the bf16 row first as the baseline, the split and ratio printed; a store
+already quantized is not asked for another width."""
+
+from __future__ import annotations
+
+import pytest
+
+from mer.bench import cgroup
+from mer.cli import main
+
+
+@pytest.mark.skipif(cgroup.available() is not None, reason=str(cgroup.available()))
+def test_each_dense_width_runs_in_a_cgroup_of_its_target(trained_store, capsys):
+    args = ["bench", "memory", "--store", str(trained_store), "--limits", "1GiB",
+            "--dense", "int8", "bf16", "--tokens", "3"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "1.0 GiB │" in line]
+    assert [r.split("│")[2].strip() for r in rows] == ["bf16", "int8"]  # the baseline first
+    for r in rows:
+        cells = [c.strip() for c in r.split("│")]
+        assert cells[5] == "no" and float(cells[7]) > 0  # not OOM-killed, decoded
+    assert rows[0].split("│")[8].strip() == "x1.00"
+    splits = [line for line in out.splitlines() if line.startswith("1.0 GiB ")]
+    assert len(splits) == 2 and all("-> expert cache" in s for s in splits)
+
+
+def test_a_quantized_store_is_not_asked_for_another_width(hf_tiny, tmp_path, capsys):
+    from mer.store.convert import convert
+
+    store = convert(hf_tiny[0], tmp_path / "s", "int4", 32, progress=False, dense_quant="int8")
+    args = ["bench", "memory", "--store", str(store), "--dense", "bf16", "int8"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds int8 dense weights" in err
