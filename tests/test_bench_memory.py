@@ -20,8 +20,8 @@ def test_each_dense_width_runs_in_a_cgroup_of_its_target(trained_store, capsys):
     assert [r.split("│")[2].strip() for r in rows] == ["bf16", "int8"]  # the baseline first
     for r in rows:
         cells = [c.strip() for c in r.split("│")]
-        assert cells[5] == "no" and float(cells[7]) > 0  # not OOM-killed, decoded
-    assert rows[0].split("│")[8].strip() == "x1.00"
+        assert cells[5] == "no" and float(cells[8]) > 0  # not OOM-killed, decoded
+    assert rows[0].split("│")[9].strip() == "x1.00"
     splits = [line for line in out.splitlines() if line.startswith("1.0 GiB ")]
     assert len(splits) == 2 and all("-> expert cache" in s for s in splits)
 

@@ -51,6 +51,7 @@ class Row:
     cache: int | None  # bytes the split gave the expert cache
     tok_s: float | None
     hits: str | None
+    stall: str | None  # I/O stall per token, from the stats line
 
     @property
     def note(self) -> str:
@@ -103,7 +104,9 @@ def run(
             console.print(f"{fmt_bytes(r.limit)} {r.dense}: {r.split}")
     console.print(
         "peak: the cgroup's (page cache included) and the process's own RSS high-water mark; "
-        "x bf16: decode tok/s over the bf16-dense row's at the same limit."
+        "x bf16: decode tok/s over the bf16-dense row's at the same limit. Each dense width "
+        "rounds the hidden states its own way, so the routing, and with it the hits, differ "
+        "from row to row (random weights route anywhere)."
     )
 
 
@@ -124,11 +127,13 @@ def _run(store: Path, limit: int, dense: str, held: str, tokens: int, threads, t
     cache = re.search(r"-> expert cache ([\d.]+) (\w+)", split or "")
     tok_s = re.search(r"decode ([\d.]+) tok/s", r.stderr)
     hits = re.search(r"expert hits ([\d.]+%)", r.stderr)
+    stall = re.search(r"I/O stall ([\d.]+) ms/token", r.stderr)
     return Row(
         limit, dense, r, split,
         _bytes(cache[1], cache[2]) if cache else None,
         float(tok_s[1]) if tok_s and r.returncode == 0 else None,
         hits[1] if hits else None,
+        stall[1] if stall else None,
     )  # fmt: skip
 
 
@@ -141,7 +146,7 @@ def _bytes(value: str, unit: str) -> int:
 def _table(rows: list[Row], limits: list[int]) -> Table:
     t = Table(title="mer generate --memory L inside a cgroup of L")
     for col in ("limit", "dense", "expert cache", "peak (group / RSS)", "OOM", "hits",
-                "decode tok/s", "x bf16", "note"):  # fmt: skip
+                "I/O stall ms/token", "decode tok/s", "x bf16", "note"):  # fmt: skip
         t.add_column(col, justify="left" if col in ("dense", "note") else "right")
     for limit in limits:
         here = [r for r in rows if r.limit == limit]
@@ -155,6 +160,7 @@ def _table(rows: list[Row], limits: list[int]) -> Table:
                 f"{fmt_bytes(run.group_peak_bytes or 0)} / {fmt_bytes(run.peak_rss_bytes)}",
                 "killed" if run.oom_killed else "no",
                 r.hits or "-",
+                r.stall or "-",
                 f"{r.tok_s:.2f}" if r.tok_s is not None else "-",
                 f"x{r.tok_s / base:.2f}" if r.tok_s and base else "",
                 r.note,

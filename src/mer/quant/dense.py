@@ -5,7 +5,8 @@ the output head) held at 8 or 4 bits with the CPU kernels PyTorch has.
 (F.linear, unchanged: bf16 dense weights and float32 runs stay exact) or a
 quantized weight, which computes x @ W.T itself. Int8 is symmetric per output
 channel (`aten._weight_int8pack_mm`); int4 is group-wise asymmetric, the same
-layout as int4 experts (`mer.quant.int4`, `aten._weight_int4pack_mm_for_cpu`).
+layout as int4 experts (`mer.quant.int4`), run by PyTorch's int4 kernel or mer's C kernel,
+whichever measures faster for the shape (`mer.quant.dense_paths`).
 `quantize_dense` chooses what is quantized: only the matrices named in
 `QUANTIZED`; norms, routers, biases, the embedding table and anything a family
 keeps in float32 stay exact. Quantizing goes a block of rows at a time, so a matrix
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mer.quant import int4
+from mer.quant import dense_paths, int4
 
 DENSE_QUANTS = ("bf16", "int8", "int4")
 ROWS_PER_BLOCK = 1024  # rows quantized at a time (a multiple of every int4 layout's block)
@@ -115,7 +116,8 @@ class Int4Weight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        return self.linear(x.reshape(-1, x.shape[-1]).contiguous()).view(*lead, -1)
+        y = dense_paths.matmul(self.linear, x.reshape(-1, x.shape[-1]).contiguous())
+        return y.view(*lead, -1)
 
     def dequantize(self) -> torch.Tensor:
         return self.linear.dequantize()
