@@ -34,3 +34,27 @@ def test_a_quantized_store_is_not_asked_for_another_width(hf_tiny, tmp_path, cap
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "holds int8 dense weights" in err
+
+
+@pytest.mark.skipif(cgroup.available() is not None, reason=str(cgroup.available()))
+def test_vs_llamacpp_runs_mer_with_memory_the_limit(trained_store):
+    from mer.bench import vs_llamacpp
+
+    argv = vs_llamacpp._mer_argv(trained_store, 1 << 30, "int8", 3, 1)
+    assert argv[argv.index("--memory") + 1] == str(1 << 30) and "--ram-budget" not in argv
+    row = vs_llamacpp._mer(trained_store, 1 << 30, "int8", 3, 1, timeout=300)
+    assert row.tok_s and row.tok_s > 0 and not row.run.oom_killed
+    assert row.note.startswith("expert cache ")  # the split mer printed for itself
+    assert row.run.peak_rss_bytes <= 1 << 30
+
+
+def test_bench_serve_gives_the_server_its_memory_target(trained_store, capsys):
+    from mer.cli import main
+
+    args = ["bench", "serve", "--store", str(trained_store), "--agents", "1", "--turns", "1",
+            "--max-tokens", "2", "--think", "0.01", "--memory", "2GiB"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "memory 2GiB (lru)" in out and "RAM budget" not in out
+    rows = [line for line in out.splitlines() if line.startswith("│      1 │")]
+    assert len(rows) == 2  # both servers came up under --memory and answered
