@@ -58,3 +58,34 @@ def test_bench_serve_gives_the_server_its_memory_target(trained_store, capsys):
     assert "memory 2GiB (lru)" in out and "RAM budget" not in out
     rows = [line for line in out.splitlines() if line.startswith("│      1 │")]
     assert len(rows) == 2  # both servers came up under --memory and answered
+
+
+def test_bench_decode_runs_at_the_cache_a_memory_target_leaves(tmp_path, capsys):
+    import numpy as np
+    from tests.test_realscale import sticky_trace
+
+    from mer.synth.checkpoint import hf_config
+    from mer.synth.store import write_random_store
+
+    cfg = hf_config("tiny-qwen2-moe", **{
+        "num_hidden_layers": 5, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "mlp_only_layers": [0], "hidden_size": 64, "intermediate_size": 64,
+    })  # fmt: skip
+    store = write_random_store(tmp_path / "store", cfg, progress=False)
+    trace = tmp_path / "sticky.npz"
+    sticky_trace().save(trace)
+    from mer.cli import main
+
+    code = main(["bench", "decode", "--store", str(store), "--routing-trace", str(trace),
+                 "--tokens", "16", "--fractions", "--threads", "1", "--batch", "0",
+                 "--no-full", "--step-ms", "0.1", "--prefetch", "--memory", "2GiB",
+                 "--dense-quant", "int8"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    split = next(line for line in out.splitlines() if line.startswith("memory 2.0 GiB: "))
+    experts = int(split.split("(")[-1].split()[0])
+    assert experts == 4 * 8  # 2 GiB holds every expert of this tiny store: all of them
+    rows = [r.split("│") for r in out.splitlines() if r.startswith("│")]
+    lru = next(r for r in rows if r[2].strip() == "lru")
+    assert lru[1].strip().endswith(f"({experts})")  # the run at the split's cache
+    assert np.isfinite(float(lru[3])) and float(lru[3]) > 0

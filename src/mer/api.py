@@ -330,7 +330,7 @@ def open(  # noqa: A001 - mer.open reads naturally
         transformer = MoETransformer(s.config, weights, None, DTYPES[dtype])
         del weights
     if memory is not None:
-        split = _fit(s, transformer, memory, kv_budget, context, pass_tokens, DTYPES[dtype])
+        split = fit_memory(s, transformer, memory, kv_budget, context, pass_tokens, DTYPES[dtype])
         budget = split.cache
     cache = ExpertCache(
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
@@ -384,7 +384,7 @@ def dense_weights(s: Store, dense_quant: str = "bf16", skip=()) -> dict:
     return out
 
 
-def _fit(s: Store, transformer, memory, kv_budget, context, pass_tokens: int, dtype):
+def fit_memory(s: Store, transformer, memory, kv_budget, context, pass_tokens: int, dtype):
     """Measure what is resident with the dense weights loaded, and split the memory target."""
     try:
         target = memory if isinstance(memory, int) else parse_bytes(memory)
