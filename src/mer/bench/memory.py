@@ -96,12 +96,12 @@ def run(
     with progress_bar(len(limits) * len(order), "runs", unit="runs") as bar:
         for limit in limits:
             for d in order:
-                rows.append(_run(s.path, limit, d, held, tokens, threads, timeout))
+                r = _run(s.path, limit, d, held, tokens, threads, timeout)
+                rows.append(r)
+                # Each row's split as it finishes: a long run stopped halfway keeps its rows.
+                console.print(f"{fmt_bytes(r.limit)} {r.dense}: {r.split or r.note}")
                 bar.advance()
     console.print(_table(rows, limits))
-    for r in rows:
-        if r.split:
-            console.print(f"{fmt_bytes(r.limit)} {r.dense}: {r.split}")
     console.print(
         "peak: the cgroup's (page cache included) and the process's own RSS high-water mark; "
         "x bf16: decode tok/s over the bf16-dense row's at the same limit. Each dense width "
