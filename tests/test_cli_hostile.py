@@ -47,6 +47,7 @@ def base_args(path: list[str], tmp) -> list[str]:
         "predict": ["--trace", missing + ".npz"],
         "vs-llamacpp": ["--gguf", missing + ".gguf"],
         "decode": ["--store", missing, "--routing-trace", missing + ".npz"],
+        "memory": ["--store", missing],
     }.get(path[-1], [])
 
 
