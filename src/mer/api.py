@@ -29,6 +29,7 @@ from mer.errors import ConfigError
 from mer.memory import (
     MemoryPlan,
     current_rss,
+    growth_margin,
     kv_bytes_per_token,
     release_freed,
     tensor_bytes,
@@ -407,6 +408,7 @@ def fit_memory(s: Store, transformer, memory, kv_budget, context, pass_tokens: i
         slot_bytes=s.expert_format.nbytes,
         min_slots=cfg.num_experts_per_tok,
         max_slots=cfg.num_experts_total,
+        margin=growth_margin(target),
     )
     return split
 
