@@ -11,9 +11,10 @@ under a load of ~11: a 4096 x 4096 int4 matrix took 13.7 ms (C kernel) and 18.6 
 (tinygemm) a call on 2 threads, 1.0 and 1.1 ms on one; int4 dense weights decoded slower
 than bf16 ones (0.5 s of dense work per token against 0.45) until they ran on one thread
 (0.08 s). Back-to-back calls keep the workers awake and hide this, so `measure` sleeps
-before each timed call, as a decode step's other work would. Nothing is assumed: the first
-call of a shape and token class (`int4_paths.CLASSES`) times the candidates, alternating,
-and keeps the fastest for the process. `MER_DENSE_INT4_PATH` forces one of `PATHS`.
+before each timed call, as a decode step's other work would; even so a busy machine
+fooled it, so one token takes only one-thread candidates. The first call of a shape and
+token class (`int4_paths.CLASSES`) times the candidates, alternating, and keeps the
+fastest for the process. `MER_DENSE_INT4_PATH` forces one of `PATHS`.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def path_for(lin: int4.Int4Linear, x: torch.Tensor) -> str:
     if len(paths) == 1:
         return paths[0]
     cls = int4_paths.shape_class(x.shape[0])
+    if cls == "decode" and len(paths) > 2:
+        # One token: one thread. Timed alone, a parallel kernel can still win on a busy
+        # machine (it picked tinygemm for 1024 x 4096 at 10.7 ms a call in a decode where
+        # the C kernel on one thread took 0.3 ms); in a decode step it never did.
+        paths = [p for p in paths if p.endswith("-1")]
     key = (lin.n, lin.k, lin.group_size, cls, x.dtype, torch.get_num_threads())
     if key not in _chosen:
         ms = measure(lin, paths, int4_paths.CLASSES[cls], x.dtype)
