@@ -53,6 +53,7 @@ def base_args(path: list[str], tmp) -> list[str]:
         "vs-llamacpp": ["--gguf", missing + ".gguf"],
         "decode": ["--store", missing, "--routing-trace", missing + ".npz"],
         "split": [missing, "--workers", "2", "--out", str(tmp / "out")],
+        "memory": ["--store", missing],
     }.get(path[-1], [])
 
 

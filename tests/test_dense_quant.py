@@ -101,3 +101,68 @@ def test_quantized_dense_weights_take_less_memory(store_factory):
 def test_an_unknown_dense_quant_is_refused(store_factory):
     with pytest.raises(ConfigError, match="--dense-quant"):
         mer.api.open(store_factory("bf16"), ram_budget="64MiB", dense_quant="int3")
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """A tiny DeepSeek-V2 with a low-rank query, saved by transformers, and its bf16 store."""
+    from tests.test_deepseek import checkpoint
+
+    return checkpoint.__wrapped__(tmp_path_factory)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("cache", ["latent", "full"])
+def test_deepseek_latent_attention_matrices_are_quantized_too(deepseek, quant, cache):
+    hf, store = deepseek
+    model = mer.api.open(store, ram_budget="64MiB", dtype="float32", dense_quant=quant)
+    if cache == "full":  # the expanded K/V path uses kv_b through the same seam
+        import dataclasses
+
+        model.transformer.config = dataclasses.replace(model.config, mla_cache="full")
+    w = model.transformer.w
+    for name in ("q_a", "q_b", "kv_a", "kv_b", "o"):
+        assert not isinstance(w[f"layers.1.{name}"], torch.Tensor), name
+    for exact in ("q_a_norm", "kv_a_norm", "router"):
+        assert isinstance(w[f"layers.1.{exact}"], torch.Tensor)
+    deq = dequantized_dense(hf, model)
+    ref = reference_logits(deq, PROMPT)
+    rel = ((our_logits(model, PROMPT) - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 1e-4, f"{quant} MLA against its dequantized matrices: {rel:.2e}"
+    assert list(model.tokens(PROMPT, max_tokens=8, stop_token_ids=[-1])) == greedy(deq, PROMPT, 8)
+
+
+@pytest.mark.parametrize("path", ["tinygemm", "tinygemm-1", "c", "c-1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_int4_dense_path_matches_the_dequantized_weight(path, dtype, monkeypatch, request):
+    from mer.quant import dense_paths
+
+    g = torch.Generator().manual_seed(1)
+    q = Int4Weight.quantize(torch.randn(128, 256, generator=g))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one-thread paths are candidates beside parallel ones only
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    if path not in dense_paths.eligible(q.linear):
+        pytest.skip(f"{path} does not run here (mer's C kernel needs AVX-512)")
+    monkeypatch.setenv("MER_DENSE_INT4_PATH", path)
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 256, generator=g).to(dtype)
+        assert dense_paths.path_for(q.linear, x) == path
+        ref = x.float() @ q.dequantize().t()
+        out = linear(x, q)
+        assert out.dtype == dtype and torch.get_num_threads() == 2  # restored after a -1 path
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+def test_the_int4_dense_path_is_measured_once_per_shape_and_class():
+    from mer.quant import dense_paths
+
+    q = Int4Weight.quantize(torch.randn(192, 256))
+    x = torch.randn(1, 256)
+    chosen = dense_paths.path_for(q.linear, x)
+    assert chosen in dense_paths.eligible(q.linear)
+    key = (192, 256, q.linear.group_size, "decode", torch.float32, torch.get_num_threads())
+    assert dense_paths._chosen[key] == chosen
+    ms = dense_paths.measure(q.linear, dense_paths.eligible(q.linear), 1, torch.float32)
+    assert set(ms) == set(dense_paths.eligible(q.linear)) and all(v > 0 for v in ms.values())

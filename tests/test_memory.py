@@ -112,3 +112,15 @@ def test_metrics_report_peak_rss_next_to_the_target(trained_store):
         assert float(rows["mer_memory_target_bytes"]) == 4 << 30
         assert float(rows["mer_peak_rss_bytes"]) > 0  # this test process's, whatever ran before
         assert float(rows["mer_expert_cache_bytes"]) == m.memory.cache
+
+
+def test_a_margin_is_kept_for_what_grows_after_start(trained_store):
+    from mer.memory import MIN_MARGIN, growth_margin
+
+    p = plan(1000 * MiB, dense=300 * MiB, resident=500 * MiB, kv=50 * MiB,
+             workspace=50 * MiB, slot_bytes=30 * MiB, min_slots=2, margin=64 * MiB)  # fmt: skip
+    assert p.cache == 330 * MiB and "+ margin 64.0 MiB -> expert cache 330.0 MiB" in p.line()
+    assert growth_margin(1 << 30) == MIN_MARGIN and growth_margin(8 << 30) == int(0.02 * (8 << 30))
+    with mer.open(trained_store, memory="4GiB", context=64) as m:
+        assert m.memory.margin == growth_margin(4 << 30)
+        assert m.memory.fixed + m.memory.cache <= 4 << 30

@@ -30,6 +30,7 @@ from mer.errors import ConfigError
 from mer.memory import (
     MemoryPlan,
     current_rss,
+    growth_margin,
     kv_bytes_per_token,
     release_freed,
     tensor_bytes,
@@ -41,9 +42,10 @@ from mer.models.transformer import MoETransformer
 from mer.options import PREFETCHERS
 from mer.predict.live import LivePrefetcher, live_predictor
 from mer.predict.lookahead import LookaheadPrefetcher
-from mer.quant import dense_paths, int4_paths
+from mer.quant import bf16_gemv, int4_paths
 from mer.quant.dense import DENSE_QUANTS, quantizable
 from mer.quant.dense import quantize as quantize_dense
+from mer.store.embedding import EmbeddingRows
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
 from mer.trace.pins import read_pin_file
@@ -279,8 +281,9 @@ def open(  # noqa: A001 - mer.open reads naturally
     kv_budget: str | int | None = None,
     context: int | None = None,
     pass_tokens: int = 512,
-    dense_quant: str = "bf16",
+    dense_quant: str | None = None,
     speculator: str | Path | None = None,
+    embed_rows: bool | None = None,
     cluster: str | None = None,
     workers: int | None = None,
     worker_stores: list[str | Path] | None = None,
@@ -293,7 +296,13 @@ def open(  # noqa: A001 - mer.open reads naturally
     default 4096 tokens, or the model's context if shorter) and the workspace of a forward
     pass of up to `pass_tokens` tokens are counted (`mer.memory`); `ram_budget` is then
     ignored. `dense_quant` ("int8", "int4") holds the attention, shared-expert, dense-layer
-    and output-head matrices at that width as they load (`mer.quant.dense`).
+    and output-head matrices at that width (`mer.quant.dense`): as stored when the store
+    holds them so (`mer convert --dense-quant`; None, the default, takes what the store
+    holds), else quantized as they load from a bf16 store; never requantized from 8 or 4
+    bits. `embed_rows` reads the token embedding from the store row by row as tokens need
+    it, with a small row cache, instead of holding it (`mer.store.embedding`); by default
+    it does so with a `memory` target. Only an embedding separate from the output head can
+    be read so: a tied one is multiplied whole at every step and stays resident.
 
     `io_threads` reader threads fetch missing experts; with `prefetch` the next layer's
     experts are predicted and read while the current layer computes: by its router
@@ -334,7 +343,7 @@ def open(  # noqa: A001 - mer.open reads naturally
             s, cluster, workers, budget, worker_stores, placement_trace, cluster_timeout,
             io_threads=io_threads, direct=direct_io, prefetch=prefetch, policy=cache_policy,
             pin_share=pin_share, threads=threads, refused=dict(
-                memory=memory, pin_file=pin_file, dense_quant=dense_quant != "bf16",
+                memory=memory, pin_file=pin_file, dense_quant=dense_quant not in (None, "bf16"),
             ),
         )  # fmt: skip
         torch.set_num_threads(threads)
@@ -346,15 +355,23 @@ def open(  # noqa: A001 - mer.open reads naturally
     if io_threads < 1:
         raise ConfigError(f"io_threads must be at least 1, got {io_threads}")
     pins = read_pin_file(pin_file, s.config, pin_share) if pin_file is not None else None
-    if dense_quant not in DENSE_QUANTS:
-        raise ConfigError(f"--dense-quant must be one of {', '.join(DENSE_QUANTS)}")
+    dense_quant = resolve_dense_quant(s, dense_quant)
+    tied = "lm_head" not in s.dense_table
+    if embed_rows and tied:
+        raise ConfigError(
+            f"{s.path}: the token embedding is tied to the output head, which multiplies "
+            "all of it at every step; it cannot be read row by row"
+        )
+    rows = (memory is not None if embed_rows is None else embed_rows) and not tied
     transformer = split = None
-    if memory is not None or dense_quant != "bf16":
-        weights = dense_weights(s, dense_quant)
+    if memory is not None or dense_quant != "bf16" or rows:
+        weights = dense_weights(s, dense_quant, skip={"embed"} if rows else ())
+        if rows:
+            weights["embed"] = EmbeddingRows(s.dense_path, s.dense_table["embed"], DTYPES[dtype])
         transformer = MoETransformer(s.config, weights, None, DTYPES[dtype])
         del weights
     if memory is not None:
-        split = _fit(s, transformer, memory, kv_budget, context, pass_tokens, DTYPES[dtype])
+        split = fit_memory(s, transformer, memory, kv_budget, context, pass_tokens, DTYPES[dtype])
         budget = split.cache
     cache = ExpertCache(
         s, budget, threads=io_threads, direct=direct_io, policy=cache_policy,
@@ -374,7 +391,7 @@ def open(  # noqa: A001 - mer.open reads naturally
         split,
         speculator,
     )
-    dense_paths.prepare(model.transformer.w.values())  # one token's GEMV, measured per shape
+    bf16_gemv.prepare(model.transformer.w.values())  # one token's GEMV, measured per shape
     return model
 
 
@@ -394,19 +411,39 @@ def prepare_kernels(s: Store, dtype: torch.dtype, progress: bool = True) -> None
     int4_paths.prepare(s.expert_format, read_into, dtype, progress)
 
 
-def dense_weights(s: Store, dense_quant: str = "bf16") -> dict:
-    """The store's dense tensors, the quantizable matrices in `dense_quant`, loaded one by
-    one so that no more than one of them is ever held at full width beside the rest."""
-    if dense_quant == "bf16":
-        return s.load_dense()
+def resolve_dense_quant(s: Store, asked: str | None) -> str:
+    """The dense scheme to run: what the store holds unless `asked` differs; a store already
+    at 8 or 4 bits is used as stored (quantizing again would only add error), so asking it
+    for another scheme is refused in one line."""
+    if asked is not None and asked not in DENSE_QUANTS:
+        raise ConfigError(f"--dense-quant must be one of {', '.join(DENSE_QUANTS)}")
+    held = s.dense_quant
+    if asked is None or asked == held:
+        return held
+    if held != "bf16":
+        raise ConfigError(
+            f"--dense-quant {asked}: {s.path} holds its dense weights as {held}, and they are "
+            f"requantized only from bf16 (drop --dense-quant, or convert again with "
+            f"--dense-quant {asked})"
+        )
+    return asked
+
+
+def dense_weights(s: Store, dense_quant: str = "bf16", skip=()) -> dict:
+    """The store's dense tensors but those in `skip`, the quantizable matrices in
+    `dense_quant`, loaded one by one so that no more than one of them is ever held at full
+    width beside the rest (a store that holds them in `dense_quant` gives them as they are)."""
+    names = [n for n in s.dense_table if n not in skip]
+    if dense_quant == s.dense_quant:
+        return s.load_dense(names=names)
     out = {}
-    for name in s.dense_table:
+    for name in names:
         t = s.load_dense(names=[name])[name]
         out[name] = quantize_dense(t, dense_quant) if quantizable(name, t) else t
     return out
 
 
-def _fit(s: Store, transformer, memory, kv_budget, context, pass_tokens: int, dtype):
+def fit_memory(s: Store, transformer, memory, kv_budget, context, pass_tokens: int, dtype):
     """Measure what is resident with the dense weights loaded, and split the memory target."""
     try:
         target = memory if isinstance(memory, int) else parse_bytes(memory)
@@ -429,6 +466,7 @@ def _fit(s: Store, transformer, memory, kv_budget, context, pass_tokens: int, dt
         slot_bytes=s.expert_format.nbytes,
         min_slots=cfg.num_experts_per_tok,
         max_slots=cfg.num_experts_total,
+        margin=growth_margin(target),
     )
     return split
 

@@ -5,7 +5,9 @@ splits a target into what the process already holds once its dense weights are
 loaded (measured: resident set size now, of which the dense tensors as loaded are
 counted apart), the KV cache it will allocate, a workspace for one forward pass's
 activations (computed from the model's shapes and the most tokens one pass
-carries), and gives the rest to the expert cache. When the dense part plus the
+carries), a margin for what grows after start and what the kernel charges a memory
+cgroup beyond the resident set (page tables, page cache of the files read, allocator
+arenas: `growth_margin`), and gives the rest to the expert cache. When the dense part plus the
 smallest usable cache (one token's experts at one layer) does not fit, it raises
 a one-line `BudgetError` naming the shortfall, before any expert is read.
 It knows nothing about stores or files: callers pass what they measured.
@@ -24,6 +26,10 @@ from mer.models.layers import SMALL_ATTENTION
 from mer.units import fmt_bytes
 
 BASE_WORKSPACE = 48 << 20  # allocator slack and small tensors of a pass, whatever its size
+# Runs of the 32-layer Mixtral-shape store in cgroups equal to --memory peaked within ~30 MiB
+# of the limit with no margin, and one (6 GiB, int4 dense weights, 4.9 GiB of experts) was
+# OOM-killed: the group is charged more than the RSS measured at start.
+MARGIN_SHARE, MIN_MARGIN = 0.02, 64 << 20
 
 
 @dataclass(frozen=True)
@@ -36,10 +42,11 @@ class MemoryPlan:
     min_cache: int  # one token's experts at one layer
     slot_bytes: int
     max_cache: int | None = None  # every expert of the model: more is never used
+    margin: int = 0  # growth after start and what a cgroup charges beyond RSS
 
     @property
     def fixed(self) -> int:
-        return self.dense + self.runtime + self.kv + self.workspace
+        return self.dense + self.runtime + self.kv + self.workspace + self.margin
 
     @property
     def cache(self) -> int:
@@ -54,7 +61,9 @@ class MemoryPlan:
         return (
             f"memory {fmt_bytes(self.target)}: dense weights {fmt_bytes(self.dense)} + "
             f"runtime {fmt_bytes(self.runtime)} + KV cache {fmt_bytes(self.kv)} + "
-            f"workspace {fmt_bytes(self.workspace)} -> expert cache {fmt_bytes(self.cache)} "
+            f"workspace {fmt_bytes(self.workspace)}"
+            + (f" + margin {fmt_bytes(self.margin)}" if self.margin else "")
+            + f" -> expert cache {fmt_bytes(self.cache)} "
             f"({self.cache // self.slot_bytes} experts of {fmt_bytes(self.slot_bytes)})"
         )
 
@@ -68,20 +77,29 @@ def plan(
     slot_bytes: int,
     min_slots: int,
     max_slots: int | None = None,
+    margin: int = 0,
 ) -> MemoryPlan:
     """The split of `target`; `resident` is the RSS measured with the dense weights loaded."""
     runtime, most = max(0, resident - dense), None if max_slots is None else max_slots * slot_bytes
-    p = MemoryPlan(target, dense, runtime, kv, workspace, min_slots * slot_bytes, slot_bytes, most)
+    p = MemoryPlan(target, dense, runtime, kv, workspace, min_slots * slot_bytes, slot_bytes, most,
+                   margin)  # fmt: skip
     need = p.fixed + p.min_cache
     if need > target:
         raise BudgetError(
             f"--memory {fmt_bytes(target)} is {fmt_bytes(need - target)} short: dense weights "
             f"{fmt_bytes(p.dense)} + runtime {fmt_bytes(p.runtime)} + KV cache {fmt_bytes(kv)} "
-            f"+ workspace {fmt_bytes(workspace)} + the smallest expert cache "
+            f"+ workspace {fmt_bytes(workspace)}"
+            + (f" + margin {fmt_bytes(margin)}" if margin else "")
+            + " + the smallest expert cache "
             f"{fmt_bytes(p.min_cache)} (one token's {min_slots} experts at one layer) need "
             f"{fmt_bytes(need)}"
         )
     return p
+
+
+def growth_margin(target: int) -> int:
+    """What to keep free under `target` beyond what is measured and computed at start."""
+    return max(MIN_MARGIN, int(MARGIN_SHARE * target))
 
 
 def tensor_bytes(tensors) -> int:

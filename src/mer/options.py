@@ -170,9 +170,8 @@ def add_memory_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dense-quant",
         choices=("bf16", "int8", "int4"),  # mer.quant.dense.DENSE_QUANTS
-        default="bf16",
         help="hold attention, shared experts, dense layers and the output head at this width "
-        "(default bf16, as stored)",
+        "(default: as stored; a bf16 store is quantized as it loads)",
     )
 
 

@@ -14,4 +14,5 @@ COMMANDS = {
     "vs-llamacpp": ("mer.bench.vs_llamacpp", "mer and llama.cpp on one GGUF, same memory limit"),
     "cluster": ("mer.bench.cluster", "experts on 1, 2, 3 Ray workers vs one process"),
     "fits": ("mer.bench.fits", "the whole model in RAM: decode and prefill vs llama.cpp"),
+    "memory": ("mer.bench.memory", "generate --memory L in a cgroup of L, per dense width"),
 }

@@ -38,7 +38,7 @@ from mer.errors import ConfigError
 from mer.io.direct import DirectReader, aligned_buffer
 from mer.io.engine import DEMAND, ReadEngine
 from mer.models.transformer import MoETransformer
-from mer.options import count, natural, number
+from mer.options import count, natural, number, positive_size
 from mer.predict import catalog
 from mer.predict.live import LIVE, LivePrefetcher, live_predictor
 from mer.progress import progress_bar
@@ -80,6 +80,11 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                    help="expert cache of the batching runs, as a share of all experts")  # fmt: skip
     b.add_argument("--io-threads", type=count, default=4, help="expert reader threads")
     b.add_argument("--threads", type=count, help="compute threads (default: every core)")
+    b.add_argument("--memory", type=positive_size,
+                   help="also run at the expert cache this whole-process target leaves, "
+                   "measured as mer generate --memory does (the split is printed)")  # fmt: skip
+    b.add_argument("--dense-quant", choices=["bf16", "int8", "int4"],
+                   help="the dense weights' width (default: as stored)")  # fmt: skip
     b.add_argument("--no-full", action="store_true",
                    help="skip the 100%% residency run (then give --step-ms)")  # fmt: skip
     b.add_argument("--step-ms", type=number(0, lo_open=True),
@@ -136,6 +141,8 @@ def run(
     batch: int = 0,
     batch_tokens: int = 24,
     batch_fraction: float = 0.25,
+    memory: int | None = None,
+    dense_quant: str | None = None,
 ) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 320)
     s = Store(store)
@@ -163,7 +170,15 @@ def run(
         f"{cfg.num_experts_per_tok}); pins and predictors learned from {train.n_tokens} "
         "other tokens; outputs are from random weights and not shown"
     )
-    model = MoETransformer(cfg, s.load_dense(), None, torch.bfloat16)
+    from mer.api import dense_weights, fit_memory, resolve_dense_quant
+
+    weights = dense_weights(s, resolve_dense_quant(s, dense_quant))
+    model = MoETransformer(cfg, weights, None, torch.bfloat16)
+    del weights
+    if memory is not None:  # this process's target: what it holds now is measured
+        split = fit_memory(s, model, memory, None, None, max(1, batch), torch.bfloat16)
+        console.print(split.line())
+        fractions = [*fractions, split.cache / nbytes / total]
     routing = TraceRouting.for_model(replay, model, routing_trace, store)
     model.routing_override = routing
     read_s = measure_read(s, io_threads)

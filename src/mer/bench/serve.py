@@ -141,6 +141,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                    help="mean think time between turns (s)")  # fmt: skip
     b.add_argument("--ram-budget", type=size_text, default="1MiB",
                    help="expert cache of the server")  # fmt: skip
+    b.add_argument("--memory", type=size_text,
+                   help="the server's whole-process target instead of --ram-budget")  # fmt: skip
     b.add_argument("--kv-budget", type=size_text, default="64MiB", help="KV cache of the server")
     b.add_argument("--max-batch-tokens", type=count, default=256)
     b.add_argument("--cache-policy", choices=POLICIES, default="lru",
@@ -164,13 +166,15 @@ def run(
     cache_policy: str,
     server_args: list[str],
     seed: int,
+    memory: str | None = None,
 ) -> None:
     if not url and not store:
         from mer.data import trained_store
 
         store = str(trained_store())
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-    options = ["--ram-budget", ram_budget, "--kv-budget", kv_budget]
+    budget = ["--memory", memory] if memory else ["--ram-budget", ram_budget]
+    options = [*budget, "--kv-budget", kv_budget]
     options += ["--max-batch-tokens", str(max_batch_tokens)]
     options += ["--cache-policy", cache_policy, "--model-name", MODEL, *server_args]
     if url:
@@ -189,7 +193,8 @@ def run(
             options += ["--chat-template", str(template)]
         console.print(
             f"store {store}: experts {fmt_decimal(opened.expert_bytes_total)} on disk, "
-            f"RAM budget {ram_budget} ({cache_policy}), KV budget {kv_budget}"
+            f"{f'memory {memory}' if memory else f'RAM budget {ram_budget}'} ({cache_policy}), "
+            f"KV budget {kv_budget}"
         )
     console.print(
         f"{turns} turns per agent, {max_tokens} tokens per tool call, think "

@@ -10,8 +10,9 @@ Each run gets a fresh memory cgroup of the limit (`mer.bench.cgroup`), with the 
 dropped before it, so neither starts with the file in RAM and page cache counts against the
 limit as RSS does. llama.cpp runs with its defaults (which copy the weights into RAM) and,
 for the memory-limited regime it can serve, mmap without repacking (weights paged in from
-the file on demand); mer runs with its expert cache sized to what the limit leaves after
-its dense weights and runtime, measured by a calibration run. Figures come from the
+the file on demand); mer runs with `--memory` equal to the limit, so it sizes its expert
+cache itself from what it measures at start (dense weights, runtime, KV cache, workspace)
+and prints the split, and with `--dense-quant` if given. Figures come from the
 kernel (wait4: peak RSS and bytes read; the cgroup's peak and OOM kills) and from each
 engine's own token rate.
 """
@@ -28,12 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from mer.bench import cgroup, llamacpp
-from mer.errors import ConfigError, MerError
+from mer.errors import ConfigError
 from mer.options import count, positive_size
 from mer.progress import progress_bar
 from mer.units import fmt_bytes, fmt_decimal
-
-MARGIN = 64 << 20  # kept free under the limit for what the calibration run did not touch
 
 
 def add_arguments(b: argparse.ArgumentParser) -> None:
@@ -49,6 +48,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--tokens", type=count, default=32, help="tokens decoded per run")
     b.add_argument("--threads", type=count, default=2)
     b.add_argument("--llama-bench", help="path of llama.cpp's llama-bench")
+    b.add_argument("--dense-quant", choices=["bf16", "int8", "int4"],
+                   help="mer's dense weights (default: as its store holds them)")  # fmt: skip
     b.add_argument("--timeout", type=count, default=1800, help="seconds per run")  # fmt: skip
 
 
@@ -71,6 +72,7 @@ def run(
     threads: int,
     llama_bench: str | None,
     timeout: int,
+    dense_quant: str | None = None,
 ) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 180)
     why = cgroup.available()
@@ -79,10 +81,9 @@ def run(
     model = llamacpp.gguf_file(gguf)
     bench = llamacpp.find_llama_bench(llama_bench)
     store_path = Path(store) if store else llamacpp.converted_store(model, console.print)
-    overhead = _calibrate(store_path, threads, timeout)
     console.print(
         f"{model.name}: {fmt_decimal(model.stat().st_size)}; mer store {store_path} "
-        f"(dense weights and runtime {fmt_bytes(overhead)}, measured); {tokens} tokens "
+        f"(--memory the limit, dense {dense_quant or 'as stored'}); {tokens} tokens "
         f"decoded per run, {threads} threads; page cache dropped before each run"
     )
     rows: list[Row] = []
@@ -92,7 +93,7 @@ def run(
                                  "-lm", "mmap"])):  # fmt: skip
                 rows.append(_llama(bench, model, limit, tokens, threads, flags, label, timeout))
                 bar.advance()
-            rows.append(_mer(store_path, limit, overhead, tokens, threads, timeout))
+            rows.append(_mer(store_path, limit, dense_quant, tokens, threads, timeout))
             bar.advance()
     console.print(_table(rows, limits))
     console.print(
@@ -103,37 +104,23 @@ def run(
     )
 
 
-def _mer_argv(store: Path, budget: int, tokens: int, threads: int) -> list[str]:
-    return [
+def _mer_argv(store: Path, limit: int, dense_quant, tokens: int, threads: int) -> list[str]:
+    argv = [
         sys.executable, "-m", "mer.cli", "generate", "--store", str(store), "--prompt",
-        "The", "--max-tokens", str(tokens), "--ram-budget", str(budget), "--threads",
+        "The", "--max-tokens", str(tokens), "--memory", str(limit), "--threads",
         str(threads), "--ignore-eos",
     ]  # fmt: skip
+    return argv + (["--dense-quant", dense_quant] if dense_quant else [])
 
 
-def _calibrate(store: Path, threads: int, timeout: int) -> int:
-    """What mer holds besides its expert cache (dense weights, KV, torch, Python): the peak
-    RSS of a short run whose cache is one layer's worth of experts, less that cache."""
-    from mer.store.reader import Store
-
-    s = Store(store)
-    budget = s.config.num_experts_per_tok * s.expert_format.nbytes
-    with cgroup.MemoryLimit(1 << 50) as group:
-        r = group.run(_mer_argv(store, budget, 2, threads), timeout=timeout)
-    if r.returncode != 0:
-        raise MerError(f"mer's calibration run failed: {r.stderr.strip()[-300:]}")
-    return max(r.peak_rss_bytes - budget, 0)
-
-
-def _mer(store: Path, limit: int, overhead: int, tokens: int, threads: int, timeout) -> Row:
-    budget = limit - overhead - MARGIN
-    if budget <= 0:
-        return Row("mer", limit, None, tokens, None, f"needs {fmt_bytes(overhead)} besides experts")
+def _mer(store: Path, limit: int, dense_quant, tokens: int, threads: int, timeout) -> Row:
+    """mer with `--memory` the limit: its own split decides the expert cache."""
     cgroup.drop_page_cache()
     with cgroup.MemoryLimit(limit) as group:
-        r = group.run(_mer_argv(store, budget, tokens, threads), timeout=timeout)
+        r = group.run(_mer_argv(store, limit, dense_quant, tokens, threads), timeout=timeout)
     m = re.search(r"decode ([\d.]+) tok/s", r.stderr)
-    note = f"expert cache {fmt_bytes(budget)}"
+    split = re.search(r"-> (expert cache [\d.]+ \w+)", r.stderr)
+    note = split[1] if split else ""
     if r.returncode != 0 and not r.oom_killed:
         note = r.stderr.strip().splitlines()[-1][:120] if r.stderr.strip() else "failed"
     return Row("mer", limit, float(m[1]) if m and r.returncode == 0 else None, tokens, r, note)

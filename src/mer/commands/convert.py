@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
                    help="int4 group size (default 128 or the largest that divides the "
                    "model's dims; 32 for GGUF, which keeps 4-bit blocks exact)")  # fmt: skip
+    p.add_argument("--dense-quant", default="bf16", choices=["bf16", "int8", "int4"],
+                   help="store attention, shared experts, dense layers and the output head "
+                   "at this width (int8 per channel, int4 groups of 128)")  # fmt: skip
     p.add_argument(
         "--force",
         action="store_true",
@@ -21,8 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(*, src: str, dst: str, quant: str, group_size: int | None, force: bool) -> None:
+def run(
+    *, src: str, dst: str, quant: str, group_size: int | None, force: bool, dense_quant: str
+) -> None:
     from mer.store.convert import convert
 
-    path = convert(src, dst, quant, group_size, force=force)
+    path = convert(src, dst, quant, group_size, force=force, dense_quant=dense_quant)
     sys.stderr.write(f"wrote {path}\n")

@@ -43,7 +43,7 @@ def run(
     *,
     ram_budget: int | None,
     memory: int | None,
-    dense_quant: str,
+    dense_quant: str | None,
     prompt: str,
     preset: str | None,
     io: IOOptions,

@@ -61,7 +61,7 @@ def run(
     chat: bool,
     ram_budget: int | None,
     memory: int | None,
-    dense_quant: str,
+    dense_quant: str | None,
     dtype: str,
     trace: str | None,
     trace_hidden: bool,
@@ -131,7 +131,7 @@ def stats_line(stats) -> str:
     g, c = stats.generation, stats.cache
     tokens = max(1, g.prompt_tokens + g.generated_tokens)
     return (
-        f"prefill {g.prefill_tps:.1f} tok/s | decode {g.decode_tps:.1f} tok/s | "
+        f"prefill {rate(g.prefill_tps)} tok/s | decode {rate(g.decode_tps)} tok/s | "
         f"expert hits {100 * c.hit_rate:.1f}% ({c.hits}/{c.hits + c.misses}) | "
         f"prefetch used {c.prefetches_used}/{c.prefetches} | "
         f"read {fmt_decimal(c.bytes_read)} from SSD ({fmt_decimal(stats.bytes_read_per_token)}"
@@ -143,6 +143,12 @@ def stats_line(stats) -> str:
         + spec_segment(stats.speculation)
         + routing_segment(stats.routing)
     )
+
+
+def rate(tps: float) -> str:
+    """Tokens per second with 3 significant digits below 100 (a slow machine's 0.13 would
+    print as 0.1)."""
+    return f"{tps:.1f}" if tps >= 100 else f"{tps:.3g}"
 
 
 def routing_segment(routing) -> str:

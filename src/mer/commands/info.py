@@ -36,7 +36,11 @@ def run(*, store: str) -> None:
     t.add_row("expert quantization", scheme)
     t.add_row("expert extent", fmt_bytes(ef.nbytes))
     t.add_row("experts total", f"{len(s.extents)} = {fmt_bytes(s.expert_bytes_total)}")
-    t.add_row("dense weights", fmt_bytes(s.manifest["dense"]["nbytes"]))
+    dense = s.manifest["dense"]
+    held = s.dense_quant
+    if held != "bf16":
+        held += " (norms, routers, embedding exact)"
+    t.add_row("dense weights", f"{fmt_bytes(dense['nbytes'])}, {held}")
     t.add_row("format version", str(s.manifest["format_version"]))
     if s.shard is not None:
         t.add_row("shard", f"worker {s.shard['index']} of {s.shard['workers']} (mer store split)")

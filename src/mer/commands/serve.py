@@ -71,7 +71,7 @@ def run(
     api_key: str | None,
     ram_budget: int | None,
     memory: int | None,
-    dense_quant: str,
+    dense_quant: str | None,
     kv_budget: int,
     dtype: str,
     max_batch_tokens: int,

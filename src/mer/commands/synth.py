@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="int4", choices=["int4"], help="with --store")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
                    help="with --store (default as for convert)")  # fmt: skip
+    p.add_argument("--dense-quant", default="bf16", choices=["bf16", "int8", "int4"],
+                   help="with --store: the dense matrices' width (as for convert)")  # fmt: skip
     p.add_argument("--gguf", action="store_true",
                    help="write a GGUF file laid out as llama.cpp does (random blocks)")  # fmt: skip
     p.add_argument("--gguf-type", default="Q4_K", choices=["Q4_0", "Q4_K", "Q8_0"],
@@ -40,6 +42,7 @@ def run(
     store: bool,
     quant: str,
     group_size: int | None,
+    dense_quant: str,
     gguf: bool,
     gguf_type: str,
     layers: int | None,
@@ -71,7 +74,7 @@ def run(
     elif store:
         from mer.synth.store import write_random_store
 
-        path = write_random_store(out, cfg, quant, group_size, seed=seed)
+        path = write_random_store(out, cfg, quant, group_size, seed=seed, dense_quant=dense_quant)
     else:
         import torch
 

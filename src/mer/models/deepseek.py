@@ -14,7 +14,10 @@ numbers per token and layer instead of 16 x (192 + 128) = 5120, 8.9x less.
 Attention runs on the latent directly: `kv_b_proj`'s key half is absorbed into
 the query and its value half applied after the softmax, so nothing is expanded
 per cached token. `mla_cache="full"` caches expanded K and V instead (the
-layout of plain attention), against which the latent cache is tested.
+layout of plain attention), against which the latent cache is tested. Every
+projection goes through `mer.quant.dense.linear`, so compact dense weights
+(`--dense-quant`) cover MLA too; the absorbed `kv_b_proj` is used per head as a
+matrix, so a quantized one is dequantized for each pass, one layer at a time.
 
 Routing: V2 takes the softmax's top-k, optionally within the `topk_group` best
 of `n_group` groups (`group_limited_greedy`, a group scored by its best expert);
@@ -38,6 +41,7 @@ from mer.models.config import ModelConfig
 from mer.models.family import Family, Shape
 from mer.models.layers import Rotary, apply_rotary, attention, rms_norm, route_grouped, yarn
 from mer.models.layers import yarn_mscale as mscale
+from mer.quant.dense import linear
 
 _P = "model.layers.{i}."
 _A = _P + "self_attn."
@@ -157,17 +161,17 @@ class DeepseekV2(Family):
         w, p = m.w, f"layers.{i}."
         t, nope, dr = h.shape[0], cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         if cfg.q_lora_rank:
-            q_a = rms_norm(F.linear(h, w[p + "q_a"]), w[p + "q_a_norm"], _LORA_EPS)
-            q = F.linear(q_a, w[p + "q_b"])
+            q_a = rms_norm(linear(h, w[p + "q_a"]), w[p + "q_a_norm"], _LORA_EPS)
+            q = linear(q_a, w[p + "q_b"])
         else:
-            q = F.linear(h, w[p + "q"])
+            q = linear(h, w[p + "q"])
         q_nope, q_pe = q.view(t, cfg.num_attention_heads, -1).split([nope, dr], -1)
-        latent, k_pe = F.linear(h, w[p + "kv_a"]).split([cfg.kv_lora_rank, dr], -1)
+        latent, k_pe = linear(h, w[p + "kv_a"]).split([cfg.kv_lora_rank, dr], -1)
         latent = rms_norm(latent, w[p + "kv_a_norm"], _LORA_EPS)  # [T, r]
         q_pe, k_pe = self._rotate(cfg, q_pe, rope), self._rotate(cfg, k_pe[:, None], rope)
         attend = _attend_full if cfg.mla_cache == "full" else _attend_latent
         out = attend(cfg, i, w[p + "kv_b"], q_nope, q_pe, latent, k_pe, spans)  # [T, H*Dv]
-        return F.linear(out, w[p + "o"])
+        return linear(out, w[p + "o"])
 
     @staticmethod
     def _rotate(cfg: DeepseekConfig, x: torch.Tensor, rope) -> torch.Tensor:
@@ -226,6 +230,8 @@ def _attend_latent(cfg: DeepseekConfig, i: int, kv_b, q_nope, q_pe, latent, k_pe
     q_nope . (W_uk c) = (q_nope W_uk) . c, and the value W_uv c is applied after the softmax.
     q_nope [T, H, nope], q_pe [T, H, dr], latent [T, r], k_pe [T, 1, dr] -> [T, H*Dv]."""
     heads, nope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    if not isinstance(kv_b, torch.Tensor):  # quantized: both halves are needed as matrices
+        kv_b = kv_b.dequantize().to(latent.dtype)
     kv_b = kv_b.view(heads, nope + dv, cfg.kv_lora_rank)  # per head: [W_uk; W_uv]
     q_lat = torch.bmm(q_nope.transpose(0, 1), kv_b[:, :nope]).float()  # [H, T, r]
     q_pe = q_pe.transpose(0, 1).float()  # [H, T, dr]
@@ -244,7 +250,7 @@ def _attend_full(cfg: DeepseekConfig, i: int, kv_b, q_nope, q_pe, latent, k_pe, 
     """Plain attention on expanded keys [H, nope + dr] and values [H, Dv], cached so."""
     t, heads = latent.shape[0], cfg.num_attention_heads
     k_nope, v = (
-        F.linear(latent, kv_b).view(t, heads, -1).split([cfg.qk_nope_head_dim, cfg.v_head_dim], -1)
+        linear(latent, kv_b).view(t, heads, -1).split([cfg.qk_nope_head_dim, cfg.v_head_dim], -1)
     )
     k = torch.cat([k_nope, k_pe.expand(t, heads, -1)], -1)
     q = torch.cat([q_nope, q_pe], -1)

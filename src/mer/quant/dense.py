@@ -5,10 +5,14 @@ the output head) held at 8 or 4 bits with the CPU kernels PyTorch has.
 (F.linear, unchanged: bf16 dense weights and float32 runs stay exact) or a
 quantized weight, which computes x @ W.T itself. Int8 is symmetric per output
 channel (`aten._weight_int8pack_mm`); int4 is group-wise asymmetric, the same
-layout as int4 experts (`mer.quant.int4`, `aten._weight_int4pack_mm_for_cpu`).
+layout as int4 experts (`mer.quant.int4`), run by PyTorch's int4 kernel or mer's C kernel,
+whichever measures faster for the shape (`mer.quant.dense_paths`).
 `quantize_dense` chooses what is quantized: only the matrices named in
 `QUANTIZED`; norms, routers, biases, the embedding table and anything a family
-keeps in float32 stay exact. It knows nothing about stores.
+keeps in float32 stay exact. Quantizing goes a block of rows at a time, so a matrix
+is never held in float32 whole (the output head of a 32k vocabulary would be 0.5 GiB).
+`named_parts` / `from_parts` give a weight's tensors and what describes them, for a
+store to write and read back; this module knows nothing about files.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mer.quant import dense_paths, int4
+from mer.quant import bf16_gemv, dense_paths, int4
 
 DENSE_QUANTS = ("bf16", "int8", "int4")
+ROWS_PER_BLOCK = 1024  # rows quantized at a time (a multiple of every int4 layout's block)
 # Short names (after `layers.{i}.`) and global names of the matrices that may be quantized.
 QUANTIZED = frozenset(
     {"q", "k", "v", "o", "shared.gate", "shared.up", "shared.down", "mlp.gate", "mlp.up"}
     | {"mlp.down", "lm_head"}
+    | {"q_a", "q_b", "kv_a", "kv_b"}  # DeepSeek's latent attention (MLA)
 )
 
 
@@ -37,10 +43,21 @@ class Int8Weight:
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Int8Weight:
-        w = w.float()
-        scales = (w.abs().amax(1) / 127).clamp_min(1e-10)
-        data = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        data = torch.empty(w.shape, dtype=torch.int8)
+        scales = torch.empty(w.shape[0], dtype=torch.float32)
+        for rows in _blocks(w.shape[0]):
+            b = w[rows].float()
+            s = (b.abs().amax(1) / 127).clamp_min(1e-10)
+            data[rows] = torch.round(b / s[:, None]).clamp_(-127, 127).to(torch.int8)
+            scales[rows] = s
         return cls(data, scales)
+
+    def named_parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"scheme": "int8"}, {"data": self.data, "scales": self.scales}
+
+    @classmethod
+    def from_parts(cls, meta: dict, parts: dict[str, torch.Tensor]) -> Int8Weight:
+        return cls(parts["data"], parts["scales"])
 
     @property
     def shape(self) -> torch.Size:
@@ -71,8 +88,27 @@ class Int4Weight:
         n, k = w.shape
         g = int4.default_group_size(k, preferred=preferred_group)
         int4.check_shape(n, k, g)
-        packed, scales_zeros = int4.encode(w.float(), g)
+        # Blocks of whole kernel blocks pack as the matrix would whole (only the last may
+        # end in a partial block, as the whole matrix's last does).
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
+        scales_zeros = torch.empty(k // g, n, 2, dtype=torch.bfloat16)
+        for rows in _blocks(n):
+            packed[rows], scales_zeros[:, rows] = int4.encode(w[rows].float(), g)
         return cls(int4.Int4Linear(packed, scales_zeros, g, n, k))
+
+    def named_parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        lin = self.linear
+        meta = {"scheme": "int4", "group_size": lin.group_size, "layout": int4.kernel_layout()}
+        return meta, {"packed": lin.packed, "scales_zeros": lin.scales_zeros}
+
+    @classmethod
+    def from_parts(cls, meta: dict, parts: dict[str, torch.Tensor]) -> Int4Weight:
+        """From stored parts; packed for another CPU's layout, repacked for this one's."""
+        packed, sz = parts["packed"], parts["scales_zeros"]
+        n, k = packed.shape[0], packed.shape[1] * 2
+        if meta["layout"] != int4.kernel_layout():
+            packed = int4.pack(int4.unpack(packed, n, k, meta["layout"]), int4.kernel_layout())
+        return cls(int4.Int4Linear(packed, sz, meta["group_size"], n, k))
 
     @property
     def shape(self) -> torch.Size:
@@ -80,7 +116,8 @@ class Int4Weight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        return self.linear(x.reshape(-1, x.shape[-1]).contiguous()).view(*lead, -1)
+        y = dense_paths.matmul(self.linear, x.reshape(-1, x.shape[-1]).contiguous())
+        return y.view(*lead, -1)
 
     def dequantize(self) -> torch.Tensor:
         return self.linear.dequantize()
@@ -90,12 +127,25 @@ class Int4Weight:
 
 
 QuantWeight = Int8Weight | Int4Weight
+SCHEMES = {"int8": Int8Weight, "int4": Int4Weight}  # a stored weight's scheme -> its type
+# Each scheme's parts: name -> (dtype, shape for a weight [n, k] with int4 group size g).
+PARTS = {
+    "int8": {"data": (torch.int8, lambda n, k, g: [n, k]),
+             "scales": (torch.float32, lambda n, k, g: [n])},
+    "int4": {"packed": (torch.uint8, lambda n, k, g: [n, k // 2]),
+             "scales_zeros": (torch.bfloat16, lambda n, k, g: [k // g, n, 2])},
+}  # fmt: skip
+
+
+def _blocks(n: int):
+    for start in range(0, n, ROWS_PER_BLOCK):
+        yield slice(start, min(n, start + ROWS_PER_BLOCK))
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias) for a plain tensor or a quantized weight."""
     if isinstance(w, torch.Tensor):
-        y = dense_paths.gemv(x, w)  # one bf16 token: the faster measured GEMV
+        y = bf16_gemv.gemv(x, w)  # one bf16 token: the faster measured GEMV
         if y is not None:
             return y if bias is None else y + bias
         return F.linear(x, w, bias)

@@ -143,9 +143,10 @@ def native_available() -> bool:
     return _lib() is not None
 
 
-def c_linear(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
-    """y = x @ W.T by the C kernel (float32 out). The caller checks `eligible`."""
-    return _linear_raw(_lib(), lin, x, threads_for(lin.packed.nbytes))
+def c_linear(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """y = x @ W.T by the C kernel (float32 out), on `threads` (default: by its size). The
+    caller checks `eligible`."""
+    return _linear_raw(_lib(), lin, x, threads or threads_for(lin.packed.nbytes))
 
 
 def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:

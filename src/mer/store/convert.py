@@ -19,6 +19,7 @@ from mer.models import naming
 from mer.models.registry import family
 from mer.progress import progress_bar
 from mer.quant import int4
+from mer.quant.dense import DENSE_QUANTS
 from mer.quant.expert import SCHEMES, ExpertFormat
 from mer.store import format as fmt
 from mer.store.hub import resolve_source
@@ -35,11 +36,18 @@ def convert(
     group_size: int | None = None,
     force: bool = False,
     progress: bool = True,
+    dense_quant: str = "bf16",
 ) -> Path:
+    """`dense_quant` ("int8", "int4") stores the attention, shared-expert, dense-layer and
+    output-head matrices quantized (`mer.quant.dense`); norms, routers, embedding stay."""
+    if dense_quant not in DENSE_QUANTS:
+        raise ConvertError(f"unknown --dense-quant {dense_quant!r} (choose from "
+                           f"{', '.join(DENSE_QUANTS)})")  # fmt: skip
     if str(src).endswith(".gguf"):  # a GGUF file, or the first of a split set
         from mer.store.convert_gguf import convert_gguf
 
-        return convert_gguf(src, dst, quant, group_size, force=force, progress=progress)
+        return convert_gguf(src, dst, quant, group_size, force=force, progress=progress,
+                            dense_quant=dense_quant)  # fmt: skip
     src, dst = resolve_source(src), Path(dst)
     if not src.is_dir():
         raise ConvertError(f"{src}: no such checkpoint directory")
@@ -84,7 +92,8 @@ def convert(
         planned = dense_nbytes(source.info(hf)[0] for hf in dense) + sum(
             f.stat().st_size for f in tokenizer_files
         )
-        with StoreWriter(dst, cfg, hf_config, ef, overwrite=force, planned_bytes=planned) as writer:
+        with StoreWriter(dst, cfg, hf_config, ef, overwrite=force, planned_bytes=planned,
+                         dense_quant=dense_quant) as writer:  # fmt: skip
             with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
                 for hf, ours in dense.items():
                     t = source.get(hf)

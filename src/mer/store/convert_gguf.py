@@ -361,8 +361,10 @@ def convert_gguf(
     force: bool = False,
     progress: bool = True,
     report: list | None = None,
+    dense_quant: str = "bf16",
 ) -> Path:
-    """Convert; `report`, if given, receives (type, action, tensors, measured error) rows."""
+    """Convert; `report`, if given, receives (type, action, tensors, measured error) rows;
+    `dense_quant` as for `mer.store.convert.convert`."""
     src, dst = Path(src), Path(dst)
     with GGUFSource(src) as source:
         p = plan(source, quant, group_size)
@@ -375,7 +377,8 @@ def convert_gguf(
         measured: dict[str, list] = {}  # GGUF type -> [(max, rms) ...] of parts it made
         with tempfile.TemporaryDirectory(prefix="mer-gguf-tok-") as tok_dir:
             tok_files = tokenizer_files(source.parts[0], Path(tok_dir), source.meta)
-            with StoreWriter(dst, cfg, p.hf_config, ef, overwrite=force) as writer:
+            with StoreWriter(dst, cfg, p.hf_config, ef, overwrite=force,
+                             dense_quant=dense_quant) as writer:  # fmt: skip
                 with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
                     for ours, g in p.dense.items():
                         writer.add_dense(ours, dense_tensor(source, p, ours))

@@ -16,13 +16,16 @@ from __future__ import annotations
 import xxhash
 
 FORMAT_NAME = "mer-store"
-# 2: experts may carry biases (`experts.format.bias`). A store without them is still written
-# as 1, so an older mer, which would ignore the biases, reads only what it can run right.
-FORMAT_VERSION = 2
+# 2: experts may carry biases (`experts.format.bias`). 3: dense matrices may be stored
+# quantized (`dense.quant`, entries with `parts`). A store needing neither is still written
+# as 1, so an older mer reads every store it can run right and refuses the others.
+FORMAT_VERSION = 3
 
 
-def version_for(expert_format: dict) -> int:
-    """The oldest format version that describes a store with these experts."""
+def version_for(expert_format: dict, dense_quant: str = "bf16") -> int:
+    """The oldest format version that describes a store with these experts and dense weights."""
+    if dense_quant != "bf16":
+        return 3
     return 2 if expert_format.get("bias") else 1
 
 

@@ -13,10 +13,13 @@ import math
 from pathlib import Path
 
 from mer.errors import StoreError
+from mer.quant import dense as qdense
+from mer.quant import int4
 from mer.quant.expert import EXTENT_ALIGN, ExpertFormat
 from mer.store import format as fmt
 
 DENSE_DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
+PART_DTYPES = {**DENSE_DTYPES, "int8": 1, "uint8": 1}  # a quantized matrix's parts
 
 
 def check_manifest(m, path: Path) -> ExpertFormat:
@@ -46,23 +49,19 @@ def check_manifest(m, path: Path) -> ExpertFormat:
     tensors = dense.get("tensors")
     if not isinstance(tensors, dict):
         fail("dense.tensors", "must be an object of tensor name -> entry")
+    quant = dense.get("quant", "bf16")
+    if quant not in qdense.DENSE_QUANTS:
+        fail("dense.quant", f"is {quant!r}, not one of {', '.join(qdense.DENSE_QUANTS)}")
     for name, t in tensors.items():
         where = f"dense.tensors[{name!r}]"
         if not isinstance(t, dict):
             fail(where, "must be an object")
-        offset = _count(t, f"{where}.offset", fail)
-        nbytes = _count(t, f"{where}.nbytes", fail)
-        dtype, shape = t.get("dtype"), t.get("shape")
-        if dtype not in DENSE_DTYPES:
-            fail(f"{where}.dtype", f"is {dtype!r}, not one of {', '.join(DENSE_DTYPES)}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            fail(f"{where}.shape", f"must be a list of sizes, got {shape!r}")
-        if math.prod(shape) * DENSE_DTYPES[dtype] != nbytes:
-            fail(f"{where}.shape", f"{shape} of {dtype} does not fill its {nbytes} bytes")
-        if offset + nbytes > dense_size:
-            fail(f"{where}.offset", f"{offset} + {nbytes} bytes runs past dense.nbytes")
-        if not isinstance(t.get("checksum"), str):
-            fail(f"{where}.checksum", "must be a string")
+        if "parts" in t:
+            if version < 3:
+                fail(f"{where}.parts", f"needs format version 3 (the manifest says {version})")
+            _check_quantized(t, where, dense_size, fail)
+        else:
+            _check_entry(t, where, DENSE_DTYPES, dense_size, fail)
 
     experts = _object(m, "experts", fail)
     _file_name(experts, "experts.file", fail)
@@ -114,6 +113,56 @@ def _check_shard(shard, fail) -> None:
         for k in experts
     ):
         fail("shard.experts", "must be a list of [layer, expert]")
+
+
+def _check_entry(t, where: str, dtypes: dict, dense_size: int, fail) -> None:
+    """One stored tensor: offset, size, dtype, shape and checksum fields."""
+    if not isinstance(t, dict):
+        fail(where, "must be an object")
+    offset = _count(t, f"{where}.offset", fail)
+    nbytes = _count(t, f"{where}.nbytes", fail)
+    dtype, shape = t.get("dtype"), t.get("shape")
+    if dtype not in dtypes:
+        fail(f"{where}.dtype", f"is {dtype!r}, not one of {', '.join(dtypes)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        fail(f"{where}.shape", f"must be a list of sizes, got {shape!r}")
+    if math.prod(shape) * dtypes[dtype] != nbytes:
+        fail(f"{where}.shape", f"{shape} of {dtype} does not fill its {nbytes} bytes")
+    if offset + nbytes > dense_size:
+        fail(f"{where}.offset", f"{offset} + {nbytes} bytes runs past dense.nbytes")
+    if not isinstance(t.get("checksum"), str):
+        fail(f"{where}.checksum", "must be a string")
+
+
+def _check_quantized(t: dict, where: str, dense_size: int, fail) -> None:
+    """A matrix stored quantized: its scheme, its [n, k] shape, each part as the scheme
+    lays it out (so loading can view the bytes with no surprise)."""
+    scheme, shape = t.get("scheme"), t.get("shape")
+    if scheme not in qdense.PARTS:
+        fail(f"{where}.scheme", f"is {scheme!r}, not one of {', '.join(qdense.PARTS)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(_is_int(d) and d > 0 for d in shape)
+    ):
+        fail(f"{where}.shape", f"must be [rows, columns], got {shape!r}")
+    g = 1
+    if scheme == "int4":
+        g = t.get("group_size")
+        if g not in int4.GROUP_SIZES or shape[1] % g:
+            fail(f"{where}.group_size", f"is {g!r}, not an int4 group size dividing {shape[1]}")
+        if t.get("layout") not in int4.LAYOUTS:
+            fail(f"{where}.layout", f"is {t.get('layout')!r}, not one of {', '.join(int4.LAYOUTS)}")
+    parts = t["parts"]
+    if not isinstance(parts, dict) or set(parts) != set(qdense.PARTS[scheme]):
+        fail(f"{where}.parts", f"must hold exactly {', '.join(qdense.PARTS[scheme])}")
+    for part, (dtype, shape_of) in qdense.PARTS[scheme].items():
+        p = parts[part]
+        _check_entry(p, f"{where}.parts.{part}", PART_DTYPES, dense_size, fail)
+        want_dtype = str(dtype).removeprefix("torch.")
+        if p["dtype"] != want_dtype or p["shape"] != shape_of(*shape, g):
+            fail(f"{where}.parts.{part}", f"must be {want_dtype} {shape_of(*shape, g)} for "
+                 f"{scheme} {shape}, got {p['dtype']} {p['shape']}")  # fmt: skip
 
 
 def _is_int(x) -> bool:

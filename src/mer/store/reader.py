@@ -2,7 +2,9 @@
 
 `Store` answers where each expert lives and loads the dense weights; it reads
 no expert bytes itself (that is the I/O layer's job) but it is the one that
-judges them: `verify_expert` compares a read extent with its checksum.
+judges them: `verify_expert` compares a read extent with its checksum. Dense
+matrices stored quantized (`dense.quant`) load as the quantized weights they are
+(`mer.quant.dense`), straight from their parts: no full-width copy is ever made.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from mer.config import ModelConfig
 from mer.errors import ConfigError, StoreError
+from mer.quant import dense as qdense
 from mer.store import format as fmt
 from mer.store.manifest import check_manifest
 
@@ -46,6 +49,11 @@ class Store:
         self.dense_path = self.path / m["dense"]["file"]
         self.expert_path = self.path / m["experts"]["file"]
         self._check_files()
+
+    @property
+    def dense_quant(self) -> str:
+        """How the quantizable dense matrices are stored: "bf16" (as given), "int8", "int4"."""
+        return self.manifest["dense"].get("quant", "bf16")
 
     @property
     def manifest_path(self) -> Path:
@@ -112,7 +120,8 @@ class Store:
             )
 
     def load_dense(self, dtype: torch.dtype | None = None, names=None) -> dict[str, torch.Tensor]:
-        """All resident tensors (or those in `names`), checksummed, optionally cast to `dtype`."""
+        """All resident tensors (or those in `names`), checksummed, optionally cast to `dtype`;
+        a matrix stored quantized comes as its quantized weight, whatever `dtype`."""
         out: dict[str, torch.Tensor] = {}
         table = self.dense_table
         if names is not None:
@@ -122,20 +131,25 @@ class Store:
         # Read each tensor straight into its own buffer: no second copy of the dense weights.
         with open(self.dense_path, "rb", buffering=0) as f:
             for name, t in table.items():
-                buf = torch.empty(t["nbytes"], dtype=torch.uint8)
-                f.seek(t["offset"])
-                if (
-                    f.readinto(buf.numpy()) != t["nbytes"]
-                    or fmt.checksum(buf.numpy()) != t["checksum"]
-                ):
-                    raise StoreError(
-                        f"{self.dense_path}: tensor {name} at offset {t['offset']} fails its "
-                        "checksum; the store is corrupted (re-convert it)"
-                    )
-                tensor = buf.view(getattr(torch, t["dtype"])).reshape(t["shape"])
+                if "parts" in t:
+                    parts = {p: self._read(f, f"{name}.{p}", e) for p, e in t["parts"].items()}
+                    out[name] = qdense.SCHEMES[t["scheme"]].from_parts(t, parts)
+                    continue
+                tensor = self._read(f, name, t)
                 out[name] = tensor if dtype is None else tensor.to(dtype)
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         return out
+
+    def _read(self, f, name: str, t: dict) -> torch.Tensor:
+        """One stored tensor, read into its own buffer and checked against its checksum."""
+        buf = torch.empty(t["nbytes"], dtype=torch.uint8)
+        f.seek(t["offset"])
+        if f.readinto(buf.numpy()) != t["nbytes"] or fmt.checksum(buf.numpy()) != t["checksum"]:
+            raise StoreError(
+                f"{self.dense_path}: tensor {name} at offset {t['offset']} fails its "
+                "checksum; the store is corrupted (re-convert it)"
+            )
+        return buf.view(getattr(torch, t["dtype"])).reshape(t["shape"])
 
     @property
     def expert_bytes_total(self) -> int:

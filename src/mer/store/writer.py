@@ -22,6 +22,7 @@ import torch
 import mer
 from mer.config import ModelConfig
 from mer.errors import StoreError
+from mer.quant import dense as qdense
 from mer.quant.expert import ExpertFormat
 from mer.store import format as fmt
 from mer.store.staging import Staging, is_disk_full
@@ -65,6 +66,8 @@ class StoreWriter:
 
     `planned_bytes` are the bytes the caller will add besides the expert file (dense
     tensors: `dense_nbytes`; tokenizer files), for the free-space check made up front.
+    `dense_quant` ("int8", "int4") stores the matrices `mer.quant.dense` may quantize in
+    that scheme, quantized as they are added, so loading needs no bf16 copy of them.
     """
 
     def __init__(
@@ -76,7 +79,11 @@ class StoreWriter:
         dense_dtype: torch.dtype = torch.bfloat16,
         overwrite: bool = False,
         planned_bytes: int = 0,
+        dense_quant: str = "bf16",
     ) -> None:
+        if dense_quant not in qdense.DENSE_QUANTS:
+            raise StoreError(f"--dense-quant must be one of {', '.join(qdense.DENSE_QUANTS)}")
+        self.dense_quant = dense_quant
         self.dst = Path(dst)
         self.config = config
         self.hf_config = hf_config
@@ -100,13 +107,26 @@ class StoreWriter:
         """Append a resident tensor, stored in `dtype`, by default the store's dense dtype."""
         if name in self._dense_table:
             raise StoreError(f"dense tensor {name} written twice")
-        t = tensor.detach().to(dtype or self.dense_dtype).contiguous()
+        t = tensor.detach()
+        if self.dense_quant != "bf16" and dtype is None and qdense.quantizable(name, t):
+            q = qdense.quantize(t, self.dense_quant)
+            if not isinstance(q, torch.Tensor):
+                meta, parts = q.named_parts()
+                entry = {**meta, "shape": list(t.shape)}
+                entry["parts"] = {part: self._append(p) for part, p in parts.items()}
+                self._dense_table[name] = entry
+                return
+        self._dense_table[name] = self._append(t.to(dtype or self.dense_dtype))
+
+    def _append(self, t: torch.Tensor) -> dict:
+        """Write `t` at the next aligned offset of the dense file; its table entry."""
+        t = t.contiguous()
         pos = self._dense.tell()
         pad = -pos % fmt.DENSE_ALIGN
         self._dense.write(b"\0" * pad)
         data = t.reshape(-1).view(torch.uint8).numpy()
         self._dense.write(data)
-        self._dense_table[name] = {
+        return {
             "offset": pos + pad,
             "nbytes": data.nbytes,
             "dtype": str(t.dtype).removeprefix("torch."),
@@ -153,13 +173,14 @@ class StoreWriter:
         ]
         manifest = {
             "format": fmt.FORMAT_NAME,
-            "format_version": fmt.version_for(self.expert_format.to_dict()),
+            "format_version": fmt.version_for(self.expert_format.to_dict(), self.dense_quant),
             "created_by": f"mer {mer.__version__}",
             "model_config": cfg.to_dict(),
             "hf_config": self.hf_config,
             "dense": {
                 "file": fmt.DENSE_FILE,
                 "dtype": str(self.dense_dtype).removeprefix("torch."),
+                **({"quant": self.dense_quant} if self.dense_quant != "bf16" else {}),
                 "nbytes": (self.tmp / fmt.DENSE_FILE).stat().st_size,
                 "tensors": self._dense_table,
             },

@@ -50,7 +50,9 @@ def write_random_store(
     group_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    dense_quant: str = "bf16",
 ) -> Path:
+    """`dense_quant` ("int8", "int4") stores the quantizable dense matrices so (as convert)."""
     if quant != "int4":
         raise ValueError("random stores are int4 only")
     cfg = ModelConfig.from_hf(hf)
@@ -64,7 +66,7 @@ def write_random_store(
     total = len(dense) + cfg.num_experts_total
     gen = torch.Generator()
     planned = dense_nbytes(s for _, s in dense)
-    with StoreWriter(out, cfg, hf, ef, planned_bytes=planned) as writer:
+    with StoreWriter(out, cfg, hf, ef, planned_bytes=planned, dense_quant=dense_quant) as writer:
         with progress_bar(total, f"synth store {Path(out).name}", progress, unit="tensors") as bar:
             for name, shape in dense:
                 t = random_tensor(name, shape, gen, torch.bfloat16, seed, cfg.num_hidden_layers)
