@@ -45,8 +45,8 @@ from mer.progress import progress_bar
 from mer.store.reader import Store
 from mer.trace.forced import TraceRouting, check_trace_shape, decode_sequences
 from mer.trace.format import Trace, load_trace, split_trace
-from mer.trace.prefetch import Device, plan, simulate_prefetch
-from mer.trace.replay import accesses, frequent_keys, simulate
+from mer.trace.prefetch import Device, no_plan, plan, simulate_prefetch
+from mer.trace.replay import accesses, frequent_keys
 from mer.trace.stats import batch_dedup
 from mer.units import fmt_decimal
 
@@ -177,10 +177,11 @@ def run(
             whole.run("lru", warm=True)
             full = whole.run("lru", name="lru (all in RAM, warm)")
             kernels = kernel_time(model, routing, bar)
+            expert_s = expert_time(model, whole.cache)
             whole.cache = model.experts = None  # its slots go back before the next runs
             step_s = (full.seconds - full.stall) / (full.tokens * layers)
         else:
-            step_s, kernels = step_ms / 1e3, None
+            step_s, kernels, expert_s = step_ms / 1e3, None, 0.0
         top_k = cfg.num_experts_per_tok
         spare = guesses or max(1, min(top_k, math.floor(step_s / read_s)))
         sims = Simulator(train, replay, cfg.moe_layers, pin_share, speculator)
@@ -196,10 +197,10 @@ def run(
             run_read = got.read_s or read_s
             if policy == "lru" and not pinned and not pf and guesses is None:
                 spare = max(1, min(top_k, math.floor(got.step_s / run_read)))  # what it saw
-            sim = sims.predict(policy, slots, pinned, pf, run_read, got.step_s, spare)
+            sim = sims.predict(policy, slots, pinned, pf, run_read, got.step_s, expert_s, spare)
             rows.append((fraction, slots, got, sim))
     if rows or full is not None:
-        show(console, rows, full, read_s, replay.n_tokens, layers, cfg.num_experts_per_tok)
+        show(console, rows, full, read_s, expert_s, replay.n_tokens, layers, top_k)
     if kernels is not None:
         wall, inside, n = kernels
         console.print(
@@ -256,6 +257,25 @@ def batching(console, model, store, trace, held, n, length, slots, io_threads) -
         "one token each (random tokens of the whole trace, mer bench routing); share of "
         "bound: the measured cut in SSD bytes less 1, over the bound less 1."
     )
+
+
+def expert_time(model, cache: ExpertCache, n: int = 24, reps: int = 5) -> float:
+    """Seconds one expert FFN takes on one token (a decode step's), the median over up to
+    `n` experts in RAM: the compute of a layer that overlaps its reads."""
+    cfg = model.config
+    keys = [(m, e) for m in cfg.moe_layers for e in range(cfg.num_local_experts)
+            if cache.is_resident(m, e)][:: max(1, cfg.num_experts_total // n)][:n]  # fmt: skip
+    x = torch.randn(1, cfg.hidden_size, dtype=model.dtype)
+    times = []
+    with torch.inference_mode():
+        for m, e in keys:
+            with cache.use(m, e) as ffn:
+                ffn(x)  # once untimed: the first call of a shape may choose its kernel
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    ffn(x)
+                times.append((time.perf_counter() - t0) / reps)
+    return float(np.median(times)) if times else 0.0
 
 
 def kernel_time(model, routing: TraceRouting, bar) -> tuple[float, float, int]:
@@ -343,25 +363,23 @@ class Simulator:
         n = self.replay.n_experts
         return self.layers[k // n], k % n
 
-    def predict(self, policy, slots, pinned, pf, read_s, step_s, guesses):
+    def predict(self, policy, slots, pinned, pf, read_s, step_s, expert_s, guesses):
         """The prediction for a run on a device reading an expert in `read_s`, computing
-        `step_s` per MoE layer, prefetching `guesses` per layer with `pf`."""
-        device = Device(read_s, step_s)
+        `step_s` per MoE layer of which `expert_s` per expert FFN (overlapping the layer's
+        reads), prefetching `guesses` per layer with `pf`."""
+        device = Device(read_s, step_s, min(expert_s, step_s / self.replay.top_k))
         pins = ()
         if pinned:
             n = pin_capacity(slots, self.pin_share, self.replay.top_k)
             pins = frequent_keys(accesses(self.train, "token"), n)
         steps = len(self.acc.step_layer)
-        if pf is None:
-            misses = simulate(self.acc, policy, slots, pins)
-            stall, prefetched, used = misses * read_s, 0, 0
-        else:
-            r = simulate_prefetch(self.acc, policy, slots, self._plan(pf, guesses), pins, device)
-            misses, stall, prefetched, used = r.misses, r.stall_s, r.prefetches, r.useful
+        todo = no_plan(self.acc) if pf is None else self._plan(pf, guesses)
+        r = simulate_prefetch(self.acc, policy, slots, todo, pins, device)
+        misses, stall, prefetched, used = r.misses, r.stall_s, r.prefetches, r.useful
         wall = steps * step_s + stall
         return dict(misses=misses, stall=stall, tok_s=self.replay.n_tokens / wall,
                     prefetched=prefetched, used=used, read_s=read_s, step_s=step_s,
-                    guesses=guesses if pf else 0)  # fmt: skip
+                    expert_s=device.expert_s, guesses=guesses if pf else 0)  # fmt: skip
 
     def _plan(self, pf: str, guesses: int):
         if (pf, guesses) not in self._plans:
@@ -409,7 +427,7 @@ def _runs(fractions, prefetch):
     return out
 
 
-def show(console, rows, full, read_s, tokens, layers, top_k) -> None:
+def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
     table = Table(title="decode with real routing: engine (measured) vs replay simulator")
     cols = ["residency", "run", "tok/s", "stall ms/tok", "hits", "MB/tok", "prefetch used",
             "read ms", "step ms", "sim hits", "sim stall ms/tok", "stall err", "sim tok/s",
@@ -457,7 +475,10 @@ def show(console, rows, full, read_s, tokens, layers, top_k) -> None:
         f"{tokens} tokens x {layers} MoE layers per run; the simulator replays each run with "
         "that run's measured read ms (device busy time per expert read; a run that read "
         f"nothing: {1e3 * read_s:.2f} ms, random experts read together before the runs) and "
-        "step ms (forward time less stall, per MoE layer step)",
+        "step ms (forward time less stall, per MoE layer step), of which "
+        f"{1e3 * expert_s:.2f} ms per expert FFN (one token, measured on the warm cache) "
+        "overlaps the layer's reads, as in the engine (its resident experts compute while "
+        "its misses are read)",
         "live prefetch: the next MoE layer's best guesses not in RAM, as many per layer as "
         "the lru run's step ms over read ms (read while no demand read is in flight)",
         "stall: time acquires waited for reads; stall err: engine over simulator, less 1",

@@ -10,8 +10,12 @@ the cache's own. At each MoE layer of a forward pass it
    from the routing seen so far, with the same `Predictor.scores` the benchmarks
    measure, and prefetches the best ones not in RAM: as many as the device can read
    while this layer computes (`spare`), so that prefetching uses bandwidth that would
-   otherwise idle. The read engine starts a prefetch only while no demand read is in
-   flight (`mer.io.engine`), so a prefetch never queues ahead of a demand read.
+   otherwise idle, and only from the ranks whose guesses have been chosen at least
+   `min_precision` of the time so far (`precision`, measured online per rank of the
+   predictor's order: a rank guessing worse reads more than it saves, since each wasted
+   read costs a read and a slot). The read engine starts a prefetch only while no
+   demand read is in flight (`mer.io.engine`), in small chunks, so a prefetch never
+   queues ahead of a demand read and one under way delays it by a chunk at most.
 
 The predictor learns online (`learn`, for those that can, i.e. the Markov chain): from
 each sequence's routing as it runs, in blocks of `LEARN_EVERY` tokens and at its end.
@@ -32,6 +36,9 @@ from mer.predict.base import Predictor
 from mer.trace.format import Trace
 
 LEARN_EVERY = 64  # decode tokens between two online updates of the predictor
+MIN_PRECISION = 0.5  # a rank whose guesses are chosen less often reads more than it saves
+PRIOR = (1.0, 2.0)  # (chosen, guessed) pseudo-counts of each rank's precision: 0.5 at first
+DECAY = 0.995  # per layer-step, so precision follows the routing of late
 
 
 class LivePrefetcher:
@@ -42,10 +49,12 @@ class LivePrefetcher:
         config,
         guesses: int | None = None,
         learn: bool = True,
+        min_precision: float = MIN_PRECISION,
     ) -> None:
         """`cache`: the expert cache (`fetch`, `prefetch`, `cancel_prefetches`,
-        `is_resident`, `stats`, `format`). `guesses`: experts prefetched per layer; None:
-        as many as the measured read time fits in the measured layer time."""
+        `is_resident`, `stats`, `format`). `guesses`: experts prefetched per layer at most;
+        None: as many as the measured read time fits in the measured layer time.
+        `min_precision`: prefetch only from ranks guessing at least this well (0: all)."""
         self.predictor, self.cache, self.fixed = predictor, cache, guesses
         self.layers = tuple(config.moe_layers)
         self.column = {layer: j for j, layer in enumerate(self.layers)}
@@ -60,12 +69,19 @@ class LivePrefetcher:
         self._last_call: float | None = None
         self.step_s: float | None = None  # measured time between two MoE layers (EMA)
         self.guessed = 0  # guesses made (prefetches asked for)
+        self.min_precision = min_precision
+        # Per rank of the predictor's order (best first), decayed: how often the expert at
+        # that rank was chosen by the layer it was guessed for, and how often guessed.
+        ranks = 2 * self.top_k
+        self._chosen, self._tried = np.full(ranks, PRIOR[0]), np.full(ranks, PRIOR[1])
+        self._ranked: dict[int, list[int]] = {}  # target layer -> experts in rank order
 
     def begin_sequence(self) -> None:
         self._end_pass()
         self._learn()
         self._prev = None
         self._last_call = None
+        self._ranked.clear()  # guesses for the last sequence's next token: never scored
 
     def spare(self) -> int:
         """Experts to prefetch now: what the device reads in one layer's time."""
@@ -91,6 +107,7 @@ class LivePrefetcher:
         self._last_call = now
         self._cur[:, j] = ids.numpy()
         chosen = ids.unique().tolist()
+        self._score_ranks(layer, chosen)
         cache = self.cache
         cache.cancel_prefetches(layer, keep=chosen)
         missing = [e for e in chosen if not cache.is_resident(layer, e)]
@@ -101,14 +118,36 @@ class LivePrefetcher:
             return  # nothing to spare, or a prompt or batch whose next tokens are unknown
         target = self.layers[(j + 1) % len(self.layers)]
         scores = self._scores(j).sum(0)  # [E]
+        ranked = np.argsort(-scores, kind="stable")[: len(self._tried)].tolist()
+        self._ranked[target] = ranked
+        good = self.precision() >= self.min_precision
         picks = []
-        for e in np.argsort(-scores, kind="stable").tolist():
+        for rank, e in enumerate(ranked):
+            if not good[rank]:
+                break  # ranks guess worse further down: none after it would pay either
             if not cache.is_resident(target, e):
                 picks.append(e)
                 if len(picks) == n:
                     break
         self.guessed += len(picks)
         cache.prefetch(target, picks)
+
+    def precision(self) -> np.ndarray:
+        """float [ranks]: the share of guesses at each rank the layer then chose (decayed,
+        from a prior of one half)."""
+        return self._chosen / self._tried
+
+    def _score_ranks(self, layer: int, chosen: list[int]) -> None:
+        """The layer routed: score the guesses made for it, rank by rank (whether or not
+        they were prefetched: the predictor's precision, not the cache's)."""
+        ranked = self._ranked.pop(layer, None)
+        if ranked is None:
+            return
+        hit = np.isin(np.asarray(ranked), chosen)
+        self._chosen *= DECAY
+        self._tried *= DECAY
+        self._chosen[: len(hit)] += hit
+        self._tried[: len(hit)] += 1
 
     def _scores(self, j: int) -> np.ndarray:
         """float32 [T, E]: the predictor's scores one layer-step after layer `j` for this

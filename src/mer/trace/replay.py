@@ -123,10 +123,11 @@ def simulate(acc: Accesses, policy: str, slots: int, pinned=()) -> int:
 
 
 class Clock(Protocol):
-    """What `run` tells a timed replay (`mer.trace.prefetch`): a step begins, needs a key,
-    has computed; a key is prefetched or evicted."""
+    """What `run` tells a timed replay (`mer.trace.prefetch`): a step of n experts begins,
+    needs a key, has computed; a key is prefetched or evicted; and what it asks: which
+    prefetches have not started when the step routes (they are cancelled)."""
 
-    def begin(self) -> None: ...
+    def begin(self, n: int) -> None: ...
 
     def need(self, key: int) -> None: ...
 
@@ -136,6 +137,8 @@ class Clock(Protocol):
 
     def evict(self, key: int) -> None: ...
 
+    def unstarted(self, keys) -> list[int]: ...
+
 
 def run(
     acc: Accesses,
@@ -143,11 +146,17 @@ def run(
     slots: int,
     plan: Sequence[Sequence[int]] | None = None,
     clock: Clock | None = None,
+    pinned: frozenset[int] = frozenset(),
 ) -> tuple[int, int, int]:
     """Replay the stream through `policy` with `slots` slots, reading after each step the
     keys `plan` lists for it where the policy lets a prefetch have a slot (with its
-    accuracy so far). Returns (demand misses, prefetches, prefetches used)."""
+    accuracy so far). With a `clock`, a prefetch of the step's layer that the step does not
+    use and whose read has not started is cancelled when the step routes, as the engine
+    does: it frees its slot and is no read. Returns (demand misses, prefetches read,
+    prefetches used). `pinned` keys stay outside the policy and its `slots`: each is a miss
+    at its first use and in RAM from then on (the timed replay reads them as they come)."""
     misses = prefetches = useful = count = 0
+    pins_read: set[int] = set()
     unused: set[int] = set()  # prefetched, not used yet
     keys, starts = acc.keys.tolist(), acc.step_starts.tolist()
     layers, n_experts = acc.step_layer.tolist(), acc.n_experts
@@ -156,11 +165,26 @@ def run(
         if s and s % acc.n_layers == 0:  # a pass: a token (token mode) or a prompt (prefill)
             policy.begin_pass()
         step, layer = keys[starts[s] : starts[s + 1]], layers[s]
-        policy.visit(layer, [k - layer * n_experts for k in step])
+        policy.visit(layer, [k - layer * n_experts for k in step if k not in pinned])
         in_step = set(step)  # in use together: none may evict another
         if clock is not None:
-            clock.begin()
+            clock.begin(len(step))
+            lo = layer * n_experts
+            guessed = [k for k in unused if lo <= k < lo + n_experts and k not in in_step]
+            for key in clock.unstarted(guessed):
+                policy.evicted(key)
+                unused.discard(key)
+                clock.evict(key)
+                count -= 1
+                prefetches -= 1
         for key in step:
+            if key in pinned:
+                if key not in pins_read:
+                    pins_read.add(key)
+                    misses += 1
+                if clock is not None:
+                    clock.need(key)
+                continue
             if resident(key):
                 if key in unused:
                     unused.discard(key)
@@ -180,7 +204,7 @@ def run(
             if clock is not None:
                 clock.need(key)
         for key in plan[s] if plan is not None else ():
-            if key in policy:
+            if key in policy or key in pinned:
                 continue
             if count >= slots:
                 accuracy = prefetch_accuracy(useful, prefetches)
