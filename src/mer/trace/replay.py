@@ -93,6 +93,25 @@ def accesses(trace: Trace, mode: str = "token") -> Accesses:
     return Accesses(keys, starts, layers, n_layers, n_experts, trace.top_k)
 
 
+def grouped_accesses(trace: Trace, groups) -> Accesses:
+    """The accesses of decoding the trace's sequences in `groups` (lists of sequence
+    indices), each group together, one token of each of its live sequences per pass: one
+    step per pass and layer, holding the union of their experts (what the engine's MoE
+    block reads: each distinct expert of a batch once). [[0], [1], ...]: one at a time."""
+    n_layers, n_experts = trace.n_layers, trace.n_experts
+    chunks, layers = [], []
+    for group in groups:
+        bounds = [(int(trace.seq_starts[i]), int(trace.seq_starts[i + 1])) for i in group]
+        for t in range(max(b - a for a, b in bounds)):
+            rows = [a + t for a, b in bounds if a + t < b]
+            for m in range(n_layers):
+                chunks.append(np.unique(trace.experts[rows, m]).astype(np.int64) + m * n_experts)
+                layers.append(m)
+    starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+    return Accesses(np.concatenate(chunks), starts, np.array(layers, np.int64), n_layers,
+                    n_experts, trace.top_k)  # fmt: skip
+
+
 def frequent_keys(acc: Accesses, n: int) -> np.ndarray:
     """The `n` most often accessed keys of a stream: a pinned set learned from it."""
     counts = np.bincount(acc.keys, minlength=acc.n_layers * acc.n_experts)
