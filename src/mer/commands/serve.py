@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mer.commands import open_draft, open_model
+from mer.errors import ConfigError
 from mer.options import (
     IOOptions,
     SpeculationOptions,
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-request-bytes", type=positive_size, default="1MiB",
                    help="largest request body")  # fmt: skip
+    p.add_argument("--routing-trace",
+                   help="route every token as this trace (.npz) did, not by the router "
+                   "(benchmarks of real routing on a store of random weights)")  # fmt: skip
     add_speculation_options(p)  # used while a request runs alone; batching takes over after
     # A batch asks for several experts per layer at once, and small reads are bound by the
     # device's latency: more reads in flight (4 -> 16) took 8 agents from 1.5x to 1.8x.
@@ -73,20 +77,35 @@ def run(
     max_request_bytes: int,
     io: IOOptions,
     speculation: SpeculationOptions,
+    routing_trace: str | None = None,
 ) -> None:
     from mer.serve.app import ServerSettings, serve
+    from mer.trace.forced import BatchFeeder, TraceRouting
+    from mer.trace.format import load_trace
+
+    if routing_trace is not None and (speculation.draft or speculation.speculate):
+        raise ConfigError(
+            "--routing-trace cannot drive speculative decoding; drop --speculate and --draft"
+        )
 
     name = model_name or Path(store).resolve().name
     key = api_key or os.environ.get("MER_API_KEY")
     settings = ServerSettings(name, key, max_concurrent, max_request_bytes)
     fit = dict(kv_budget=kv_budget, pass_tokens=max_batch_tokens) if memory is not None else {}
     model = open_model(store, ram_budget, io, memory, dtype=dtype, dense_quant=dense_quant, **fit)
+    feeder = None
+    if routing_trace is not None:
+        routing = TraceRouting.for_model(load_trace(routing_trace), model.transformer,
+                                         routing_trace, store)  # fmt: skip
+        model.transformer.routing_override = routing
+        feeder = BatchFeeder(routing)
     scheduler = model.scheduler(
         kv_budget,
         max_batch_tokens=max_batch_tokens,
         max_running=max_running,
         draft=open_draft(speculation, dtype),
         spec_k=speculation.spec_k,
+        before_forward=feeder,
     ).start()
     pool = scheduler.pool
     kv_bytes = fmt_bytes(pool.n_blocks * pool.block_bytes)
