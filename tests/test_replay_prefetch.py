@@ -284,3 +284,20 @@ def test_timed_pins_are_read_once_through_the_device():
     r = simulate_prefetch(acc, "ours", 30, no_plan(acc), pins, device)
     assert r.misses == simulate(acc, "ours", 30, pinned=pins)  # counts as untimed
     assert 0 < r.stall_s < r.misses * 0.003  # overlapped with compute, never more than reads
+
+
+def test_replay_picks_live_guesses_as_the_engine_does():
+    """A ranked plan replayed with the live rule: guesses from ranks whose measured
+    precision is too low are not read; good ones are, at most `guesses` a step."""
+    trace = random_trace(1, tokens=400)
+    acc = accesses(trace, "token")
+    device = Device(read_s=0.001, step_s=0.004)
+    bad = plan(trace, "token", noise(trace), read_steps=1, guesses=4, ranked=True)
+    blind = simulate_prefetch(acc, "ours", 24, bad, device=device, live=(4, 0.0))
+    gated = simulate_prefetch(acc, "ours", 24, bad, device=device, live=(4, 0.5))
+    assert gated.prefetches < 0.1 * blind.prefetches
+    good = plan(trace, "token", oracle(trace), read_steps=1, guesses=4, ranked=True)
+    sure = simulate_prefetch(acc, "ours", 24, good, device=device, live=(2, 0.5))
+    assert sure.useful >= 0.9 * sure.prefetches > 0
+    steps = len(acc.step_starts) - 1
+    assert sure.prefetches <= 2 * steps

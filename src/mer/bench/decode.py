@@ -24,6 +24,7 @@ import math
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -202,11 +203,14 @@ def run(
     if rows or full is not None:
         show(console, rows, full, read_s, expert_s, replay.n_tokens, layers, top_k)
     if kernels is not None:
-        wall, inside, n = kernels
+        wall, dense, experts, n = kernels
+        inside = dense + experts
         console.print(
             f"100% residency, warm, under the profiler ({n} tokens): {1e3 * wall / n:.1f} ms "
-            f"per token, of which {1e3 * inside / n:.1f} ms in PyTorch ops (the sum of their "
-            f"self times): {wall / inside:.2f}x"
+            f"per token, of which {1e3 * inside / n:.1f} ms in kernels: dense "
+            f"{1e3 * dense / n:.1f} ms in PyTorch ops (the sum of their self times) + expert "
+            f"FFNs {1e3 * experts / n:.1f} ms: {wall / inside:.2f}x (the engine's own time "
+            "is the rest)"
         )
     if batch > 1:
         slots = max(round(batch_fraction * total), batch * cfg.num_experts_per_tok)
@@ -310,17 +314,51 @@ def expert_time(model, cache: ExpertCache, n: int = 24, reps: int = 5) -> float:
     return float(np.median(times)) if times else 0.0
 
 
-def kernel_time(model, routing: TraceRouting, bar) -> tuple[float, float, int]:
-    """(wall seconds, seconds inside PyTorch ops, tokens) of decoding the trace's first
-    sequence again on the warm cache under the profiler: how far a token's time is from
-    the sum of its kernels."""
+def kernel_time(model, routing: TraceRouting, bar) -> tuple[float, float, float, int]:
+    """(wall seconds, seconds in dense kernels, seconds in expert FFNs, tokens) of decoding
+    the trace's first sequence again on the warm cache under the profiler: how far a
+    token's time is from the sum of its kernels. Dense: the self times of every PyTorch
+    op outside expert FFNs; experts: the whole time of each FFN call (their C kernels are
+    no PyTorch op)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        wall = decode_sequences(model, routing, [[0]], lambda g, n: bar.advance(0))
-    inside = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    cache = model.experts
+    model.experts = _TimedExperts(cache)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wall = decode_sequences(model, routing, [[0]], lambda g, n: bar.advance(0))
+    finally:
+        model.experts = cache
+    events = prof.events()
+    covered = sum(e.self_cpu_time_total for e in events) / 1e6
+    experts = sum(e.cpu_time_total for e in events if e.name == EXPERT_RANGE) / 1e6
     n = int(routing.trace.seq_starts[1])
-    return wall, inside, n
+    return wall, covered - experts, experts, n
+
+
+EXPERT_RANGE = "mer.expert_ffn"
+
+
+class _TimedExperts:
+    """The expert cache, its FFN calls each marked as one profiler range."""
+
+    def __init__(self, cache) -> None:
+        self._cache = cache
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    @contextmanager
+    def use(self, layer: int, expert: int):
+        from torch.profiler import record_function
+
+        with self._cache.use(layer, expert) as ffn:
+
+            def timed(x):
+                with record_function(EXPERT_RANGE):
+                    return ffn(x)
+
+            yield timed
 
 
 class Decoder:
@@ -383,7 +421,7 @@ class Simulator:
         self.layers = layers  # the model's MoE layers, for the keys of pins
         self.acc = accesses(replay, "token")
         self.speculator = speculator
-        self._plans: dict[tuple[str, int], object] = {}
+        self._plans: dict[str, object] = {}
 
     def pins(self, slots: int) -> Pins:
         """The experts most frequent in the training part, as many as the share allows."""
@@ -405,20 +443,26 @@ class Simulator:
             n = pin_capacity(slots, self.pin_share, self.replay.top_k)
             pins = frequent_keys(accesses(self.train, "token"), n)
         steps = len(self.acc.step_layer)
-        todo = no_plan(self.acc) if pf is None else self._plan(pf, guesses)
-        r = simulate_prefetch(self.acc, policy, slots, todo, pins, device)
+        # Live prefetch: ranked candidates, of which the engine's rule picks (its precision
+        # bar, at most `guesses` not in the cache).
+        todo = no_plan(self.acc) if pf is None else self._plan(pf)
+        live = None if pf is None else (guesses, None)
+        r = simulate_prefetch(self.acc, policy, slots, todo, pins, device, live)
         misses, stall, prefetched, used = r.misses, r.stall_s, r.prefetches, r.useful
         wall = steps * step_s + stall
         return dict(misses=misses, stall=stall, tok_s=self.replay.n_tokens / wall,
                     prefetched=prefetched, used=used, read_s=read_s, step_s=step_s,
                     expert_s=device.expert_s, guesses=guesses if pf else 0)  # fmt: skip
 
-    def _plan(self, pf: str, guesses: int):
-        if (pf, guesses) not in self._plans:
+    def _plan(self, pf: str):
+        """The predictor's 2 x top-k best guesses one layer ahead, best first (what the live
+        prefetcher ranks)."""
+        if pf not in self._plans:
             predictor = catalog.one(pf, self.train, self.speculator, None, 1)
             scorer = partial(predictor.scores, self.replay)
-            self._plans[pf, guesses] = plan(self.replay, "token", scorer, 1, guesses)
-        return self._plans[pf, guesses]
+            ranks = 2 * self.replay.top_k
+            self._plans[pf] = plan(self.replay, "token", scorer, 1, ranks, ranked=True)
+        return self._plans[pf]
 
 
 def measure_read(store: Store, threads: int, n: int = 48, rounds: int = 3) -> float:
@@ -463,7 +507,7 @@ def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
     table = Table(title="decode with real routing: engine (measured) vs replay simulator")
     cols = ["residency", "run", "tok/s", "stall ms/tok", "hits", "MB/tok", "prefetch used",
             "read ms", "step ms", "sim hits", "sim stall ms/tok", "stall err", "sim tok/s",
-            "tok/s ÷ sim", "÷ lru tok/s"]  # fmt: skip
+            "tok/s ÷ sim", "÷ lru tok/s", "sim MB/tok", "sim prefetch used"]  # fmt: skip
     for c in cols:
         table.add_column(c, justify="right")
     if full is not None:
@@ -501,6 +545,8 @@ def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
             f"{sim['tok_s']:.2f}",
             f"{r.tok_s / sim['tok_s']:.2f}",
             f"{r.tok_s / lru[fraction]:.2f}",
+            f"{(sim['misses'] + sim['prefetched']) * r.expert_bytes / r.tokens / 1e6:.1f}",
+            f"{sim['used']}/{sim['prefetched']}" if sim["guesses"] else "",
         )
     console.print(table)
     notes = [
@@ -511,8 +557,12 @@ def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
         f"{1e3 * expert_s:.2f} ms per expert FFN (one token, measured on the warm cache) "
         "overlaps the layer's reads, as in the engine (its resident experts compute while "
         "its misses are read)",
-        "live prefetch: the next MoE layer's best guesses not in RAM, as many per layer as "
-        "the lru run's step ms over read ms (read while no demand read is in flight)",
+        "live prefetch: the next MoE layer's best guesses not in RAM, at most as many per "
+        "layer as the lru run's step ms over read ms (read while no demand read is in "
+        "flight), from the ranks whose guesses were chosen often enough so far (at least "
+        "b / (1 + b) on a device busy a share b of the time), in the engine and the "
+        "simulator alike; prefetch used: used / issued (engine), used / read (simulator: a "
+        "guess not started when its layer routes is cancelled)",
         "stall: time acquires waited for reads; stall err: engine over simulator, less 1",
     ]
     console.print("; ".join(notes) + ".")

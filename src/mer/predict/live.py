@@ -10,12 +10,13 @@ the cache's own. At each MoE layer of a forward pass it
    from the routing seen so far, with the same `Predictor.scores` the benchmarks
    measure, and prefetches the best ones not in RAM: as many as the device can read
    while this layer computes (`spare`), so that prefetching uses bandwidth that would
-   otherwise idle, and only from the ranks whose guesses have been chosen at least
-   `min_precision` of the time so far (`precision`, measured online per rank of the
-   predictor's order: a rank guessing worse reads more than it saves, since each wasted
-   read costs a read and a slot). The read engine starts a prefetch only while no
-   demand read is in flight (`mer.io.engine`), in small chunks, so a prefetch never
-   queues ahead of a demand read and one under way delays it by a chunk at most.
+   otherwise idle, and only from the ranks whose guesses have been chosen often enough
+   so far (`precision`, measured online per rank of the predictor's order): on a device
+   busy a share b of the time, at least b / (1 + b) (`mer.predict.precision`): a wasted
+   read costs only when a demand read has to wait for it. The read engine starts a
+   prefetch only while no demand read is in flight (`mer.io.engine`), in small chunks,
+   so a prefetch never queues ahead of a demand read and one under way delays it by a
+   chunk at most.
 
 The predictor learns online (`learn`, for those that can, i.e. the Markov chain): from
 each sequence's routing as it runs, in blocks of `LEARN_EVERY` tokens and at its end.
@@ -33,12 +34,10 @@ import torch
 
 from mer.errors import ConfigError
 from mer.predict.base import Predictor
+from mer.predict.precision import RankPrecision
 from mer.trace.format import Trace
 
 LEARN_EVERY = 64  # decode tokens between two online updates of the predictor
-MIN_PRECISION = 0.5  # a rank whose guesses are chosen less often reads more than it saves
-PRIOR = (1.0, 2.0)  # (chosen, guessed) pseudo-counts of each rank's precision: 0.5 at first
-DECAY = 0.995  # per layer-step, so precision follows the routing of late
 
 
 class LivePrefetcher:
@@ -49,12 +48,13 @@ class LivePrefetcher:
         config,
         guesses: int | None = None,
         learn: bool = True,
-        min_precision: float = MIN_PRECISION,
+        min_precision: float | None = None,
     ) -> None:
         """`cache`: the expert cache (`fetch`, `prefetch`, `cancel_prefetches`,
         `is_resident`, `stats`, `format`). `guesses`: experts prefetched per layer at most;
         None: as many as the measured read time fits in the measured layer time.
-        `min_precision`: prefetch only from ranks guessing at least this well (0: all)."""
+        `min_precision`: prefetch only from ranks guessing at least this well; None: the
+        bar the device's measured busy share sets (`mer.predict.precision`)."""
         self.predictor, self.cache, self.fixed = predictor, cache, guesses
         self.layers = tuple(config.moe_layers)
         self.column = {layer: j for j, layer in enumerate(self.layers)}
@@ -69,11 +69,8 @@ class LivePrefetcher:
         self._last_call: float | None = None
         self.step_s: float | None = None  # measured time between two MoE layers (EMA)
         self.guessed = 0  # guesses made (prefetches asked for)
-        self.min_precision = min_precision
-        # Per rank of the predictor's order (best first), decayed: how often the expert at
-        # that rank was chosen by the layer it was guessed for, and how often guessed.
-        ranks = 2 * self.top_k
-        self._chosen, self._tried = np.full(ranks, PRIOR[0]), np.full(ranks, PRIOR[1])
+        self.ranks = RankPrecision(2 * self.top_k, min_precision)
+        self._started: tuple[float, float] | None = None  # (time, device busy seconds)
         self._ranked: dict[int, list[int]] = {}  # target layer -> experts in rank order
 
     def begin_sequence(self) -> None:
@@ -118,36 +115,39 @@ class LivePrefetcher:
             return  # nothing to spare, or a prompt or batch whose next tokens are unknown
         target = self.layers[(j + 1) % len(self.layers)]
         scores = self._scores(j).sum(0)  # [E]
-        ranked = np.argsort(-scores, kind="stable")[: len(self._tried)].tolist()
+        ranked = np.argsort(-scores, kind="stable")[: self.ranks.ranks].tolist()
         self._ranked[target] = ranked
-        good = self.precision() >= self.min_precision
-        picks = []
-        for rank, e in enumerate(ranked):
-            if not good[rank]:
-                break  # ranks guess worse further down: none after it would pay either
-            if not cache.is_resident(target, e):
-                picks.append(e)
-                if len(picks) == n:
-                    break
+        picks = self.ranks.pick(ranked, lambda e: cache.is_resident(target, e), n, self.busy())
         self.guessed += len(picks)
         cache.prefetch(target, picks)
 
+    def busy(self) -> float:
+        """The share of the time the device has been reading since the first layer seen."""
+        now, busy = time.perf_counter(), self.cache.engine.stats.busy_seconds
+        if self._started is None:
+            self._started = (now, busy)
+            return 0.0
+        t0, b0 = self._started
+        return (busy - b0) / (now - t0) if now > t0 else 0.0
+
     def precision(self) -> np.ndarray:
-        """float [ranks]: the share of guesses at each rank the layer then chose (decayed,
-        from a prior of one half)."""
-        return self._chosen / self._tried
+        """float [ranks]: the share of guesses at each rank the layer then chose."""
+        return self.ranks.precision()
+
+    @property
+    def min_precision(self) -> float:
+        return self.ranks.min_precision
+
+    @min_precision.setter
+    def min_precision(self, value: float) -> None:
+        self.ranks.min_precision = value
 
     def _score_ranks(self, layer: int, chosen: list[int]) -> None:
         """The layer routed: score the guesses made for it, rank by rank (whether or not
         they were prefetched: the predictor's precision, not the cache's)."""
         ranked = self._ranked.pop(layer, None)
-        if ranked is None:
-            return
-        hit = np.isin(np.asarray(ranked), chosen)
-        self._chosen *= DECAY
-        self._tried *= DECAY
-        self._chosen[: len(hit)] += hit
-        self._tried[: len(hit)] += 1
+        if ranked is not None:
+            self.ranks.score(ranked, chosen)
 
     def _scores(self, j: int) -> np.ndarray:
         """float32 [T, E]: the predictor's scores one layer-step after layer `j` for this

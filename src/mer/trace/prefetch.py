@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mer.cache.policy import make_policy
+from mer.predict.precision import RankPrecision
 from mer.trace.format import Trace
 from mer.trace.replay import Accesses, run, split_pinned
 
@@ -92,6 +93,7 @@ class Device:
     step_s: float
     expert_s: float = 0.0
     busy_until: float = 0.0  # when the read being served (or the last one) ends
+    busy_s: float = 0.0  # read time of every read started so far
     waiting: OrderedDict = field(default_factory=OrderedDict)  # key -> issue time, FIFO
     ready: dict = field(default_factory=dict)  # key -> when its bytes are in
 
@@ -104,6 +106,7 @@ class Device:
                 return
             del self.waiting[key]
             self.busy_until = self.ready[key] = start + self.read_s
+            self.busy_s += self.read_s
 
     def need(self, key: int, now: float) -> float:
         """When an expert a step uses at `now` is in: a new demand read, a waiting prefetch
@@ -114,6 +117,7 @@ class Device:
         elif key in self.ready:
             return self.ready[key]
         self.busy_until = self.ready[key] = max(self.busy_until, now) + self.read_s
+        self.busy_s += self.read_s
         return self.ready[key]
 
     def prefetch(self, key: int, now: float) -> None:
@@ -176,9 +180,12 @@ class _Clock:
         return self.device.unstarted(keys, self._routed)
 
 
-def plan(trace: Trace, mode: str, scorer: Scorer, read_steps: int, guesses: int) -> Plan:
+def plan(
+    trace: Trace, mode: str, scorer: Scorer, read_steps: int, guesses: int, ranked: bool = False
+) -> Plan:
     """The top-`guesses` experts each token is predicted to route to `read_steps` layers
-    ahead, as keys per step of `accesses(trace, mode)` (a prompt's guesses united)."""
+    ahead, as keys per step of `accesses(trace, mode)` (a prompt's guesses united); with
+    `ranked` (token mode), best first."""
     n_layers, n_experts = trace.n_layers, trace.n_experts
     if not 1 <= read_steps < n_layers:
         raise ValueError(f"read steps must be 1..{n_layers - 1} (layers), got {read_steps}")
@@ -187,7 +194,7 @@ def plan(trace: Trace, mode: str, scorer: Scorer, read_steps: int, guesses: int)
     per_layer = []
     for layer in range(n_layers):
         target = layer + read_steps
-        top = top_experts(scorer(layer, read_steps), guesses)  # [T, g]
+        top = top_experts(scorer(layer, read_steps), guesses, ranked)  # [T, g]
         keys = top + (target % n_layers) * n_experts
         keys[tokens + target // n_layers >= seq_end] = -1  # the target is past the sequence
         per_layer.append(keys)
@@ -210,17 +217,50 @@ def plan(trace: Trace, mode: str, scorer: Scorer, read_steps: int, guesses: int)
     return Plan(flat.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
 
-def top_experts(scores: np.ndarray, n: int) -> np.ndarray:
-    """Indices of each row's `n` highest scores, int64 [rows, n] (in no particular order)."""
+def top_experts(scores: np.ndarray, n: int, ranked: bool = False) -> np.ndarray:
+    """Indices of each row's `n` highest scores, int64 [rows, n] (in no particular order;
+    with `ranked`, best first)."""
     n = min(n, scores.shape[1])
+    if ranked:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :n].astype(np.int64)
     return np.argpartition(-scores, n - 1, axis=1)[:, :n].astype(np.int64)
 
 
+class LivePicks:
+    """The engine's live prefetch rule (`mer.predict.live`) in a timed replay of a ranked
+    plan one layer ahead: up to `guesses` candidates not in the cache, from the ranks whose
+    precision, measured as the replay runs, pays on the device's busy share so far."""
+
+    def __init__(self, clock: _Clock, guesses: int, ranks: int, min_precision=None) -> None:
+        self.clock, self.guesses = clock, guesses
+        self.ranks = RankPrecision(ranks, min_precision)
+        self._ranked: list[int] | None = None  # the candidates for the step about to run
+
+    def routed(self, keys) -> None:
+        if self._ranked:
+            self.ranks.score(self._ranked, keys)
+        self._ranked = None
+
+    def pick(self, ranked, resident) -> list[int]:
+        self._ranked = list(ranked)
+        device, now = self.clock.device, self.clock._routed
+        busy = device.busy_s / now if device is not None and now > 0 else 0.0
+        return self.ranks.pick(self._ranked, resident, self.guesses, busy)
+
+
 def simulate_prefetch(
-    acc: Accesses, policy: str, slots: int, prefetch: Plan, pinned=(), device: Device | None = None
+    acc: Accesses,
+    policy: str,
+    slots: int,
+    prefetch: Plan,
+    pinned=(),
+    device: Device | None = None,
+    live: tuple[int, float | None] | None = None,
 ) -> PrefetchResult:
     """Replay of `policy` with `slots` slots that also reads the planned prefetches; with a
-    `device`, also the time steps stall on reads (a pin's first read stalls as a miss)."""
+    `device`, also the time steps stall on reads (a pin's first read stalls as a miss).
+    `live` = (guesses, min_precision): the plan is ranked candidates one layer ahead, of
+    which the engine's live rule picks (`LivePicks`; needs a device)."""
     if len(prefetch.starts) != len(acc.step_starts):
         raise ValueError("the prefetch plan was made for another access stream")
     if len(prefetch.keys) and policy not in PREFETCH_POLICIES:
@@ -242,7 +282,12 @@ def simulate_prefetch(
     # Pins go through it too: a pin's first read is timed as any miss.
     clock = _Clock(Device(device.read_s, device.step_s, device.expert_s))
     used_pins = frozenset(int(k) for k in np.unique(acc.keys[np.isin(acc.keys, pinned)]))
-    misses, prefetches, useful = run(acc, replay, free, steps, clock, used_pins)
+    picker = None
+    if live is not None:
+        guesses, min_precision = live
+        ranks = int(np.diff(prefetch.starts).max(initial=0))
+        picker = LivePicks(clock, guesses, max(ranks, 1), min_precision)
+    misses, prefetches, useful = run(acc, replay, free, steps, clock, used_pins, picker)
     return PrefetchResult(misses, prefetches, useful, clock.stall)
 
 

@@ -159,6 +159,15 @@ class Clock(Protocol):
     def unstarted(self, keys) -> list[int]: ...
 
 
+class Picker(Protocol):
+    """What a replay asks a live prefetcher (`mer.trace.prefetch.LivePicks`): the step
+    routed to these keys; which of these ranked candidates to prefetch for the next."""
+
+    def routed(self, keys) -> None: ...
+
+    def pick(self, ranked, resident) -> list[int]: ...
+
+
 def run(
     acc: Accesses,
     policy: Policy,
@@ -166,6 +175,7 @@ def run(
     plan: Sequence[Sequence[int]] | None = None,
     clock: Clock | None = None,
     pinned: frozenset[int] = frozenset(),
+    picker: Picker | None = None,
 ) -> tuple[int, int, int]:
     """Replay the stream through `policy` with `slots` slots, reading after each step the
     keys `plan` lists for it where the policy lets a prefetch have a slot (with its
@@ -173,7 +183,9 @@ def run(
     use and whose read has not started is cancelled when the step routes, as the engine
     does: it frees its slot and is no read. Returns (demand misses, prefetches read,
     prefetches used). `pinned` keys stay outside the policy and its `slots`: each is a miss
-    at its first use and in RAM from then on (the timed replay reads them as they come)."""
+    at its first use and in RAM from then on (the timed replay reads them as they come).
+    With a `picker`, each step's plan is a ranked list of candidates for the next step,
+    of which the picker chooses what to prefetch, as the engine's live prefetcher does."""
     misses = prefetches = useful = count = 0
     pins_read: set[int] = set()
     unused: set[int] = set()  # prefetched, not used yet
@@ -186,6 +198,8 @@ def run(
         step, layer = keys[starts[s] : starts[s + 1]], layers[s]
         policy.visit(layer, [k - layer * n_experts for k in step if k not in pinned])
         in_step = set(step)  # in use together: none may evict another
+        if picker is not None:
+            picker.routed(step)
         if clock is not None:
             clock.begin(len(step))
             lo = layer * n_experts
@@ -222,7 +236,10 @@ def run(
             used(key)
             if clock is not None:
                 clock.need(key)
-        for key in plan[s] if plan is not None else ():
+        todo = plan[s] if plan is not None else ()
+        if picker is not None:
+            todo = picker.pick(todo, lambda k: k in policy or k in pinned)
+        for key in todo:
             if key in policy or key in pinned:
                 continue
             if count >= slots:
