@@ -12,7 +12,7 @@ the cache's own. At each MoE layer of a forward pass it
    while this layer computes (`spare`), so that prefetching uses bandwidth that would
    otherwise idle, and only from the ranks whose guesses have been chosen often enough
    so far (`precision`, measured online per rank of the predictor's order): on a device
-   busy a share b of the time, at least b / (1 + b) (`mer.predict.precision`): a wasted
+   busy a share b of the time, at least b / (1 + b) (`mer.cache.precision`): a wasted
    read costs only when a demand read has to wait for it. The read engine starts a
    prefetch only while no demand read is in flight (`mer.io.engine`), in small chunks,
    so a prefetch never queues ahead of a demand read and one under way delays it by a
@@ -32,9 +32,9 @@ import time
 import numpy as np
 import torch
 
+from mer.cache.precision import RankPrecision
 from mer.errors import ConfigError
 from mer.predict.base import Predictor
-from mer.predict.precision import RankPrecision
 from mer.trace.format import Trace
 
 LEARN_EVERY = 64  # decode tokens between two online updates of the predictor
@@ -54,7 +54,7 @@ class LivePrefetcher:
         `is_resident`, `stats`, `format`). `guesses`: experts prefetched per layer at most;
         None: as many as the measured read time fits in the measured layer time.
         `min_precision`: prefetch only from ranks guessing at least this well; None: the
-        bar the device's measured busy share sets (`mer.predict.precision`)."""
+        bar the device's measured busy share sets (`mer.cache.precision`)."""
         self.predictor, self.cache, self.fixed = predictor, cache, guesses
         self.layers = tuple(config.moe_layers)
         self.column = {layer: j for j, layer in enumerate(self.layers)}

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mer.cache.policy import make_policy
-from mer.predict.precision import RankPrecision
+from mer.cache.precision import RankPrecision
 from mer.trace.format import Trace
 from mer.trace.replay import Accesses, run, split_pinned
 
