@@ -385,7 +385,11 @@ class Decoder:
         if live is not None:
             pf, train, speculator, spare = live
             prefetcher = LivePrefetcher(
-                live_predictor(pf, cfg, train, speculator), cache, cfg, guesses=spare
+                live_predictor(pf, cfg, train, speculator),
+                cache,
+                cfg,
+                guesses=spare,
+                min_precision=None,  # the bar the device's busy share sets, as simulated
             )
             hooks.append(prefetcher)
         model.routing_hooks = hooks
