@@ -20,6 +20,7 @@ prediction for the same trace, slots, device and step time (`mer.trace.replay`,
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import random
 import sys
@@ -176,13 +177,20 @@ def run(
         if not no_full:  # once to read every expert used, once to time compute alone
             whole = Decoder(model, s, routing, replay, total * nbytes, io_threads, bar)
             whole.run("lru", warm=True)
-            full = whole.run("lru", name="lru (all in RAM, warm)")
+            full = whole.run("lru", warm=True, name="lru (all in RAM, warm)")
             kernels = kernel_time(model, routing, bar)
             expert_s = expert_time(model, whole.cache)
+            whole.cache.engine.close()
             whole.cache = model.experts = None  # its slots go back before the next runs
+            gc.collect()  # the cache's reference cycles hold its slots until collected
             step_s = (full.seconds - full.stall) / (full.tokens * layers)
         else:
-            step_s, kernels, expert_s = step_ms / 1e3, None, 0.0
+            step_s, kernels = step_ms / 1e3, None
+            # The FFN time the simulator overlaps with reads, on experts read for it.
+            few = ExpertCache(s, 24 * nbytes, threads=io_threads)
+            expert_s = expert_time(model, few, load=True)
+            few.engine.close()
+            del few
         top_k = cfg.num_experts_per_tok
         spare = guesses or max(1, min(top_k, math.floor(step_s / read_s)))
         sims = Simulator(train, replay, cfg.moe_layers, pin_share, speculator)
@@ -258,6 +266,7 @@ def batching(console, model, store, trace, held, n, length, slots, io_threads) -
                 got[config, name] = (seconds, cache.stats.bytes_read, cache.stats.misses)
                 cache.engine.close()
                 model.experts = None
+                gc.collect()  # free this run's slots before the next run allocates its own
     model.routing_hooks = []
     bound = batch_dedup(trace, n)
     table = Table(title=f"batching {n} trace sequences x {length} tokens, cold cache each run")
@@ -295,12 +304,14 @@ def batching(console, model, store, trace, held, n, length, slots, io_threads) -
     )
 
 
-def expert_time(model, cache: ExpertCache, n: int = 24, reps: int = 5) -> float:
+def expert_time(model, cache: ExpertCache, n: int = 24, reps: int = 5, load=False) -> float:
     """Seconds one expert FFN takes on one token (a decode step's), the median over up to
-    `n` experts in RAM: the compute of a layer that overlaps its reads."""
+    `n` experts in RAM (with `load`, over `n` experts read for it): the compute of a layer
+    that overlaps its reads."""
     cfg = model.config
+    every = max(1, cfg.num_experts_total // n)
     keys = [(m, e) for m in cfg.moe_layers for e in range(cfg.num_local_experts)
-            if cache.is_resident(m, e)][:: max(1, cfg.num_experts_total // n)][:n]  # fmt: skip
+            if load or cache.is_resident(m, e)][::every][:n]  # fmt: skip
     x = torch.randn(1, cfg.hidden_size, dtype=model.dtype)
     times = []
     with torch.inference_mode():
@@ -402,11 +413,16 @@ class Decoder:
             seconds += decode_sequences(model, self.routing, [[i]], self._advance)
         after = _snapshot(cache)
         d = {k: after[k] - before[k] for k in after}
+        result = Result(name or policy, self.replay.n_tokens, seconds, d["stall"], d["hits"],
+                        d["misses"], d["bytes"], d["prefetches"], d["used"], d["busy"],
+                        self.store.expert_format.nbytes, len(cfg.moe_layers))  # fmt: skip
         if not warm:
             cache.engine.close()
-        return Result(name or policy, self.replay.n_tokens, seconds, d["stall"], d["hits"],
-                      d["misses"], d["bytes"], d["prefetches"], d["used"], d["busy"],
-                      self.store.expert_format.nbytes, len(cfg.moe_layers))  # fmt: skip
+            self.cache = model.experts = None
+            model.routing_hooks = []
+            del cache, prefetcher, hooks
+            gc.collect()  # the cache's reference cycles hold its slots until collected
+        return result
 
 
 def _snapshot(cache: ExpertCache) -> dict:
