@@ -574,7 +574,7 @@ def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
         "that run's measured read ms (device busy time per expert read; a run that read "
         f"nothing: {1e3 * read_s:.2f} ms, random experts read together before the runs) and "
         "step ms (forward time less stall, per MoE layer step), of which "
-        f"{1e3 * expert_s:.2f} ms per expert FFN (one token, measured on the warm cache) "
+        f"{1e3 * expert_s:.2f} ms per expert FFN (one token, timed on experts in RAM) "
         "overlaps the layer's reads, as in the engine (its resident experts compute while "
         "its misses are read)",
         "live prefetch: the next MoE layer's best guesses not in RAM, at most as many per "
