@@ -251,3 +251,89 @@ def test_bench_decode_with_speculator_and_ensemble_prefetch(small_store, sticky_
     for name in ("ours+speculator", "ours+pin+ensemble"):
         used, issued = map(int, rows[name][7].split()[0].split("/"))
         assert 0 <= used <= issued and issued > 0
+
+
+def test_batching_reads_each_steps_union_once_and_matches_its_replay(small_store, sticky_file,
+                                                                    capsys):  # fmt: skip
+    """With no cache to speak of, decoding 4 sequences together reads each step's distinct
+    experts once: the engine's cut in SSD bytes is the replay's of the same streams, near
+    the dedup bound; with a cache, each pair is shown beside its replay and Belady's."""
+    from mer.cli import main
+
+    code = main(["bench", "decode", "--store", small_store, "--routing-trace", sticky_file,
+                 "--fractions", "--threads", "1", "--no-full", "--step-ms", "1",
+                 "--batch", "4", "--batch-tokens", "8", "--batch-fraction", "0.75"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [[c.strip() for c in line.split("│")] for line in out.splitlines()
+            if line.startswith("│")]  # fmt: skip
+    assert [r[8] for r in rows] == ["no cache (2)", "no cache (7)"] + ["24 (24)"] * 4
+    assert [r[9] for r in rows if r[9]] == ["lru", "lru", "ours"]
+    for alone, together in zip(rows[::2], rows[1::2], strict=True):
+        cut, replay = float(together[5]), float(together[10])
+        assert cut == pytest.approx(int(alone[4]) / int(together[4]), abs=0.01)
+        assert cut == pytest.approx(replay, abs=0.05)  # the engine reads what the replay says
+    alone, together = rows[0], rows[1]
+    assert int(alone[4]) == 8 * 4 * 4 * 2  # no cache: every expert of every token is read
+    assert float(together[7]) >= 0.9  # the share of the dedup bound batching reached
+
+
+def test_live_prefetch_stops_guessing_from_ranks_that_guess_badly(small_store):
+    """A predictor whose guesses are never chosen (frequencies of other experts) soon
+    prefetches nothing: each rank's measured precision falls under one half."""
+    from mer.predict.frequency import FrequencyPredictor
+
+    n, length = 4, 12
+    experts = np.zeros((n * length, 4, 2), np.int16)
+    experts[..., 1] = 1  # every layer routes to experts 0 and 1
+    meta = {"model": "fixed", "n_experts": 8, "top_k": 2, "moe_layers": 4}
+    trace = Trace(experts, np.arange(n + 1, dtype=np.int64) * length,
+                  np.zeros(n * length, np.int8), meta)  # fmt: skip
+    wrong = Trace(experts + 6, trace.seq_starts, trace.phase, meta)  # experts 6 and 7
+    issued = {}
+    for floor in (0.0, 0.5):
+        # 6 slots for 8 experts a token: every token reads, and guesses take slots.
+        model = mer.api.open(small_store, ram_budget=6 * 8192, prefetch="markov")
+        p = model.prefetcher
+        p.predictor, p.learners, p.learns = FrequencyPredictor().fit(wrong), [], False
+        p.min_precision, p.fixed = floor, 2
+        routing = TraceRouting.for_model(trace, model.transformer)
+        model.transformer.routing_override = routing
+        tokens = _decode_tokens(model, routing, trace, range(n))
+        issued[floor] = (model.cache.stats.prefetches, p.precision(), tokens)
+        model.close()
+    assert issued[0.0][0] > 20  # guessing blindly reads its guesses again and again
+    assert issued[0.5][0] <= 2 * 2  # one layer's guesses before the first were scored
+    assert (issued[0.5][1][:2] < 0.5).all()
+    assert issued[0.0][2] == issued[0.5][2]  # and outputs never depend on prefetching
+
+
+def test_prefetches_are_read_in_small_chunks_so_demand_reads_wait_less(small_store):
+    """A demand read arriving while prefetches are read waits for their chunks under way:
+    prefetches are cut finer than demand reads (real reads of the store)."""
+    from mer.io.direct import DirectReader, aligned_buffer
+    from mer.io.engine import DEMAND, PREFETCH, ReadEngine
+    from mer.store.reader import Store
+
+    store = Store(small_store)
+    sizes: list[tuple[int, int]] = []
+
+    def read(reader, buf, offset):
+        sizes.append((offset, len(buf)))
+        reader.read_into(buf, offset)
+
+    x = store.extent(1, 2)
+    _, buf = aligned_buffer(2 * x.length)
+    mem = memoryview(buf.numpy())
+    engine = ReadEngine(DirectReader(store.expert_path), threads=2, read=read,
+                        chunk_bytes=1 << 20, prefetch_chunk_bytes=4096)  # fmt: skip
+    try:
+        engine.submit(mem[: x.length], x.offset, DEMAND).wait()
+        demand = list(sizes)
+        sizes.clear()
+        engine.submit(mem[x.length : 2 * x.length], x.offset, PREFETCH).wait()
+    finally:
+        engine.close()
+    assert demand == [(x.offset, x.length)]
+    assert sorted(sizes) == [(x.offset + a, 4096) for a in range(0, x.length, 4096)]
+    assert bytes(mem[: x.length]) == bytes(mem[x.length : 2 * x.length])  # the same bytes

@@ -11,8 +11,8 @@ from mer.cache.expert_cache import ExpertCache
 from mer.cache.policy import LayerCycleScore
 from mer.store.reader import Store
 from mer.trace.format import Trace
-from mer.trace.prefetch import Device, Plan, plan, simulate_prefetch
-from mer.trace.replay import POLICIES, accesses, frequent_keys, simulate
+from mer.trace.prefetch import Device, Plan, no_plan, plan, simulate_prefetch
+from mer.trace.replay import POLICIES, Accesses, accesses, frequent_keys, simulate
 
 
 def oracle(trace: Trace):
@@ -243,3 +243,61 @@ def test_no_policy_lets_a_prefetch_take_what_the_pass_used_or_an_unused_prefetch
     assert policy.victim(held={0, 1, 2}) == 3
     policy.evicted(3)
     assert 3 not in policy and policy.victim(held={0, 1, 2}) is None
+
+
+def _two_steps(layers_of_steps, steps) -> Accesses:
+    keys = np.array([k for step in steps for k in step], np.int64)
+    starts = np.concatenate([[0], np.cumsum([len(x) for x in steps])]).astype(np.int64)
+    return Accesses(keys, starts, np.array(layers_of_steps, np.int64), 2, 4, 2)
+
+
+def test_a_layers_reads_overlap_its_resident_experts_compute():
+    """As in the engine: the dense part, then route; the experts in RAM compute while the
+    misses are read (one at a time), each missing one once it is in."""
+    acc = _two_steps([0, 0], [[0, 1], [0, 2]])  # cold: two misses; then a hit and a miss
+    # Step 0: routes at 1 (3 - 2 x 1 of experts); reads end at 2 and 3; waits 1, ends at 4.
+    # Step 1: routes at 5; expert 0 computes 5..6 while expert 2 is read 5..6: no wait.
+    overlapped = simulate_prefetch(acc, "lru", 4, no_plan(acc), device=Device(1.0, 3.0, 1.0))
+    assert overlapped.misses == 3 and overlapped.stall_s == pytest.approx(1.0)
+    # With no expert compute given, a step waits for all its reads: one read per miss.
+    serial = simulate_prefetch(acc, "lfu", 4, no_plan(acc), device=Device(1.0, 3.0))
+    assert serial.stall_s == pytest.approx(3.0)
+
+
+def test_timed_replay_cancels_prefetches_not_started_when_their_layer_routes():
+    acc = _two_steps([0, 1], [[0, 1], [4, 5]])
+    wrong = Plan(np.array([6, 7], np.int64), np.array([0, 2, 2], np.int64))  # after step 0
+    # Demand reads of step 0 end at 1.5 and 2.5; the guess 6 is read 2.5..3.5; step 1
+    # routes at 3.0, before 7 started: 7 is cancelled and never read.
+    timed = simulate_prefetch(acc, "lru", 8, wrong, device=Device(1.0, 0.5))
+    assert timed.prefetches == 1 and timed.useful == 0
+    assert simulate_prefetch(acc, "lru", 8, wrong).prefetches == 2  # untimed: no cancelling
+    # Step 1's reads queue behind the guess being read (to 3.5): 4 in at 4.5, 5 at 5.5.
+    assert timed.stall_s == pytest.approx(2.0 + 2.5)
+
+
+def test_timed_pins_are_read_once_through_the_device():
+    trace = random_trace(3)
+    acc = accesses(trace, "token")
+    pins = frequent_keys(acc, 10)
+    device = Device(0.003, 0.004, 0.0005)
+    r = simulate_prefetch(acc, "ours", 30, no_plan(acc), pins, device)
+    assert r.misses == simulate(acc, "ours", 30, pinned=pins)  # counts as untimed
+    assert 0 < r.stall_s < r.misses * 0.003  # overlapped with compute, never more than reads
+
+
+def test_replay_picks_live_guesses_as_the_engine_does():
+    """A ranked plan replayed with the live rule: guesses from ranks whose measured
+    precision is too low are not read; good ones are, at most `guesses` a step."""
+    trace = random_trace(1, tokens=400)
+    acc = accesses(trace, "token")
+    device = Device(read_s=0.001, step_s=0.004)
+    bad = plan(trace, "token", noise(trace), read_steps=1, guesses=4, ranked=True)
+    blind = simulate_prefetch(acc, "ours", 24, bad, device=device, live=(4, 0.0))
+    gated = simulate_prefetch(acc, "ours", 24, bad, device=device, live=(4, 0.5))
+    assert gated.prefetches < 0.1 * blind.prefetches
+    good = plan(trace, "token", oracle(trace), read_steps=1, guesses=4, ranked=True)
+    sure = simulate_prefetch(acc, "ours", 24, good, device=device, live=(2, 0.5))
+    assert sure.useful >= 0.9 * sure.prefetches > 0
+    steps = len(acc.step_starts) - 1
+    assert sure.prefetches <= 2 * steps

@@ -9,9 +9,10 @@ Pins and predictors are learned from the first part of the trace and the
 replay runs on held-out sequences only (all rows, so they compare): nothing is
 judged on what it learned from. With `--device-gbps` and `--step-ms` the token
 replay also keeps time on such a device (`mer.trace.prefetch.Device`): the stall
-per token and the tokens per second it allows. Without prefetching every miss
-stalls for one read; with it, reads overlap compute only as far as the device
-has bandwidth to spare.
+per token and the tokens per second it allows; with `--expert-ms` (compute per
+expert, part of the step) a layer's reads overlap its resident experts' compute, as
+in the engine. Without it every miss stalls for one read; with prefetching, reads
+overlap compute only as far as the device has bandwidth to spare.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mer.options import count, number
 from mer.predict import catalog
 from mer.progress import progress_bar
 from mer.trace.format import load_trace, split_trace
-from mer.trace.prefetch import PREFETCH_POLICIES, Device, plan, simulate_prefetch
+from mer.trace.prefetch import PREFETCH_POLICIES, Device, no_plan, plan, simulate_prefetch
 from mer.trace.replay import POLICIES, accesses, frequent_keys, simulate
 from mer.units import fmt_decimal
 
@@ -80,6 +81,13 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
         type=number(0),
         help="compute time of one MoE layer of one token, in ms (with --device-gbps)",
     )
+    b.add_argument(
+        "--expert-ms",
+        type=number(0),
+        default=0.0,
+        help="of --step-ms, the compute of one expert FFN, which overlaps the layer's "
+        "reads (as `mer bench decode` measures; default 0: reads before any compute)",
+    )
     b.add_argument("--guesses", type=count, help="experts prefetched per step (default top-k)")
     b.add_argument("--speculator", help="a trained speculator, for --prefetch speculator")
     b.add_argument("--store", help="the traced model's store, for --prefetch lookahead")
@@ -110,6 +118,7 @@ def run(
     read_steps: int | None,
     device_gbps: float | None,
     step_ms: float | None,
+    expert_ms: float,
     guesses: int | None,
     speculator: str | None,
     store: str | None,
@@ -137,7 +146,7 @@ def run(
     else:
         train, replay = None, trace.head(max_tokens)
     predictor = None
-    device = _device(device_gbps, step_ms, expert_bytes)
+    device = _device(device_gbps, step_ms, expert_ms, expert_bytes, trace.top_k)
     if read_steps is None:  # the latest a guess can be made and still arrive in time
         per_read = math.ceil(device.read_s / device.step_s) if device and device.step_s else 1
         read_steps = min(max(1, per_read), trace.n_layers - 1)
@@ -190,9 +199,13 @@ def run(
                         timer = device if timed else None
                         r = simulate_prefetch(acc, policy, slots, guess_plan, use, timer)
                         got = (r.misses, r.prefetches, r.useful, r.stall_s)
+                    elif timed and policy != "belady":
+                        r = simulate_prefetch(acc, policy, slots, no_plan(acc), use, device)
+                        got = (r.misses, 0, 0, r.stall_s)
                     else:
                         misses = simulate(acc, policy, slots, use)
-                        # No prefetching: each miss waits for its read on an idle device.
+                        # Belady's, timed: its misses' reads, none overlapped (an upper bound
+                        # where --expert-ms is given).
                         got = (misses, 0, 0, misses * device.read_s if timed else None)
                     name = policy + "+pin" * pinned + "+pf" * prefetching
                     results[name] = (*got, time.perf_counter() - t0)
@@ -233,8 +246,9 @@ def run(
         notes.append(
             f"timed (token replay): one read at a time at {device_gbps:g} GB/s "
             f"({1e3 * device.read_s:.2f} ms per expert), {step_ms:g} ms of compute per MoE "
-            "layer step; stall: time steps waited for reads; Belady's is its misses' reads, "
-            "which prefetching can hide"
+            f"layer step, {expert_ms:g} ms of it per expert FFN (overlapping the layer's "
+            "reads); stall: time steps waited for reads; Belady's is its misses' reads, none "
+            "overlapped, which prefetching can hide"
         )
     if predictor is not None:
         notes.append(
@@ -245,8 +259,10 @@ def run(
     console.print("; ".join(notes) + ".")
 
 
-def _device(device_gbps: float | None, step_ms: float | None, expert_bytes: int) -> Device | None:
-    """The device and step time of --device-gbps and --step-ms, if given."""
+def _device(
+    device_gbps: float | None, step_ms: float | None, expert_ms: float, expert_bytes: int, k: int
+) -> Device | None:
+    """The device and step time of --device-gbps, --step-ms and --expert-ms, if given."""
     if device_gbps is None and step_ms is None:
         return None
     if device_gbps is None or step_ms is None:
@@ -256,7 +272,12 @@ def _device(device_gbps: float | None, step_ms: float | None, expert_bytes: int)
             f"--device-gbps must be positive and --step-ms not negative, got "
             f"{device_gbps:g} and {step_ms:g}"
         )
-    return Device(expert_bytes / (device_gbps * 1e9), step_ms / 1e3)
+    if k * expert_ms > step_ms:
+        raise ConfigError(
+            f"--expert-ms {expert_ms:g} x top-{k} is more than the whole step (--step-ms "
+            f"{step_ms:g})"
+        )
+    return Device(expert_bytes / (device_gbps * 1e9), step_ms / 1e3, expert_ms / 1e3)
 
 
 # One int4 expert of DeepSeek-V2-Lite (the shared trace's model): 3 x 2048 x 1408 weights.

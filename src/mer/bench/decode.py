@@ -20,10 +20,12 @@ prediction for the same trace, slots, device and step time (`mer.trace.replay`,
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -45,8 +47,8 @@ from mer.progress import progress_bar
 from mer.store.reader import Store
 from mer.trace.forced import TraceRouting, check_trace_shape, decode_sequences
 from mer.trace.format import Trace, load_trace, split_trace
-from mer.trace.prefetch import Device, plan, simulate_prefetch
-from mer.trace.replay import accesses, frequent_keys, simulate
+from mer.trace.prefetch import Device, no_plan, plan, simulate_prefetch
+from mer.trace.replay import accesses, frequent_keys, grouped_accesses, simulate
 from mer.trace.stats import batch_dedup
 from mer.units import fmt_decimal
 
@@ -190,12 +192,20 @@ def run(
         if not no_full:  # once to read every expert used, once to time compute alone
             whole = Decoder(model, s, routing, replay, total * nbytes, io_threads, bar)
             whole.run("lru", warm=True)
-            full = whole.run("lru", name="lru (all in RAM, warm)")
+            full = whole.run("lru", warm=True, name="lru (all in RAM, warm)")
             kernels = kernel_time(model, routing, bar)
+            expert_s = expert_time(model, whole.cache)
+            whole.cache.engine.close()
             whole.cache = model.experts = None  # its slots go back before the next runs
+            gc.collect()  # the cache's reference cycles hold its slots until collected
             step_s = (full.seconds - full.stall) / (full.tokens * layers)
         else:
             step_s, kernels = step_ms / 1e3, None
+            # The FFN time the simulator overlaps with reads, on experts read for it.
+            few = ExpertCache(s, 24 * nbytes, threads=io_threads)
+            expert_s = expert_time(model, few, load=True)
+            few.engine.close()
+            del few
         top_k = cfg.num_experts_per_tok
         spare = guesses or max(1, min(top_k, math.floor(step_s / read_s)))
         sims = Simulator(train, replay, cfg.moe_layers, pin_share, speculator)
@@ -211,16 +221,19 @@ def run(
             run_read = got.read_s or read_s
             if policy == "lru" and not pinned and not pf and guesses is None:
                 spare = max(1, min(top_k, math.floor(got.step_s / run_read)))  # what it saw
-            sim = sims.predict(policy, slots, pinned, pf, run_read, got.step_s, spare)
+            sim = sims.predict(policy, slots, pinned, pf, run_read, got.step_s, expert_s, spare)
             rows.append((fraction, slots, got, sim))
     if rows or full is not None:
-        show(console, rows, full, read_s, replay.n_tokens, layers, cfg.num_experts_per_tok)
+        show(console, rows, full, read_s, expert_s, replay.n_tokens, layers, top_k)
     if kernels is not None:
-        wall, inside, n = kernels
+        wall, dense, experts, n = kernels
+        inside = dense + experts
         console.print(
             f"100% residency, warm, under the profiler ({n} tokens): {1e3 * wall / n:.1f} ms "
-            f"per token, of which {1e3 * inside / n:.1f} ms in PyTorch ops (the sum of their "
-            f"self times): {wall / inside:.2f}x"
+            f"per token, of which {1e3 * inside / n:.1f} ms in kernels: dense "
+            f"{1e3 * dense / n:.1f} ms in PyTorch ops (the sum of their self times) + expert "
+            f"FFNs {1e3 * experts / n:.1f} ms: {wall / inside:.2f}x (the engine's own time "
+            "is the rest)"
         )
     if batch > 1:
         slots = max(round(batch_fraction * total), batch * cfg.num_experts_per_tok)
@@ -230,9 +243,12 @@ def run(
 
 def batching(console, model, store, trace, held, n, length, slots, io_threads) -> None:
     """`n` held-out sequences (their first `length` tokens) decoded one at a time, then
-    together, each time from a cold cache of `slots` experts (lru, no prefetch): tok/s and
-    SSD bytes per token, beside the most batching can divide reads by on this trace
-    (`mer.trace.stats.batch_dedup`, what `mer bench routing` prints)."""
+    together, each time from a cold cache (no prefetch): SSD bytes per token, beside the
+    most batching can divide reads by on this trace (`mer.trace.stats.batch_dedup`, what
+    `mer bench routing` prints). That bound assumes no cache, every expert chosen a read,
+    so the first pair runs with no cache to speak of (slots for one step); then pairs with
+    `slots` under lru and ours, each beside the replay of the same two access streams
+    through the same policy and through Belady's (the most any policy could cut there)."""
     long = [i for i, (a, b) in enumerate(held.sequences()) if b - a >= length][:n]
     if len(long) < n:
         console.print(f"batching: only {len(long)} held-out sequences of {length} tokens")
@@ -242,48 +258,133 @@ def batching(console, model, store, trace, held, n, length, slots, io_threads) -
     starts = np.arange(n + 1, dtype=np.int64) * length
     cut = Trace(held.experts[rows], starts, held.phase[rows], held.meta)
     model.routing_override = routing = TraceRouting.for_model(cut, model)
-    model.routing_hooks = []
+    groups = {"one at a time": [[i] for i in range(n)], f"{n} together": [list(range(n))]}
+    streams = {name: grouped_accesses(cut, g) for name, g in groups.items()}
+    least = max(a.max_step for a in streams.values())  # one batched step's experts
+    # No cache: each run's slots hold one of its steps, nothing across layers.
+    configs = [("no cache", None, "lru"), (f"{slots}", max(slots, least), "lru"),
+               (f"{slots}", max(slots, least), "ours")]  # fmt: skip
+    nbytes = store.expert_format.nbytes
     got = {}
-    budget = slots * store.expert_format.nbytes
-    with progress_bar(2 * n * length, "bench decode: batching", unit="tokens") as bar:
-        for name, groups in (("one at a time", [[i] for i in range(n)]),
-                             (f"{n} together", [list(range(n))])):  # fmt: skip
-            cache = ExpertCache(store, budget, threads=io_threads, policy="lru")
-            model.experts = cache
-            seconds = decode_sequences(model, routing, groups, lambda g, k: bar.advance(k))
-            got[name] = (seconds, cache.stats.bytes_read, cache.stats.misses)
-            cache.engine.close()
-            model.experts = None
+    with progress_bar(len(configs) * 2 * n * length, "bench decode: batching",
+                      unit="tokens") as bar:  # fmt: skip
+        for config in configs:
+            _, size, policy = config
+            for name, group in groups.items():
+                size = size or streams[name].max_step
+                cache = ExpertCache(store, size * nbytes, threads=io_threads, policy=policy)
+                model.experts = cache
+                model.routing_hooks = (
+                    [] if policy == "lru" else [lambda m, h, ids, w, c=cache: c.observe(m, ids)]
+                )
+                seconds = decode_sequences(model, routing, group, lambda g, k: bar.advance(k))
+                got[config, name] = (seconds, cache.stats.bytes_read, cache.stats.misses)
+                cache.engine.close()
+                model.experts = None
+                gc.collect()  # free this run's slots before the next run allocates its own
+    model.routing_hooks = []
     bound = batch_dedup(trace, n)
-    table = Table(title=f"batching {n} trace sequences x {length} tokens, {slots} slots, lru")
+    table = Table(title=f"batching {n} trace sequences x {length} tokens, cold cache each run")
     for c in ("run", "tok/s", "SSD read/token", "expert reads", "÷ one at a time (bytes)",
-              "dedup bound", "share of bound"):  # fmt: skip
+              "dedup bound", "share of bound", "cache (slots)", "policy", "replay ÷",
+              "belady replay ÷"):  # fmt: skip
         table.add_column(c, justify="right")
-    alone_bytes = got["one at a time"][1]
-    for name, (seconds, nbytes, misses) in got.items():
-        cut_by = alone_bytes / nbytes if nbytes else float("inf")
-        table.add_row(name, f"{n * length / seconds:.2f}", fmt_decimal(nbytes / (n * length)),
-                      str(misses), f"{cut_by:.2f}", f"{bound:.2f}",
-                      f"{(cut_by - 1) / (bound - 1):.2f}" if bound > 1 else "")  # fmt: skip
+    for config in configs:
+        label, size, policy = config
+        sizes = {name: size or acc.max_step for name, acc in streams.items()}
+        replay = {name: simulate(acc, policy, sizes[name]) for name, acc in streams.items()}
+        best = {name: simulate(acc, "belady", sizes[name]) for name, acc in streams.items()}
+        alone_bytes = got[config, "one at a time"][1]
+        for name in groups:
+            seconds, nb, misses = got[config, name]
+            cut_by = alone_bytes / nb if nb else float("inf")
+            first = name == "one at a time"
+            table.add_row(
+                name, f"{n * length / seconds:.2f}", fmt_decimal(nb / (n * length)),
+                str(misses), f"{cut_by:.2f}", f"{bound:.2f}",
+                f"{(cut_by - 1) / (bound - 1):.2f}" if bound > 1 else "",
+                f"{label} ({sizes[name]})", policy if first else "",
+                f"{replay['one at a time'] / replay[name]:.2f}",
+                f"{best['one at a time'] / best[name]:.2f}",
+            )  # fmt: skip
+        table.add_section()
     console.print(table)
     console.print(
         "dedup bound: experts chosen per distinct expert when these many sequences decode "
-        "one token each (random tokens of the whole trace, mer bench routing); share of "
-        "bound: the measured cut in SSD bytes less 1, over the bound less 1."
+        "one token each (random tokens of the whole trace, mer bench routing): what batching "
+        "saves with no cache; share of bound: the measured cut in SSD bytes less 1, over the "
+        "bound less 1; replay ÷: the same cut replayed through the same policy and slots, "
+        "and through Belady's (what any policy could save with that cache: a cache already "
+        "keeps much of what batching shares)."
     )
 
 
-def kernel_time(model, routing: TraceRouting, bar) -> tuple[float, float, int]:
-    """(wall seconds, seconds inside PyTorch ops, tokens) of decoding the trace's first
-    sequence again on the warm cache under the profiler: how far a token's time is from
-    the sum of its kernels."""
+def expert_time(model, cache: ExpertCache, n: int = 24, reps: int = 5, load=False) -> float:
+    """Seconds one expert FFN takes on one token (a decode step's), the median over up to
+    `n` experts in RAM (with `load`, over `n` experts read for it): the compute of a layer
+    that overlaps its reads."""
+    cfg = model.config
+    every = max(1, cfg.num_experts_total // n)
+    keys = [(m, e) for m in cfg.moe_layers for e in range(cfg.num_local_experts)
+            if load or cache.is_resident(m, e)][::every][:n]  # fmt: skip
+    x = torch.randn(1, cfg.hidden_size, dtype=model.dtype)
+    times = []
+    with torch.inference_mode():
+        for m, e in keys:
+            with cache.use(m, e) as ffn:
+                ffn(x)  # once untimed: the first call of a shape may choose its kernel
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    ffn(x)
+                times.append((time.perf_counter() - t0) / reps)
+    return float(np.median(times)) if times else 0.0
+
+
+def kernel_time(model, routing: TraceRouting, bar) -> tuple[float, float, float, int]:
+    """(wall seconds, seconds in dense kernels, seconds in expert FFNs, tokens) of decoding
+    the trace's first sequence again on the warm cache under the profiler: how far a
+    token's time is from the sum of its kernels. Dense: the self times of every PyTorch
+    op outside expert FFNs; experts: the whole time of each FFN call (their C kernels are
+    no PyTorch op)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        wall = decode_sequences(model, routing, [[0]], lambda g, n: bar.advance(0))
-    inside = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    cache = model.experts
+    model.experts = _TimedExperts(cache)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wall = decode_sequences(model, routing, [[0]], lambda g, n: bar.advance(0))
+    finally:
+        model.experts = cache
+    events = prof.events()
+    covered = sum(e.self_cpu_time_total for e in events) / 1e6
+    experts = sum(e.cpu_time_total for e in events if e.name == EXPERT_RANGE) / 1e6
     n = int(routing.trace.seq_starts[1])
-    return wall, inside, n
+    return wall, covered - experts, experts, n
+
+
+EXPERT_RANGE = "mer.expert_ffn"
+
+
+class _TimedExperts:
+    """The expert cache, its FFN calls each marked as one profiler range."""
+
+    def __init__(self, cache) -> None:
+        self._cache = cache
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    @contextmanager
+    def use(self, layer: int, expert: int):
+        from torch.profiler import record_function
+
+        with self._cache.use(layer, expert) as ffn:
+
+            def timed(x):
+                with record_function(EXPERT_RANGE):
+                    return ffn(x)
+
+            yield timed
 
 
 class Decoder:
@@ -310,7 +411,11 @@ class Decoder:
         if live is not None:
             pf, train, speculator, spare = live
             prefetcher = LivePrefetcher(
-                live_predictor(pf, cfg, train, speculator), cache, cfg, guesses=spare
+                live_predictor(pf, cfg, train, speculator),
+                cache,
+                cfg,
+                guesses=spare,
+                min_precision=None,  # the bar the device's busy share sets, as simulated
             )
             hooks.append(prefetcher)
         model.routing_hooks = hooks
@@ -323,11 +428,16 @@ class Decoder:
             seconds += decode_sequences(model, self.routing, [[i]], self._advance)
         after = _snapshot(cache)
         d = {k: after[k] - before[k] for k in after}
+        result = Result(name or policy, self.replay.n_tokens, seconds, d["stall"], d["hits"],
+                        d["misses"], d["bytes"], d["prefetches"], d["used"], d["busy"],
+                        self.store.expert_format.nbytes, len(cfg.moe_layers))  # fmt: skip
         if not warm:
             cache.engine.close()
-        return Result(name or policy, self.replay.n_tokens, seconds, d["stall"], d["hits"],
-                      d["misses"], d["bytes"], d["prefetches"], d["used"], d["busy"],
-                      self.store.expert_format.nbytes, len(cfg.moe_layers))  # fmt: skip
+            self.cache = model.experts = None
+            model.routing_hooks = []
+            del cache, prefetcher, hooks
+            gc.collect()  # the cache's reference cycles hold its slots until collected
+        return result
 
 
 def _snapshot(cache: ExpertCache) -> dict:
@@ -346,7 +456,7 @@ class Simulator:
         self.layers = layers  # the model's MoE layers, for the keys of pins
         self.acc = accesses(replay, "token")
         self.speculator = speculator
-        self._plans: dict[tuple[str, int], object] = {}
+        self._plans: dict[str, object] = {}
 
     def pins(self, slots: int) -> Pins:
         """The experts most frequent in the training part, as many as the share allows."""
@@ -358,32 +468,36 @@ class Simulator:
         n = self.replay.n_experts
         return self.layers[k // n], k % n
 
-    def predict(self, policy, slots, pinned, pf, read_s, step_s, guesses):
+    def predict(self, policy, slots, pinned, pf, read_s, step_s, expert_s, guesses):
         """The prediction for a run on a device reading an expert in `read_s`, computing
-        `step_s` per MoE layer, prefetching `guesses` per layer with `pf`."""
-        device = Device(read_s, step_s)
+        `step_s` per MoE layer of which `expert_s` per expert FFN (overlapping the layer's
+        reads), prefetching `guesses` per layer with `pf`."""
+        device = Device(read_s, step_s, min(expert_s, step_s / self.replay.top_k))
         pins = ()
         if pinned:
             n = pin_capacity(slots, self.pin_share, self.replay.top_k)
             pins = frequent_keys(accesses(self.train, "token"), n)
         steps = len(self.acc.step_layer)
-        if pf is None:
-            misses = simulate(self.acc, policy, slots, pins)
-            stall, prefetched, used = misses * read_s, 0, 0
-        else:
-            r = simulate_prefetch(self.acc, policy, slots, self._plan(pf, guesses), pins, device)
-            misses, stall, prefetched, used = r.misses, r.stall_s, r.prefetches, r.useful
+        # Live prefetch: ranked candidates, of which the engine's rule picks (its precision
+        # bar, at most `guesses` not in the cache).
+        todo = no_plan(self.acc) if pf is None else self._plan(pf)
+        live = None if pf is None else (guesses, None)
+        r = simulate_prefetch(self.acc, policy, slots, todo, pins, device, live)
+        misses, stall, prefetched, used = r.misses, r.stall_s, r.prefetches, r.useful
         wall = steps * step_s + stall
         return dict(misses=misses, stall=stall, tok_s=self.replay.n_tokens / wall,
                     prefetched=prefetched, used=used, read_s=read_s, step_s=step_s,
-                    guesses=guesses if pf else 0)  # fmt: skip
+                    expert_s=device.expert_s, guesses=guesses if pf else 0)  # fmt: skip
 
-    def _plan(self, pf: str, guesses: int):
-        if (pf, guesses) not in self._plans:
+    def _plan(self, pf: str):
+        """The predictor's 2 x top-k best guesses one layer ahead, best first (what the live
+        prefetcher ranks)."""
+        if pf not in self._plans:
             predictor = catalog.one(pf, self.train, self.speculator, None, 1)
             scorer = partial(predictor.scores, self.replay)
-            self._plans[pf, guesses] = plan(self.replay, "token", scorer, 1, guesses)
-        return self._plans[pf, guesses]
+            ranks = 2 * self.replay.top_k
+            self._plans[pf] = plan(self.replay, "token", scorer, 1, ranks, ranked=True)
+        return self._plans[pf]
 
 
 def measure_read(store: Store, threads: int, n: int = 48, rounds: int = 3) -> float:
@@ -424,11 +538,11 @@ def _runs(fractions, prefetch):
     return out
 
 
-def show(console, rows, full, read_s, tokens, layers, top_k) -> None:
+def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
     table = Table(title="decode with real routing: engine (measured) vs replay simulator")
     cols = ["residency", "run", "tok/s", "stall ms/tok", "hits", "MB/tok", "prefetch used",
             "read ms", "step ms", "sim hits", "sim stall ms/tok", "stall err", "sim tok/s",
-            "tok/s ÷ sim", "÷ lru tok/s"]  # fmt: skip
+            "tok/s ÷ sim", "÷ lru tok/s", "sim MB/tok", "sim prefetch used"]  # fmt: skip
     for c in cols:
         table.add_column(c, justify="right")
     if full is not None:
@@ -466,15 +580,24 @@ def show(console, rows, full, read_s, tokens, layers, top_k) -> None:
             f"{sim['tok_s']:.2f}",
             f"{r.tok_s / sim['tok_s']:.2f}",
             f"{r.tok_s / lru[fraction]:.2f}",
+            f"{(sim['misses'] + sim['prefetched']) * r.expert_bytes / r.tokens / 1e6:.1f}",
+            f"{sim['used']}/{sim['prefetched']}" if sim["guesses"] else "",
         )
     console.print(table)
     notes = [
         f"{tokens} tokens x {layers} MoE layers per run; the simulator replays each run with "
         "that run's measured read ms (device busy time per expert read; a run that read "
         f"nothing: {1e3 * read_s:.2f} ms, random experts read together before the runs) and "
-        "step ms (forward time less stall, per MoE layer step)",
-        "live prefetch: the next MoE layer's best guesses not in RAM, as many per layer as "
-        "the lru run's step ms over read ms (read while no demand read is in flight)",
+        "step ms (forward time less stall, per MoE layer step), of which "
+        f"{1e3 * expert_s:.2f} ms per expert FFN (one token, timed on experts in RAM) "
+        "overlaps the layer's reads, as in the engine (its resident experts compute while "
+        "its misses are read)",
+        "live prefetch: the next MoE layer's best guesses not in RAM, at most as many per "
+        "layer as the lru run's step ms over read ms (read while no demand read is in "
+        "flight), from the ranks whose guesses were chosen often enough so far (at least "
+        "b / (1 + b) on a device busy a share b of the time), in the engine and the "
+        "simulator alike; prefetch used: used / issued (engine), used / read (simulator: a "
+        "guess not started when its layer routes is cancelled)",
         "stall: time acquires waited for reads; stall err: engine over simulator, less 1",
     ]
     console.print("; ".join(notes) + ".")

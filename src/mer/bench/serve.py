@@ -7,7 +7,9 @@ cache): once against a server that runs one request at a time
 once with continuous batching. The table gives aggregate tok/s, TTFT and time
 per output token (p50/p99), SSD bytes per generated token, the dedup factor
 (sequences served per expert acquisition) and the prefix-cache hit rate, with
-the ratios of the batched run to the one-at-a-time run.
+the ratios of the batched run to the one-at-a-time run. With `--routing-trace` the
+servers route every token as the trace did (`mer serve --routing-trace`): a store of
+random weights then reads, caches and batches experts as the traced model would.
 
 The agents call tools (`mer.bench.agents`): a store whose chat template takes no
 tools (the bundled model's) is served with `TOOLS_TEMPLATE` (`--chat-template`).
@@ -30,7 +32,7 @@ from rich.table import Table
 
 from mer.bench.agents import TOOLS_TEMPLATE, AgentResult, Session, make_sessions, run_agent
 from mer.chat import ChatTemplate
-from mer.errors import MerError
+from mer.errors import ConfigError, MerError
 from mer.options import POLICIES, count, natural, number, size_text
 from mer.progress import progress_bar
 from mer.serve.local import LocalServer, connect, read_metrics
@@ -150,6 +152,9 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                    help="further `mer serve` options, passed as they are (last)")  # fmt: skip
     b.add_argument("--seed", type=natural, default=0)
+    b.add_argument("--routing-trace",
+                   help="the servers route every token as this trace (.npz) did (its shape "
+                   "must be the store's)")  # fmt: skip
 
 
 def run(
@@ -167,6 +172,7 @@ def run(
     server_args: list[str],
     seed: int,
     memory: str | None = None,
+    routing_trace: str | None = None,
 ) -> None:
     if not url and not store:
         from mer.data import trained_store
@@ -177,6 +183,15 @@ def run(
     options = [*budget, "--kv-budget", kv_budget]
     options += ["--max-batch-tokens", str(max_batch_tokens)]
     options += ["--cache-policy", cache_policy, "--model-name", MODEL, *server_args]
+    if routing_trace is not None:
+        from mer.trace.forced import check_trace_shape  # torch: only when asked for
+        from mer.trace.format import load_trace
+
+        if url:
+            raise ConfigError("--routing-trace with --url: start that server with "
+                              "`mer serve --routing-trace` instead")  # fmt: skip
+        check_trace_shape(load_trace(routing_trace), Store(store).config, routing_trace, store)
+        options = ["--routing-trace", str(routing_trace), *options]
     if url:
         model, context = _remote_model(url)
         console.print(
@@ -195,6 +210,7 @@ def run(
             f"store {store}: experts {fmt_decimal(opened.expert_bytes_total)} on disk, "
             f"{f'memory {memory}' if memory else f'RAM budget {ram_budget}'} ({cache_policy}), "
             f"KV budget {kv_budget}"
+            + (f", routing from {routing_trace}" if routing_trace else "")
         )
     console.print(
         f"{turns} turns per agent, {max_tokens} tokens per tool call, think "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mer.chat import ChatTemplate
 from mer.commands import open_draft, open_model
+from mer.errors import ConfigError
 from mer.options import (
     ClusterOptions,
     IOOptions,
@@ -55,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest request body")  # fmt: skip
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template to use instead of the store's")  # fmt: skip
+    p.add_argument("--routing-trace",
+                   help="route every token as this trace (.npz) did, not by the router "
+                   "(benchmarks of real routing on a store of random weights)")  # fmt: skip
     add_speculation_options(p)  # used while a request runs alone; batching takes over after
     # A batch asks for several experts per layer at once, and small reads are bound by the
     # device's latency: more reads in flight (4 -> 16) took 8 agents from 1.5x to 1.8x.
@@ -82,8 +86,16 @@ def run(
     speculation: SpeculationOptions,
     cluster: ClusterOptions,
     chat_template: str | None = None,
+    routing_trace: str | None = None,
 ) -> None:
     from mer.serve.app import ServerSettings, serve
+    from mer.trace.forced import BatchFeeder, TraceRouting
+    from mer.trace.format import load_trace
+
+    if routing_trace is not None and (speculation.draft or speculation.speculate):
+        raise ConfigError(
+            "--routing-trace cannot drive speculative decoding; drop --speculate and --draft"
+        )
 
     template = None
     if chat_template is not None:  # checked before the model loads
@@ -99,12 +111,19 @@ def run(
     )  # fmt: skip
     if template is not None:
         model.use_chat_template(template)
+    feeder = None
+    if routing_trace is not None:
+        routing = TraceRouting.for_model(load_trace(routing_trace), model.transformer,
+                                         routing_trace, store)  # fmt: skip
+        model.transformer.routing_override = routing
+        feeder = BatchFeeder(routing)
     scheduler = model.scheduler(
         kv_budget,
         max_batch_tokens=max_batch_tokens,
         max_running=max_running,
         draft=open_draft(speculation, dtype),
         spec_k=speculation.spec_k,
+        before_forward=feeder,
     ).start()
     pool = scheduler.pool
     kv_bytes = fmt_bytes(pool.n_blocks * pool.block_bytes)

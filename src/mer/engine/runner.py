@@ -16,6 +16,7 @@ record); what the results mean for each request is `Batcher.postprocess`'s job.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -25,10 +26,14 @@ from mer.models.transformer import MoETransformer
 
 
 class ModelRunner:
-    """Runs batches on one model."""
+    """Runs batches on one model. `before_forward(batch)`, if given, is told of each plain
+    batch just before its forward pass (forced routing feeds its trace rows so)."""
 
-    def __init__(self, model: MoETransformer) -> None:
+    def __init__(
+        self, model: MoETransformer, before_forward: Callable[[Batch], None] | None = None
+    ) -> None:
         self.model = model
+        self.before_forward = before_forward
 
     def run(self, batch: Batch) -> StepResult:
         t0 = time.perf_counter()
@@ -39,6 +44,8 @@ class ModelRunner:
         hooks.append(tally)
         scoring = any(s.scoring for s in batch.seqs)  # a prompt's logprobs: every row's logits
         try:
+            if self.before_forward is not None:
+                self.before_forward(batch)
             logits = self.model.forward_batch(
                 [(torch.tensor(c), s.kv) for s, c in zip(batch.seqs, batch.chunks, strict=True)],
                 all_logits=scoring,

@@ -28,8 +28,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
-from mer.engine.batching import Batcher, Delivery, Output, Request, Sequence, message
+from mer.engine.batching import Batch, Batcher, Delivery, Output, Request, Sequence, message
 from mer.engine.runner import ModelRunner
 from mer.engine.speculative import Speculation
 from mer.errors import ConfigError, MerError
@@ -53,15 +54,17 @@ class Scheduler:
         block_size: int = 16,
         speculation: Speculation | None = None,
         stuck_after: float = 300.0,
+        before_forward: Callable[[Batch], None] | None = None,
     ) -> None:
         """`speculation`: how a sequence that runs alone decodes speculatively, if at all.
-        `stuck_after`: seconds one step may run before `health()` calls the engine stuck."""
+        `stuck_after`: seconds one step may run before `health()` calls the engine stuck.
+        `before_forward`: told of each batch before its forward pass (`ModelRunner`)."""
         if not stuck_after > 0:
             raise ConfigError(f"stuck_after must be positive, got {stuck_after}")
         self.batcher = Batcher(
             transformer, kv_budget, max_batch_tokens, max_running, block_size, speculation
         )
-        self.runner = ModelRunner(transformer)
+        self.runner = ModelRunner(transformer, before_forward)
         self.pool, self.stats = self.batcher.pool, self.batcher.stats
         self.stuck_after = stuck_after
         self._incoming: list[Sequence] = []

@@ -2,7 +2,10 @@
 
 A request is split into chunks that are in flight together, so one large
 extent keeps several reads queued at the device. Demand reads go ahead of
-prefetches, and a prefetch that a reader starts waiting for is promoted.
+prefetches, and a prefetch that a reader starts waiting for is promoted. A
+prefetch starts only while no demand read is in flight, and in smaller chunks
+(`prefetch_chunk_bytes`): a demand read that arrives while prefetches are being
+read waits for their chunks under way, not for whole experts.
 A request that has not started can be cancelled; once any chunk has started
 it runs to the end, so a cancelled request never writes into memory that has
 been handed to someone else. Failed reads (EIO and the like) are retried a
@@ -84,11 +87,13 @@ class ReadEngine:
         chunk_bytes: int = 8 << 20,
         retries: int = 2,
         read: Callable[[DirectReader, memoryview, int], None] | None = None,
+        prefetch_chunk_bytes: int = 1 << 20,
     ) -> None:
         if threads < 1:
             raise ValueError("the read engine needs at least one thread")
         self.reader = reader
         self.chunk_bytes = chunk_bytes
+        self.prefetch_chunk_bytes = min(prefetch_chunk_bytes, chunk_bytes)
         self.retries = retries
         self._read = read or (lambda r, buf, off: r.read_into(buf, off))
         self.stats = EngineStats()
@@ -120,7 +125,8 @@ class ReadEngine:
     ) -> ReadRequest:
         req = ReadRequest(dest, offset, priority, what, on_done)
         n = len(dest)
-        bounds = list(range(0, n, self.chunk_bytes)) + [n]
+        step = self.chunk_bytes if priority == DEMAND else self.prefetch_chunk_bytes
+        bounds = list(range(0, n, step)) + [n]
         chunks = [_Chunk(req, a, b) for a, b in itertools.pairwise(bounds)]
         req.chunks_left = len(chunks)
         with self._cv:

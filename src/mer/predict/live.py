@@ -10,8 +10,14 @@ the cache's own. At each MoE layer of a forward pass it
    from the routing seen so far, with the same `Predictor.scores` the benchmarks
    measure, and prefetches the best ones not in RAM: as many as the device can read
    while this layer computes (`spare`), so that prefetching uses bandwidth that would
-   otherwise idle. The read engine starts a prefetch only while no demand read is in
-   flight (`mer.io.engine`), so a prefetch never queues ahead of a demand read.
+   otherwise idle, and (with `min_precision=None`, as `mer bench decode` runs it) only
+   from the ranks whose guesses have been chosen often enough so far (`precision`,
+   measured online per rank of the predictor's order): on a device
+   busy a share b of the time, at least b / (1 + b) (`mer.cache.precision`): a wasted
+   read costs only when a demand read has to wait for it. The read engine starts a
+   prefetch only while no demand read is in flight (`mer.io.engine`), in small chunks,
+   so a prefetch never queues ahead of a demand read and one under way delays it by a
+   chunk at most.
 
 The predictor learns online (`learn`, for those that can, i.e. the Markov chain): from
 each sequence's routing as it runs, in blocks of `LEARN_EVERY` tokens and at its end.
@@ -27,6 +33,7 @@ import time
 import numpy as np
 import torch
 
+from mer.cache.precision import RankPrecision
 from mer.errors import ConfigError
 from mer.predict.base import Predictor
 from mer.trace.format import Trace
@@ -42,10 +49,15 @@ class LivePrefetcher:
         config,
         guesses: int | None = None,
         learn: bool = True,
+        min_precision: float | None = 0.0,
     ) -> None:
         """`cache`: the expert cache (`fetch`, `prefetch`, `cancel_prefetches`,
-        `is_resident`, `stats`, `format`). `guesses`: experts prefetched per layer; None:
-        as many as the measured read time fits in the measured layer time."""
+        `is_resident`, `stats`, `format`). `guesses`: experts prefetched per layer at most;
+        None: as many as the measured read time fits in the measured layer time.
+        `min_precision`: prefetch only from ranks guessing at least this well; None: the
+        bar the device's measured busy share sets (`mer.cache.precision`; what `mer bench
+        decode` runs); 0, the default: every rank (a bar that moves with the measured busy
+        share makes what is prefetched depend on the machine's load)."""
         self.predictor, self.cache, self.fixed = predictor, cache, guesses
         self.layers = tuple(config.moe_layers)
         self.column = {layer: j for j, layer in enumerate(self.layers)}
@@ -60,12 +72,16 @@ class LivePrefetcher:
         self._last_call: float | None = None
         self.step_s: float | None = None  # measured time between two MoE layers (EMA)
         self.guessed = 0  # guesses made (prefetches asked for)
+        self.ranks = RankPrecision(2 * self.top_k, min_precision)
+        self._started: tuple[float, float] | None = None  # (time, device busy seconds)
+        self._ranked: dict[int, list[int]] = {}  # target layer -> experts in rank order
 
     def begin_sequence(self) -> None:
         self._end_pass()
         self._learn()
         self._prev = None
         self._last_call = None
+        self._ranked.clear()  # guesses for the last sequence's next token: never scored
 
     def spare(self) -> int:
         """Experts to prefetch now: what the device reads in one layer's time."""
@@ -91,6 +107,7 @@ class LivePrefetcher:
         self._last_call = now
         self._cur[:, j] = ids.numpy()
         chosen = ids.unique().tolist()
+        self._score_ranks(layer, chosen)
         cache = self.cache
         cache.cancel_prefetches(layer, keep=chosen)
         missing = [e for e in chosen if not cache.is_resident(layer, e)]
@@ -101,14 +118,39 @@ class LivePrefetcher:
             return  # nothing to spare, or a prompt or batch whose next tokens are unknown
         target = self.layers[(j + 1) % len(self.layers)]
         scores = self._scores(j).sum(0)  # [E]
-        picks = []
-        for e in np.argsort(-scores, kind="stable").tolist():
-            if not cache.is_resident(target, e):
-                picks.append(e)
-                if len(picks) == n:
-                    break
+        ranked = np.argsort(-scores, kind="stable")[: self.ranks.ranks].tolist()
+        self._ranked[target] = ranked
+        picks = self.ranks.pick(ranked, lambda e: cache.is_resident(target, e), n, self.busy())
         self.guessed += len(picks)
         cache.prefetch(target, picks)
+
+    def busy(self) -> float:
+        """The share of the time the device has been reading since the first layer seen."""
+        now, busy = time.perf_counter(), self.cache.engine.stats.busy_seconds
+        if self._started is None:
+            self._started = (now, busy)
+            return 0.0
+        t0, b0 = self._started
+        return (busy - b0) / (now - t0) if now > t0 else 0.0
+
+    def precision(self) -> np.ndarray:
+        """float [ranks]: the share of guesses at each rank the layer then chose."""
+        return self.ranks.precision()
+
+    @property
+    def min_precision(self) -> float:
+        return self.ranks.min_precision
+
+    @min_precision.setter
+    def min_precision(self, value: float) -> None:
+        self.ranks.min_precision = value
+
+    def _score_ranks(self, layer: int, chosen: list[int]) -> None:
+        """The layer routed: score the guesses made for it, rank by rank (whether or not
+        they were prefetched: the predictor's precision, not the cache's)."""
+        ranked = self._ranked.pop(layer, None)
+        if ranked is not None:
+            self.ranks.score(ranked, chosen)
 
     def _scores(self, j: int) -> np.ndarray:
         """float32 [T, E]: the predictor's scores one layer-step after layer `j` for this

@@ -11,7 +11,10 @@ text from random weights and mean nothing.
 
 Which trace tokens a forward pass runs is said before it (`feed`): one row per token
 of the pass, in the pass's order. The trace's shape (MoE layers, experts, top-k) must
-be the model's, else a one-line error.
+be the model's, else a one-line error. In a server (`mer serve --routing-trace`),
+`BatchFeeder` says it for each scheduled batch: each request is given the trace's
+sequences in turn, and its token at position p takes that sequence's row p (wrapping
+round a sequence shorter than the request).
 """
 
 from __future__ import annotations
@@ -88,6 +91,39 @@ class TraceRouting:
             self._rows = None
             self.passes += 1
         return w, forced
+
+
+class BatchFeeder:
+    """Feeds a `TraceRouting` the rows of each batch the scheduler runs
+    (`mer.engine.runner.ModelRunner`'s `before_forward`): request by request, the trace's
+    sequences in turn, position p of a request taking its sequence's row p (modulo its
+    length), prompt and generated tokens alike. Only sequences of at least `min_length`
+    tokens are used (all when none is that long), so few requests wrap round."""
+
+    def __init__(self, routing: TraceRouting, min_length: int = 64) -> None:
+        self.routing = routing
+        trace = routing.trace
+        spans = list(trace.sequences())
+        long = [(a, b) for a, b in spans if b - a >= min_length]
+        self.spans = long or spans
+        self._given: dict[int, tuple[int, int]] = {}  # request id -> (start, length)
+
+    def rows(self, request_id: int, first: int, n: int) -> np.ndarray:
+        """Trace rows of positions first..first+n-1 of a request."""
+        if request_id not in self._given:  # (a few bytes a request: never dropped)
+            a, b = self.spans[len(self._given) % len(self.spans)]
+            self._given[request_id] = (a, b - a)
+        start, length = self._given[request_id]
+        return start + np.arange(first, first + n) % length
+
+    def __call__(self, batch) -> np.ndarray:
+        """Feed the rows of a batch (`mer.engine.batching.Batch`) about to run as one pass;
+        returns them."""
+        rows = [self.rows(s.request.id, s.kv.length, len(c))
+                for s, c in zip(batch.seqs, batch.chunks, strict=True)]  # fmt: skip
+        fed = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self.routing.feed(fed)
+        return fed
 
 
 def decode_sequences(transformer, routing: TraceRouting, sequences, on_pass=None) -> float:

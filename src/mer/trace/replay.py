@@ -93,6 +93,25 @@ def accesses(trace: Trace, mode: str = "token") -> Accesses:
     return Accesses(keys, starts, layers, n_layers, n_experts, trace.top_k)
 
 
+def grouped_accesses(trace: Trace, groups) -> Accesses:
+    """The accesses of decoding the trace's sequences in `groups` (lists of sequence
+    indices), each group together, one token of each of its live sequences per pass: one
+    step per pass and layer, holding the union of their experts (what the engine's MoE
+    block reads: each distinct expert of a batch once). [[0], [1], ...]: one at a time."""
+    n_layers, n_experts = trace.n_layers, trace.n_experts
+    chunks, layers = [], []
+    for group in groups:
+        bounds = [(int(trace.seq_starts[i]), int(trace.seq_starts[i + 1])) for i in group]
+        for t in range(max(b - a for a, b in bounds)):
+            rows = [a + t for a, b in bounds if a + t < b]
+            for m in range(n_layers):
+                chunks.append(np.unique(trace.experts[rows, m]).astype(np.int64) + m * n_experts)
+                layers.append(m)
+    starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+    return Accesses(np.concatenate(chunks), starts, np.array(layers, np.int64), n_layers,
+                    n_experts, trace.top_k)  # fmt: skip
+
+
 def frequent_keys(acc: Accesses, n: int) -> np.ndarray:
     """The `n` most often accessed keys of a stream: a pinned set learned from it."""
     counts = np.bincount(acc.keys, minlength=acc.n_layers * acc.n_experts)
@@ -123,10 +142,11 @@ def simulate(acc: Accesses, policy: str, slots: int, pinned=()) -> int:
 
 
 class Clock(Protocol):
-    """What `run` tells a timed replay (`mer.trace.prefetch`): a step begins, needs a key,
-    has computed; a key is prefetched or evicted."""
+    """What `run` tells a timed replay (`mer.trace.prefetch`): a step of n experts begins,
+    needs a key, has computed; a key is prefetched or evicted; and what it asks: which
+    prefetches have not started when the step routes (they are cancelled)."""
 
-    def begin(self) -> None: ...
+    def begin(self, n: int) -> None: ...
 
     def need(self, key: int) -> None: ...
 
@@ -136,6 +156,17 @@ class Clock(Protocol):
 
     def evict(self, key: int) -> None: ...
 
+    def unstarted(self, keys) -> list[int]: ...
+
+
+class Picker(Protocol):
+    """What a replay asks a live prefetcher (`mer.trace.prefetch.LivePicks`): the step
+    routed to these keys; which of these ranked candidates to prefetch for the next."""
+
+    def routed(self, keys) -> None: ...
+
+    def pick(self, ranked, resident) -> list[int]: ...
+
 
 def run(
     acc: Accesses,
@@ -143,11 +174,20 @@ def run(
     slots: int,
     plan: Sequence[Sequence[int]] | None = None,
     clock: Clock | None = None,
+    pinned: frozenset[int] = frozenset(),
+    picker: Picker | None = None,
 ) -> tuple[int, int, int]:
     """Replay the stream through `policy` with `slots` slots, reading after each step the
     keys `plan` lists for it where the policy lets a prefetch have a slot (with its
-    accuracy so far). Returns (demand misses, prefetches, prefetches used)."""
+    accuracy so far). With a `clock`, a prefetch of the step's layer that the step does not
+    use and whose read has not started is cancelled when the step routes, as the engine
+    does: it frees its slot and is no read. Returns (demand misses, prefetches read,
+    prefetches used). `pinned` keys stay outside the policy and its `slots`: each is a miss
+    at its first use and in RAM from then on (the timed replay reads them as they come).
+    With a `picker`, each step's plan is a ranked list of candidates for the next step,
+    of which the picker chooses what to prefetch, as the engine's live prefetcher does."""
     misses = prefetches = useful = count = 0
+    pins_read: set[int] = set()
     unused: set[int] = set()  # prefetched, not used yet
     keys, starts = acc.keys.tolist(), acc.step_starts.tolist()
     layers, n_experts = acc.step_layer.tolist(), acc.n_experts
@@ -156,11 +196,28 @@ def run(
         if s and s % acc.n_layers == 0:  # a pass: a token (token mode) or a prompt (prefill)
             policy.begin_pass()
         step, layer = keys[starts[s] : starts[s + 1]], layers[s]
-        policy.visit(layer, [k - layer * n_experts for k in step])
+        policy.visit(layer, [k - layer * n_experts for k in step if k not in pinned])
         in_step = set(step)  # in use together: none may evict another
+        if picker is not None:
+            picker.routed(step)
         if clock is not None:
-            clock.begin()
+            clock.begin(len(step))
+            lo = layer * n_experts
+            guessed = [k for k in unused if lo <= k < lo + n_experts and k not in in_step]
+            for key in clock.unstarted(guessed):
+                policy.evicted(key)
+                unused.discard(key)
+                clock.evict(key)
+                count -= 1
+                prefetches -= 1
         for key in step:
+            if key in pinned:
+                if key not in pins_read:
+                    pins_read.add(key)
+                    misses += 1
+                if clock is not None:
+                    clock.need(key)
+                continue
             if resident(key):
                 if key in unused:
                     unused.discard(key)
@@ -179,8 +236,11 @@ def run(
             used(key)
             if clock is not None:
                 clock.need(key)
-        for key in plan[s] if plan is not None else ():
-            if key in policy:
+        todo = plan[s] if plan is not None else ()
+        if picker is not None:
+            todo = picker.pick(todo, lambda k: k in policy or k in pinned)
+        for key in todo:
+            if key in policy or key in pinned:
                 continue
             if count >= slots:
                 accuracy = prefetch_accuracy(useful, prefetches)
