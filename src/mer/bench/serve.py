@@ -209,8 +209,7 @@ def run(
         console.print(
             f"store {store}: experts {fmt_decimal(opened.expert_bytes_total)} on disk, "
             f"{f'memory {memory}' if memory else f'RAM budget {ram_budget}'} ({cache_policy}), "
-            f"KV budget {kv_budget}"
-            + (f", routing from {routing_trace}" if routing_trace else "")
+            f"KV budget {kv_budget}" + (f", routing from {routing_trace}" if routing_trace else "")
         )
     console.print(
         f"{turns} turns per agent, {max_tokens} tokens per tool call, think "
