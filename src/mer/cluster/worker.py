@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from contextlib import ExitStack
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +28,7 @@ import torch
 
 from mer.cluster.wire import from_wire, to_wire, unpack_meta
 from mer.errors import ClusterError, MerError, StoreError
+from mer.models.layers import run_resident_first
 
 Key = tuple[int, int]
 
@@ -153,21 +153,7 @@ class ExpertWorker:
             else:
                 ys[a:b] = ffn(xs[a:b])
 
-        provider = self.experts
-        with ExitStack() as held:
-            ffns = {
-                e: held.enter_context(provider.use(layer, e))
-                for e in experts
-                if provider.is_resident(layer, e)
-            }
-            missing = [e for e in experts if e not in ffns]
-            if missing:
-                provider.fetch(layer, missing)
-            for e, ffn in ffns.items():
-                run(e, ffn)
-        for e in missing:
-            with provider.use(layer, e) as ffn:
-                run(e, ffn)
+        run_resident_first(self.experts, layer, experts, run)
         return ys if single else (ys * w[:, None]).to(dt)
 
     def stats(self) -> dict:

@@ -292,20 +292,7 @@ def moe(
         else:
             ys[a:b] = ffn(xs[a:b])
 
-    with ExitStack() as held:
-        ffns = {
-            e: held.enter_context(experts.use(layer, e))
-            for e in span
-            if experts.is_resident(layer, e)
-        }
-        missing = [e for e in span if e not in ffns]
-        if missing:
-            experts.fetch(layer, missing)
-        for e, ffn in ffns.items():
-            run(e, ffn)
-    for e in missing:
-        with experts.use(layer, e) as ffn:
-            run(e, ffn)
+    run_resident_first(experts, layer, span, run)
     if t == 1:
         out = ys[0]
         for y in ys[1:]:
@@ -313,3 +300,24 @@ def moe(
         return out
     out = torch.zeros_like(x)
     return out.index_add_(0, tok, (ys * w).to(x.dtype))
+
+
+def run_resident_first(experts: ExpertProvider, layer: int, wanted, run) -> None:
+    """Call run(e, ffn) for each expert e of `wanted`: those already in RAM first, held so
+    that reading the missing ones cannot evict them before their turn, while the missing
+    ones, all asked for at once, are read in parallel behind that compute; then each
+    missing one as it is read."""
+    with ExitStack() as held:
+        ffns = {
+            e: held.enter_context(experts.use(layer, e))
+            for e in wanted
+            if experts.is_resident(layer, e)
+        }
+        missing = [e for e in wanted if e not in ffns]
+        if missing:
+            experts.fetch(layer, missing)
+        for e, ffn in ffns.items():
+            run(e, ffn)
+    for e in missing:
+        with experts.use(layer, e) as ffn:
+            run(e, ffn)
