@@ -165,6 +165,20 @@ def memory_model(preset: str = "tiny", dtype=torch.float32, seed: int = 0, **ove
 
 
 @pytest.fixture(scope="session")
+def small_store(tmp_path_factory):
+    """A random-weight Qwen2-MoE-shape store: 4 MoE layers (after one dense) of 8 experts,
+    top-2, the shape of the routing traces the real-scale tests write."""
+    from mer.synth.checkpoint import hf_config
+    from mer.synth.store import write_random_store
+
+    cfg = hf_config("tiny-qwen2-moe", **{
+        "num_hidden_layers": 5, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "mlp_only_layers": [0], "hidden_size": 64, "intermediate_size": 64,
+    })  # fmt: skip
+    return write_random_store(tmp_path_factory.mktemp("small") / "store", cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One small local Ray instance for every cluster test (`mer.cluster`), started once.
 

@@ -9,19 +9,8 @@ import torch
 
 import mer.api
 from mer.errors import ConfigError
-from mer.synth.checkpoint import hf_config
-from mer.synth.store import write_random_store
 from mer.trace.forced import TraceRouting, decode_sequences
 from mer.trace.format import Trace, load_trace
-
-
-@pytest.fixture(scope="module")
-def small_store(tmp_path_factory):
-    cfg = hf_config("tiny-qwen2-moe", **{
-        "num_hidden_layers": 5, "num_local_experts": 8, "num_experts_per_tok": 2,
-        "mlp_only_layers": [0], "hidden_size": 64, "intermediate_size": 64,
-    })  # fmt: skip
-    return write_random_store(tmp_path_factory.mktemp("rs") / "store", cfg, progress=False)
 
 
 def sticky_trace(n_seqs=12, length=24, layers=4, experts=8, k=2, seed=0) -> Trace:

@@ -4,24 +4,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from tests.test_realscale import sticky_trace
 
 import mer.api
 from mer.engine.batching import Request
 from mer.trace.forced import BatchFeeder, TraceRouting
-
-
-@pytest.fixture(scope="module")
-def small_store(tmp_path_factory):
-    from mer.synth.checkpoint import hf_config
-    from mer.synth.store import write_random_store
-
-    cfg = hf_config("tiny-qwen2-moe", **{
-        "num_hidden_layers": 5, "num_local_experts": 8, "num_experts_per_tok": 2,
-        "mlp_only_layers": [0], "hidden_size": 64, "intermediate_size": 64,
-    })  # fmt: skip
-    return write_random_store(tmp_path_factory.mktemp("sr") / "store", cfg, progress=False)
 
 
 def test_scheduled_batches_route_as_the_trace_says(small_store):

@@ -42,6 +42,7 @@ from mer.models.transformer import MoETransformer
 from mer.options import PREFETCHERS
 from mer.predict.live import LivePrefetcher, live_predictor
 from mer.predict.lookahead import LookaheadPrefetcher
+from mer.procfs import kib_field
 from mer.quant import bf16_gemv, int4_paths
 from mer.quant.dense import DENSE_QUANTS, quantizable
 from mer.quant.dense import quantize as quantize_dense
@@ -483,12 +484,9 @@ def default_compute_threads(config) -> int:
 
 def peak_rss() -> int:
     """High-water mark of this process's resident memory, in bytes (Linux VmHWM)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = kib_field("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from mer.errors import BudgetError
 from mer.models.layers import SMALL_ATTENTION
+from mer.procfs import kib_field
 from mer.units import fmt_bytes
 
 BASE_WORKSPACE = 48 << 20  # allocator slack and small tensors of a pass, whatever its size
@@ -147,10 +147,4 @@ def release_freed() -> None:
 
 def current_rss() -> int:
     """This process's resident memory now, in bytes (Linux VmRSS; 0 where unknown)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return kib_field("/proc/self/status", "VmRSS") or 0

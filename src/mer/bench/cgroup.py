@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mer.errors import ConfigError
+from mer.procfs import kib_field
 
 ROOT = Path("/sys/fs/cgroup")
 
@@ -152,12 +153,7 @@ class _HighWater:
     def _watch(self, every: float) -> None:
         status = Path(f"/proc/{self.pid}/status")
         while not self._stop.is_set():
-            try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
-            except (OSError, ValueError):
-                pass
+            self.peak = max(self.peak, kib_field(status, "VmHWM") or 0)
             self._stop.wait(every)
 
     def stop(self) -> None:

@@ -34,6 +34,7 @@ from mer.bench import llamacpp
 from mer.bench.kernel import memory_bandwidth
 from mer.errors import ConfigError, MerError
 from mer.options import count
+from mer.procfs import kib_field
 from mer.progress import progress_bar
 from mer.units import fmt_bytes, fmt_decimal
 
@@ -75,7 +76,7 @@ def run(
 
     s = Store(store_path)
     need = s.expert_bytes_total + s.manifest["dense"]["nbytes"]
-    have = _available_memory()
+    have = kib_field("/proc/meminfo", "MemAvailable")
     if have is not None and need > have:
         raise ConfigError(
             f"{store_path}: experts and dense weights take {fmt_bytes(need)}, more than the "
@@ -207,16 +208,6 @@ def _table(res: dict, llama: dict, bw: float, prompt_tokens: int) -> Table:
             f"x{ours / bound:.2f}",
         )
     return t
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _load() -> str:

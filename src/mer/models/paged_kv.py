@@ -30,6 +30,7 @@ import xxhash
 
 from mer.errors import BudgetError
 from mer.models.config import ModelConfig
+from mer.procfs import kib_field
 from mer.units import fmt_bytes
 
 
@@ -143,12 +144,9 @@ def available_memory(meminfo: str | Path = "/proc/meminfo") -> tuple[int | None,
     """Bytes the machine can give a new allocation, and where that figure came from:
     MemAvailable from /proc/meminfo (Linux), else the physical memory (an upper bound),
     else (None, why) where neither can be read."""
-    try:
-        for line in Path(meminfo).read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, f"MemAvailable in {meminfo}"
-    except (OSError, ValueError, IndexError):
-        pass
+    available = kib_field(meminfo, "MemAvailable")
+    if available is not None:
+        return available, f"MemAvailable in {meminfo}"
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
