@@ -166,16 +166,23 @@ def dequantize_rows(lin: int4.Int4Linear, n0: int, rows: int, dtype: torch.dtype
     return _dequant_raw(_lib(), lin, n0, rows, dtype, threads_for(rows * lin.k // 2))
 
 
+def _probe_expert(seed: int, g: int, layout: str):
+    """A random expert (hidden 128, ffn 192, group g) packed in `layout` for a kernel's
+    self-check: its two Int4Linears, their dequantized float64 weights, and the generator
+    to draw activations from."""
+    gen = torch.Generator().manual_seed(seed)
+    h, f = 128, 192
+    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
+    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, layout), g, 2 * f, h)
+    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, layout), g, h, f)
+    return gu, down, gu.dequantize(layout).double(), down.dequantize(layout).double(), gen
+
+
 def _probe(lib: ctypes.CDLL) -> bool:
     """The fused FFN, the linear and both dequantizations on 1, 3, 4 and 9 tokens of a small
     expert with two groups per row, against the float64 reference."""
-    gen = torch.Generator().manual_seed(0)
-    h, f, g = 128, 192, 64
-    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
-    w2 = torch.randn(h, f, generator=gen)
-    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, "tinygemm-avx512"), g, 2 * f, h)
-    down = int4.Int4Linear(*_encode(w2, g, "tinygemm-avx512"), g, h, f)
-    wgu, wd = gu.dequantize("tinygemm-avx512").double(), down.dequantize("tinygemm-avx512")
+    h, f = 128, 192
+    gu, down, wgu, wd, gen = _probe_expert(0, 64, "tinygemm-avx512")
     ok = True
     for t in (1, 3, 4, 9):
         x = torch.randn(t, h, generator=gen)
@@ -190,13 +197,8 @@ def _probe(lib: ctypes.CDLL) -> bool:
 
 
 def _probe_bf16(lib: ctypes.CDLL) -> bool:
-    gen = torch.Generator().manual_seed(1)
-    h, f, g = 128, 192, 32
-    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
-    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, "tinygemm-avx512"), g, 2 * f, h)
-    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, "tinygemm-avx512"),
-                           g, h, f)  # fmt: skip
-    wgu, wd = gu.dequantize("tinygemm-avx512").double(), down.dequantize("tinygemm-avx512")
+    h, f = 128, 192
+    gu, down, wgu, wd, gen = _probe_expert(1, 32, "tinygemm-avx512")
     ok = True
     for t in (1, 3, 4, 9):
         x = torch.randn(t, h, generator=gen).bfloat16()
@@ -208,12 +210,8 @@ def _probe_bf16(lib: ctypes.CDLL) -> bool:
 
 
 def _probe_avx2(lib: ctypes.CDLL, layout: str) -> bool:
-    gen = torch.Generator().manual_seed(3)
-    h, f, g = 128, 192, 64
-    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
-    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, layout), g, 2 * f, h)
-    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, layout), g, h, f)
-    wgu, wd = gu.dequantize(layout).double(), down.dequantize(layout).double()
+    h, f = 128, 192
+    gu, down, wgu, wd, gen = _probe_expert(3, 64, layout)
     ok = True
     for t in (1, 3):
         x = torch.randn(t, h, generator=gen)
@@ -226,13 +224,8 @@ def _probe_avx2(lib: ctypes.CDLL, layout: str) -> bool:
 def _probe_i8(lib: ctypes.CDLL) -> bool:
     """Against the float64 reference run on activations rounded as the kernel rounds them
     (`round_int8`), so a wrong sum shows however small the rounding."""
-    gen = torch.Generator().manual_seed(2)
     h, f, g = 128, 192, 32
-    w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
-    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, "tinygemm-avx512"), g, 2 * f, h)
-    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, "tinygemm-avx512"),
-                           g, h, f)  # fmt: skip
-    wgu, wd = gu.dequantize("tinygemm-avx512").double(), down.dequantize("tinygemm-avx512")
+    gu, down, wgu, wd, gen = _probe_expert(2, g, "tinygemm-avx512")
     ok = True
     for t in (1, 3, 4, 9):
         x = torch.randn(t, h, generator=gen)
