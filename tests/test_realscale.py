@@ -97,7 +97,8 @@ def test_bench_decode_prints_engine_beside_simulator(small_store, sticky_file, c
     for run in ("lru", "lfu", "ours"):
         engine, sim = (float(table[run][i].strip().rstrip("%")) for i in (5, 10))
         assert abs(engine - sim) <= 2.0
-    assert "in PyTorch ops (the sum of their self times)" in out
+    assert "PyTorch ops' self times and mer's C dense kernels" in out
+    assert "without the profiler" in out and "x its kernels" in out
     # Batching: the same 4 x 8 tokens alone and together, beside the trace's dedup bound.
     from mer.trace.stats import batch_dedup
 
@@ -108,6 +109,33 @@ def test_bench_decode_prints_engine_beside_simulator(small_store, sticky_file, c
     assert min(reads) > 0
     assert float(together[5]) == pytest.approx(reads[0] / reads[1], abs=0.01)
     assert together[6].strip() == f"{batch_dedup(load_trace(sticky_file), 4):.2f}"
+
+
+def test_bench_decode_repeats_interleave_rounds_and_pair_ratios_by_round(
+    small_store, sticky_file, capsys
+):
+    from mer.cli import main
+
+    code = main(["bench", "decode", "--store", small_store, "--routing-trace", sticky_file,
+                 "--tokens", "16", "--fractions", "0.5", "--threads", "1", "--batch", "0",
+                 "--prefetch", "--no-full", "--step-ms", "0.1", "--repeats", "3"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [r.split("│") for r in out.splitlines() if r.startswith("│")]
+    names = [r[2].strip() for r in rows]
+    assert names == ["lru", "lfu", "ours", "ours+pin"]  # one row per configuration
+    assert rows[0][15].strip() == "1.00 (1.00–1.00)"  # lru over itself, every round
+    assert "3 interleaved rounds" in out
+
+
+def test_lru_ratios_pair_each_run_with_lru_of_its_own_round():
+    from mer.bench.decode import Result, Row, lru_ratios
+
+    def row(rnd, name, tok_s):
+        return Row(rnd, 0.25, 4, Result(name, 10, 10 / tok_s, 0.0, 0, 0, 0, 0, 0), {})
+
+    rows = [row(0, "lru", 1.0), row(0, "ours", 1.5), row(1, "ours", 4.0), row(1, "lru", 2.0)]
+    assert lru_ratios(rows) == {(0.25, "lru"): [1.0, 1.0], (0.25, "ours"): [1.5, 2.0]}
 
 
 def test_bench_decode_refuses_a_trace_of_another_shape(small_store, tmp_path, capsys):

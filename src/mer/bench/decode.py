@@ -87,6 +87,10 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                    "measured as mer generate --memory does (the split is printed)")  # fmt: skip
     b.add_argument("--dense-quant", choices=["bf16", "int8", "int4"],
                    help="the dense weights' width (default: as stored)")  # fmt: skip
+    b.add_argument("--repeats", type=count, default=1,
+                   help="rounds of every run, interleaved (order reversed every other round); "
+                   "each row shows its median run and the median of its tok/s over lru's in "
+                   "the same round")  # fmt: skip
     b.add_argument("--no-full", action="store_true",
                    help="skip the 100%% residency run (then give --step-ms)")  # fmt: skip
     b.add_argument("--step-ms", type=number(0, lo_open=True),
@@ -145,6 +149,7 @@ def run(
     batch_fraction: float = 0.25,
     memory: int | None = None,
     dense_quant: str | None = None,
+    repeats: int = 1,
 ) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 320)
     s = Store(store)
@@ -187,7 +192,7 @@ def run(
     layers = len(cfg.moe_layers)
     full = None
     runs = _runs(fractions, prefetch)
-    n_runs = len(runs) + (0 if no_full else 2)
+    n_runs = repeats * len(runs) + (0 if no_full else 2)
     with progress_bar(n_runs * replay.n_tokens, "bench decode", unit="tokens") as bar:
         if not no_full:  # once to read every expert used, once to time compute alone
             whole = Decoder(model, s, routing, replay, total * nbytes, io_threads, bar)
@@ -210,19 +215,22 @@ def run(
         spare = guesses or max(1, min(top_k, math.floor(step_s / read_s)))
         sims = Simulator(train, replay, cfg.moe_layers, pin_share, speculator)
         rows = []
-        for fraction, policy, pinned, pf in runs:
-            slots = max(round(fraction * total), top_k)
-            pins = sims.pins(slots) if pinned else None
-            dec = Decoder(model, s, routing, replay, slots * nbytes, io_threads, bar, pins)
-            live = (pf, train, speculator, spare) if pf else None
-            name = policy + "+pin" * pinned + f"+{pf}" * bool(pf)
-            got = dec.run(policy, live=live, name=name)
-            # The simulator gets this run's own measured read time and compute per step.
-            run_read = got.read_s or read_s
-            if policy == "lru" and not pinned and not pf and guesses is None:
-                spare = max(1, min(top_k, math.floor(got.step_s / run_read)))  # what it saw
-            sim = sims.predict(policy, slots, pinned, pf, run_read, got.step_s, expert_s, spare)
-            rows.append((fraction, slots, got, sim))
+        for rnd in range(repeats):
+            # Interleaved rounds, every other one reversed, so that a drift in the device's
+            # or the machine's speed falls on every run alike.
+            for fraction, policy, pinned, pf in runs if rnd % 2 == 0 else runs[::-1]:
+                slots = max(round(fraction * total), top_k)
+                pins = sims.pins(slots) if pinned else None
+                dec = Decoder(model, s, routing, replay, slots * nbytes, io_threads, bar, pins)
+                live = (pf, train, speculator, spare) if pf else None
+                name = policy + "+pin" * pinned + f"+{pf}" * bool(pf)
+                got = dec.run(policy, live=live, name=name)
+                # The simulator gets this run's own measured read time and step compute.
+                run_read = got.read_s or read_s
+                if policy == "lru" and not pinned and not pf and guesses is None:
+                    spare = max(1, min(top_k, math.floor(got.step_s / run_read)))  # as seen
+                sim = sims.predict(policy, slots, pinned, pf, run_read, got.step_s, expert_s, spare)
+                rows.append(Row(rnd, fraction, slots, got, sim))
     if rows or full is not None:
         show(console, rows, full, read_s, expert_s, replay.n_tokens, layers, top_k)
     if kernels is not None:
@@ -576,6 +584,29 @@ def _runs(fractions, prefetch):
     return out
 
 
+@dataclass
+class Row:
+    round: int
+    fraction: float
+    slots: int
+    result: Result
+    sim: dict
+
+    def __iter__(self):
+        return iter((self.round, self.fraction, self.slots, self.result, self.sim))
+
+
+def lru_ratios(rows: list[Row]) -> dict[tuple[float, str], list[float]]:
+    """Each run's tok/s over the lru run's at its residency in the same round."""
+    lru = {(r.round, r.fraction): r.result.tok_s for r in rows if r.result.name == "lru"}
+    out: dict[tuple[float, str], list[float]] = {}
+    for r in rows:
+        out.setdefault((r.fraction, r.result.name), []).append(
+            r.result.tok_s / lru[r.round, r.fraction]
+        )
+    return out
+
+
 def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
     table = Table(title="decode with real routing: engine (measured) vs replay simulator")
     cols = ["residency", "run", "tok/s", "stall ms/tok", "hits", "MB/tok", "prefetch used",
@@ -589,15 +620,24 @@ def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
         step = f"{1e3 * full.step_s:.2f}"
         table.add_row("100%", full.name, *cells, "", "", step, *[""] * (len(cols) - 9))
         table.add_section()
-    lru: dict[float, float] = {}
+    ratios = lru_ratios(rows)
+    groups: dict[tuple[float, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.fraction, row.result.name), []).append(row)
+    repeats = max(row.round for row in rows) + 1 if rows else 1
     last = None
-    for fraction, slots, r, sim in rows:
-        if r.name == "lru":
-            lru[fraction] = r.tok_s
+    for (fraction, name), runs in groups.items():
+        # The run of median tok/s stands for its configuration; its simulator figures
+        # are from that run's own read and step times.
+        _, _, slots, r, sim = sorted(runs, key=lambda row: row.result.tok_s)[len(runs) // 2]
         if last is not None and fraction != last:
             table.add_section()
         first = fraction != last
         last = fraction
+        paired = sorted(ratios[fraction, name])
+        vs_lru = f"{float(np.median(paired)):.2f}"
+        if repeats > 1:
+            vs_lru += f" ({paired[0]:.2f}–{paired[-1]:.2f})"
         stall, sim_stall = r.stall / r.tokens, sim["stall"] / r.tokens
         err = (stall - sim_stall) / sim_stall if sim_stall else float("nan")
         accesses = r.tokens * layers * top_k
@@ -617,7 +657,7 @@ def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
             f"{100 * err:+.0f}%",
             f"{sim['tok_s']:.2f}",
             f"{r.tok_s / sim['tok_s']:.2f}",
-            f"{r.tok_s / lru[fraction]:.2f}",
+            vs_lru,
             f"{(sim['misses'] + sim['prefetched']) * r.expert_bytes / r.tokens / 1e6:.1f}",
             f"{sim['used']}/{sim['prefetched']}" if sim["guesses"] else "",
         )
@@ -638,6 +678,11 @@ def show(console, rows, full, read_s, expert_s, tokens, layers, top_k) -> None:
         "guess not started when its layer routes is cancelled)",
         "stall: time acquires waited for reads; stall err: engine over simulator, less 1",
     ]
+    if repeats > 1:
+        notes.append(
+            f"{repeats} interleaved rounds: each row is its configuration's median run, and "
+            "÷ lru the median (least–most) of its tok/s over lru's in the same round"
+        )
     console.print("; ".join(notes) + ".")
 
 
