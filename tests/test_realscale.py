@@ -177,6 +177,9 @@ def test_live_markov_prefetch_is_used_and_changes_no_output(small_store):
         if model.prefetcher is not None:  # learned from the training part, as bench decode does
             model.prefetcher.predictor = live_predictor("markov", model.config, train)
             model.prefetcher.learners = [model.prefetcher.predictor]
+            # Every rank guesses: with the default bar, a predictor this close to chance
+            # would prefetch only on an idle device, and whether it does depends on load.
+            model.prefetcher.min_precision = 0.0
         routing = TraceRouting.for_model(held, model.transformer)
         model.transformer.routing_override = routing
         runs[prefetch] = (_decode_tokens(model, routing, held, range(4)), model.cache.stats)
@@ -186,6 +189,16 @@ def test_live_markov_prefetch_is_used_and_changes_no_output(small_store):
     assert off.prefetches == 0 and on.prefetches > 0
     assert on.prefetches_used > 0
     assert on.misses < off.misses  # used prefetches replaced demand misses
+
+
+def test_the_engines_live_prefetch_guesses_only_from_ranks_that_pay_on_its_device(small_store):
+    model = mer.api.open(small_store, ram_budget=6 * 8192, prefetch="markov", dtype="float32")
+    try:
+        ranks = model.prefetcher.ranks
+        assert ranks.min_precision is None  # the bar follows the device's measured load
+        assert ranks.bar(0.0) == 0.0 and ranks.bar(1.0) == 0.5
+    finally:
+        model.close()
 
 
 def test_prefetch_options_on_the_command_line(small_store, tmp_path, capsys):

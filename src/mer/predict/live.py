@@ -10,9 +10,8 @@ the cache's own. At each MoE layer of a forward pass it
    from the routing seen so far, with the same `Predictor.scores` the benchmarks
    measure, and prefetches the best ones not in RAM: as many as the device can read
    while this layer computes (`spare`), so that prefetching uses bandwidth that would
-   otherwise idle, and (with `min_precision=None`, as `mer bench decode` runs it) only
-   from the ranks whose guesses have been chosen often enough so far (`precision`,
-   measured online per rank of the predictor's order): on a device
+   otherwise idle, and only from the ranks whose guesses have been chosen often enough
+   so far (`precision`, measured online per rank of the predictor's order): on a device
    busy a share b of the time, at least b / (1 + b) (`mer.cache.precision`): a wasted
    read costs only when a demand read has to wait for it. The read engine starts a
    prefetch only while no demand read is in flight (`mer.io.engine`), in small chunks,
@@ -49,15 +48,14 @@ class LivePrefetcher:
         config,
         guesses: int | None = None,
         learn: bool = True,
-        min_precision: float | None = 0.0,
+        min_precision: float | None = None,
     ) -> None:
         """`cache`: the expert cache (`fetch`, `prefetch`, `cancel_prefetches`,
         `is_resident`, `stats`, `format`). `guesses`: experts prefetched per layer at most;
         None: as many as the measured read time fits in the measured layer time.
-        `min_precision`: prefetch only from ranks guessing at least this well; None: the
-        bar the device's measured busy share sets (`mer.cache.precision`; what `mer bench
-        decode` runs); 0, the default: every rank (a bar that moves with the measured busy
-        share makes what is prefetched depend on the machine's load)."""
+        `min_precision`: prefetch only from ranks guessing at least this well; None, the
+        default: the bar the device's measured busy share sets (`mer.cache.precision`), so
+        what is prefetched follows the device's load; 0: every rank."""
         self.predictor, self.cache, self.fixed = predictor, cache, guesses
         self.layers = tuple(config.moe_layers)
         self.column = {layer: j for j, layer in enumerate(self.layers)}
