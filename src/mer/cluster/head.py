@@ -68,19 +68,26 @@ class ClusterExperts:
         timeout: float = 60.0,
         started_ray: bool = False,
         movable: bool = True,
+        replicas: int = 0,
+        slots: int = 0,
     ) -> None:
         """`owned[i]`: the experts worker i serves (an expert on several workers is a
         replica); `movable`: whether every worker's store holds every expert (full copies,
-        not shards), so that `rebalance` may move experts between workers."""
+        not shards), so that `rebalance` may move experts between workers; `replicas`: how
+        many of the most loaded experts `rebalance` gives a second worker, within `slots`
+        experts per worker (its cache's)."""
         self.config = config
         self.handles, self.infos = handles, infos
         self._run = [h.run for h in handles]  # Ray builds a method object per attribute access
         self.timeout = timeout
         self._started_ray = started_ray
-        self.movable = movable
+        self.movable, self.replicas, self.slots = movable, replicas, slots
         self._row = {layer: j for j, layer in enumerate(config.moe_layers)}
-        # What the experts did since the start: pairs per expert, the load placement weighs.
-        self.counts = np.zeros((len(config.moe_layers), config.num_local_experts), np.int64)
+        # served[w, j, e]: the pairs worker w computed for expert e of MoE layer j.
+        n, shape = len(handles), (len(config.moe_layers), config.num_local_experts)
+        self.served = np.zeros((n, *shape), np.int64)
+        self.rebalance_every = 0  # forward passes between `rebalance`s at next_step (0: never)
+        self.rebalances = 0  # placements that moved experts
         self._set_owned(owned)
         # worker -> layer -> its experts in RAM when it last answered
         self._resident: list[dict[int, set[int]]] = [{} for _ in handles]
@@ -111,7 +118,6 @@ class ClusterExperts:
         by_expert = flat[order]
         w = weights.float().numpy().reshape(-1)[order]
         wanted, counts = np.unique(by_expert, return_counts=True)
-        self.counts[self._row[layer], wanted] += counts
         expert_owner = self._assign(layer, wanted, counts)
         pair_owner = np.repeat(expert_owner, counts)
         single = t == 1
@@ -127,6 +133,7 @@ class ClusterExperts:
                 xs = x[torch.from_numpy(uniq)]
             calls[wk] = pack_call(layer, single, xs, wanted[mine], counts[mine], rows, w[sel])
             picks[wk] = torch.from_numpy(sel)
+            self.served[wk, self._row[layer], wanted[mine]] += counts[mine]
             self.dispatch.bytes_sent += len(calls[wk])
         refs = {wk: self._run[wk].remote(call) for wk, call in calls.items()}
         t1 = time.perf_counter()
@@ -200,6 +207,9 @@ class ClusterExperts:
                         ) from None
                     self.dispatch.retries += 1
                     time.sleep(0.05)
+                    # Restarted, it serves what it was started with: tell it what it serves
+                    # now (calls from one caller to an actor run in order).
+                    self.handles[wk].set_owned.remote(self.owned[wk])
                     refs[wk] = self._run[wk].remote(calls[wk])
                 except GetTimeoutError:
                     raise ClusterError(
@@ -226,7 +236,42 @@ class ClusterExperts:
         return 0  # each worker reads what its call needs
 
     def next_step(self) -> None:
+        """After each forward pass: a safe point (no layer call in flight) to rebalance."""
         self.step += 1
+        if self.rebalance_every and self.step % self.rebalance_every == 0:
+            self.rebalance()
+
+    @property
+    def counts(self) -> np.ndarray:
+        """[MoE layers, experts]: the pairs each expert computed so far, on any worker."""
+        return self.served.sum(0)
+
+    def rebalance(self) -> bool:
+        """Place the experts again from the running counts (`mer.cluster.placement.place`,
+        then `replicate` within the slots) and tell each worker what it serves now; True
+        when anything moved. Only between layer calls: `moe` is synchronous, so anywhere
+        outside it. The output does not change: every worker computes an expert the same
+        way. Workers on shard stores hold only their shard, so they cannot take over others'
+        experts: refused with a ClusterError."""
+        import ray
+
+        from mer.cluster.placement import place, replicate
+
+        if not self.movable:
+            raise ClusterError(
+                "the workers serve shard stores (mer store split), each only its own experts: "
+                "rebalancing moves experts, which needs a full copy of the store on every worker"
+            )
+        counts = self.counts
+        owned = place(self.config, len(self.handles), counts)
+        owned = replicate(self.config, owned, counts, self.replicas, self.slots)
+        if owned == self.owned:
+            return False
+        ray.get([h.set_owned.remote(k) for h, k in zip(self.handles, owned, strict=True)],
+                timeout=self.timeout)  # fmt: skip
+        self._set_owned(owned)
+        self.rebalances += 1
+        return True
 
     # --- what a Model asks of its cache -----------------------------------------------
 
@@ -285,10 +330,13 @@ def start(
     pin_share: float = 0.0,
     threads: int = 1,
     timeout: float = 60.0,
+    movable: bool = True,
+    replicas: int = 0,
 ) -> ClusterExperts:
     """Start one worker per entry of `owned` (worker i serves owned[i] from `store`, or
     from worker_stores[i]), spread over the Ray cluster's nodes, and wait until each has
-    opened its store; a worker that cannot start stops them all with its one-line error."""
+    opened its store; a worker that cannot start stops them all with its one-line error.
+    `movable` and `replicas`: as `ClusterExperts` takes them."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -348,4 +396,5 @@ def start(
         if started:
             ray.shutdown()
         raise
-    return ClusterExperts(config, handles, owned, infos, timeout, started)
+    slots = min(info["slots"] for info in infos)
+    return ClusterExperts(config, handles, owned, infos, timeout, started, movable, replicas, slots)

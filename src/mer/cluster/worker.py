@@ -82,15 +82,29 @@ class ExpertWorker:
             store, budget, threads=io_threads, direct=direct, policy=policy, pin_share=pin_share
         )
         self.experts = cfg.family.experts(cfg, self.cache)  # the family's activation, if its own
-        self.owned: dict[int, list[int]] = {}
-        for layer, e in sorted(experts):
-            self.owned.setdefault(layer, []).append(e)
+        self.set_owned(experts)
         self.next_layer = dict(pairwise(cfg.moe_layers))
         self._router = None
         if prefetch:  # the routers alone (float32): what router lookahead multiplies
             names = [n for n in store.dense_table if ".router" in n]
             routers = {n: t.float() for n, t in store.load_dense(names=names).items()}
             self._router = SimpleNamespace(config=cfg, w=routers, family=cfg.family)
+
+    def set_owned(self, experts: list[Key]) -> None:
+        """Serve `experts` ((layer, expert) pairs) from now on: what router lookahead
+        prefetches and what the answers report in RAM. (A call computes whatever experts
+        it names; the store must hold them.)"""
+        if self.error is not None:
+            raise ClusterError(self.error)
+        keys = [tuple(k) for k in experts]
+        if missing := [k for k in keys if k not in self.cache.store.extents]:
+            layer, e = missing[0]
+            raise ClusterError(
+                f"worker {self.index} (store {self.where}): has no expert {e} of layer {layer}"
+            )
+        self.owned: dict[int, list[int]] = {}
+        for layer, e in sorted(keys):
+            self.owned.setdefault(layer, []).append(e)
 
     def ready(self) -> dict:
         """Whether this worker runs, where (node, pid), and its cache's size."""
