@@ -446,3 +446,15 @@ def test_an_address_where_no_ray_listens_is_one_line_at_once():
     assert time.monotonic() - t0 < 5
     with pytest.raises(ConfigError, match="local:N wants a worker count"):
         parse_cluster("local:zero")
+
+
+def test_replicate_and_rebalance_flags_without_a_cluster_are_one_line(trained_store, capsys):
+    from mer.cli import main
+
+    for flag in ("--replicate", "--rebalance-every"):
+        args = ["generate", "--store", trained_store, "--prompt", "x", flag, "2"]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {flag} needs --cluster\n"
+    assert main(["generate", "--store", trained_store, "--prompt", "x", "--replicate", "-1"]) == 1
+    assert capsys.readouterr().err == "error: --replicate must be at least 0, got -1\n"
