@@ -267,8 +267,15 @@ class ClusterExperts:
         owned = replicate(self.config, owned, counts, self.replicas, self.slots)
         if owned == self.owned:
             return False
-        ray.get([h.set_owned.remote(k) for h, k in zip(self.handles, owned, strict=True)],
-                timeout=self.timeout)  # fmt: skip
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            ray.get([h.set_owned.remote(k) for h, k in zip(self.handles, owned, strict=True)],
+                    timeout=self.timeout)  # fmt: skip
+        except (RayActorError, GetTimeoutError):
+            # A worker restarting: the old placement stands (what a worker serves decides
+            # only its prefetch and what it reports in RAM), tried again next time.
+            return False
         self._set_owned(owned)
         self.rebalances += 1
         return True
