@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from tests.helpers import run_all
 
 import mer
@@ -126,6 +127,72 @@ def test_placement_is_disjoint_balanced_and_follows_measured_load(trained_store,
             assert max(load) - min(load) <= counts[j].max()  # greedy's bound: one expert's load
     with pytest.raises(ConfigError, match="more workers than experts"):
         place(cfg, n_experts + 1)
+
+
+def test_hot_experts_replicated_share_the_work_and_keep_the_output(trained_store, single):
+    from mer.cluster.placement import holders, replicate
+
+    _, plain, _ = single
+    cfg = mer.store.reader.Store(trained_store).config
+    total = cfg.num_experts_total
+    # Placement: each replica on another worker, and only where a cache has a free slot.
+    even = place(cfg, 2)
+    assert replicate(cfg, even, None, 4, slots=total // 2) == even  # no room: none
+    more = replicate(cfg, even, None, 4, slots=total)
+    assert sum(map(len, more)) == total + 4
+    assert sum(len(h) == 2 for row in holders(cfg, more).values() for h in row) == 4
+    m = mer.open(trained_store, ram_budget="4MiB", dtype="float32", cluster="local:2",
+                 cluster_replicas=4)  # fmt: skip
+    try:
+        c = m.cache
+        replicated = [(j, e) for j, layer in enumerate(cfg.moe_layers) for e in c._replicas[layer]]
+        assert len(replicated) == 4 and max(map(len, c.owned)) <= c.slots
+        assert [m.generate(p, max_tokens=TOKENS).token_ids for p in PROMPTS] == plain
+        # The head sent a replicated expert's work to whichever worker had less of the layer's.
+        both = [(j, e) for j, e in replicated if (c.served[:, j, e] > 0).all()]
+        print(f"replicated {replicated}; served by both workers: {both}")
+        assert both
+    finally:
+        m.close()
+
+
+def _skewed(i, h, weights, ids):
+    """Every token to experts 0 and 2 at every layer: an even split puts both on worker 0."""
+    return weights, torch.tensor([[0, 2]]).repeat(ids.shape[0], 1)
+
+
+def test_rebalancing_from_running_counts_evens_a_skewed_load_and_keeps_the_output(
+    trained_store, single, tmp_path
+):
+    m1, _, _ = single
+    m1.transformer.routing_override = _skewed
+    try:
+        want = [m1.generate(p, max_tokens=TOKENS).token_ids for p in PROMPTS[:2]]
+    finally:
+        m1.transformer.routing_override = None
+    m = mer.open(trained_store, ram_budget=BUDGET, dtype="float32", cluster="local:2",
+                 cluster_rebalance=4)  # fmt: skip
+    try:
+        c = m.cache
+        assert all(row[0] == row[2] for row in owner_table(c.config, c.owned).values())
+        m.transformer.routing_override = _skewed
+        assert m.generate(PROMPTS[0], max_tokens=TOKENS).token_ids == want[0]
+        assert c.rebalances == 1  # after the 4th forward pass, from what the first 4 did
+        assert all(row[0] != row[2] for row in owner_table(c.config, c.owned).values())
+        before = c.served.sum((1, 2))
+        assert m.generate(PROMPTS[1], max_tokens=TOKENS).token_ids == want[1]
+        pairs = c.served.sum((1, 2)) - before
+        assert pairs[0] == pairs[1] > 0  # the same work on each worker now
+        assert not c.rebalance() and c.rebalances == 1  # balanced: nothing moves again
+    finally:
+        m.close()
+    # A shard store serves only its shard: refused before any worker starts.
+    from mer.cluster.split import split_store
+
+    shards = split_store(trained_store, 2, tmp_path / "shards")
+    with pytest.raises(ConfigError, match="need a full copy of the store on every worker"):
+        mer.open(trained_store, ram_budget=BUDGET, cluster="local:2", worker_stores=shards,
+                 cluster_rebalance=8)  # fmt: skip
 
 
 def test_a_worker_whose_store_is_missing_or_corrupt_fails_at_start(
@@ -379,3 +446,15 @@ def test_an_address_where_no_ray_listens_is_one_line_at_once():
     assert time.monotonic() - t0 < 5
     with pytest.raises(ConfigError, match="local:N wants a worker count"):
         parse_cluster("local:zero")
+
+
+def test_replicate_and_rebalance_flags_without_a_cluster_are_one_line(trained_store, capsys):
+    from mer.cli import main
+
+    for flag in ("--replicate", "--rebalance-every"):
+        args = ["generate", "--store", trained_store, "--prompt", "x", flag, "2"]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {flag} needs --cluster\n"
+    assert main(["generate", "--store", trained_store, "--prompt", "x", "--replicate", "-1"]) == 1
+    assert capsys.readouterr().err == "error: --replicate must be at least 0, got -1\n"

@@ -290,6 +290,8 @@ def open(  # noqa: A001 - mer.open reads naturally
     worker_stores: list[str | Path] | None = None,
     placement_trace: str | Path | None = None,
     cluster_timeout: float = 60.0,
+    cluster_replicas: int = 0,
+    cluster_rebalance: int = 0,
 ) -> Model:
     """Open a store with an expert cache of `ram_budget` bytes (e.g. '4GiB'), or, with
     `memory` (e.g. '8GiB'), whatever that target for the whole process leaves once the
@@ -322,7 +324,10 @@ def open(  # noqa: A001 - mer.open reads naturally
     (per machine), reading `store` or its own `worker_stores[i]` (a shard from
     `mer store split`); experts are placed to balance the load of `placement_trace`
     (a routing trace), else split evenly. A layer call that fails, its worker restarted,
-    fails the pass after `cluster_timeout` seconds.
+    fails the pass after `cluster_timeout` seconds. `cluster_replicas` of the most loaded
+    experts get a second worker where the budgets have room, and every `cluster_rebalance`
+    forward passes the experts are placed again from the counts of what they did
+    (`mer.cluster.head.ClusterExperts.rebalance`; full-copy worker stores only).
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -345,7 +350,7 @@ def open(  # noqa: A001 - mer.open reads naturally
             io_threads=io_threads, direct=direct_io, prefetch=prefetch, policy=cache_policy,
             pin_share=pin_share, threads=threads, refused=dict(
                 memory=memory, pin_file=pin_file, dense_quant=dense_quant not in (None, "bf16"),
-            ),
+            ), replicas=cluster_replicas, rebalance_every=cluster_rebalance,
         )  # fmt: skip
         torch.set_num_threads(threads)
         return Model(s, experts, DTYPES[dtype], budget, False, routing, routing_slack)

@@ -293,12 +293,16 @@ class ClusterOptions:
     worker_store: str | None = None
     placement_trace: str | None = None
     cluster_timeout: float = 60.0
+    replicate: int = 0
+    rebalance_every: int = 0
 
     def open_kwargs(self) -> dict:
         """mer.open's cluster arguments (none without --cluster)."""
         if self.cluster is None:
             for flag, given in (("--workers", self.workers), ("--worker-store", self.worker_store),
-                                ("--placement-trace", self.placement_trace)):  # fmt: skip
+                                ("--placement-trace", self.placement_trace),
+                                ("--replicate", self.replicate or None),
+                                ("--rebalance-every", self.rebalance_every or None)):  # fmt: skip
                 if given is not None:
                     raise ConfigError(f"{flag} needs --cluster")
             return {}
@@ -310,7 +314,8 @@ class ClusterOptions:
             stores = [self.worker_store.replace("{i}", str(i)) for i in range(n or 1)]
         return dict(cluster=self.cluster, workers=n, worker_stores=stores,
                     placement_trace=self.placement_trace,
-                    cluster_timeout=self.cluster_timeout)  # fmt: skip
+                    cluster_timeout=self.cluster_timeout, cluster_replicas=self.replicate,
+                    cluster_rebalance=self.rebalance_every)  # fmt: skip
 
 
 def add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -332,6 +337,12 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
         default=60.0,
         help="seconds a layer call may take, retries of a dead worker included",
     )
+    p.add_argument("--replicate", type=natural, default=0, metavar="N",
+                   help="give the N most loaded experts a second worker, where the budget has "
+                   "room (full-copy worker stores)")  # fmt: skip
+    p.add_argument("--rebalance-every", type=natural, default=0, metavar="STEPS",
+                   help="place the experts again from their running counts every STEPS forward "
+                   "passes (full-copy worker stores)")  # fmt: skip
 
 
 # ---- handing parsed values to a command ----

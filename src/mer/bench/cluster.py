@@ -79,11 +79,10 @@ class Echo:
 
 def bare_round_trip(actors: list, hidden: int, calls: int, n: int, busy_ms: float = 0.0):
     """Median ms, less `busy_ms`, of a call echoing one float32 hidden row to `n` of the
-    `actors` (`Echo`) in parallel."""
-    import numpy as np
+    `actors` (`Echo`) in parallel, as `bytes` (`mer.cluster.wire`: Ray's cheapest form)."""
     import ray
 
-    x = np.zeros((1, hidden), np.float32)
+    x = bytes(4 * hidden)
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()

@@ -20,11 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mer.cache.expert_cache import CacheStats
-from mer.cluster.placement import Key, owner_table
-from mer.cluster.wire import from_wire, pack_meta, to_wire
+from mer.cluster.placement import Key, holders
+from mer.cluster.wire import pack_call, unpack_answer
 from mer.errors import ClusterError, MerError
 from mer.models.config import ModelConfig
 
@@ -66,22 +67,41 @@ class ClusterExperts:
         infos: list[dict],
         timeout: float = 60.0,
         started_ray: bool = False,
+        movable: bool = True,
+        replicas: int = 0,
+        slots: int = 0,
     ) -> None:
+        """`owned[i]`: the experts worker i serves (an expert on several workers is a
+        replica); `movable`: whether every worker's store holds every expert (full copies,
+        not shards), so that `rebalance` may move experts between workers; `replicas`: how
+        many of the most loaded experts `rebalance` gives a second worker, within `slots`
+        experts per worker (its cache's)."""
         self.config = config
-        self.handles, self.owned, self.infos = handles, owned, infos
+        self.handles, self.infos = handles, infos
         self._run = [h.run for h in handles]  # Ray builds a method object per attribute access
         self.timeout = timeout
         self._started_ray = started_ray
-        self.owner = {layer: torch.tensor(row) for layer, row in owner_table(config, owned).items()}
-        self._resident: dict[int, set[int]] = {layer: set() for layer in config.moe_layers}
-        self._owned_at: list[dict[int, list[int]]] = []  # worker -> layer -> its experts
-        for keys in owned:
-            at: dict[int, list[int]] = {}
-            for lay, e in keys:
-                at.setdefault(lay, []).append(e)
-            self._owned_at.append(at)
+        self.movable, self.replicas, self.slots = movable, replicas, slots
+        self._row = {layer: j for j, layer in enumerate(config.moe_layers)}
+        # served[w, j, e]: the pairs worker w computed for expert e of MoE layer j.
+        n, shape = len(handles), (len(config.moe_layers), config.num_local_experts)
+        self.served = np.zeros((n, *shape), np.int64)
+        self.rebalance_every = 0  # forward passes between `rebalance`s at next_step (0: never)
+        self.rebalances = 0  # placements that moved experts
+        self._set_owned(owned)
+        # worker -> layer -> its experts in RAM when it last answered
+        self._resident: list[dict[int, set[int]]] = [{} for _ in handles]
         self.dispatch = DispatchStats()
         self.step = 0
+
+    def _set_owned(self, owned: list[list[Key]]) -> None:
+        """Per layer, precomputed: each expert's first worker, and its other workers."""
+        self.owned = owned
+        table = holders(self.config, owned)
+        self.owner = {layer: np.array([h[0] for h in row]) for layer, row in table.items()}
+        self._replicas = {
+            layer: {e: h for e, h in enumerate(row) if len(h) > 1} for layer, row in table.items()
+        }
 
     # --- the expert provider ----------------------------------------------------------
 
@@ -91,50 +111,52 @@ class ClusterExperts:
         t, k = ids.shape
         if k == 0:  # a draft pass with none of the layer's experts in RAM
             return torch.zeros_like(x)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        # The pairs sorted by expert, stably, as `moe` sorts them (numpy: a few µs where
+        # the same steps in torch took ~100 µs of per-op overhead for one token).
+        flat = ids.numpy().reshape(-1)
+        order = np.argsort(flat, kind="stable")
         by_expert = flat[order]
-        tok, w = order // k, weights.reshape(-1)[order].float()
-        wanted, counts = torch.unique_consecutive(by_expert, return_counts=True)
-        pair_owner = self.owner[layer][by_expert]  # [n]
-        expert_owner = self.owner[layer][wanted]
+        w = weights.float().numpy().reshape(-1)[order]
+        wanted, counts = np.unique(by_expert, return_counts=True)
+        expert_owner = self._assign(layer, wanted, counts)
+        pair_owner = np.repeat(expert_owner, counts)
         single = t == 1
-        jobs, picks = {}, {}
-        for wk in expert_owner.unique().tolist():
-            sel = (pair_owner == wk).nonzero().squeeze(1)
+        tok = order // k
+        calls, picks = {}, {}
+        for wk in np.unique(expert_owner).tolist():
             mine = expert_owner == wk
+            sel = np.flatnonzero(pair_owner == wk)
             if single:
-                xs, rows = x, torch.zeros(len(sel), dtype=torch.int64)
+                xs, rows = x, np.zeros(len(sel), np.int64)
             else:
-                uniq, rows = torch.unique(tok[sel], return_inverse=True)
-                xs = x[uniq]
-            meta = pack_meta(layer, single, x.dtype, wanted[mine].numpy(),
-                             counts[mine].numpy(), rows.numpy())  # fmt: skip
-            args = (to_wire(xs), meta, w[sel].numpy())
-            jobs[wk], picks[wk] = args, sel
-            self.dispatch.bytes_sent += sum(a.nbytes for a in args)
-        refs = {wk: self._run[wk].remote(*args) for wk, args in jobs.items()}
+                uniq, rows = np.unique(tok[sel], return_inverse=True)
+                xs = x[torch.from_numpy(uniq)]
+            calls[wk] = pack_call(layer, single, xs, wanted[mine], counts[mine], rows, w[sel])
+            picks[wk] = torch.from_numpy(sel)
+            self.served[wk, self._row[layer], wanted[mine]] += counts[mine]
+            self.dispatch.bytes_sent += len(calls[wk])
+        refs = {wk: self._run[wk].remote(call) for wk, call in calls.items()}
         t1 = time.perf_counter()
-        answers = self._gather(layer, jobs, refs, t0)
+        answers = self._gather(layer, calls, refs, t0)
         t2 = time.perf_counter()
         ys = torch.empty(len(flat), x.shape[1], dtype=x.dtype)
         slowest = 0.0
-        for wk, (y, resident, seconds) in answers.items():
-            ys[picks[wk]] = from_wire(y, x.dtype)
-            self._resident[layer].difference_update(self._owned_at[wk].get(layer, ()))
-            self._resident[layer].update(resident)
-            self.dispatch.bytes_received += y.nbytes
+        for wk, answer in answers.items():
+            y, resident, seconds = unpack_answer(answer, x.dtype)
+            ys[picks[wk]] = y
+            self._resident[wk][layer] = set(resident)
+            self.dispatch.bytes_received += len(answer)
             slowest = max(slowest, seconds)
         if single:  # as `moe`: one token's products added in expert order
             out = ys[0:1]
             for i in range(1, len(ys)):
                 out = out + ys[i : i + 1]
         else:
-            out = torch.zeros_like(x).index_add_(0, tok, ys)
+            out = torch.zeros_like(x).index_add_(0, torch.from_numpy(tok), ys)
         d = self.dispatch
         t3 = time.perf_counter()
         d.layers += 1
-        d.calls += len(jobs)
+        d.calls += len(calls)
         d.seconds += t3 - t0
         d.prepare_seconds += t1 - t0
         d.wait_seconds += t2 - t1
@@ -142,7 +164,28 @@ class ClusterExperts:
         d.worker_seconds += slowest
         return out
 
-    def _gather(self, layer: int, jobs: dict, refs: dict, t0: float) -> dict:
+    def _assign(self, layer: int, wanted: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The worker each wanted expert's pairs go to: its own, or for a replicated one
+        the replica with the least of this layer's pairs so far (the experts with one
+        worker counted first, the replicated heaviest first). All of one expert's pairs go
+        to one worker: a matmul over a part of its rows may round differently."""
+        out = self.owner[layer][wanted]
+        replicas = self._replicas[layer]
+        if not replicas:
+            return out
+        many = [i for i, e in enumerate(wanted.tolist()) if e in replicas]
+        if not many:
+            return out
+        load = np.zeros(len(self.handles), np.int64)
+        np.add.at(load, out, counts)
+        for i in many:
+            load[out[i]] -= counts[i]
+        for i in sorted(many, key=lambda i: -counts[i]):
+            out[i] = min(replicas[int(wanted[i])], key=lambda w: (load[w], w))
+            load[out[i]] += counts[i]
+        return out
+
+    def _gather(self, layer: int, calls: dict, refs: dict, t0: float) -> dict:
         """Each worker's answer; a call whose worker died is sent again (Ray restarts the
         worker) until `timeout` seconds after the layer began."""
         import ray
@@ -164,7 +207,10 @@ class ClusterExperts:
                         ) from None
                     self.dispatch.retries += 1
                     time.sleep(0.05)
-                    refs[wk] = self._run[wk].remote(*jobs[wk])
+                    # Restarted, it serves what it was started with: tell it what it serves
+                    # now (calls from one caller to an actor run in order).
+                    self.handles[wk].set_owned.remote(self.owned[wk])
+                    refs[wk] = self._run[wk].remote(calls[wk])
                 except GetTimeoutError:
                     raise ClusterError(
                         f"worker {wk} did not answer MoE layer {layer} within {self.timeout:g} s"
@@ -178,7 +224,7 @@ class ClusterExperts:
 
     def is_resident(self, layer: int, expert: int) -> bool:
         """In its worker's RAM when that worker last answered."""
-        return expert in self._resident[layer]
+        return any(expert in r.get(layer, ()) for r in self._resident)
 
     def is_held(self, layer: int, expert: int) -> bool:
         return self.is_resident(layer, expert)
@@ -190,7 +236,49 @@ class ClusterExperts:
         return 0  # each worker reads what its call needs
 
     def next_step(self) -> None:
+        """After each forward pass: a safe point (no layer call in flight) to rebalance."""
         self.step += 1
+        if self.rebalance_every and self.step % self.rebalance_every == 0:
+            self.rebalance()
+
+    @property
+    def counts(self) -> np.ndarray:
+        """[MoE layers, experts]: the pairs each expert computed so far, on any worker."""
+        return self.served.sum(0)
+
+    def rebalance(self) -> bool:
+        """Place the experts again from the running counts (`mer.cluster.placement.place`,
+        then `replicate` within the slots) and tell each worker what it serves now; True
+        when anything moved. Only between layer calls: `moe` is synchronous, so anywhere
+        outside it. The output does not change: every worker computes an expert the same
+        way. Workers on shard stores hold only their shard, so they cannot take over others'
+        experts: refused with a ClusterError."""
+        import ray
+
+        from mer.cluster.placement import place, replicate
+
+        if not self.movable:
+            raise ClusterError(
+                "the workers serve shard stores (mer store split), each only its own experts: "
+                "rebalancing moves experts, which needs a full copy of the store on every worker"
+            )
+        counts = self.counts
+        owned = place(self.config, len(self.handles), counts)
+        owned = replicate(self.config, owned, counts, self.replicas, self.slots)
+        if owned == self.owned:
+            return False
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            ray.get([h.set_owned.remote(k) for h, k in zip(self.handles, owned, strict=True)],
+                    timeout=self.timeout)  # fmt: skip
+        except (RayActorError, GetTimeoutError):
+            # A worker restarting: the old placement stands (what a worker serves decides
+            # only its prefetch and what it reports in RAM), tried again next time.
+            return False
+        self._set_owned(owned)
+        self.rebalances += 1
+        return True
 
     # --- what a Model asks of its cache -----------------------------------------------
 
@@ -249,10 +337,13 @@ def start(
     pin_share: float = 0.0,
     threads: int = 1,
     timeout: float = 60.0,
+    movable: bool = True,
+    replicas: int = 0,
 ) -> ClusterExperts:
     """Start one worker per entry of `owned` (worker i serves owned[i] from `store`, or
     from worker_stores[i]), spread over the Ray cluster's nodes, and wait until each has
-    opened its store; a worker that cannot start stops them all with its one-line error."""
+    opened its store; a worker that cannot start stops them all with its one-line error.
+    `movable` and `replicas`: as `ClusterExperts` takes them."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -271,7 +362,9 @@ def start(
         nodes = sorted(nodes, key=lambda n: (n == here, n))  # other machines first
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         actor = ray.remote(ExpertWorker)
+        node_of = [nodes[i % len(nodes)] for i in range(len(owned))]
         for i, keys in enumerate(owned):
+            sharing = node_of.count(node_of[i]) + (node_of[i] == here)
             handles.append(
                 actor.options(
                     num_cpus=0,
@@ -279,9 +372,7 @@ def start(
                     max_task_retries=0,  # the head retries, within its time bound
                     # Hard: Ray's soft affinity put zero-CPU actors anywhere. A worker whose
                     # node is gone cannot come back: its layer call fails within the timeout.
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        nodes[i % len(nodes)], soft=False
-                    ),
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_of[i], soft=False),
                 ).remote(
                     i,
                     stores[i],
@@ -294,6 +385,7 @@ def start(
                     pin_share,
                     threads,
                     env,
+                    sharing,
                 )  # fmt: skip
             )
         try:
@@ -311,4 +403,5 @@ def start(
         if started:
             ray.shutdown()
         raise
-    return ClusterExperts(config, handles, owned, infos, timeout, started)
+    slots = min(info["slots"] for info in infos)
+    return ClusterExperts(config, handles, owned, infos, timeout, started, movable, replicas, slots)

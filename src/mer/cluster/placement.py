@@ -5,7 +5,12 @@ first), each to the worker with the least load of that layer so far, ties to the
 holding the fewest experts over all layers: every worker gets at most ceil(E / N)
 experts of a layer, so the RAM each needs stays even, and the calls of one layer take
 about the same time. Without counts every expert weighs the same: an equal split.
-Load counts come from a routing trace (`counts_from_trace`) or from a run's own counts.
+Load counts come from a routing trace (`counts_from_trace`) or from a run's own counts
+(`mer.cluster.head.ClusterExperts.counts`).
+
+Then, when the budgets allow, the most loaded experts are replicated (`replicate`): each
+gets one more worker, one with a free cache slot for it, so the head can send a layer's
+work for it to whichever of its workers has least of that layer's work (`holders`).
 """
 
 from __future__ import annotations
@@ -54,6 +59,37 @@ def place(config: ModelConfig, n_workers: int, counts: np.ndarray | None = None)
     return [sorted(keys) for keys in owned]
 
 
+def replicate(
+    config: ModelConfig, owned: list[list[Key]], counts: np.ndarray | None, n: int, slots: int
+) -> list[list[Key]]:
+    """`owned` with the `n` most loaded experts (by `counts`, as in `place`; the first ones
+    of each layer in turn without) each on one more worker: the one with the least share of
+    that layer's load (an expert's load split evenly over its workers) among those holding
+    fewer than `slots` experts, where the budgets allow; experts with no such worker keep
+    one. Experts a worker holds beyond its cache's slots would only be read again and again."""
+    if n <= 0 or len(owned) < 2:
+        return [sorted(keys) for keys in owned]
+    layers, n_experts = config.moe_layers, config.num_local_experts
+    if counts is None:
+        counts = np.ones((len(layers), n_experts))
+    table = holders(config, owned)
+    out = [set(keys) for keys in owned]
+    hottest = sorted(((j, e) for j in range(len(layers)) for e in range(n_experts)),
+                     key=lambda je: (-counts[je], je[1], je[0]))  # fmt: skip
+    for j, e in hottest[:n]:
+        layer, row = layers[j], table[layers[j]]
+        share = [0.0] * len(owned)  # each worker's part of this layer's load
+        for x, ws in enumerate(row):
+            for w in ws:
+                share[w] += float(counts[j, x]) / len(ws)
+        free = [w for w in range(len(owned)) if w not in row[e] and len(out[w]) < slots]
+        if free:
+            w = min(free, key=lambda w: (share[w], len(out[w]), w))
+            row[e] = (*row[e], w)
+            out[w].add((layer, e))
+    return [sorted(keys) for keys in out]
+
+
 def counts_from_trace(path: str | Path, config: ModelConfig) -> np.ndarray:
     """[MoE layers, experts]: how often a routing trace's tokens chose each expert."""
     from mer.trace.format import load_trace
@@ -80,4 +116,19 @@ def owner_table(config: ModelConfig, owned: list[list[Key]]) -> dict[int, list[i
     for layer, row in table.items():
         if -1 in row:
             raise ConfigError(f"expert {row.index(-1)} of layer {layer} has no worker")
+    return table
+
+
+def holders(config: ModelConfig, owned: list[list[Key]]) -> dict[int, list[tuple[int, ...]]]:
+    """layer -> [the workers holding expert 0, ...]: `owner_table` allowing replicas."""
+    table: dict[int, list[tuple[int, ...]]] = {
+        layer: [()] * config.num_local_experts for layer in config.moe_layers
+    }
+    for w, keys in enumerate(owned):
+        for layer, e in keys:
+            if w not in table[layer][e]:
+                table[layer][e] = (*table[layer][e], w)
+    for layer, row in table.items():
+        if () in row:
+            raise ConfigError(f"expert {row.index(())} of layer {layer} has no worker")
     return table

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from mer.cluster.wire import from_wire, to_wire, unpack_meta
+from mer.cluster.wire import pack_answer, unpack_call
 from mer.errors import ClusterError, MerError, StoreError
 from mer.models.layers import run_resident_first
 
@@ -47,12 +47,16 @@ class ExpertWorker:
         pin_share: float = 0.0,
         threads: int = 1,
         env: dict[str, str] | None = None,
+        sharing: int = 1,
     ) -> None:
         """Worker `index` of a cluster serves `experts` ((layer, expert) pairs) from `store`
         with `budget` bytes of expert cache; `env`: variables the head's process had that
-        decide numerics here (the int4 path, the kernel cache), set before anything runs."""
+        decide numerics here (the int4 path, the kernel cache), set before anything runs.
+        `sharing`: the processes of the cluster computing on this machine (its workers, and
+        the head if here); compute threads are capped at this machine's share of cores,
+        since threads beyond the cores only spin and wait for each other."""
         os.environ.update(env or {})
-        torch.set_num_threads(threads)
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) // max(1, sharing))))
         self.index, self.where = index, str(store)
         self.error: str | None = None
         self._last_layer = -1
@@ -78,15 +82,29 @@ class ExpertWorker:
             store, budget, threads=io_threads, direct=direct, policy=policy, pin_share=pin_share
         )
         self.experts = cfg.family.experts(cfg, self.cache)  # the family's activation, if its own
-        self.owned: dict[int, list[int]] = {}
-        for layer, e in sorted(experts):
-            self.owned.setdefault(layer, []).append(e)
+        self.set_owned(experts)
         self.next_layer = dict(pairwise(cfg.moe_layers))
         self._router = None
         if prefetch:  # the routers alone (float32): what router lookahead multiplies
             names = [n for n in store.dense_table if ".router" in n]
             routers = {n: t.float() for n, t in store.load_dense(names=names).items()}
             self._router = SimpleNamespace(config=cfg, w=routers, family=cfg.family)
+
+    def set_owned(self, experts: list[Key]) -> None:
+        """Serve `experts` ((layer, expert) pairs) from now on: what router lookahead
+        prefetches and what the answers report in RAM. (A call computes whatever experts
+        it names; the store must hold them.)"""
+        if self.error is not None:
+            raise ClusterError(self.error)
+        keys = [tuple(k) for k in experts]
+        if missing := [k for k in keys if k not in self.cache.store.extents]:
+            layer, e = missing[0]
+            raise ClusterError(
+                f"worker {self.index} (store {self.where}): has no expert {e} of layer {layer}"
+            )
+        self.owned: dict[int, list[int]] = {}
+        for layer, e in sorted(keys):
+            self.owned.setdefault(layer, []).append(e)
 
     def ready(self) -> dict:
         """Whether this worker runs, where (node, pid), and its cache's size."""
@@ -98,21 +116,18 @@ class ExpertWorker:
             out.update(slots=self.cache.n_slots, experts=sum(map(len, self.owned.values())))
         return out
 
-    def run(
-        self, x: np.ndarray, meta: np.ndarray, weights: np.ndarray
-    ) -> tuple[np.ndarray, list[int], float]:
+    def run(self, call: bytes) -> bytes:
         """The weighted output of each (token, expert) pair of one MoE layer that this
-        worker owns. x [R, H]: the distinct token rows; `meta` (`wire.pack_meta`): the layer,
-        whether the head's batch is one token (whose products the single process rounds to
-        the dtype before summing), the dtype, the pairs' experts ascending and how many
-        pairs each has (pairs are grouped by expert), and each pair's row in x; weights [n]
-        float32. Three arrays: each argument of a Ray call costs its own serialisation.
-        Returns (outputs [n, H] in the dtype, this layer's experts now in RAM, seconds spent)."""
+        worker owns. `call` (`wire.pack_call`): the layer, whether the head's batch is one
+        token (whose products the single process rounds to the dtype before summing), the
+        pairs' experts ascending and how many pairs each has (pairs are grouped by expert),
+        each pair's row in x and router weight, and x [R, H], the distinct token rows.
+        Returns `wire.pack_answer`'s bytes: the outputs [n, H] in x's dtype, this layer's
+        experts now in RAM, and the seconds the call took here."""
         t0 = time.perf_counter()
         if self.error is not None:
             raise ClusterError(self.error)
-        layer, single, dt, experts, counts, rows = unpack_meta(meta)
-        x = from_wire(x, dt)
+        layer, single, dt, experts, counts, rows, weights, x = unpack_call(call)
         if layer <= self._last_layer:  # a new forward pass began at the head
             self.cache.next_step()
         self._last_layer = layer
@@ -120,10 +135,9 @@ class ExpertWorker:
             self.cache.observe(layer, torch.tensor(experts))
         if self._router is not None:
             self._lookahead(layer, x, experts)
-        y = self._compute(layer, x, torch.from_numpy(rows), experts, counts,
-                          torch.from_numpy(weights), single, dt)  # fmt: skip
+        y = self._compute(layer, x, rows, experts, counts, weights, single, dt)
         resident = [e for e in self.owned.get(layer, ()) if self.cache.is_resident(layer, e)]
-        return to_wire(y), resident, time.perf_counter() - t0
+        return pack_answer(y, resident, time.perf_counter() - t0)
 
     def _lookahead(self, layer: int, x: torch.Tensor, experts: list[int]) -> None:
         """As `mer.predict.lookahead.LookaheadPrefetcher`, over the experts owned here."""
