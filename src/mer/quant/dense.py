@@ -5,8 +5,9 @@ the output head) held at 8 or 4 bits with the CPU kernels PyTorch has.
 (F.linear, unchanged: bf16 dense weights and float32 runs stay exact) or a
 quantized weight, which computes x @ W.T itself. Int8 is symmetric per output
 channel (`aten._weight_int8pack_mm`); int4 is group-wise asymmetric, the same
-layout as int4 experts (`mer.quant.int4`), run by PyTorch's int4 kernel or mer's C kernel,
-whichever measures faster for the shape (`mer.quant.dense_paths`).
+layout as int4 experts (`mer.quant.int4`), run by PyTorch's int4 kernel or mer's C kernels
+(float32, or int8 activations), whichever measures faster for the shape and token count
+(`mer.quant.dense_paths`; `prepare` measures a model's one-token paths as it opens).
 `quantize_dense` chooses what is quantized: only the matrices named in
 `QUANTIZED`; norms, routers, biases, the embedding table and anything a family
 keeps in float32 stay exact. Quantizing goes a block of rows at a time, so a matrix
@@ -151,6 +152,15 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
         return F.linear(x, w, bias)
     y = w(x)
     return y if bias is None else y + bias
+
+
+def prepare(weights: dict[str, object], dtype: torch.dtype) -> None:
+    """Choose now the one-token kernels of a model's dense matrices (`weights` by name, in
+    the model's order; `dtype` its activations'), so its first decode step measures nothing:
+    the bf16 GEMV per shape (`bf16_gemv`) and the int4 decode path by decode passes over
+    the model's own matrices (`dense_paths.prepare`)."""
+    bf16_gemv.prepare(weights.values())
+    dense_paths.prepare(weights.items(), dtype)
 
 
 def quantizable(name: str, t: torch.Tensor) -> bool:
