@@ -1,17 +1,19 @@
-"""The int4 dense matrices' kernels (`mer.quant.dense_paths`): every path against the
-dequantize-then-matmul reference (stated tolerances) on shapes with odd group counts and
-1 to 300 tokens, the chooser's fallback when a kernel is missing or fails its probe, the
-decode choice made by decode passes as a model opens, and float32 runs whose tokens do not
-depend on the kernel or the token count."""
+"""The int4 dense matrices' kernels (`mer.quant.dense_paths`) and the int8 ones' GEMV: every
+path against the dequantize-then-matmul reference (stated tolerances) on shapes with odd
+group counts and 1 to 300 tokens, the chooser's fallback when a kernel is missing or fails
+its probe, the decode choice made by decode passes as a model opens, and float32 runs whose
+tokens do not depend on the kernel or the token count."""
 
 from __future__ import annotations
+
+import ctypes
 
 import pytest
 import torch
 
 import mer.api
-from mer.quant import dense_paths, int4_paths
-from mer.quant.dense import Int4Weight, linear
+from mer.quant import dense_paths, int4_paths, int8_gemv
+from mer.quant.dense import Int4Weight, Int8Weight, linear
 
 # (n, k): groups per row 3 (k 96 in groups of 32, 384 in 128) and 5 (320 in 64)
 SHAPES = [(64, 96), (192, 384), (128, 320)]
@@ -163,3 +165,66 @@ def test_float32_tokens_do_not_depend_on_the_kernel_or_the_token_count(
         model = mer.api.open(store, ram_budget="64MiB", dtype="float32", dense_quant="int4")
         tokens[forced] = model.generate("def f(x):", max_tokens=12).token_ids
     assert len(set(map(tuple, tokens.values()))) == 1, tokens
+
+
+# --- int8 dense matrices: PyTorch's int8 kernel, or mer's VNNI GEMV for one bf16 token ------
+
+
+@pytest.mark.parametrize("n, k", [(67, 192), (64, 320), (130, 96)])  # odd groups, row tails
+def test_the_int8_gemv_matches_the_reference(n, k, monkeypatch):
+    """The C GEMV is float32-exact against the float64 reference on activations rounded as
+    it rounds them (per group of 64), within 2e-2 of the unrounded one (bf16 out); an int8
+    weight gives the same within its tolerance on 1 to 300 tokens whichever kernel runs."""
+    q = Int8Weight.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n)))
+    w = q.dequantize().double()
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(k)).bfloat16()
+    c_runs = int8_gemv.available() and k % int8_gemv.GROUP == 0
+    if c_runs:
+        got = int8_gemv._gemv(int8_gemv._lib(), q.data, q.scales, x[:1])
+        assert _rel(got, int8_gemv.round_int8(x[:1].double()) @ w.t()) < 1e-5
+    monkeypatch.setattr(int8_gemv, "_faster", {})
+    for faster in (True, False):
+        monkeypatch.setattr(int8_gemv, "c_is_faster", lambda data, scales, f=faster: f)
+        for tokens in TOKENS:
+            took = int8_gemv.gemv(x[:tokens], q.data, q.scales)
+            assert (took is not None) == (faster and c_runs and tokens == 1)
+            got = linear(x[:tokens], q)
+            assert got.dtype == torch.bfloat16 and got.shape == (tokens, n)
+            assert _rel(got, x[:tokens].double() @ w.t()) < TOLERANCE[torch.bfloat16]
+    # float32 activations (exact runs) never take the GEMV, which rounds them
+    assert int8_gemv.gemv(x[:1].float(), q.data, q.scales) is None
+
+
+def test_the_int8_gemv_falls_back_when_it_is_missing_or_fails_its_probe(monkeypatch):
+    q = Int8Weight.quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(5)))
+    x = torch.randn(1, 128).bfloat16()
+    ref = x.double() @ q.dequantize().double().t()
+    monkeypatch.setattr(int8_gemv, "_faster", {})
+    monkeypatch.setattr(int8_gemv.native, "build", lambda *a: _wrong_lib())
+    int8_gemv._lib.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="disagrees with the reference"):
+            assert not int8_gemv.available()
+        assert int8_gemv.gemv(x, q.data, q.scales) is None
+        assert _rel(linear(x, q), ref) < TOLERANCE[torch.bfloat16]
+    finally:
+        int8_gemv._lib.cache_clear()
+
+
+def _wrong_lib():
+    """A build that runs but computes nothing (zeros): its probe must refuse it."""
+
+    class Fn:
+        argtypes = restype = None
+
+        def __call__(self, w, scales, x, y, n, k, threads):
+            ctypes.memset(y, 0, 4 * n)
+
+    class Lib:
+        int8_gemv = Fn()
+
+        @staticmethod
+        def int8_gemv_simd():
+            return 512
+
+    return Lib()
