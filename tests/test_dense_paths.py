@@ -127,17 +127,18 @@ def test_decode_passes_choose_one_candidate_per_shape(two_threads):
     assert all(p in dense_paths.eligible(a) for p in chosen.values())
 
 
-def test_opening_a_model_chooses_its_int4_decode_paths_so_decoding_measures_nothing(
+def test_opening_a_model_chooses_its_int4_dense_paths_so_generating_measures_nothing(
     store_factory, monkeypatch, two_threads, fresh_choices
 ):
     model = mer.api.open(store_factory("bf16"), ram_budget="64MiB", dense_quant="int4",
                          compute_threads=2)  # fmt: skip
     lins = [w.linear for w in model.transformer.w.values() if isinstance(w, Int4Weight)]
-    keys = {dense_paths._key(m, "decode", torch.bfloat16) for m in lins}
+    keys = {dense_paths._key(m, c, torch.bfloat16) for m in lins for c in int4_paths.CLASSES}
     assert lins and keys <= set(dense_paths._chosen)
     measured = []
     monkeypatch.setattr(dense_paths, "measure_decode", lambda *a, **k: measured.append(a))
-    model.generate("def f(x):", max_tokens=4)
+    monkeypatch.setattr(dense_paths, "measure", lambda *a, **k: measured.append(a))
+    model.generate("def f(x): return x * 2 + 1", max_tokens=4)  # a prefill, then decode steps
     assert measured == []
 
 

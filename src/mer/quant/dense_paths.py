@@ -22,7 +22,8 @@ candidates alternate pass by pass, every call is timed where it stands in its pa
 each shape takes the candidate with the lowest median of its per-pass time. A shape not
 prepared so (a matrix used outside a model) is measured the same way on its own, each
 call after GAP_S idle. The small and prefill classes (`int4_paths.CLASSES`) are measured
-on their shape's first call, calls alternating after GAP_S idle. Choices are kept for the
+per shape, calls alternating after GAP_S idle, by `prepare` too, or on a shape's first
+call. Choices are kept for the
 process (a model's decode pass costs about a second to measure, so none is cached on disk).
 
 Float32 activations take one kernel for every class (the C kernel where it runs, else
@@ -213,10 +214,12 @@ def measure_decode(
 
 
 def prepare(names_and_weights: Iterable[tuple[str, object]], dtype: torch.dtype) -> None:
-    """Choose the decode path of every int4 dense shape of a model now, by decode passes
-    over its own matrices (`measure_decode`): those of its first PASS_LAYERS layers and
-    every one outside layers (the output head), in the model's order. `names_and_weights`:
-    the model's dense weights by name (`layers.{i}.` prefixes name a layer's)."""
+    """Choose the path of every int4 dense shape of a model now, so no step of it measures:
+    decode by passes over its own matrices (`measure_decode`), those of its first
+    PASS_LAYERS layers and every one outside layers (the output head) in the model's order;
+    small batches and prefill per shape (`measure`). `names_and_weights`: the model's dense
+    weights by name (`layers.{i}.` prefixes name a layer's; a shape that only later layers
+    have is measured on its first call)."""
     if os.environ.get("MER_DENSE_INT4_PATH"):
         return
     layers: dict[str, list[int4.Int4Linear]] = {}
@@ -237,3 +240,9 @@ def prepare(names_and_weights: Iterable[tuple[str, object]], dtype: torch.dtype)
     ]  # fmt: skip
     if todo:
         _chosen.update(measure_decode(todo, dtype))
+    for lin in {_key(m, "", dtype): m for layer in layers.values() for m in layer}.values():
+        for cls, tokens in int4_paths.CLASSES.items():
+            paths = eligible(lin, dtype)
+            if cls != "decode" and _key(lin, cls, dtype) not in _chosen and len(paths) > 1:
+                ms = measure(lin, paths, tokens, dtype)
+                _chosen[_key(lin, cls, dtype)] = min(ms, key=ms.get)
