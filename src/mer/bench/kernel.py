@@ -146,11 +146,15 @@ def kernel_bench(
     choice = int4_paths.choose(expert) if isinstance(expert, int4_paths.Int4Expert) else None
     dense = dequantized(ef, buf)
     runs = {s: other.view(random_extent(other, rng)) for s, other in others.items()}
-    bw = memory_bandwidth(max(256 << 20, 4 * ef.nbytes), seconds)
+    copy_bytes = max(256 << 20, 4 * ef.nbytes)
+    bw = memory_bandwidth(copy_bytes, seconds)
+    src = torch.ones(copy_bytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
     console.print(
         f"expert {hidden}x{ffn} int4 g{group} ({ef.layout}): "
         f"{fmt_bytes(ef.nbytes)} per expert; {torch.get_num_threads()} threads; "
-        f"baseline: memory copy {bw / 1e9:.1f} GB/s (bytes read + written)"
+        f"baseline: memory copy {bw / 1e9:.1f} GB/s (bytes read + written; timed again in "
+        "each token count's rounds for its ratios)"
     )
     if choice is not None:
         how = ", ".join(
@@ -176,12 +180,14 @@ def kernel_bench(
         fns = {"int4": partial(int4_paths.RUNNERS["tinygemm"], expert), "dequantized": dense}
         fns |= {p: partial(int4_paths.RUNNERS[p], expert) for p in paths}
         fns |= runs
+        fns["copy"] = lambda x: dst.copy_(src)  # in the rounds: "vs copy" is this run's ratio
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(ROUNDS):
             for name, fn in fns.items():
                 times[name].append(median_seconds(lambda x=x, fn=fn: fn(x), seconds / ROUNDS))
         med = {name: statistics.median(ts) for name, ts in times.items()}
         t_int4 = med["int4"]
+        bw = 2 * copy_bytes / med["copy"]
         gbs = ef.nbytes / t_int4
         row = [
             str(m),
@@ -205,8 +211,9 @@ def kernel_bench(
     console.print(tp)
     console.print(
         "weights GB/s: int4 expert bytes / kernel time (one token reads every weight once); "
-        "vs copy: that over the copy's rate. bf16: the same FFN on weights already dequantized "
-        "to bf16, i.e. a lower bound for any dequantize-then-matmul path, at 4x the memory. "
+        "vs copy: that over the rate of a copy timed in the same rounds. bf16: the same FFN "
+        "on weights already dequantized to bf16, i.e. a lower bound for any "
+        "dequantize-then-matmul path, at 4x the memory. "
         "int4 ms is PyTorch's tinygemm int4 kernel; c-fused our C FFN (c-bf16, c-int8: on bf16 or "
         "int8 activations with AVX512_BF16 or VNNI dot products), dequant-* a chunk of "
         "rows dequantized then a bf16/float32 GEMM (quant/int4_paths.py); chosen: the path "
