@@ -1,11 +1,15 @@
-"""`mer bench kernel` times other schemes next to int4, in the same run, as ratios to it."""
+"""`mer bench kernel` times other schemes next to int4, in the same run, as ratios to it, and
+dense matrices at one token by each path against a copy timed in the same rounds."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mer.bench.kernel import kernel_bench
 from mer.errors import ConfigError
+from mer.quant import dense_paths
+from mer.quant.dense import Int4Weight
 
 
 def test_mxfp4_is_timed_next_to_int4(capsys):
@@ -27,3 +31,22 @@ def test_a_scheme_that_cannot_hold_the_shape_is_named():
         kernel_bench(96, 200, [1], 32, 0.01, ("int4", "mxfp4"))
     with pytest.raises(ConfigError, match="unknown scheme 'fp8'"):
         kernel_bench(96, 192, [1], 32, 0.01, ("fp8",))
+
+
+def test_the_dense_table_times_every_width_and_path_against_the_copy(capsys):
+    kernel_bench(128, 192, [1], 64, 0.02, ("int4",), vocab=640)
+    out = capsys.readouterr().out
+    assert "dense matrices, one bf16 token" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["128x128"],
+            ["640x128"])]  # fmt: skip
+    for shape in ("128x128", "640x128"):
+        paths = {(r[1], r[2]) for r in rows if r[0] == shape}
+        want = {("int4", p) for p in dense_paths.available(_int4(shape).linear)}
+        assert want | {("int8", "torch"), ("bf16", "torch")} <= paths
+    for r in rows:  # ms, weights GB/s, vs copy: measured, positive
+        assert all(float(v) > 0 for v in r[3:6])
+
+
+def _int4(shape: str) -> Int4Weight:
+    n, k = map(int, shape.split("x"))
+    return Int4Weight.quantize(torch.randn(n, k))

@@ -43,8 +43,9 @@ from mer.options import PREFETCHERS
 from mer.predict.live import LivePrefetcher, live_predictor
 from mer.predict.lookahead import LookaheadPrefetcher
 from mer.procfs import kib_field
-from mer.quant import bf16_gemv, int4_paths
+from mer.quant import int4_paths
 from mer.quant.dense import DENSE_QUANTS, quantizable
+from mer.quant.dense import prepare as prepare_dense
 from mer.quant.dense import quantize as quantize_dense
 from mer.store.embedding import EmbeddingRows
 from mer.store.reader import Store
@@ -397,7 +398,7 @@ def open(  # noqa: A001 - mer.open reads naturally
         split,
         speculator,
     )
-    bf16_gemv.prepare(model.transformer.w.values())  # one token's GEMV, measured per shape
+    prepare_dense(model.transformer.w, DTYPES[dtype])  # one token's kernels, measured
     return model
 
 

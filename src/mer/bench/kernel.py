@@ -9,7 +9,9 @@ for (by default mxfp4) runs the same FFN from its own random extent, each
 token count measured in alternating rounds with int4 and reported as a ratio
 to it: the baseline always comes from the same run. A second table times each
 path the int4 expert can take here (quant/int4_paths.py) in the same rounds, with
-the path this machine's measurement chose for the token count's class.
+the path this machine's measurement chose for the token count's class. A last table times
+one token through dense matrices (hidden x hidden, and the output head's vocab x hidden) by
+each int4, int8 and bf16 path, against a memory copy timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -29,7 +32,8 @@ from rich.table import Table
 from mer.bench.timing import median_seconds
 from mer.errors import ConfigError
 from mer.options import count, number
-from mer.quant import int4, int4_paths, mxfp4
+from mer.quant import bf16_gemv, dense_paths, int4, int4_paths, int8_gemv, mxfp4
+from mer.quant.dense import Int4Weight, Int8Weight
 from mer.quant.expert import SCHEMES, ExpertFormat, ExpertWeights
 from mer.quant.schemes.bf16 import DenseLinear
 from mer.synth.store import random_int4_extent
@@ -98,6 +102,10 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                    help="time per measurement")  # fmt: skip
     b.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(DEFAULT_SCHEMES),
                    help="schemes timed next to int4 (default: int4 mxfp4)")  # fmt: skip
+    b.add_argument("--vocab", type=count, default=32000,
+                   help="output head rows in the dense table (beside hidden x hidden)")  # fmt: skip
+    b.add_argument("--no-dense", dest="dense", action="store_false",
+                   help="skip the dense-matrix table")  # fmt: skip
 
 
 def run(
@@ -108,8 +116,11 @@ def run(
     batch: list[int] | None,
     seconds: float,
     schemes: list[str],
+    vocab: int = 32000,
+    dense: bool = True,
 ) -> None:
-    kernel_bench(hidden, ffn, batch or [1, 4, 16, 64], group_size, seconds, schemes)
+    kernel_bench(hidden, ffn, batch or [1, 4, 16, 64], group_size, seconds, schemes,
+                 vocab if dense else None)  # fmt: skip
 
 
 def kernel_bench(
@@ -119,7 +130,9 @@ def kernel_bench(
     group_size: int,
     seconds: float,
     schemes: Sequence[str] = DEFAULT_SCHEMES,
+    vocab: int | None = None,
 ) -> None:
+    """The expert tables; with `vocab`, the dense table too (`dense_bench`)."""
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
     # The int4 group that fits (gpt-oss's 2880 takes 64, not the default 128).
     group = int4.default_group_size(hidden, ffn, preferred=group_size)
@@ -133,11 +146,15 @@ def kernel_bench(
     choice = int4_paths.choose(expert) if isinstance(expert, int4_paths.Int4Expert) else None
     dense = dequantized(ef, buf)
     runs = {s: other.view(random_extent(other, rng)) for s, other in others.items()}
-    bw = memory_bandwidth(max(256 << 20, 4 * ef.nbytes), seconds)
+    copy_bytes = max(256 << 20, 4 * ef.nbytes)
+    bw = memory_bandwidth(copy_bytes, seconds)
+    src = torch.ones(copy_bytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
     console.print(
         f"expert {hidden}x{ffn} int4 g{group} ({ef.layout}): "
         f"{fmt_bytes(ef.nbytes)} per expert; {torch.get_num_threads()} threads; "
-        f"baseline: memory copy {bw / 1e9:.1f} GB/s (bytes read + written)"
+        f"baseline: memory copy {bw / 1e9:.1f} GB/s (bytes read + written; timed again in "
+        "each token count's rounds for its ratios)"
     )
     if choice is not None:
         how = ", ".join(
@@ -163,12 +180,14 @@ def kernel_bench(
         fns = {"int4": partial(int4_paths.RUNNERS["tinygemm"], expert), "dequantized": dense}
         fns |= {p: partial(int4_paths.RUNNERS[p], expert) for p in paths}
         fns |= runs
+        fns["copy"] = lambda x: dst.copy_(src)  # in the rounds: "vs copy" is this run's ratio
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(ROUNDS):
             for name, fn in fns.items():
                 times[name].append(median_seconds(lambda x=x, fn=fn: fn(x), seconds / ROUNDS))
         med = {name: statistics.median(ts) for name, ts in times.items()}
         t_int4 = med["int4"]
+        bw = 2 * copy_bytes / med["copy"]
         gbs = ef.nbytes / t_int4
         row = [
             str(m),
@@ -192,11 +211,58 @@ def kernel_bench(
     console.print(tp)
     console.print(
         "weights GB/s: int4 expert bytes / kernel time (one token reads every weight once); "
-        "vs copy: that over the copy's rate. bf16: the same FFN on weights already dequantized "
-        "to bf16, i.e. a lower bound for any dequantize-then-matmul path, at 4x the memory. "
+        "vs copy: that over the rate of a copy timed in the same rounds. bf16: the same FFN "
+        "on weights already dequantized to bf16, i.e. a lower bound for any "
+        "dequantize-then-matmul path, at 4x the memory. "
         "int4 ms is PyTorch's tinygemm int4 kernel; c-fused our C FFN (c-bf16, c-int8: on bf16 or "
         "int8 activations with AVX512_BF16 or VNNI dot products), dequant-* a chunk of "
         "rows dequantized then a bf16/float32 GEMM (quant/int4_paths.py); chosen: the path "
         "this machine's measurement picked for the token count's class, timed in this run. "
         + "".join(f"{s}/int4: {s}'s time over int4's, measured alternately. " for s in others)
     )
+    if vocab:
+        console.print(dense_bench([(hidden, hidden), (vocab, hidden)], seconds))
+
+
+def dense_bench(shapes: Sequence[tuple[int, int]], seconds: float) -> Table:
+    """One bf16 token through dense matrices of `shapes` ([n, k]: attention's, the output
+    head's), by every path each width can take here (quant/dense_paths.py, quant/int8_gemv.py,
+    quant/bf16_gemv.py), timed in alternating rounds with a memory copy, so each figure's
+    rate is over the copy's of the same rounds."""
+    t = Table(title="dense matrices, one bf16 token: ms by path (same rounds as the copy)",
+              box=box.SIMPLE_HEAD)  # fmt: skip
+    for col in ["matrix", "width", "path", "ms", "weights GB/s", "vs copy"]:
+        t.add_column(col, justify="left" if col in ("width", "path") else "right")
+    for n, k in shapes:
+        gen = torch.Generator().manual_seed(n)
+        w = torch.randn(n, k, generator=gen).mul_(0.02).to(torch.bfloat16)
+        q4, q8 = Int4Weight.quantize(w), Int8Weight.quantize(w)
+        x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+        fns: dict[tuple[str, str], tuple[int, object]] = {}
+        for p in dense_paths.available(q4.linear):
+            nbytes = q4.linear.packed.nbytes + q4.linear.scales_zeros.nbytes
+            fns["int4", p] = (nbytes, partial(dense_paths.RUNNERS[p], q4.linear, x))
+        fns["int8", "torch"] = (
+            q8.data.nbytes,
+            partial(int8_gemv.torch_int8, x, q8.data, q8.scales),
+        )
+        if int8_gemv.available() and k % int8_gemv.GROUP == 0:
+            fn = partial(int8_gemv._gemv, int8_gemv._lib(), q8.data, q8.scales, x)
+            fns["int8", "c-vnni"] = (q8.data.nbytes, fn)
+        fns["bf16", "torch"] = (w.nbytes, partial(F.linear, x, w))
+        if bf16_gemv.applies(x, w) and bf16_gemv._lib() is not None:
+            fns["bf16", "c"] = (w.nbytes, partial(bf16_gemv._gemv, bf16_gemv._lib(), w, x))
+        src = torch.ones(max(256 << 20, 2 * w.nbytes), dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        copy = partial(dst.copy_, src)
+        times: dict = {name: [] for name in [*fns, "copy"]}
+        for _ in range(ROUNDS):
+            for name in times:
+                fn = copy if name == "copy" else fns[name][1]
+                times[name].append(median_seconds(fn, seconds / ROUNDS / 4))
+        bw = 2 * src.nbytes / statistics.median(times["copy"])
+        for (width, path), (nbytes, _) in fns.items():
+            sec = statistics.median(times[width, path])
+            t.add_row(f"{n}x{k}", width, path, f"{sec * 1e3:.3g}", f"{nbytes / sec / 1e9:.3g}",
+                      f"{nbytes / sec / bw:.3g}")  # fmt: skip
+    return t

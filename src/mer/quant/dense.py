@@ -1,12 +1,14 @@
 """Compact dense weights: the resident matrices (attention, shared experts, dense layers,
-the output head) held at 8 or 4 bits with the CPU kernels PyTorch has.
+the output head) held at 8 or 4 bits, run by PyTorch's CPU kernels or mer's C kernels.
 
 `linear(x, w, bias)` is the one seam the model calls: `w` is a plain tensor
 (F.linear, unchanged: bf16 dense weights and float32 runs stay exact) or a
 quantized weight, which computes x @ W.T itself. Int8 is symmetric per output
-channel (`aten._weight_int8pack_mm`); int4 is group-wise asymmetric, the same
-layout as int4 experts (`mer.quant.int4`), run by PyTorch's int4 kernel or mer's C kernel,
-whichever measures faster for the shape (`mer.quant.dense_paths`).
+channel (`aten._weight_int8pack_mm`, or for one bf16 token mer's VNNI GEMV where it measures
+faster, `mer.quant.int8_gemv`); int4 is group-wise asymmetric, the same
+layout as int4 experts (`mer.quant.int4`), run by PyTorch's int4 kernel or mer's C kernels
+(float32, or int8 activations), whichever measures faster for the shape and token count
+(`mer.quant.dense_paths`; `prepare` measures a model's one-token paths as it opens).
 `quantize_dense` chooses what is quantized: only the matrices named in
 `QUANTIZED`; norms, routers, biases, the embedding table and anything a family
 keeps in float32 stay exact. Quantizing goes a block of rows at a time, so a matrix
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mer.quant import bf16_gemv, dense_paths, int4
+from mer.quant import bf16_gemv, dense_paths, int4, int8_gemv
 
 DENSE_QUANTS = ("bf16", "int8", "int4")
 ROWS_PER_BLOCK = 1024  # rows quantized at a time (a multiple of every int4 layout's block)
@@ -64,10 +66,11 @@ class Int8Weight:
         return self.data.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_gemv.gemv(x, self.data, self.scales)  # one bf16 token: the faster measured
+        if y is not None:
+            return y
         lead = x.shape[:-1]
-        y = torch.ops.aten._weight_int8pack_mm(
-            x.reshape(-1, x.shape[-1]).contiguous(), self.data, self.scales.to(x.dtype)
-        )
+        y = int8_gemv.torch_int8(x.reshape(-1, x.shape[-1]).contiguous(), self.data, self.scales)
         return y.view(*lead, -1)
 
     def dequantize(self) -> torch.Tensor:
@@ -151,6 +154,19 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
         return F.linear(x, w, bias)
     y = w(x)
     return y if bias is None else y + bias
+
+
+def prepare(weights: dict[str, object], dtype: torch.dtype) -> None:
+    """Choose now the one-token kernels of a model's dense matrices (`weights` by name, in
+    the model's order; `dtype` its activations'), so its first decode step measures nothing:
+    the bf16 and int8 GEMVs per shape (`bf16_gemv`, `int8_gemv`) and the int4 decode path
+    by decode passes over the model's own matrices (`dense_paths.prepare`)."""
+    bf16_gemv.prepare(weights.values())
+    if dtype == torch.bfloat16:  # the int8 GEMV rounds activations: bf16 runs only
+        for w in weights.values():
+            if isinstance(w, Int8Weight) and w.data.shape[1] % int8_gemv.GROUP == 0:
+                int8_gemv.c_is_faster(w.data, w.scales)
+    dense_paths.prepare(weights.items(), dtype)
 
 
 def quantizable(name: str, t: torch.Tensor) -> bool:

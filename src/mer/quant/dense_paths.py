@@ -1,36 +1,57 @@
 """The kernel an int4 dense matrix runs on, chosen by measurement per shape and token class.
 
-Two kernels compute y = x @ W.T from the same packed bytes: PyTorch's
-`_weight_int4pack_mm_for_cpu` ("tinygemm") and mer's C kernel ("c",
-`mer.quant.int4_paths.c_linear`, float32 accumulation, where it built as the AVX-512 path),
-each on every compute thread or on one ("-1"). Why one thread: in a decode step a dense
-matrix is used once between other work, so a parallel kernel starts with its worker
-threads asleep, and on a busy machine waking one costs a scheduler time slice. Measured in
-a decode of the 8-layer Mixtral-width store at 2.5 GiB on this project's 2-core machine
-under a load of ~11: a 4096 x 4096 int4 matrix took 13.7 ms (C kernel) and 18.6 ms
-(tinygemm) a call on 2 threads, 1.0 and 1.1 ms on one; int4 dense weights decoded slower
-than bf16 ones (0.5 s of dense work per token against 0.45) until they ran on one thread
-(0.08 s). Back-to-back calls keep the workers awake and hide this, so `measure` sleeps
-before each timed call, as a decode step's other work would; even so a busy machine
-fooled it, so one token takes only one-thread candidates. The first call of a shape and
-token class (`int4_paths.CLASSES`) times the candidates, alternating, and keeps the
-fastest for the process. `MER_DENSE_INT4_PATH` forces one of `PATHS`.
+Three kernels compute y = x @ W.T from the same packed bytes: PyTorch's
+`_weight_int4pack_mm_for_cpu` ("tinygemm"), mer's C kernel in float32 ("c",
+`mer.quant.int4_paths.c_linear`) and the same on activations rounded per group to int8
+with VNNI dot products ("c-int8", `int4_paths.c_linear_i8`, as llama.cpp runs Q4_0 x
+Q8_0), each on every compute thread or on one ("-1"). The C kernels run where they built
+as the AVX-512 path (and c-int8 where VNNI passed its probe); c-int8 rounds activations,
+so it is never taken for float32 activations (exact runs).
+
+Why the thread count is measured, and how. A parallel kernel's worker threads sleep
+between calls; on a busy machine waking one costs a scheduler time slice (measured in a
+decode of the 8-layer Mixtral-width store under a load of ~11: 4096 x 4096 took 13.7 ms a
+call on 2 threads, 1.0 ms on one), while on a quiet machine one thread halves the rate. A
+matrix timed alone, back to back, keeps its workers awake and favours every thread
+whatever the load; a decode step runs a layer's matrices back to back and then the
+layer's other work. So the decode class is measured as a decode step uses the matrices:
+`prepare` (called as a model opens, with its dense weights) runs the model's own int4
+matrices of its first layers and its head in order, one token each, with GAP_S idle
+between layers for the rest of the layer's work; each candidate runs whole passes,
+candidates alternate pass by pass, every call is timed where it stands in its pass, and
+each shape takes the candidate with the lowest median of its per-pass time. A shape not
+prepared so (a matrix used outside a model) is measured the same way on its own, each
+call after GAP_S idle. The small and prefill classes (`int4_paths.CLASSES`) are measured
+per shape, calls alternating after GAP_S idle, by `prepare` too, or on a shape's first
+call. Choices are kept for the
+process, not on disk (the decode choice depends on how busy the machine is): measuring the
+8-layer Mixtral-width model's three shapes took 1.1 s for decode and ~8 s in all, most of
+it the output head at 64 tokens, on the 2-core machine under a load of ~2.
+
+Float32 activations take one kernel for every class (the C kernel where it runs, else
+tinygemm), only its thread count measured: the C kernel sums each token's row in the same
+order at any token or thread count, so a prefix recomputed as a prefill gives the tokens
+it gave decoded one by one. `MER_DENSE_INT4_PATH` forces one of `PATHS`.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
 
 from mer.quant import int4, int4_paths
 
-PATHS = ("tinygemm", "tinygemm-1", "c", "c-1")
+PATHS = ("tinygemm", "tinygemm-1", "c", "c-1", "c-int8", "c-int8-1")
 ROUNDS = 4
 ROUND_S = 0.01  # seconds of calls per candidate and round, at least
-GAP_S = 0.002  # idle before each timed call: long enough for OpenMP workers to go to sleep
+GAP_S = 0.002  # idle before a layer (or a lone call): long enough for workers to go to sleep
+PASS_ROUNDS = 7  # decode passes per candidate in `prepare`
+PASS_LAYERS = 4  # layers of the model a decode pass runs (and every matrix outside layers)
 
 _chosen: dict[tuple, str] = {}
 
@@ -64,16 +85,41 @@ def c_1(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
     return int4_paths.c_linear(lin, x, threads=1).to(x.dtype)
 
 
-RUNNERS = {"tinygemm": tinygemm, "tinygemm-1": tinygemm_1, "c": c, "c-1": c_1}
+def c_int8(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    return int4_paths.c_linear_i8(lin, x).to(x.dtype)
 
 
-def eligible(lin: int4.Int4Linear) -> list[str]:
+def c_int8_1(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    return int4_paths.c_linear_i8(lin, x, threads=1).to(x.dtype)
+
+
+RUNNERS = {
+    "tinygemm": tinygemm,
+    "tinygemm-1": tinygemm_1,
+    "c": c,
+    "c-1": c_1,
+    "c-int8": c_int8,
+    "c-int8-1": c_int8_1,
+}
+
+
+def available(lin: int4.Int4Linear) -> list[str]:
+    """The paths that can compute `lin` here (a forced path runs where it is among them)."""
     c_ok = (
         lin.n % 64 == 0
         and int4.kernel_layout() == "tinygemm-avx512"
         and int4_paths.native_available()
     )
-    paths = ["tinygemm", "tinygemm-1", "c", "c-1"] if c_ok else ["tinygemm", "tinygemm-1"]
+    i8_ok = c_ok and int4_paths.int8_available()
+    return [p for p in PATHS if not p.startswith("c") or (i8_ok if "int8" in p else c_ok)]
+
+
+def eligible(lin: int4.Int4Linear, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """The candidates the choice measures for `lin` on activations of `dtype`."""
+    paths = available(lin)
+    if dtype != torch.bfloat16:  # exact runs: one kernel for every class (module docstring)
+        kernel = "c" if "c" in paths else "tinygemm"
+        paths = [kernel, f"{kernel}-1"]
     return paths if torch.get_num_threads() > 1 else [p for p in paths if not p.endswith("-1")]
 
 
@@ -82,38 +128,46 @@ def matmul(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
     return RUNNERS[path_for(lin, x)](lin, x)
 
 
+def _key(lin: int4.Int4Linear, cls: str, dtype: torch.dtype) -> tuple:
+    return (lin.n, lin.k, lin.group_size, cls, dtype, torch.get_num_threads())
+
+
 def path_for(lin: int4.Int4Linear, x: torch.Tensor) -> str:
     forced = os.environ.get("MER_DENSE_INT4_PATH")
-    paths = eligible(lin)
+    paths = eligible(lin, x.dtype)
     if forced:
         if forced not in PATHS:
             raise ValueError(f"MER_DENSE_INT4_PATH must be one of {', '.join(PATHS)}")
-        return forced if forced in paths else forced.replace("c", "tinygemm")
-    if len(paths) == 1:
-        return paths[0]
+        if forced in available(lin):
+            return forced
+        return "tinygemm-1" if forced.endswith("-1") else "tinygemm"
     cls = int4_paths.shape_class(x.shape[0])
-    if cls == "decode" and len(paths) > 2:
-        # One token: one thread. Timed alone, a parallel kernel can still win on a busy
-        # machine (it picked tinygemm for 1024 x 4096 at 10.7 ms a call in a decode where
-        # the C kernel on one thread took 0.3 ms); in a decode step it never did.
-        paths = [p for p in paths if p.endswith("-1")]
-    key = (lin.n, lin.k, lin.group_size, cls, x.dtype, torch.get_num_threads())
+    key = _key(lin, cls, x.dtype)
     if key not in _chosen:
-        ms = measure(lin, paths, int4_paths.CLASSES[cls], x.dtype)
-        _chosen[key] = min(ms, key=ms.get)
+        if len(paths) == 1:
+            _chosen[key] = paths[0]
+        elif cls == "decode":
+            _chosen.update(measure_decode([[lin]], x.dtype))
+        else:
+            ms = measure(lin, paths, int4_paths.CLASSES[cls], x.dtype)
+            _chosen[key] = min(ms, key=ms.get)
     return _chosen[key]
 
 
 def measure(lin: int4.Int4Linear, paths: list[str], tokens: int, dtype) -> dict[str, float]:
     """ms per call of each path on `tokens` tokens, each call after GAP_S idle: calls
     alternate between paths in rounds, and the score is the 20th percentile, which other
-    processes inflate least."""
+    processes inflate least. Paths whose fastest call of the first round is 3x behind the
+    best one's are dropped (they would not win, and timing them is most of the cost)."""
     x = torch.randn(tokens, lin.k, generator=torch.Generator().manual_seed(0)).to(dtype)
     times: dict[str, list[float]] = {p: [] for p in paths}
     for p in paths:
         RUNNERS[p](lin, x)  # warm-up
-    for _ in range(ROUNDS):
-        for p in paths:
+    for r in range(ROUNDS):
+        if r == 1:
+            best = min(min(ts) for ts in times.values())
+            times = {p: ts for p, ts in times.items() if min(ts) <= 3 * best}
+        for p in times:
             start = time.perf_counter()
             while True:
                 time.sleep(GAP_S)
@@ -123,3 +177,78 @@ def measure(lin: int4.Int4Linear, paths: list[str], tokens: int, dtype) -> dict[
                 if time.perf_counter() - start >= ROUND_S:
                     break
     return {p: sorted(ts)[len(ts) // 5] * 1e3 for p, ts in times.items()}
+
+
+def measure_decode(
+    layers: list[list[int4.Int4Linear]], dtype: torch.dtype, rounds: int = PASS_ROUNDS
+) -> dict[tuple, str]:
+    """The decode path per shape among `layers` (each a layer's matrices in call order), by
+    passes as a decode step makes them (module docstring): {`_key`: path}. Candidates are
+    those every matrix of a shape can take."""
+    shapes: dict[tuple, list[str]] = {}
+    for lin in (m for layer in layers for m in layer):
+        key = _key(lin, "decode", dtype)
+        ok = eligible(lin, dtype)
+        shapes[key] = [p for p in shapes.get(key, ok) if p in ok]
+    cands = sorted({p for ps in shapes.values() for p in ps}, key=PATHS.index)
+    xs = {k: torch.randn(1, k, generator=torch.Generator().manual_seed(0)).to(dtype)
+          for k in {m.k for layer in layers for m in layer}}  # fmt: skip
+    # ms per pass spent on each shape's calls: totals[path][key] = [one figure a pass]
+    totals: dict[str, dict[tuple, list[float]]] = {p: {k: [] for k in shapes} for p in cands}
+
+    def one_pass(path: str) -> dict[tuple, float]:
+        spent = dict.fromkeys(shapes, 0.0)
+        for layer in layers:
+            time.sleep(GAP_S)  # the rest of the layer's work: attention, experts
+            for lin in layer:
+                key = _key(lin, "decode", dtype)
+                run = path if path in shapes[key] else shapes[key][0]
+                t0 = time.perf_counter()
+                RUNNERS[run](lin, xs[lin.k])
+                spent[key] += time.perf_counter() - t0
+        return spent
+
+    for p in cands:
+        one_pass(p)  # warm-up: first calls allocate, first C calls build
+    for _ in range(rounds):
+        for p in cands:
+            for key, s in one_pass(p).items():
+                totals[p][key].append(s * 1e3)
+    return {
+        key: min(ps, key=lambda p: statistics.median(totals[p][key])) for key, ps in shapes.items()
+    }
+
+
+def prepare(names_and_weights: Iterable[tuple[str, object]], dtype: torch.dtype) -> None:
+    """Choose the path of every int4 dense shape of a model now, so no step of it measures:
+    decode by passes over its own matrices (`measure_decode`), those of its first
+    PASS_LAYERS layers and every one outside layers (the output head) in the model's order;
+    small batches and prefill per shape (`measure`). `names_and_weights`: the model's dense
+    weights by name (`layers.{i}.` prefixes name a layer's; a shape that only later layers
+    have is measured on its first call)."""
+    if os.environ.get("MER_DENSE_INT4_PATH"):
+        return
+    layers: dict[str, list[int4.Int4Linear]] = {}
+    for name, w in names_and_weights:
+        lin = getattr(w, "linear", None)
+        if not isinstance(lin, int4.Int4Linear):
+            continue
+        parts = name.split(".")
+        group = ".".join(parts[:2]) if parts[0] == "layers" else name
+        if parts[0] == "layers" and int(parts[1]) >= PASS_LAYERS:
+            continue
+        layers.setdefault(group, []).append(lin)
+    todo = [
+        layer
+        for layer in layers.values()
+        if any(len(eligible(m, dtype)) > 1 and _key(m, "decode", dtype) not in _chosen
+               for m in layer)
+    ]  # fmt: skip
+    if todo:
+        _chosen.update(measure_decode(todo, dtype))
+    for lin in {_key(m, "", dtype): m for layer in layers.values() for m in layer}.values():
+        for cls, tokens in int4_paths.CLASSES.items():
+            paths = eligible(lin, dtype)
+            if cls != "decode" and _key(lin, cls, dtype) not in _chosen and len(paths) > 1:
+                ms = measure(lin, paths, tokens, dtype)
+                _chosen[_key(lin, cls, dtype)] = min(ms, key=ms.get)

@@ -149,15 +149,16 @@ def c_linear(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = None) 
     return _linear_raw(_lib(), lin, x, threads or threads_for(lin.packed.nbytes))
 
 
-def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
-    """y = x @ W.T by the C kernel on x rounded per group to int8 (float32 out)."""
+def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """y = x @ W.T by the C kernel on x rounded per group to int8 (float32 out), on `threads`
+    (default: by its size)."""
     x32 = x.float().contiguous()
     t, g = len(x32), lin.group_size
     xq = torch.empty(t, lin.k, dtype=torch.int8)
     sx, xs, y = torch.empty(t * lin.k // g), torch.empty(t * lin.k // g), torch.empty(t, lin.n)
     _lib().int4_linear_i8(lin.packed.data_ptr(), lin.scales_zeros.data_ptr(), x32.data_ptr(),
                           xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), y.data_ptr(), t, lin.n,
-                          lin.k, g, threads_for(lin.packed.nbytes))  # fmt: skip
+                          lin.k, g, threads or threads_for(lin.packed.nbytes))  # fmt: skip
     return y
 
 
