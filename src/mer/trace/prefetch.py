@@ -271,23 +271,24 @@ def simulate_prefetch(
     if free < rest.max_step:
         raise ValueError(f"{free} slots cannot hold one step's {rest.max_step} experts")
     steps = prefetch.per_step()
-    if len(pinned):
-        pins = {int(k) for k in pinned}
-        steps = [[k for k in keys if k not in pins] for keys in steps]
     replay = make_policy(policy, acc.n_layers, acc.n_experts, acc.top_k)
     if device is None:
+        pins = {int(k) for k in pinned}
+        steps = [[k for k in keys if k not in pins] for keys in steps]
         misses, prefetches, useful = run(rest, replay, free, steps)
         return PrefetchResult(cold + misses, prefetches, useful)
     # The replay runs on an idle device of the same speeds: `device` itself is not changed.
-    # Pins go through it too: a pin's first read is timed as any miss.
+    # Pins go through it too: a pin's first read is timed as any miss or prefetch, and
+    # from then on it holds a slot (the engine's cache reserves none for a pin not loaded
+    # yet, and its prefetcher may guess one).
     clock = _Clock(Device(device.read_s, device.step_s, device.expert_s))
-    used_pins = frozenset(int(k) for k in np.unique(acc.keys[np.isin(acc.keys, pinned)]))
     picker = None
     if live is not None:
         guesses, min_precision = live
         ranks = int(np.diff(prefetch.starts).max(initial=0))
         picker = LivePicks(clock, guesses, max(ranks, 1), min_precision)
-    misses, prefetches, useful = run(acc, replay, free, steps, clock, used_pins, picker)
+    pins = frozenset(int(k) for k in pinned)
+    misses, prefetches, useful = run(acc, replay, slots, steps, clock, pins, picker)
     return PrefetchResult(misses, prefetches, useful, clock.stall)
 
 

@@ -182,8 +182,11 @@ def run(
     accuracy so far). With a `clock`, a prefetch of the step's layer that the step does not
     use and whose read has not started is cancelled when the step routes, as the engine
     does: it frees its slot and is no read. Returns (demand misses, prefetches read,
-    prefetches used). `pinned` keys stay outside the policy and its `slots`: each is a miss
-    at its first use and in RAM from then on (the timed replay reads them as they come).
+    prefetches used). `pinned` keys stay outside the policy: each is read once, at its
+    first use (a miss) or as a prefetch, and stays in RAM from then on, holding one of the
+    `slots` from then on, as in the engine's cache, where a pin not loaded yet holds no
+    slot and may be prefetched (pass `slots` less the pins to reserve theirs from the
+    start, and a plan without them).
     With a `picker`, each step's plan is a ranked list of candidates for the next step,
     of which the picker chooses what to prefetch, as the engine's live prefetcher does."""
     misses = prefetches = useful = count = 0
@@ -205,16 +208,29 @@ def run(
             lo = layer * n_experts
             guessed = [k for k in unused if lo <= k < lo + n_experts and k not in in_step]
             for key in clock.unstarted(guessed):
-                policy.evicted(key)
+                if key in pinned:
+                    pins_read.discard(key)
+                else:
+                    policy.evicted(key)
+                    count -= 1
                 unused.discard(key)
                 clock.evict(key)
-                count -= 1
                 prefetches -= 1
         for key in step:
             if key in pinned:
-                if key not in pins_read:
+                if key in unused:  # a prefetched pin
+                    unused.discard(key)
+                    useful += 1
+                elif key not in pins_read:
                     pins_read.add(key)
                     misses += 1
+                    if count + len(pins_read) > slots:  # the pin takes a policy slot
+                        victim = policy.victim(in_step)
+                        policy.evicted(victim)
+                        unused.discard(victim)
+                        count -= 1
+                        if clock is not None:
+                            clock.evict(victim)
                 if clock is not None:
                     clock.need(key)
                 continue
@@ -224,7 +240,7 @@ def run(
                     useful += 1
             else:
                 misses += 1
-                if count >= slots:
+                if count + len(pins_read) >= slots:
                     victim = policy.victim(in_step)
                     policy.evicted(victim)
                     unused.discard(victim)
@@ -238,11 +254,11 @@ def run(
                 clock.need(key)
         todo = plan[s] if plan is not None else ()
         if picker is not None:
-            todo = picker.pick(todo, lambda k: k in policy or k in pinned)
+            todo = picker.pick(todo, lambda k: k in policy or k in pins_read)
         for key in todo:
-            if key in policy or key in pinned:
+            if key in policy or key in pins_read:
                 continue
-            if count >= slots:
+            if count + len(pins_read) >= slots:
                 accuracy = prefetch_accuracy(useful, prefetches)
                 victim = policy.prefetch_victim(key, (), accuracy)
                 if victim is None:
@@ -251,9 +267,12 @@ def run(
                 count -= 1
                 if clock is not None:
                     clock.evict(victim)
-            policy.admitted(key, prefetch=True)
+            if key in pinned:
+                pins_read.add(key)
+            else:
+                policy.admitted(key, prefetch=True)
+                count += 1
             unused.add(key)
-            count += 1
             prefetches += 1
             if clock is not None:
                 clock.prefetch(key)
