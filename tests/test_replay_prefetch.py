@@ -286,6 +286,34 @@ def test_timed_pins_are_read_once_through_the_device():
     assert 0 < r.stall_s < r.misses * 0.003  # overlapped with compute, never more than reads
 
 
+def _one_layer(route: list[int]) -> Trace:
+    ex = np.array(route, np.int16).reshape(-1, 1, 1)
+    starts = np.array([0, len(route)], np.int64)
+    return Trace(ex, starts, np.zeros(len(route), np.int8), {"n_experts": 8})
+
+
+def test_timed_pins_hold_a_slot_only_once_read_as_in_the_engine():
+    # Two slots, expert 0 pinned but first used at the end: until then experts 1 and 2
+    # both stay (the engine's cache reserves nothing for a pin not loaded yet).
+    acc = accesses(_one_layer([1, 2, 1, 2, 1, 2, 0, 1, 2]), "token")
+    device = Device(read_s=0.001, step_s=0.004)
+    r = simulate_prefetch(acc, "lru", 2, no_plan(acc), [0], device)
+    assert r.misses == 2 + 1 + 2  # 1 and 2 once, the pin, then 1 and 2 share one slot
+    # Untimed, the pin's slot is its own from the start (what bench cache tabulates).
+    assert simulate(acc, "lru", 2, pinned=[0]) == 1 + 8
+
+
+def test_a_pin_not_loaded_yet_may_be_prefetched_and_is_then_held():
+    acc = accesses(_one_layer([1, 2, 1, 0, 1, 0]), "token")
+    guesses = [[], [], [0], [], [], []]  # after the third token: expert 0, the pin
+    todo = Plan(np.array([0], np.int64), np.array([0, 0, 0, 1, 1, 1, 1], np.int64))
+    assert todo.per_step() == guesses
+    device = Device(read_s=0.001, step_s=0.004)
+    r = simulate_prefetch(acc, "lru", 3, todo, [0], device)
+    assert (r.misses, r.prefetches, r.useful) == (2, 1, 1)  # the pin's first use hit
+    assert r.stall_s == pytest.approx(2 * 0.001)  # only the two demand reads waited
+
+
 def test_replay_picks_live_guesses_as_the_engine_does():
     """A ranked plan replayed with the live rule: guesses from ranks whose measured
     precision is too low are not read; good ones are, at most `guesses` a step."""
