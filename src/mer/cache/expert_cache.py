@@ -119,6 +119,10 @@ class ExpertCache:
         # guess in admission. Reads of the layer being routed, issued ahead, are not guesses.
         self._guesses = self._guesses_used = 0
         self._pinned: set[Key] = set()
+        # Keys that were in use or being read at some point since they were last found
+        # idle: a superset of those held now, so choosing a victim checks only these (and
+        # the pins) rather than every entry, ~0.2 ms a choice at 800 slots.
+        self._busy: set[Key] = set()
         self._auto_pins: AutoPins | None = None
         self._setup_pins(pin_share, pins)
 
@@ -201,6 +205,7 @@ class ExpertCache:
                     # Held from here on, in the same locked section that found it, so no
                     # other acquire can evict it first.
                     entry.users += 1
+                    self._busy.add(key)
                     self._policy.used(self._index(key))
                     request = entry.request
                     break
@@ -334,11 +339,14 @@ class ExpertCache:
     def _victim(self, incoming: Key | None = None) -> Key | None:
         """The expert the policy gives up first among those not in use, not being read and
         not pinned; for a prefetch of `incoming`, None unless the policy admits it there."""
-        held = {
-            self._index(k)
-            for k, e in self._entries.items()
-            if e.users or e.request is not None or e.ahead or k in self._pinned
-        }
+        entries = self._entries
+        held = {self._index(k) for k in self._pinned & entries.keys()}
+        for k in list(self._busy):
+            e = entries.get(k)
+            if e is not None and (e.users or e.request is not None or e.ahead):
+                held.add(self._index(k))
+            else:
+                self._busy.discard(k)
         if incoming is None:
             victim = self._policy.victim(held)
         else:
@@ -373,6 +381,7 @@ class ExpertCache:
         extent = self.store.extent(*key)
         entry = _Entry(slot)
         self._entries[key] = entry
+        self._busy.add(key)
         self._policy.admitted(self._index(key), prefetch=priority == PREFETCH)
         entry.request = self.engine.submit(
             self.pool.memory(slot)[: extent.length],

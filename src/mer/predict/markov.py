@@ -40,6 +40,9 @@ class MarkovPredictor(Predictor):
         self.source: np.ndarray | None = None  # [S, L, D, E] source expert chosen
         self.target: np.ndarray | None = None  # [S, L, D, E] target expert chosen
         self.rows: np.ndarray | None = None  # [S, L, D] positions counted
+        # _evidence per (source, layer, distance - 1), until the counts change: the live
+        # prefetcher scores at every layer of every token, learns every 64 tokens.
+        self._memo: dict[tuple[int, int, int], np.ndarray] = {}
 
     def fit(self, train: Trace) -> MarkovPredictor:
         self.shape = None
@@ -56,6 +59,7 @@ class MarkovPredictor(Predictor):
             self.target = np.zeros((*dims, n_experts))
             self.rows = np.zeros(dims)
         check_shape(trace, *self.shape, "the Markov predictor")
+        self._memo.clear()
         for layer in range(n_layers):
             for d in range(1, self.max_distance + 1):
                 to_ok, to = shifted(trace, layer, d)
@@ -86,6 +90,12 @@ class MarkovPredictor(Predictor):
 
     def _evidence(self, back: int, layer: int, i: int) -> np.ndarray:
         """[E source, E target]: log P(source seen | target chosen) / P(seen | not chosen)."""
+        memo = self._memo.get((back, layer, i))
+        if memo is None:
+            memo = self._memo[back, layer, i] = self._compute_evidence(back, layer, i)
+        return memo
+
+    def _compute_evidence(self, back: int, layer: int, i: int) -> np.ndarray:
         pairs, source = self.pairs[back, layer, i], self.source[back, layer, i][:, None]
         target, rows = self.target[back, layer, i][None, :], self.rows[back, layer, i]
         seen_if_chosen = (pairs + SMOOTH) / (target + 2 * SMOOTH)
