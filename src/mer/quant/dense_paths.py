@@ -158,16 +158,18 @@ def measure(lin: int4.Int4Linear, paths: list[str], tokens: int, dtype) -> dict[
     """ms per call of each path on `tokens` tokens, each call after GAP_S idle: calls
     alternate between paths in rounds, and the score is the 20th percentile, which other
     processes inflate least. Paths whose fastest call of the first round is 3x behind the
-    best one's are dropped (they would not win, and timing them is most of the cost)."""
+    best one's are not timed further (they would not win, and timing them is most of the
+    cost): their score is from that round alone."""
     x = torch.randn(tokens, lin.k, generator=torch.Generator().manual_seed(0)).to(dtype)
     times: dict[str, list[float]] = {p: [] for p in paths}
     for p in paths:
         RUNNERS[p](lin, x)  # warm-up
     for r in range(ROUNDS):
-        if r == 1:
+        timing = list(times)
+        if r >= 1:
             best = min(min(ts) for ts in times.values())
-            times = {p: ts for p, ts in times.items() if min(ts) <= 3 * best}
-        for p in times:
+            timing = [p for p, ts in times.items() if min(ts) <= 3 * best]
+        for p in timing:
             start = time.perf_counter()
             while True:
                 time.sleep(GAP_S)

@@ -195,6 +195,16 @@ def run(
     keys, starts = acc.keys.tolist(), acc.step_starts.tolist()
     layers, n_experts = acc.step_layer.tolist(), acc.n_experts
     resident, used = policy.__contains__, policy.used  # bound once: the loop is hot
+
+    def evict_for_demand(in_step: set[int]) -> None:
+        nonlocal count
+        victim = policy.victim(in_step)
+        policy.evicted(victim)
+        unused.discard(victim)
+        count -= 1
+        if clock is not None:
+            clock.evict(victim)
+
     for s in range(len(starts) - 1):
         if s and s % acc.n_layers == 0:  # a pass: a token (token mode) or a prompt (prefill)
             policy.begin_pass()
@@ -225,12 +235,7 @@ def run(
                     pins_read.add(key)
                     misses += 1
                     if count + len(pins_read) > slots:  # the pin takes a policy slot
-                        victim = policy.victim(in_step)
-                        policy.evicted(victim)
-                        unused.discard(victim)
-                        count -= 1
-                        if clock is not None:
-                            clock.evict(victim)
+                        evict_for_demand(in_step)
                 if clock is not None:
                     clock.need(key)
                 continue
@@ -241,12 +246,7 @@ def run(
             else:
                 misses += 1
                 if count + len(pins_read) >= slots:
-                    victim = policy.victim(in_step)
-                    policy.evicted(victim)
-                    unused.discard(victim)
-                    count -= 1
-                    if clock is not None:
-                        clock.evict(victim)
+                    evict_for_demand(in_step)
                 policy.admitted(key)
                 count += 1
             used(key)
