@@ -271,6 +271,16 @@ def test_a_biased_experts_choice_is_measured_apart_and_taken(monkeypatch, tmp_pa
     assert taken == [1]
 
 
+def test_bf16_takes_the_int8_activation_path_in_every_class_or_in_none():
+    mixed = {"decode": {"c-int8": 1.0, "c-bf16": 1.2}, "small": {"c-int8": 1.1, "c-bf16": 1.0},
+             "prefill": {"c-int8": 10.0, "c-bf16": 13.0}}  # fmt: skip
+    assert set(int4_paths._pick(mixed, torch.bfloat16).values()) == {"c-int8"}
+    mixed["prefill"] = {"c-int8": 20.0, "c-bf16": 13.0}
+    assert set(int4_paths._pick(mixed, torch.bfloat16).values()) == {"c-bf16"}
+    assert not int4_paths._consistent({"decode": "c-int8", "small": "c-bf16",
+                                       "prefill": "c-int8"}, torch.bfloat16)  # fmt: skip
+
+
 def test_float32_takes_one_path_whose_tokens_do_not_depend_on_the_count():
     """An exact (float32) run takes one path for every class, so a prefix recomputed as a
     prefill gives what it gave token by token; the C kernels sum a token in the same order

@@ -594,7 +594,9 @@ def known(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice | Non
         return _chosen[mem]
     try:
         d = json.loads(_cache_file(e, dtype).read_text())
-        if set(d["paths"]) == set(CLASSES) and set(d["paths"].values()) <= set(cands):
+        paths = d["paths"]
+        if (set(paths) == set(CLASSES) and set(paths.values()) <= set(cands)
+                and _consistent(paths, dtype)):  # fmt: skip
             _chosen[mem] = Choice(d["paths"], d["ms"])
             return _chosen[mem]
     except (OSError, ValueError, KeyError, TypeError):
@@ -629,13 +631,47 @@ def _pick(ms: dict[str, dict[str, float]], dtype: torch.dtype) -> dict[str, str]
     order at any count; a GEMM library may not), so a prefix recomputed as one prefill
     gives the tokens it gave decoded one by one."""
     if dtype == torch.bfloat16:
-        return {cls: min(t, key=t.get) for cls, t in ms.items()}
+        return _pick_bf16(ms)
     everywhere = set.intersection(*(set(t) for t in ms.values()))
     if not everywhere:  # pruned somewhere: the decode winner, which decode must have
         everywhere = {min(ms["decode"], key=ms["decode"].get)}
     cost = {p: sum(t[p] / min(t.values()) for t in ms.values()) for p in everywhere}
     one = min(cost, key=cost.get)
     return {cls: one for cls in ms}
+
+
+INT8_ACTIVATIONS = "c-int8"
+
+
+def _pick_bf16(ms: dict[str, dict[str, float]]) -> dict[str, str]:
+    """The fastest path per class, but the int8-activation path in every class or in none:
+    it rounds a token's activations to int8 where the others keep bf16, so a mix would
+    make a token's output depend on how many tokens share its pass by more than sampling
+    tolerates (a request decoded alone and the same request batched with others, or a
+    prompt scored as one prefill and token by token, then differ: both were seen in a
+    clean-clone test run). The two options are weighed as float32's one path is."""
+    best = {cls: min(t, key=t.get) for cls, t in ms.items()}
+    if INT8_ACTIVATIONS not in best.values() or set(best.values()) == {INT8_ACTIVATIONS}:
+        return best
+    rest = {cls: {p: v for p, v in t.items() if p != INT8_ACTIVATIONS} for cls, t in ms.items()}
+    if not all(rest.values()):
+        return dict.fromkeys(ms, INT8_ACTIVATIONS)
+    other = {cls: min(t, key=t.get) for cls, t in rest.items()}
+    if not all(INT8_ACTIVATIONS in t for t in ms.values()):  # pruned somewhere: too slow
+        return other
+    fastest = {cls: min(t.values()) for cls, t in ms.items()}
+    cost_int8 = sum(ms[c][INT8_ACTIVATIONS] / fastest[c] for c in ms)
+    cost_other = sum(ms[c][other[c]] / fastest[c] for c in ms)
+    return dict.fromkeys(ms, INT8_ACTIVATIONS) if cost_int8 <= cost_other else other
+
+
+def _consistent(paths: dict[str, str], dtype: torch.dtype) -> bool:
+    """Whether a saved choice keeps the rule `_pick` now applies (an older cache file may
+    mix the int8-activation path with others)."""
+    if dtype == torch.float32:
+        return len(set(paths.values())) == 1
+    values = set(paths.values())
+    return INT8_ACTIVATIONS not in values or values == {INT8_ACTIVATIONS}
 
 
 def prepare(
