@@ -31,7 +31,10 @@ it the output head at 64 tokens, on the 2-core machine under a load of ~2.
 Float32 activations take one kernel for every class (the C kernel where it runs, else
 tinygemm), only its thread count measured: the C kernel sums each token's row in the same
 order at any token or thread count, so a prefix recomputed as a prefill gives the tokens
-it gave decoded one by one. `MER_DENSE_INT4_PATH` forces one of `PATHS`.
+it gave decoded one by one. For bf16 activations a shape's classes all take c-int8 or
+none does (`_same_family`, the rule `int4_paths` keeps for experts): a token's output
+must not depend on how many tokens share its pass by more than sampling tolerates.
+`MER_DENSE_INT4_PATH` forces one of `PATHS`.
 """
 
 from __future__ import annotations
@@ -132,6 +135,20 @@ def _key(lin: int4.Int4Linear, cls: str, dtype: torch.dtype) -> tuple:
     return (lin.n, lin.k, lin.group_size, cls, dtype, torch.get_num_threads())
 
 
+INT8_ACTIVATIONS = ("c-int8", "c-int8-1")
+
+
+def _same_family(lin: int4.Int4Linear, cls: str, dtype: torch.dtype, paths: list[str]):
+    """`paths` less those on the other side of the int8-activation line from a path already
+    chosen for another class of the shape: the first class chosen sets it for the rest."""
+    for other in int4_paths.CLASSES:
+        chosen = _chosen.get(_key(lin, other, dtype))
+        if other != cls and chosen is not None:
+            side = chosen in INT8_ACTIVATIONS
+            return [p for p in paths if (p in INT8_ACTIVATIONS) == side] or paths
+    return paths
+
+
 def path_for(lin: int4.Int4Linear, x: torch.Tensor) -> str:
     forced = os.environ.get("MER_DENSE_INT4_PATH")
     paths = eligible(lin, x.dtype)
@@ -144,6 +161,7 @@ def path_for(lin: int4.Int4Linear, x: torch.Tensor) -> str:
     cls = int4_paths.shape_class(x.shape[0])
     key = _key(lin, cls, x.dtype)
     if key not in _chosen:
+        paths = _same_family(lin, cls, x.dtype, paths)
         if len(paths) == 1:
             _chosen[key] = paths[0]
         elif cls == "decode":
@@ -190,7 +208,7 @@ def measure_decode(
     shapes: dict[tuple, list[str]] = {}
     for lin in (m for layer in layers for m in layer):
         key = _key(lin, "decode", dtype)
-        ok = eligible(lin, dtype)
+        ok = _same_family(lin, "decode", dtype, eligible(lin, dtype))
         shapes[key] = [p for p in shapes.get(key, ok) if p in ok]
     cands = sorted({p for ps in shapes.values() for p in ps}, key=PATHS.index)
     xs = {k: torch.randn(1, k, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -250,7 +268,7 @@ def prepare(names_and_weights: Iterable[tuple[str, object]], dtype: torch.dtype)
         _chosen.update(measure_decode(todo, dtype))
     for lin in {_key(m, "", dtype): m for layer in layers.values() for m in layer}.values():
         for cls, tokens in int4_paths.CLASSES.items():
-            paths = eligible(lin, dtype)
+            paths = _same_family(lin, cls, dtype, eligible(lin, dtype))
             if cls != "decode" and _key(lin, cls, dtype) not in _chosen and len(paths) > 1:
                 ms = measure(lin, paths, tokens, dtype)
                 _chosen[_key(lin, cls, dtype)] = min(ms, key=ms.get)
