@@ -13,6 +13,16 @@ from mer.store.convert import convert
 from mer.synth.tokenizer import build_tokenizer, write_tokenizer_files
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_cache(tmp_path_factory):
+    """Kernel choices made afresh under the session's temp dir for fixtures of every scope
+    too: a module's server starts before any function-scoped fixture, and it had read the
+    user's cache (choices an older mer had made there)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mer-cache"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory, monkeypatch):
     """Caches under the test's temp dir, and the same random draws whatever ran before."""

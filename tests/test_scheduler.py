@@ -18,6 +18,7 @@ from mer.engine.sampling import SamplingParams
 from mer.engine.scheduler import Output, Request, Scheduler, SchedulerDown
 from mer.errors import BudgetError, ConfigError
 from mer.models.paged_kv import KVPool, available_memory
+from mer.quant import int4_paths
 from mer.units import fmt_bytes
 
 PROMPTS = [
@@ -58,6 +59,30 @@ def test_batched_output_equals_each_request_run_alone(model):
         assert run_all(s, requests(model, tok)) == alone
         assert s.stats.dedup_factor > 1.5  # six sequences share most of each layer's experts
         assert s.pool.used_blocks == 0 and s.n_running == 0
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("path", int4_paths.PATHS)
+def test_batched_output_equals_alone_on_every_int4_expert_path(model, path, monkeypatch):
+    """A shape takes one expert path for every token count (`int4_paths._pick`), so each
+    path must give a token the same output whatever shares its pass: decodes batched, and
+    prompts packed into prefills (a budget of 64 tokens puts several prompts in a pass)."""
+    from mer.quant.int4_paths import Int4Expert
+
+    fmt = model.store.expert_format
+    e = fmt.view(torch.zeros(fmt.nbytes, dtype=torch.uint8))
+    if not isinstance(e, Int4Expert) or path not in int4_paths.eligible(e, torch.bfloat16):
+        pytest.skip(f"{path} does not run here")
+    monkeypatch.setenv("MER_INT4_PATH", path)
+    tok = model.tokenizer
+    alone = [
+        model.generate(p, max_tokens=8, temperature=0.8, seed=i).token_ids
+        for i, p in enumerate(PROMPTS)
+    ]
+    s = Scheduler(model.transformer, kv_budget=8 << 20, max_batch_tokens=64)
+    try:
+        assert run_all(s, requests(model, tok, n_tokens=8)) == alone
     finally:
         s.close()
 

@@ -70,7 +70,8 @@ class Int8Weight:
         if y is not None:
             return y
         lead = x.shape[:-1]
-        y = int8_gemv.torch_int8(x.reshape(-1, x.shape[-1]).contiguous(), self.data, self.scales)
+        x2 = int8_gemv.rounded_like_gemv(x.reshape(-1, x.shape[-1]), self.data, self.scales)
+        y = int8_gemv.torch_int8(x2.contiguous(), self.data, self.scales)
         return y.view(*lead, -1)
 
     def dequantize(self) -> torch.Tensor:

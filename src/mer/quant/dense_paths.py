@@ -31,9 +31,10 @@ it the output head at 64 tokens, on the 2-core machine under a load of ~2.
 Float32 activations take one kernel for every class (the C kernel where it runs, else
 tinygemm), only its thread count measured: the C kernel sums each token's row in the same
 order at any token or thread count, so a prefix recomputed as a prefill gives the tokens
-it gave decoded one by one. For bf16 activations a shape's classes all take c-int8 or
-none does (`_same_family`, the rule `int4_paths` keeps for experts): a token's output
-must not depend on how many tokens share its pass by more than sampling tolerates.
+it gave decoded one by one. For bf16 activations too a shape's classes all take one
+kernel, the decode choice's (`_same_family`; `int4_paths` keeps one path per shape for
+experts): kernels round differently, and a token's output must not depend on how many
+tokens share its pass (a request alone and batched must sample the same text).
 `MER_DENSE_INT4_PATH` forces one of `PATHS`.
 """
 
@@ -135,17 +136,19 @@ def _key(lin: int4.Int4Linear, cls: str, dtype: torch.dtype) -> tuple:
     return (lin.n, lin.k, lin.group_size, cls, dtype, torch.get_num_threads())
 
 
-INT8_ACTIVATIONS = ("c-int8", "c-int8-1")
+def _kernel(path: str) -> str:
+    return path.removesuffix("-1")
 
 
 def _same_family(lin: int4.Int4Linear, cls: str, dtype: torch.dtype, paths: list[str]):
-    """`paths` less those on the other side of the int8-activation line from a path already
-    chosen for another class of the shape: the first class chosen sets it for the rest."""
+    """`paths` less those of another kernel than the one already chosen for another class
+    of the shape (the first class chosen, decode as a model opens, sets it): kernels round
+    differently, and a token's output must not depend on how many tokens share its pass.
+    The thread count stays free: each kernel sums a row in the same order on any."""
     for other in int4_paths.CLASSES:
         chosen = _chosen.get(_key(lin, other, dtype))
         if other != cls and chosen is not None:
-            side = chosen in INT8_ACTIVATIONS
-            return [p for p in paths if (p in INT8_ACTIVATIONS) == side] or paths
+            return [p for p in paths if _kernel(p) == _kernel(chosen)] or paths
     return paths
 
 

@@ -20,10 +20,12 @@ An int4 expert's SwiGLU FFN can run seven ways on the same bytes:
 Which is fastest depends on the CPU and on the token count, so nothing is chosen from CPU
 flags: the first time an expert of a shape runs, each eligible path runs that expert at a
 token count standing for its class (decode: 1 token; small batches: 2-31; prefill: 32 and
-more), alternating paths over several rounds, and the fastest wins. Float32 activations
-(a model run in float32 to be exact) get their own choice among the paths that do not
-round them to bfloat16. The choice is
-kept in memory and in a JSON file under the kernel cache directory whose name hashes this
+more), alternating paths over several rounds. The shape then takes one path for every
+class, the least slow over all three relative to each class's fastest: paths round
+differently, and a token's output must not depend on how many tokens its experts saw in
+the pass (`_pick`). Float32 activations (a model run in float32 to be exact) get their
+own choice among the paths that do not round them to bfloat16. The choice is kept in
+memory and in a JSON file under the kernel cache directory whose name hashes this
 CPU, the PyTorch version, the kernel source, the shape and the thread count, so later
 processes on this machine reuse it. `MER_INT4_PATH` forces one path everywhere (for
 benchmarks and tests). A C kernel is used only where it built (the native build for the
@@ -596,7 +598,7 @@ def known(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice | Non
         d = json.loads(_cache_file(e, dtype).read_text())
         paths = d["paths"]
         if (set(paths) == set(CLASSES) and set(paths.values()) <= set(cands)
-                and _consistent(paths, dtype)):  # fmt: skip
+                and _consistent(paths)):  # fmt: skip
             _chosen[mem] = Choice(d["paths"], d["ms"])
             return _chosen[mem]
     except (OSError, ValueError, KeyError, TypeError):
@@ -618,60 +620,34 @@ def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16, progress: bool
         for cls, m in CLASSES.items():
             ms[cls] = measure(e, cands, m, dtype=dtype)
             bar.advance()
-    choice = Choice(_pick(ms, dtype), ms)
+    choice = Choice(_pick(ms), ms)
     _save(_cache_file(e, dtype), choice)
     _chosen[_memory_key(e, dtype)] = choice
     return choice
 
 
-def _pick(ms: dict[str, dict[str, float]], dtype: torch.dtype) -> dict[str, str]:
-    """The fastest path per class; for float32 (exact runs) one path for every class, the
-    least slow over all of them relative to each class's best: a token's result then does
-    not depend on how many tokens share its pass (the C kernels sum each token in the same
-    order at any count; a GEMM library may not), so a prefix recomputed as one prefill
-    gives the tokens it gave decoded one by one."""
-    if dtype == torch.bfloat16:
-        return _pick_bf16(ms)
+def _pick(ms: dict[str, dict[str, float]]) -> dict[str, str]:
+    """One path for every class: the least slow over all of them relative to each class's
+    best. Each path sums a token in the same order whatever else shares the call (the C
+    kernels and PyTorch's int4 kernel, bit for bit; `test_each_path_gives_a_token_what_it_
+    gives_it_alone`), but two paths round differently (bf16 or float32 hidden state, int8
+    activations, another summation order), so a shape's classes mixing paths made a
+    token's output depend on how many tokens of the pass its experts saw: a request decoded
+    alone and batched, or a prompt prefilled packed with other requests' tokens, gave
+    other sampled text (a clean-clone CI run, on a CPU whose fastest path per class
+    differed). One path keeps continuous batching's promise: same seed, same tokens."""
     everywhere = set.intersection(*(set(t) for t in ms.values()))
     if not everywhere:  # pruned somewhere: the decode winner, which decode must have
         everywhere = {min(ms["decode"], key=ms["decode"].get)}
     cost = {p: sum(t[p] / min(t.values()) for t in ms.values()) for p in everywhere}
     one = min(cost, key=cost.get)
-    return {cls: one for cls in ms}
+    return dict.fromkeys(ms, one)
 
 
-INT8_ACTIVATIONS = "c-int8"
-
-
-def _pick_bf16(ms: dict[str, dict[str, float]]) -> dict[str, str]:
-    """The fastest path per class, but the int8-activation path in every class or in none:
-    it rounds a token's activations to int8 where the others keep bf16, so a mix would
-    make a token's output depend on how many tokens share its pass by more than sampling
-    tolerates (a request decoded alone and the same request batched with others, or a
-    prompt scored as one prefill and token by token, then differ: both were seen in a
-    clean-clone test run). The two options are weighed as float32's one path is."""
-    best = {cls: min(t, key=t.get) for cls, t in ms.items()}
-    if INT8_ACTIVATIONS not in best.values() or set(best.values()) == {INT8_ACTIVATIONS}:
-        return best
-    rest = {cls: {p: v for p, v in t.items() if p != INT8_ACTIVATIONS} for cls, t in ms.items()}
-    if not all(rest.values()):
-        return dict.fromkeys(ms, INT8_ACTIVATIONS)
-    other = {cls: min(t, key=t.get) for cls, t in rest.items()}
-    if not all(INT8_ACTIVATIONS in t for t in ms.values()):  # pruned somewhere: too slow
-        return other
-    fastest = {cls: min(t.values()) for cls, t in ms.items()}
-    cost_int8 = sum(ms[c][INT8_ACTIVATIONS] / fastest[c] for c in ms)
-    cost_other = sum(ms[c][other[c]] / fastest[c] for c in ms)
-    return dict.fromkeys(ms, INT8_ACTIVATIONS) if cost_int8 <= cost_other else other
-
-
-def _consistent(paths: dict[str, str], dtype: torch.dtype) -> bool:
+def _consistent(paths: dict[str, str]) -> bool:
     """Whether a saved choice keeps the rule `_pick` now applies (an older cache file may
-    mix the int8-activation path with others)."""
-    if dtype == torch.float32:
-        return len(set(paths.values())) == 1
-    values = set(paths.values())
-    return INT8_ACTIVATIONS not in values or values == {INT8_ACTIVATIONS}
+    mix paths across classes)."""
+    return len(set(paths.values())) == 1
 
 
 def prepare(

@@ -114,6 +114,17 @@ def _measure(lib: ctypes.CDLL, data: torch.Tensor, scales: torch.Tensor) -> bool
     return best["c"] < best["torch"]
 
 
+def rounded_like_gemv(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [T, K] for PyTorch's kernel: rounded as the C GEMV rounds a token where the GEMV is
+    this shape's one-token path (bf16, K a multiple of GROUP, measured faster), else as it
+    is. A token's output then differs alone (GEMV) and batched (PyTorch) by float rounding,
+    not by the int8 rounding of its activations: a request must sample the same text alone
+    and batched."""
+    if x.dtype != torch.bfloat16 or data.shape[1] % GROUP or not c_is_faster(data, scales):
+        return x
+    return round_int8(x.float()).to(x.dtype)
+
+
 def gemv(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """x @ (data * scales).T for one bf16 token by the C GEMV where it applies and measured
     faster, else None (the caller runs PyTorch's kernel)."""
