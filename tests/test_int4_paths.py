@@ -306,3 +306,23 @@ def test_each_path_gives_a_token_what_it_gives_it_alone(dtype):
                     torch.testing.assert_close(got, alone, rtol=1e-2, atol=1e-2)
                 else:
                     assert torch.equal(got, alone), p
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_token_through_several_experts_in_one_call_is_each_experts_own(dtype, monkeypatch):
+    """A decode step's experts of a layer run in one C call (`decode_group`): each row what
+    the expert's own call gives, bit for bit, on every fused C path; None where the path is
+    not one (the caller then runs each), for more than one token and for mixed shapes."""
+    es = [_expert(seed=s)[1] for s in range(3)]
+    x = torch.randn(1, 128).to(dtype)
+    for p in int4_paths.eligible(es[0], dtype):
+        monkeypatch.setenv("MER_INT4_PATH", p)
+        got = int4_paths.decode_group(es, x)
+        if p not in ("c-fused", "c-bf16", "c-int8"):
+            assert got is None, p
+            continue
+        assert [y.dtype for y in got] == [dtype] * 3
+        assert all(torch.equal(y, e(x)) for y, e in zip(got, es, strict=True)), p
+        assert int4_paths.decode_group(es, torch.randn(2, 128).to(dtype)) is None
+        other = _expert(hidden=128, ffn=192, group=64)[1]
+        assert int4_paths.decode_group([*es, other], x) is None

@@ -425,3 +425,27 @@ def test_prompt_logprobs_through_chunked_prefill_are_the_models(trained_store):
                     assert e.top[0][1] == pytest.approx(float(want[pos - 1].max()), abs=1e-3)
         finally:
             sched.close()
+
+
+def test_a_decode_step_gives_the_same_logits_with_its_experts_in_one_call_or_one_by_one(
+    model, monkeypatch
+):
+    from mer.models import layers
+
+    tf = model.transformer
+    tokens = torch.tensor(model.tokenizer.encode(PROMPTS[1]))
+
+    def decode(n: int) -> list[torch.Tensor]:
+        kv = tf.new_kv_cache(64)
+        logits = [tf.forward(tokens, kv)]
+        for _ in range(n):
+            logits.append(tf.forward(logits[-1][-1:].argmax(-1), kv))
+        return logits
+
+    calls = []
+    real = layers.decode_group
+    monkeypatch.setattr(layers, "decode_group", lambda es, x: calls.append(len(es)) or real(es, x))
+    grouped = decode(6)
+    assert calls  # the resident experts of a step went in one call
+    monkeypatch.setattr(layers, "decode_group", lambda es, x: None)
+    assert all(torch.equal(a, b) for a, b in zip(grouped, decode(6), strict=True))

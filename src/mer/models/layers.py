@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mer.quant.dense import linear
+from mer.quant.int4_paths import decode_group
 
 
 class ExpertProvider(Protocol):
@@ -292,7 +293,17 @@ def moe(
         else:
             ys[a:b] = ffn(xs[a:b])
 
-    run_resident_first(experts, layer, span, run)
+    def run_held(pairs: list) -> None:  # the experts in RAM: one token through all at once
+        outs = decode_group([ffn for _, ffn in pairs], xs) if t == 1 and len(pairs) > 1 else None
+        if outs is None:
+            for e, ffn in pairs:
+                run(e, ffn)
+            return
+        for (e, _), y in zip(pairs, outs, strict=True):
+            a = span[e][0]
+            ys[a] = (y * w[a]).to(x.dtype)
+
+    run_resident_first(experts, layer, span, run, run_held)
     if t == 1:
         out = ys[0]
         for y in ys[1:]:
@@ -302,11 +313,12 @@ def moe(
     return out.index_add_(0, tok, (ys * w).to(x.dtype))
 
 
-def run_resident_first(experts: ExpertProvider, layer: int, wanted, run) -> None:
+def run_resident_first(experts: ExpertProvider, layer: int, wanted, run, run_held=None) -> None:
     """Call run(e, ffn) for each expert e of `wanted`: those already in RAM first, held so
     that reading the missing ones cannot evict them before their turn, while the missing
     ones, all asked for at once, are read in parallel behind that compute; then each
-    missing one as it is read."""
+    missing one as it is read. `run_held([(e, ffn), ...])`, if given, runs the experts
+    already in RAM in one go instead."""
     with ExitStack() as held:
         ffns = {
             e: held.enter_context(experts.use(layer, e))
@@ -316,8 +328,11 @@ def run_resident_first(experts: ExpertProvider, layer: int, wanted, run) -> None
         missing = [e for e in wanted if e not in ffns]
         if missing:
             experts.fetch(layer, missing)
-        for e, ffn in ffns.items():
-            run(e, ffn)
+        if run_held is not None:
+            run_held(list(ffns.items()))
+        else:
+            for e, ffn in ffns.items():
+                run(e, ffn)
     for e in missing:
         with experts.use(layer, e) as ffn:
             run(e, ffn)

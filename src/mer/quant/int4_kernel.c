@@ -149,6 +149,44 @@ void int4_ffn(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
     }
 }
 
+/* One token through E experts of one shape in one call (a decode step's experts of a layer):
+ * y [E, H], row e bit for bit int4_ffn of x through expert e (the same blocks, each summed by
+ * one thread in the same order), with one parallel region for all of them instead of one per
+ * expert. p_gu, sz_gu, p_d, sz_d: E pointers each. Scratch: xs [H/Gu]; h [E, F];
+ * hs [E, F/Gd]; gu [threads, 128]. */
+void int4_ffn_group(int64_t E, const uint8_t *const *p_gu, const uint32_t *const *sz_gu,
+                    const uint8_t *const *p_d, const uint32_t *const *sz_d, const float *x,
+                    float *h, float *gu, float *xs, float *hs, float *y, int64_t H, int64_t F,
+                    int64_t Gu, int64_t Gd, int threads) {
+    const int64_t nf = F / 64, nh = H / 64;
+    group_sums(x, xs, 1, H, Gu);
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = gu;
+#ifdef _OPENMP
+        mine = gu + (int64_t)omp_get_thread_num() * 128;
+#endif
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t i = 0; i < E * nf; i++) {
+            const int64_t e = i / nf, fb = i % nf;
+            block_rows(p_gu[e], sz_gu[e], x, xs, mine, 128, fb * 64, 2 * F, H, Gu, 1);
+            block_rows(p_gu[e], sz_gu[e], x, xs, mine + 64, 128, F + fb * 64, 2 * F, H, Gu, 1);
+            for (int r = 0; r < 64; r++) {
+                const float g = mine[r], u = mine[64 + r];
+                h[e * F + fb * 64 + r] = g / (1.0f + expf(-g)) * u;
+            }
+        }
+#pragma omp for
+        for (int64_t e = 0; e < E; e++) group_sums(h + e * F, hs + e * (F / Gd), 1, F, Gd);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t i = 0; i < E * nh; i++) {
+            const int64_t e = i / nh, nb = i % nh;
+            block_rows(p_d[e], sz_d[e], h + e * F, hs + e * (F / Gd), y + e * H + nb * 64, H,
+                       nb * 64, H, F, Gd, 1);
+        }
+    }
+}
+
 /* Rows n0..n0+rows-1 (rows a multiple of 64) of W, transposed: out [K, rows] float32, or
  * bf16 rounded to nearest even, for dequantize-then-GEMM (y = x @ out). */
 void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16, int64_t n0,
@@ -331,6 +369,43 @@ void int4_ffn_bf16(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_
 #pragma omp for schedule(dynamic, 2)
         for (int64_t nb = 0; nb < H / 64; nb++)
             block_rows_bf16(p_d, sz_d, h16, my_hs, y + nb * 64, H, nb * 64, H, F, Gd, T);
+    }
+}
+
+/* int4_ffn_group on a bfloat16 token, bit for bit int4_ffn_bf16 per expert. Scratch: xs
+ * [H/Gu]; h16 [E, F] bf16; hs [E, F/Gd]; gu [threads, 128]. */
+void int4_ffn_bf16_group(int64_t E, const uint8_t *const *p_gu, const uint32_t *const *sz_gu,
+                         const uint8_t *const *p_d, const uint32_t *const *sz_d,
+                         const uint16_t *x, uint16_t *h16, float *gu, float *xs, float *hs,
+                         float *y, int64_t H, int64_t F, int64_t Gu, int64_t Gd, int threads) {
+    const int64_t nf = F / 64, nh = H / 64;
+    group_sums_bf16(x, xs, 1, H, Gu);
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = gu;
+#ifdef _OPENMP
+        mine = gu + (int64_t)omp_get_thread_num() * 128;
+#endif
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t i = 0; i < E * nf; i++) {
+            const int64_t e = i / nf, fb = i % nf;
+            block_rows_bf16(p_gu[e], sz_gu[e], x, xs, mine, 128, fb * 64, 2 * F, H, Gu, 1);
+            block_rows_bf16(p_gu[e], sz_gu[e], x, xs, mine + 64, 128, F + fb * 64, 2 * F, H, Gu,
+                            1);
+            for (int r = 0; r < 64; r++) {
+                const float g = mine[r], u = mine[64 + r];
+                h16[e * F + fb * 64 + r] = f32_to_bf16(g / (1.0f + expf(-g)) * u);
+            }
+        }
+#pragma omp for
+        for (int64_t e = 0; e < E; e++)
+            group_sums_bf16(h16 + e * F, hs + e * (F / Gd), 1, F, Gd);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t i = 0; i < E * nh; i++) {
+            const int64_t e = i / nh, nb = i % nh;
+            block_rows_bf16(p_d[e], sz_d[e], h16 + e * F, hs + e * (F / Gd), y + e * H + nb * 64,
+                            H, nb * 64, H, F, Gd, 1);
+        }
     }
 }
 #endif /* __AVX512BF16__ */
@@ -522,6 +597,44 @@ void int4_ffn_i8(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
 #pragma omp for schedule(dynamic, 2)
         for (int64_t nb = 0; nb < H / 64; nb++)
             block_rows_i8(p_d, sz_d, hq, hsx, hs, y + nb * 64, H, nb * 64, H, F, Gd, T);
+    }
+}
+
+/* int4_ffn_group with int8 activations, bit for bit int4_ffn_i8 per expert. Scratch: xq [H]
+ * int8, sx, xs [H/Gu]; h [E, F] float, hq [E, F] int8, hsx, hs [E, F/Gd]; gu [threads, 128]. */
+void int4_ffn_i8_group(int64_t E, const uint8_t *const *p_gu, const uint32_t *const *sz_gu,
+                       const uint8_t *const *p_d, const uint32_t *const *sz_d, const float *x,
+                       int8_t *xq, float *sx, float *xs, float *h, int8_t *hq, float *hsx,
+                       float *hs, float *gu, float *y, int64_t H, int64_t F, int64_t Gu,
+                       int64_t Gd, int threads) {
+    const int64_t nf = F / 64, nh = H / 64, ng = F / Gd;
+    quant_row_i8(x, xq, sx, xs, 0, H, Gu);
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = gu;
+#ifdef _OPENMP
+        mine = gu + (int64_t)omp_get_thread_num() * 128;
+#endif
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t i = 0; i < E * nf; i++) {
+            const int64_t e = i / nf, fb = i % nf;
+            block_rows_i8(p_gu[e], sz_gu[e], xq, sx, xs, mine, 128, fb * 64, 2 * F, H, Gu, 1);
+            block_rows_i8(p_gu[e], sz_gu[e], xq, sx, xs, mine + 64, 128, F + fb * 64, 2 * F, H,
+                          Gu, 1);
+            for (int r = 0; r < 64; r++) {
+                const float g = mine[r], u = mine[64 + r];
+                h[e * F + fb * 64 + r] = g / (1.0f + expf(-g)) * u;
+            }
+        }
+#pragma omp for
+        for (int64_t e = 0; e < E; e++)
+            quant_row_i8(h + e * F, hq + e * F, hsx + e * ng, hs + e * ng, 0, F, Gd);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t i = 0; i < E * nh; i++) {
+            const int64_t e = i / nh, nb = i % nh;
+            block_rows_i8(p_d[e], sz_d[e], hq + e * F, hsx + e * ng, hs + e * ng,
+                          y + e * H + nb * 64, H, nb * 64, H, F, Gd, 1);
+        }
     }
 }
 #endif /* __AVX512VNNI__ */
