@@ -317,3 +317,25 @@ def test_generate_records_hidden_states(store_factory, tmp_path):
     run_mer("generate", "--store", store_factory("int4"), "--prompt", "hi", "--max-tokens", "2",
             "--trace", tmp_path / "plain.npz")  # fmt: skip
     assert load_trace(tmp_path / "plain.npz").hidden is None
+
+
+def test_a_model_whose_cache_holds_every_expert_stops_guessing(trained_bf16, monkeypatch):
+    """Lookahead prefetch runs the next layer's router at every layer; once every expert is
+    read or being read there is nothing left to prefetch, and the model routes each layer
+    once, with the tokens it gave while guessing."""
+    model = mer.open(trained_bf16, ram_budget="256MiB")
+    try:
+        fam, calls = model.transformer.family, []
+        real = fam.route
+        monkeypatch.setattr(fam, "route", lambda *a: calls.append(a[1]) or real(*a))
+        want = model.generate("def add(a, b):\n", max_tokens=4, temperature=0).token_ids
+        moe = len(model.config.moe_layers)
+        assert len(calls) > 4 * moe  # guessing: the next router at every layer but the last
+        for layer in model.config.moe_layers:
+            model.cache.fetch(layer, range(model.config.num_local_experts))
+        assert model.cache.holds_every_expert()
+        calls.clear()
+        assert model.generate("def add(a, b):\n", max_tokens=4, temperature=0).token_ids == want
+        assert len(calls) == 4 * moe  # a prompt pass and three decode steps, each layer once
+    finally:
+        model.close()

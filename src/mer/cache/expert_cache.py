@@ -165,6 +165,10 @@ class ExpertCache:
         entry = self._entries.get((layer, expert))
         return entry is not None and entry.request is None
 
+    def holds_every_expert(self) -> bool:
+        """Every expert of the model read or being read: no prefetch can add anything."""
+        return len(self._entries) == len(self._layers) * self._n_experts
+
     def is_held(self, layer: int, expert: int) -> bool:
         """Read whole or being read: what cache-aware routing counts as resident, so that
         its choice does not depend on how far a read has got."""

@@ -114,6 +114,8 @@ class LivePrefetcher:
         n = self.spare()
         if n <= 0 or (j + 1 == len(self.layers) and ids.shape[0] > 1):
             return  # nothing to spare, or a prompt or batch whose next tokens are unknown
+        if cache.holds_every_expert():
+            return  # a model that fits: guessing (a router pass ahead) would cost, not save
         target = self.layers[(j + 1) % len(self.layers)]
         scores = self._scores(j).sum(0)  # [E]
         ranked = np.argsort(-scores, kind="stable")[: self.ranks.ranks].tolist()

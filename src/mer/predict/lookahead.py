@@ -29,6 +29,8 @@ class LookaheadPrefetcher:
     the next MoE layer's router to this layer's hidden state and prefetch the experts it
     picks, so their reads overlap this layer's expert compute. Register it after the
     cache's own routing hook, so the cache knows this layer's routing when asked for slots.
+    Once the cache holds every expert (a model that fits) it guesses no more: a router
+    pass per layer that could prefetch nothing.
     """
 
     def __init__(self, transformer, cache) -> None:
@@ -42,7 +44,8 @@ class LookaheadPrefetcher:
     ) -> None:
         self.cache.cancel_prefetches(layer, keep=experts.unique().tolist())
         nxt = self.next_layer.get(layer)
-        if nxt is not None:
+        holds_all = getattr(self.cache, "holds_every_expert", None)
+        if nxt is not None and not (holds_all and holds_all()):  # a model that fits: no guess
             # the family's own routing (router biases, top-k softmax, ...), on this hidden state
             _, guess = self.transformer.family.route(self.transformer, nxt, hidden, None)
             self.cache.prefetch(nxt, guess.unique().tolist())

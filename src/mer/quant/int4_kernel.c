@@ -29,6 +29,13 @@
 #include <immintrin.h>
 
 #define TT 4 /* tokens per tile */
+#ifndef PREFETCH
+/* Bytes ahead in a block's weights that a tile asks the cache for, and the next group's
+ * scales: the hardware prefetcher alone left a decode step of 8 experts of 2.8 MiB reading
+ * at 14 GB/s where the same kernel ran at ~30 from cache; with these, 17-18 (and a Mixtral
+ * expert's 105 MiB 19-21 -> 22-23). */
+#define PREFETCH 1024
+#endif
 
 int int4_simd(void) { return 512; }
 
@@ -47,7 +54,10 @@ static inline __attribute__((always_inline)) void block_tile(
         __m512 dot[TT][4];
         for (int t = 0; t < TT; t++)
             for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_ps();
+        for (int i = 0; i < 4; i++)
+            _mm_prefetch((const char *)(sz + (g + 1) * N + n0 + 16 * i), _MM_HINT_T0);
         for (int64_t k = g * G; k < (g + 1) * G; k++) {
+            if (k % 2 == 0) _mm_prefetch((const char *)(pb + k * 32 + PREFETCH), _MM_HINT_T0);
             const __m256i b = _mm256_loadu_si256((const __m256i *)(pb + k * 32));
             const __m256i lo = _mm256_and_si256(b, low4);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
@@ -260,7 +270,10 @@ static inline __attribute__((always_inline)) void block_tile_bf16(
         __m512 dot[TT][4];
         for (int t = 0; t < TT; t++)
             for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_ps();
+        for (int i = 0; i < 4; i++)
+            _mm_prefetch((const char *)(sz + (g + 1) * N + n0 + 16 * i), _MM_HINT_T0);
         for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+            _mm_prefetch((const char *)(pb + k * 32 + PREFETCH), _MM_HINT_T0);
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(pb + k * 32));
             const __m256i b1 = _mm256_loadu_si256((const __m256i *)(pb + k * 32 + 32));
             const __m256i lo0 = _mm256_and_si256(b0, low4), lo1 = _mm256_and_si256(b1, low4);
@@ -463,8 +476,12 @@ static inline __attribute__((always_inline)) void block_tile_i8(
         __m512i dot[TT][4];
         for (int t = 0; t < TT; t++)
             for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_si512();
+        for (int i = 0; i < 4; i++)
+            _mm_prefetch((const char *)(sz + (g + 1) * N + n0 + 16 * i), _MM_HINT_T0);
         for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
             __m512i q[4];
+            _mm_prefetch((const char *)(pb + k * 32 + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(pb + k * 32 + PREFETCH + 64), _MM_HINT_T0);
             if (qb) { /* interleaved already (interleave_block) */
                 for (int i = 0; i < 4; i++) q[i] = _mm512_load_si512((const void *)(qb + k + i));
             } else {
