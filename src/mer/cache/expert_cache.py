@@ -123,6 +123,8 @@ class ExpertCache:
         # idle: a superset of those held now, so choosing a victim checks only these (and
         # the pins) rather than every entry, ~0.2 ms a choice at 800 slots.
         self._busy: set[Key] = set()
+        # Prefetches whose read has not ended: what a cancel looks through, not every entry.
+        self._prefetching: dict[Key, _Entry] = {}
         self._auto_pins: AutoPins | None = None
         self._setup_pins(pin_share, pins)
 
@@ -278,6 +280,7 @@ class ExpertCache:
                     continue  # no slot worth less than this expert
                 entry = self._start_read(key, slot, PREFETCH)
                 entry.prefetched = True
+                self._prefetching[key] = entry
                 entry.guess = self._ordinal[layer] != self._policy.layer
                 self._guesses += entry.guess
                 self._stats.prefetches += 1
@@ -289,7 +292,7 @@ class ExpertCache:
         started; their slots return to the pool."""
         cancelled, keep = 0, set(keep)
         with self._lock:
-            for key, entry in list(self._entries.items()):
+            for key, entry in list(self._prefetching.items()):
                 if layer is not None and (key[0] != layer or key[1] in keep):
                     continue
                 if entry.prefetched and entry.request is not None and entry.users == 0:
@@ -327,13 +330,13 @@ class ExpertCache:
             return entry.slot
         if for_prefetch:
             return None
-        for key, entry in self._entries.items():
+        for key, entry in self._prefetching.items():
             # Only a prefetch still being read can be cancelled: one that has finished is a
             # resident expert, which the policy has just declined to give up.
             if entry.request is None or not entry.prefetched or entry.users:
                 continue
             if self.engine.cancel(entry.request):
-                del self._entries[key]
+                del self._entries[key], self._prefetching[key]
                 self._policy.evicted(self._index(key))
                 self._stats.prefetches_cancelled += 1
                 self._guesses -= entry.guess
@@ -371,12 +374,14 @@ class ExpertCache:
     def _drop(self, key: Key, entry: _Entry) -> None:
         """Forget an entry whose read was cancelled or failed; its slot is free again."""
         del self._entries[key]
+        if self._prefetching.get(key) is entry:
+            del self._prefetching[key]
         self._policy.evicted(self._index(key))
         self._free.append(entry.slot)
 
     def _prefetch_in_flight(self) -> ReadRequest:
         """A running prefetch read to wait for, when a demand read finds no slot."""
-        for entry in self._entries.values():
+        for entry in self._prefetching.values():
             if entry.prefetched and entry.users == 0 and entry.request is not None:
                 return entry.request
         raise BudgetError(f"all {self.pool.n_slots} expert slots are in use; raise --ram-budget")
@@ -407,6 +412,8 @@ class ExpertCache:
                 req.error = e
         with self._lock:
             entry.request = None
+            if self._prefetching.get(key) is entry:
+                del self._prefetching[key]
             if req.error is not None and self._entries.get(key) is entry:
                 self._drop(key, entry)
         if req.error is not None:

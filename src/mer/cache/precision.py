@@ -40,7 +40,8 @@ class RankPrecision:
 
     def score(self, ranked: Sequence[int], chosen) -> None:
         """The layer guessed as `ranked` (best first) chose `chosen`."""
-        hit = np.isin(np.asarray(ranked[: self.ranks]), list(chosen))
+        chosen = set(chosen)  # a few ids: np.isin costs ~0.1 ms on arrays this small
+        hit = np.array([key in chosen for key in ranked[: self.ranks]], dtype=bool)
         self.chosen *= DECAY
         self.tried *= DECAY
         self.chosen[: len(hit)] += hit
