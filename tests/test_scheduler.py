@@ -76,13 +76,12 @@ def test_batched_output_equals_alone_on_every_int4_expert_path(model, path, monk
         pytest.skip(f"{path} does not run here")
     monkeypatch.setenv("MER_INT4_PATH", path)
     tok = model.tokenizer
-    alone = [
-        model.generate(p, max_tokens=8, temperature=0.8, seed=i).token_ids
-        for i, p in enumerate(PROMPTS)
-    ]
+    # Greedy: what a path's own rounding would change shows bit for bit in
+    # test_each_path_gives_a_token_what_it_gives_it_alone; here the scheduler's packing.
+    alone = [model.generate(p, max_tokens=8, temperature=0).token_ids for p in PROMPTS]
     s = Scheduler(model.transformer, kv_budget=8 << 20, max_batch_tokens=64)
     try:
-        assert run_all(s, requests(model, tok, n_tokens=8)) == alone
+        assert run_all(s, requests(model, tok, n_tokens=8, temperature=0)) == alone
     finally:
         s.close()
 
