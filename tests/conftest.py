@@ -24,9 +24,8 @@ def _kernel_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory, monkeypatch):
-    """Caches under the test's temp dir, and the same random draws whatever ran before."""
-    monkeypatch.setenv("MER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mer-cache"))
+def _isolated():
+    """The same random draws whatever ran before (caches: `_kernel_cache`)."""
     torch.manual_seed(0)
 
 
@@ -189,19 +188,18 @@ def small_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
+def ray_local():
     """One small local Ray instance for every cluster test (`mer.cluster`), started once.
 
-    Its processes get the kernel cache directory the tests use (`_isolated`'s), so expert
-    workers take the int4 paths the test process chose and compute what it computes."""
+    Its processes get the kernel cache directory the tests use (`_kernel_cache`'s, set
+    before any session fixture), so expert workers take the int4 paths the test process
+    chose and compute what it computes."""
     ray = pytest.importorskip("ray")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mer-cache"))
-        ray.init(
-            num_cpus=1, include_dashboard=False, object_store_memory=96 << 20,
-            log_to_driver=False, configure_logging=False,
-        )  # fmt: skip
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
+    ray.init(
+        num_cpus=1, include_dashboard=False, object_store_memory=96 << 20,
+        log_to_driver=False, configure_logging=False,
+    )  # fmt: skip
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

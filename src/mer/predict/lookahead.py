@@ -37,6 +37,7 @@ class LookaheadPrefetcher:
         """`transformer`: a MoETransformer (its routers); `cache`: anything with
         `prefetch(layer, experts)` and `cancel_prefetches(layer, keep)` (the expert cache)."""
         self.transformer, self.cache = transformer, cache
+        self.holds_all = getattr(cache, "holds_every_expert", lambda: False)
         self.next_layer = dict(pairwise(transformer.config.moe_layers))
 
     def __call__(
@@ -44,8 +45,7 @@ class LookaheadPrefetcher:
     ) -> None:
         self.cache.cancel_prefetches(layer, keep=experts.unique().tolist())
         nxt = self.next_layer.get(layer)
-        holds_all = getattr(self.cache, "holds_every_expert", None)
-        if nxt is not None and not (holds_all and holds_all()):  # a model that fits: no guess
+        if nxt is not None and not self.holds_all():  # a model that fits: no guess
             # the family's own routing (router biases, top-k softmax, ...), on this hidden state
             _, guess = self.transformer.family.route(self.transformer, nxt, hidden, None)
             self.cache.prefetch(nxt, guess.unique().tolist())

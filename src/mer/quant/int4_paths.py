@@ -420,17 +420,17 @@ def decode_group(es: list[ExpertWeights], x: torch.Tensor) -> list[torch.Tensor]
     parallel region instead of one per expert (a decode step of a many-expert model, such
     as 8 of Qwen3-30B-A3B's 128 a layer, spent a fifth of its expert time on the regions
     of 48 calls). None where that path is not a fused C kernel (the caller runs each)."""
+
+    def shape(e):
+        return type(e), e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size
+
     e0 = es[0]
-    if x.shape[0] != 1 or type(e0) is not Int4Expert:
-        return None
-    shape = (e0.down.n, e0.ffn, e0.gate_up.group_size, e0.down.group_size)
-    if any(type(e) is not Int4Expert or (e.down.n, e.ffn, e.gate_up.group_size,
-           e.down.group_size) != shape for e in es):  # fmt: skip
+    if x.shape[0] != 1 or type(e0) is not Int4Expert or any(shape(e) != shape(e0) for e in es):
         return None
     path = path_for(e0, 1, x.dtype)
     if path not in ("c-fused", "c-bf16", "c-int8"):
         return None
-    lib, n, (hidden, ffn, gu_g, d_g) = _lib(), len(es), shape
+    lib, n, (_, hidden, ffn, gu_g, d_g) = _lib(), len(es), shape(e0)
     threads = threads_for(n * (e0.gate_up.packed.nbytes + e0.down.packed.nbytes))
     gu_p, d_p = _pointers([e.gate_up.packed for e in es]), _pointers([e.down.packed for e in es])
     gu_s = _pointers([e.gate_up.scales_zeros for e in es])
@@ -688,9 +688,9 @@ def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16, progress: bool
 
 def _pick(ms: dict[str, dict[str, float]]) -> dict[str, str]:
     """One path for every class: the least slow over all of them relative to each class's
-    best. Each path sums a token in the same order whatever else shares the call (the C
-    kernels and PyTorch's int4 kernel, bit for bit; `test_each_path_gives_a_token_what_it_
-    gives_it_alone`), but two paths round differently (bf16 or float32 hidden state, int8
+    best. Each path sums a token in the same order whatever else shares the call (mer's C
+    kernels bit for bit, the others to float rounding; `test_each_path_gives_a_token_what_
+    it_gives_it_alone`), but two paths round differently (bf16 or float32 hidden state, int8
     activations, another summation order), so a shape's classes mixing paths made a
     token's output depend on how many tokens of the pass its experts saw: a request decoded
     alone and batched, or a prompt prefilled packed with other requests' tokens, gave
