@@ -68,6 +68,24 @@ def test_markov_learns_online_what_it_learns_at_once():
         assert np.allclose(online.scores(trace, 2, d), at_once.scores(trace, 2, d))
 
 
+def test_one_positions_scores_are_those_of_the_whole_trace():
+    """The live prefetcher's decode path (`next_scores`, one position) scores as `scores`
+    does on the trace of the sequence so far: at a sequence's first token (no previous
+    token before layer 0) and after one, at every layer; Markov's own sums, and an
+    ensemble's through its members."""
+    train, test = split_trace(patterned_trace(noise=0.3), 0.5)
+    markov = MarkovPredictor(max_distance=1).fit(train)
+    members = [markov, FrequencyPredictor().fit(train)]
+    for predictor in (markov, EnsemblePredictor(members, [2.0, 1.0])):
+        for tokens in (1, 2):
+            context = test.experts[5 : 5 + tokens]
+            whole = Trace(context, np.array([0, tokens]), np.zeros(tokens, np.int8), test.meta)
+            for layer in range(test.n_layers):
+                one = predictor.next_scores(context, layer, test.n_experts)
+                assert one.dtype == np.float32 and one.shape == (test.n_experts,)
+                assert np.allclose(one, predictor.scores(whole, layer, 1)[-1], atol=1e-6)
+
+
 def test_predictors_never_see_the_target_or_the_future():
     """Scores at (t, layer) stay the same whatever is routed after that position."""
     trace = patterned_trace(noise=0.3)

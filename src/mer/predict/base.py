@@ -33,6 +33,16 @@ class Predictor:
         computed like the others and mean nothing."""
         raise NotImplementedError
 
+    def next_scores(self, experts: np.ndarray, layer: int, n_experts: int) -> np.ndarray:
+        """float32 [n_experts]: the scores one layer-step after MoE layer `layer` of the last
+        token of `experts` (int [T, L, k], one sequence's tokens, the last routed up to
+        `layer`): row T - 1 of `scores` at distance 1. The live prefetcher asks this at every
+        layer of every decode token; a predictor that can score one position without a
+        whole trace's machinery overrides it."""
+        n = len(experts)
+        trace = Trace(experts, np.array([0, n]), np.zeros(n, np.int8), {"n_experts": n_experts})
+        return self.scores(trace, layer, 1)[-1]
+
 
 def shifted(trace: Trace, layer: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
     """The routing `offset` layer-steps from (token t, `layer`) for every t (negative:

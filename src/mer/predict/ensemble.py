@@ -37,3 +37,10 @@ class EnsemblePredictor(Predictor):
             s = m.scores(trace, layer, distance)
             total += w * s / np.maximum(s.sum(1, keepdims=True), 1e-12)
         return total * trace.top_k
+
+    def next_scores(self, experts: np.ndarray, layer: int, n_experts: int) -> np.ndarray:
+        total = np.zeros(n_experts, np.float32)
+        for m, w in zip(self.members, self.weights, strict=True):
+            s = m.next_scores(experts, layer, n_experts)
+            total += w * s / max(float(s.sum()), 1e-12)
+        return total * experts.shape[-1]

@@ -117,7 +117,7 @@ class LivePrefetcher:
         if cache.holds_every_expert():
             return  # a model that fits: guessing (a router pass ahead) would cost, not save
         target = self.layers[(j + 1) % len(self.layers)]
-        scores = self._scores(j).sum(0)  # [E]
+        scores = self._scores(j)  # [E]
         ranked = np.argsort(-scores, kind="stable")[: self.ranks.ranks].tolist()
         self._ranked[target] = ranked
         picks = self.ranks.pick(ranked, lambda e: cache.is_resident(target, e), n, self.busy())
@@ -153,16 +153,14 @@ class LivePrefetcher:
             self.ranks.score(ranked, chosen)
 
     def _scores(self, j: int) -> np.ndarray:
-        """float32 [T, E]: the predictor's scores one layer-step after layer `j` for this
-        pass's tokens."""
+        """float32 [E]: the predictor's scores one layer-step after layer `j`, summed over
+        this pass's tokens."""
         cur = self._cur
-        if len(cur) == 1 and self._prev is not None:
-            experts, starts, rows = np.stack([self._prev, cur[0]]), [0, 2], [1]
-        else:
-            experts, starts, rows = cur, np.arange(len(cur) + 1), slice(None)
-        trace = Trace(experts, np.asarray(starts, np.int64), np.zeros(len(experts), np.int8),
-                      self.meta)  # fmt: skip
-        return self.predictor.scores(trace, j, 1)[rows]
+        if len(cur) == 1:  # decode: this token, after the previous one
+            context = cur if self._prev is None else np.stack([self._prev, cur[0]])
+            return self.predictor.next_scores(context, j, self.n_experts)
+        trace = Trace(cur, np.arange(len(cur) + 1), np.zeros(len(cur), np.int8), self.meta)
+        return self.predictor.scores(trace, j, 1).sum(0)
 
     def _end_pass(self) -> None:
         """The pass routed so far is complete: keep it as context and to learn from."""

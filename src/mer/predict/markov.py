@@ -42,7 +42,7 @@ class MarkovPredictor(Predictor):
         self.rows: np.ndarray | None = None  # [S, L, D] positions counted
         # _evidence per (source, layer, distance - 1), until the counts change: the live
         # prefetcher scores at every layer of every token, learns every 64 tokens.
-        self._memo: dict[tuple[int, int, int], np.ndarray] = {}
+        self._memo: dict[tuple, np.ndarray] = {}
 
     def fit(self, train: Trace) -> MarkovPredictor:
         self.shape = None
@@ -87,6 +87,27 @@ class MarkovPredictor(Predictor):
             ok, src = shifted(trace, layer, -back)
             logit += multi_hot(src, n_experts, ok) @ self._evidence(back, layer, i)
         return (1 / (1 + np.exp(-logit))).astype(np.float32)
+
+    def next_scores(self, experts: np.ndarray, layer: int, n_experts: int) -> np.ndarray:
+        # The same sums as `scores` for one position: rows of the evidence added directly.
+        if self.shape is None:
+            raise ValueError("the Markov predictor has learned nothing yet (fit it)")
+        logit = self._prior_logit(layer).copy()
+        logit += self._evidence(0, layer, 0)[experts[-1, layer]].sum(0)
+        if layer > 0:
+            logit += self._evidence(1, layer, 0)[experts[-1, layer - 1]].sum(0)
+        elif len(experts) > 1:  # before the first layer: the previous token's last
+            logit += self._evidence(1, layer, 0)[experts[-2, -1]].sum(0)
+        return (1 / (1 + np.exp(-logit))).astype(np.float32)
+
+    def _prior_logit(self, layer: int) -> np.ndarray:
+        """[E]: the prior log-odds of each expert one layer-step after `layer`."""
+        memo = self._memo.get(("prior", layer))
+        if memo is None:
+            rows, chosen = self.rows[0, layer, 0], self.target[0, layer, 0]
+            prior = (chosen + SMOOTH) / (rows + 2 * SMOOTH)
+            memo = self._memo["prior", layer] = np.log(prior / (1 - prior))
+        return memo
 
     def _evidence(self, back: int, layer: int, i: int) -> np.ndarray:
         """[E source, E target]: log P(source seen | target chosen) / P(seen | not chosen)."""
