@@ -3,6 +3,7 @@ measured once, kept in a file per machine, reused, overridable."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -323,6 +324,63 @@ def test_one_token_through_several_experts_in_one_call_is_each_experts_own(dtype
             continue
         assert [y.dtype for y in got] == [dtype] * 3
         assert all(torch.equal(y, e(x)) for y, e in zip(got, es, strict=True)), p
+        # Their weighted sum, rounded as the MoE block rounds it: each product in dtype,
+        # then added one after another in dtype.
+        w = torch.rand(3)
+        summed = None
+        for e, wi in zip(es, w, strict=True):
+            p_i = (e(x) * wi).to(dtype)
+            summed = p_i if summed is None else summed + p_i
+        assert torch.equal(int4_paths.decode_group(es, x, w.tolist()), summed), p
         assert int4_paths.decode_group(es, torch.randn(2, 128).to(dtype)) is None
         other = _expert(hidden=128, ffn=192, group=64)[1]
         assert int4_paths.decode_group([*es, other], x) is None
+
+
+class _Experts:
+    """An expert provider over experts in RAM, all but those in `missing`, which it
+    serves only after `fetch` (as a cache serves a read)."""
+
+    def __init__(self, es, missing=()):
+        self.es, self.missing = es, set(missing)
+
+    def is_resident(self, layer, e):
+        return e not in self.missing
+
+    def fetch(self, layer, experts):
+        return len(experts)
+
+    @contextlib.contextmanager
+    def use(self, layer, e):
+        yield self.es[e]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_tokens_moe_output_is_the_same_alone_in_a_batch_or_with_experts_missing(
+    dtype, monkeypatch
+):
+    """The MoE block sums a token's weighted expert outputs in expert order, rounding after
+    each add, on every path: one token with every expert in RAM (one C call and its sum),
+    one token with some read later (each expert on its own), and a batch (each expert over
+    its tokens), so a token's output never depends on its batch or the cache (bit for bit
+    where the experts' kernels are mer's own)."""
+    from mer.models.layers import moe
+
+    es = [_expert(seed=s)[1] for s in range(6)]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 128, generator=gen).to(dtype)
+    scores = torch.rand(5, 6, generator=gen)
+    weights, ids = torch.topk(scores.softmax(-1), 3, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    for p in int4_paths.eligible(es[0], dtype):
+        monkeypatch.setenv("MER_INT4_PATH", p)
+        batch = moe(x, weights, ids, 0, _Experts(es))
+        for t in range(5):
+            one = (x[t : t + 1], weights[t : t + 1], ids[t : t + 1], 0)
+            alone = moe(*one, _Experts(es))
+            some_missing = moe(*one, _Experts(es, missing=ids[t, :2].tolist()))
+            assert torch.equal(some_missing, alone), (p, t)
+            if p.startswith("c-"):  # mer's kernels: an expert's row whatever shares its call
+                assert torch.equal(alone[0], batch[t]), (p, t)
+            else:  # PyTorch's GEMMs may block by the token count
+                torch.testing.assert_close(alone[0], batch[t], rtol=1e-2, atol=1e-2)

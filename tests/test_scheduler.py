@@ -443,8 +443,8 @@ def test_a_decode_step_gives_the_same_logits_with_its_experts_in_one_call_or_one
 
     real, grouped_calls = layers.decode_group, []
 
-    def group(es, x):
-        out = real(es, x)
+    def group(es, x, weights=None):
+        out = real(es, x, weights)
         grouped_calls.append(out is not None)
         return out
 
@@ -452,5 +452,5 @@ def test_a_decode_step_gives_the_same_logits_with_its_experts_in_one_call_or_one
     grouped = decode(6)
     if not any(grouped_calls):
         pytest.skip("no fused C expert path here: nothing runs grouped")
-    monkeypatch.setattr(layers, "decode_group", lambda es, x: None)
+    monkeypatch.setattr(layers, "decode_group", lambda es, x, weights=None: None)
     assert all(torch.equal(a, b) for a, b in zip(grouped, decode(6), strict=True))

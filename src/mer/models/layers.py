@@ -268,49 +268,79 @@ def moe(
     Each token's expert outputs are summed in expert order, whatever was cached:
     the result never depends on the cache. The token-expert pairs are sorted by
     expert once, so each expert runs on a contiguous slice (a gather and a scatter
-    per layer, not per expert); a single token needs neither.
+    per layer, not per expert); a single token needs neither (`_moe_one`).
     """
     t, k = ids.shape
     if k == 0:  # no expert allowed (a draft pass with none of the layer's in RAM)
         return torch.zeros_like(x)
+    if t == 1:
+        chosen = ids[0].tolist()
+        if len(set(chosen)) == k:
+            weight = dict(sorted(zip(chosen, weights[0].tolist(), strict=True)))
+            return _moe_one(x, weight, layer, experts)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     wanted, counts = torch.unique_consecutive(flat[order], return_counts=True)
     ends = counts.cumsum(0).tolist()
     span = dict(zip(wanted.tolist(), zip([0, *ends[:-1]], ends, strict=True), strict=True))
-    if t == 1:
-        xs, w = x, weights.reshape(-1)[order]
-        ys: list[torch.Tensor | None] = [None] * len(span)
-    else:
-        tok = order // k
-        xs, w = x[tok], weights.reshape(-1)[order, None]
-        ys = torch.empty_like(xs)
+    tok = order // k
+    xs, w = x[tok], weights.reshape(-1)[order, None]
+    ys = torch.empty_like(xs)
 
     def run(e: int, ffn) -> None:
         a, b = span[e]
-        if t == 1:
-            ys[a] = (ffn(xs) * w[a]).to(x.dtype)
-        else:
-            ys[a:b] = ffn(xs[a:b])
+        ys[a:b] = ffn(xs[a:b])
 
-    def run_held(pairs: list) -> None:  # the experts in RAM: one token through all at once
-        outs = decode_group([ffn for _, ffn in pairs], xs) if t == 1 and len(pairs) > 1 else None
+    run_resident_first(experts, layer, span, run)
+    # Each token's weighted outputs back in (token, expert) order, then summed one expert
+    # after another, rounding after each add as a single token's sum does (`_moe_one`):
+    # index_add_ sums in an order of its own, and a token's output must not depend on the
+    # batch it ran in.
+    prod = torch.empty_like(ys)
+    prod[order] = (ys * w).to(x.dtype)
+    prod = prod.view(t, k, -1)[torch.arange(t)[:, None], ids.argsort(dim=1, stable=True)]
+    out = prod[:, 0]
+    for r in range(1, k):
+        out = out + prod[:, r]
+    return out
+
+
+def _moe_one(
+    x: torch.Tensor, weight: dict[int, float], layer: int, experts: ExpertProvider
+) -> torch.Tensor:
+    """`moe` for one token and its distinct experts (`weight`: expert -> router weight, in
+    expert order), with Python lists rather than tensor sorts: a decode step's bookkeeping
+    ran a dozen small tensor ops a layer, each slow on caches the experts' weights had just
+    swept. Every expert in RAM: one C call computes them and their weighted sum; else each
+    expert's output is weighted, rounded and summed in expert order, as `moe` does for a
+    batch (the same bits either way)."""
+    ys: dict[int, torch.Tensor] = {}
+    total: list[torch.Tensor] = []
+
+    def run(e: int, ffn) -> None:
+        ys[e] = (ffn(x) * weight[e]).to(x.dtype)
+
+    def run_held(pairs: list) -> None:
+        if len(pairs) > 1 and len(pairs) == len(weight):
+            out = decode_group([ffn for _, ffn in pairs], x, list(weight.values()))
+            if out is not None:
+                total.append(out)
+                return
+        outs = decode_group([ffn for _, ffn in pairs], x) if len(pairs) > 1 else None
         if outs is None:
             for e, ffn in pairs:
                 run(e, ffn)
             return
         for (e, _), y in zip(pairs, outs, strict=True):
-            a = span[e][0]
-            ys[a] = (y * w[a]).to(x.dtype)
+            ys[e] = (y * weight[e]).to(x.dtype)
 
-    run_resident_first(experts, layer, span, run, run_held)
-    if t == 1:
-        out = ys[0]
-        for y in ys[1:]:
-            out = out + y
-        return out
-    out = torch.zeros_like(x)
-    return out.index_add_(0, tok, (ys * w).to(x.dtype))
+    run_resident_first(experts, layer, weight, run, run_held)
+    if total:
+        return total[0]
+    out = None
+    for e in weight:
+        out = ys[e] if out is None else out + ys[e]
+    return out
 
 
 def run_resident_first(experts: ExpertProvider, layer: int, wanted, run, run_held=None) -> None:

@@ -795,3 +795,42 @@ void int4_ffn_avx2(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_
     }
 }
 #endif /* __AVX2__ && __FMA__ */
+
+/* A decode token's MoE output from its experts' float32 outputs y [n, H] and router weights
+ * w [n], in expert order, rounded as PyTorch rounds the same steps in the model's dtype:
+ * each expert's row to that dtype, times its weight in float32, back to the dtype, then a
+ * running sum rounded after every add (what the MoE block's index_add_ does for a batch).
+ * So a token's output is the same bits through this, the one-expert-at-a-time path and a
+ * batch. Built without FMA contraction: a fused multiply-add rounds once where PyTorch
+ * rounds twice. */
+static inline float round_bf16(float f) { /* to the nearest bf16, ties to even; finite f */
+    union { float f; uint32_t u; } c = {f};
+    c.u = (c.u + 0x7FFF + ((c.u >> 16) & 1)) & 0xFFFF0000u;
+    return c.f;
+}
+
+__attribute__((optimize("fp-contract=off"))) void moe_sum_bf16(const float *y, const float *w,
+                                                                uint16_t *out, int64_t n,
+                                                                int64_t H) {
+    for (int64_t j = 0; j < H; j++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            const float p = round_bf16(round_bf16(y[i * H + j]) * w[i]);
+            acc = i ? round_bf16(acc + p) : p;
+        }
+        union { float f; uint32_t u; } c = {acc};
+        out[j] = (uint16_t)(c.u >> 16);
+    }
+}
+
+__attribute__((optimize("fp-contract=off"))) void moe_sum_f32(const float *y, const float *w,
+                                                               float *out, int64_t n, int64_t H) {
+    for (int64_t j = 0; j < H; j++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            const float p = y[i * H + j] * w[i];
+            acc = i ? acc + p : p;
+        }
+        out[j] = acc;
+    }
+}

@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -97,6 +98,9 @@ def _lib() -> ctypes.CDLL | None:
         lib.int4_ffn_i8_group.argtypes = [i64] + [p] * 14 + [i64] * 4 + [ctypes.c_int]
         lib.int4_ffn_i8.restype = lib.int4_linear_i8.restype = None
         lib.int4_ffn_i8_group.restype = None
+    f32 = ctypes.POINTER(ctypes.c_float)
+    lib.moe_sum_bf16.argtypes = lib.moe_sum_f32.argtypes = [p, f32, p, i64, i64]
+    lib.moe_sum_bf16.restype = lib.moe_sum_f32.restype = None
     return lib
 
 
@@ -414,18 +418,26 @@ def _pointers(ts: list[torch.Tensor]):
     return (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
 
 
-def decode_group(es: list[ExpertWeights], x: torch.Tensor) -> list[torch.Tensor] | None:
+def decode_group(
+    es: list[ExpertWeights], x: torch.Tensor, weights: list[float] | None = None
+) -> list[torch.Tensor] | torch.Tensor | None:
     """One token x [1, H] through each of `es` (experts of one shape), by one call of the
     fused C kernel that is their path: what each `e(x)` gives, bit for bit, from one
     parallel region instead of one per expert (a decode step of a many-expert model, such
     as 8 of Qwen3-30B-A3B's 128 a layer, spent a fifth of its expert time on the regions
-    of 48 calls). None where that path is not a fused C kernel (the caller runs each)."""
+    of 48 calls). With `weights` (the router's, one per expert, the experts in the order
+    their outputs are summed): their weighted sum [1, H], rounded as the MoE block rounds it
+    (`moe_sum_*` in the kernel), instead of the outputs. None where that path is not a
+    fused C kernel, or for a sum in another dtype than bfloat16 or float32 (the caller runs
+    each)."""
 
     def shape(e):
         return type(e), e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size
 
     e0 = es[0]
     if x.shape[0] != 1 or type(e0) is not Int4Expert or any(shape(e) != shape(e0) for e in es):
+        return None
+    if weights is not None and x.dtype not in (torch.bfloat16, torch.float32):
         return None
     path = path_for(e0, 1, x.dtype)
     if path not in ("c-fused", "c-bf16", "c-int8"):
@@ -435,32 +447,55 @@ def decode_group(es: list[ExpertWeights], x: torch.Tensor) -> list[torch.Tensor]
     gu_p, d_p = _pointers([e.gate_up.packed for e in es]), _pointers([e.down.packed for e in es])
     gu_s = _pointers([e.gate_up.scales_zeros for e in es])
     d_s = _pointers([e.down.scales_zeros for e in es])
-    y = torch.empty(n, hidden)
-    scratch = torch.empty(threads * 128)
-    xs = torch.empty(hidden // gu_g)
-    hs = torch.empty(n * ffn // d_g)
+    b = _scratch(path, n, hidden, ffn, gu_g, d_g, threads)
+    y = b["y"]
     if path == "c-int8":
-        x32 = x.float().contiguous()
-        xq, sx = torch.empty(hidden, dtype=torch.int8), torch.empty(hidden // gu_g)
-        h, hq = torch.empty(n, ffn), torch.empty(n, ffn, dtype=torch.int8)
-        hsx = torch.empty(n * ffn // d_g)
-        lib.int4_ffn_i8_group(n, gu_p, gu_s, d_p, d_s, x32.data_ptr(), xq.data_ptr(),
-                              sx.data_ptr(), xs.data_ptr(), h.data_ptr(), hq.data_ptr(),
-                              hsx.data_ptr(), hs.data_ptr(), scratch.data_ptr(), y.data_ptr(),
-                              hidden, ffn, gu_g, d_g, threads)  # fmt: skip
+        b["x32"].copy_(x[0])
+        lib.int4_ffn_i8_group(n, gu_p, gu_s, d_p, d_s, b["x32"].data_ptr(), b["xq"].data_ptr(),
+                              b["sx"].data_ptr(), b["xs"].data_ptr(), b["h"].data_ptr(),
+                              b["hq"].data_ptr(), b["hsx"].data_ptr(), b["hs"].data_ptr(),
+                              b["scratch"].data_ptr(), y.data_ptr(), hidden, ffn, gu_g, d_g,
+                              threads)  # fmt: skip
     elif path == "c-bf16":
-        xb = x.to(torch.bfloat16).contiguous()
-        h16 = torch.empty(n, ffn, dtype=torch.bfloat16)
-        lib.int4_ffn_bf16_group(n, gu_p, gu_s, d_p, d_s, xb.data_ptr(), h16.data_ptr(),
-                                scratch.data_ptr(), xs.data_ptr(), hs.data_ptr(), y.data_ptr(),
-                                hidden, ffn, gu_g, d_g, threads)  # fmt: skip
+        b["xb"].copy_(x[0])
+        lib.int4_ffn_bf16_group(n, gu_p, gu_s, d_p, d_s, b["xb"].data_ptr(), b["h16"].data_ptr(),
+                                b["scratch"].data_ptr(), b["xs"].data_ptr(), b["hs"].data_ptr(),
+                                y.data_ptr(), hidden, ffn, gu_g, d_g, threads)  # fmt: skip
     else:
-        x32 = x.float().contiguous()
-        h = torch.empty(n, ffn)
-        lib.int4_ffn_group(n, gu_p, gu_s, d_p, d_s, x32.data_ptr(), h.data_ptr(),
-                           scratch.data_ptr(), xs.data_ptr(), hs.data_ptr(), y.data_ptr(),
-                           hidden, ffn, gu_g, d_g, threads)  # fmt: skip
-    return [row.to(x.dtype) for row in y.split(1)]
+        b["x32"].copy_(x[0])
+        lib.int4_ffn_group(n, gu_p, gu_s, d_p, d_s, b["x32"].data_ptr(), b["h"].data_ptr(),
+                           b["scratch"].data_ptr(), b["xs"].data_ptr(), b["hs"].data_ptr(),
+                           y.data_ptr(), hidden, ffn, gu_g, d_g, threads)  # fmt: skip
+    if weights is None:  # a copy: y is the next call's scratch
+        return list(y.to(x.dtype, copy=True).split(1))
+    out = torch.empty(1, hidden, dtype=x.dtype)
+    sum_ = lib.moe_sum_bf16 if x.dtype == torch.bfloat16 else lib.moe_sum_f32
+    sum_(y.data_ptr(), (ctypes.c_float * n)(*weights), out.data_ptr(), n, hidden)
+    return out
+
+
+_scratches = threading.local()  # per thread: two models decoding in two threads never share
+
+
+def _scratch(path: str, n: int, hidden: int, ffn: int, gu_g: int, d_g: int, threads: int):
+    """The buffers of a decode_group call of this shape, allocated once per thread: a decode
+    step's tensor allocations cost more than its small experts' arithmetic."""
+    cache = getattr(_scratches, "bufs", None)
+    if cache is None:
+        cache = _scratches.bufs = {}
+    key = (path, n, hidden, ffn, gu_g, d_g, threads)
+    b = cache.get(key)
+    if b is None:
+        b = cache[key] = {
+            "y": torch.empty(n, hidden), "scratch": torch.empty(threads * 128),
+            "xs": torch.empty(hidden // gu_g), "hs": torch.empty(n * ffn // d_g),
+            "x32": torch.empty(hidden), "xq": torch.empty(hidden, dtype=torch.int8),
+            "sx": torch.empty(hidden // gu_g), "h": torch.empty(n, ffn),
+            "hq": torch.empty(n, ffn, dtype=torch.int8), "hsx": torch.empty(n * ffn // d_g),
+            "xb": torch.empty(hidden, dtype=torch.bfloat16),
+            "h16": torch.empty(n, ffn, dtype=torch.bfloat16),
+        }  # fmt: skip
+    return b
 
 
 # Paths that round activations on the way (to bfloat16, or to int8 per group): never taken
