@@ -139,10 +139,12 @@ def measure_mer(
             for layer, e in keys:
                 with cache.use(layer, e):
                     bar.advance()
-        routed: list[int] = []  # distinct experts per MoE layer call
-        m.transformer.routing_hooks.append(
-            lambda layer, hidden, ids, weights: routed.append(int(ids.unique().numel()))
-        )
+        routed: list[torch.Tensor] = []  # each MoE layer call's routing, counted after
+        m.transformer.routing_hooks.append(lambda layer, hidden, ids, weights: routed.append(ids))
+
+        def distinct() -> int:  # not in the hook: two tensor ops a layer would be timed too
+            return sum(int(ids.unique().numel()) for ids in routed)
+
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, cfg.vocab_size, (prompt_tokens,), generator=gen).tolist()
 
@@ -157,7 +159,7 @@ def measure_mer(
         misses = cache.stats.misses
         routed.clear()
         prefill = [once(prompt, 1).prefill_tps for _ in range(repeats)]
-        prompt_experts = sum(routed) // repeats
+        prompt_experts = distinct() // repeats
         routed.clear()
         runs = [once(prompt[:1], tokens + 1) for _ in range(repeats)]
         dense = tensor_bytes(v for k, v in m.transformer.w.items() if k != "embed")
@@ -167,7 +169,7 @@ def measure_mer(
             "dense_bytes": dense,
             "expert_bytes": m.store.expert_format.nbytes,
             # every pass of these runs is one token's: a 1-token prefill, then decode steps
-            "experts_per_token": sum(routed) / (repeats * (tokens + 1)),
+            "experts_per_token": distinct() / (repeats * (tokens + 1)),
             "prompt_experts": prompt_experts,
             "reads_while_timing": cache.stats.misses - misses,
         }
