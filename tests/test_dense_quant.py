@@ -54,6 +54,11 @@ def dequantized_dense(hf_model, model):
                 continue
             if name.startswith("layers."):
                 i, short = name.split(".", 2)[1:]
+                if short == "qkv":  # q, k and v stacked by the model: each its rows
+                    parts = w.dequantize().split(model.transformer.qkv_rows[int(i)])
+                    for n, part in zip("qkv", parts, strict=True):
+                        params[fam.LAYER[n].format(i=int(i))].copy_(part)
+                    continue
                 hf = fam.LAYER[short].format(i=int(i))
             else:
                 hf = fam.GLOBAL[name]
@@ -67,7 +72,8 @@ def test_quantized_dense_matches_transformers(quant, store_factory, hf_tiny):
     store = store_factory("bf16")
     model = mer.api.open(store, ram_budget="64MiB", dtype="float32", dense_quant=quant)
     quantized = [n for n, w in model.transformer.w.items() if not isinstance(w, torch.Tensor)]
-    assert "lm_head" in quantized and "layers.0.q" in quantized and "layers.1.o" in quantized
+    assert "lm_head" in quantized and "layers.1.o" in quantized
+    assert "layers.0.qkv" in quantized or "layers.0.q" in quantized  # stacked where they can
     for exact in ("embed", "norm", "layers.0.router", "layers.0.attn_norm"):
         assert isinstance(model.transformer.w[exact], torch.Tensor)
     ref = reference_logits(hf_tiny[1], PROMPT)
@@ -96,6 +102,57 @@ def test_quantized_dense_weights_take_less_memory(store_factory):
         for q in ("bf16", "int8", "int4")
     }
     assert size["int4"] < size["int8"] < size["bf16"]
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4"])
+def test_matrices_stacked_by_rows_are_each_matrix_row_for_row(scheme):
+    """`concat_rows` (a layer's q, k and v as one matrix): its weight is the parts' stacked
+    and its output each part's; refused for mixed schemes or widths, and for an int4 part
+    that ends in a partial kernel block anywhere but last."""
+    from mer.quant.dense import concat_rows, quantize
+
+    gen = torch.Generator().manual_seed(0)
+    parts = [quantize(torch.randn(n, 256, generator=gen).bfloat16(), scheme) for n in (128, 64, 80)]
+    fused = concat_rows(parts)
+    whole = fused if isinstance(fused, torch.Tensor) else fused.dequantize()
+    each = [p if isinstance(p, torch.Tensor) else p.dequantize() for p in parts]
+    assert torch.equal(whole, torch.cat(each))
+    x = torch.randn(3, 256, generator=gen).bfloat16()
+    got = linear(x, fused).float().split([128, 64, 80], -1)
+    for g, p in zip(got, parts, strict=True):
+        # Each shape's own kernel: an int8 one may round activations to int8 on the way.
+        want = linear(x, p).float()
+        assert (g - want).abs().max() <= 0.03 * want.abs().max()
+    other = quantize(
+        torch.randn(64, 256, generator=gen).bfloat16(), "int8" if scheme != "int8" else "bf16"
+    )
+    assert concat_rows([parts[0], other]) is None
+    assert (
+        concat_rows([parts[0], quantize(torch.randn(64, 128, generator=gen).bfloat16(), scheme)])
+        is None
+    )
+    if scheme == "int4":  # 80 rows end in a partial block of 64: only last
+        assert concat_rows([parts[2], parts[0]]) is None
+
+
+def test_a_model_with_q_k_v_stacked_computes_what_it_computes_unstacked(store_factory, monkeypatch):
+    """The transformer stacks each layer's q, k and v where it can (one call a layer): the
+    same logits as the three calls, float32."""
+    from mer.models import transformer
+
+    store = store_factory("bf16")
+    stacked = mer.api.open(store, ram_budget="64MiB", dtype="float32")
+    assert stacked.transformer.qkv_rows and "layers.0.q" not in stacked.transformer.w
+    monkeypatch.setattr(transformer, "concat_rows", lambda ws: None)
+    apart = mer.api.open(store, ram_budget="64MiB", dtype="float32")
+    assert not apart.transformer.qkv_rows and "layers.0.q" in apart.transformer.w
+    for m in (stacked, apart):
+        kv = m.transformer.new_kv_cache(len(PROMPT) + 4)
+        logits = [m.transformer.forward(torch.tensor(PROMPT), kv)]
+        for _ in range(3):
+            logits.append(m.transformer.forward(logits[-1][-1:].argmax(-1), kv))
+        m.logits = torch.cat(logits)
+    torch.testing.assert_close(stacked.logits, apart.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_an_unknown_dense_quant_is_refused(store_factory):

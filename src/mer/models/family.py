@@ -183,9 +183,9 @@ class Family:
         """Queries [T, Hq, D], keys and values [T, Hkv, D] before the rotary embedding."""
         cfg, w, p = m.config, m.w, f"layers.{i}."
         t = h.shape[0]
-        q = linear(h, w[p + "q"], w.get(p + "q_bias")).view(t, cfg.num_attention_heads, -1)
-        k = linear(h, w[p + "k"], w.get(p + "k_bias")).view(t, cfg.num_key_value_heads, -1)
-        v = linear(h, w[p + "v"], w.get(p + "v_bias")).view(t, cfg.num_key_value_heads, -1)
+        q, k, v = project_qkv(m, i, h)
+        q = q.view(t, cfg.num_attention_heads, -1)
+        k, v = k.view(t, cfg.num_key_value_heads, -1), v.view(t, cfg.num_key_value_heads, -1)
         if cfg.qk_norm == "head":
             eps = cfg.rms_norm_eps
             q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
@@ -221,3 +221,13 @@ class Family:
         """A dense (non-MoE) layer's FFN."""
         w, p = m.w, f"layers.{i}."
         return swiglu(h, w[p + "mlp.gate"], w[p + "mlp.up"], w[p + "mlp.down"])
+
+
+def project_qkv(m: MoETransformer, i: int, h: torch.Tensor):
+    """h [T, H] through layer i's q, k and v projections, biases added: [T, n] each; one
+    call where the model stacked them (`MoETransformer._fuse_qkv`)."""
+    w, p = m.w, f"layers.{i}."
+    rows = m.qkv_rows.get(i)
+    if rows is not None:
+        return linear(h, w[p + "qkv"], w.get(p + "qkv_bias")).split(rows, -1)
+    return tuple(linear(h, w[p + n], w.get(p + n + "_bias")) for n in ("q", "k", "v"))

@@ -3,10 +3,9 @@ optional `clip_qkv`; Qwen-MoE's tensor names otherwise, without a shared expert.
 
 from __future__ import annotations
 
-from mer.models.family import Family, Shape
+from mer.models.family import Family, Shape, project_qkv
 from mer.models.layers import rms_norm
 from mer.models.qwen_moe import Qwen2Moe
-from mer.quant.dense import linear
 
 
 class Olmoe(Family):
@@ -27,9 +26,7 @@ class Olmoe(Family):
         """Norm over the whole q and k projections, then clip q, k, v, then split heads."""
         cfg, w, p = m.config, m.w, f"layers.{i}."
         t, eps = h.shape[0], cfg.rms_norm_eps
-        q = linear(h, w[p + "q"], w.get(p + "q_bias"))  # [T, Hq*D]
-        k = linear(h, w[p + "k"], w.get(p + "k_bias"))  # [T, Hkv*D]
-        v = linear(h, w[p + "v"], w.get(p + "v_bias"))
+        q, k, v = project_qkv(m, i, h)  # [T, Hq*D], [T, Hkv*D] twice
         if cfg.qk_norm == "full":
             q, k = rms_norm(q, w[p + "q_norm"], eps), rms_norm(k, w[p + "k_norm"], eps)
         if cfg.clip_qkv is not None:

@@ -26,7 +26,7 @@ import torch
 from mer.models.config import ModelConfig
 from mer.models.kv_cache import KVCache
 from mer.models.layers import ExpertProvider, causal_mask, moe, rms_norm
-from mer.quant.dense import linear
+from mer.quant.dense import concat_rows, linear
 
 
 class KVLike(Protocol):
@@ -65,6 +65,7 @@ class MoETransformer:
         }  # fmt: skip
         if "lm_head" not in self.w:  # tied embeddings
             self.w["lm_head"] = self.w["embed"]
+        self.qkv_rows = self._fuse_qkv()
         self.experts = family.experts(config, experts)
         self.rotary = family.rotary(config)
         self.routing_hooks: list[RoutingHook] = []
@@ -72,6 +73,30 @@ class MoETransformer:
         # Replaces the router's choice (layer, hidden, weights, ids) -> (weights, ids) before
         # the hooks hear of it: forced routing from a trace (mer.trace.forced).
         self.routing_override: Callable | None = None
+
+    def _fuse_qkv(self) -> dict[int, list[int]]:
+        """Each layer's q, k and v projections stacked into one matrix `qkv` (and their
+        biases into `qkv_bias`) where their scheme allows (`concat_rows`): a decode step then
+        makes one call instead of three, and the two narrow ones cost mostly the call (k and
+        v of the Qwen3-30B-A3B shape, int4, 72 and 48 us for 0.56 MB each against the q
+        projection's 223 us for 4.5 MB). Returns the rows of q, k and v per fused layer."""
+        w, rows = self.w, {}
+        for i in range(self.config.num_hidden_layers):
+            names = [f"layers.{i}.{n}" for n in ("q", "k", "v")]
+            biases = [w.get(n + "_bias") for n in names]
+            if not all(n in w for n in names) or len({b is None for b in biases}) > 1:
+                continue
+            fused = concat_rows([w[n] for n in names])
+            if fused is None:
+                continue
+            rows[i] = [w[n].shape[0] for n in names]
+            w[f"layers.{i}.qkv"] = fused
+            if biases[0] is not None:
+                w[f"layers.{i}.qkv_bias"] = torch.cat(biases)
+            for n in names:
+                del w[n]
+                w.pop(n + "_bias", None)
+        return rows
 
     def new_kv_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype)

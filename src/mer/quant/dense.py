@@ -157,6 +157,34 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     return y if bias is None else y + bias
 
 
+def concat_rows(ws: list) -> torch.Tensor | QuantWeight | None:
+    """The matrices `ws` (each [n_i, k]) stacked by rows into one [sum n_i, k] in their own
+    scheme, so that one call computes every output (each row as its own matrix's row); None
+    where they cannot be: mixed schemes, dtypes, widths or int4 groups, or an int4 part
+    other than the last ending in a partial kernel block."""
+    first = ws[0]
+    if any(type(w) is not type(first) or w.shape[1] != first.shape[1] for w in ws):
+        return None
+    if isinstance(first, torch.Tensor):
+        if first.dim() != 2 or any(w.dtype != first.dtype for w in ws):
+            return None
+        return torch.cat(ws)
+    if isinstance(first, Int8Weight):
+        return Int8Weight(torch.cat([w.data for w in ws]), torch.cat([w.scales for w in ws]))
+    if isinstance(first, Int4Weight):
+        lins = [w.linear for w in ws]
+        block = int4.LAYOUTS[int4.kernel_layout()][0]
+        if any(lin.group_size != lins[0].group_size for lin in lins):
+            return None
+        if any(lin.n % block for lin in lins[:-1]):
+            return None
+        packed = torch.cat([lin.packed for lin in lins])
+        sz = torch.cat([lin.scales_zeros for lin in lins], 1)
+        n = sum(lin.n for lin in lins)
+        return Int4Weight(int4.Int4Linear(packed, sz, lins[0].group_size, n, lins[0].k))
+    return None
+
+
 def prepare(weights: dict[str, object], dtype: torch.dtype) -> None:
     """Choose now the one-token kernels of a model's dense matrices (`weights` by name, in
     the model's order; `dtype` its activations'), so its first decode step measures nothing:
