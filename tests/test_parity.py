@@ -88,3 +88,17 @@ def test_bfloat16_compute_close_to_reference(store_factory, hf_tiny):
     ref = reference_logits(hf_tiny[1], PROMPT)
     ours = our_logits(store_factory("bf16"), PROMPT, dtype="bfloat16")
     assert (ours - ref).abs().max() / ref.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_rotate_half_bit_for_bit(dtype):
+    """`apply_rotary` on `Rotary.tables` (a roll against a sin table with its first half
+    negated) gives the rotate-half formula's bits: x * cos + (-x2, x1) * sin."""
+    from mer.models.layers import Rotary, apply_rotary
+
+    rotary = Rotary(64, 10000.0, 128)
+    positions = torch.tensor([0, 5, 77, 127])
+    x = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cos, sin = rotary.cos[positions][:, None].to(dtype), rotary.sin[positions][:, None].to(dtype)
+    want = x * cos + torch.cat([-x[..., 32:], x[..., :32]], -1) * sin
+    assert torch.equal(apply_rotary(x, *rotary.tables(positions, dtype)), want)

@@ -7,6 +7,7 @@ code runs against the SSD-backed cache or, in tests, experts held in memory.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import ExitStack
 from typing import Protocol
@@ -62,8 +63,15 @@ class Rotary:
             self.cos, self.sin = self.cos * attention_factor, self.sin * attention_factor
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        """(cos, sin) [T, 1, D] for `positions`: gathered once per forward, used by every layer."""
-        return self.cos[positions][:, None, :].to(dtype), self.sin[positions][:, None, :].to(dtype)
+        """(cos, sin) [T, 1, D] for `positions`, sin's first half negated (`apply_rotary`):
+        gathered once per forward, used by every layer."""
+        cos, sin = self.cos[positions], self._sin_signed[positions]
+        return cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
+
+    @functools.cached_property
+    def _sin_signed(self) -> torch.Tensor:
+        half = self.sin.shape[-1] // 2
+        return torch.cat([-self.sin[:, :half], self.sin[:, half:]], -1)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -104,10 +112,10 @@ def yarn(dim: int, theta: float, p: dict, max_positions: int) -> tuple[torch.Ten
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated by tables from `Rotary.tables`."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rotated * sin
+    """x [T, heads, D] rotated by tables from `Rotary.tables`: rotate-half, x * cos +
+    (-x2, x1) * sin, written as x * cos + (x2, x1) * (-sin1, sin2), the same bits in four ops
+    instead of seven."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def causal_mask(q_positions: torch.Tensor, kv_len: int, sliding_window: int | None):
