@@ -564,8 +564,10 @@ def test_conversion_memory_follows_one_expert_not_the_file(tmp_path):
     print(f"peak RSS over baseline: {small >> 20} MiB for {small_file >> 20} MiB of GGUF, "
           f"{large >> 20} MiB for {large_file >> 20} MiB")  # fmt: skip
     assert large_file > 3 * small_file
-    # The file grows by 230 MiB; peak memory may move by allocator noise, not with the file.
-    assert large - small < (large_file - small_file) / 8
+    # The file grows by 230 MiB; peak memory may move by allocator noise, not with the file
+    # (the same two conversions peaked 122 to 172 MiB over baseline across runs: a bound of
+    # an eighth of the growth failed a CI run on noise alone).
+    assert large - small < (large_file - small_file) / 4
 
 
 # ---------------------------------------------------------------- DeepSeek and GLM specifics
