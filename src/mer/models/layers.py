@@ -329,18 +329,18 @@ def _moe_one(
         ys[e] = (ffn(x) * weight[e]).to(x.dtype)
 
     def run_held(pairs: list) -> None:
-        if len(pairs) > 1 and len(pairs) == len(weight):
-            out = decode_group([ffn for _, ffn in pairs], x, list(weight.values()))
+        ffns = [ffn for _, ffn in pairs]
+        if len(pairs) > 1 and len(pairs) == len(weight):  # all in RAM: their sum in one call
+            out = decode_group(ffns, x, list(weight.values()))
             if out is not None:
                 total.append(out)
                 return
-        outs = decode_group([ffn for _, ffn in pairs], x) if len(pairs) > 1 else None
-        if outs is None:
-            for e, ffn in pairs:
-                run(e, ffn)
+        elif len(pairs) > 1 and (outs := decode_group(ffns, x)) is not None:
+            for (e, _), y in zip(pairs, outs, strict=True):
+                ys[e] = (y * weight[e]).to(x.dtype)
             return
-        for (e, _), y in zip(pairs, outs, strict=True):
-            ys[e] = (y * weight[e]).to(x.dtype)
+        for e, ffn in pairs:
+            run(e, ffn)
 
     run_resident_first(experts, layer, weight, run, run_held)
     if total:

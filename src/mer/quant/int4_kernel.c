@@ -799,9 +799,9 @@ void int4_ffn_avx2(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_
 /* A decode token's MoE output from its experts' float32 outputs y [n, H] and router weights
  * w [n], in expert order, rounded as PyTorch rounds the same steps in the model's dtype:
  * each expert's row to that dtype, times its weight in float32, back to the dtype, then a
- * running sum rounded after every add (what the MoE block's index_add_ does for a batch).
- * So a token's output is the same bits through this, the one-expert-at-a-time path and a
- * batch. Built without FMA contraction: a fused multiply-add rounds once where PyTorch
+ * running sum rounded after every add (as `layers.moe` sums a token's experts, alone or in
+ * a batch). So a token's output is the same bits through this, the one-expert-at-a-time
+ * path and a batch. Built without FMA contraction: a fused multiply-add rounds once where PyTorch
  * rounds twice. */
 static inline float round_bf16(float f) { /* to the nearest bf16, ties to even; finite f */
     union { float f; uint32_t u; } c = {f};
