@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from mer.models import rowops
 from mer.quant.dense import linear
 from mer.quant.int4_paths import decode_group
 
@@ -32,7 +33,13 @@ class ExpertProvider(Protocol):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, as the reference implementations do."""
+    """RMSNorm computed in float32, as the reference implementations do: bfloat16 rows in one
+    C call (`rowops`), others by `rms_norm_torch`."""
+    out = rowops.rms_norm(x, weight, eps)
+    return rms_norm_torch(x, weight, eps) if out is None else out
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -114,8 +121,9 @@ def yarn(dim: int, theta: float, p: dict, max_positions: int) -> tuple[torch.Ten
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] rotated by tables from `Rotary.tables`: rotate-half, x * cos +
     (-x2, x1) * sin, written as x * cos + (x2, x1) * (-sin1, sin2), the same bits in four ops
-    instead of seven."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+    instead of seven; bfloat16 in one C call with the same bits (`rowops.rope`)."""
+    out = rowops.rope(x, cos, sin)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin if out is None else out
 
 
 def causal_mask(q_positions: torch.Tensor, kv_len: int, sliding_window: int | None):
@@ -152,14 +160,23 @@ def attention(
     `sinks` [Hq] (gpt-oss): a learned logit per head that joins each softmax's
     denominator and attends to nothing, so a head may give less than all of its
     weight to the keys. The fused kernel has no such term: with sinks, queries run
-    in chunks small enough for the float32 path."""
+    in chunks small enough for the float32 path.
+
+    One bfloat16 query (a decode step's) takes one C call (`rowops.attend_one`), whether
+    its sequence decodes alone or beside others."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = rowops.attend_one(q, k, v, mask, sinks, scale)
+    return attention_torch(q, k, v, mask, sinks, scale) if out is None else out
+
+
+def attention_torch(q, k, v, mask, sinks, scale: float) -> torch.Tensor:
+    """`attention` in PyTorch ops."""
     t, hq, d = q.shape
     s, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
-    scale = d**-0.5 if scale is None else scale
     if sinks is not None and hq * t * s > SMALL_ATTENTION:
         step = max(1, SMALL_ATTENTION // (hq * s))
         chunks = [
-            attention(q[a : a + step], k, v, mask[a : a + step], sinks, scale)
+            attention_torch(q[a : a + step], k, v, mask[a : a + step], sinks, scale)
             for a in range(0, t, step)
         ]
         return torch.cat(chunks)
@@ -193,7 +210,14 @@ def route(
     """Softmax over all experts, keep top-k, optionally renormalise: (weights [T, k] fp32, ids).
 
     `allowed` (bool [E]) restricts the choice to those experts, as if the others did not
-    exist (fewer than top-k if fewer are allowed)."""
+    exist (fewer than top-k if fewer are allowed). BFloat16 rows take one C call
+    (`rowops.route`), each row alone, so a token routes alike in any batch."""
+    out = rowops.route(x, gate, top_k, renormalise) if allowed is None else None
+    return route_torch(x, gate, top_k, renormalise, allowed) if out is None else out
+
+
+def route_torch(x, gate, top_k: int, renormalise: bool = True, allowed=None):
+    """`route` in PyTorch ops."""
     logits = F.linear(x, gate).float()  # [T, E]
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))

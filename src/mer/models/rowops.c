@@ -1,0 +1,246 @@
+/* A decode layer's small bfloat16 operations, one call each instead of a chain of PyTorch ops.
+ *
+ * Between its matrix multiplications a decode token runs norms, the rotary embedding and
+ * attention over a short cache: a few microseconds of arithmetic each, but PyTorch spends
+ * 30-50 us on every op of such a chain once the weights have swept the caches. Here:
+ *
+ *   rms_norm_bf16  y = w * bf16(x * rsqrt(mean(x^2) + eps)), per row, in float32: the
+ *                  reference formula's roundings (its sum may be ordered otherwise).
+ *   rope_bf16      y = bf16(x * cos) + bf16(roll(x, D/2) * sin) rounded, per head: bit for
+ *                  bit the PyTorch formula of `apply_rotary` (sin's first half negated).
+ *   attend_one_bf16  one query's GQA attention over S cached keys and values, in float32,
+ *                  with an optional mask and per-head sink logits (gpt-oss).
+ *   route_bf16     the router: logits rounded to bf16 (as F.linear's output is), softmax in
+ *                  float32, the top k (largest first, the lower id among equals), their
+ *                  weights renormalised if asked.
+ *
+ * Every function computes each row (or head) alone, so its result never depends on how
+ * many rows share the call. Only the AVX512 build computes: rowops_simd() says which.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } c = {.u = (uint32_t)v << 16};
+    return c.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; finite inputs */
+    union { float f; uint32_t u; } c = {.f = f};
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+void rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out,
+               int64_t T, int64_t heads, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *xr = x + (t * heads + h) * D;
+            uint16_t *o = out + (t * heads + h) * D;
+            for (int64_t i = 0; i < D; i++) {
+                const float a = round_bf16(bf16_to_f32(xr[i]) * bf16_to_f32(c[i]));
+                const float r = bf16_to_f32(xr[i < half ? i + half : i - half]);
+                o[i] = f32_to_bf16(a + round_bf16(r * bf16_to_f32(s[i])));
+            }
+        }
+    }
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+int rowops_simd(void) { return 512; }
+
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __mmask16 tail(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
+void rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows,
+                   int64_t n, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * n;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            const __m512 v = load_bf16(xr + i, tail(n - i));
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps);
+        for (int64_t i = 0; i < n; i++)
+            out[r * n + i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(xr[i]) * scale));
+    }
+}
+
+/* e^x for x <= 0 to float32 rounding (a degree-6 polynomial on [-ln2/2, ln2/2], scaled by 2^n);
+ * -inf gives 0. */
+static inline __m512 exp_neg(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-103.0f);
+    const __mmask16 dead = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(lo, x); /* a NaN x stays NaN (max returns its second operand then) */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(~dead, _mm512_scalef_ps(p, n));
+}
+
+/* q [Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] (bf16, contiguous); allowed [S] or NULL; sinks [Hq]
+ * float or NULL; scores: float scratch [Hq, S]; out [Hq, Dv] bf16. D, Dv <= 512.
+ *
+ * Work goes by key-value head, each key and value row read and widened once for all the
+ * query heads that share it (split between threads when there are fewer kv heads). */
+void attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                     const uint8_t *allowed, const float *sinks, float scale, float *scores,
+                     uint16_t *out, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t Dv,
+                     int threads) {
+    const int64_t group = Hq / Hkv;
+    const int64_t split = Hkv >= threads ? 1 : (threads + Hkv - 1) / Hkv;
+    const int64_t per = (group + split - 1) / split;
+    const int64_t nd = (D + 15) / 16, nv = (Dv + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t u = 0; u < Hkv * split; u++) {
+        const int64_t kvh = u / split, h0 = kvh * group + (u % split) * per;
+        const int64_t h1 = h0 + per < (kvh + 1) * group ? h0 + per : (kvh + 1) * group;
+        if (h0 >= h1) continue;
+        const int64_t G = h1 - h0;
+        float qf[64 * 512] __attribute__((aligned(64)));
+        float best[64], total[64];
+        if (G > 64) continue; /* never: the caller caps the group */
+        for (int64_t g = 0; g < G; g++) {
+            for (int64_t j = 0; j < nd; j++)
+                _mm512_store_ps(qf + g * 16 * nd + 16 * j,
+                                load_bf16(q + (h0 + g) * D + 16 * j, tail(D - 16 * j)));
+            best[g] = sinks ? sinks[h0 + g] : -INFINITY;
+        }
+        for (int64_t s = 0; s < S; s++) {
+            if (allowed && !allowed[s]) {
+                for (int64_t g = 0; g < G; g++) scores[(h0 + g) * S + s] = -INFINITY;
+                continue;
+            }
+            const uint16_t *kr = k + (s * Hkv + kvh) * D;
+            __m512 kv[32];
+            for (int64_t j = 0; j < nd; j++) kv[j] = load_bf16(kr + 16 * j, tail(D - 16 * j));
+            for (int64_t g = 0; g < G; g++) {
+                const float *qg = qf + g * 16 * nd;
+                __m512 acc = _mm512_mul_ps(kv[0], _mm512_load_ps(qg));
+                for (int64_t j = 1; j < nd; j++)
+                    acc = _mm512_fmadd_ps(kv[j], _mm512_load_ps(qg + 16 * j), acc);
+                const float sc = _mm512_reduce_add_ps(acc) * scale;
+                scores[(h0 + g) * S + s] = sc;
+                best[g] = sc > best[g] ? sc : best[g];
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float *sc = scores + (h0 + g) * S;
+            const __m512 top = _mm512_set1_ps(best[g]);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t s = 0; s < S; s += 16) {
+                const __mmask16 m = tail(S - s);
+                const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + s), top));
+                _mm512_mask_storeu_ps(sc + s, m, e);
+                sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+            }
+            total[g] = _mm512_reduce_add_ps(sum) + (sinks ? expf(sinks[h0 + g] - best[g]) : 0.0f);
+        }
+        float *acc = qf; /* the queries are done with: G x Dv float sums */
+        for (int64_t i = 0; i < G * 16 * nv; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
+        for (int64_t s = 0; s < S; s++) {
+            const uint16_t *vr = v + (s * Hkv + kvh) * Dv;
+            __m512 vv[32];
+            for (int64_t j = 0; j < nv; j++) vv[j] = load_bf16(vr + 16 * j, tail(Dv - 16 * j));
+            for (int64_t g = 0; g < G; g++) {
+                const float p = scores[(h0 + g) * S + s];
+                if (p == 0.0f) continue;
+                const __m512 pv = _mm512_set1_ps(p);
+                float *ag = acc + g * 16 * nv;
+                for (int64_t j = 0; j < nv; j++)
+                    _mm512_store_ps(ag + 16 * j,
+                                    _mm512_fmadd_ps(pv, vv[j], _mm512_load_ps(ag + 16 * j)));
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            const float inv = 1.0f / total[g];
+            for (int64_t i = 0; i < Dv; i++)
+                out[(h0 + g) * Dv + i] = f32_to_bf16(acc[g * 16 * nv + i] * inv);
+        }
+    }
+}
+
+void route_bf16(const uint16_t *x, const uint16_t *w, float *weights, int64_t *ids, int64_t T,
+                int64_t E, int64_t H, int64_t k, int renormalise, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *xr = x + t * H;
+        float p[E];
+        float top = -INFINITY;
+        for (int64_t e = 0; e < E; e++) {
+            const uint16_t *wr = w + e * H;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < H; i += 16) {
+                const __mmask16 m = tail(H - i);
+                acc = _mm512_fmadd_ps(load_bf16(xr + i, m), load_bf16(wr + i, m), acc);
+            }
+            p[e] = round_bf16(_mm512_reduce_add_ps(acc));
+            top = p[e] > top ? p[e] : top;
+        }
+        float sum = 0.0f;
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - top));
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        float kept = 0.0f;
+        uint8_t taken[E];
+        for (int64_t e = 0; e < E; e++) taken[e] = 0;
+        for (int64_t j = 0; j < k; j++) { /* NaN counts as the largest, as in torch.topk */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (!taken[e] && (best < 0 || p[e] > p[best] || (isnan(p[e]) && !isnan(p[best]))))
+                    best = e;
+            taken[best] = 1;
+            ids[t * k + j] = best;
+            weights[t * k + j] = p[best];
+            kept += p[best];
+        }
+        if (renormalise)
+            for (int64_t j = 0; j < k; j++) weights[t * k + j] /= kept;
+    }
+}
+
+#else
+
+int rowops_simd(void) { return 0; }
+
+void rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows,
+                   int64_t n, float eps, int threads) {
+    (void)x; (void)w; (void)out; (void)rows; (void)n; (void)eps; (void)threads;
+}
+
+void attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                     const uint8_t *allowed, const float *sinks, float scale, float *scores,
+                     uint16_t *out, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t Dv,
+                     int threads) {
+    (void)q; (void)k; (void)v; (void)allowed; (void)sinks; (void)scale; (void)scores;
+    (void)out; (void)Hq; (void)Hkv; (void)S; (void)D; (void)Dv; (void)threads;
+}
+
+void route_bf16(const uint16_t *x, const uint16_t *w, float *weights, int64_t *ids, int64_t T,
+                int64_t E, int64_t H, int64_t k, int renormalise, int threads) {
+    (void)x; (void)w; (void)weights; (void)ids; (void)T; (void)E; (void)H; (void)k;
+    (void)renormalise; (void)threads;
+}
+
+#endif

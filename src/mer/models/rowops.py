@@ -1,0 +1,176 @@
+"""A decode layer's small bfloat16 operations in one C call each (`rowops.c`): RMSNorm,
+the rotary embedding and one query's attention.
+
+A decode token's layer runs dozens of tiny PyTorch ops between its matrix products, and
+each costs 30-50 us on caches the weights have just swept (2 us on warm ones): on the
+Qwen3-30B-A3B shape that was several ms of a ~21 ms token. Each function here returns
+None where it does not apply (another dtype, no AVX512 build, the probe failed), and the
+caller runs its PyTorch formula instead. None of them makes a row's result depend on the
+rows beside it, so a token gets the same bits alone or in a batch: the norm runs every
+bfloat16 row through C whatever the batch, the rotary embedding is PyTorch's bits exactly,
+and attention takes C for every one-query sequence, alone or batched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+from mer.quant import native
+
+SOURCE = Path(__file__).with_name("rowops.c")
+BF16 = torch.bfloat16
+PARALLEL_WORK = 1 << 16  # multiply-adds below which one thread runs a call
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    try:
+        lib = native.build(SOURCE)
+    except native.BuildError as e:
+        warnings.warn(f"row kernels unavailable ({e})", stacklevel=3)
+        return None
+    if lib.rowops_simd() != 512:
+        return None
+    i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    lib.rms_norm_bf16.argtypes = [p, p, p, i64, i64, f32, i32]
+    lib.rope_bf16.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.attend_one_bf16.argtypes = [p, p, p, p, p, f32, p, p, i64, i64, i64, i64, i64, i32]
+    lib.route_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i32, i32]
+    for f in (lib.rms_norm_bf16, lib.rope_bf16, lib.attend_one_bf16, lib.route_bf16):
+        f.restype = None
+    wrong = _disagreement(lib)
+    if wrong:
+        warnings.warn(f"row kernel {wrong} disagrees with PyTorch here: none used", stacklevel=3)
+        return None
+    return lib
+
+
+def _threads(work: int) -> int:
+    return torch.get_num_threads() if work >= PARALLEL_WORK else 1
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of bfloat16 rows x [..., n] by a bfloat16 weight [n], or None."""
+    if x.dtype != BF16 or weight.dtype != BF16 or weight.dim() != 1 or x.numel() == 0:
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    x, n = x.contiguous(), weight.shape[0]
+    out = torch.empty_like(x)
+    rows = x.numel() // n
+    lib.rms_norm_bf16(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rows, n,
+                      eps, _threads(x.numel()))  # fmt: skip
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """`apply_rotary` of bfloat16 x [T, heads, D] by tables [T, 1, D], bit for bit, or None."""
+    if (
+        x.dtype != BF16
+        or cos.dtype != BF16
+        or x.dim() != 3
+        or cos.shape != (x.shape[0], 1, x.shape[2])
+    ):
+        return None
+    lib = _lib()
+    if lib is None or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    out = torch.empty_like(x)
+    lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape)
+    return out
+
+
+def attend_one(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    sinks: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor | None:
+    """One query's GQA attention, q [1, Hq, D] over k [S, Hkv, D], v [S, Hkv, Dv] (bfloat16)
+    with mask [1, S] -> [1, Hq * Dv]; or None."""
+    t, hq, d = q.shape
+    s, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    if t != 1 or q.dtype != BF16 or k.dtype != BF16 or v.dtype != BF16 or d > 512 or dv > 512:
+        return None
+    lib = _lib()
+    if lib is None or hq % hkv or hq // hkv > 64 or not (k.is_contiguous() and v.is_contiguous()):
+        return None
+    q, mask = q.contiguous(), mask.contiguous()
+    sinks = None if sinks is None else sinks.float().contiguous()
+    threads = _threads(hq * s * (d + dv))
+    scores = torch.empty(hq, s)
+    out = torch.empty(1, hq * dv, dtype=BF16)
+    lib.attend_one_bf16(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(),
+        None if sinks is None else sinks.data_ptr(), scale, scores.data_ptr(), out.data_ptr(),
+        hq, hkv, s, d, dv, threads,
+    )  # fmt: skip
+    return out
+
+
+def route(
+    x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalise: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`layers.route` of bfloat16 rows x [T, H] by gate [E, H]: (weights [T, k] float32,
+    ids [T, k]), or None."""
+    if x.dtype != BF16 or gate.dtype != BF16 or x.dim() != 2 or not 0 < top_k <= gate.shape[0]:
+        return None
+    lib = _lib()
+    if lib is None or gate.shape[0] > 4096:
+        return None
+    (t, h), e = x.shape, gate.shape[0]
+    weights, ids = torch.empty(t, top_k), torch.empty(t, top_k, dtype=torch.int64)
+    lib.route_bf16(x.contiguous().data_ptr(), gate.contiguous().data_ptr(), weights.data_ptr(),
+                   ids.data_ptr(), t, e, h, top_k, renormalise, _threads(t * e * h))  # fmt: skip
+    return weights, ids
+
+
+def _disagreement(lib: ctypes.CDLL) -> str | None:
+    """The first built kernel that disagrees with PyTorch's formula on small random inputs."""
+    from mer.models import layers
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 40, generator=gen).to(BF16)
+    w = torch.randn(40, generator=gen).to(BF16)
+    norm = torch.empty_like(x)
+    lib.rms_norm_bf16(x.data_ptr(), w.data_ptr(), norm.data_ptr(), 15, 40, 1e-6, 1)
+    want = layers.rms_norm_torch(x, w, 1e-6).float()
+    if (norm.float() - want).abs().max() > 2 * 2**-8 * want.abs().max():
+        return "rms_norm_bf16"
+    cos, sin = (torch.randn(3, 1, 40, generator=gen).to(BF16) for _ in range(2))
+    out = torch.empty_like(x)
+    lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), 3, 5, 40)
+    if not torch.equal(out, x * cos + x.roll(20, -1) * sin):
+        return "rope_bf16"
+    q = torch.randn(1, 6, 40, generator=gen).to(BF16)
+    k, v = (torch.randn(37, 2, 40, generator=gen).to(BF16) for _ in range(2))
+    mask = torch.rand(1, 37, generator=gen) > 0.3
+    for sinks in (None, torch.randn(6, generator=gen)):
+        scores, got = torch.empty(6, 37), torch.empty(1, 240, dtype=BF16)
+        lib.attend_one_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(),
+                            None if sinks is None else sinks.data_ptr(), 0.3, scores.data_ptr(),
+                            got.data_ptr(), 6, 2, 37, 40, 40, 1)  # fmt: skip
+        want = layers.attention_torch(q, k, v, mask, sinks, 0.3).float()
+        if (got.float() - want).abs().max() > 4 * 2**-8 * want.abs().max():
+            return "attend_one_bf16"
+    gate = torch.randn(9, 40, generator=gen).to(BF16)
+    x = x.view(15, 40)
+    weights, ids = torch.empty(15, 3), torch.empty(15, 3, dtype=torch.int64)
+    lib.route_bf16(x.data_ptr(), gate.data_ptr(), weights.data_ptr(), ids.data_ptr(), 15, 9, 40,
+                   3, True, 1)  # fmt: skip
+    want_w, _ = layers.route_torch(x, gate, 3, True)
+    probs = torch.softmax(torch.nn.functional.linear(x, gate).float(), -1).gather(1, ids)
+    # ids may differ from topk's where two probabilities tie: compare what each chose
+    if (weights - want_w).abs().max() > 1e-2 or (
+        probs / probs.sum(1, keepdim=True) - weights
+    ).abs().max() > 1e-2:
+        return "route_bf16"
+    return None
