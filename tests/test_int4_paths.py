@@ -384,3 +384,23 @@ def test_a_tokens_moe_output_is_the_same_alone_in_a_batch_or_with_experts_missin
                 assert torch.equal(alone[0], batch[t]), (p, t)
             else:  # PyTorch's GEMMs may block by the token count
                 torch.testing.assert_close(alone[0], batch[t], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("n,hidden", [(1, 64), (8, 2048), (6, 600), (3, 257)])
+def test_the_c_moe_sum_rounds_each_step_as_the_moe_block(n, hidden):
+    """`moe_sum_bf16` (strips of elements, vectorised) against the MoE block's steps: each
+    expert's output to bf16, times its weight, to bf16, then added in expert order in bf16."""
+    import ctypes
+
+    lib = int4_paths._lib()
+    if lib is None:
+        pytest.skip("no C kernel here")
+    gen = torch.Generator().manual_seed(n * hidden)
+    y, w = torch.randn(n, hidden, generator=gen) * 3, torch.rand(n, generator=gen)
+    want = None
+    for yi, wi in zip(y, w, strict=True):
+        p = (yi.bfloat16() * wi).bfloat16()
+        want = p if want is None else want + p
+    out = torch.empty(hidden, dtype=torch.bfloat16)
+    lib.moe_sum_bf16(y.data_ptr(), (ctypes.c_float * n)(*w.tolist()), out.data_ptr(), n, hidden)
+    assert torch.equal(out, want)

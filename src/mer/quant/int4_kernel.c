@@ -809,17 +809,25 @@ static inline float round_bf16(float f) { /* to the nearest bf16, ties to even; 
     return c.f;
 }
 
+/* Experts outer and elements inner, in strips of MOE_SUM_STRIP kept in L1, so the compiler
+ * vectorises across elements (the per-element order of adds is the same). */
+#define MOE_SUM_STRIP 256
 __attribute__((optimize("fp-contract=off"))) void moe_sum_bf16(const float *y, const float *w,
                                                                 uint16_t *out, int64_t n,
                                                                 int64_t H) {
-    for (int64_t j = 0; j < H; j++) {
-        float acc = 0.0f;
-        for (int64_t i = 0; i < n; i++) {
-            const float p = round_bf16(round_bf16(y[i * H + j]) * w[i]);
-            acc = i ? round_bf16(acc + p) : p;
+    for (int64_t j0 = 0; j0 < H; j0 += MOE_SUM_STRIP) {
+        const int64_t m = H - j0 < MOE_SUM_STRIP ? H - j0 : MOE_SUM_STRIP;
+        float acc[MOE_SUM_STRIP];
+        for (int64_t j = 0; j < m; j++) acc[j] = round_bf16(round_bf16(y[j0 + j]) * w[0]);
+        for (int64_t i = 1; i < n; i++) {
+            const float *yi = y + i * H + j0;
+            for (int64_t j = 0; j < m; j++)
+                acc[j] = round_bf16(acc[j] + round_bf16(round_bf16(yi[j]) * w[i]));
         }
-        union { float f; uint32_t u; } c = {acc};
-        out[j] = (uint16_t)(c.u >> 16);
+        for (int64_t j = 0; j < m; j++) {
+            union { float f; uint32_t u; } c = {acc[j]};
+            out[j0 + j] = (uint16_t)(c.u >> 16);
+        }
     }
 }
 
