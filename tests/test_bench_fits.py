@@ -78,3 +78,27 @@ def test_llama_bench_json_reads_as_prefill_and_decode_rates():
     out += ' {"n_prompt": 0, "n_gen": 32, "avg_ts": 9.25}]'
     assert llamacpp.bench_rates(out) == {"prefill": 20.5, "decode": 9.25}
     assert llamacpp.bench_rates("not json") == {}
+
+
+def test_rounds_alternate_mer_and_llama_cpp_and_give_the_median_ratio(tiny_gguf, capsys):
+    """`--rounds 3`: mer measured three times in one open model; with llama.cpp, four
+    llama-bench runs around them and the table's ratio the median of the rounds'."""
+    argv = ["bench", "fits", "--gguf", tiny_gguf, "--threads", "1", "--prompt-tokens", "8",
+            "--tokens", "2", "--repeats", "1", "--rounds", "3"]  # fmt: skip
+    bench = _llama_bench()
+    assert main(argv + (["--llama-bench", bench] if bench else [])) == 0
+    out = capsys.readouterr().out
+    assert "expert reads while timing: 0" in out and float(_row(out, "decode")[1]) > 0
+    if bench is None:
+        assert "by round" not in out
+        return
+    runs = re.search(r"before, between and after mer's rounds: prefill ([^;]+); decode (.+)", out)
+    assert runs and all(len(g.split(", ")) == 4 for g in runs.groups())
+    by_round = re.search(r"by round: prefill ([^;]+); decode (.+)", out)
+    for phase, xs in zip(("prefill", "decode"), by_round.groups(), strict=True):
+        ratios = sorted(float(x.strip()[1:]) for x in xs.split(","))
+        assert len(ratios) == 3
+        assert (
+            _row(out, "prefill (8 tokens)" if phase == "prefill" else "decode")[3]
+            == f"x{ratios[1]:.2f}"
+        )

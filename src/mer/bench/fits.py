@@ -9,7 +9,11 @@ as llama-bench times its `pp` and `tg` tests; each is the median of `--repeats` 
 With `--gguf FILE --llama-bench PATH`, llama-bench runs the same file with the same
 threads before and after mer (the mean of the two is the baseline, so a machine whose
 load drifts during the run weighs on both engines alike; mer runs the store converted from
-that file, once). Always, the bound: the
+that file, once). `--rounds N` alternates them N times (llama.cpp, mer, llama.cpp, mer,
+..., llama.cpp; mer's model stays open, so both must fit in RAM at once): each round's
+ratio is mer's against the mean of the llama.cpp runs on either side of it, and the table
+gives the median of the rounds' ratios, for a machine whose speed drifts by more than the
+gap being measured. Always, the bound: the
 bytes a token touches (dense weights but the embedding table, plus the experts it was
 routed to, counted from the routing that happened) over the memory-copy rate measured in
 the same run; prefill's bound counts each distinct expert of the prompt once, so it says
@@ -47,6 +51,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--prompt-tokens", type=count, default=256, help="prefill length (256)")
     b.add_argument("--tokens", type=count, default=32, help="tokens decoded per run (32)")
     b.add_argument("--repeats", type=count, default=3, help="runs of each, median kept (3)")
+    b.add_argument("--rounds", type=count, default=1,
+                   help="mer and llama.cpp alternated so many times; median ratio (1)")  # fmt: skip
     b.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     b.add_argument("--dense-quant", choices=["bf16", "int8", "int4"], default="bf16",
                    help="width of mer's dense matrices (llama.cpp keeps the GGUF's)")  # fmt: skip
@@ -63,6 +69,7 @@ def run(
     repeats: int,
     dtype: str,
     dense_quant: str = "bf16",
+    rounds: int = 1,
 ) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     if store is None and gguf is None:
@@ -82,24 +89,49 @@ def run(
             f"{store_path}: experts and dense weights take {fmt_bytes(need)}, more than the "
             f"{fmt_bytes(have)} of memory available: the model does not fit in RAM here"
         )
+    both = need + (model.stat().st_size if model and bench else 0)
+    if rounds > 1 and bench is not None and have is not None and both > have:
+        raise ConfigError(
+            f"--rounds {rounds} keeps mer's model in RAM while llama.cpp runs: the two take "
+            f"{fmt_bytes(both)}, more than the {fmt_bytes(have)} available; use --rounds 1"
+        )
     console.print(
         f"{store_path}: {fmt_bytes(s.expert_bytes_total)} of experts, all held in RAM; "
         f"{threads} threads, {dtype}, dense weights {dense_quant}; prefill {prompt_tokens} "
         f"tokens, decode {tokens} tokens, median of {repeats}; load average {_load()} at start"
     )
-    llama, runs = {}, []
+    runs: list[dict] = []  # llama.cpp's, before, between and after mer's rounds
+
+    def llama() -> None:
+        if bench is not None:
+            runs.append(_llama(bench, model, prompt_tokens, tokens, threads, repeats))
+
     if bench is not None:
         console.print("llama.cpp: " + " ".join(llamacpp.bench_argv(
             bench, model, prompt_tokens, tokens, threads, repeats)))  # fmt: skip
-        runs.append(_llama(bench, model, prompt_tokens, tokens, threads, repeats))
+    llama()
     bw = memory_bandwidth(512 << 20, 1.0)
-    mer_res = measure_mer(store_path, threads, prompt_tokens, tokens, repeats, dtype, dense_quant)
-    if bench is not None:  # before and after mer: a machine whose load drifts hits both
-        runs.append(_llama(bench, model, prompt_tokens, tokens, threads, repeats))
-        llama = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
-        console.print("llama.cpp before and after mer: " + "; ".join(
-            f"{k} {runs[0][k]:.2f} and {runs[1][k]:.2f} tok/s" for k in runs[0]))  # fmt: skip
-    console.print(_table(mer_res, llama, bw, prompt_tokens))
+    with MerFits(store_path, threads, prompt_tokens, dtype, dense_quant) as fits:
+        mer_rounds = []
+        for r in range(rounds):
+            if r:
+                llama()
+            mer_rounds.append(fits.measure(tokens, repeats))
+        mer_res = fits.summary()
+    llama()  # before and after mer: a machine whose load drifts hits both
+    mer_res.update({k: statistics.median(m[k] for m in mer_rounds) for k in mer_rounds[0]})
+    ratios = {}
+    if runs:  # each round against the mean of the llama.cpp runs on either side of it
+        around = [{k: (a[k] + b[k]) / 2 for k in a} for a, b in zip(runs, runs[1:], strict=False)]
+        ratios = {
+            k: [m[k] / ll[k] for m, ll in zip(mer_rounds, around, strict=True)] for k in runs[0]
+        }
+        console.print("llama.cpp tok/s, before, between and after mer's rounds: " + "; ".join(
+            f"{k} " + ", ".join(f"{r[k]:.2f}" for r in runs) for k in runs[0]))  # fmt: skip
+        if rounds > 1:
+            console.print("mer / llama.cpp by round: " + "; ".join(f"{k} " + ", ".join(
+                f"x{x:.2f}" for x in xs) for k, xs in ratios.items()))  # fmt: skip
+    console.print(_table(mer_res, ratios, bw, prompt_tokens))
     console.print(
         f"memory copy {bw / 1e9:.1f} GB/s (read + written, this run); bytes/token: dense "
         f"weights but the embedding table, plus {fmt_bytes(s.expert_format.nbytes)} per expert "
@@ -110,71 +142,93 @@ def run(
     )
 
 
-def measure_mer(
-    store: Path,
-    threads: int,
-    prompt_tokens: int,
-    tokens: int,
-    repeats: int,
-    dtype: str,
-    dense_quant: str = "bf16",
-) -> dict:
-    """mer's prefill and decode tok/s (medians) with every expert in RAM, and what a token
-    touched: the dense bytes and the experts routed to, counted by a routing hook."""
-    import mer
-    from mer.engine.generate import GenerationStats, generate
-    from mer.memory import tensor_bytes
-    from mer.store.reader import Store
+class MerFits:
+    """mer with every expert in RAM: opened once, `measure` as often as asked (prefill and
+    decode tok/s, medians of `repeats`), `summary` of what a token touched: the dense bytes
+    and the experts routed to, counted by a routing hook."""
 
-    budget = Store(store).expert_bytes_total
-    m = mer.open(store, budget, dtype=dtype, prefetch=False, compute_threads=threads,
-                 dense_quant=dense_quant)  # fmt: skip
-    try:
-        cfg, cache = m.config, m.cache
-        if cache.n_slots < cfg.num_experts_total:
-            raise MerError(f"the expert cache took {cache.n_slots} slots of "
-                           f"{cfg.num_experts_total}: not every expert fits")  # fmt: skip
-        keys = list(cfg.expert_keys())
-        with progress_bar(len(keys), "reading every expert into RAM", unit="experts") as bar:
-            for layer, e in keys:
-                with cache.use(layer, e):
-                    bar.advance()
-        routed: list[torch.Tensor] = []  # each MoE layer call's routing, counted after
-        m.transformer.routing_hooks.append(lambda layer, hidden, ids, weights: routed.append(ids))
+    def __init__(self, store: Path, threads: int, prompt_tokens: int, dtype: str,
+                 dense_quant: str = "bf16") -> None:  # fmt: skip
+        self.store, self.threads, self.prompt_tokens = store, threads, prompt_tokens
+        self.dtype, self.dense_quant = dtype, dense_quant
 
-        def distinct() -> int:  # not in the hook: two tensor ops a layer would be timed too
-            return sum(int(ids.unique().numel()) for ids in routed)
+    def __enter__(self) -> MerFits:
+        import mer
+        from mer.store.reader import Store
 
-        gen = torch.Generator().manual_seed(0)
-        prompt = torch.randint(3, cfg.vocab_size, (prompt_tokens,), generator=gen).tolist()
+        budget = Store(self.store).expert_bytes_total
+        self.m = m = mer.open(
+            self.store, budget, dtype=self.dtype, prefetch=False,
+            compute_threads=self.threads, dense_quant=self.dense_quant,
+        )  # fmt: skip
+        try:
+            cfg, cache = m.config, m.cache
+            if cache.n_slots < cfg.num_experts_total:
+                raise MerError(f"the expert cache took {cache.n_slots} slots of "
+                               f"{cfg.num_experts_total}: not every expert fits")  # fmt: skip
+            keys = list(cfg.expert_keys())
+            with progress_bar(len(keys), "reading every expert into RAM", unit="experts") as bar:
+                for layer, e in keys:
+                    with cache.use(layer, e):
+                        bar.advance()
+            gen = torch.Generator().manual_seed(0)
+            self.prompt = torch.randint(
+                3, cfg.vocab_size, (self.prompt_tokens,), generator=gen
+            ).tolist()
+            self._once(self.prompt[:8], 3)  # warm-up: first calls allocate
+            self.misses = cache.stats.misses
+            self.routed: list[torch.Tensor] = []  # each MoE layer call's routing, counted after
+            self.prefill_routed: list[torch.Tensor] = []
+            self.decode_passes = 0
+            m.transformer.routing_hooks.append(
+                lambda layer, hidden, ids, weights: self.routed.append(ids)
+            )
+        except BaseException:
+            m.close()
+            raise
+        return self
 
-        def once(ids: list[int], n: int) -> GenerationStats:
-            stats = GenerationStats()
-            params = m.sampling_params(max_tokens=n, stop_token_ids=[-1])  # no stop but n
-            for _ in generate(m.transformer, ids, params, stats):
-                pass
-            return stats
+    def __exit__(self, *exc) -> None:
+        self.m.close()
 
-        once(prompt[:8], 3)  # warm-up: first calls allocate
-        misses = cache.stats.misses
-        routed.clear()
-        prefill = [once(prompt, 1).prefill_tps for _ in range(repeats)]
-        prompt_experts = distinct() // repeats
-        routed.clear()
-        runs = [once(prompt[:1], tokens + 1) for _ in range(repeats)]
-        dense = tensor_bytes(v for k, v in m.transformer.w.items() if k != "embed")
+    def _once(self, ids: list[int], n: int):
+        from mer.engine.generate import GenerationStats, generate
+
+        stats = GenerationStats()
+        params = self.m.sampling_params(max_tokens=n, stop_token_ids=[-1])  # no stop but n
+        for _ in generate(self.m.transformer, ids, params, stats):
+            pass
+        return stats
+
+    def measure(self, tokens: int, repeats: int) -> dict:
+        """Prefill and decode tok/s, each the median of `repeats` runs."""
+        before = len(self.routed)
+        prefill = [self._once(self.prompt, 1).prefill_tps for _ in range(repeats)]
+        self.prefill_routed += self.routed[before:]
+        del self.routed[before:]
+        runs = [self._once(self.prompt[:1], tokens + 1) for _ in range(repeats)]
+        # every pass of these runs is one token's: a 1-token prefill, then decode steps
+        self.decode_passes += repeats * (tokens + 1)
         return {
             "prefill": statistics.median(prefill),
             "decode": statistics.median(r.decode_tps for r in runs),
-            "dense_bytes": dense,
-            "expert_bytes": m.store.expert_format.nbytes,
-            # every pass of these runs is one token's: a 1-token prefill, then decode steps
-            "experts_per_token": distinct() / (repeats * (tokens + 1)),
-            "prompt_experts": prompt_experts,
-            "reads_while_timing": cache.stats.misses - misses,
         }
-    finally:
-        m.close()
+
+    def summary(self) -> dict:
+        from mer.memory import tensor_bytes
+
+        def distinct(routed) -> int:  # not in the hook: two tensor ops a layer would be timed
+            return sum(int(ids.unique().numel()) for ids in routed)
+
+        m = self.m
+        prompts = len(self.prefill_routed) // max(1, len(m.config.moe_layers))
+        return {
+            "dense_bytes": tensor_bytes(v for k, v in m.transformer.w.items() if k != "embed"),
+            "expert_bytes": m.store.expert_format.nbytes,
+            "experts_per_token": distinct(self.routed) / self.decode_passes,
+            "prompt_experts": distinct(self.prefill_routed) // max(1, prompts),
+            "reads_while_timing": m.cache.stats.misses - self.misses,
+        }
 
 
 def _llama(bench: str, model: Path, prompt: int, tokens: int, threads: int, repeats: int):
@@ -187,7 +241,9 @@ def _llama(bench: str, model: Path, prompt: int, tokens: int, threads: int, repe
     return rates
 
 
-def _table(res: dict, llama: dict, bw: float, prompt_tokens: int) -> Table:
+def _table(res: dict, ratios: dict, bw: float, prompt_tokens: int) -> Table:
+    """`ratios`: mer / llama.cpp per round, by phase (none without llama.cpp); the llama.cpp
+    column is what the median ratio makes of mer's median."""
     t = Table(title="the whole model in RAM: mer against llama.cpp and the bandwidth bound")
     cols = ["phase", "mer tok/s", "llama.cpp tok/s", "x llama.cpp", "bytes/token", "bound tok/s",
             "x bound"]  # fmt: skip
@@ -199,12 +255,13 @@ def _table(res: dict, llama: dict, bw: float, prompt_tokens: int) -> Table:
         ("decode", "decode", decode_bytes),
         ("prefill", f"prefill ({prompt_tokens} tokens)", prompt_bytes / prompt_tokens),
     ):
-        ours, theirs, bound = res[phase], llama.get(phase), bw / nbytes
+        ours, bound = res[phase], bw / nbytes
+        x = statistics.median(ratios[phase]) if ratios else None
         t.add_row(
             label,
             f"{ours:.2f}",
-            f"{theirs:.2f}" if theirs else "-",
-            f"x{ours / theirs:.2f}" if theirs else "-",
+            f"{ours / x:.2f}" if x else "-",
+            f"x{x:.2f}" if x else "-",
             fmt_decimal(nbytes),
             f"{bound:.2f}",
             f"x{ours / bound:.2f}",
