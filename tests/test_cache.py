@@ -66,6 +66,58 @@ def test_in_use_expert_is_never_evicted(store_factory):
     touch(cache, (1, 2))
 
 
+def test_a_layers_resident_experts_are_held_at_once_or_not_at_all(store_factory):
+    """`acquire_resident` (a decode step's experts under one lock): every one held and
+    counted as a hit where all are in RAM; where one is not, None and nothing held or read."""
+    cache = cache_with(store_factory("int4"), slots=3)
+    touch(cache, (0, 0), (0, 1))
+    s = cache.stats
+    hits, misses = s.hits, s.misses
+    held = cache.acquire_resident(0, [0, 1])
+    assert held is not None and len(held) == 2
+    assert (cache.stats.hits, cache.stats.misses) == (hits + 2, misses)
+    assert computes_as_read(held[1], store_factory("int4"), (0, 1))
+    touch(cache, (0, 2), (0, 3), (1, 0))  # the one free slot cycles; both held stay
+    assert cache.is_resident(0, 0) and cache.is_resident(0, 1)
+    cache.release_all(0, [0, 1])
+    assert cache.acquire_resident(0, [0, 3]) is None  # (0, 3) was evicted: nothing held
+    assert cache.stats.misses == misses + 3 and not cache.is_resident(0, 3)
+    touch(cache, (0, 3), (0, 2), (1, 1))  # everything evictable again
+    assert not cache.is_resident(0, 0)
+    with pytest.raises(RuntimeError, match="released more often"):
+        cache.release_all(0, [3, 3])
+
+
+def test_a_wrapper_that_changes_the_experts_is_never_bypassed(store_factory):
+    """The MoE block holds a layer's resident experts at once only through the provider's own
+    `acquire_resident`: a wrapper that passes attributes through to the cache but yields
+    other callables (gpt-oss's activation, a benchmark's timers) keeps its callables."""
+    import contextlib
+
+    import torch
+
+    from mer.models.layers import moe
+
+    cache = cache_with(store_factory("int4"), slots=4)
+    touch(cache, (0, 0), (0, 1), (0, 2))
+
+    class Doubled:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        @contextlib.contextmanager
+        def use(self, layer, expert):
+            with self.inner.use(layer, expert) as ffn:
+                yield lambda x: ffn(x) * 2
+
+    x = torch.randn(1, cache.store.config.hidden_size).bfloat16()
+    weights, ids = torch.tensor([[0.7, 0.3]]), torch.tensor([[2, 0]])
+    assert torch.equal(moe(x, weights, ids, 0, Doubled(cache)), 2 * moe(x, weights, ids, 0, cache))
+
+
 def test_reads_are_direct(store_factory):
     cache = cache_with(store_factory("int4"), slots=2)
     assert cache.reader.direct  # the test temp dir is on a filesystem that allows O_DIRECT

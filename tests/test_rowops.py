@@ -132,6 +132,12 @@ def test_every_function_falls_back_to_the_formula_without_the_kernels(monkeypatc
         assert f is None
 
 
+def test_tensors_off_the_cpu_never_reach_the_kernels():
+    x, w = torch.empty(3, 64, dtype=BF16, device="meta"), torch.empty(64, dtype=BF16, device="meta")
+    assert rowops.rms_norm(x, w, 1e-5) is None
+    assert rowops.route(x, torch.empty(8, 64, dtype=BF16, device="meta"), 2, True) is None
+
+
 def test_float32_runs_never_take_the_kernels():
     x, w = torch.randn(3, 64), torch.randn(64)
     assert rowops.rms_norm(x, w, 1e-5) is None

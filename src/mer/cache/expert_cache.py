@@ -196,23 +196,13 @@ class ExpertCache:
         while True:
             with self._lock:
                 entry = self._entries.get(key)
-                if entry is not None and entry.ahead:  # its miss was counted by `fetch`
-                    entry.ahead = False
-                elif entry is not None:
-                    self._stats.hits += 1
-                    if entry.prefetched:
-                        entry.prefetched = False
-                        self._stats.prefetches_used += 1
-                        self._guesses_used += entry.guess
+                if entry is not None:
+                    self._hold(key, entry)
                 elif (slot := self._take_slot(for_prefetch=False)) is not None:
                     entry = self._start_read(key, slot, DEMAND)
                     self._stats.misses += 1
+                    self._hold(key, entry, counted=True)
                 if entry is not None:
-                    # Held from here on, in the same locked section that found it, so no
-                    # other acquire can evict it first.
-                    entry.users += 1
-                    self._busy.add(key)
-                    self._policy.used(self._index(key))
                     request = entry.request
                     break
                 blocker = self._prefetch_in_flight()
@@ -230,14 +220,54 @@ class ExpertCache:
                     self._stats.stall_seconds += time.perf_counter() - t0
         return entry.weights
 
+    def _hold(self, key: Key, entry, counted: bool = False) -> None:
+        """Under the lock: `entry` held from here on, in the same locked section that found
+        it, so no other acquire can evict it first; a hit counted unless its miss was
+        (`counted`, or `fetch` started its read)."""
+        if entry.ahead:
+            entry.ahead = False
+        elif not counted:
+            self._stats.hits += 1
+            if entry.prefetched:
+                entry.prefetched = False
+                self._stats.prefetches_used += 1
+                self._guesses_used += entry.guess
+        entry.users += 1
+        self._busy.add(key)
+        self._policy.used(self._index(key))
+
+    def acquire_resident(self, layer: int, experts) -> list[ExpertWeights] | None:
+        """All of `experts` held at once, under one lock, if every one is in RAM now (as many
+        `acquire`s would, without their per-call cost: a decode step holds a layer's experts
+        so); else None and nothing held. Release them with `release_all`."""
+        with self._lock:
+            keys = [(layer, e) for e in experts]
+            entries = [self._entries.get(key) for key in keys]
+            if any(entry is None or entry.request is not None for entry in entries):
+                return None
+            if self._auto_pins is not None:
+                for e in experts:
+                    self._auto_pins.count(layer, e)
+            for key, entry in zip(keys, entries, strict=True):
+                self._hold(key, entry)
+        return [entry.weights for entry in entries]
+
+    def release_all(self, layer: int, experts) -> None:
+        with self._lock:
+            for e in experts:
+                self._release(layer, e)
+
     def release(self, layer: int, expert: int) -> None:
         with self._lock:
-            entry = self._entries.get((layer, expert))
-            if entry is None:  # its read failed and it was dropped
-                return
-            if entry.users <= 0:
-                raise RuntimeError(f"expert {(layer, expert)} released more often than acquired")
-            entry.users -= 1
+            self._release(layer, expert)
+
+    def _release(self, layer: int, expert: int) -> None:
+        entry = self._entries.get((layer, expert))
+        if entry is None:  # its read failed and it was dropped
+            return
+        if entry.users <= 0:
+            raise RuntimeError(f"expert {(layer, expert)} released more often than acquired")
+        entry.users -= 1
 
     @contextmanager
     def use(self, layer: int, expert: int):

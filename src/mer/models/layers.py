@@ -31,6 +31,9 @@ class ExpertProvider(Protocol):
 
     def next_step(self) -> None: ...  # one forward pass ends, the next begins
 
+    # Optional: acquire_resident(layer, experts) -> [weights] | None holds every one of them
+    # at once if all are in RAM (else holds nothing), release_all(layer, experts) lets go.
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, as the reference implementations do: bfloat16 rows in one
@@ -343,9 +346,10 @@ def _moe_one(
     """`moe` for one token and its distinct experts (`weight`: expert -> router weight, in
     expert order), with Python lists rather than tensor sorts: a decode step's bookkeeping
     ran a dozen small tensor ops a layer, each slow on caches the experts' weights had just
-    swept. Every expert in RAM: one C call computes them and their weighted sum; else each
-    expert's output is weighted, rounded and summed in expert order, as `moe` does for a
-    batch (the same bits either way)."""
+    swept. Every expert in RAM: held at once where the provider can (`acquire_resident`,
+    one lock instead of a context per expert) and one C call computes them and their
+    weighted sum; else each expert's output is weighted, rounded and summed in expert order,
+    as `moe` does for a batch (the same bits either way)."""
     ys: dict[int, torch.Tensor] = {}
     total: list[torch.Tensor] = []
 
@@ -366,7 +370,17 @@ def _moe_one(
         for e, ffn in pairs:
             run(e, ffn)
 
-    run_resident_first(experts, layer, weight, run, run_held)
+    # Every expert in RAM: held under one lock. Asked of the provider's own class: a wrapper
+    # that changes what `use` yields (gpt-oss's activation, a bench's timers) and passes
+    # other attributes through must not hand out its inner provider's experts.
+    hold = getattr(type(experts), "acquire_resident", None)
+    if hold is not None and (ffns := hold(experts, layer, weight)) is not None:
+        try:
+            run_held(list(zip(weight, ffns, strict=True)))
+        finally:
+            experts.release_all(layer, weight)
+    else:
+        run_resident_first(experts, layer, weight, run, run_held)
     if total:
         return total[0]
     out = None

@@ -4,7 +4,7 @@ the rotary embedding and one query's attention.
 A decode token's layer runs dozens of tiny PyTorch ops between its matrix products, and
 each costs 30-50 us on caches the weights have just swept (2 us on warm ones): on the
 Qwen3-30B-A3B shape that was several ms of a ~21 ms token. Each function here returns
-None where it does not apply (another dtype, no AVX512 build, the probe failed), and the
+None where it does not apply (another dtype or device, no AVX512 build, the probe failed), and the
 caller runs its PyTorch formula instead. None of them makes a row's result depend on the
 rows beside it, so a token gets the same bits alone or in a batch: the norm runs every
 bfloat16 row through C whatever the batch, the rotary embedding is PyTorch's bits exactly,
@@ -58,6 +58,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """RMSNorm of bfloat16 rows x [..., n] by a bfloat16 weight [n], or None."""
     if x.dtype != BF16 or weight.dtype != BF16 or weight.dim() != 1 or x.numel() == 0:
         return None
+    if not (x.is_cpu and weight.is_cpu):
+        return None
     lib = _lib()
     if lib is None:
         return None
@@ -81,6 +83,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     lib = _lib()
     if lib is None or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
         return None
+    if not (x.is_cpu and cos.is_cpu and sin.is_cpu):
+        return None
     out = torch.empty_like(x)
     lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape)
     return out
@@ -103,6 +107,8 @@ def attend_one(
     lib = _lib()
     if lib is None or hq % hkv or hq // hkv > 64 or not (k.is_contiguous() and v.is_contiguous()):
         return None
+    if not (q.is_cpu and k.is_cpu and v.is_cpu and mask.is_cpu):
+        return None
     q, mask = q.contiguous(), mask.contiguous()
     sinks = None if sinks is None else sinks.float().contiguous()
     threads = _threads(hq * s * (d + dv))
@@ -124,7 +130,7 @@ def route(
     if x.dtype != BF16 or gate.dtype != BF16 or x.dim() != 2 or not 0 < top_k <= gate.shape[0]:
         return None
     lib = _lib()
-    if lib is None or gate.shape[0] > 4096:
+    if lib is None or gate.shape[0] > 4096 or not (x.is_cpu and gate.is_cpu):
         return None
     (t, h), e = x.shape, gate.shape[0]
     weights, ids = torch.empty(t, top_k), torch.empty(t, top_k, dtype=torch.int64)
