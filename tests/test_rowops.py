@@ -163,3 +163,28 @@ def test_nan_stays_nan_as_in_the_formulas():
     k[3, 0, 0] = float("nan")
     out = layers.attention(q, k, v, torch.ones(1, 7, dtype=torch.bool)).view(4, 64)
     assert out[:2].isnan().all() and not out[2:].isnan().any()  # heads of kv head 0 only
+
+
+def test_a_build_that_disagrees_is_named_and_nothing_is_used(monkeypatch):
+    class Fn:
+        argtypes = restype = None
+
+        def __call__(self, *args):
+            pass  # computes nothing: the probe must refuse it
+
+    class Lib:
+        rms_norm_bf16 = rope_bf16 = attend_one_bf16 = route_bf16 = Fn()
+
+        @staticmethod
+        def rowops_simd():
+            return 512
+
+    monkeypatch.setattr(rowops.native, "build", lambda *a: Lib())
+    rowops._lib.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="row kernel rms_norm_bf16 disagrees"):
+            assert rowops._lib() is None
+        x, w = torch.randn(2, 32).to(BF16), torch.randn(32).to(BF16)
+        assert torch.equal(layers.rms_norm(x, w, 1e-6), layers.rms_norm_torch(x, w, 1e-6))
+    finally:
+        rowops._lib.cache_clear()

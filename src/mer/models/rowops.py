@@ -29,12 +29,8 @@ PARALLEL_WORK = 1 << 16  # multiply-adds below which one thread runs a call
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    try:
-        lib = native.build(SOURCE)
-    except native.BuildError as e:
-        warnings.warn(f"row kernels unavailable ({e})", stacklevel=3)
-        return None
-    if lib.rowops_simd() != 512:
+    lib = native.build_avx512(SOURCE, "row kernels", "rowops_simd")
+    if lib is None:
         return None
     i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.rms_norm_bf16.argtypes = [p, p, p, i64, i64, f32, i32]

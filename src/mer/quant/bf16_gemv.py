@@ -31,12 +31,8 @@ GRAIN = 4 << 20  # weight bytes per thread at least
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    try:
-        lib = native.build(SOURCE)
-    except native.BuildError as e:
-        warnings.warn(f"bf16 GEMV kernel unavailable ({e})", stacklevel=3)
-        return None
-    if lib.bf16_gemv_simd() != 512:
+    lib = native.build_avx512(SOURCE, "bf16 GEMV kernel", "bf16_gemv_simd")
+    if lib is None:
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.bf16_gemv.argtypes = [p, p, p, i64, i64, ctypes.c_int]

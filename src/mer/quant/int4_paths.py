@@ -71,12 +71,8 @@ def shape_class(tokens: int) -> str:
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
     """The C kernels where they build here as the AVX-512 path and pass their probe."""
-    try:
-        lib = native.build(SOURCE)
-    except native.BuildError as e:
-        warnings.warn(f"int4 C kernel unavailable ({e}): PyTorch paths only", stacklevel=3)
-        return None
-    if lib.int4_simd() != 512:
+    lib = native.build_avx512(SOURCE, "int4 C kernel (PyTorch paths only)", "int4_simd")
+    if lib is None:
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.int4_ffn.argtypes = [p] * 10 + [i64] * 5 + [ctypes.c_int]

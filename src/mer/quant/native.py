@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -64,6 +65,17 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
         return ctypes.CDLL(str(out))
     except OSError as e:
         raise BuildError(f"cannot load {out}: {e}") from None
+
+
+def build_avx512(source: Path, what: str, simd: str) -> ctypes.CDLL | None:
+    """`build(source)` where it builds as its AVX-512 path (its function `simd` returns 512);
+    None otherwise, with a warning naming `what` if it did not build at all."""
+    try:
+        lib = build(source)
+    except BuildError as e:
+        warnings.warn(f"{what} unavailable ({e})", stacklevel=4)
+        return None
+    return lib if getattr(lib, simd)() == 512 else None
 
 
 def _compile(cc: str, flags: tuple[str, ...], source: Path, out: Path) -> None:
