@@ -107,6 +107,9 @@ def test_routing_chooses_the_formulas_experts_and_weights(t, e, h, k, renorm):
     assert (probs.gather(1, ids) - probs.gather(1, want_ids)).abs().max() < 1e-2
     assert (ids == want_ids).float().mean() > 0.95
     assert torch.equal(layers.route(x[-1:], gate, k, renorm)[1], ids[-1:])  # alone as batched
+    transposed = x.t().contiguous().t()  # the same rows, not contiguous
+    for a, b in zip(layers.route(transposed, gate, k, renorm), (weights, ids), strict=True):
+        assert torch.equal(a, b)
     allowed = torch.zeros(e, dtype=torch.bool)
     allowed[: k + 1] = True  # a draft's restriction runs the formula
     assert int(layers.route(x, gate, k, renorm, allowed)[1].max()) <= k

@@ -182,41 +182,47 @@ void attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     }
 }
 
-void route_bf16(const uint16_t *x, const uint16_t *w, float *weights, int64_t *ids, int64_t T,
-                int64_t E, int64_t H, int64_t k, int renormalise, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t t = 0; t < T; t++) {
-        const uint16_t *xr = x + t * H;
-        float p[E];
-        float top = -INFINITY;
-        for (int64_t e = 0; e < E; e++) {
-            const uint16_t *wr = w + e * H;
+/* logits: float scratch [T, E]. The dot products are shared out by (row, expert), so one
+ * token's router still uses every thread; each dot is one thread's, in one order. */
+void route_bf16(const uint16_t *x, const uint16_t *w, float *logits, float *weights,
+                int64_t *ids, int64_t T, int64_t E, int64_t H, int64_t k, int renormalise,
+                int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t te = 0; te < T * E; te++) {
+            const uint16_t *xr = x + (te / E) * H, *wr = w + (te % E) * H;
             __m512 acc = _mm512_setzero_ps();
             for (int64_t i = 0; i < H; i += 16) {
                 const __mmask16 m = tail(H - i);
                 acc = _mm512_fmadd_ps(load_bf16(xr + i, m), load_bf16(wr + i, m), acc);
             }
-            p[e] = round_bf16(_mm512_reduce_add_ps(acc));
-            top = p[e] > top ? p[e] : top;
+            logits[te] = round_bf16(_mm512_reduce_add_ps(acc));
         }
-        float sum = 0.0f;
-        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - top));
-        for (int64_t e = 0; e < E; e++) p[e] /= sum;
-        float kept = 0.0f;
-        uint8_t taken[E];
-        for (int64_t e = 0; e < E; e++) taken[e] = 0;
-        for (int64_t j = 0; j < k; j++) { /* NaN counts as the largest, as in torch.topk */
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; e++)
-                if (!taken[e] && (best < 0 || p[e] > p[best] || (isnan(p[e]) && !isnan(p[best]))))
-                    best = e;
-            taken[best] = 1;
-            ids[t * k + j] = best;
-            weights[t * k + j] = p[best];
-            kept += p[best];
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            float *p = logits + t * E;
+            float top = -INFINITY;
+            for (int64_t e = 0; e < E; e++) top = p[e] > top ? p[e] : top;
+            float sum = 0.0f;
+            for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - top));
+            for (int64_t e = 0; e < E; e++) p[e] /= sum;
+            float kept = 0.0f;
+            uint8_t taken[E];
+            for (int64_t e = 0; e < E; e++) taken[e] = 0;
+            for (int64_t j = 0; j < k; j++) { /* NaN counts as the largest, as in torch.topk */
+                int64_t best = -1;
+                for (int64_t e = 0; e < E; e++)
+                    if (!taken[e] && (best < 0 || p[e] > p[best] || (isnan(p[e]) && !isnan(p[best]))))
+                        best = e;
+                taken[best] = 1;
+                ids[t * k + j] = best;
+                weights[t * k + j] = p[best];
+                kept += p[best];
+            }
+            if (renormalise)
+                for (int64_t j = 0; j < k; j++) weights[t * k + j] /= kept;
         }
-        if (renormalise)
-            for (int64_t j = 0; j < k; j++) weights[t * k + j] /= kept;
     }
 }
 
@@ -237,10 +243,11 @@ void attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     (void)out; (void)Hq; (void)Hkv; (void)S; (void)D; (void)Dv; (void)threads;
 }
 
-void route_bf16(const uint16_t *x, const uint16_t *w, float *weights, int64_t *ids, int64_t T,
-                int64_t E, int64_t H, int64_t k, int renormalise, int threads) {
-    (void)x; (void)w; (void)weights; (void)ids; (void)T; (void)E; (void)H; (void)k;
-    (void)renormalise; (void)threads;
+void route_bf16(const uint16_t *x, const uint16_t *w, float *logits, float *weights,
+                int64_t *ids, int64_t T, int64_t E, int64_t H, int64_t k, int renormalise,
+                int threads) {
+    (void)x; (void)w; (void)logits; (void)weights; (void)ids; (void)T; (void)E; (void)H;
+    (void)k; (void)renormalise; (void)threads;
 }
 
 #endif

@@ -36,7 +36,7 @@ def _lib() -> ctypes.CDLL | None:
     lib.rms_norm_bf16.argtypes = [p, p, p, i64, i64, f32, i32]
     lib.rope_bf16.argtypes = [p, p, p, p, i64, i64, i64]
     lib.attend_one_bf16.argtypes = [p, p, p, p, p, f32, p, p, i64, i64, i64, i64, i64, i32]
-    lib.route_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64, i32, i32]
+    lib.route_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32, i32]
     for f in (lib.rms_norm_bf16, lib.rope_bf16, lib.attend_one_bf16, lib.route_bf16):
         f.restype = None
     wrong = _disagreement(lib)
@@ -59,11 +59,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     lib = _lib()
     if lib is None:
         return None
-    x, n = x.contiguous(), weight.shape[0]
+    # contiguous copies bound to names: a temporary's memory would be freed before the call
+    x, weight, n = x.contiguous(), weight.contiguous(), weight.shape[0]
     out = torch.empty_like(x)
     rows = x.numel() // n
-    lib.rms_norm_bf16(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rows, n,
-                      eps, _threads(x.numel()))  # fmt: skip
+    lib.rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n, eps,
+                      _threads(x.numel()))  # fmt: skip
     return out
 
 
@@ -129,9 +130,11 @@ def route(
     if lib is None or gate.shape[0] > 4096 or not (x.is_cpu and gate.is_cpu):
         return None
     (t, h), e = x.shape, gate.shape[0]
+    x, gate, logits = x.contiguous(), gate.contiguous(), torch.empty(t, e)
     weights, ids = torch.empty(t, top_k), torch.empty(t, top_k, dtype=torch.int64)
-    lib.route_bf16(x.contiguous().data_ptr(), gate.contiguous().data_ptr(), weights.data_ptr(),
-                   ids.data_ptr(), t, e, h, top_k, renormalise, _threads(t * e * h))  # fmt: skip
+    lib.route_bf16(x.data_ptr(), gate.data_ptr(), logits.data_ptr(),
+                   weights.data_ptr(), ids.data_ptr(), t, e, h, top_k, renormalise,
+                   _threads(t * e * h))  # fmt: skip
     return weights, ids
 
 
@@ -170,9 +173,10 @@ def _disagreement(lib: ctypes.CDLL) -> str | None:
             return "attend_one_bf16"
     gate = torch.randn(9, 40, generator=gen).to(BF16)
     x = x.view(15, 40)
+    logits = torch.empty(15, 9)
     weights, ids = torch.full((15, 3), nan), torch.full((15, 3), -1, dtype=torch.int64)
-    lib.route_bf16(x.data_ptr(), gate.data_ptr(), weights.data_ptr(), ids.data_ptr(), 15, 9, 40,
-                   3, True, 1)  # fmt: skip
+    lib.route_bf16(x.data_ptr(), gate.data_ptr(), logits.data_ptr(), weights.data_ptr(),
+                   ids.data_ptr(), 15, 9, 40, 3, True, 2)  # fmt: skip
     if not ((ids >= 0) & (ids < 9)).all():
         return "route_bf16"
     want_w, _ = layers.route_torch(x, gate, 3, True)
