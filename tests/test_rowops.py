@@ -191,3 +191,14 @@ def test_a_build_that_disagrees_is_named_and_nothing_is_used(monkeypatch):
         assert torch.equal(layers.rms_norm(x, w, 1e-6), layers.rms_norm_torch(x, w, 1e-6))
     finally:
         rowops._lib.cache_clear()
+
+
+def test_shapes_that_do_not_fit_go_to_the_formula_and_its_error():
+    x = torch.randn(2, 64).to(BF16)
+    assert rowops.rms_norm(x, torch.ones(32, dtype=BF16), 1e-6) is None
+    assert rowops.route(x, torch.randn(8, 32).to(BF16), 2, True) is None
+    q, k = torch.randn(1, 4, 64).to(BF16), torch.randn(5, 2, 64).to(BF16)
+    assert rowops.attend_one(q, k, k, torch.ones(1, 4, dtype=torch.bool), None, 1.0) is None
+    assert rowops.attend_one(q, k, k, torch.ones(1, 5), None, 1.0) is None  # not a bool mask
+    with pytest.raises(RuntimeError):
+        layers.rms_norm(x, torch.ones(32, dtype=BF16), 1e-6)

@@ -179,7 +179,7 @@ class MerFits:
             self.misses = cache.stats.misses
             self.routed: list[torch.Tensor] = []  # each MoE layer call's routing, counted after
             self.prefill_routed: list[torch.Tensor] = []
-            self.decode_passes = 0
+            self.prompts = self.decode_passes = 0  # prefill runs, and passes of decode runs
             m.transformer.routing_hooks.append(
                 lambda layer, hidden, ids, weights: self.routed.append(ids)
             )
@@ -206,6 +206,7 @@ class MerFits:
         prefill = [self._once(self.prompt, 1).prefill_tps for _ in range(repeats)]
         self.prefill_routed += self.routed[before:]
         del self.routed[before:]
+        self.prompts += repeats
         runs = [self._once(self.prompt[:1], tokens + 1) for _ in range(repeats)]
         # every pass of these runs is one token's: a 1-token prefill, then decode steps
         self.decode_passes += repeats * (tokens + 1)
@@ -221,12 +222,11 @@ class MerFits:
             return sum(int(ids.unique().numel()) for ids in routed)
 
         m = self.m
-        prompts = len(self.prefill_routed) // max(1, len(m.config.moe_layers))
         return {
             "dense_bytes": tensor_bytes(v for k, v in m.transformer.w.items() if k != "embed"),
             "expert_bytes": m.store.expert_format.nbytes,
             "experts_per_token": distinct(self.routed) / self.decode_passes,
-            "prompt_experts": distinct(self.prefill_routed) // max(1, prompts),
+            "prompt_experts": distinct(self.prefill_routed) // self.prompts,
             "reads_while_timing": m.cache.stats.misses - self.misses,
         }
 

@@ -1,14 +1,15 @@
 """A decode layer's small bfloat16 operations in one C call each (`rowops.c`): RMSNorm,
-the rotary embedding and one query's attention.
+the rotary embedding, one query's attention and the router's top-k.
 
 A decode token's layer runs dozens of tiny PyTorch ops between its matrix products, and
 each costs 30-50 us on caches the weights have just swept (2 us on warm ones): on the
 Qwen3-30B-A3B shape that was several ms of a ~21 ms token. Each function here returns
 None where it does not apply (another dtype or device, no AVX512 build, the probe failed), and the
 caller runs its PyTorch formula instead. None of them makes a row's result depend on the
-rows beside it, so a token gets the same bits alone or in a batch: the norm runs every
-bfloat16 row through C whatever the batch, the rotary embedding is PyTorch's bits exactly,
-and attention takes C for every one-query sequence, alone or batched.
+rows beside it, so a token gets the same bits alone or in a batch: the norm and the router
+run every bfloat16 row through C whatever the batch, the rotary embedding is PyTorch's bits
+exactly, and attention takes C for every one-query sequence, alone or batched. Shapes that
+do not fit together return None too, so the formula raises PyTorch's own error.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def _threads(work: int) -> int:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of bfloat16 rows x [..., n] by a bfloat16 weight [n], or None."""
-    if x.dtype != BF16 or weight.dtype != BF16 or weight.dim() != 1 or x.numel() == 0:
+    if x.dtype != BF16 or weight.dtype != BF16 or not (x.is_cpu and weight.is_cpu):
         return None
-    if not (x.is_cpu and weight.is_cpu):
+    if weight.dim() != 1 or x.numel() == 0 or x.shape[-1] != weight.shape[0]:
         return None
     lib = _lib()
     if lib is None:
@@ -70,17 +71,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """`apply_rotary` of bfloat16 x [T, heads, D] by tables [T, 1, D], bit for bit, or None."""
-    if (
-        x.dtype != BF16
-        or cos.dtype != BF16
-        or x.dim() != 3
-        or cos.shape != (x.shape[0], 1, x.shape[2])
-    ):
+    tensors = (x, cos, sin)
+    if any(t.dtype != BF16 or not (t.is_cpu and t.is_contiguous()) for t in tensors):
+        return None
+    if x.dim() != 3 or not cos.shape == sin.shape == (x.shape[0], 1, x.shape[2]):
         return None
     lib = _lib()
-    if lib is None or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
-        return None
-    if not (x.is_cpu and cos.is_cpu and sin.is_cpu):
+    if lib is None:
         return None
     out = torch.empty_like(x)
     lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), *x.shape)
@@ -99,12 +96,16 @@ def attend_one(
     with mask [1, S] -> [1, Hq * Dv]; or None."""
     t, hq, d = q.shape
     s, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
-    if t != 1 or q.dtype != BF16 or k.dtype != BF16 or v.dtype != BF16 or d > 512 or dv > 512:
+    if any(x.dtype != BF16 or not x.is_cpu for x in (q, k, v)) or not mask.is_cpu:
+        return None
+    if t != 1 or k.shape[2] != d or v.shape[:2] != (s, hkv) or mask.shape != (1, s):
+        return None
+    if mask.dtype != torch.bool or (sinks is not None and sinks.shape != (hq,)):
+        return None
+    if d > 512 or dv > 512 or hq % hkv or hq // hkv > 64:
         return None
     lib = _lib()
-    if lib is None or hq % hkv or hq // hkv > 64 or not (k.is_contiguous() and v.is_contiguous()):
-        return None
-    if not (q.is_cpu and k.is_cpu and v.is_cpu and mask.is_cpu):
+    if lib is None or not (k.is_contiguous() and v.is_contiguous()):
         return None
     q, mask = q.contiguous(), mask.contiguous()
     sinks = None if sinks is None else sinks.float().contiguous()
@@ -124,10 +125,14 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`layers.route` of bfloat16 rows x [T, H] by gate [E, H]: (weights [T, k] float32,
     ids [T, k]), or None."""
-    if x.dtype != BF16 or gate.dtype != BF16 or x.dim() != 2 or not 0 < top_k <= gate.shape[0]:
+    if x.dtype != BF16 or gate.dtype != BF16 or not (x.is_cpu and gate.is_cpu):
+        return None
+    if x.dim() != 2 or gate.dim() != 2 or x.shape[1] != gate.shape[1]:
+        return None
+    if not 0 < top_k <= gate.shape[0] <= 4096:
         return None
     lib = _lib()
-    if lib is None or gate.shape[0] > 4096 or not (x.is_cpu and gate.is_cpu):
+    if lib is None:
         return None
     (t, h), e = x.shape, gate.shape[0]
     x, gate, logits = x.contiguous(), gate.contiguous(), torch.empty(t, e)
