@@ -101,7 +101,7 @@ def test_the_chooser_falls_back_when_a_kernel_is_missing_or_fails_its_probe(
         monkeypatch.setenv("MER_DENSE_INT4_PATH", "c-int8-1")
         assert dense_paths.path_for(q.linear, x) == "tinygemm-1"
         # No C kernel at all (no compiler, no AVX-512, or its probe failed): PyTorch's only.
-        monkeypatch.setattr(int4_paths, "native_available", lambda: False)
+        monkeypatch.setattr(int4_paths, "native_available", lambda symmetric=False: False)
         monkeypatch.delenv("MER_DENSE_INT4_PATH")
         dense_paths._chosen.clear()
         assert dense_paths.eligible(q.linear) == ["tinygemm", "tinygemm-1"]

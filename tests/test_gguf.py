@@ -25,20 +25,22 @@ import mer
 from mer.errors import ConvertError
 from mer.quant import gguf_blocks, int4
 from mer.store.convert import convert
-from mer.store.convert_gguf import EXACT_ACTION, convert_gguf
+from mer.store.convert_gguf import EXACT_ACTION, SYMMETRIC_ACTION, convert_gguf
 from mer.store.reader import Store
 
 PROMPT = [1, 17, 93, 5, 200, 41, 41, 7, 130, 66, 2, 90]
 TYPES = ("Q4_0", "Q4_K", "Q8_0", "F16")
-# The store a type converts to without a requantization: 4-bit blocks stay int4 (group 32),
-# the others go to bf16 so the comparison shows conversion error, not int4's own.
+# The store a type converts to without a requantization: 4-bit blocks stay int4 (group 32;
+# Q4_0 alone becomes int4-sym, its blocks bit for bit), the others go to bf16 so the
+# comparison shows conversion error, not int4's own.
 STORE_FOR = {"Q4_0": "int4", "Q4_K": "int4", "Q8_0": "bf16", "F16": "bf16"}
 # max |logit error| / max |logit|, mer against transformers running `gguf`'s dequantized
 # weights with the dense ones rounded to bf16 (the store's dense dtype, by design). What
-# remains is the experts' conversion: int4 scales and zeros rounded to bf16 (Q4_0, Q4_K) or the
-# weights rounded to bf16 (Q8_0, F16 in a bf16 store). Measured: at most 3.8e-3 over the 16
-# cases (1e-6 where nothing is rounded).
+# remains is the experts' conversion: int4 scales and zeros rounded to bf16 (Q4_K) or the
+# weights rounded to bf16 (Q8_0, F16 in a bf16 store); Q4_0 rounds nothing (EXACT_LOGITS).
+# Measured: at most 3.8e-3 over the 16 cases (1e-6 where nothing is rounded).
 TOLERANCE = 1e-2
+EXACT_LOGITS = 1e-5  # float32 summation order alone (measured 1.0e-6)
 # Against the dequantized weights as they are (dense in float32), bf16 rounding of the dense
 # weights adds its own error, and where a token's router scores nearly tie it can flip the
 # expert chosen: measured up to 0.11 (OLMoE, Q4_0), typically 5e-3 to 1e-2. Group-limited
@@ -100,7 +102,12 @@ def test_gguf_store_matches_transformers_on_the_gguf_weights(checkpoint, qtype, 
     expert_rows = [r for r in report if not r[1].startswith("dense")]
     assert expert_rows and all(r[3] for r in expert_rows)  # every expert type was measured
     if STORE_FOR[qtype] == "int4":
-        assert {r[1] for r in expert_rows} == {EXACT_ACTION}
+        want = SYMMETRIC_ACTION if qtype == "Q4_0" else EXACT_ACTION
+        assert {r[1] for r in expert_rows} == {want}
+    if qtype == "Q4_0":  # the file's blocks as they are: the experts are the file's, exactly
+        assert Store(store).expert_format.scheme == "int4-sym"
+        assert all(max(r[3]) == 0 for r in expert_rows)
+        assert rel(ours, reference(ref, PROMPT)) < EXACT_LOGITS
 
 
 def bound(scales, zeros):
@@ -155,11 +162,7 @@ def test_converted_experts_equal_gguf_within_scale_rounding(tmp_path):
             (w.down.dequantize(), down),
         ):
             err = (got - want).abs()
-            sz = (
-                w.gate_up.scales_zeros
-                if got.shape == (2 * ef.ffn, ef.hidden)
-                else w.down.scales_zeros
-            )
+            sz = w.gate_up.scales if got.shape == (2 * ef.ffn, ef.hidden) else w.down.scales
             s, z = sz[..., 0].float().t(), sz[..., 1].float().t()
             # The bound from the stored (rounded) values, which are within 2^-8 of the exact.
             limit = (1.01 * bound(s, z)).repeat_interleave(32, 1)
@@ -366,7 +369,9 @@ def test_synth_gguf_converts_and_info_lists_each_tensor(qtype, tmp_path, capsys)
     assert main(["info", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "qwen3moe -> qwen3_moe" in shown and "blk.*.ffn_down_exps.weight" in shown
-    assert (EXACT_ACTION.split(" (")[0] in shown) == (qtype != "Q8_0")
+    kept = {"Q4_0": SYMMETRIC_ACTION, "Q4_K": EXACT_ACTION}.get(qtype)
+    assert (EXACT_ACTION.split(" (")[0] in shown) == (qtype == "Q4_K")
+    assert kept is None or kept.split(" (")[0] in shown
     assert main(["convert", str(out), str(tmp_path / "s")]) == 0
     printed = capsys.readouterr().err
     assert "what the store holds" in printed and qtype in printed

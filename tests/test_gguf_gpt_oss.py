@@ -17,7 +17,7 @@ from tests.helpers import dequantized_reference
 import mer
 from mer.errors import ConvertError
 from mer.store.convert import convert
-from mer.store.convert_gguf import EXACT_ACTION, MXFP4_ACTION, convert_gguf
+from mer.store.convert_gguf import EXACT_ACTION, MXFP4_ACTION, SYMMETRIC_ACTION, convert_gguf
 from mer.store.reader import Store
 from mer.synth.gguf import tensor_list, to_gguf, write_gguf
 from mer.synth.tokenizer import CHAT_TEMPLATE, build_tokenizer
@@ -217,6 +217,9 @@ def test_gpt_oss_gguf_matches_transformers_on_the_gguf_weights(model_and_config,
     if qtype == "MXFP4":
         assert actions == {"MXFP4": MXFP4_ACTION}
         assert err < 1e-5  # nothing rounded: the blocks are the file's
+    elif qtype == "Q4_0":  # Q4_0 experts alone: int4-sym, the file's blocks bit for bit
+        assert set(actions.values()) == {SYMMETRIC_ACTION}
+        assert err < 1e-5
     elif CASES[qtype] == "int4":
         assert set(actions.values()) == {EXACT_ACTION}
 

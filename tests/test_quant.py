@@ -43,6 +43,37 @@ def test_int4_quantization_error_is_bounded():
     assert torch.all(err <= s.repeat_interleave(32, 1) / 2 + 1e-3)  # at most half a step
 
 
+def test_symmetric_int4_is_gguf_q4_0_bit_for_bit():
+    """int4-sym's quantizer gives GGUF's Q4_0 reference (the `gguf` package's) its nibbles
+    and float16 scales, so a store made from safetensors holds what a Q4_0 file would."""
+    import numpy as np
+
+    from mer.quant import gguf_blocks
+    from mer.synth.gguf import to_gguf
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((48, 256)) * np.exp(rng.uniform(-8, 0, (48, 1)))).astype(np.float32)
+    w[3, :32] = 0  # an all-zero group: scale 0, every nibble 8
+    q, scales = int4.quantize_symmetric(torch.from_numpy(w), 32)
+    q_ref, s_ref, z_ref = gguf_blocks.decode(to_gguf(w, "Q4_0"), "Q4_0", 256)
+    assert torch.equal(q, q_ref) and torch.equal(scales, s_ref) and not z_ref.any()
+    assert scales[3, 0] == 0 and (q[3, :32] == 8).all()
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_symmetric_int4_runs_on_pytorchs_kernel_too(m):
+    """Where mer's C kernels do not run, PyTorch's int4 kernel computes a symmetric weight
+    from (scale, zero) pairs made per call: the same product, up to bf16 rounding."""
+    w = torch.randn(192, 256)
+    q, s = int4.quantize_symmetric(w, 32)
+    lin = int4.Int4Linear(int4.pack(q, int4.kernel_layout()), int4.pack_scales(s), 32, 192, 256)
+    assert lin.symmetric and lin.scales.dtype == torch.float16 and lin.scales.shape == (8, 192)
+    assert torch.equal(lin.dequantize(), int4.dequantize(q, s, torch.zeros_like(s), 32))
+    x = torch.randn(m, 256)
+    ref = int4.reference_matmul(x, lin)
+    assert ((lin(x) - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
 def test_int8_kernel_matches_reference():
     w = torch.randn(96, 64)
     lin = int8.Int8Linear(*int8.encode(w))

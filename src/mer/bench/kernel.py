@@ -39,7 +39,7 @@ from mer.quant.schemes.bf16 import DenseLinear
 from mer.synth.store import random_int4_extent
 from mer.units import fmt_bytes
 
-DEFAULT_SCHEMES = ("int4", "mxfp4")
+DEFAULT_SCHEMES = ("int4", "int4-sym", "mxfp4")
 ROUNDS = 3  # alternating measurements per token count: noise from other processes hits all
 
 
@@ -61,7 +61,7 @@ def dequantized(ef: ExpertFormat, buf: torch.Tensor) -> ExpertWeights:
 
 def random_extent(ef: ExpertFormat, rng: np.random.Generator) -> torch.Tensor:
     """An extent of `ef` whose weights have a trained model's scale (timing only)."""
-    if ef.scheme == "int4":
+    if ef.scheme in ("int4", "int4-sym"):
         return random_int4_extent(ef, rng)
     if ef.scheme == "mxfp4":
         # Any byte is two valid codes; scales 2^-9..2^-6 put weights near N(0, 1/fan_in).
@@ -101,7 +101,7 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--seconds", type=number(0, lo_open=True), default=1.0,
                    help="time per measurement")  # fmt: skip
     b.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(DEFAULT_SCHEMES),
-                   help="schemes timed next to int4 (default: int4 mxfp4)")  # fmt: skip
+                   help="schemes timed next to int4 (default: int4 int4-sym mxfp4)")  # fmt: skip
     b.add_argument("--vocab", type=count, default=32000,
                    help="output head rows in the dense table (beside hidden x hidden)")  # fmt: skip
     b.add_argument("--no-dense", dest="dense", action="store_false",
@@ -240,7 +240,7 @@ def dense_bench(shapes: Sequence[tuple[int, int]], seconds: float) -> Table:
         x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
         fns: dict[tuple[str, str], tuple[int, object]] = {}
         for p in dense_paths.available(q4.linear):
-            nbytes = q4.linear.packed.nbytes + q4.linear.scales_zeros.nbytes
+            nbytes = q4.linear.packed.nbytes + q4.linear.scales.nbytes
             fns["int4", p] = (nbytes, partial(dense_paths.RUNNERS[p], q4.linear, x))
         fns["int8", "torch"] = (
             q8.data.nbytes,

@@ -32,7 +32,9 @@ def run(*, store: str) -> None:
     t.add_row("vocab", str(cfg.vocab_size))
     t.add_row("context", str(cfg.max_position_embeddings))
     t.add_row("KV cache", f"{fmt_bytes(cfg.family.kv_bytes_per_token(cfg))} per token (bf16)")
-    scheme = ef.scheme + (f", group {ef.group_size}, {ef.layout}" if ef.scheme == "int4" else "")
+    scheme = ef.scheme
+    if ef.scheme in ("int4", "int4-sym"):
+        scheme += f", group {ef.group_size}, {ef.layout}"
     t.add_row("expert quantization", scheme)
     t.add_row("expert extent", fmt_bytes(ef.nbytes))
     t.add_row("experts total", f"{len(s.extents)} = {fmt_bytes(s.expert_bytes_total)}")

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--seed", type=natural, default=0)
     p.add_argument("--store", action="store_true", help="write a random int4 store directly")
-    p.add_argument("--quant", default="int4", choices=["int4"], help="with --store")
+    p.add_argument("--quant", default="int4", choices=["int4", "int4-sym"],
+                   help="with --store: the experts' format (as for convert)")  # fmt: skip
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
                    help="with --store (default as for convert)")  # fmt: skip
     p.add_argument("--dense-quant", default="bf16", choices=["bf16", "int8", "int4"],

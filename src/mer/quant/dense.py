@@ -103,7 +103,7 @@ class Int4Weight:
     def named_parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
         lin = self.linear
         meta = {"scheme": "int4", "group_size": lin.group_size, "layout": int4.kernel_layout()}
-        return meta, {"packed": lin.packed, "scales_zeros": lin.scales_zeros}
+        return meta, {"packed": lin.packed, "scales_zeros": lin.scales}
 
     @classmethod
     def from_parts(cls, meta: dict, parts: dict[str, torch.Tensor]) -> Int4Weight:
@@ -127,7 +127,7 @@ class Int4Weight:
         return self.linear.dequantize()
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.linear.packed, self.linear.scales_zeros
+        return self.linear.packed, self.linear.scales
 
 
 QuantWeight = Int8Weight | Int4Weight
@@ -179,7 +179,7 @@ def concat_rows(ws: list) -> torch.Tensor | QuantWeight | None:
         if any(lin.n % block for lin in lins[:-1]):
             return None
         packed = torch.cat([lin.packed for lin in lins])
-        sz = torch.cat([lin.scales_zeros for lin in lins], 1)
+        sz = torch.cat([lin.scales for lin in lins], 1)
         n = sum(lin.n for lin in lins)
         return Int4Weight(int4.Int4Linear(packed, sz, lins[0].group_size, n, lins[0].k))
     return None

@@ -112,9 +112,9 @@ def available(lin: int4.Int4Linear) -> list[str]:
     c_ok = (
         lin.n % 64 == 0
         and int4.kernel_layout() == "tinygemm-avx512"
-        and int4_paths.native_available()
+        and int4_paths.native_available(lin.symmetric)
     )
-    i8_ok = c_ok and int4_paths.int8_available()
+    i8_ok = c_ok and int4_paths.int8_available(lin.symmetric)
     return [p for p in PATHS if not p.startswith("c") or (i8_ok if "int8" in p else c_ok)]
 
 

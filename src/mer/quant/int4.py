@@ -1,14 +1,16 @@
-"""Group-wise asymmetric int4 weights in the layout PyTorch's CPU int4 kernel consumes.
+"""Group-wise int4 weights in the layout PyTorch's CPU int4 kernel consumes.
 
 A weight W [N, K] (out, in) is cut into groups of G along K. Each group keeps
 a scale and a zero so that w ~= (q - 8) * scale + zero with q in 0..15: the
 convention of `aten._weight_int4pack_mm_for_cpu`, so stored bytes feed the
-kernel with no repacking. The packed byte order depends on the CPU build of
-the kernel (AVX-512, AVX2 or scalar); `kernel_layout()` finds out which by
-packing a probe through PyTorch itself, and `pack`/`unpack` implement each
-layout explicitly so a store written on one machine can be repacked on
-another. `dequantize` and `reference_matmul` are the slow, obvious versions
-that tests hold the kernel against.
+kernel with no repacking. A symmetric weight keeps the scale alone (zero 0,
+float16): GGUF's Q4_0 as it lies, 4.5 bits a weight at group 32 against the
+pair's 5, read by mer's C kernels (`quantize_symmetric`, `pack_scales`). The
+packed byte order depends on the CPU build of the kernel (AVX-512, AVX2 or
+scalar); `kernel_layout()` finds out which by packing a probe through PyTorch
+itself, and `pack`/`unpack` implement each layout explicitly so a store
+written on one machine can be repacked on another. `dequantize` and
+`reference_matmul` are the slow, obvious versions that tests hold the kernel against.
 """
 
 from __future__ import annotations
@@ -32,27 +34,37 @@ LAYOUTS: dict[str, tuple[int, str]] = {
 
 @dataclass(frozen=True)
 class Int4Linear:
-    """y = x @ W.T for an int4 weight W [n, k]: packed [n, k/2] uint8, scales_zeros [k/G, n, 2]."""
+    """y = x @ W.T for an int4 weight W [n, k]: packed [n, k/2] uint8, and `scales` either
+    bf16 [k/G, n, 2] (scale, zero) pairs or, for a symmetric weight (zero 0, GGUF's Q4_0),
+    float16 [k/G, n] scales alone."""
 
     packed: torch.Tensor
-    scales_zeros: torch.Tensor
+    scales: torch.Tensor
     group_size: int
     n: int
     k: int
 
+    @property
+    def symmetric(self) -> bool:
+        return self.scales.dim() == 2
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # The kernel computes in the activations' dtype and wants scales in the same one:
         # bf16 is the fast path; float32 (converting scales per call) is exact, for checking.
-        sz = (
-            self.scales_zeros
-            if x.dtype == self.scales_zeros.dtype
-            else self.scales_zeros.to(x.dtype)
-        )
+        # It knows only (scale, zero) pairs: a symmetric weight's are made per call (mer's C
+        # kernels read its scales as they are; this path is the fallback where they do not run).
+        sz = self.scales
+        if self.symmetric:
+            sz = torch.stack([sz, torch.zeros_like(sz)], -1)
+        sz = sz if x.dtype == sz.dtype else sz.to(x.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
 
     def dequantize(self, layout: str | None = None) -> torch.Tensor:
         q = unpack(self.packed, self.n, self.k, layout or kernel_layout())
-        sz = self.scales_zeros.float()
+        if self.symmetric:
+            s = self.scales.float().t()
+            return dequantize(q, s, torch.zeros_like(s), self.group_size)
+        sz = self.scales.float()
         return dequantize(q, sz[..., 0].t(), sz[..., 1].t(), self.group_size)
 
 
@@ -86,6 +98,20 @@ def quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tens
     return q.to(torch.uint8).reshape(n, k), scales, zeros
 
 
+def quantize_symmetric(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] float -> (q uint8 [N, K] in 0..15, scales [N, K/G] float32 holding float16
+    values) with w ~= (q - 8) * scale, rounded as GGUF's Q4_0 reference rounds (at group 32
+    the same nibbles and scales): the weight of largest magnitude in a group is -8 steps of
+    a float32 scale, the others are truncated from 8.5 steps up, the scale kept in float16."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    big = g.gather(-1, g.abs().argmax(-1, keepdim=True))
+    d = big / -8
+    inv = torch.where(d == 0, 0.0, 1 / d)
+    q = torch.trunc(g * inv + 8.5).clamp_(0, 15)
+    return q.to(torch.uint8).reshape(n, k), d[..., 0].to(torch.float16).float()
+
+
 def dequantize(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
@@ -98,6 +124,11 @@ def dequantize(
 def pack_scales_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype=torch.bfloat16):
     """[N, K/G] scales and zeros -> the kernel's [K/G, N, 2]."""
     return torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(dtype)
+
+
+def pack_scales(scales: torch.Tensor) -> torch.Tensor:
+    """A symmetric weight's [N, K/G] scales -> the kernels' float16 [K/G, N]."""
+    return scales.t().contiguous().to(torch.float16)
 
 
 def pack(q: torch.Tensor, layout: str) -> torch.Tensor:
@@ -154,7 +185,8 @@ def kernel_layout() -> str:
 
 
 def encode(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] -> (packed uint8 [N, K/2], this machine's layout; scales_zeros bf16 [K/G, N, 2])."""
+    """W [N, K] -> (packed uint8 [N, K/2] in this machine's layout, (scale, zero) pairs bf16
+    [K/G, N, 2])."""
     q, scales, zeros = quantize(w, group_size)
     return pack(q, kernel_layout()), pack_scales_zeros(scales, zeros)
 

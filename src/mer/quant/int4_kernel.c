@@ -25,6 +25,17 @@
 #include <omp.h>
 #endif
 
+#ifdef INT4_SYMMETRIC
+/* The symmetric build: `sz` is float16 [K/G, N], a scale per row and group and no zero,
+ * w = (q - 8) * scale, which is GGUF's Q4_0 block (d, 32 nibbles) as it lies: 4.5 bits a
+ * weight at group 32 where a bf16 (scale, zero) pair makes 5. */
+typedef uint16_t sz_t;
+int int4_symmetric(void) { return 1; }
+#else
+typedef uint32_t sz_t;
+int int4_symmetric(void) { return 0; }
+#endif
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 
@@ -39,13 +50,27 @@
 
 int int4_simd(void) { return 512; }
 
+/* Scale and zero of 64 rows (sz: the first's, in one group), 16 rows a vector, in row order. */
+static inline __attribute__((always_inline)) void load_sz(const sz_t *sz, __m512 s[4],
+                                                          __m512 z[4]) {
+    for (int i = 0; i < 4; i++) {
+#ifdef INT4_SYMMETRIC
+        s[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sz + 16 * i)));
+        z[i] = _mm512_setzero_ps();
+#else
+        const __m512i v = _mm512_loadu_si512((const void *)(sz + 16 * i));
+        s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        z[i] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+#endif
+    }
+}
+
 /* Rows n0..n0+63 of W times tokens t0..t0+toks-1 of x -> out[t * ldo + r], r in 0..63. */
 static inline __attribute__((always_inline)) void block_tile(
-    const uint8_t *packed, const uint32_t *sz, const float *x, const float *xs, float *out,
+    const uint8_t *packed, const sz_t *sz, const float *x, const float *xs, float *out,
     int64_t ldo, int64_t n0, int64_t N, int64_t K, int64_t G, int64_t t0, const int toks) {
     const uint8_t *pb = packed + n0 * (K / 2); /* the block's K * 32 bytes */
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
     const int64_t ng = K / G;
     __m512 acc[TT][4];
     for (int t = 0; t < TT; t++)
@@ -72,15 +97,14 @@ static inline __attribute__((always_inline)) void block_tile(
                 for (int i = 0; i < 4; i++) dot[t][i] = _mm512_fmadd_ps(w[i], xb, dot[t][i]);
             }
         }
+        __m512 s[4], z[4];
+        load_sz(sz + g * N + n0, s, z);
         for (int i = 0; i < 4; i++) {
-            const __m512i v = _mm512_loadu_si512((const void *)(sz + g * N + n0 + 16 * i));
-            const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
-            const __m512 bz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z); /* z - 8 s */
+            const __m512 bz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s[i], z[i]); /* z - 8 s */
             for (int t = 0; t < TT; t++) {
                 if (t >= toks) break;
                 const __m512 xsum = _mm512_set1_ps(xs[(t0 + t) * ng + g]);
-                acc[t][i] = _mm512_fmadd_ps(s, dot[t][i], acc[t][i]);
+                acc[t][i] = _mm512_fmadd_ps(s[i], dot[t][i], acc[t][i]);
                 acc[t][i] = _mm512_fmadd_ps(bz, xsum, acc[t][i]);
             }
         }
@@ -92,7 +116,7 @@ static inline __attribute__((always_inline)) void block_tile(
 }
 
 /* All tokens through one block of rows, TT at a time; out[t * ldo + r]. */
-static void block_rows(const uint8_t *packed, const uint32_t *sz, const float *x,
+static void block_rows(const uint8_t *packed, const sz_t *sz, const float *x,
                        const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N,
                        int64_t K, int64_t G, int64_t T) {
     int64_t t0 = 0;
@@ -116,7 +140,7 @@ static void group_sums(const float *x, float *xs, int64_t T, int64_t K, int64_t 
 }
 
 /* y [T, N] = x [T, K] @ W.T. xs: scratch of T * K/G floats. */
-void int4_linear(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs, float *y,
+void int4_linear(const uint8_t *packed, const sz_t *sz, const float *x, float *xs, float *y,
                  int64_t T, int64_t N, int64_t K, int64_t G, int threads) {
     group_sums(x, xs, T, K, G);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
@@ -126,8 +150,8 @@ void int4_linear(const uint8_t *packed, const uint32_t *sz, const float *x, floa
 
 /* y [T, H] = down(silu(gate(x)) * up(x)) for gate_up [2F, H] (gate rows first), down [H, F].
  * Scratch: h [T, F], gu [threads, T, 128], xs [T, H/Gu], hs [threads, T, F/Gd] floats. */
-void int4_ffn(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
-              const uint32_t *sz_d, const float *x, float *h, float *gu, float *xs, float *hs,
+void int4_ffn(const uint8_t *p_gu, const sz_t *sz_gu, const uint8_t *p_d,
+              const sz_t *sz_d, const float *x, float *h, float *gu, float *xs, float *hs,
               float *y, int64_t T, int64_t H, int64_t F, int64_t Gu, int64_t Gd, int threads) {
     group_sums(x, xs, T, H, Gu);
 #pragma omp parallel num_threads(threads)
@@ -164,8 +188,8 @@ void int4_ffn(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
  * one thread in the same order), with one parallel region for all of them instead of one per
  * expert. p_gu, sz_gu, p_d, sz_d: E pointers each. Scratch: xs [H/Gu]; h [E, F];
  * hs [E, F/Gd]; gu [threads, 128]. */
-void int4_ffn_group(int64_t E, const uint8_t *const *p_gu, const uint32_t *const *sz_gu,
-                    const uint8_t *const *p_d, const uint32_t *const *sz_d, const float *x,
+void int4_ffn_group(int64_t E, const uint8_t *const *p_gu, const sz_t *const *sz_gu,
+                    const uint8_t *const *p_d, const sz_t *const *sz_d, const float *x,
                     float *h, float *gu, float *xs, float *hs, float *y, int64_t H, int64_t F,
                     int64_t Gu, int64_t Gd, int threads) {
     const int64_t nf = F / 64, nh = H / 64;
@@ -199,22 +223,16 @@ void int4_ffn_group(int64_t E, const uint8_t *const *p_gu, const uint32_t *const
 
 /* Rows n0..n0+rows-1 (rows a multiple of 64) of W, transposed: out [K, rows] float32, or
  * bf16 rounded to nearest even, for dequantize-then-GEMM (y = x @ out). */
-void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16, int64_t n0,
+void int4_dequant(const uint8_t *packed, const sz_t *sz, void *out, int bf16, int64_t n0,
                   int64_t rows, int64_t N, int64_t K, int64_t G, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
     for (int64_t bl = 0; bl < rows / 64; bl++) {
         const uint8_t *pb = packed + (n0 + bl * 64) * (K / 2);
         const __m256i low4 = _mm256_set1_epi8(0x0F);
-        const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
         for (int64_t g = 0; g < K / G; g++) {
             __m512 s[4], bz[4];
-            for (int i = 0; i < 4; i++) {
-                const __m512i v =
-                    _mm512_loadu_si512((const void *)(sz + g * N + n0 + bl * 64 + 16 * i));
-                s[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
-                bz[i] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s[i], z);
-            }
+            load_sz(sz + g * N + n0 + bl * 64, s, bz);
+            for (int i = 0; i < 4; i++) bz[i] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s[i], bz[i]);
             for (int64_t k = g * G; k < (g + 1) * G; k++) {
                 const __m256i b = _mm256_loadu_si256((const __m256i *)(pb + k * 32));
                 const __m256i lo = _mm256_and_si256(b, low4);
@@ -253,12 +271,11 @@ void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16
 int int4_has_bf16(void) { return 1; }
 
 static inline __attribute__((always_inline)) void block_tile_bf16(
-    const uint8_t *packed, const uint32_t *sz, const uint16_t *x, const float *xs, float *out,
+    const uint8_t *packed, const sz_t *sz, const uint16_t *x, const float *xs, float *out,
     int64_t ldo, int64_t n0, int64_t N, int64_t K, int64_t G, int64_t t0, const int toks) {
     const uint8_t *pb = packed + n0 * (K / 2);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m512i bias = _mm512_set1_epi16(0x4300);
-    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
     const __m512i pa = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
     const __m512i pbx = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
                                           30, 31);
@@ -291,16 +308,18 @@ static inline __attribute__((always_inline)) void block_tile_bf16(
                 for (int i = 0; i < 4; i++) dot[t][i] = _mm512_dpbf16_ps(dot[t][i], w[i], xb);
             }
         }
-        const uint32_t *sg = sz + g * N + n0;
-        __m512i v[4];
-        for (int i = 0; i < 4; i++) v[i] = _mm512_loadu_si512((const void *)(sg + 16 * i));
-        const __m512i vp[4] = {_mm512_permutex2var_epi32(v[0], pa, v[1]),
-                               _mm512_permutex2var_epi32(v[0], pbx, v[1]),
-                               _mm512_permutex2var_epi32(v[2], pa, v[3]),
-                               _mm512_permutex2var_epi32(v[2], pbx, v[3])};
+        __m512 s[4], z[4];
+        load_sz(sz + g * N + n0, s, z);
+        const __m512 sp[4] = {_mm512_permutex2var_ps(s[0], pa, s[1]),
+                              _mm512_permutex2var_ps(s[0], pbx, s[1]),
+                              _mm512_permutex2var_ps(s[2], pa, s[3]),
+                              _mm512_permutex2var_ps(s[2], pbx, s[3])};
+        const __m512 zp[4] = {_mm512_permutex2var_ps(z[0], pa, z[1]),
+                              _mm512_permutex2var_ps(z[0], pbx, z[1]),
+                              _mm512_permutex2var_ps(z[2], pa, z[3]),
+                              _mm512_permutex2var_ps(z[2], pbx, z[3])};
         for (int i = 0; i < 4; i++) {
-            const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(vp[i], 16));
-            const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(vp[i], hi16));
+            const __m512 sc = sp[i], z = zp[i];
             const __m512 bz = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sc, z);
             for (int t = 0; t < TT; t++) {
                 if (t >= toks) break;
@@ -321,7 +340,7 @@ static inline __attribute__((always_inline)) void block_tile_bf16(
     }
 }
 
-static void block_rows_bf16(const uint8_t *packed, const uint32_t *sz, const uint16_t *x,
+static void block_rows_bf16(const uint8_t *packed, const sz_t *sz, const uint16_t *x,
                             const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N,
                             int64_t K, int64_t G, int64_t T) {
     int64_t t0 = 0;
@@ -356,8 +375,8 @@ static void group_sums_bf16(const uint16_t *x, float *xs, int64_t T, int64_t K, 
 
 /* int4_ffn on bfloat16 activations: x [T, H] bf16; the SiLU product h is rounded to bf16
  * (h16 [T, F] scratch) before down, as a bf16 model rounds it; y float32. */
-void int4_ffn_bf16(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
-                   const uint32_t *sz_d, const uint16_t *x, uint16_t *h16, float *gu, float *xs,
+void int4_ffn_bf16(const uint8_t *p_gu, const sz_t *sz_gu, const uint8_t *p_d,
+                   const sz_t *sz_d, const uint16_t *x, uint16_t *h16, float *gu, float *xs,
                    float *hs, float *y, int64_t T, int64_t H, int64_t F, int64_t Gu, int64_t Gd,
                    int threads) {
     group_sums_bf16(x, xs, T, H, Gu);
@@ -387,8 +406,8 @@ void int4_ffn_bf16(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_
 
 /* int4_ffn_group on a bfloat16 token, bit for bit int4_ffn_bf16 per expert. Scratch: xs
  * [H/Gu]; h16 [E, F] bf16; hs [E, F/Gd]; gu [threads, 128]. */
-void int4_ffn_bf16_group(int64_t E, const uint8_t *const *p_gu, const uint32_t *const *sz_gu,
-                         const uint8_t *const *p_d, const uint32_t *const *sz_d,
+void int4_ffn_bf16_group(int64_t E, const uint8_t *const *p_gu, const sz_t *const *sz_gu,
+                         const uint8_t *const *p_d, const sz_t *const *sz_d,
                          const uint16_t *x, uint16_t *h16, float *gu, float *xs, float *hs,
                          float *y, int64_t H, int64_t F, int64_t Gu, int64_t Gd, int threads) {
     const int64_t nf = F / 64, nh = H / 64;
@@ -463,11 +482,10 @@ static inline __attribute__((always_inline)) void interleave4(const uint8_t *p, 
 
 /* qb: the block interleaved by interleave_block (K vectors), or NULL to interleave here. */
 static inline __attribute__((always_inline)) void block_tile_i8(
-    const uint8_t *packed, const __m512i *qb, const uint32_t *sz, const int8_t *xq,
+    const uint8_t *packed, const __m512i *qb, const sz_t *sz, const int8_t *xq,
     const float *sx, const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N, int64_t K,
     int64_t G, int64_t t0, const int toks) {
     const uint8_t *pb = packed + n0 * (K / 2);
-    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
     const int64_t ng = K / G;
     __m512 acc[TT][4];
     for (int t = 0; t < TT; t++)
@@ -493,12 +511,14 @@ static inline __attribute__((always_inline)) void block_tile_i8(
                 for (int i = 0; i < 4; i++) dot[t][i] = _mm512_dpbusd_epi32(dot[t][i], q[i], xb);
             }
         }
-        __m512i v[4];
-        for (int i = 0; i < 4; i++) v[i] = _mm512_loadu_si512((const void *)(sz + g * N + n0 + 16 * i));
-        lanes_4x4(v);
+        __m512 s[4], z[4];
+        load_sz(sz + g * N + n0, s, z);
+        __m512i vs[4], vz[4]; /* rows in the lanes the dot products hold them in */
+        for (int i = 0; i < 4; i++) vs[i] = _mm512_castps_si512(s[i]), vz[i] = _mm512_castps_si512(z[i]);
+        lanes_4x4(vs);
+        lanes_4x4(vz);
         for (int i = 0; i < 4; i++) {
-            const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v[i], 16));
-            const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v[i], hi16));
+            const __m512 sc = _mm512_castsi512_ps(vs[i]), z = _mm512_castsi512_ps(vz[i]);
             const __m512 bz = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, z);
             for (int t = 0; t < TT; t++) {
                 if (t >= toks) break;
@@ -536,7 +556,7 @@ static const __m512i *interleave_block(const uint8_t *pb, int64_t K) {
     return qbuf;
 }
 
-static void block_rows_i8(const uint8_t *packed, const uint32_t *sz, const int8_t *xq,
+static void block_rows_i8(const uint8_t *packed, const sz_t *sz, const int8_t *xq,
                           const float *sx, const float *xs, float *out, int64_t ldo, int64_t n0,
                           int64_t N, int64_t K, int64_t G, int64_t T) {
     const __m512i *qb = T >= MANY ? interleave_block(packed + n0 * (K / 2), K) : NULL;
@@ -576,7 +596,7 @@ static void quant_row_i8(const float *x, int8_t *xq, float *sx, float *xs, int64
 }
 
 /* y [T, N] = x [T, K] @ W.T with int8 activations. Scratch: xq [T, K] int8, sx, xs [T, K/G]. */
-void int4_linear_i8(const uint8_t *packed, const uint32_t *sz, const float *x, int8_t *xq,
+void int4_linear_i8(const uint8_t *packed, const sz_t *sz, const float *x, int8_t *xq,
                     float *sx, float *xs, float *y, int64_t T, int64_t N, int64_t K, int64_t G,
                     int threads) {
     for (int64_t t = 0; t < T; t++) quant_row_i8(x, xq, sx, xs, t, K, G);
@@ -588,8 +608,8 @@ void int4_linear_i8(const uint8_t *packed, const uint32_t *sz, const float *x, i
 /* int4_ffn with int8 activations: x [T, H] float32, y float32. Scratch: xq [T, H] and hq
  * [T, F] int8; sx, xs [T, H/Gu] and hsx, hs [T, F/Gd] floats; h [T, F] and gu
  * [threads, T, 128] floats. */
-void int4_ffn_i8(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
-                 const uint32_t *sz_d, const float *x, int8_t *xq, float *sx, float *xs,
+void int4_ffn_i8(const uint8_t *p_gu, const sz_t *sz_gu, const uint8_t *p_d,
+                 const sz_t *sz_d, const float *x, int8_t *xq, float *sx, float *xs,
                  float *h, int8_t *hq, float *hsx, float *hs, float *gu, float *y, int64_t T,
                  int64_t H, int64_t F, int64_t Gu, int64_t Gd, int threads) {
     for (int64_t t = 0; t < T; t++) quant_row_i8(x, xq, sx, xs, t, H, Gu);
@@ -619,8 +639,8 @@ void int4_ffn_i8(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
 
 /* int4_ffn_group with int8 activations, bit for bit int4_ffn_i8 per expert. Scratch: xq [H]
  * int8, sx, xs [H/Gu]; h [E, F] float, hq [E, F] int8, hsx, hs [E, F/Gd]; gu [threads, 128]. */
-void int4_ffn_i8_group(int64_t E, const uint8_t *const *p_gu, const uint32_t *const *sz_gu,
-                       const uint8_t *const *p_d, const uint32_t *const *sz_d, const float *x,
+void int4_ffn_i8_group(int64_t E, const uint8_t *const *p_gu, const sz_t *const *sz_gu,
+                       const uint8_t *const *p_d, const sz_t *const *sz_d, const float *x,
                        int8_t *xq, float *sx, float *xs, float *h, int8_t *hq, float *hsx,
                        float *hs, float *gu, float *y, int64_t H, int64_t F, int64_t Gu,
                        int64_t Gd, int threads) {
@@ -664,20 +684,20 @@ int int4_simd(void) { return 256; }
 int int4_simd(void) { return 0; }
 #endif
 
-void int4_linear(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs, float *y,
+void int4_linear(const uint8_t *packed, const sz_t *sz, const float *x, float *xs, float *y,
                  int64_t T, int64_t N, int64_t K, int64_t G, int threads) {
     (void)packed; (void)sz; (void)x; (void)xs; (void)y; (void)T; (void)N; (void)K; (void)G;
     (void)threads;
 }
 
-void int4_ffn(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
-              const uint32_t *sz_d, const float *x, float *h, float *gu, float *xs, float *hs,
+void int4_ffn(const uint8_t *p_gu, const sz_t *sz_gu, const uint8_t *p_d,
+              const sz_t *sz_d, const float *x, float *h, float *gu, float *xs, float *hs,
               float *y, int64_t T, int64_t H, int64_t F, int64_t Gu, int64_t Gd, int threads) {
     (void)p_gu; (void)sz_gu; (void)p_d; (void)sz_d; (void)x; (void)h; (void)gu; (void)xs;
     (void)hs; (void)y; (void)T; (void)H; (void)F; (void)Gu; (void)Gd; (void)threads;
 }
 
-void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16, int64_t n0,
+void int4_dequant(const uint8_t *packed, const sz_t *sz, void *out, int bf16, int64_t n0,
                   int64_t rows, int64_t N, int64_t K, int64_t G, int threads) {
     (void)packed; (void)sz; (void)out; (void)bf16; (void)n0; (void)rows; (void)N; (void)K;
     (void)G; (void)threads;
@@ -685,7 +705,7 @@ void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16
 
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && (defined(__F16C__) || !defined(INT4_SYMMETRIC))
 /* The AVX2 + FMA kernels (no AVX-512 instruction when built with -mno-avx512f: the path of
  * CPUs without AVX-512; they run on AVX-512 CPUs too, so they are measured and tested on
  * them). They read either "halves" layout: a block of B = 64 ("tinygemm-avx512") or 32
@@ -695,11 +715,13 @@ void int4_dequant(const uint8_t *packed, const uint32_t *sz, void *out, int bf16
 #include <immintrin.h>
 
 static inline __attribute__((always_inline)) void block_token_avx2(
-    const uint8_t *packed, const uint32_t *sz, const float *x, const float *xs, float *out,
+    const uint8_t *packed, const sz_t *sz, const float *x, const float *xs, float *out,
     int64_t n0, int64_t N, int64_t K, int64_t G, const int B) {
     const uint8_t *pb = packed + n0 * (K / 2);
     const __m128i low4 = _mm_set1_epi8(0x0F);
+#ifndef INT4_SYMMETRIC
     const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+#endif
     const int64_t ng = K / G;
     __m256 acc[8];
     for (int i = 0; i < B / 8; i++) acc[i] = _mm256_setzero_ps();
@@ -723,9 +745,14 @@ static inline __attribute__((always_inline)) void block_token_avx2(
         }
         const __m256 xsum = _mm256_set1_ps(xs[g]);
         for (int i = 0; i < B / 8; i++) {
+#ifdef INT4_SYMMETRIC
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sz + g * N + n0 + 8 * i)));
+            const __m256 z = _mm256_setzero_ps();
+#else
             const __m256i v = _mm256_loadu_si256((const __m256i *)(sz + g * N + n0 + 8 * i));
             const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
             const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
+#endif
             const __m256 bz = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z); /* z - 8 s */
             acc[i] = _mm256_fmadd_ps(s, dot[i], acc[i]);
             acc[i] = _mm256_fmadd_ps(bz, xsum, acc[i]);
@@ -735,7 +762,7 @@ static inline __attribute__((always_inline)) void block_token_avx2(
 }
 
 /* All T tokens through one block of B rows; out[t * ldo + r]. */
-static void block_rows_avx2(const uint8_t *packed, const uint32_t *sz, const float *x,
+static void block_rows_avx2(const uint8_t *packed, const sz_t *sz, const float *x,
                             const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N,
                             int64_t K, int64_t G, int64_t T, int64_t B) {
     for (int64_t t = 0; t < T; t++) {
@@ -756,7 +783,7 @@ static void group_sums_avx2(const float *x, float *xs, int64_t T, int64_t K, int
 }
 
 /* int4_linear for a layout of B-row blocks (64 or 32). */
-void int4_linear_avx2(const uint8_t *packed, const uint32_t *sz, const float *x, float *xs,
+void int4_linear_avx2(const uint8_t *packed, const sz_t *sz, const float *x, float *xs,
                       float *y, int64_t T, int64_t N, int64_t K, int64_t G, int64_t B,
                       int threads) {
     group_sums_avx2(x, xs, T, K, G);
@@ -766,8 +793,8 @@ void int4_linear_avx2(const uint8_t *packed, const uint32_t *sz, const float *x,
 }
 
 /* int4_ffn for a layout of B-row blocks (64 or 32); scratch as int4_ffn's, gu [threads, T, 2B]. */
-void int4_ffn_avx2(const uint8_t *p_gu, const uint32_t *sz_gu, const uint8_t *p_d,
-                   const uint32_t *sz_d, const float *x, float *h, float *gu, float *xs,
+void int4_ffn_avx2(const uint8_t *p_gu, const sz_t *sz_gu, const uint8_t *p_d,
+                   const sz_t *sz_d, const float *x, float *h, float *gu, float *xs,
                    float *hs, float *y, int64_t T, int64_t H, int64_t F, int64_t Gu, int64_t Gd,
                    int64_t B, int threads) {
     group_sums_avx2(x, xs, T, H, Gu);

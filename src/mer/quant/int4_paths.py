@@ -55,6 +55,7 @@ from mer.quant import int4, native
 from mer.quant.expert import ExpertFormat, ExpertWeights
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
+SYMMETRIC = ("-DINT4_SYMMETRIC",)  # the build for symmetric weights: float16 scales, no zero
 PATHS = ("tinygemm", "c-fused", "c-bf16", "c-int8", "c-avx2", "dequant-bf16", "dequant-f32")
 # Shape classes and the token count each is measured at.
 CLASSES = {"decode": 1, "small": 8, "prefill": 64}
@@ -69,9 +70,11 @@ def shape_class(tokens: int) -> str:
 
 
 @functools.cache
-def _lib() -> ctypes.CDLL | None:
-    """The C kernels where they build here as the AVX-512 path and pass their probe."""
-    lib = native.build_avx512(SOURCE, "int4 C kernel (PyTorch paths only)", "int4_simd")
+def _lib(symmetric: bool = False) -> ctypes.CDLL | None:
+    """The C kernels where they build here as the AVX-512 path and pass their probe; with
+    `symmetric`, their build for float16 scales alone (`int4.Int4Linear.symmetric`)."""
+    flags = SYMMETRIC if symmetric else ()
+    lib = native.build_avx512(SOURCE, "int4 C kernel (PyTorch paths only)", "int4_simd", flags)
     if lib is None:
         return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
@@ -101,11 +104,12 @@ def _lib() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _lib_avx2() -> ctypes.CDLL | None:
+def _lib_avx2(symmetric: bool = False) -> ctypes.CDLL | None:
     """The same source built for AVX2 + FMA without AVX-512 (what a CPU without AVX-512
     builds natively), where it builds and passes its probe on both "halves" layouts."""
+    flags = ("-mno-avx512f", "-mavx2", "-mfma", *(SYMMETRIC if symmetric else ()))
     try:
-        lib = native.build(SOURCE, ("-mno-avx512f", "-mavx2", "-mfma"))
+        lib = native.build(SOURCE, flags)
     except native.BuildError as e:
         warnings.warn(f"int4 AVX2 kernel unavailable ({e})", stacklevel=3)
         return None
@@ -121,8 +125,8 @@ def _lib_avx2() -> ctypes.CDLL | None:
     return lib
 
 
-def avx2_available() -> bool:
-    return _lib_avx2() is not None
+def avx2_available(symmetric: bool = False) -> bool:
+    return _lib_avx2(symmetric) is not None
 
 
 def block_rows(layout: str) -> int | None:
@@ -132,27 +136,27 @@ def block_rows(layout: str) -> int | None:
 
 
 @functools.cache
-def bf16_available() -> bool:
+def bf16_available(symmetric: bool = False) -> bool:
     """The AVX512_BF16 fused FFN built and matches the reference on a probe."""
-    lib = _lib()
+    lib = _lib(symmetric)
     return lib is not None and hasattr(lib, "int4_ffn_bf16") and _probe_bf16(lib)
 
 
 @functools.cache
-def int8_available() -> bool:
+def int8_available(symmetric: bool = False) -> bool:
     """The AVX512_VNNI fused FFN (int8 activations) built and matches the reference."""
-    lib = _lib()
+    lib = _lib(symmetric)
     return lib is not None and hasattr(lib, "int4_ffn_i8") and _probe_i8(lib)
 
 
-def native_available() -> bool:
-    return _lib() is not None
+def native_available(symmetric: bool = False) -> bool:
+    return _lib(symmetric) is not None
 
 
 def c_linear(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """y = x @ W.T by the C kernel (float32 out), on `threads` (default: by its size). The
     caller checks `eligible`."""
-    return _linear_raw(_lib(), lin, x, threads or threads_for(lin.packed.nbytes))
+    return _linear_raw(_lib(lin.symmetric), lin, x, threads or threads_for(lin.packed.nbytes))
 
 
 def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
@@ -162,7 +166,7 @@ def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = Non
     t, g = len(x32), lin.group_size
     xq = torch.empty(t, lin.k, dtype=torch.int8)
     sx, xs, y = torch.empty(t * lin.k // g), torch.empty(t * lin.k // g), torch.empty(t, lin.n)
-    _lib().int4_linear_i8(lin.packed.data_ptr(), lin.scales_zeros.data_ptr(), x32.data_ptr(),
+    _lib(lin.symmetric).int4_linear_i8(lin.packed.data_ptr(), lin.scales.data_ptr(), x32.data_ptr(),
                           xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), y.data_ptr(), t, lin.n,
                           lin.k, g, threads or threads_for(lin.packed.nbytes))  # fmt: skip
     return y
@@ -170,18 +174,18 @@ def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = Non
 
 def dequantize_rows(lin: int4.Int4Linear, n0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows n0..n0+rows of W, transposed ([k, rows]), by the C kernel, in float32 or bf16."""
-    return _dequant_raw(_lib(), lin, n0, rows, dtype, threads_for(rows * lin.k // 2))
+    return _dequant_raw(_lib(lin.symmetric), lin, n0, rows, dtype, threads_for(rows * lin.k // 2))
 
 
-def _probe_expert(seed: int, g: int, layout: str):
-    """A random expert (hidden 128, ffn 192, group g) packed in `layout` for a kernel's
-    self-check: its two Int4Linears, their dequantized float64 weights, and the generator
-    to draw activations from."""
+def _probe_expert(seed: int, g: int, layout: str, lib: ctypes.CDLL):
+    """A random expert (hidden 128, ffn 192, group g) packed in `layout`, symmetric where
+    `lib` is the symmetric build, for its self-check: its two Int4Linears, their
+    dequantized float64 weights, and the generator to draw activations from."""
     gen = torch.Generator().manual_seed(seed)
-    h, f = 128, 192
+    h, f, sym = 128, 192, bool(lib.int4_symmetric())
     w1, w3 = torch.randn(f, h, generator=gen), torch.randn(f, h, generator=gen)
-    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, layout), g, 2 * f, h)
-    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, layout), g, h, f)
+    gu = int4.Int4Linear(*_encode(torch.cat([w1, w3]), g, layout, sym), g, 2 * f, h)
+    down = int4.Int4Linear(*_encode(torch.randn(h, f, generator=gen), g, layout, sym), g, h, f)
     return gu, down, gu.dequantize(layout).double(), down.dequantize(layout).double(), gen
 
 
@@ -189,7 +193,7 @@ def _probe(lib: ctypes.CDLL) -> bool:
     """The fused FFN, the linear and both dequantizations on 1, 3, 4 and 9 tokens of a small
     expert with two groups per row, against the float64 reference."""
     h, f = 128, 192
-    gu, down, wgu, wd, gen = _probe_expert(0, 64, "tinygemm-avx512")
+    gu, down, wgu, wd, gen = _probe_expert(0, 64, "tinygemm-avx512", lib)
     ok = True
     for t in (1, 3, 4, 9):
         x = torch.randn(t, h, generator=gen)
@@ -205,7 +209,7 @@ def _probe(lib: ctypes.CDLL) -> bool:
 
 def _probe_bf16(lib: ctypes.CDLL) -> bool:
     h, f = 128, 192
-    gu, down, wgu, wd, gen = _probe_expert(1, 32, "tinygemm-avx512")
+    gu, down, wgu, wd, gen = _probe_expert(1, 32, "tinygemm-avx512", lib)
     ok = True
     for t in (1, 3, 4, 9):
         x = torch.randn(t, h, generator=gen).bfloat16()
@@ -218,7 +222,7 @@ def _probe_bf16(lib: ctypes.CDLL) -> bool:
 
 def _probe_avx2(lib: ctypes.CDLL, layout: str) -> bool:
     h, f = 128, 192
-    gu, down, wgu, wd, gen = _probe_expert(3, 64, layout)
+    gu, down, wgu, wd, gen = _probe_expert(3, 64, layout, lib)
     ok = True
     for t in (1, 3):
         x = torch.randn(t, h, generator=gen)
@@ -232,7 +236,7 @@ def _probe_i8(lib: ctypes.CDLL) -> bool:
     """Against the float64 reference run on activations rounded as the kernel rounds them
     (`round_int8`), so a wrong sum shows however small the rounding."""
     h, f, g = 128, 192, 32
-    gu, down, wgu, wd, gen = _probe_expert(2, g, "tinygemm-avx512")
+    gu, down, wgu, wd, gen = _probe_expert(2, g, "tinygemm-avx512", lib)
     ok = True
     for t in (1, 3, 4, 9):
         x = torch.randn(t, h, generator=gen)
@@ -250,7 +254,11 @@ def round_int8(x: torch.Tensor, group: int) -> torch.Tensor:
     return (torch.round(xg / torch.where(step > 0, step, 1)) * step).reshape(t, k)
 
 
-def _encode(w: torch.Tensor, g: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(w: torch.Tensor, g: int, layout: str, symmetric: bool = False):
+    """W -> (packed in `layout`, scales): the parts of an Int4Linear."""
+    if symmetric:
+        q, s = int4.quantize_symmetric(w, g)
+        return int4.pack(q, layout), int4.pack_scales(s)
     q, s, z = int4.quantize(w, g)
     return int4.pack(q, layout), int4.pack_scales_zeros(s, z)
 
@@ -263,7 +271,7 @@ def _linear_raw(lib, lin: int4.Int4Linear, x: torch.Tensor, threads: int = 2) ->
     x32 = x.float().contiguous()
     y = torch.empty(len(x32), lin.n)
     xs = torch.empty(len(x32) * lin.k // lin.group_size)
-    lib.int4_linear(lin.packed.data_ptr(), lin.scales_zeros.data_ptr(), x32.data_ptr(),
+    lib.int4_linear(lin.packed.data_ptr(), lin.scales.data_ptr(), x32.data_ptr(),
                     xs.data_ptr(), y.data_ptr(), len(x32), lin.n, lin.k, lin.group_size,
                     threads)  # fmt: skip
     return y
@@ -272,7 +280,7 @@ def _linear_raw(lib, lin: int4.Int4Linear, x: torch.Tensor, threads: int = 2) ->
 def _dequant_raw(lib, lin: int4.Int4Linear, n0: int, rows: int, dtype: torch.dtype,
                  threads: int = 2) -> torch.Tensor:  # fmt: skip
     out = torch.empty(lin.k, rows, dtype=dtype)
-    lib.int4_dequant(lin.packed.data_ptr(), lin.scales_zeros.data_ptr(), out.data_ptr(),
+    lib.int4_dequant(lin.packed.data_ptr(), lin.scales.data_ptr(), out.data_ptr(),
                      int(dtype == torch.bfloat16), n0, rows, lin.n, lin.k, lin.group_size,
                      threads)  # fmt: skip
     return out
@@ -287,8 +295,8 @@ def _c_ffn_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x: tor
     xs = torch.empty(t * hidden // gu.group_size)
     hs = torch.empty(threads * t * ffn // down.group_size)
     y = torch.empty(t, hidden)
-    lib.int4_ffn(gu.packed.data_ptr(), gu.scales_zeros.data_ptr(), down.packed.data_ptr(),
-                 down.scales_zeros.data_ptr(), x32.data_ptr(), h.data_ptr(), scratch.data_ptr(),
+    lib.int4_ffn(gu.packed.data_ptr(), gu.scales.data_ptr(), down.packed.data_ptr(),
+                 down.scales.data_ptr(), x32.data_ptr(), h.data_ptr(), scratch.data_ptr(),
                  xs.data_ptr(), hs.data_ptr(), y.data_ptr(), t, hidden, ffn, gu.group_size,
                  down.group_size, threads)  # fmt: skip
     return y
@@ -303,8 +311,8 @@ def _c_ffn_bf16_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x
     xs = torch.empty(t * hidden // gu.group_size)
     hs = torch.empty(threads * t * ffn // down.group_size)
     y = torch.empty(t, hidden)
-    lib.int4_ffn_bf16(gu.packed.data_ptr(), gu.scales_zeros.data_ptr(), down.packed.data_ptr(),
-                      down.scales_zeros.data_ptr(), xb.data_ptr(), h.data_ptr(),
+    lib.int4_ffn_bf16(gu.packed.data_ptr(), gu.scales.data_ptr(), down.packed.data_ptr(),
+                      down.scales.data_ptr(), xb.data_ptr(), h.data_ptr(),
                       scratch.data_ptr(), xs.data_ptr(), hs.data_ptr(), y.data_ptr(), t, hidden,
                       ffn, gu.group_size, down.group_size, threads)  # fmt: skip
     return y
@@ -318,8 +326,8 @@ def _c_ffn_avx2_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x
     xs = torch.empty(t * hidden // gu.group_size)
     hs = torch.empty(threads * t * ffn // down.group_size)
     y = torch.empty(t, hidden)
-    lib.int4_ffn_avx2(gu.packed.data_ptr(), gu.scales_zeros.data_ptr(), down.packed.data_ptr(),
-                      down.scales_zeros.data_ptr(), x32.data_ptr(), h.data_ptr(),
+    lib.int4_ffn_avx2(gu.packed.data_ptr(), gu.scales.data_ptr(), down.packed.data_ptr(),
+                      down.scales.data_ptr(), x32.data_ptr(), h.data_ptr(),
                       scratch.data_ptr(), xs.data_ptr(), hs.data_ptr(), y.data_ptr(), t, hidden,
                       ffn, gu.group_size, down.group_size, block, threads)  # fmt: skip
     return y
@@ -333,8 +341,8 @@ def _c_ffn_i8_raw(lib, gu: int4.Int4Linear, down: int4.Int4Linear, ffn: int, x: 
     sx, xs = torch.empty(t * hidden // gu.group_size), torch.empty(t * hidden // gu.group_size)
     hsx, hs = torch.empty(t * ffn // down.group_size), torch.empty(t * ffn // down.group_size)
     h, scratch, y = torch.empty(t, ffn), torch.empty(threads * t * 128), torch.empty(t, hidden)
-    lib.int4_ffn_i8(gu.packed.data_ptr(), gu.scales_zeros.data_ptr(), down.packed.data_ptr(),
-                    down.scales_zeros.data_ptr(), x32.data_ptr(), xq.data_ptr(), sx.data_ptr(),
+    lib.int4_ffn_i8(gu.packed.data_ptr(), gu.scales.data_ptr(), down.packed.data_ptr(),
+                    down.scales.data_ptr(), x32.data_ptr(), xq.data_ptr(), sx.data_ptr(),
                     xs.data_ptr(), h.data_ptr(), hq.data_ptr(), hsx.data_ptr(), hs.data_ptr(),
                     scratch.data_ptr(), y.data_ptr(), t, hidden, ffn, gu.group_size,
                     down.group_size, threads)  # fmt: skip
@@ -357,23 +365,27 @@ def threads_for(nbytes: int) -> int:
 
 def _c_fused(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
-    return _c_ffn_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
+    lib = _lib(e.down.symmetric)
+    return _c_ffn_raw(lib, e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
 
 
 def _c_bf16(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
-    return _c_ffn_bf16_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
+    lib = _lib(e.down.symmetric)
+    return _c_ffn_bf16_raw(lib, e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
 
 
 def _c_int8(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
-    return _c_ffn_i8_raw(_lib(), e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
+    lib = _lib(e.down.symmetric)
+    return _c_ffn_i8_raw(lib, e.gate_up, e.down, e.ffn, x, threads_for(nbytes)).to(x.dtype)
 
 
 def _c_avx2(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
     nbytes = e.gate_up.packed.nbytes + e.down.packed.nbytes
     block = block_rows(int4.kernel_layout())
-    y = _c_ffn_avx2_raw(_lib_avx2(), e.gate_up, e.down, e.ffn, x, block, threads_for(nbytes))
+    lib = _lib_avx2(e.down.symmetric)
+    y = _c_ffn_avx2_raw(lib, e.gate_up, e.down, e.ffn, x, block, threads_for(nbytes))
     return y.to(x.dtype)
 
 
@@ -428,7 +440,7 @@ def decode_group(
     each)."""
 
     def shape(e):
-        return type(e), e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size
+        return type(e), e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, e.down.symmetric
 
     e0 = es[0]
     if x.shape[0] != 1 or type(e0) is not Int4Expert or any(shape(e) != shape(e0) for e in es):
@@ -438,11 +450,12 @@ def decode_group(
     path = path_for(e0, 1, x.dtype)
     if path not in ("c-fused", "c-bf16", "c-int8"):
         return None
-    lib, n, (_, hidden, ffn, gu_g, d_g) = _lib(), len(es), shape(e0)
+    n, (_, hidden, ffn, gu_g, d_g, sym) = len(es), shape(e0)
+    lib = _lib(sym)
     threads = threads_for(n * (e0.gate_up.packed.nbytes + e0.down.packed.nbytes))
     gu_p, d_p = _pointers([e.gate_up.packed for e in es]), _pointers([e.down.packed for e in es])
-    gu_s = _pointers([e.gate_up.scales_zeros for e in es])
-    d_s = _pointers([e.down.scales_zeros for e in es])
+    gu_s = _pointers([e.gate_up.scales for e in es])
+    d_s = _pointers([e.down.scales for e in es])
     b = _scratch(path, n, hidden, ffn, gu_g, d_g, threads)
     y = b["y"]
     if path == "c-int8":
@@ -503,12 +516,12 @@ def eligible(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> list[str]
     """The paths that can run this expert here on activations of `dtype`."""
     if isinstance(e, Int4BiasedExpert):
         return _eligible_biased(e, dtype)
-    layout = int4.kernel_layout()
+    layout, sym = int4.kernel_layout(), e.down.symmetric
     c_ok = (
         layout == "tinygemm-avx512"
         and e.ffn % 64 == 0
         and e.down.n % 64 == 0
-        and native_available()
+        and native_available(sym)
     )
     block = block_rows(layout)
     avx2_ok = block is not None and e.ffn % block == 0 and e.down.n % block == 0
@@ -516,8 +529,8 @@ def eligible(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> list[str]
     paths = [
         p
         for p in PATHS[1:]
-        if (p == "c-avx2" and avx2_ok and avx2_available())
-        or (p != "c-avx2" and c_ok and (p not in extra or extra[p]()))
+        if (p == "c-avx2" and avx2_ok and avx2_available(sym))
+        or (p != "c-avx2" and c_ok and (p not in extra or extra[p](sym)))
     ]
     if dtype != torch.bfloat16:
         paths = [p for p in paths if p not in ROUNDS_TO_BF16]
@@ -549,6 +562,7 @@ class PathLinear:
     n = property(lambda self: self.linear.n)
     k = property(lambda self: self.linear.k)
     group_size = property(lambda self: self.linear.group_size)
+    symmetric = property(lambda self: self.linear.symmetric)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(path_for(self.owner[0], x.shape[0], x.dtype), x)
@@ -592,13 +606,14 @@ def _runners(e: ExpertWeights) -> dict:
 
 
 def _eligible_biased(e: ExpertWeights, dtype: torch.dtype) -> list[str]:
+    sym = e.down.symmetric
     c_ok = (
         int4.kernel_layout() == "tinygemm-avx512"
         and e.gate_up.n % 64 == 0
         and e.down.n % 64 == 0
-        and native_available()
+        and native_available(sym)
     )
-    i8 = c_ok and dtype == torch.bfloat16 and int8_available()  # int8 rounds: bf16 runs only
+    i8 = c_ok and dtype == torch.bfloat16 and int8_available(sym)  # int8 rounds: bf16 runs only
     return ["tinygemm", *(["c-linear"] if c_ok else []), *(["c-linear-i8"] if i8 else [])]
 
 
@@ -657,6 +672,7 @@ def _cache_file(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Path:
             torch.__version__,
             SOURCE.read_text(),
             repr((e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, str(dtype))),
+            "symmetric" if e.down.symmetric else "",
             str(torch.get_num_threads()),
             int4.kernel_layout(),
         ]
@@ -664,6 +680,7 @@ def _cache_file(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     kind = str(dtype).removeprefix("torch.")
     kind += "-biased" if isinstance(e, Int4BiasedExpert) else ""
+    kind += "-sym" if e.down.symmetric else ""
     return native.cache_dir() / f"int4-paths-{e.down.n}x{e.ffn}-{kind}-{digest}.json"
 
 
@@ -672,7 +689,7 @@ _chosen: dict[tuple, Choice] = {}
 
 def _memory_key(e: ExpertWeights, dtype: torch.dtype) -> tuple:
     return (e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, torch.get_num_threads(),
-            dtype, isinstance(e, Int4BiasedExpert))  # fmt: skip
+            dtype, isinstance(e, Int4BiasedExpert), e.down.symmetric)  # fmt: skip
 
 
 def known(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice | None:

@@ -67,11 +67,13 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
         raise BuildError(f"cannot load {out}: {e}") from None
 
 
-def build_avx512(source: Path, what: str, simd: str) -> ctypes.CDLL | None:
-    """`build(source)` where it builds as its AVX-512 path (its function `simd` returns 512);
-    None otherwise, with a warning naming `what` if it did not build at all."""
+def build_avx512(
+    source: Path, what: str, simd: str, extra_flags: tuple[str, ...] = ()
+) -> ctypes.CDLL | None:
+    """`build(source, extra_flags)` where it builds as its AVX-512 path (its function `simd`
+    returns 512); None otherwise, with a warning naming `what` if it did not build at all."""
     try:
-        lib = build(source)
+        lib = build(source, extra_flags)
     except BuildError as e:
         warnings.warn(f"{what} unavailable ({e})", stacklevel=4)
         return None

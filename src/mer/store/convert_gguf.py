@@ -7,9 +7,12 @@ tensors are dequantized by `gguf` and stored in bf16, and each expert is read
 slice by slice from its layer's stacked tensors and encoded into its extent.
 
 Expert choices, per GGUF type, for an int4 store:
-- Q4_0, Q4_1, Q4_K at group size 32: the nibbles are kept and the block scales
-  and mins become int4 scales and zeros (mer.quant.gguf_blocks), exact up to
-  rounding scale and zero to bf16.
+- Q4_0 alone (every expert tensor of the file): an int4-sym store, whose
+  nibbles and float16 scales are the file's blocks bit for bit, 4.5 bits a
+  weight as in the file.
+- Q4_0, Q4_1, Q4_K at group size 32 otherwise: the nibbles are kept and the
+  block scales and mins become int4 scales and zeros (mer.quant.gguf_blocks),
+  exact up to rounding scale and zero to bf16.
 - everything else (Q8_0, Q5_K, Q6_K, MXFP4, F16, BF16, F32): dequantized by
   `gguf` and requantized to int4 at the store's group size. The alternative,
   an int8 store (`--quant int8`), keeps them closer at 1.6x the bytes read
@@ -41,6 +44,7 @@ from mer.store.gguf_source import GGUFSource
 from mer.store.writer import StoreWriter
 
 EXACT_ACTION = "int4 g32, blocks kept (scale, zero -> bf16)"
+SYMMETRIC_ACTION = "int4-sym g32, blocks kept bit for bit"
 MXFP4_ACTION = "mxfp4, blocks kept"
 BIAS_ACTION = "expert bias, float32"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
@@ -62,7 +66,11 @@ class Plan:
 
     def exact(self, type_name: str) -> bool:
         ef = self.expert_format
-        return ef.scheme == "int4" and ef.group_size == 32 and type_name in gguf_blocks.EXACT_TYPES
+        if ef.group_size != 32:
+            return False
+        if ef.scheme == "int4-sym":
+            return type_name == "Q4_0"
+        return ef.scheme == "int4" and type_name in gguf_blocks.EXACT_TYPES
 
     def native(self, type_name: str) -> bool:
         return self.expert_format.scheme == "mxfp4" and type_name == "MXFP4"
@@ -74,13 +82,13 @@ class Plan:
             return "dense, bf16"
         ef = self.expert_format
         if self.exact(type_name):
-            return EXACT_ACTION
+            return SYMMETRIC_ACTION if ef.scheme == "int4-sym" else EXACT_ACTION
         if self.native(type_name):
             return MXFP4_ACTION
         if ef.scheme == "mxfp4":
             return "mxfp4, requantized"
-        if ef.scheme == "int4":
-            return f"int4 g{ef.group_size}, requantized"
+        if ef.scheme in ("int4", "int4-sym"):
+            return f"{ef.scheme} g{ef.group_size}, requantized"
         if ef.scheme == "int8":
             return "int8 per row, requantized"
         return "bf16"
@@ -166,6 +174,12 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ConvertError(f"{where}: missing tensors {', '.join(missing[:3])}{more}")
+    expert_types = {source.tensors[g].type_name for g, (_, _, x) in expected.items() if x is True}
+    if quant == "int4" and group_size == 32 and expert_types == {"Q4_0"}:
+        # Q4_0 is symmetric: its blocks kept as they are read 10% fewer bytes than as pairs
+        p.expert_format = ExpertFormat.for_machine(
+            "int4-sym", cfg.hidden_size, cfg.intermediate_size, group_size, bias=ef.bias
+        )
     # A tensor nobody asked for would be silently dropped (a router bias, a rope table):
     # refuse rather than convert a different model.
     mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + gguf_arch.mtp_layers(source.meta))
@@ -238,12 +252,19 @@ def _floats(source: GGUFSource, p: Plan, name: str, e: int) -> torch.Tensor:
 
 
 def _int4_rows(source: GGUFSource, p: Plan, name: str, e: int):
-    """One expert's slice of a stack as int4 (q, scales, zeros), exactly where the type allows."""
+    """One expert's slice of a stack as int4 (q, scales, zeros; for int4-sym q and scales),
+    exactly where the type allows."""
     tensor, index, count = _where(p, name, e)
-    t = source.tensors[tensor]
+    t, ef = source.tensors[tensor], p.expert_format
     if p.exact(t.type_name):
-        return gguf_blocks.decode(source.raw(tensor, index, count), t.type_name, t.shape[-1])
-    return int4.quantize(source.floats(tensor, index, count), p.expert_format.group_size)
+        q, scales, zeros = gguf_blocks.decode(
+            source.raw(tensor, index, count), t.type_name, t.shape[-1]
+        )
+        return (q, scales) if ef.scheme == "int4-sym" else (q, scales, zeros)
+    w = source.floats(tensor, index, count)
+    if ef.scheme == "int4-sym":
+        return int4.quantize_symmetric(w, ef.group_size)
+    return int4.quantize(w, ef.group_size)
 
 
 def _mxfp4_parts(source: GGUFSource, p: Plan, name: str, e: int) -> dict[str, torch.Tensor]:
@@ -276,14 +297,17 @@ def expert_extent(source: GGUFSource, p: Plan, layer: int, e: int) -> torch.Tens
         gate_up = {k: torch.cat([gate[k], up[k]]) for k in gate}
         down = _mxfp4_parts(source, p, names["w2"], e)
         return ef.encode_native(gate_up, down, bias.get("gate_up_bias"), bias.get("down_bias"))
-    if ef.scheme == "int4":
+    if ef.scheme in ("int4", "int4-sym"):
         parts = {}
         gate_up = [names["w13"]] if "w13" in names else [names["w1"], names["w3"]]
         for part, stacks in (("gate_up", gate_up), ("down", [names["w2"]])):
             pieces = [_int4_rows(source, p, n, e) for n in stacks]
-            q, scales, zeros = (torch.cat(x, 0) for x in zip(*pieces, strict=True))
+            q, *scales = (torch.cat(x, 0) for x in zip(*pieces, strict=True))
             parts[f"{part}.packed"] = int4.pack(q, ef.layout)
-            parts[f"{part}.scales_zeros"] = int4.pack_scales_zeros(scales, zeros)
+            if ef.scheme == "int4-sym":
+                parts[f"{part}.scales"] = int4.pack_scales(scales[0])
+            else:
+                parts[f"{part}.scales_zeros"] = int4.pack_scales_zeros(*scales)
         return ef.assemble(parts | ef._bias_parts(*bias.values()) if bias else parts)
     if "w13" in names:
         w1, w3 = _floats(source, p, names["w13"], e).chunk(2, 0)
@@ -379,7 +403,7 @@ def convert_gguf(
             tok_files = tokenizer_files(source.parts[0], Path(tok_dir), source.meta)
             with StoreWriter(dst, cfg, p.hf_config, ef, overwrite=force,
                              dense_quant=dense_quant) as writer:  # fmt: skip
-                with progress_bar(total, f"convert {src.name} -> {quant}", progress) as bar:
+                with progress_bar(total, f"convert {src.name} -> {ef.scheme}", progress) as bar:
                     for ours, g in p.dense.items():
                         writer.add_dense(ours, dense_tensor(source, p, ours))
                         bar.advance(source.tensors[g].nbytes)

@@ -25,7 +25,8 @@ def print_choices(rows: list[tuple[str, str, int, tuple | None]]) -> None:
         t.add_row(kind, action, str(n), f"{err[0]:.2e}, {err[1]:.2e}" if err else "")
     console = Console(file=sys.stderr, highlight=False, soft_wrap=True, emoji=False)
     console.print(t)
-    lossy = sorted({kind for kind, action, _, _ in rows if action.startswith("int4 g") and
+    int4_ = ("int4 g", "int4-sym g")
+    lossy = sorted({kind for kind, action, _, _ in rows if action.startswith(int4_) and
                     "requantized" in action})  # fmt: skip
     if lossy:
         console.print(

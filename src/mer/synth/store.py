@@ -28,18 +28,22 @@ from mer.synth.tokenizer import build_tokenizer, write_tokenizer_files
 
 
 def random_int4_extent(ef: ExpertFormat, rng: np.random.Generator) -> torch.Tensor:
-    """An int4 extent of random nibbles whose scales and zeros look like a trained model's."""
+    """An int4 (or int4-sym) extent of random nibbles whose scales and zeros look like a
+    trained model's."""
     buf = torch.from_numpy(rng.integers(0, 256, ef.nbytes, dtype=np.uint8))
     for p in ef.parts:
-        if p.name.endswith("scales_zeros"):
+        if p.name.endswith((".scales_zeros", ".scales")):
             k = p.shape[0] * p.shape[1]  # groups
             fan_in = p.shape[0] * ef.group_size
             step = 5.0 / np.sqrt(fan_in) / 15  # a group of N(0, 1/fan_in) spans ~5 std
             sz = np.empty((k, 2), dtype=np.float32)
             sz[:, 0] = step * rng.uniform(0.6, 1.4, k)
             sz[:, 1] = 0.1 * step * rng.standard_normal(k)
-            t = torch.from_numpy(sz).to(torch.bfloat16).reshape(-1).view(torch.uint8)
-            buf[p.offset : p.offset + p.nbytes] = t
+            if p.dtype == torch.float16:  # scales alone
+                t = torch.from_numpy(sz[:, 0].copy()).to(torch.float16)
+            else:
+                t = torch.from_numpy(sz).to(torch.bfloat16).reshape(-1)
+            buf[p.offset : p.offset + p.nbytes] = t.view(torch.uint8)
     return buf
 
 
@@ -53,14 +57,14 @@ def write_random_store(
     dense_quant: str = "bf16",
 ) -> Path:
     """`dense_quant` ("int8", "int4") stores the quantizable dense matrices so (as convert)."""
-    if quant != "int4":
-        raise ValueError("random stores are int4 only")
+    if quant not in ("int4", "int4-sym"):
+        raise ValueError("random stores are int4 or int4-sym only")
     cfg = ModelConfig.from_hf(hf)
     group_size = group_size or int4.default_group_size(cfg.hidden_size, cfg.intermediate_size)
     try:
-        ef = ExpertFormat.for_machine("int4", cfg.hidden_size, cfg.intermediate_size, group_size)
+        ef = ExpertFormat.for_machine(quant, cfg.hidden_size, cfg.intermediate_size, group_size)
     except ValueError as e:
-        raise ConfigError(f"cannot store experts as int4: {e}") from None
+        raise ConfigError(f"cannot store experts as {quant}: {e}") from None
     names = naming.dense_names(family(cfg.model_type), cfg)
     dense = [(n, s) for n, s in tensor_specs(hf) if n in names]
     total = len(dense) + cfg.num_experts_total

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from mer.quant.schemes import bf16, int4, int8, mxfp4
+from mer.quant.schemes import bf16, int4, int4_sym, int8, mxfp4
 
 if TYPE_CHECKING:
     from mer.quant.expert import ExpertFormat
@@ -55,7 +55,7 @@ class Scheme(Protocol):
         ...
 
 
-REGISTRY: dict[str, Scheme] = {m.NAME: m for m in (int4, int8, bf16, mxfp4)}
+REGISTRY: dict[str, Scheme] = {m.NAME: m for m in (int4, int4_sym, int8, bf16, mxfp4)}
 
 
 def scheme(name: str) -> Scheme:

@@ -47,13 +47,18 @@ def encode(fmt: ExpertFormat, w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def view(fmt: ExpertFormat, t: dict[str, torch.Tensor], n: int, k: int) -> int4.Int4Linear:
-    packed = t["packed"]
-    machine = int4.kernel_layout()
-    if fmt.layout != machine:
-        # A store written on another CPU family: correct, but each read pays a repack.
-        _warn_repack(fmt.layout, machine)
-        packed = int4.pack(int4.unpack(packed, n, k, fmt.layout), machine)
+    packed = packed_for_machine(fmt, t["packed"], n, k)
     return int4.Int4Linear(packed, t["scales_zeros"], fmt.group_size, n, k)
+
+
+def packed_for_machine(fmt: ExpertFormat, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The nibbles in this machine's kernel layout: as they lie, or repacked (correct, but
+    each read pays it) from a store written on another CPU family."""
+    machine = int4.kernel_layout()
+    if fmt.layout == machine:
+        return packed
+    _warn_repack(fmt.layout, machine)
+    return int4.pack(int4.unpack(packed, n, k, fmt.layout), machine)
 
 
 BIASED_EXPERTS = True  # `expert` takes BiasedLinear maps too
@@ -80,5 +85,5 @@ def _warn_repack(stored: str, machine: str) -> None:
         warnings.warn(
             f"store packs int4 as {stored}, this CPU's kernel wants {machine}: "
             "experts are repacked on every read (re-convert the store on this machine to avoid it)",
-            stacklevel=4,
+            stacklevel=5,
         )
