@@ -87,7 +87,7 @@ def test_the_chooser_falls_back_when_a_kernel_is_missing_or_fails_its_probe(
     if "c-int8" not in dense_paths.available(q.linear):
         pytest.skip("no AVX-512 VNNI kernel here: nothing to fall back from")
     monkeypatch.setattr(int4_paths, "_probe_i8", lambda lib: False)  # VNNI disagrees here
-    int4_paths.int8_available.cache_clear()
+    int4_paths._probe_once.cache_clear()
     try:
         assert dense_paths.available(q.linear) == ["tinygemm", "tinygemm-1", "c", "c-1"]
         x = torch.randn(3, 384).bfloat16()
@@ -110,7 +110,7 @@ def test_the_chooser_falls_back_when_a_kernel_is_missing_or_fails_its_probe(
         assert _rel(linear(x, q), ref) < TOLERANCE[torch.bfloat16]
     finally:
         monkeypatch.undo()
-        int4_paths.int8_available.cache_clear()
+        int4_paths._probe_once.cache_clear()
     assert int4_paths.int8_available()
 
 

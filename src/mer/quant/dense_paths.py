@@ -133,7 +133,7 @@ def matmul(lin: int4.Int4Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _key(lin: int4.Int4Linear, cls: str, dtype: torch.dtype) -> tuple:
-    return (lin.n, lin.k, lin.group_size, cls, dtype, torch.get_num_threads())
+    return (lin.n, lin.k, lin.group_size, lin.symmetric, cls, dtype, torch.get_num_threads())
 
 
 def _kernel(path: str) -> str:
@@ -154,7 +154,6 @@ def _same_family(lin: int4.Int4Linear, cls: str, dtype: torch.dtype, paths: list
 
 def path_for(lin: int4.Int4Linear, x: torch.Tensor) -> str:
     forced = os.environ.get("MER_DENSE_INT4_PATH")
-    paths = eligible(lin, x.dtype)
     if forced:
         if forced not in PATHS:
             raise ValueError(f"MER_DENSE_INT4_PATH must be one of {', '.join(PATHS)}")
@@ -163,8 +162,8 @@ def path_for(lin: int4.Int4Linear, x: torch.Tensor) -> str:
         return "tinygemm-1" if forced.endswith("-1") else "tinygemm"
     cls = int4_paths.shape_class(x.shape[0])
     key = _key(lin, cls, x.dtype)
-    if key not in _chosen:
-        paths = _same_family(lin, cls, x.dtype, paths)
+    if key not in _chosen:  # every call asks: the candidates are worked out only the first time
+        paths = _same_family(lin, cls, x.dtype, eligible(lin, x.dtype))
         if len(paths) == 1:
             _chosen[key] = paths[0]
         elif cls == "decode":

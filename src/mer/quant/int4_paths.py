@@ -69,10 +69,14 @@ def shape_class(tokens: int) -> str:
     return "decode" if tokens <= 1 else "small" if tokens < 32 else "prefill"
 
 
-@functools.cache
 def _lib(symmetric: bool = False) -> ctypes.CDLL | None:
     """The C kernels where they build here as the AVX-512 path and pass their probe; with
     `symmetric`, their build for float16 scales alone (`int4.Int4Linear.symmetric`)."""
+    return _built(bool(symmetric))  # one library object per build, however it is asked for
+
+
+@functools.cache
+def _built(symmetric: bool) -> ctypes.CDLL | None:
     flags = SYMMETRIC if symmetric else ()
     lib = native.build_avx512(SOURCE, "int4 C kernel (PyTorch paths only)", "int4_simd", flags)
     if lib is None:
@@ -103,10 +107,14 @@ def _lib(symmetric: bool = False) -> ctypes.CDLL | None:
     return lib
 
 
-@functools.cache
 def _lib_avx2(symmetric: bool = False) -> ctypes.CDLL | None:
     """The same source built for AVX2 + FMA without AVX-512 (what a CPU without AVX-512
     builds natively), where it builds and passes its probe on both "halves" layouts."""
+    return _built_avx2(bool(symmetric))
+
+
+@functools.cache
+def _built_avx2(symmetric: bool) -> ctypes.CDLL | None:
     flags = ("-mno-avx512f", "-mavx2", "-mfma", *(SYMMETRIC if symmetric else ()))
     try:
         lib = native.build(SOURCE, flags)
@@ -135,18 +143,22 @@ def block_rows(layout: str) -> int | None:
     return block if mode == "halves" else None
 
 
-@functools.cache
 def bf16_available(symmetric: bool = False) -> bool:
     """The AVX512_BF16 fused FFN built and matches the reference on a probe."""
-    lib = _lib(symmetric)
-    return lib is not None and hasattr(lib, "int4_ffn_bf16") and _probe_bf16(lib)
+    return _probe_once(_lib(symmetric), "int4_ffn_bf16")
+
+
+def int8_available(symmetric: bool = False) -> bool:
+    """The AVX512_VNNI fused FFN (int8 activations) built and matches the reference."""
+    return _probe_once(_lib(symmetric), "int4_ffn_i8")
 
 
 @functools.cache
-def int8_available(symmetric: bool = False) -> bool:
-    """The AVX512_VNNI fused FFN (int8 activations) built and matches the reference."""
-    lib = _lib(symmetric)
-    return lib is not None and hasattr(lib, "int4_ffn_i8") and _probe_i8(lib)
+def _probe_once(lib: ctypes.CDLL | None, fn: str) -> bool:
+    """Whether `lib` has `fn` (built only where the compiler targets its instructions) and
+    it passes its probe; asked of each library once."""
+    probe = {"int4_ffn_bf16": _probe_bf16, "int4_ffn_i8": _probe_i8}[fn]
+    return lib is not None and hasattr(lib, fn) and probe(lib)
 
 
 def native_available(symmetric: bool = False) -> bool:
@@ -164,12 +176,28 @@ def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = Non
     (default: by its size)."""
     x32 = x.float().contiguous()
     t, g = len(x32), lin.group_size
-    xq = torch.empty(t, lin.k, dtype=torch.int8)
-    sx, xs, y = torch.empty(t * lin.k // g), torch.empty(t * lin.k // g), torch.empty(t, lin.n)
-    _lib(lin.symmetric).int4_linear_i8(lin.packed.data_ptr(), lin.scales.data_ptr(), x32.data_ptr(),
-                          xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), y.data_ptr(), t, lin.n,
-                          lin.k, g, threads or threads_for(lin.packed.nbytes))  # fmt: skip
+    xq, sx, xs = _i8_scratch(t, lin.k, g)
+    y = torch.empty(t, lin.n)
+    _lib(lin.symmetric).int4_linear_i8(lin.packed.data_ptr(), lin.scales.data_ptr(),
+                                       x32.data_ptr(), xq.data_ptr(), sx.data_ptr(), xs.data_ptr(),
+                                       y.data_ptr(), t, lin.n, lin.k, g,
+                                       threads or threads_for(lin.packed.nbytes))  # fmt: skip
     return y
+
+
+def _i8_scratch(t: int, k: int, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """c_linear_i8's int8 activations and their group scales and sums: for one token (a
+    decode step's dense matrices, a dozen calls a token) kept per thread and reused, since
+    each allocation costs more than it should on caches the weights have just swept."""
+    if t != 1:
+        return torch.empty(t, k, dtype=torch.int8), torch.empty(t * k // g), torch.empty(t * k // g)
+    cache = getattr(_scratches, "i8", None)
+    if cache is None:
+        cache = _scratches.i8 = {}
+    key = (k, g)
+    if key not in cache:
+        cache[key] = (torch.empty(1, k, dtype=torch.int8), torch.empty(k // g), torch.empty(k // g))
+    return cache[key]
 
 
 def dequantize_rows(lin: int4.Int4Linear, n0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -422,8 +450,18 @@ RUNNERS: dict[str, Callable[[ExpertWeights, torch.Tensor], torch.Tensor]] = {
 # --- one token through several experts of a shape: one C call -----------------------------
 
 
-def _pointers(ts: list[torch.Tensor]):
-    return (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts))
+def _pointer_arrays(es: list[Int4Expert]) -> tuple[ctypes.Array, list[int]]:
+    """The C group call's four arrays of pointers (gate_up's nibbles and scales, down's), in
+    one ctypes array: (the array, to keep alive over the call; the four arrays' addresses).
+    A decode step builds this per layer, on caches its weights have just swept, where every
+    Python object made costs: one array, and each expert's pointers read once per expert."""
+    n = len(es)
+    arr = (ctypes.c_void_p * (4 * n))()
+    ptrs = [e.pointers for e in es]
+    for j in range(4):
+        arr[j * n : (j + 1) * n] = [p[j] for p in ptrs]
+    base, size = ctypes.addressof(arr), ctypes.sizeof(ctypes.c_void_p)
+    return arr, [base + j * n * size for j in range(4)]
 
 
 def decode_group(
@@ -439,23 +477,21 @@ def decode_group(
     fused C kernel, or for a sum in another dtype than bfloat16 or float32 (the caller runs
     each)."""
 
-    def shape(e):
-        return type(e), e.down.n, e.ffn, e.gate_up.group_size, e.down.group_size, e.down.symmetric
-
     e0 = es[0]
-    if x.shape[0] != 1 or type(e0) is not Int4Expert or any(shape(e) != shape(e0) for e in es):
+    if x.shape[0] != 1 or any(type(e) is not Int4Expert for e in es):
+        return None
+    key = e0.group_key
+    if any(e.group_key != key for e in es):
         return None
     if weights is not None and x.dtype not in (torch.bfloat16, torch.float32):
         return None
     path = path_for(e0, 1, x.dtype)
     if path not in ("c-fused", "c-bf16", "c-int8"):
         return None
-    n, (_, hidden, ffn, gu_g, d_g, sym) = len(es), shape(e0)
+    n, (hidden, ffn, gu_g, d_g, sym, nbytes) = len(es), key
     lib = _lib(sym)
-    threads = threads_for(n * (e0.gate_up.packed.nbytes + e0.down.packed.nbytes))
-    gu_p, d_p = _pointers([e.gate_up.packed for e in es]), _pointers([e.down.packed for e in es])
-    gu_s = _pointers([e.gate_up.scales for e in es])
-    d_s = _pointers([e.down.scales for e in es])
+    threads = threads_for(n * nbytes)
+    keep, (gu_p, gu_s, d_p, d_s) = _pointer_arrays(es)
     b = _scratch(path, n, hidden, ffn, gu_g, d_g, threads)
     y = b["y"]
     if path == "c-int8":
@@ -466,8 +502,8 @@ def decode_group(
                               b["scratch"].data_ptr(), y.data_ptr(), hidden, ffn, gu_g, d_g,
                               threads)  # fmt: skip
     elif path == "c-bf16":
-        b["xb"].copy_(x[0])
-        lib.int4_ffn_bf16_group(n, gu_p, gu_s, d_p, d_s, b["xb"].data_ptr(), b["h16"].data_ptr(),
+        xb = x if x.dtype == torch.bfloat16 and x.is_contiguous() else b["xb"].copy_(x[0])
+        lib.int4_ffn_bf16_group(n, gu_p, gu_s, d_p, d_s, xb.data_ptr(), b["h16"].data_ptr(),
                                 b["scratch"].data_ptr(), b["xs"].data_ptr(), b["hs"].data_ptr(),
                                 y.data_ptr(), hidden, ffn, gu_g, d_g, threads)  # fmt: skip
     else:
@@ -802,6 +838,20 @@ def path_for(e: ExpertWeights, tokens: int, dtype: torch.dtype = torch.bfloat16)
 @dataclass(frozen=True)
 class Int4Expert(ExpertWeights):
     """An int4 SwiGLU expert whose call takes the path chosen for its token count here."""
+
+    @functools.cached_property
+    def group_key(self) -> tuple[int, int, int, int, bool, int]:
+        """What experts run in one C group call share: hidden and ffn sizes, both group
+        sizes, symmetry; and the bytes of nibbles an expert has (for the thread count)."""
+        gu, d = self.gate_up, self.down
+        nbytes = gu.packed.nbytes + d.packed.nbytes
+        return d.n, self.ffn, gu.group_size, d.group_size, d.symmetric, nbytes
+
+    @functools.cached_property
+    def pointers(self) -> tuple[int, int, int, int]:
+        """Addresses of gate_up's nibbles and scales and down's, for the C group call."""
+        gu, d = self.gate_up, self.down
+        return gu.packed.data_ptr(), gu.scales.data_ptr(), d.packed.data_ptr(), d.scales.data_ptr()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return RUNNERS[path_for(self, x.shape[0], x.dtype)](self, x)
