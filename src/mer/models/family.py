@@ -193,6 +193,9 @@ class Family:
 
     def attend(self, m: MoETransformer, i: int, q, k, v, spans) -> torch.Tensor:
         """Each sequence's queries against its cache (after appending its new k, v), then o."""
+        if len(spans) == 1:  # one sequence (a lone decode step): no slices, no gathering copy
+            _, kv, mask = spans[0]
+            return linear(attention(q, *kv.append(i, k, v), mask), m.w[f"layers.{i}.o"])
         out = torch.empty(q.shape[0], q.shape[1] * v.shape[2], dtype=q.dtype)
         for span, kv, mask in spans:
             out[span] = attention(q[span], *kv.append(i, k[span], v[span]), mask)
