@@ -367,3 +367,30 @@ def test_prefetches_are_read_in_small_chunks_so_demand_reads_wait_less(small_sto
     assert demand == [(x.offset, x.length)]
     assert sorted(sizes) == [(x.offset + a, 4096) for a in range(0, x.length, 4096)]
     assert bytes(mem[: x.length]) == bytes(mem[x.length : 2 * x.length])  # the same bytes
+
+
+def test_forced_routing_weighs_with_a_float32_router_in_a_bfloat16_model(tmp_path):
+    """DeepSeek keeps its router in float32: a bf16 model's hidden state meets it in the
+    router's dtype when forced routing weighs the trace's experts (bench decode on a
+    DeepSeek-V2-Lite-shape store failed on the dtype mismatch)."""
+    from mer.synth.checkpoint import hf_config
+    from mer.synth.store import write_random_store
+
+    store = write_random_store(tmp_path / "s", hf_config("tiny-deepseek-v2"), progress=False)
+    model = mer.api.open(store, ram_budget="64MiB", prefetch=False, dtype="bfloat16")
+    cfg = model.config
+    assert model.transformer.w[f"layers.{cfg.moe_layers[0]}.router"].dtype == torch.float32
+    trace = sticky_trace(layers=len(cfg.moe_layers), experts=cfg.num_local_experts,
+                         k=cfg.num_experts_per_tok)  # fmt: skip
+    routing = TraceRouting.for_model(trace, model.transformer)
+    model.transformer.routing_override = routing
+    seen = []
+    model.transformer.routing_hooks.append(lambda i, h, ids, w: seen.append((ids, w)))
+    decode_sequences(model.transformer, routing, [[0]], lambda group, n: None)
+    model.close()
+    assert routing.passes == 24
+    ids, w = seen[0]
+    assert torch.equal(
+        ids[0].sort().values, torch.from_numpy(trace.experts[0, 0]).long().sort().values
+    )
+    assert w.dtype == torch.float32 and bool((w > 0).all()) and bool((w < 1).all())

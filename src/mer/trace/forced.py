@@ -83,7 +83,8 @@ class TraceRouting:
         if self.trace.weights is not None:
             w = torch.from_numpy(self.trace.weights[rows, j].astype(np.float32))
         else:
-            probs = F.softmax(F.linear(hidden, self.routers[layer]).float(), dim=-1)  # [T, E]
+            router = self.routers[layer]  # bf16, or float32 where the family keeps it so
+            probs = F.softmax(F.linear(hidden.to(router.dtype), router).float(), dim=-1)  # [T, E]
             w = probs.gather(1, forced)
             if self.norm_topk:
                 w = w / w.sum(-1, keepdim=True)
