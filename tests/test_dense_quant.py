@@ -219,7 +219,7 @@ def test_the_int4_dense_path_is_measured_once_per_shape_and_class():
     x = torch.randn(1, 256)
     chosen = dense_paths.path_for(q.linear, x)
     assert chosen in dense_paths.eligible(q.linear)
-    key = (192, 256, q.linear.group_size, "decode", torch.float32, torch.get_num_threads())
+    key = (192, 256, q.linear.group_size, False, "decode", torch.float32, torch.get_num_threads())
     assert dense_paths._chosen[key] == chosen
     ms = dense_paths.measure(q.linear, dense_paths.eligible(q.linear), 1, torch.float32)
     assert set(ms) == set(dense_paths.eligible(q.linear)) and all(v > 0 for v in ms.values())

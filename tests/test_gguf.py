@@ -638,3 +638,15 @@ def test_synth_gguf_of_deepseek_and_glm_converts_to_the_same_config(preset, tmp_
     assert main(["synth", str(out), "--gguf", "--preset", preset, "--gguf-type", "Q4_0"]) == 0
     store = Store(convert(out, tmp_path / "s", progress=False))
     assert store.config == ModelConfig.from_hf(hf_config(preset))
+
+
+def test_the_report_says_what_the_dense_tensors_became(tmp_path):
+    """With --dense-quant, the matrices the writer quantized are reported as such, not as
+    the bf16 the plan starts from; norms and the embedding stay bf16."""
+    ckpt = tmp_path / "hf"
+    save_tiny("qwen3_moe", ckpt)
+    files = write_tiny_gguf(ckpt, tmp_path / "m.gguf", "Q8_0")
+    report = []
+    convert_gguf(files[0], tmp_path / "s", progress=False, report=report, dense_quant="int8")
+    dense = {r[1] for r in report if r[1].startswith("dense")}
+    assert dense == {"dense, int8", "dense, bfloat16"}

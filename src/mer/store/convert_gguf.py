@@ -47,6 +47,7 @@ EXACT_ACTION = "int4 g32, blocks kept (scale, zero -> bf16)"
 SYMMETRIC_ACTION = "int4-sym g32, blocks kept bit for bit"
 MXFP4_ACTION = "mxfp4, blocks kept"
 BIAS_ACTION = "expert bias, float32"
+DENSE_ACTION = "dense, bf16"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 
 
@@ -79,7 +80,7 @@ class Plan:
         if expert == "bias":
             return BIAS_ACTION
         if not expert:
-            return "dense, bf16"
+            return DENSE_ACTION  # until the writer says what it stored (convert_gguf)
         ef = self.expert_format
         if self.exact(type_name):
             return SYMMETRIC_ACTION if ef.scheme == "int4-sym" else EXACT_ACTION
@@ -407,6 +408,10 @@ def convert_gguf(
                     for ours, g in p.dense.items():
                         writer.add_dense(ours, dense_tensor(source, p, ours))
                         bar.advance(source.tensors[g].nbytes)
+                    # what the writer made of each (--dense-quant quantizes what it can)
+                    p.rows = [(g, kind, shape, ours, f"dense, {writer.stored_as(ours)}")
+                              if action == DENSE_ACTION else (g, kind, shape, ours, action)
+                              for g, kind, shape, ours, action in p.rows]  # fmt: skip
                     for layer, e in cfg.expert_keys():
                         extent = expert_extent(source, p, layer, e)
                         writer.add_expert(layer, e, extent)

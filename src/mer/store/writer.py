@@ -118,6 +118,15 @@ class StoreWriter:
                 return
         self._dense_table[name] = self._append(t.to(dtype or self.dense_dtype))
 
+    def stored_as(self, name: str) -> str:
+        """How dense tensor `name` went into the store: its quantization ("int4 g128",
+        "int8") or its dtype ("bfloat16", "float32")."""
+        entry = self._dense_table[name]
+        if "scheme" in entry:
+            g = entry.get("group_size")
+            return entry["scheme"] + (f" g{g}" if g else "")
+        return entry["dtype"]
+
     def _append(self, t: torch.Tensor) -> dict:
         """Write `t` at the next aligned offset of the dense file; its table entry."""
         t = t.contiguous()
