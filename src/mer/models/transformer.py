@@ -148,7 +148,7 @@ class MoETransformer:
         for t, kv in batch:
             kv.advance(len(t))
         self.experts.next_step()
-        if not all_logits:
+        if not all_logits and len(x) > len(batch):  # one token a sequence: x is the last ones
             x = x[torch.tensor([s.stop - 1 for s, _, _ in spans_of[windows[0]]])]
         return linear(rms_norm(x, w["norm"], cfg.rms_norm_eps), w["lm_head"]).float()
 
