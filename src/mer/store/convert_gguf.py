@@ -28,7 +28,7 @@ built into tokenizer.json by transformers' GGUF converter.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -178,9 +178,7 @@ def plan(source: GGUFSource, quant: str = "int4", group_size: int | None = None)
     expert_types = {source.tensors[g].type_name for g, (_, _, x) in expected.items() if x is True}
     if quant == "int4" and group_size == 32 and expert_types == {"Q4_0"}:
         # Q4_0 is symmetric: its blocks kept as they are read 10% fewer bytes than as pairs
-        p.expert_format = ExpertFormat.for_machine(
-            "int4-sym", cfg.hidden_size, cfg.intermediate_size, group_size, bias=ef.bias
-        )
+        p.expert_format = replace(ef, scheme="int4-sym")
     # A tensor nobody asked for would be silently dropped (a router bias, a rope table):
     # refuse rather than convert a different model.
     mtp = range(cfg.num_hidden_layers, cfg.num_hidden_layers + gguf_arch.mtp_layers(source.meta))

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from mer.quant.expert import ExpertFormat
 
 NAME = "int4-sym"
-BIASED_EXPERTS = True
+BIASED_EXPERTS = asymmetric.BIASED_EXPERTS
 
 machine_fields = asymmetric.machine_fields
 check = asymmetric.check
