@@ -306,6 +306,13 @@ def test_a_shape_takes_one_path_for_every_class_in_bf16_and_float32():
     pruned = {"decode": {"tinygemm": 1.0, "c-bf16": 1.1}, "small": {"c-bf16": 1.0},
               "prefill": {"c-bf16": 1.0}}  # fmt: skip
     assert int4_paths._pick(pruned) == dict.fromkeys(pruned, "c-bf16")
+    # No path kept in every class (a fresh machine measured this for a Qwen3 expert, and the
+    # choice crashed): one dropped from a class costs PRUNE there.
+    apart = {"decode": {"c-bf16": 1.0, "c-int8": 1.05}, "small": {"c-int8": 1.0},
+             "prefill": {"c-bf16": 1.0, "dequant-bf16": 1.1}}  # fmt: skip
+    assert int4_paths._pick(apart) == dict.fromkeys(apart, "c-bf16")
+    apart["prefill"]["c-int8"] = 1.2
+    assert int4_paths._pick(apart) == dict.fromkeys(apart, "c-int8")
     assert not int4_paths._consistent({"decode": "c-bf16", "small": "tinygemm",
                                        "prefill": "c-bf16"})  # fmt: skip
 

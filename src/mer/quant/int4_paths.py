@@ -61,6 +61,7 @@ PATHS = ("tinygemm", "c-fused", "c-bf16", "c-int8", "c-avx2", "dequant-bf16", "d
 CLASSES = {"decode": 1, "small": 8, "prefill": 64}
 ROUNDS = 4
 ROUND_S = 0.02  # seconds of calls per candidate and round, at least
+PRUNE = 3.0  # a candidate this many times behind the best after one round is timed no more
 GRAIN = 1 << 20  # weight bytes per C thread at least
 CHUNK = 512  # rows dequantized at a time: a few MiB, so the GEMM reads them from cache
 
@@ -675,8 +676,8 @@ def measure(
     """Each candidate's ms on `tokens` bf16 tokens through `e`: calls alternate between
     candidates in rounds (each round calls a candidate for ROUND_S at least), and the score
     is the 20th percentile of its calls, which the other processes of a busy machine
-    inflate least. Candidates whose fastest call of the first round is 3x behind the best
-    one's are dropped: they would not win, and timing them again is most of the cost."""
+    inflate least. Candidates whose fastest call of the first round is PRUNE times behind
+    the best one's are dropped: they would not win, and timing them again is most of the cost."""
     x = torch.randn(tokens, e.down.n, generator=torch.Generator().manual_seed(0))
     x = x.to(dtype)
     for c in candidates:
@@ -691,7 +692,7 @@ def measure(
                     break
         if r == 0:
             best = min(min(ts) for ts in times.values())
-            times = {c: ts for c, ts in times.items() if min(ts) <= 3 * best}
+            times = {c: ts for c, ts in times.items() if min(ts) <= PRUNE * best}
     return {c: sorted(ts)[len(ts) // 5] * 1e3 for c, ts in times.items()}
 
 
@@ -779,11 +780,14 @@ def _pick(ms: dict[str, dict[str, float]]) -> dict[str, str]:
     token's output depend on how many tokens of the pass its experts saw: a request decoded
     alone and batched, or a prompt prefilled packed with other requests' tokens, gave
     other sampled text (a clean-clone CI run, on a CPU whose fastest path per class
-    differed). One path keeps continuous batching's promise: same seed, same tokens."""
-    everywhere = set.intersection(*(set(t) for t in ms.values()))
-    if not everywhere:  # pruned somewhere: the decode winner, which decode must have
-        everywhere = {min(ms["decode"], key=ms["decode"].get)}
-    cost = {p: sum(t[p] / min(t.values()) for t in ms.values()) for p in everywhere}
+    differed). One path keeps continuous batching's promise: same seed, same tokens.
+
+    A path `measure` dropped from a class was at least PRUNE times behind there: it costs
+    that much in that class, so a path every class kept wins over one some class dropped
+    unless it is slower still, and a choice exists when no path survived in every class."""
+    paths = dict.fromkeys(p for t in ms.values() for p in t)
+    cost = {p: sum(t[p] / min(t.values()) if p in t else PRUNE for t in ms.values())
+            for p in paths}  # fmt: skip
     one = min(cost, key=cost.get)
     return dict.fromkeys(ms, one)
 
