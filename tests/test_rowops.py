@@ -176,7 +176,7 @@ def test_a_build_that_disagrees_is_named_and_nothing_is_used(monkeypatch):
             pass  # computes nothing: the probe must refuse it
 
     class Lib:
-        rms_norm_bf16 = rope_bf16 = attend_one_bf16 = route_bf16 = Fn()
+        rms_norm_bf16 = rope_bf16 = attend_one_bf16 = route_bf16 = attend_decode_bf16 = Fn()
 
         @staticmethod
         def rowops_simd():
@@ -202,3 +202,84 @@ def test_shapes_that_do_not_fit_go_to_the_formula_and_its_error():
     assert rowops.attend_one(q, k, k, torch.ones(1, 5), None, 1.0) is None  # not a bool mask
     with pytest.raises(RuntimeError):
         layers.rms_norm(x, torch.ones(32, dtype=BF16), 1e-6)
+
+
+@pytest.mark.parametrize("qk_norm,window", [(True, None), (False, None), (True, 5)])
+def test_a_decode_tokens_attention_in_one_call_is_its_steps_bits(qk_norm, window):
+    """attend_decode (QK norms, rotary, cache write, attention in one call) gives the bits
+    of the row kernels it replaces called one after another, and writes the token's key
+    (normed, rotated) and value at its row of the cache, nothing else."""
+    _lib_or_skip()
+    gen = _gen(7 + (window or 0))
+    hq, hkv, d, cap, pos = 8, 2, 64, 20, 11
+    q, k, v = (torch.randn(1, n * d, generator=gen).to(BF16) for n in (hq, hkv, hkv))
+    qn, kn = (torch.randn(d, generator=gen).to(BF16) for _ in range(2)) if qk_norm else (None,) * 2
+    kc, vc = (torch.randn(cap, hkv, d, generator=gen).to(BF16) for _ in range(2))
+    rotary = layers.Rotary(d, 10000.0, 64)
+    cos, sin = rotary.tables(torch.tensor([pos]), BF16)
+    mask = layers.causal_mask(torch.tensor([pos]), pos + 1, window)
+    want_kc, want_vc = kc.clone(), vc.clone()
+    qh, kh = q.view(1, hq, d), k.view(1, hkv, d)
+    if qk_norm:
+        qh, kh = layers.rms_norm(qh, qn, 1e-6), layers.rms_norm(kh, kn, 1e-6)
+    qh, kh = layers.apply_rotary(qh, cos, sin), layers.apply_rotary(kh, cos, sin)
+    want_kc[pos], want_vc[pos] = kh[0], v.view(hkv, d)
+    want = layers.attention(qh, want_kc[: pos + 1], want_vc[: pos + 1], mask)
+    got = rowops.attend_decode(q, k, v, qn, kn, 1e-6, cos, sin, kc, vc, pos, mask)
+    assert torch.equal(got, want)
+    assert torch.equal(kc, want_kc) and torch.equal(vc, want_vc)
+
+
+def test_attend_decode_declines_what_it_cannot_compute_and_writes_nothing():
+    gen = _gen(3)
+    q, k, v = (torch.randn(1, n * 64, generator=gen).to(BF16) for n in (4, 2, 2))
+    kc, vc = (torch.zeros(6, 2, 64, dtype=BF16) for _ in range(2))
+    cos = sin = torch.ones(1, 1, 64, dtype=BF16)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+
+    def call(**change):
+        args = dict(q=q, k=k, v=v, q_norm=None, k_norm=None, eps=1e-6, cos=cos, sin=sin,
+                    k_cache=kc, v_cache=vc, pos=3, mask=mask)  # fmt: skip
+        return rowops.attend_decode(**(args | change))
+
+    assert call(q=q.float()) is None  # float32
+    assert call(q=torch.randn(2, 4 * 64).to(BF16)) is None  # two tokens
+    assert call(pos=6, mask=torch.ones(1, 7, dtype=torch.bool)) is None  # the cache is full
+    assert call(mask=torch.ones(1, 3, dtype=torch.bool)) is None  # mask of another length
+    assert call(k=torch.randn(1, 3 * 64).to(BF16)) is None  # k of other heads
+    assert call(q_norm=torch.ones(32, dtype=BF16)) is None  # a norm of another width
+    assert not kc.any() and not vc.any()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-olmoe"])
+def test_decoding_with_attention_in_one_call_gives_the_same_logits(preset, monkeypatch):
+    """A bf16 model's decode steps take attend_decode where the family attends as the
+    defaults do (Mixtral, Qwen2-MoE, Qwen3-MoE), and their logits are those of the steps
+    run one by one; a family with its own q, k, v (OLMoE's norm over all heads) never
+    takes it."""
+    from conftest import memory_model
+
+    _lib_or_skip()
+    model = memory_model(preset, BF16)
+    calls = []
+    fused = rowops.attend_decode
+
+    def counted(*args):
+        out = fused(*args)
+        calls.append(out is not None)
+        return out
+
+    def decode(fn) -> list[torch.Tensor]:
+        monkeypatch.setattr(rowops, "attend_decode", fn)
+        kv = model.new_kv_cache(16)
+        logits = [model.forward(torch.tensor([5, 9, 2]), kv)]
+        for token in (7, 1, 30, 4):
+            logits.append(model.forward(torch.tensor([token]), kv))
+        return logits
+
+    one_call = decode(counted)
+    steps = decode(lambda *args: None)
+    for a, b in zip(one_call, steps, strict=True):
+        assert torch.equal(a, b)
+    layers_ = model.config.num_hidden_layers
+    assert calls == ([True] * 4 * layers_ if preset != "tiny-olmoe" else [])

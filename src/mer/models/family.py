@@ -30,6 +30,7 @@ Families hold no weights and no state: one instance serves every model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Container
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from mer.models import rowops
 from mer.models.config import ModelConfig
 from mer.models.layers import Rotary, apply_rotary, attention, rms_norm, route, swiglu
 from mer.quant.dense import linear
@@ -174,16 +176,51 @@ class Family:
 
     def attention(self, m: MoETransformer, i: int, h: torch.Tensor, rope, spans) -> torch.Tensor:
         """Self-attention of layer i on the normed hidden h [T, H] -> [T, H]; `spans` are
-        (token slice, KV cache, mask [T_i, S_i]) per sequence, `rope` the rotary tables."""
-        q, k, v = self.qkv(m, i, h)
+        (token slice, KV cache, mask [T_i, S_i]) per sequence, `rope` the rotary tables.
+        A lone decode token of a family that projects and attends as these defaults do
+        takes one C call from its projections to its attention output (`_attend_decode`)."""
+        if self._default_attention and h.shape[0] == 1 and len(spans) == 1:
+            q, k, v = project_qkv(m, i, h)
+            out = self._attend_decode(m, i, q, k, v, rope, spans[0])
+            if out is not None:
+                return out
+            q, k, v = self.heads(m, i, q, k, v)
+        else:
+            q, k, v = self.qkv(m, i, h)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return self.attend(m, i, q, k, v, spans)
 
+    @functools.cached_property
+    def _default_attention(self) -> bool:
+        """Whether this family's q, k, v and attention are the defaults' (what
+        `rowops.attend_decode` computes)."""
+        cls = type(self)
+        return cls.qkv is Family.qkv and cls.heads is Family.heads and cls.attend is Family.attend
+
+    def _attend_decode(self, m: MoETransformer, i: int, q, k, v, rope, span):
+        """`attention` of one token of one sequence from its projections q, k, v [1, n] in
+        one C call (QK norms, rotary, cache write, attention), then o; None where that
+        call does not apply (a paged cache, float32, a full cache: the caller goes on)."""
+        cfg, w, p = m.config, m.w, f"layers.{i}."
+        _, kv, mask = span
+        layer = getattr(kv, "layer", None)
+        if layer is None or kv.length >= kv.capacity:
+            return None
+        head = cfg.qk_norm == "head"
+        q_norm, k_norm = (w[p + "q_norm"], w[p + "k_norm"]) if head else (None, None)
+        out = rowops.attend_decode(q, k, v, q_norm, k_norm, cfg.rms_norm_eps, *rope,
+                                   *layer(i), kv.length, mask)  # fmt: skip
+        return None if out is None else linear(out, w[p + "o"])
+
     def qkv(self, m: MoETransformer, i: int, h: torch.Tensor):
         """Queries [T, Hq, D], keys and values [T, Hkv, D] before the rotary embedding."""
+        return self.heads(m, i, *project_qkv(m, i, h))
+
+    def heads(self, m: MoETransformer, i: int, q, k, v):
+        """The projections q, k, v [T, n] split into heads, q and k normed per head if the
+        config says so."""
         cfg, w, p = m.config, m.w, f"layers.{i}."
-        t = h.shape[0]
-        q, k, v = project_qkv(m, i, h)
+        t = q.shape[0]
         q = q.view(t, cfg.num_attention_heads, -1)
         k, v = k.view(t, cfg.num_key_value_heads, -1), v.view(t, cfg.num_key_value_heads, -1)
         if cfg.qk_norm == "head":

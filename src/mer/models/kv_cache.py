@@ -40,6 +40,12 @@ class KVCache:
         self.v[layer, self.length : end] = v
         return self.k[layer, :end], self.v[layer, :end]
 
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s key and value buffers [capacity, ...] whole, for a kernel that
+        writes a token's row at `length` itself (`rowops.attend_decode`); rows from
+        `length` on hold nothing committed."""
+        return self.k[layer], self.v[layer]
+
     def reserve(self, tokens: list[int]) -> bool:
         """Whether `tokens` fit after the current length (the room was allocated up front)."""
         return self.length + len(tokens) <= self.capacity

@@ -10,6 +10,9 @@
  *                  bit the PyTorch formula of `apply_rotary` (sin's first half negated).
  *   attend_one_bf16  one query's GQA attention over S cached keys and values, in float32,
  *                  with an optional mask and per-head sink logits (gpt-oss).
+ *   attend_decode_bf16  a lone decode token's attention from its q, k, v projections:
+ *                  the QK norms, the rotary embedding, its k and v into the cache and
+ *                  attend_one_bf16, in one call (the steps' own bits).
  *   route_bf16     the router: logits rounded to bf16 (as F.linear's output is), softmax in
  *                  float32, the top k (largest first, the lower id among equals), their
  *                  weights renormalised if asked.
@@ -33,21 +36,23 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; finite i
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+/* One head: o = rope(x), o and x apart. */
+static inline void rope_row(const uint16_t *xr, const uint16_t *c, const uint16_t *s,
+                            uint16_t *o, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < D; i++) {
+        const float a = round_bf16(bf16_to_f32(xr[i]) * bf16_to_f32(c[i]));
+        const float r = bf16_to_f32(xr[i < half ? i + half : i - half]);
+        o[i] = f32_to_bf16(a + round_bf16(r * bf16_to_f32(s[i])));
+    }
+}
+
 void rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out,
                int64_t T, int64_t heads, int64_t D) {
-    const int64_t half = D / 2;
-    for (int64_t t = 0; t < T; t++) {
-        const uint16_t *c = cos + t * D, *s = sin + t * D;
-        for (int64_t h = 0; h < heads; h++) {
-            const uint16_t *xr = x + (t * heads + h) * D;
-            uint16_t *o = out + (t * heads + h) * D;
-            for (int64_t i = 0; i < D; i++) {
-                const float a = round_bf16(bf16_to_f32(xr[i]) * bf16_to_f32(c[i]));
-                const float r = bf16_to_f32(xr[i < half ? i + half : i - half]);
-                o[i] = f32_to_bf16(a + round_bf16(r * bf16_to_f32(s[i])));
-            }
-        }
-    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < heads; h++)
+            rope_row(x + (t * heads + h) * D, cos + t * D, sin + t * D,
+                     out + (t * heads + h) * D, D);
 }
 
 #ifdef __AVX512F__
@@ -64,20 +69,23 @@ static inline __mmask16 tail(int64_t left) {
     return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
 }
 
+/* One row: o = rms_norm(x) * w. */
+static inline void norm_row(const uint16_t *xr, const uint16_t *w, uint16_t *o, int64_t n,
+                            float eps) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 v = load_bf16(xr + i, tail(n - i));
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++)
+        o[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(xr[i]) * scale));
+}
+
 void rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows,
                    int64_t n, float eps, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * n;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i += 16) {
-            const __m512 v = load_bf16(xr + i, tail(n - i));
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        const float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps);
-        for (int64_t i = 0; i < n; i++)
-            out[r * n + i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(xr[i]) * scale));
-    }
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * n, w, out + r * n, n, eps);
 }
 
 /* e^x for x <= 0 to float32 rounding (a degree-6 polynomial on [-ln2/2, ln2/2], scaled by 2^n);
@@ -182,6 +190,35 @@ void attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     }
 }
 
+/* A lone decode token's attention from its projections on: q [Hq, D], k [Hkv, D],
+ * v [Hkv, Dv]; each head of q and k RMS-normed by qn, kn [D] where given (NULL: not), both
+ * rotated by the token's cos, sin [D]; k and v written at row `pos` of the layer's cache
+ * kc [cap, Hkv, D], vc [cap, Hkv, Dv]; then q against the cache's rows 0..pos as
+ * attend_one_bf16. Each step is the one its own call makes, so the bits are those of
+ * rms_norm_bf16, rope_bf16, the cache copy and attend_one_bf16 in turn. qr: bf16 scratch
+ * [Hq, D] for the rotated queries. */
+void attend_decode_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                        const uint16_t *qn, const uint16_t *kn, float eps, const uint16_t *cos,
+                        const uint16_t *sin, uint16_t *kc, uint16_t *vc, int64_t pos,
+                        const uint8_t *allowed, const float *sinks, float scale, uint16_t *qr,
+                        float *scores, uint16_t *out, int64_t Hq, int64_t Hkv, int64_t D,
+                        int64_t Dv, int threads) {
+    uint16_t normed[512];
+    for (int64_t h = 0; h < Hq + Hkv; h++) {
+        const int is_q = h < Hq;
+        const uint16_t *src = is_q ? q + h * D : k + (h - Hq) * D;
+        const uint16_t *w = is_q ? qn : kn;
+        if (w) {
+            norm_row(src, w, normed, D, eps);
+            src = normed;
+        }
+        rope_row(src, cos, sin, is_q ? qr + h * D : kc + (pos * Hkv + h - Hq) * D, D);
+    }
+    for (int64_t i = 0; i < Hkv * Dv; i++) vc[pos * Hkv * Dv + i] = v[i];
+    attend_one_bf16(qr, kc, vc, allowed, sinks, scale, scores, out, Hq, Hkv, pos + 1, D, Dv,
+                    threads);
+}
+
 /* logits: float scratch [T, E]. The dot products are shared out by (row, expert), so one
  * token's router still uses every thread; each dot is one thread's, in one order. */
 void route_bf16(const uint16_t *x, const uint16_t *w, float *logits, float *weights,
@@ -241,6 +278,17 @@ void attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                      int threads) {
     (void)q; (void)k; (void)v; (void)allowed; (void)sinks; (void)scale; (void)scores;
     (void)out; (void)Hq; (void)Hkv; (void)S; (void)D; (void)Dv; (void)threads;
+}
+
+void attend_decode_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                        const uint16_t *qn, const uint16_t *kn, float eps, const uint16_t *cos,
+                        const uint16_t *sin, uint16_t *kc, uint16_t *vc, int64_t pos,
+                        const uint8_t *allowed, const float *sinks, float scale, uint16_t *qr,
+                        float *scores, uint16_t *out, int64_t Hq, int64_t Hkv, int64_t D,
+                        int64_t Dv, int threads) {
+    (void)q; (void)k; (void)v; (void)qn; (void)kn; (void)eps; (void)cos; (void)sin; (void)kc;
+    (void)vc; (void)pos; (void)allowed; (void)sinks; (void)scale; (void)qr; (void)scores;
+    (void)out; (void)Hq; (void)Hkv; (void)D; (void)Dv; (void)threads;
 }
 
 void route_bf16(const uint16_t *x, const uint16_t *w, float *logits, float *weights,

@@ -1,5 +1,6 @@
 """A decode layer's small bfloat16 operations in one C call each (`rowops.c`): RMSNorm,
-the rotary embedding, one query's attention and the router's top-k.
+the rotary embedding, one query's attention (or a lone decode token's whole attention
+from its projections on) and the router's top-k.
 
 A decode token's layer runs dozens of tiny PyTorch ops between its matrix products, and
 each costs 30-50 us on caches the weights have just swept (2 us on warm ones): on the
@@ -38,7 +39,11 @@ def _lib() -> ctypes.CDLL | None:
     lib.rope_bf16.argtypes = [p, p, p, p, i64, i64, i64]
     lib.attend_one_bf16.argtypes = [p, p, p, p, p, f32, p, p, i64, i64, i64, i64, i64, i32]
     lib.route_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32, i32]
-    for f in (lib.rms_norm_bf16, lib.rope_bf16, lib.attend_one_bf16, lib.route_bf16):
+    lib.attend_decode_bf16.argtypes = [p, p, p, p, p, f32, p, p, p, p, i64, p, p, f32, p, p, p,
+                                       i64, i64, i64, i64, i32]  # fmt: skip
+    fns = (lib.rms_norm_bf16, lib.rope_bf16, lib.attend_one_bf16, lib.route_bf16,
+           lib.attend_decode_bf16)  # fmt: skip
+    for f in fns:
         f.restype = None
     wrong = _disagreement(lib)
     if wrong:
@@ -120,6 +125,65 @@ def attend_one(
     return out
 
 
+def attend_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int,
+    mask: torch.Tensor,
+) -> torch.Tensor | None:
+    """A lone decode token's attention from its projections q [1, Hq*D], k [1, Hkv*D],
+    v [1, Hkv*Dv]: each head of q and k RMS-normed by q_norm, k_norm [D] (if given), both
+    rotated by cos, sin [1, 1, D] (`Rotary.tables`), k and v written at row `pos` of a
+    layer's cache k_cache [capacity, Hkv, D], v_cache [capacity, Hkv, Dv], and q attending
+    to rows 0..pos under mask [1, pos + 1]: -> [1, Hq*Dv], the bits of `rms_norm`,
+    `apply_rotary`, the cache's append and `attention` in turn, in one call. None (nothing
+    written) where it does not apply."""
+    if k_cache.dim() != 3 or v_cache.dim() != 3:
+        return None
+    cap, hkv, d = k_cache.shape
+    dv = v_cache.shape[2]
+    norms = [n for n in (q_norm, k_norm) if n is not None]
+    tensors = (q, k, v, cos, sin, k_cache, v_cache, *norms)
+    if any(t.dtype != BF16 or not (t.is_cpu and t.is_contiguous()) for t in tensors):
+        return None
+    if not (q.dim() == k.dim() == v.dim() == 2 and q.shape[0] == k.shape[0] == v.shape[0] == 1):
+        return None
+    hq = q.shape[1] // d if d else 0
+    if d % 2 or d > 512 or dv > 512 or not hq or q.shape[1] != hq * d or hq % hkv:
+        return None
+    if hq // hkv > 64 or k.shape[1] != hkv * d or v.shape[1] != hkv * dv:
+        return None
+    if v_cache.shape[:2] != (cap, hkv) or not 0 <= pos < cap or cos.shape != sin.shape:
+        return None
+    if cos.numel() != d or any(n.shape != (d,) for n in norms):
+        return None
+    if mask.dtype != torch.bool or mask.shape != (1, pos + 1) or not mask.is_cpu:
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    mask = mask.contiguous()
+    qr, scores = torch.empty(hq, d, dtype=BF16), torch.empty(hq, pos + 1)
+    out = torch.empty(1, hq * dv, dtype=BF16)
+    lib.attend_decode_bf16(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(),
+        None if q_norm is None else q_norm.data_ptr(),
+        None if k_norm is None else k_norm.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), pos, mask.data_ptr(), None, d**-0.5,
+        qr.data_ptr(), scores.data_ptr(), out.data_ptr(), hq, hkv, d, dv,
+        _threads(hq * (pos + 1) * (d + dv)),
+    )  # fmt: skip
+    return out
+
+
 def route(
     x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalise: bool
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -176,6 +240,23 @@ def _disagreement(lib: ctypes.CDLL) -> str | None:
                             got.data_ptr(), 6, 2, 37, 40, 40, 1)  # fmt: skip
         if not close(got, layers.attention_torch(q, k, v, mask, sinks, 0.3), 4 * 2**-8):
             return "attend_one_bf16"
+    norms = [torch.randn(40, generator=gen).to(BF16) for _ in range(2)]
+    qp, kp, vp = (torch.randn(1, n * 40, generator=gen).to(BF16) for n in (6, 2, 2))
+    caches = [torch.randn(37, 2, 40, generator=gen).to(BF16) for _ in range(2)]
+    cos, sin = cos[:1].contiguous(), sin[:1].contiguous()
+    got, qr = torch.full((1, 240), nan, dtype=BF16), torch.empty(6, 40, dtype=BF16)
+    lib.attend_decode_bf16(qp.data_ptr(), kp.data_ptr(), vp.data_ptr(), norms[0].data_ptr(),
+                           norms[1].data_ptr(), 1e-6, cos.data_ptr(), sin.data_ptr(),
+                           caches[0].data_ptr(), caches[1].data_ptr(), 36, mask.data_ptr(), None,
+                           0.3, qr.data_ptr(), scores.data_ptr(), got.data_ptr(), 6, 2, 40, 40,
+                           1)  # fmt: skip
+    qh = layers.rms_norm_torch(qp.view(1, 6, 40), norms[0], 1e-6)
+    kh = layers.rms_norm_torch(kp.view(1, 2, 40), norms[1], 1e-6)
+    qh, kh = (z * cos + z.roll(20, -1) * sin for z in (qh, kh))
+    if not torch.equal(caches[1][36], vp.view(2, 40)) or not close(caches[0][36], kh[0], 2**-7):
+        return "attend_decode_bf16"
+    if not close(got, layers.attention_torch(qh, *caches, mask, None, 0.3), 4 * 2**-8):
+        return "attend_decode_bf16"
     gate = torch.randn(9, 40, generator=gen).to(BF16)
     x = x.view(15, 40)
     logits = torch.empty(15, 9)
