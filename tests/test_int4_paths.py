@@ -93,6 +93,23 @@ def test_the_int8_path_computes_exactly_on_activations_rounded_to_int8(group, sc
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_int8_linear_on_bfloat16_rows_is_its_float32_result_rounded(scheme):
+    """c_linear_i8 on bfloat16 activations widens them and rounds its output to bfloat16 in
+    the kernel: the bits of the float32 call's output `.to(torch.bfloat16)`, for one token
+    (whose scratch is kept per thread) and several, called again with other values."""
+    _, e = _expert(scheme=scheme)
+    if "c-int8" not in int4_paths.eligible(e):
+        pytest.skip("no AVX512_VNNI kernel here")
+    lin = e.gate_up
+    for seed, tokens in enumerate((1, 1, 3, 37)):
+        gen = torch.Generator().manual_seed(seed)
+        x = (torch.randn(tokens, lin.k, generator=gen) * 3).to(torch.bfloat16)
+        got = int4_paths.c_linear_i8(lin, x)
+        assert got.dtype == torch.bfloat16 and got.shape == (tokens, lin.n)
+        assert torch.equal(got, int4_paths.c_linear_i8(lin, x.float()).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_the_linear_and_the_dequantization_match_the_reference(scheme):
     if not int4_paths.native_available(scheme == "int4-sym"):
         pytest.skip("no C kernel here")

@@ -50,6 +50,29 @@ int int4_symmetric(void) { return 0; }
 
 int int4_simd(void) { return 512; }
 
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } c = {(uint32_t)v << 16};
+    return c.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; finite inputs */
+    union { float f; uint32_t u; } c = {f};
+    return (uint16_t)((c.u + 0x7FFF + ((c.u >> 16) & 1)) >> 16);
+}
+
+#ifndef SZ_AHEAD
+#define SZ_AHEAD 1
+#endif
+/* Ask the cache for the scales SZ_AHEAD groups ahead of group g of the block at row n0 (and
+ * at its first group, for those before): a group's 64 scales lie N entries past the last
+ * group's, a stride no hardware prefetcher follows. */
+static inline __attribute__((always_inline)) void prefetch_sz(const sz_t *sz, int64_t g,
+                                                              int64_t N, int64_t n0) {
+    for (int64_t a = g == 0 ? 1 : g + SZ_AHEAD; a <= g + SZ_AHEAD; a++)
+        for (int i = 0; i < 4; i++)
+            _mm_prefetch((const char *)(sz + a * N + n0 + 16 * i), _MM_HINT_T0);
+}
+
 /* Scale and zero of 64 rows (sz: the first's, in one group), 16 rows a vector, in row order. */
 static inline __attribute__((always_inline)) void load_sz(const sz_t *sz, __m512 s[4],
                                                           __m512 z[4]) {
@@ -79,8 +102,7 @@ static inline __attribute__((always_inline)) void block_tile(
         __m512 dot[TT][4];
         for (int t = 0; t < TT; t++)
             for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_ps();
-        for (int i = 0; i < 4; i++)
-            _mm_prefetch((const char *)(sz + (g + 1) * N + n0 + 16 * i), _MM_HINT_T0);
+        prefetch_sz(sz, g, N, n0);
         for (int64_t k = g * G; k < (g + 1) * G; k++) {
             if (k % 2 == 0) _mm_prefetch((const char *)(pb + k * 32 + PREFETCH), _MM_HINT_T0);
             const __m256i b = _mm256_loadu_si256((const __m256i *)(pb + k * 32));
@@ -287,8 +309,7 @@ static inline __attribute__((always_inline)) void block_tile_bf16(
         __m512 dot[TT][4];
         for (int t = 0; t < TT; t++)
             for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_ps();
-        for (int i = 0; i < 4; i++)
-            _mm_prefetch((const char *)(sz + (g + 1) * N + n0 + 16 * i), _MM_HINT_T0);
+        prefetch_sz(sz, g, N, n0);
         for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
             _mm_prefetch((const char *)(pb + k * 32 + PREFETCH), _MM_HINT_T0);
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(pb + k * 32));
@@ -352,16 +373,6 @@ static void block_rows_bf16(const uint8_t *packed, const sz_t *sz, const uint16_
     case 3: block_tile_bf16(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, 3); break;
     default: break;
     }
-}
-
-static inline float bf16_to_f32(uint16_t v) {
-    union { uint32_t u; float f; } c = {(uint32_t)v << 16};
-    return c.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; finite inputs */
-    union { float f; uint32_t u; } c = {f};
-    return (uint16_t)((c.u + 0x7FFF + ((c.u >> 16) & 1)) >> 16);
 }
 
 static void group_sums_bf16(const uint16_t *x, float *xs, int64_t T, int64_t K, int64_t G) {
@@ -494,8 +505,7 @@ static inline __attribute__((always_inline)) void block_tile_i8(
         __m512i dot[TT][4];
         for (int t = 0; t < TT; t++)
             for (int i = 0; i < 4; i++) dot[t][i] = _mm512_setzero_si512();
-        for (int i = 0; i < 4; i++)
-            _mm_prefetch((const char *)(sz + (g + 1) * N + n0 + 16 * i), _MM_HINT_T0);
+        prefetch_sz(sz, g, N, n0);
         for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
             __m512i q[4];
             _mm_prefetch((const char *)(pb + k * 32 + PREFETCH), _MM_HINT_T0);
@@ -595,14 +605,37 @@ static void quant_row_i8(const float *x, int8_t *xq, float *sx, float *xs, int64
     }
 }
 
-/* y [T, N] = x [T, K] @ W.T with int8 activations. Scratch: xq [T, K] int8, sx, xs [T, K/G]. */
+/* y [T, N] = x [T, K] @ W.T with int8 activations, and y rounded to bfloat16 into out16
+ * where given. Scratch: xq [T, K] int8, sx, xs [T, K/G]. */
+static void linear_i8(const uint8_t *packed, const sz_t *sz, const int8_t *xq, const float *sx,
+                      const float *xs, float *y, uint16_t *out16, int64_t T, int64_t N,
+                      int64_t K, int64_t G, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
+    for (int64_t nb = 0; nb < N / 64; nb++) {
+        block_rows_i8(packed, sz, xq, sx, xs, y + nb * 64, N, nb * 64, N, K, G, T);
+        if (out16)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t r = nb * 64; r < nb * 64 + 64; r++)
+                    out16[t * N + r] = f32_to_bf16(y[t * N + r]);
+    }
+}
+
 void int4_linear_i8(const uint8_t *packed, const sz_t *sz, const float *x, int8_t *xq,
                     float *sx, float *xs, float *y, int64_t T, int64_t N, int64_t K, int64_t G,
                     int threads) {
     for (int64_t t = 0; t < T; t++) quant_row_i8(x, xq, sx, xs, t, K, G);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
-    for (int64_t nb = 0; nb < N / 64; nb++)
-        block_rows_i8(packed, sz, xq, sx, xs, y + nb * 64, N, nb * 64, N, K, G, T);
+    linear_i8(packed, sz, xq, sx, xs, y, NULL, T, N, K, G, threads);
+}
+
+/* int4_linear_i8 of bfloat16 rows x [T, K] (xf: float scratch [T, K] they are widened
+ * into), its y [T, N] rounded to bfloat16 into out as `.to(bfloat16)` rounds it: what a
+ * bf16 model takes, with no conversions around the call. */
+void int4_linear_i8_bf16(const uint8_t *packed, const sz_t *sz, const uint16_t *x, float *xf,
+                         int8_t *xq, float *sx, float *xs, float *y, uint16_t *out, int64_t T,
+                         int64_t N, int64_t K, int64_t G, int threads) {
+    for (int64_t i = 0; i < T * K; i++) xf[i] = bf16_to_f32(x[i]);
+    for (int64_t t = 0; t < T; t++) quant_row_i8(xf, xq, sx, xs, t, K, G);
+    linear_i8(packed, sz, xq, sx, xs, y, out, T, N, K, G, threads);
 }
 
 /* int4_ffn with int8 activations: x [T, H] float32, y float32. Scratch: xq [T, H] and hq

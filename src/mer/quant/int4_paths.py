@@ -100,7 +100,9 @@ def _built(symmetric: bool) -> ctypes.CDLL | None:
         lib.int4_ffn_i8.argtypes = [p] * 14 + [i64] * 5 + [ctypes.c_int]
         lib.int4_linear_i8.argtypes = [p] * 7 + [i64] * 4 + [ctypes.c_int]
         lib.int4_ffn_i8_group.argtypes = [i64] + [p] * 14 + [i64] * 4 + [ctypes.c_int]
+        lib.int4_linear_i8_bf16.argtypes = [p] * 9 + [i64] * 4 + [ctypes.c_int]
         lib.int4_ffn_i8.restype = lib.int4_linear_i8.restype = None
+        lib.int4_linear_i8_bf16.restype = None
         lib.int4_ffn_i8_group.restype = None
     f32 = ctypes.POINTER(ctypes.c_float)
     lib.moe_sum_bf16.argtypes = lib.moe_sum_f32.argtypes = [p, f32, p, i64, i64]
@@ -173,31 +175,45 @@ def c_linear(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = None) 
 
 
 def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """y = x @ W.T by the C kernel on x rounded per group to int8 (float32 out), on `threads`
-    (default: by its size)."""
+    """y = x @ W.T by the C kernel on x rounded per group to int8, on `threads` (default: by
+    its size): float32 out, or for bfloat16 x bfloat16 out, rounded in the kernel as
+    `.to(torch.bfloat16)` rounds (a decode step's dense matrices, a dozen calls a token,
+    then need no conversion around the call)."""
+    t, g = len(x), lin.group_size
+    xf, xq, sx, xs, y = _i8_scratch(t, lin.k, g, lin.n)
+    threads = threads or threads_for(lin.packed.nbytes)
+    lib = _lib(lin.symmetric)
+    if x.dtype == torch.bfloat16:
+        xb = x.contiguous()
+        out = torch.empty(t, lin.n, dtype=torch.bfloat16)
+        lib.int4_linear_i8_bf16(lin.packed.data_ptr(), lin.scales.data_ptr(), xb.data_ptr(),
+                                xf.data_ptr(), xq.data_ptr(), sx.data_ptr(), xs.data_ptr(),
+                                y.data_ptr(), out.data_ptr(), t, lin.n, lin.k, g,
+                                threads)  # fmt: skip
+        return out
     x32 = x.float().contiguous()
-    t, g = len(x32), lin.group_size
-    xq, sx, xs = _i8_scratch(t, lin.k, g)
-    y = torch.empty(t, lin.n)
-    _lib(lin.symmetric).int4_linear_i8(lin.packed.data_ptr(), lin.scales.data_ptr(),
-                                       x32.data_ptr(), xq.data_ptr(), sx.data_ptr(), xs.data_ptr(),
-                                       y.data_ptr(), t, lin.n, lin.k, g,
-                                       threads or threads_for(lin.packed.nbytes))  # fmt: skip
+    y = torch.empty(t, lin.n)  # returned: never the kept scratch
+    lib.int4_linear_i8(lin.packed.data_ptr(), lin.scales.data_ptr(), x32.data_ptr(),
+                       xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), y.data_ptr(), t, lin.n,
+                       lin.k, g, threads)  # fmt: skip
     return y
 
 
-def _i8_scratch(t: int, k: int, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """c_linear_i8's int8 activations and their group scales and sums: for one token (a
-    decode step's dense matrices, a dozen calls a token) kept per thread and reused, since
-    each allocation costs more than it should on caches the weights have just swept."""
+def _i8_scratch(t: int, k: int, g: int, n: int) -> tuple[torch.Tensor, ...]:
+    """c_linear_i8's scratch: x widened to float32, x rounded to int8 with its group scales
+    and sums, and the float32 result [t, n]. For one token (a decode step's dense matrices,
+    a dozen calls a token) kept per thread and reused, since each allocation costs more
+    than it should on caches the weights have just swept."""
     if t != 1:
-        return torch.empty(t, k, dtype=torch.int8), torch.empty(t * k // g), torch.empty(t * k // g)
+        return (torch.empty(t, k), torch.empty(t, k, dtype=torch.int8), torch.empty(t * k // g),
+                torch.empty(t * k // g), torch.empty(t, n))  # fmt: skip
     cache = getattr(_scratches, "i8", None)
     if cache is None:
         cache = _scratches.i8 = {}
-    key = (k, g)
+    key = (k, g, n)
     if key not in cache:
-        cache[key] = (torch.empty(1, k, dtype=torch.int8), torch.empty(k // g), torch.empty(k // g))
+        cache[key] = (torch.empty(1, k), torch.empty(1, k, dtype=torch.int8),
+                      torch.empty(k // g), torch.empty(k // g), torch.empty(1, n))  # fmt: skip
     return cache[key]
 
 
