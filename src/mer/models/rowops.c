@@ -263,7 +263,7 @@ void route_bf16(const uint16_t *x, const uint16_t *w, float *logits, float *weig
     }
 }
 
-#else
+#else /* rowops_simd() 0: the library is never used (so attend_decode_bf16 needs no stub) */
 
 int rowops_simd(void) { return 0; }
 
@@ -278,17 +278,6 @@ void attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                      int threads) {
     (void)q; (void)k; (void)v; (void)allowed; (void)sinks; (void)scale; (void)scores;
     (void)out; (void)Hq; (void)Hkv; (void)S; (void)D; (void)Dv; (void)threads;
-}
-
-void attend_decode_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
-                        const uint16_t *qn, const uint16_t *kn, float eps, const uint16_t *cos,
-                        const uint16_t *sin, uint16_t *kc, uint16_t *vc, int64_t pos,
-                        const uint8_t *allowed, const float *sinks, float scale, uint16_t *qr,
-                        float *scores, uint16_t *out, int64_t Hq, int64_t Hkv, int64_t D,
-                        int64_t Dv, int threads) {
-    (void)q; (void)k; (void)v; (void)qn; (void)kn; (void)eps; (void)cos; (void)sin; (void)kc;
-    (void)vc; (void)pos; (void)allowed; (void)sinks; (void)scale; (void)qr; (void)scores;
-    (void)out; (void)Hq; (void)Hkv; (void)D; (void)Dv; (void)threads;
 }
 
 void route_bf16(const uint16_t *x, const uint16_t *w, float *logits, float *weights,
