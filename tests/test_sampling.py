@@ -113,6 +113,12 @@ def test_nan_or_all_masked_logits_are_a_sampling_error(temperature):
     p = SamplingParams(temperature=temperature)
     with pytest.raises(SamplingError):
         sample_next_token(torch.tensor([0.0, float("nan"), 1.0]), p, p.generator())
+    for where in (0, 7, 99):  # anywhere, beside +inf too, in float32 or bfloat16
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(100).to(dtype)
+            logits[50], logits[where] = float("inf"), float("nan")
+            with pytest.raises(SamplingError, match="NaN"):
+                sample_next_token(logits, p, p.generator())
     if temperature:
         with pytest.raises(SamplingError, match="-inf"):
             sample_next_token(torch.full((3,), float("-inf")), p, p.generator())

@@ -111,9 +111,13 @@ def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def _argmax(logits: torch.Tensor) -> int:
-    if torch.isnan(logits).any():
+    """The greedy token. argmax takes a NaN for the largest value (the first NaN's index), so
+    one reduction over the vocabulary finds the token and any NaN: a decode step's isnan and
+    any over 150k logits cost as much as the argmax itself."""
+    token = int(torch.argmax(logits))
+    if math.isnan(logits[token]):
         raise SamplingError("the model produced NaN logits")
-    return int(torch.argmax(logits))
+    return token
 
 
 def _real(name: str, value) -> None:
