@@ -180,7 +180,7 @@ def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = Non
     `.to(torch.bfloat16)` rounds (a decode step's dense matrices, a dozen calls a token,
     then need no conversion around the call)."""
     t, g = len(x), lin.group_size
-    xf, xq, sx, xs, y = _i8_scratch(t, lin.k, g, lin.n)
+    xf, xq, sx, xs, y = _i8_scratch(t, lin.k, g, lin.n, x.dtype == torch.bfloat16)
     threads = threads or threads_for(lin.packed.nbytes)
     lib = _lib(lin.symmetric)
     if x.dtype == torch.bfloat16:
@@ -199,14 +199,16 @@ def c_linear_i8(lin: int4.Int4Linear, x: torch.Tensor, threads: int | None = Non
     return y
 
 
-def _i8_scratch(t: int, k: int, g: int, n: int) -> tuple[torch.Tensor, ...]:
-    """c_linear_i8's scratch: x widened to float32, x rounded to int8 with its group scales
-    and sums, and the float32 result [t, n]. For one token (a decode step's dense matrices,
-    a dozen calls a token) kept per thread and reused, since each allocation costs more
-    than it should on caches the weights have just swept."""
+def _i8_scratch(t: int, k: int, g: int, n: int, bf16: bool) -> tuple[torch.Tensor | None, ...]:
+    """c_linear_i8's scratch: x widened to float32 (for bfloat16 x), x rounded to int8 with
+    its group scales and sums, and the float32 result [t, n] (for bfloat16 x, which is given
+    its rounded copy). For one token (a decode step's dense matrices, a dozen calls a token)
+    kept per thread and reused, since each allocation costs more than it should on caches
+    the weights have just swept."""
     if t != 1:
-        return (torch.empty(t, k), torch.empty(t, k, dtype=torch.int8), torch.empty(t * k // g),
-                torch.empty(t * k // g), torch.empty(t, n))  # fmt: skip
+        wide = (torch.empty(t, k), torch.empty(t, n)) if bf16 else (None, None)
+        return (wide[0], torch.empty(t, k, dtype=torch.int8), torch.empty(t * k // g),
+                torch.empty(t * k // g), wide[1])  # fmt: skip
     cache = getattr(_scratches, "i8", None)
     if cache is None:
         cache = _scratches.i8 = {}
