@@ -108,6 +108,21 @@ static inline __m512 exp_neg(__m512 x) {
     return _mm512_maskz_mov_ps(~dead, _mm512_scalef_ps(p, n));
 }
 
+#ifndef KV_AHEAD
+#define KV_AHEAD 16
+#endif
+/* Ask the cache for the row KV_AHEAD rows after `row` (n values, rows `stride` apart): a head's
+ * keys and values lie a row of every head apart, and a long cache read cold from RAM kept
+ * attention waiting on each row in turn. */
+static inline void rows_ahead(const uint16_t *row, int64_t stride, int64_t n) {
+#if KV_AHEAD
+    const char *p = (const char *)(row + KV_AHEAD * stride);
+    for (int64_t b = 0; b < n * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+#else
+    (void)row; (void)stride; (void)n;
+#endif
+}
+
 /* q [Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] (bf16, contiguous); allowed [S] or NULL; sinks [Hq]
  * float or NULL; scores: float scratch [Hq, S]; out [Hq, Dv] bf16. D, Dv <= 512.
  *
@@ -142,6 +157,7 @@ void attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                 continue;
             }
             const uint16_t *kr = k + (s * Hkv + kvh) * D;
+            rows_ahead(kr, Hkv * D, D);
             __m512 kv[32];
             for (int64_t j = 0; j < nd; j++) kv[j] = load_bf16(kr + 16 * j, tail(D - 16 * j));
             for (int64_t g = 0; g < G; g++) {
@@ -170,6 +186,7 @@ void attend_one_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
         for (int64_t i = 0; i < G * 16 * nv; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
         for (int64_t s = 0; s < S; s++) {
             const uint16_t *vr = v + (s * Hkv + kvh) * Dv;
+            rows_ahead(vr, Hkv * Dv, Dv);
             __m512 vv[32];
             for (int64_t j = 0; j < nv; j++) vv[j] = load_bf16(vr + 16 * j, tail(Dv - 16 * j));
             for (int64_t g = 0; g < G; g++) {
