@@ -102,3 +102,27 @@ def test_rounds_alternate_mer_and_llama_cpp_and_give_the_median_ratio(tiny_gguf,
             _row(out, "prefill (8 tokens)" if phase == "prefill" else "decode")[3]
             == f"x{ratios[1]:.2f}"
         )
+
+
+def test_depth_puts_context_in_the_cache_before_prefill_and_decode(tiny_gguf, capsys):
+    """`--depth N`: both engines prefill and decode after N tokens of context (llama-bench's
+    -d); the rows say so, and the context's own pass is neither timed nor counted as a
+    decode token's routing."""
+    argv = ["bench", "fits", "--gguf", tiny_gguf, "--threads", "1", "--prompt-tokens", "8",
+            "--tokens", "3", "--repeats", "2", "--depth", "20"]  # fmt: skip
+    bench = _llama_bench()
+    assert main(argv + (["--llama-bench", bench] if bench else [])) == 0
+    out = capsys.readouterr().out
+    assert "decode 3 tokens at depth 20" in out
+    decode, prefill = _row(out, "decode at depth 20"), _row(out, "prefill (8 tokens at depth 20)")
+    assert float(decode[1]) > 0 and float(prefill[1]) > 0
+    assert re.search(r"\(4\.0 per decode token", out)  # 2 of 4 experts at each of 2 layers
+    if bench:
+        assert " -d 20" in out and float(decode[2]) > 0
+
+
+def test_a_depth_beyond_the_context_is_a_clear_error(tiny_gguf, capsys):
+    argv = ["bench", "fits", "--gguf", tiny_gguf, "--threads", "1", "--prompt-tokens", "8",
+            "--tokens", "2", "--repeats", "1", "--depth", "100000"]  # fmt: skip
+    assert main(argv) == 1
+    assert "exceeds the model's max_position_embeddings" in capsys.readouterr().err

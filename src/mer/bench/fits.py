@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from rich.table import Table
 from mer.bench import llamacpp
 from mer.bench.kernel import memory_bandwidth
 from mer.errors import ConfigError, MerError
-from mer.options import count
+from mer.options import count, natural
 from mer.procfs import kib_field
 from mer.progress import progress_bar
 from mer.units import fmt_bytes, fmt_decimal
@@ -56,6 +57,9 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     b.add_argument("--dense-quant", choices=["bf16", "int8", "int4"], default="bf16",
                    help="width of mer's dense matrices (llama.cpp keeps the GGUF's)")  # fmt: skip
+    b.add_argument("--depth", type=natural, default=0,
+                   help="tokens of context in the KV cache before each prefill and decode "
+                   "(llama-bench's -d; 0)")  # fmt: skip
 
 
 def run(
@@ -70,6 +74,7 @@ def run(
     dtype: str,
     dense_quant: str = "bf16",
     rounds: int = 1,
+    depth: int = 0,
 ) -> None:
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     if store is None and gguf is None:
@@ -98,20 +103,23 @@ def run(
     console.print(
         f"{store_path}: {fmt_bytes(s.expert_bytes_total)} of experts, all held in RAM; "
         f"{threads} threads, {dtype}, dense weights {dense_quant}; prefill {prompt_tokens} "
-        f"tokens, decode {tokens} tokens, median of {repeats}; load average {_load()} at start"
+        f"tokens, decode {tokens} tokens{_at(depth)}, median of {repeats}; load average "
+        f"{_load()} at start"
     )
     runs: list[dict] = []  # llama.cpp's, before, between and after mer's rounds
 
+    flags = ("-d", str(depth)) if depth else ()
+    argv = llamacpp.bench_argv(bench, model, prompt_tokens, tokens, threads, repeats, flags)
+
     def llama() -> None:
         if bench is not None:
-            runs.append(_llama(bench, model, prompt_tokens, tokens, threads, repeats))
+            runs.append(_llama(argv))
 
     if bench is not None:
-        console.print("llama.cpp: " + " ".join(llamacpp.bench_argv(
-            bench, model, prompt_tokens, tokens, threads, repeats)))  # fmt: skip
+        console.print("llama.cpp: " + " ".join(argv))
     llama()
     bw = memory_bandwidth(512 << 20, 1.0)
-    with MerFits(store_path, threads, prompt_tokens, dtype, dense_quant) as fits:
+    with MerFits(store_path, threads, prompt_tokens, dtype, dense_quant, depth) as fits:
         mer_rounds = []
         for r in range(rounds):
             if r:
@@ -131,7 +139,7 @@ def run(
         if rounds > 1:
             console.print("mer / llama.cpp by round: " + "; ".join(f"{k} " + ", ".join(
                 f"x{x:.2f}" for x in xs) for k, xs in ratios.items()))  # fmt: skip
-    console.print(_table(mer_res, ratios, bw, prompt_tokens))
+    console.print(_table(mer_res, ratios, bw, prompt_tokens, depth))
     console.print(
         f"memory copy {bw / 1e9:.1f} GB/s (read + written, this run); bytes/token: dense "
         f"weights but the embedding table, plus {fmt_bytes(s.expert_format.nbytes)} per expert "
@@ -148,9 +156,9 @@ class MerFits:
     and the experts routed to, counted by a routing hook."""
 
     def __init__(self, store: Path, threads: int, prompt_tokens: int, dtype: str,
-                 dense_quant: str = "bf16") -> None:  # fmt: skip
+                 dense_quant: str = "bf16", depth: int = 0) -> None:  # fmt: skip
         self.store, self.threads, self.prompt_tokens = store, threads, prompt_tokens
-        self.dtype, self.dense_quant = dtype, dense_quant
+        self.dtype, self.dense_quant, self.depth = dtype, dense_quant, depth
 
     def __enter__(self) -> MerFits:
         import mer
@@ -175,6 +183,7 @@ class MerFits:
             self.prompt = torch.randint(
                 3, cfg.vocab_size, (self.prompt_tokens,), generator=gen
             ).tolist()
+            self.context = torch.randint(3, cfg.vocab_size, (self.depth,), generator=gen).tolist()
             self._once(self.prompt[:8], 3)  # warm-up: first calls allocate
             self.misses = cache.stats.misses
             self.routed: list[torch.Tensor] = []  # each MoE layer call's routing, counted after
@@ -202,6 +211,8 @@ class MerFits:
 
     def measure(self, tokens: int, repeats: int) -> dict:
         """Prefill and decode tok/s, each the median of `repeats` runs."""
+        if self.depth:
+            return self._measure_at_depth(tokens, repeats)
         before = len(self.routed)
         prefill = [self._once(self.prompt, 1).prefill_tps for _ in range(repeats)]
         self.prefill_routed += self.routed[before:]
@@ -214,6 +225,39 @@ class MerFits:
             "prefill": statistics.median(prefill),
             "decode": statistics.median(r.decode_tps for r in runs),
         }
+
+    def _measure_at_depth(self, tokens: int, repeats: int) -> dict:
+        """`measure` with `depth` tokens of context in the KV cache first (untimed, their
+        routing not counted), as llama-bench's -d: the prompt's prefill after it in one pass,
+        and `tokens` greedy decode steps after it, each pass timed alone."""
+        m, prefill, decode = self.m.transformer, [], []
+        for _ in range(repeats):
+            kv = m.new_kv_cache(self.depth + len(self.prompt))
+            self._context(kv)
+            before = len(self.routed)
+            t0 = time.perf_counter()
+            m.forward(torch.tensor(self.prompt), kv)
+            prefill.append(len(self.prompt) / (time.perf_counter() - t0))
+            self.prefill_routed += self.routed[before:]
+            del self.routed[before:]
+            kv = m.new_kv_cache(self.depth + tokens)
+            logits, spent = self._context(kv), 0.0
+            for _ in range(tokens):
+                token = torch.tensor([int(torch.argmax(logits))])
+                t0 = time.perf_counter()
+                logits = m.forward(token, kv)[-1]
+                spent += time.perf_counter() - t0
+            decode.append(tokens / spent)
+        self.prompts += repeats
+        self.decode_passes += repeats * tokens
+        return {"prefill": statistics.median(prefill), "decode": statistics.median(decode)}
+
+    def _context(self, kv) -> torch.Tensor:
+        """The `depth` context tokens into `kv` (their routing not counted): the last's logits."""
+        before = len(self.routed)
+        logits = self.m.transformer.forward(torch.tensor(self.context), kv)[-1]
+        del self.routed[before:]
+        return logits
 
     def summary(self) -> dict:
         from mer.memory import tensor_bytes
@@ -231,8 +275,7 @@ class MerFits:
         }
 
 
-def _llama(bench: str, model: Path, prompt: int, tokens: int, threads: int, repeats: int):
-    argv = llamacpp.bench_argv(bench, model, prompt, tokens, threads, repeats)
+def _llama(argv: list[str]) -> dict[str, float]:
     r = subprocess.run(argv, capture_output=True, text=True)
     rates = llamacpp.bench_rates(r.stdout) if r.returncode == 0 else {}
     if not rates:
@@ -241,7 +284,11 @@ def _llama(bench: str, model: Path, prompt: int, tokens: int, threads: int, repe
     return rates
 
 
-def _table(res: dict, ratios: dict, bw: float, prompt_tokens: int) -> Table:
+def _at(depth: int) -> str:
+    return f" at depth {depth}" if depth else ""
+
+
+def _table(res: dict, ratios: dict, bw: float, prompt_tokens: int, depth: int = 0) -> Table:
     """`ratios`: mer / llama.cpp per round, by phase (none without llama.cpp); the llama.cpp
     column is what the median ratio makes of mer's median."""
     t = Table(title="the whole model in RAM: mer against llama.cpp and the bandwidth bound")
@@ -252,8 +299,8 @@ def _table(res: dict, ratios: dict, bw: float, prompt_tokens: int) -> Table:
     decode_bytes = res["dense_bytes"] + res["experts_per_token"] * res["expert_bytes"]
     prompt_bytes = res["dense_bytes"] + res["prompt_experts"] * res["expert_bytes"]
     for phase, label, nbytes in (
-        ("decode", "decode", decode_bytes),
-        ("prefill", f"prefill ({prompt_tokens} tokens)", prompt_bytes / prompt_tokens),
+        ("decode", "decode" + _at(depth), decode_bytes),
+        ("prefill", f"prefill ({prompt_tokens} tokens{_at(depth)})", prompt_bytes / prompt_tokens),
     ):
         ours, bound = res[phase], bw / nbytes
         x = statistics.median(ratios[phase]) if ratios else None
