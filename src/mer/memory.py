@@ -126,7 +126,7 @@ def workspace_bytes(config, pass_tokens: int, context: int) -> int:
     """Activations of one forward pass of `pass_tokens` tokens against `context` cached
     positions, in float32 (the larger dtype): hidden states, q/k/v, one expert's
     intermediate per token, the logits of every token, the causal mask, and attention
-    scores (float32 up to `SMALL_ATTENTION`, a fused kernel beyond: a few copies of it)."""
+    scores (float32, in query chunks of at most `SMALL_ATTENTION`: a few copies of it)."""
     h, t, s = config.hidden_size, pass_tokens, max(pass_tokens, context)
     f = max(config.intermediate_size, config.dense_intermediate_size)
     per_token = 4 * (8 * h + 4 * f + config.vocab_size)
