@@ -108,14 +108,13 @@ def run(
     )
     runs: list[dict] = []  # llama.cpp's, before, between and after mer's rounds
 
-    flags = ("-d", str(depth)) if depth else ()
-    argv = llamacpp.bench_argv(bench, model, prompt_tokens, tokens, threads, repeats, flags)
-
     def llama() -> None:
         if bench is not None:
             runs.append(_llama(argv))
 
     if bench is not None:
+        flags = ("-d", str(depth)) if depth else ()
+        argv = llamacpp.bench_argv(bench, model, prompt_tokens, tokens, threads, repeats, flags)
         console.print("llama.cpp: " + " ".join(argv))
     llama()
     bw = memory_bandwidth(512 << 20, 1.0)
