@@ -86,5 +86,7 @@ def run(
         context = len(prompt.encode("utf-8")) + 16
         fit = dict(context=context + sampling.max_tokens, pass_tokens=context)
     fit = fit if memory is not None else {}
-    model = open_model(store, budget, io, memory, dense_quant=dense_quant, **fit)
-    run_generation(model, prompt, sampling)
+    # Closed before the interpreter exits: a reader thread still finishing a prefetch while
+    # the runtime tears down aborted the process once in ~15 runs (after the output).
+    with open_model(store, budget, io, memory, dense_quant=dense_quant, **fit) as model:
+        run_generation(model, prompt, sampling)

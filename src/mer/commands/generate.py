@@ -94,13 +94,16 @@ def run(
         **(context if memory is not None else {}),
         **cluster.open_kwargs(),
     )
-    draft = open_draft(speculation, dtype)
-    if draft is not None:
-        model.speculate(draft, k=speculation.spec_k, adaptive=not fixed_k)
-    recorder = model.record_trace() if trace else None
-    if recorder is not None and trace_hidden:
-        recorder.watch_hidden()
-    run_generation(model, prompt, sampling, chat, ignore_eos)
+    with model:  # reader threads joined before the interpreter exits (see `demo`)
+        draft = open_draft(speculation, dtype)
+        if draft is not None:
+            model.speculate(draft, k=speculation.spec_k, adaptive=not fixed_k)
+        recorder = model.record_trace() if trace else None
+        if recorder is not None and trace_hidden:
+            recorder.watch_hidden()
+        run_generation(model, prompt, sampling, chat, ignore_eos)
+        if draft not in (None, "self"):  # a draft model of its own: its readers too
+            draft.close()
     if recorder is not None:
         recorded = recorder.trace()
         recorded.save(trace)
