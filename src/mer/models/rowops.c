@@ -115,12 +115,8 @@ static inline __m512 exp_neg(__m512 x) {
  * keys and values lie a row of every head apart, and a long cache read cold from RAM kept
  * attention waiting on each row in turn. */
 static inline void rows_ahead(const uint16_t *row, int64_t stride, int64_t n) {
-#if KV_AHEAD
     const char *p = (const char *)(row + KV_AHEAD * stride);
     for (int64_t b = 0; b < n * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-#else
-    (void)row; (void)stride; (void)n;
-#endif
 }
 
 /* q [Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] (bf16, contiguous); allowed [S] or NULL; sinks [Hq]
