@@ -177,6 +177,7 @@ def test_a_build_that_disagrees_is_named_and_nothing_is_used(monkeypatch):
 
     class Lib:
         rms_norm_bf16 = rope_bf16 = attend_one_bf16 = route_bf16 = attend_decode_bf16 = Fn()
+        argmax_f32 = decode_attention_bf16 = Fn()
 
         @staticmethod
         def rowops_simd():
@@ -283,3 +284,29 @@ def test_decoding_with_attention_in_one_call_gives_the_same_logits(preset, monke
         assert torch.equal(a, b)
     layers_ = model.config.num_hidden_layers
     assert calls == ([True] * 4 * layers_ if preset != "tiny-olmoe" else [])
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 151936])
+def test_argmax_is_torchs_with_ties_infinities_and_nans(n):
+    _lib_or_skip()
+    g = _gen(n)
+    x = torch.randn(n, generator=g)
+    cases = [x, torch.full((n,), float("-inf")), torch.zeros(n)]  # all equal: the first
+    if n > 3:
+        tied = x.clone()
+        tied[n // 3] = tied[n - 2] = tied.max() + 1  # two maxima: the first
+        inf = x.clone()
+        inf[n - 1] = inf[n // 2] = float("inf")
+        nan = x.clone()
+        nan[n - 2] = nan[n // 2] = float("nan")  # the first NaN, beyond any maximum
+        cases += [tied, inf, nan, torch.where(x > 0, float("-inf"), x)]
+    for c in cases:
+        assert rowops.argmax(c) == int(torch.argmax(c))
+
+
+def test_argmax_declines_what_it_does_not_reduce():
+    _lib_or_skip()
+    assert rowops.argmax(torch.randn(8, dtype=BF16)) is None
+    assert rowops.argmax(torch.randn(2, 8)) is None
+    assert rowops.argmax(torch.randn(16)[::2]) is None
+    assert rowops.argmax(torch.empty(0)) is None

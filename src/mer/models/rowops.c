@@ -16,6 +16,10 @@
  *   route_bf16     the router: logits rounded to bf16 (as F.linear's output is), softmax in
  *                  float32, the top k (largest first, the lower id among equals), their
  *                  weights renormalised if asked.
+ *   argmax_f32     torch.argmax of a float32 vector (a NaN counts as the largest).
+ *   decode_attention_bf16  a lone decode token through a layer's attention half: norm, the
+ *                  fused q, k, v projection, attend_decode_bf16, o, the residual, the FFN
+ *                  norm and the router, in one call (each step the bits of its own call).
  *
  * Every function computes each row (or head) alone, so its result never depends on how
  * many rows share the call. Only the AVX512 build computes: rowops_simd() says which.
@@ -276,6 +280,75 @@ void route_bf16(const uint16_t *x, const uint16_t *w, float *logits, float *weig
     }
 }
 
+/* The index of the largest of x[0..n) (the first among equals), or of the first NaN: what
+ * torch.argmax gives (it takes a NaN for the largest), at vector speed (its reduction over a
+ * 151936-entry vocabulary took ~100 us, most of a greedy step's sampling). n < 2^31. */
+int64_t argmax_f32(const float *x, int64_t n) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 best = ninf;
+    __m512i at = idx;
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_mask_loadu_ps(ninf, tail(n - i), x + i);
+        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        if (nan) return i + __builtin_ctz(nan);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, gt, v);
+        at = _mm512_mask_mov_epi32(at, gt, idx);
+        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+    }
+    const float top = _mm512_reduce_max_ps(best);
+    const __mmask16 tops = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
+    /* lanes never raised hold their own first index, which is where a -inf maximum lies */
+    return _mm512_mask_reduce_min_epi32(tops, at);
+}
+
+/* A dense linear of one bfloat16 row by the int4 library's int8-activation kernel
+ * (int4_linear_i8_bf16, handed over as a pointer: that library is built apart, once per
+ * int4 scheme). */
+typedef void (*linear_i8_fn)(const void *packed, const void *scales, const uint16_t *x,
+                             float *xf, int8_t *xq, float *sx, float *xs, float *y,
+                             uint16_t *out, int64_t T, int64_t N, int64_t K, int64_t G,
+                             int threads);
+
+/* What one layer's decode_attention_bf16 reads, set once as the model opens (mirrored by
+ * rowops.DecodeLayer); the scratch is the calling thread's. */
+typedef struct {
+    const uint16_t *attn_norm, *ffn_norm, *q_norm, *k_norm, *router; /* norms, router: NULL = none */
+    const void *qkv_packed, *qkv_scales, *o_packed, *o_scales;
+    linear_i8_fn qkv_linear, o_linear;
+    int64_t qkv_group, o_group, qkv_threads, o_threads, route_threads;
+    int64_t H, Hq, Hkv, D, Dv, E, top_k, renormalise;
+    float eps, scale;
+    float *xf, *sx, *xs, *y, *logits;
+    int8_t *xq;
+    uint16_t *qkv, *qr, *attn, *o;
+} decode_layer;
+
+/* A lone decode token through the attention half of a layer: h = rms_norm(x); q, k, v from
+ * one fused projection; attend_decode_bf16; x += o(attention) in place; h = rms_norm(x) by
+ * the FFN norm; and, where the layer routes, the router's top k of h. Each step is the call
+ * the Python path makes for it, so the bits are those. */
+void decode_attention_bf16(const decode_layer *L, uint16_t *x, uint16_t *h,
+                           const uint16_t *cos, const uint16_t *sin, uint16_t *kc,
+                           uint16_t *vc, int64_t pos, const uint8_t *allowed, float *scores,
+                           float *weights, int64_t *ids, int attn_threads) {
+    const int64_t H = L->H, nq = L->Hq * L->D, nk = L->Hkv * L->D, nv = L->Hkv * L->Dv;
+    norm_row(x, L->attn_norm, h, H, L->eps);
+    L->qkv_linear(L->qkv_packed, L->qkv_scales, h, L->xf, L->xq, L->sx, L->xs, L->y, L->qkv, 1,
+                  nq + nk + nv, H, L->qkv_group, (int)L->qkv_threads);
+    attend_decode_bf16(L->qkv, L->qkv + nq, L->qkv + nq + nk, L->q_norm, L->k_norm, L->eps, cos,
+                       sin, kc, vc, pos, allowed, NULL, L->scale, L->qr, scores, L->attn, L->Hq,
+                       L->Hkv, L->D, L->Dv, attn_threads);
+    L->o_linear(L->o_packed, L->o_scales, L->attn, L->xf, L->xq, L->sx, L->xs, L->y, L->o, 1, H,
+                L->Hq * L->Dv, L->o_group, (int)L->o_threads);
+    for (int64_t i = 0; i < H; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(L->o[i]));
+    norm_row(x, L->ffn_norm, h, H, L->eps);
+    if (L->router && weights)
+        route_bf16(h, L->router, L->logits, weights, ids, 1, L->E, H, L->top_k,
+                   (int)L->renormalise, (int)L->route_threads);
+}
+
 #else /* rowops_simd() 0: the library is never used (so attend_decode_bf16 needs no stub) */
 
 int rowops_simd(void) { return 0; }
@@ -298,6 +371,19 @@ void route_bf16(const uint16_t *x, const uint16_t *w, float *logits, float *weig
                 int threads) {
     (void)x; (void)w; (void)logits; (void)weights; (void)ids; (void)T; (void)E; (void)H;
     (void)k; (void)renormalise; (void)threads;
+}
+
+void decode_attention_bf16(const void *L, uint16_t *x, uint16_t *h, const uint16_t *cos,
+                           const uint16_t *sin, uint16_t *kc, uint16_t *vc, int64_t pos,
+                           const uint8_t *allowed, float *scores, float *weights, int64_t *ids,
+                           int attn_threads) {
+    (void)L; (void)x; (void)h; (void)cos; (void)sin; (void)kc; (void)vc; (void)pos;
+    (void)allowed; (void)scores; (void)weights; (void)ids; (void)attn_threads;
+}
+
+int64_t argmax_f32(const float *x, int64_t n) {
+    (void)x; (void)n;
+    return -1;
 }
 
 #endif

@@ -45,6 +45,9 @@ def _lib() -> ctypes.CDLL | None:
            lib.attend_decode_bf16)  # fmt: skip
     for f in fns:
         f.restype = None
+    lib.argmax_f32.argtypes, lib.argmax_f32.restype = [p, i64], i64
+    lib.decode_attention_bf16.argtypes = [p] * 7 + [i64, p, p, p, p, i32]
+    lib.decode_attention_bf16.restype = None
     wrong = _disagreement(lib)
     if wrong:
         warnings.warn(f"row kernel {wrong} disagrees with PyTorch here: none used", stacklevel=3)
@@ -54,6 +57,17 @@ def _lib() -> ctypes.CDLL | None:
 
 def _threads(work: int) -> int:
     return torch.get_num_threads() if work >= PARALLEL_WORK else 1
+
+
+def argmax(x: torch.Tensor) -> int | None:
+    """torch.argmax of a float32 vector x [n] (the first of equals; a NaN's index, the first,
+    where there is one), or None."""
+    if x.dtype != torch.float32 or x.dim() != 1 or not (x.is_cpu and x.is_contiguous()):
+        return None
+    if not 0 < x.shape[0] < 1 << 31:
+        return None
+    lib = _lib()
+    return None if lib is None else lib.argmax_f32(x.data_ptr(), x.shape[0])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -272,4 +286,7 @@ def _disagreement(lib: ctypes.CDLL) -> str | None:
         close(weights, want_w, 1e-2) and close(weights, probs / probs.sum(1, keepdim=True), 1e-2)
     ):
         return "route_bf16"
+    v = torch.randn(37, generator=gen)
+    if lib.argmax_f32(v.data_ptr(), 37) != int(torch.argmax(v)):
+        return "argmax_f32"
     return None

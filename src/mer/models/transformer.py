@@ -18,12 +18,14 @@ rotary tables, each layer's attention window) the pass calls the config's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from mer.models.config import ModelConfig
+from mer.models.decode_layer import DecodeAttention
 from mer.models.kv_cache import KVCache
 from mer.models.layers import ExpertProvider, causal_mask, moe, rms_norm
 from mer.quant.dense import concat_rows, linear
@@ -73,6 +75,11 @@ class MoETransformer:
         # Replaces the router's choice (layer, hidden, weights, ids) -> (weights, ids) before
         # the hooks hear of it: forced routing from a trace (mer.trace.forced).
         self.routing_override: Callable | None = None
+
+    @functools.cached_property
+    def decode_attention(self) -> DecodeAttention:
+        """The layers a lone decode token runs through their attention half in one C call."""
+        return DecodeAttention(self)
 
     def _fuse_qkv(self) -> dict[int, list[int]]:
         """Each layer's q, k and v projections stacked into one matrix `qkv` (and their
@@ -136,13 +143,22 @@ class MoETransformer:
                 start += n
             spans_of[window] = spans
         x = w["embed"][tokens]  # [T, H]
+        lone = len(tokens) == 1  # one decode token: its layers' attention halves in one call
         for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
-            h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
-            x = x + fam.attention(self, i, h, rope, spans_of[windows[i]])
-            h = rms_norm(x, w[p + "ffn_norm"], cfg.rms_norm_eps)
+            step = None
+            if lone and self.decode_attention.applies(i):
+                _, kv, mask = spans_of[windows[i]][0]
+                step = self.decode_attention.run(i, x, kv, mask, rope, route=not draft)
+            if step is not None:  # x now holds the residual after attention
+                h, routed = step
+            else:
+                h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
+                x = x + fam.attention(self, i, h, rope, spans_of[windows[i]])
+                h = rms_norm(x, w[p + "ffn_norm"], cfg.rms_norm_eps)
+                routed = None
             if cfg.is_moe_layer(i):
-                x = x + self._moe(i, h, draft)
+                x = x + self._moe(i, h, draft, routed)
             else:
                 x = x + fam.mlp(self, i, h)
         for t, kv in batch:
@@ -152,10 +168,14 @@ class MoETransformer:
             x = x[torch.tensor([s.stop - 1 for s, _, _ in spans_of[windows[0]]])]
         return linear(rms_norm(x, w["norm"], cfg.rms_norm_eps), w["lm_head"]).float()
 
-    def _moe(self, i: int, h: torch.Tensor, draft: bool = False) -> torch.Tensor:
-        """Route h [T, H], tell the routing hooks, run the experts (and the shared one)."""
-        allowed = self._resident(i) if draft else None
-        weights, ids = self.family.route(self, i, h, allowed)
+    def _moe(self, i: int, h: torch.Tensor, draft: bool = False, routed=None) -> torch.Tensor:
+        """Route h [T, H] (or take `routed`, its (weights, ids) already worked out), tell
+        the routing hooks, run the experts (and the shared one)."""
+        if routed is not None:
+            weights, ids = routed
+        else:
+            allowed = self._resident(i) if draft else None
+            weights, ids = self.family.route(self, i, h, allowed)
         if self.routing_override is not None and not draft:  # forced routing (a trace's)
             weights, ids = self.routing_override(i, h, weights, ids)
         if not draft and self.routing is not None:  # opt-in cache-aware routing

@@ -19,7 +19,8 @@ layer's other work. So the decode class is measured as a decode step uses the ma
 matrices of its first layers and its head in order, one token each, with GAP_S idle
 between layers for the rest of the layer's work; each candidate runs whole passes,
 candidates alternate pass by pass, every call is timed where it stands in its pass, and
-each shape takes the candidate with the lowest median of its per-pass time. A shape not
+each shape takes the candidate with the lowest median of its per-pass time (c-int8 where it
+is within FUSED_SAVES_MS a call of that: see `_pick_decode`). A shape not
 prepared so (a matrix used outside a model) is measured the same way on its own, each
 call after GAP_S idle. The small and prefill classes (`int4_paths.CLASSES`) are measured
 per shape, calls alternating after GAP_S idle, by `prepare` too, or on a shape's first
@@ -56,6 +57,10 @@ ROUND_S = 0.01  # seconds of calls per candidate and round, at least
 GAP_S = 0.002  # idle before a layer (or a lone call): long enough for workers to go to sleep
 PASS_ROUNDS = 7  # decode passes per candidate in `prepare`
 PASS_LAYERS = 4  # layers of the model a decode pass runs (and every matrix outside layers)
+# What a decode layer's one C call saves a call of its q/k/v or o matrix, at least: the Python
+# path of the attention half cost 0.86 ms a token more on the Qwen3-30B-A3B shape (6 layers,
+# two such calls each: ~70 us a call; median of 12 alternated rounds, c-int8 in both)
+FUSED_SAVES_MS = 0.05
 
 _chosen: dict[tuple, str] = {}
 
@@ -236,9 +241,24 @@ def measure_decode(
         for p in cands:
             for key, s in one_pass(p).items():
                 totals[p][key].append(s * 1e3)
-    return {
-        key: min(ps, key=lambda p: statistics.median(totals[p][key])) for key, ps in shapes.items()
-    }
+    calls = {key: sum(_key(m, "decode", dtype) == key for layer in layers for m in layer)
+             for key in shapes}  # fmt: skip
+    return {key: _pick_decode(totals, key, ps, calls[key]) for key, ps in shapes.items()}
+
+
+def _pick_decode(totals: dict, key: tuple, paths: list[str], calls: int) -> str:
+    """The path of lowest median ms a pass, but the int8-activation kernel wherever it is
+    within FUSED_SAVES_MS a call of it: a decode layer whose q/k/v and o take that kernel
+    runs its attention half in one C call (`mer.models.decode_layer`), which saves more
+    than that, and equally fast kernels otherwise won by chance, process by process."""
+    med = {p: statistics.median(totals[p][key]) for p in paths}
+    best = min(paths, key=med.get)
+    fused = [p for p in paths if _kernel(p) == "c-int8"]
+    if fused:
+        p = min(fused, key=med.get)
+        if med[p] <= med[best] + FUSED_SAVES_MS * calls:
+            return p
+    return best
 
 
 def prepare(names_and_weights: Iterable[tuple[str, object]], dtype: torch.dtype) -> None:
