@@ -279,3 +279,22 @@ def test_counters_add_up_to_the_bytes_read(trained_store, prefetch):
     assert (s.prefetches > 0) == prefetch
     assert s.prefetches_used <= s.prefetches
     model.close()
+
+
+def test_reads_issued_ahead_and_never_acquired_are_ordinary_entries_after_the_pass(small_store):
+    """A pass that fetched a layer's experts and failed before acquiring them leaves them as
+    any resident expert: evictable, and a later acquire is a hit."""
+    model = mer.open(small_store, ram_budget="64MiB", prefetch=False)
+    try:
+        cache = model.cache
+        assert cache.fetch(1, [0, 1]) == 2
+        misses = cache.stats.misses
+        assert all(cache._entries[(1, e)].ahead for e in (0, 1))
+        cache.next_step()
+        assert not any(entry.ahead for entry in cache._entries.values())
+        hits = cache.stats.hits
+        with cache.use(1, 0):
+            pass
+        assert (cache.stats.hits, cache.stats.misses) == (hits + 1, misses)
+    finally:
+        model.close()

@@ -125,6 +125,9 @@ class ExpertCache:
         self._busy: set[Key] = set()
         # Prefetches whose read has not ended: what a cancel looks through, not every entry.
         self._prefetching: dict[Key, _Entry] = {}
+        # Keys whose entry is `ahead`: what a pass's end resets, not every entry (a Python loop
+        # over a whole model's experts, every token).
+        self._ahead: set[Key] = set()
         self._auto_pins: AutoPins | None = None
         self._setup_pins(pin_share, pins)
 
@@ -180,8 +183,11 @@ class ExpertCache:
         self.step += 1
         with self._lock:
             self._policy.begin_pass()
-            for entry in self._entries.values():
-                entry.ahead = False  # never acquired (the pass failed): an ordinary entry
+            for key in self._ahead:  # never acquired (the pass failed): ordinary entries
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.ahead = False
+            self._ahead.clear()
         if self._auto_pins is not None and self._auto_pins.due(self.step):
             with self._lock:
                 # Unpinned experts simply become evictable; new pins stay once loaded.
@@ -226,6 +232,7 @@ class ExpertCache:
         (`counted`, or `fetch` started its read)."""
         if entry.ahead:
             entry.ahead = False
+            self._ahead.discard(key)
         elif not counted:
             self._stats.hits += 1
             if entry.prefetched:
@@ -292,6 +299,7 @@ class ExpertCache:
                 if slot is None:
                     break
                 self._start_read(key, slot, DEMAND).ahead = True
+                self._ahead.add(key)
                 self._stats.misses += 1
                 started += 1
         return started
