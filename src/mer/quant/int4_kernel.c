@@ -14,7 +14,13 @@
  * block of ffn units in one pass (gate_up holds gate rows first, then up rows), SiLU and
  * product in registers, then down over the product, in one OpenMP region with a barrier
  * between the two. Blocks are handed out dynamically, two at a time: on a busy machine a
- * descheduled thread's blocks go to the others instead of holding the barrier. Only the
+ * descheduled thread's blocks go to the others instead of holding the barrier. One token's
+ * calls (the group calls of a decode step's experts) and the int8-activation linear hand them
+ * out guided instead: each thread first takes a long contiguous run (half the blocks, on
+ * two), then smaller ones to balance. A thread streaming one long run reads faster than
+ * two interleaving pairs of blocks: the Qwen3-30B-A3B shape (8 experts of 2.8 MiB a
+ * layer, int4 dense) decoded x1.057 faster (median of 30 alternated rounds, 20 ahead;
+ * static halves x1.066), the Mixtral width alike (x0.998, static). Only the
  * AVX-512 build computes anything; int4_simd() says which build
  * this is, and the caller uses the kernel only where it is 512 and its probe passes.
  */
@@ -241,7 +247,7 @@ void int4_ffn_group(int64_t E, const uint8_t *const *p_gu, const sz_t *const *sz
 #ifdef _OPENMP
         mine = gu + (int64_t)omp_get_thread_num() * 128;
 #endif
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(guided)
         for (int64_t i = 0; i < E * nf; i++) {
             const int64_t e = i / nf, fb = i % nf;
             block_rows(p_gu[e], sz_gu[e], x, xs, mine, 128, fb * 64, 2 * F, H, Gu, 1);
@@ -253,7 +259,7 @@ void int4_ffn_group(int64_t E, const uint8_t *const *p_gu, const sz_t *const *sz
         }
 #pragma omp for
         for (int64_t e = 0; e < E; e++) group_sums(h + e * F, hs + e * (F / Gd), 1, F, Gd);
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(guided)
         for (int64_t i = 0; i < E * nh; i++) {
             const int64_t e = i / nh, nb = i % nh;
             block_rows(p_d[e], sz_d[e], h + e * F, hs + e * (F / Gd), y + e * H + nb * 64, H,
@@ -451,7 +457,7 @@ void int4_ffn_bf16_group(int64_t E, const uint8_t *const *p_gu, const sz_t *cons
 #ifdef _OPENMP
         mine = gu + (int64_t)omp_get_thread_num() * 128;
 #endif
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(guided)
         for (int64_t i = 0; i < E * nf; i++) {
             const int64_t e = i / nf, fb = i % nf;
             block_rows_bf16(p_gu[e], sz_gu[e], x, xs, mine, 128, fb * 64, 2 * F, H, Gu, 1);
@@ -465,7 +471,7 @@ void int4_ffn_bf16_group(int64_t E, const uint8_t *const *p_gu, const sz_t *cons
 #pragma omp for
         for (int64_t e = 0; e < E; e++)
             group_sums_bf16(h16 + e * F, hs + e * (F / Gd), 1, F, Gd);
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(guided)
         for (int64_t i = 0; i < E * nh; i++) {
             const int64_t e = i / nh, nb = i % nh;
             block_rows_bf16(p_d[e], sz_d[e], h16 + e * F, hs + e * (F / Gd), y + e * H + nb * 64,
@@ -635,7 +641,7 @@ static void quant_row_i8(const float *x, int8_t *xq, float *sx, float *xs, int64
 static void linear_i8(const uint8_t *packed, const sz_t *sz, const int8_t *xq, const float *sx,
                       const float *xs, float *y, uint16_t *out16, int64_t T, int64_t N,
                       int64_t K, int64_t G, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
+#pragma omp parallel for num_threads(threads) schedule(guided)
     for (int64_t nb = 0; nb < N / 64; nb++) {
         block_rows_i8(packed, sz, xq, sx, xs, y + nb * 64, N, nb * 64, N, K, G, T);
         if (out16)
@@ -710,7 +716,7 @@ void int4_ffn_i8_group(int64_t E, const uint8_t *const *p_gu, const sz_t *const 
 #ifdef _OPENMP
         mine = gu + (int64_t)omp_get_thread_num() * 128;
 #endif
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(guided)
         for (int64_t i = 0; i < E * nf; i++) {
             const int64_t e = i / nf, fb = i % nf;
             block_rows_i8(p_gu[e], sz_gu[e], xq, sx, xs, mine, 128, fb * 64, 2 * F, H, Gu, 1);
@@ -724,7 +730,7 @@ void int4_ffn_i8_group(int64_t E, const uint8_t *const *p_gu, const sz_t *const 
 #pragma omp for
         for (int64_t e = 0; e < E; e++)
             quant_row_i8(h + e * F, hq + e * F, hsx + e * ng, hs + e * ng, 0, F, Gd);
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(guided)
         for (int64_t i = 0; i < E * nh; i++) {
             const int64_t e = i / nh, nb = i % nh;
             block_rows_i8(p_d[e], sz_d[e], hq + e * F, hsx + e * ng, hs + e * ng,
