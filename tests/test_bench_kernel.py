@@ -50,3 +50,21 @@ def test_the_dense_table_times_every_width_and_path_against_the_copy(capsys):
 def _int4(shape: str) -> Int4Weight:
     n, k = map(int, shape.split("x"))
     return Int4Weight.quantize(torch.randn(n, k))
+
+
+def test_the_read_rate_runs_on_the_threads_asked_and_gives_them_back(monkeypatch):
+    from mer.bench import kernel
+
+    timed = kernel.median_seconds
+    seen = []
+
+    def spy(fn, seconds):
+        seen.append(torch.get_num_threads())
+        return timed(fn, seconds)
+
+    monkeypatch.setattr(kernel, "median_seconds", spy)
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    rate = kernel.memory_read_rate(8 << 20, 0.05, threads=want)
+    assert seen == [want] and torch.get_num_threads() == before
+    assert rate > 1e8  # 8 MiB summed in under 80 ms: any machine

@@ -15,10 +15,11 @@ ratio is mer's against the mean of the llama.cpp runs on either side of it, and 
 gives the median of the rounds' ratios, for a machine whose speed drifts by more than the
 gap being measured. Always, the bound: the
 bytes a token touches (dense weights but the embedding table, plus the experts it was
-routed to, counted from the routing that happened) over the memory-copy rate measured in
-the same run; prefill's bound counts each distinct expert of the prompt once, so it says
-how far prefill is from the point where reuse would make it bandwidth-bound, not what it
-can reach (it is compute-bound long before).
+routed to, counted from the routing that happened) over the memory read rate measured in
+the same run on the same threads (the higher of its figures before and after the engines:
+a token's weights are read, not copied); prefill's bound counts each distinct expert of
+the prompt once, so it says how far prefill is from the point where reuse would make it
+bandwidth-bound, not what it can reach (it is compute-bound long before).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mer.bench import llamacpp
-from mer.bench.kernel import memory_bandwidth
+from mer.bench.kernel import memory_bandwidth, memory_read_rate
 from mer.errors import ConfigError, MerError
 from mer.options import count, natural
 from mer.procfs import kib_field
@@ -117,7 +118,8 @@ def run(
         argv = llamacpp.bench_argv(bench, model, prompt_tokens, tokens, threads, repeats, flags)
         console.print("llama.cpp: " + " ".join(argv))
     llama()
-    bw = memory_bandwidth(512 << 20, 1.0)
+    reads = [memory_read_rate(512 << 20, 0.5, threads)]
+    copy = memory_bandwidth(512 << 20, 0.5)
     with MerFits(store_path, threads, prompt_tokens, dtype, dense_quant, depth) as fits:
         mer_rounds = []
         for r in range(rounds):
@@ -126,6 +128,8 @@ def run(
             mer_rounds.append(fits.measure(tokens, repeats))
         mer_res = fits.summary()
     llama()  # before and after mer: a machine whose load drifts hits both
+    reads.append(memory_read_rate(512 << 20, 0.5, threads))
+    bw = max(reads)
     mer_res.update({k: statistics.median(m[k] for m in mer_rounds) for k in mer_rounds[0]})
     ratios = {}
     if runs:  # each round against the mean of the llama.cpp runs on either side of it
@@ -140,12 +144,13 @@ def run(
                 f"x{x:.2f}" for x in xs) for k, xs in ratios.items()))  # fmt: skip
     console.print(_table(mer_res, ratios, bw, prompt_tokens, depth))
     console.print(
-        f"memory copy {bw / 1e9:.1f} GB/s (read + written, this run); bytes/token: dense "
+        f"memory read {' and '.join(f'{r / 1e9:.1f}' for r in reads)} GB/s before and after "
+        f"({threads} threads), copy {copy / 1e9:.1f} GB/s (read + written); bytes/token: dense "
         f"weights but the embedding table, plus {fmt_bytes(s.expert_format.nbytes)} per expert "
         f"routed to ({mer_res['experts_per_token']:.1f} per decode token, "
-        f"{mer_res['prompt_experts']} distinct in the prompt); bound: copy rate / bytes per "
-        f"token; expert reads while timing: {mer_res['reads_while_timing']}; load average "
-        f"{_load()} at end"
+        f"{mer_res['prompt_experts']} distinct in the prompt); bound: the higher read rate / "
+        f"bytes per token; expert reads while timing: {mer_res['reads_while_timing']}; load "
+        f"average {_load()} at end"
     )
 
 

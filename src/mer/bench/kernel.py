@@ -50,6 +50,20 @@ def memory_bandwidth(nbytes: int, seconds: float) -> float:
     return 2 * nbytes / median_seconds(lambda: dst.copy_(src), seconds)
 
 
+def memory_read_rate(nbytes: int, seconds: float, threads: int | None = None) -> float:
+    """Bytes read per second by a sum over a large tensor, on `threads` (default: PyTorch's):
+    what bounds a decode step, whose weights are read and not written. On the 2-core
+    machine it ran up to ~1.1x the copy's read + write figure (26-51 GB/s, as the machine
+    drifted, against 44-48 in the same minute)."""
+    src = torch.ones(nbytes // 8, dtype=torch.int64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return src.nbytes / median_seconds(src.sum, seconds)
+    finally:
+        torch.set_num_threads(before)
+
+
 def dequantized(ef: ExpertFormat, buf: torch.Tensor) -> ExpertWeights:
     w = ef.view(buf)
     return ExpertWeights(
