@@ -137,3 +137,22 @@ def test_the_decode_choice_takes_the_int8_kernel_within_what_the_call_saves():
     assert dense_paths._pick_decode(totals, key, paths, calls=2) == "c-int8"
     assert dense_paths._pick_decode(totals, key, paths, calls=1) == "tinygemm"
     assert dense_paths._pick_decode(totals, key, ["tinygemm"], calls=2) == "tinygemm"
+
+
+def test_a_new_thread_count_plans_the_layers_again(monkeypatch):
+    """Kernel choices and thread counts are per compute-thread count: a decode after
+    `torch.set_num_threads` runs on a plan made for the new count."""
+    _skip_without_kernels()
+    monkeypatch.setenv("MER_DENSE_INT4_PATH", "c-int8")
+    m = model("tiny")
+    first = m.decode_attention
+    assert m.decode_attention is first
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        again = m.decode_attention
+        assert again is not first and again.threads == torch.get_num_threads()
+        one_call, _, calls, _ = decode(m, True, monkeypatch)
+        assert all(calls) and calls
+    finally:
+        torch.set_num_threads(threads)

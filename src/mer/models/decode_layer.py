@@ -135,6 +135,7 @@ class DecodeAttention:
 
     def __init__(self, m) -> None:
         self.m = m
+        self.threads = torch.get_num_threads()
         self.plans = [plan(m, i) for i in range(m.config.num_hidden_layers)]
         self._local = threading.local()
         lib = rowops._lib()

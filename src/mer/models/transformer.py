@@ -18,7 +18,6 @@ rotary tables, each layer's attention window) the pass calls the config's
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -75,11 +74,17 @@ class MoETransformer:
         # Replaces the router's choice (layer, hidden, weights, ids) -> (weights, ids) before
         # the hooks hear of it: forced routing from a trace (mer.trace.forced).
         self.routing_override: Callable | None = None
+        self._decode_attention: DecodeAttention | None = None
 
-    @functools.cached_property
+    @property
     def decode_attention(self) -> DecodeAttention:
-        """The layers a lone decode token runs through their attention half in one C call."""
-        return DecodeAttention(self)
+        """The layers a lone decode token runs through their attention half in one C call,
+        planned again if the compute threads changed (kernel choices and thread counts are
+        per thread count)."""
+        da = self._decode_attention
+        if da is None or da.threads != torch.get_num_threads():
+            da = self._decode_attention = DecodeAttention(self)
+        return da
 
     def _fuse_qkv(self) -> dict[int, list[int]]:
         """Each layer's q, k and v projections stacked into one matrix `qkv` (and their
@@ -144,12 +149,13 @@ class MoETransformer:
             spans_of[window] = spans
         x = w["embed"][tokens]  # [T, H]
         lone = len(tokens) == 1  # one decode token: its layers' attention halves in one call
+        decode = self.decode_attention if lone else None
         for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
             step = None
-            if lone and self.decode_attention.applies(i):
+            if lone and decode.applies(i):
                 _, kv, mask = spans_of[windows[i]][0]
-                step = self.decode_attention.run(i, x, kv, mask, rope, route=not draft)
+                step = decode.run(i, x, kv, mask, rope, route=not draft)
             if step is not None:  # x now holds the residual after attention
                 h, routed = step
             else:
