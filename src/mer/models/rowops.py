@@ -1,6 +1,7 @@
 """A decode layer's small bfloat16 operations in one C call each (`rowops.c`): RMSNorm,
 the rotary embedding, one query's attention (or a lone decode token's whole attention
-from its projections on) and the router's top-k.
+from its projections on, or its layer's whole attention half: `mer.models.decode_layer`),
+the router's top-k and greedy sampling's argmax.
 
 A decode token's layer runs dozens of tiny PyTorch ops between its matrix products, and
 each costs 30-50 us on caches the weights have just swept (2 us on warm ones): on the
