@@ -156,3 +156,22 @@ def test_a_new_thread_count_plans_the_layers_again(monkeypatch):
         assert all(calls) and calls
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_long_context_decodes_alike_past_the_first_scratch(monkeypatch):
+    """Attention scores of more positions than the first scratch held (256) grow it."""
+    _skip_without_kernels()
+    monkeypatch.setenv("MER_DENSE_INT4_PATH", "c-int8")
+    m = model("tiny", max_position_embeddings=1024)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, m.config.vocab_size, (300,), generator=gen)
+    out = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(DecodeAttention, "applies", lambda self, i: False)
+        kv = m.new_kv_cache(320)
+        m.forward(prompt, kv)
+        out[fused] = [m.forward(torch.tensor([t]), kv) for t in (4, 8, 15)]
+        if fused:
+            assert m.decode_attention._local.scores.numel() >= 4 * 303
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False], strict=True))

@@ -176,13 +176,15 @@ class DecodeAttention:
         pos = kv.length
         if buffers is None or pos >= kv.capacity or mask.shape != (1, pos + 1):
             return None
+        if mask.dtype != torch.bool or not mask.is_cpu:
+            return None
         layer = self._layer(i)
         if cos.numel() != layer.D or not (cos.is_contiguous() and sin.is_contiguous()):
             return None
         hq, d, dv = layer.Hq, layer.D, layer.Dv
         scores = getattr(self._local, "scores", None)
-        if scores is None or scores.numel() < hq * (pos + 1):
-            scores = self._local.scores = torch.empty(hq * max(pos + 1, 256))
+        if scores is None or scores.numel() < hq * (pos + 1):  # grown by doubling
+            scores = self._local.scores = torch.empty(hq * max(2 * (pos + 1), 256))
         h = torch.empty(1, layer.H, dtype=BF16)
         routed = None
         weights = ids = None
