@@ -30,8 +30,6 @@ from mer.quant.dense import Int4Weight
 
 BF16 = torch.bfloat16
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-# Family methods a layer must not override: what the C call computes is theirs.
-_DEFAULTS = ("attention", "qkv", "heads", "attend", "_attend_decode")
 
 
 class DecodeLayer(ctypes.Structure):
@@ -80,8 +78,9 @@ def _bf16(t, shape) -> bool:
 def plan(m, i: int) -> _Plan | None:
     """Layer `i` of model `m` as the C call runs it, or None where it does not apply."""
     cfg, w, fam, p = m.config, m.w, m.family, f"layers.{i}."
-    cls = type(fam)
-    if m.dtype != BF16 or any(getattr(cls, n) is not getattr(Family, n) for n in _DEFAULTS):
+    cls = type(fam)  # what the C call computes is the defaults' attention (and router)
+    defaults = fam._default_attention and cls.attention is Family.attention
+    if m.dtype != BF16 or not (defaults and cls._attend_decode is Family._attend_decode):
         return None
     if rowops._lib() is None or p + "qkv_bias" in w or i not in m.qkv_rows:
         return None
@@ -103,8 +102,8 @@ def plan(m, i: int) -> _Plan | None:
     router, e = None, 0
     if cfg.is_moe_layer(i) and cls.route is Family.route:
         r = w.get(p + "router")
-        if isinstance(r, torch.Tensor) and r.dim() == 2 and _bf16(r, (r.shape[0], hidden)):
-            if 0 < cfg.num_experts_per_tok <= r.shape[0] <= 4096:
+        if isinstance(r, torch.Tensor) and _bf16(r, (r.shape[0], hidden)):
+            if 0 < cfg.num_experts_per_tok <= r.shape[0] <= 4096:  # route_bf16's limits
                 router, e = r, r.shape[0]
     fns = {s: ctypes.cast(int4_paths._lib(s).int4_linear_i8_bf16, _p).value for s in (
         qkv[0].symmetric, o[0].symmetric)}  # fmt: skip
@@ -134,7 +133,6 @@ class DecodeAttention:
     """A model's layers as decode_attention_bf16 runs them: `run` is the call."""
 
     def __init__(self, m) -> None:
-        self.m = m
         self.threads = torch.get_num_threads()
         self.plans = [plan(m, i) for i in range(m.config.num_hidden_layers)]
         self._local = threading.local()

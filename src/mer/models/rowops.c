@@ -311,8 +311,8 @@ typedef void (*linear_i8_fn)(const void *packed, const void *scales, const uint1
                              uint16_t *out, int64_t T, int64_t N, int64_t K, int64_t G,
                              int threads);
 
-/* What one layer's decode_attention_bf16 reads, set once as the model opens (mirrored by
- * rowops.DecodeLayer); the scratch is the calling thread's. */
+/* What one layer's decode_attention_bf16 reads, set once per layer and thread (mirrored by
+ * mer.models.decode_layer.DecodeLayer); the scratch is that thread's. */
 typedef struct {
     const uint16_t *attn_norm, *ffn_norm, *q_norm, *k_norm, *router; /* norms, router: NULL = none */
     const void *qkv_packed, *qkv_scales, *o_packed, *o_scales;
@@ -349,7 +349,8 @@ void decode_attention_bf16(const decode_layer *L, uint16_t *x, uint16_t *h,
                    (int)L->renormalise, (int)L->route_threads);
 }
 
-#else /* rowops_simd() 0: the library is never used (so attend_decode_bf16 needs no stub) */
+#else /* rowops_simd() 0: the library is never used (so attend_decode_bf16, argmax_f32 and
+       * decode_attention_bf16 need no stub) */
 
 int rowops_simd(void) { return 0; }
 
@@ -371,19 +372,6 @@ void route_bf16(const uint16_t *x, const uint16_t *w, float *logits, float *weig
                 int threads) {
     (void)x; (void)w; (void)logits; (void)weights; (void)ids; (void)T; (void)E; (void)H;
     (void)k; (void)renormalise; (void)threads;
-}
-
-void decode_attention_bf16(const void *L, uint16_t *x, uint16_t *h, const uint16_t *cos,
-                           const uint16_t *sin, uint16_t *kc, uint16_t *vc, int64_t pos,
-                           const uint8_t *allowed, float *scores, float *weights, int64_t *ids,
-                           int attn_threads) {
-    (void)L; (void)x; (void)h; (void)cos; (void)sin; (void)kc; (void)vc; (void)pos;
-    (void)allowed; (void)scores; (void)weights; (void)ids; (void)attn_threads;
-}
-
-int64_t argmax_f32(const float *x, int64_t n) {
-    (void)x; (void)n;
-    return -1;
 }
 
 #endif

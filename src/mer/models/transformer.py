@@ -148,12 +148,12 @@ class MoETransformer:
                 start += n
             spans_of[window] = spans
         x = w["embed"][tokens]  # [T, H]
-        lone = len(tokens) == 1  # one decode token: its layers' attention halves in one call
-        decode = self.decode_attention if lone else None
+        # one decode token: its layers' attention halves in one call each, where they fit
+        decode = self.decode_attention if len(tokens) == 1 else None
         for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
             step = None
-            if lone and decode.applies(i):
+            if decode is not None and decode.applies(i):
                 _, kv, mask = spans_of[windows[i]][0]
                 step = decode.run(i, x, kv, mask, rope, route=not draft)
             if step is not None:  # x now holds the residual after attention
