@@ -11,6 +11,7 @@ import pytest
 
 from mer.bench import llamacpp
 from mer.cli import main
+from mer.errors import MerError
 from mer.synth.checkpoint import hf_config
 from mer.synth.gguf import write_synthetic_gguf
 
@@ -71,6 +72,19 @@ def test_fits_names_what_is_missing(tmp_path, capsys):
     gguf.write_bytes(b"GGUF")
     assert main(["bench", "fits", "--gguf", gguf, "--llama-bench", tmp_path / "nope"]) == 1
     assert capsys.readouterr().err == f"error: --llama-bench {tmp_path / 'nope'}: no such file\n"
+
+
+def test_a_llama_bench_killed_by_a_signal_is_named(tmp_path):
+    from mer.bench.fits import _llama
+
+    script = tmp_path / "llama-bench"
+    script.write_text("#!/bin/sh\necho loading >&2\nkill -ILL $$\n")
+    script.chmod(0o755)
+    with pytest.raises(MerError, match=r"killed by SIGILL: .*without GGML_NATIVE.*: loading$"):
+        _llama([str(script)])
+    script.write_text("#!/bin/sh\nexit 3\n")
+    with pytest.raises(MerError, match=r"^llama-bench failed \(exit 3\): no output$"):
+        _llama([str(script)])
 
 
 def test_llama_bench_json_reads_as_prefill_and_decode_rates():
