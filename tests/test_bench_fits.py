@@ -85,6 +85,8 @@ def test_a_llama_bench_killed_by_a_signal_is_named(tmp_path):
     script.write_text("#!/bin/sh\nexit 3\n")
     with pytest.raises(MerError, match=r"^llama-bench failed \(exit 3\): no output$"):
         _llama([str(script)])
+    assert llamacpp.exit_status(-9) == "killed by SIGKILL"
+    assert llamacpp.exit_status(-200) == "killed by signal 200"
 
 
 def test_llama_bench_json_reads_as_prefill_and_decode_rates():

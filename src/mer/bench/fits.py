@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -285,23 +284,8 @@ def _llama(argv: list[str]) -> dict[str, float]:
     rates = llamacpp.bench_rates(r.stdout) if r.returncode == 0 else {}
     if not rates:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MerError(f"llama-bench failed ({_exit(r.returncode)}): {last[:200]}")
+        raise MerError(f"llama-bench failed ({llamacpp.exit_status(r.returncode)}): {last[:200]}")
     return rates
-
-
-def _exit(code: int) -> str:
-    """A child's exit status in words: a signal by name, and what SIGILL means here (a native
-    build of llama.cpp whose AMX path dies on some machines with AMX in their CPU flags)."""
-    if code >= 0:
-        return f"exit {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        return f"killed by signal {-code}"
-    if name == "SIGILL":
-        return ("killed by SIGILL: an instruction this machine does not run; build llama.cpp "
-                "without GGML_NATIVE and its AMX options")  # fmt: skip
-    return f"killed by {name}"
 
 
 def _at(depth: int) -> str:

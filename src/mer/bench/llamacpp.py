@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 from mer.errors import ConfigError
@@ -68,3 +69,18 @@ def bench_rates(stdout: str) -> dict[str, float]:
         }
     except (ValueError, KeyError, TypeError):
         return {}
+
+
+def exit_status(code: int) -> str:
+    """A child's exit status in words: a signal by name, and what SIGILL means here (a native
+    build of llama.cpp whose AMX path dies on some machines with AMX in their CPU flags)."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"killed by signal {-code}"
+    if name == "SIGILL":
+        return ("killed by SIGILL: an instruction this machine does not run; build llama.cpp "
+                "without GGML_NATIVE and its AMX options")  # fmt: skip
+    return f"killed by {name}"

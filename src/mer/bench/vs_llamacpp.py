@@ -132,7 +132,11 @@ def _llama(bench, model, limit, tokens, threads, flags, label, timeout) -> Row:
     with cgroup.MemoryLimit(limit) as group:
         r = group.run(argv, timeout=timeout)
     tok_s = llamacpp.bench_rates(r.stdout).get("decode") if r.returncode == 0 else None
-    note = "" if tok_s is not None or r.oom_killed else (r.stderr.strip()[-120:] or "failed")
+    note = (
+        ""
+        if tok_s is not None or r.oom_killed
+        else (r.stderr.strip()[-120:] or llamacpp.exit_status(r.returncode))
+    )
     # warm-up decodes one token more than the measured run
     return Row(label, limit, tok_s, tokens + 1, r, note)
 
