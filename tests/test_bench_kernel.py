@@ -68,3 +68,26 @@ def test_the_read_rate_runs_on_the_threads_asked_and_gives_them_back(monkeypatch
     rate = kernel.memory_read_rate(8 << 20, 0.05, threads=want)
     assert seen == [want] and torch.get_num_threads() == before
     assert rate > 1e8  # 8 MiB summed in under 80 ms: any machine
+
+
+def test_an_expert_is_timed_over_copies_that_outrun_the_cache_one_a_call(monkeypatch, capsys):
+    import numpy as np
+
+    from mer.bench import kernel
+
+    ef = kernel.expert_format("int4", 128, 256, 32)
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(kernel, "FROM_RAM", 3 * ef.nbytes - 1)
+    first = ef.view(torch.zeros(ef.nbytes, dtype=torch.uint8))
+    made = kernel.copies(ef, rng, first=first)
+    assert len(made) == 3 and made[0] is first
+    assert len({e.gate_up.packed.data_ptr() for e in made}) == 3  # three buffers
+    seen = []
+    turn = kernel.in_turn(lambda e, x: seen.append(e) or x, made)
+    assert [turn(i) for i in range(4)] == [0, 1, 2, 3]
+    assert seen == [*made, made[0]]
+    monkeypatch.setattr(kernel, "FROM_RAM", 1 << 40)
+    assert len(kernel.copies(ef, rng)) == kernel.MAX_COPIES
+    kernel_bench(128, 256, [1], 32, 0.01, ("int4",))
+    out = capsys.readouterr().out
+    assert f"per expert, timed over {kernel.MAX_COPIES} copies (from RAM)" in out

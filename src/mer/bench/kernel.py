@@ -4,8 +4,10 @@ At one token an expert FFN is bound by reading its weights, so the figure
 that matters is weight bytes per second against what a large memory copy
 achieves on this machine right now. Batched tokens turn it compute-bound;
 for those we also time the alternatives (dequantize to bf16 then matmul, and
-a resident bf16 matmul) to show which path is faster. Every other scheme asked
-for (by default mxfp4) runs the same FFN from its own random extent, each
+a resident bf16 matmul) to show which path is faster. Each expert is timed over
+copies of it that together outrun the last-level cache, one a call, so that its weights
+come from RAM as in decode. Every other scheme asked
+for (by default mxfp4) runs the same FFN from its own random extents, each
 token count measured in alternating rounds with int4 and reported as a ratio
 to it: the baseline always comes from the same run. A second table times each
 path the int4 expert can take here (quant/int4_paths.py) in the same rounds, with
@@ -17,6 +19,7 @@ each int4, int8 and bf16 path, against a memory copy timed in the same rounds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from collections.abc import Sequence
@@ -41,6 +44,14 @@ from mer.units import fmt_bytes
 
 DEFAULT_SCHEMES = ("int4", "int4-sym", "mxfp4")
 ROUNDS = 3  # alternating measurements per token count: noise from other processes hits all
+# Each scheme's expert is timed from copies of it that together exceed this, a call on the
+# next copy each time, so that its weights come from RAM as a decode step's do: one expert
+# timed again and again stayed partly in a large last-level cache (105 MiB on a 2-core
+# Xeon here, against a 94.5 MiB Mixtral expert), where a kernel that streams its weights
+# with non-temporal prefetches runs slower than from RAM (a 4096x14336 int4 expert at one
+# token on c-int8: 11.6-11.8 ms called on the same copy, 7.3 ms over three copies).
+FROM_RAM = 256 << 20
+MAX_COPIES = 64  # a tiny expert's copies: enough to leave the private caches
 
 
 def memory_bandwidth(nbytes: int, seconds: float) -> float:
@@ -62,6 +73,20 @@ def memory_read_rate(nbytes: int, seconds: float, threads: int | None = None) ->
         return src.nbytes / median_seconds(src.sum, seconds)
     finally:
         torch.set_num_threads(before)
+
+
+def copies(ef: ExpertFormat, rng: np.random.Generator, first=None) -> list[ExpertWeights]:
+    """Random experts of `ef` (`random_extent`; `first`, if given, is the first), as many as
+    FROM_RAM takes (MAX_COPIES at most)."""
+    n = min(MAX_COPIES, max(1, -(-FROM_RAM // ef.nbytes)))
+    made = [] if first is None else [first]
+    return made + [ef.view(random_extent(ef, rng)) for _ in range(n - len(made))]
+
+
+def in_turn(run, experts: list[ExpertWeights]):
+    """x -> run(expert, x) on the next of `experts` each call."""
+    turn = itertools.cycle(experts)
+    return lambda x: run(next(turn), x)
 
 
 def dequantized(ef: ExpertFormat, buf: torch.Tensor) -> ExpertWeights:
@@ -159,14 +184,16 @@ def kernel_bench(
     paths = [p for p in int4_paths.eligible(expert) if p != "tinygemm"]
     choice = int4_paths.choose(expert) if isinstance(expert, int4_paths.Int4Expert) else None
     dense = dequantized(ef, buf)
-    runs = {s: other.view(random_extent(other, rng)) for s, other in others.items()}
+    experts = copies(ef, rng, first=expert)
+    runs = {s: in_turn(lambda e, x: e(x), copies(other, rng)) for s, other in others.items()}
     copy_bytes = max(256 << 20, 4 * ef.nbytes)
     bw = memory_bandwidth(copy_bytes, seconds)
     src = torch.ones(copy_bytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
     console.print(
         f"expert {hidden}x{ffn} int4 g{group} ({ef.layout}): "
-        f"{fmt_bytes(ef.nbytes)} per expert; {torch.get_num_threads()} threads; "
+        f"{fmt_bytes(ef.nbytes)} per expert, timed over {len(experts)} copies (from RAM); "
+        f"{torch.get_num_threads()} threads; "
         f"baseline: memory copy {bw / 1e9:.1f} GB/s (bytes read + written; timed again in "
         "each token count's rounds for its ratios)"
     )
@@ -191,8 +218,8 @@ def kernel_bench(
         t.add_column(col, justify="right")
     for m in batches:
         x = torch.randn(m, hidden, dtype=torch.bfloat16)
-        fns = {"int4": partial(int4_paths.RUNNERS["tinygemm"], expert), "dequantized": dense}
-        fns |= {p: partial(int4_paths.RUNNERS[p], expert) for p in paths}
+        fns = {"int4": in_turn(int4_paths.RUNNERS["tinygemm"], experts), "dequantized": dense}
+        fns |= {p: in_turn(int4_paths.RUNNERS[p], experts) for p in paths}
         fns |= runs
         fns["copy"] = lambda x: dst.copy_(src)  # in the rounds: "vs copy" is this run's ratio
         times: dict[str, list[float]] = {name: [] for name in fns}
