@@ -91,3 +91,14 @@ def test_an_expert_is_timed_over_copies_that_outrun_the_cache_one_a_call(monkeyp
     kernel_bench(128, 256, [1], 32, 0.01, ("int4",))
     out = capsys.readouterr().out
     assert f"per expert, timed over {kernel.MAX_COPIES} copies (from RAM)" in out
+
+
+def test_dense_matrices_come_in_copies_per_width_that_outrun_the_cache(monkeypatch):
+    from mer.bench import kernel
+
+    monkeypatch.setattr(kernel, "FROM_RAM", 2 * 64 * 128)  # the int8 width's bytes, twice
+    q4s, q8s, ws = kernel._matrices(64, 128, torch.Generator().manual_seed(0))
+    assert (len(q8s), len(ws)) == (2, 1)  # bf16: 2 bytes a weight, one copy is enough
+    assert len(q4s) == 4  # 4096 bytes of nibbles and 256 of scales and zeros: 4 copies
+    assert len({q.linear.packed.data_ptr() for q in q4s}) == 4
+    assert not torch.equal(q8s[0].data, q8s[1].data)  # different matrices, not one repeated

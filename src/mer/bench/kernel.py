@@ -89,6 +89,35 @@ def in_turn(run, experts: list[ExpertWeights]):
     return lambda x: run(next(turn), x)
 
 
+def _int8_c(lib, q: Int8Weight, x: torch.Tensor) -> torch.Tensor:
+    return int8_gemv._gemv(lib, q.data, q.scales, x)
+
+
+def _matrices(n: int, k: int, gen: torch.Generator):
+    """Random [n, k] matrices as int4, int8 and bf16, each width in as many copies as FROM_RAM
+    takes (as `copies`): (int4s, int8s, bf16s)."""
+
+    def count(nbytes: int) -> int:
+        return min(MAX_COPIES, max(1, -(-FROM_RAM // nbytes)))
+
+    def random() -> torch.Tensor:
+        return torch.randn(n, k, generator=gen).mul_(0.02).to(torch.bfloat16)
+
+    w = random()
+    q4s, q8s, ws = [Int4Weight.quantize(w)], [Int8Weight.quantize(w)], [w]
+    q4 = q4s[0].linear
+    want = (count(q4.packed.nbytes + q4.scales.nbytes), count(q8s[0].data.nbytes), count(w.nbytes))
+    for i in range(1, max(want)):
+        w = random()
+        if i < want[0]:
+            q4s.append(Int4Weight.quantize(w))
+        if i < want[1]:
+            q8s.append(Int8Weight.quantize(w))
+        if i < want[2]:
+            ws.append(w)
+    return q4s, q8s, ws
+
+
 def dequantized(ef: ExpertFormat, buf: torch.Tensor) -> ExpertWeights:
     w = ef.view(buf)
     return ExpertWeights(
@@ -280,23 +309,24 @@ def dense_bench(shapes: Sequence[tuple[int, int]], seconds: float) -> Table:
         t.add_column(col, justify="left" if col in ("width", "path") else "right")
     for n, k in shapes:
         gen = torch.Generator().manual_seed(n)
-        w = torch.randn(n, k, generator=gen).mul_(0.02).to(torch.bfloat16)
-        q4, q8 = Int4Weight.quantize(w), Int8Weight.quantize(w)
         x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+        q4s, q8s, ws = _matrices(n, k, gen)
+        w = ws[0]
         fns: dict[tuple[str, str], tuple[int, object]] = {}
-        for p in dense_paths.available(q4.linear):
-            nbytes = q4.linear.packed.nbytes + q4.linear.scales.nbytes
-            fns["int4", p] = (nbytes, partial(dense_paths.RUNNERS[p], q4.linear, x))
-        fns["int8", "torch"] = (
-            q8.data.nbytes,
-            partial(int8_gemv.torch_int8, x, q8.data, q8.scales),
-        )
+        for p in dense_paths.available(q4s[0].linear):
+            nbytes = q4s[0].linear.packed.nbytes + q4s[0].linear.scales.nbytes
+            run = in_turn(lambda q, x, p=p: dense_paths.RUNNERS[p](q.linear, x), q4s)
+            fns["int4", p] = (nbytes, partial(run, x))
+        int8_bytes = q8s[0].data.nbytes
+        run = in_turn(lambda q, x: int8_gemv.torch_int8(x, q.data, q.scales), q8s)
+        fns["int8", "torch"] = (int8_bytes, partial(run, x))
         if int8_gemv.available() and k % int8_gemv.GROUP == 0:
-            fn = partial(int8_gemv._gemv, int8_gemv._lib(), q8.data, q8.scales, x)
-            fns["int8", "c-vnni"] = (q8.data.nbytes, fn)
-        fns["bf16", "torch"] = (w.nbytes, partial(F.linear, x, w))
+            run = in_turn(partial(_int8_c, int8_gemv._lib()), q8s)
+            fns["int8", "c-vnni"] = (int8_bytes, partial(run, x))
+        fns["bf16", "torch"] = (w.nbytes, partial(in_turn(lambda w, x: F.linear(x, w), ws), x))
         if bf16_gemv.applies(x, w) and bf16_gemv._lib() is not None:
-            fns["bf16", "c"] = (w.nbytes, partial(bf16_gemv._gemv, bf16_gemv._lib(), w, x))
+            run = in_turn(partial(bf16_gemv._gemv, bf16_gemv._lib()), ws)
+            fns["bf16", "c"] = (w.nbytes, partial(run, x))
         src = torch.ones(max(256 << 20, 2 * w.nbytes), dtype=torch.uint8)
         dst = torch.empty_like(src)
         copy = partial(dst.copy_, src)
