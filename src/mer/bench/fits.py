@@ -40,7 +40,7 @@ from mer.bench import llamacpp
 from mer.bench.kernel import memory_bandwidth, memory_read_rate
 from mer.errors import ConfigError, MerError
 from mer.options import count, natural
-from mer.procfs import kib_field
+from mer.procfs import cpu_summary, kib_field
 from mer.progress import progress_bar
 from mer.units import fmt_bytes, fmt_decimal
 
@@ -103,8 +103,9 @@ def run(
         )
     console.print(
         f"{store_path}: {fmt_bytes(s.expert_bytes_total)} of experts, all held in RAM; "
-        f"{threads} threads, {dtype}, dense weights {dense_quant}; prefill {prompt_tokens} "
-        f"tokens, decode {tokens} tokens{_at(depth)}, median of {repeats}; load average "
+        f"{cpu_summary()}, {threads} threads, {dtype}, dense weights {dense_quant}; prefill "
+        f"{prompt_tokens} tokens, decode {tokens} tokens{_at(depth)}, median of {repeats}; load "
+        f"average "
         f"{_load()} at start"
     )
     runs: list[dict] = []  # llama.cpp's, before, between and after mer's rounds

@@ -35,6 +35,7 @@ from rich.table import Table
 from mer.bench.timing import median_seconds
 from mer.errors import ConfigError
 from mer.options import count, number
+from mer.procfs import cpu_summary
 from mer.quant import bf16_gemv, dense_paths, int4, int4_paths, int8_gemv, mxfp4
 from mer.quant.dense import Int4Weight, Int8Weight
 from mer.quant.expert import SCHEMES, ExpertFormat, ExpertWeights
@@ -222,7 +223,7 @@ def kernel_bench(
     console.print(
         f"expert {hidden}x{ffn} int4 g{group} ({ef.layout}): "
         f"{fmt_bytes(ef.nbytes)} per expert, timed over {len(experts)} copies (from RAM); "
-        f"{torch.get_num_threads()} threads; "
+        f"{cpu_summary()}, {torch.get_num_threads()} threads; "
         f"baseline: memory copy {bw / 1e9:.1f} GB/s (bytes read + written; timed again in "
         "each token count's rounds for its ratios)"
     )
