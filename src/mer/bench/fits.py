@@ -104,9 +104,8 @@ def run(
     console.print(
         f"{store_path}: {fmt_bytes(s.expert_bytes_total)} of experts, all held in RAM; "
         f"{cpu_summary()}, {threads} threads, {dtype}, dense weights {dense_quant}; prefill "
-        f"{prompt_tokens} tokens, decode {tokens} tokens{_at(depth)}, median of {repeats}; load "
-        f"average "
-        f"{_load()} at start"
+        f"{prompt_tokens} tokens, decode {tokens} tokens{_at(depth)}, median of {repeats}; "
+        f"load average {_load()} at start"
     )
     runs: list[dict] = []  # llama.cpp's, before, between and after mer's rounds
 

@@ -76,17 +76,22 @@ def memory_read_rate(nbytes: int, seconds: float, threads: int | None = None) ->
         torch.set_num_threads(before)
 
 
+def copies_for(nbytes: int) -> int:
+    """How many copies of something of `nbytes` FROM_RAM takes (MAX_COPIES at most)."""
+    return min(MAX_COPIES, max(1, -(-FROM_RAM // nbytes)))
+
+
 def copies(ef: ExpertFormat, rng: np.random.Generator, first=None) -> list[ExpertWeights]:
     """Random experts of `ef` (`random_extent`; `first`, if given, is the first), as many as
-    FROM_RAM takes (MAX_COPIES at most)."""
-    n = min(MAX_COPIES, max(1, -(-FROM_RAM // ef.nbytes)))
+    `copies_for` their size."""
+    n = copies_for(ef.nbytes)
     made = [] if first is None else [first]
     return made + [ef.view(random_extent(ef, rng)) for _ in range(n - len(made))]
 
 
-def in_turn(run, experts: list[ExpertWeights]):
-    """x -> run(expert, x) on the next of `experts` each call."""
-    turn = itertools.cycle(experts)
+def in_turn(run, items: list):
+    """x -> run(item, x) on the next of `items` (experts or matrices) each call."""
+    turn = itertools.cycle(items)
     return lambda x: run(next(turn), x)
 
 
@@ -96,10 +101,7 @@ def _int8_c(lib, q: Int8Weight, x: torch.Tensor) -> torch.Tensor:
 
 def _matrices(n: int, k: int, gen: torch.Generator):
     """Random [n, k] matrices as int4, int8 and bf16, each width in as many copies as FROM_RAM
-    takes (as `copies`): (int4s, int8s, bf16s)."""
-
-    def count(nbytes: int) -> int:
-        return min(MAX_COPIES, max(1, -(-FROM_RAM // nbytes)))
+    takes (`copies_for`): (int4s, int8s, bf16s)."""
 
     def random() -> torch.Tensor:
         return torch.randn(n, k, generator=gen).mul_(0.02).to(torch.bfloat16)
@@ -107,7 +109,8 @@ def _matrices(n: int, k: int, gen: torch.Generator):
     w = random()
     q4s, q8s, ws = [Int4Weight.quantize(w)], [Int8Weight.quantize(w)], [w]
     q4 = q4s[0].linear
-    want = (count(q4.packed.nbytes + q4.scales.nbytes), count(q8s[0].data.nbytes), count(w.nbytes))
+    sizes = (q4.packed.nbytes + q4.scales.nbytes, q8s[0].data.nbytes, w.nbytes)
+    want = [copies_for(b) for b in sizes]
     for i in range(1, max(want)):
         w = random()
         if i < want[0]:
