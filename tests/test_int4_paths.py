@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mer.quant import int4, int4_paths
+from mer.quant import int4, int4_paths, native
 from mer.quant.expert import ExpertFormat, ExpertWeights
 
 SCHEMES = ("int4", "int4-sym")
@@ -385,6 +385,48 @@ def test_one_token_through_several_experts_in_one_call_is_each_experts_own(
         assert int4_paths.decode_group([*es, other], x) is None
         twin = _expert(scheme=({*SCHEMES} - {scheme}).pop())[1]  # same shape, other scheme
         assert int4_paths.decode_group([*es, twin], x) is None
+
+
+@pytest.fixture
+def built_without_vbmi(monkeypatch):
+    """The int4 kernels as a CPU with AVX-512 VNNI but no VBMI builds them (Cascade Lake):
+    its nibbles are interleaved by unpacks instead of byte permutations."""
+    build = native.build_avx512
+
+    def without(source, what, simd, flags=()):
+        return build(source, what, simd, (*flags, "-mno-avx512vbmi"))
+
+    monkeypatch.setattr(native, "build_avx512", without)
+    int4_paths._built.cache_clear()
+    yield
+    monkeypatch.undo()
+    int4_paths._built.cache_clear()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_int8_kernels_give_the_same_bits_with_and_without_byte_permutations(
+    scheme, request, monkeypatch
+):
+    if not int4_paths.int8_available() or not int4_paths._lib().int4_permutes_bytes():
+        pytest.skip("no AVX512_VNNI and VBMI here: only one interleaving builds")
+    es = [_expert(seed=s, scheme=scheme, group=32)[1] for s in range(3)]
+    lin = es[0].gate_up
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(t, 128, generator=gen).bfloat16() for t in (1, 3, 5, 40)]
+    monkeypatch.setenv("MER_INT4_PATH", "c-int8")
+
+    def outputs():
+        return [
+            *(int4_paths.RUNNERS["c-int8"](es[0], x) for x in xs),
+            *(int4_paths.c_linear_i8(lin, x) for x in xs),
+            *int4_paths.decode_group(es, xs[0]),
+        ]
+
+    permuted = outputs()
+    request.getfixturevalue("built_without_vbmi")
+    assert int4_paths.int8_available() and not int4_paths._lib().int4_permutes_bytes()
+    for a, b in zip(permuted, outputs(), strict=True):
+        assert torch.equal(a, b)
 
 
 class _Experts:
