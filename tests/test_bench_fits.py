@@ -105,6 +105,8 @@ def test_rounds_alternate_mer_and_llama_cpp_and_give_the_median_ratio(tiny_gguf,
     assert main(argv + (["--llama-bench", bench] if bench else [])) == 0
     out = capsys.readouterr().out
     assert "expert reads while timing: 0" in out and float(_row(out, "decode")[1]) > 0
+    # the prefetch hint was chosen (or read back) before anything was timed
+    assert re.search(r"int4 prefetch hint (NTA|T0) \((measured|saved|undecided)\)", out)
     if bench is None:
         assert "by round" not in out
         return

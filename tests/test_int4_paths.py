@@ -158,9 +158,20 @@ def test_the_choice_is_measured_once_kept_per_machine_and_used(monkeypatch, tmp_
     e(torch.randn(1, 64, dtype=torch.bfloat16))
     e(torch.randn(33, 64, dtype=torch.bfloat16))
     assert taken == [1, 33] and len(calls) == 3
+    # A choice made among fewer paths than are eligible now (the C kernel failed to build
+    # that time) is measured again, not kept.
+    int4_paths._chosen.clear()
+    saved["candidates"] = ["tinygemm"]
+    int4_paths._cache_file(e).write_text(json.dumps(saved))
+    assert int4_paths.choose(e).paths == int4_paths._pick(int4_paths.choose(e).ms)
+    assert len(calls) == 6
+    assert json.loads(int4_paths._cache_file(e).read_text())["candidates"] == (
+        int4_paths.eligible(e)
+    )
+    calls.clear()
     # Float32 activations have their own choice, among paths that keep them float32.
     choice32 = int4_paths.choose(e, torch.float32)
-    assert len(calls) == 6
+    assert len(calls) == 3
     assert not set(choice32.paths.values()) & set(int4_paths.ROUNDS_TO_BF16)
 
 

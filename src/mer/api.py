@@ -47,6 +47,7 @@ from mer.quant import int4_paths
 from mer.quant.dense import DENSE_QUANTS, quantizable
 from mer.quant.dense import prepare as prepare_dense
 from mer.quant.dense import quantize as quantize_dense
+from mer.quant.stream_hint import HintTrial
 from mer.store.embedding import EmbeddingRows
 from mer.store.reader import Store
 from mer.tokenizer import Tokenizer
@@ -399,7 +400,21 @@ def open(  # noqa: A001 - mer.open reads naturally
         speculator,
     )
     prepare_dense(model.transformer.w, DTYPES[dtype])  # one token's kernels, measured
+    if s.expert_format.scheme.startswith("int4") or dense_quant == "int4":
+        model.transformer.hint_trial = hint_trial(s, dense_quant, cache)
     return model
+
+
+def hint_trial(s: Store, dense_quant: str, cache: ExpertCache) -> HintTrial:
+    """The int4 kernels' prefetch hint for this model on this machine (`mer.quant.
+    stream_hint`): steps that read from the SSD are not timed."""
+    c = s.config
+    shape = repr((c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_local_experts,
+                  c.num_experts_per_tok, s.expert_format.scheme, dense_quant))  # fmt: skip
+    try:
+        return HintTrial(shape, reads=lambda: cache.engine.stats.bytes_read)
+    except ValueError as e:  # a bad MER_STREAM_HINT
+        raise ConfigError(str(e)) from None
 
 
 def prepare_kernels(s: Store, dtype: torch.dtype, progress: bool = True) -> None:

@@ -42,6 +42,7 @@ from mer.errors import ConfigError, MerError
 from mer.options import count, natural
 from mer.procfs import cpu_summary, kib_field
 from mer.progress import progress_bar
+from mer.quant import stream_hint
 from mer.units import fmt_bytes, fmt_decimal
 
 
@@ -127,6 +128,7 @@ def run(
                 llama()
             mer_rounds.append(fits.measure(tokens, repeats))
         mer_res = fits.summary()
+        hint = fits.hint()
     llama()  # before and after mer: a machine whose load drifts hits both
     reads.append(memory_read_rate(512 << 20, 0.5, threads))
     bw = max(reads)
@@ -149,8 +151,8 @@ def run(
         f"weights but the embedding table, plus {fmt_bytes(s.expert_format.nbytes)} per expert "
         f"routed to ({mer_res['experts_per_token']:.1f} per decode token, "
         f"{mer_res['prompt_experts']} distinct in the prompt); bound: the higher read rate / "
-        f"bytes per token; expert reads while timing: {mer_res['reads_while_timing']}; load "
-        f"average {_load()} at end"
+        f"bytes per token; expert reads while timing: {mer_res['reads_while_timing']}; int4 "
+        f"prefetch hint {hint}; load average {_load()} at end"
     )
 
 
@@ -189,6 +191,7 @@ class MerFits:
             ).tolist()
             self.context = torch.randint(3, cfg.vocab_size, (self.depth,), generator=gen).tolist()
             self._once(self.prompt[:8], 3)  # warm-up: first calls allocate
+            self._settle_hint()
             self.misses = cache.stats.misses
             self.routed: list[torch.Tensor] = []  # each MoE layer call's routing, counted after
             self.prefill_routed: list[torch.Tensor] = []
@@ -203,6 +206,28 @@ class MerFits:
 
     def __exit__(self, *exc) -> None:
         self.m.close()
+
+    def _settle_hint(self) -> None:
+        """Decode until the int4 prefetch hint's trial (`mer.quant.stream_hint`) has chosen,
+        where this machine has not yet: every timed step then runs one hint."""
+        trial = self.m.transformer.hint_trial
+        if trial is None or trial.done:
+            return
+        total = stream_hint.WARMUP + 2 * stream_hint.PAIRS * stream_hint.ROUND
+        what = "choosing the int4 prefetch hint (once per machine)"
+        shown = 0
+        with progress_bar(total, what, unit="steps") as bar:
+            for _ in range(2 * total // 16):  # steps that read from the SSD do not count
+                self._once(self.prompt[:1], 16)  # 16 lone passes
+                step = total - shown if trial.done else min(16, total - 1 - shown)
+                bar.advance(step)
+                shown += step
+                if trial.done:
+                    break
+
+    def hint(self) -> str:
+        trial = self.m.transformer.hint_trial
+        return trial.describe() if trial is not None else "none (no int4 kernel)"
 
     def _once(self, ids: list[int], n: int):
         from mer.engine.generate import GenerationStats, generate

@@ -18,6 +18,7 @@ rotary tables, each layer's attention window) the pass calls the config's
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -75,6 +76,9 @@ class MoETransformer:
         # the hooks hear of it: forced routing from a trace (mer.trace.forced).
         self.routing_override: Callable | None = None
         self._decode_attention: DecodeAttention | None = None
+        # Chooses the int4 kernels' prefetch hint on the first lone decode steps
+        # (`mer.quant.stream_hint.HintTrial`); None: nothing to choose.
+        self.hint_trial = None
 
     @property
     def decode_attention(self) -> DecodeAttention:
@@ -132,6 +136,12 @@ class MoETransformer:
 
         `draft`: route only to experts already in RAM, so the pass reads nothing from the
         SSD (self-speculation's draft); the routing hooks do not hear of it."""
+        trial = self.hint_trial
+        lone = len(batch) == 1 and len(batch[0][0]) == 1 and not draft
+        with trial.step() if lone and trial is not None else contextlib.nullcontext():
+            return self._forward_batch(batch, all_logits, draft)
+
+    def _forward_batch(self, batch, all_logits: bool, draft: bool) -> torch.Tensor:
         cfg, w = self.config, self.w
         tokens = torch.cat([t for t, _ in batch])
         pos = torch.cat([torch.arange(kv.length, kv.length + len(t)) for t, kv in batch])

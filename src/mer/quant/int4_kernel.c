@@ -82,11 +82,16 @@ static inline __attribute__((always_inline)) void prefetch_sz(const sz_t *sz, in
 }
 
 /* Ask the cache for a weight line ahead. A block that one tile of tokens reads (a decode
- * step's) is read once: NTA keeps its lines out of the outer caches, where they would evict
- * what runs between the kernels (a decode token's Python and PyTorch code and data, each op
- * of which cost several times more after the weights swept them; whole-model decode ran
- * x1.05 faster on the Qwen3-30B-A3B shape, x1.02 Mixtral-width). A block that several tiles
- * read stays (T0) for the next tile. */
+ * step's) is read once, and which hint streams it best depends on the machine: on an AMD
+ * EPYC NTA, which keeps its lines out of the outer caches where they would evict what runs
+ * between the kernels (a decode token's Python and PyTorch code and data: whole-model decode
+ * x1.05 on the Qwen3-30B-A3B shape, x1.02 Mixtral-width); on a Xeon T0 (x1.08 and x1.04,
+ * all int4 weights in RAM, alternated rounds in one process). The caller measures which
+ * (mer.quant.stream_hint) and sets it here. A block that several tiles read stays (T0) for
+ * the next tile. */
+static int stream_nta = 1;
+void int4_stream_nta(int on) { stream_nta = on; }
+
 static inline __attribute__((always_inline)) void prefetch_w(const uint8_t *p, const int once) {
     if (once)
         _mm_prefetch((const char *)p, _MM_HINT_NTA);
@@ -164,7 +169,7 @@ static void block_rows(const uint8_t *packed, const sz_t *sz, const float *x,
                        const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N,
                        int64_t K, int64_t G, int64_t T) {
     int64_t t0 = 0;
-    const int once = T <= TT;
+    const int once = T <= TT && stream_nta;
 #define TILE(n) block_tile(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, n, once)
     for (; t0 + TT <= T; t0 += TT) TILE(TT);
     switch (T - t0) {
@@ -391,7 +396,7 @@ static void block_rows_bf16(const uint8_t *packed, const sz_t *sz, const uint16_
                             const float *xs, float *out, int64_t ldo, int64_t n0, int64_t N,
                             int64_t K, int64_t G, int64_t T) {
     int64_t t0 = 0;
-    const int once = T <= TT;
+    const int once = T <= TT && stream_nta;
 #define TILE(n) block_tile_bf16(packed, sz, x, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, n, once)
     for (; t0 + TT <= T; t0 += TT) TILE(TT);
     switch (T - t0) {
@@ -632,7 +637,7 @@ static void block_rows_i8(const uint8_t *packed, const sz_t *sz, const int8_t *x
                           int64_t N, int64_t K, int64_t G, int64_t T) {
     const __m512i *qb = T >= MANY ? interleave_block(packed + n0 * (K / 2), K) : NULL;
     int64_t t0 = 0;
-    const int once = T <= TT;
+    const int once = T <= TT && stream_nta;
 #define TILE(n)                                                                               \
     (qb ? block_tile_i8(packed, qb, sz, xq, sx, xs, out + t0 * ldo, ldo, n0, N, K, G, t0, n,  \
                         once)                                                                 \
@@ -785,6 +790,8 @@ void int4_ffn_i8_group(int64_t E, const uint8_t *const *p_gu, const sz_t *const 
 #endif /* __AVX512VNNI__ */
 
 #else /* no AVX-512: these are never chosen (the caller checks int4_simd) */
+
+void int4_stream_nta(int on) { (void)on; } /* prefetches nothing non-temporal */
 
 #if defined(__AVX2__) && defined(__FMA__)
 int int4_simd(void) { return 256; }

@@ -76,12 +76,30 @@ def _lib(symmetric: bool = False) -> ctypes.CDLL | None:
     return _built(bool(symmetric))  # one library object per build, however it is asked for
 
 
+def stream_non_temporal(on: bool) -> None:
+    """Whether the C kernels prefetch the weights a decode step reads once non-temporally
+    (NTA) or into every cache level (T0): which is faster depends on the machine
+    (`mer.quant.stream_hint` measures it). Holds for the libraries built now and later."""
+    global _stream_nta
+    _stream_nta = bool(on)
+    for lib in _loaded:
+        lib.int4_stream_nta(int(_stream_nta))
+
+
+_stream_nta = True
+_loaded: list[ctypes.CDLL] = []
+
+
 @functools.cache
 def _built(symmetric: bool) -> ctypes.CDLL | None:
     flags = SYMMETRIC if symmetric else ()
     lib = native.build_avx512(SOURCE, "int4 C kernel (PyTorch paths only)", "int4_simd", flags)
     if lib is None:
         return None
+    lib.int4_stream_nta.argtypes = [ctypes.c_int]
+    lib.int4_stream_nta.restype = None
+    lib.int4_stream_nta(int(_stream_nta))
+    _loaded.append(lib)
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.int4_ffn.argtypes = [p] * 10 + [i64] * 5 + [ctypes.c_int]
     lib.int4_ffn_group.argtypes = [i64] + [p] * 10 + [i64] * 4 + [ctypes.c_int]
@@ -760,7 +778,10 @@ def known(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16) -> Choice | Non
     try:
         d = json.loads(_cache_file(e, dtype).read_text())
         paths = d["paths"]
-        if (set(paths) == set(CLASSES) and set(paths.values()) <= set(cands)
+        # Measured among the paths eligible now: a choice made while a kernel was missing
+        # (a build that failed once: a full disk, no compiler yet) is measured again once
+        # it builds, not kept on the slower paths for good.
+        if (set(paths) == set(CLASSES) and set(d["candidates"]) == set(cands)
                 and _consistent(paths)):  # fmt: skip
             _chosen[mem] = Choice(d["paths"], d["ms"])
             return _chosen[mem]
@@ -784,7 +805,7 @@ def choose(e: ExpertWeights, dtype: torch.dtype = torch.bfloat16, progress: bool
             ms[cls] = measure(e, cands, m, dtype=dtype)
             bar.advance()
     choice = Choice(_pick(ms), ms)
-    _save(_cache_file(e, dtype), choice)
+    _save(_cache_file(e, dtype), choice, cands)
     _chosen[_memory_key(e, dtype)] = choice
     return choice
 
@@ -837,11 +858,12 @@ def prepare(
     return choice
 
 
-def _save(path: Path, choice: Choice) -> None:
+def _save(path: Path, choice: Choice, candidates: list[str]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"paths": choice.paths, "ms": choice.ms}, indent=1))
+        saved = {"paths": choice.paths, "ms": choice.ms, "candidates": candidates}
+        tmp.write_text(json.dumps(saved, indent=1))
         os.replace(tmp, path)
     except OSError:  # a read-only cache: the choice still holds for this process
         pass
