@@ -718,6 +718,12 @@ void int4_linear_i8_bf16(const uint8_t *packed, const sz_t *sz, const uint16_t *
     linear_i8(packed, sz, xq, sx, xs, y, out, T, N, K, G, threads);
 }
 
+void int4_ffn_i8_group(int64_t E, const uint8_t *const *p_gu, const sz_t *const *sz_gu,
+                       const uint8_t *const *p_d, const sz_t *const *sz_d, const float *x,
+                       int8_t *xq, float *sx, float *xs, float *h, int8_t *hq, float *hsx,
+                       float *hs, float *gu, float *y, int64_t H, int64_t F, int64_t Gu,
+                       int64_t Gd, int threads);
+
 /* int4_ffn with int8 activations: x [T, H] float32, y float32. Scratch: xq [T, H] and hq
  * [T, F] int8; sx, xs [T, H/Gu] and hsx, hs [T, F/Gd] floats; h [T, F] and gu
  * [threads, T, 128] floats. */
@@ -725,6 +731,14 @@ void int4_ffn_i8(const uint8_t *p_gu, const sz_t *sz_gu, const uint8_t *p_d,
                  const sz_t *sz_d, const float *x, int8_t *xq, float *sx, float *xs,
                  float *h, int8_t *hq, float *hsx, float *hs, float *gu, float *y, int64_t T,
                  int64_t H, int64_t F, int64_t Gu, int64_t Gd, int threads) {
+    if (T == 1) { /* as a decode step's group call: guided blocks (x1.09-1.11 on a Xeon, from
+                   * RAM), its scratch the same shapes at one expert and one token */
+        const uint8_t *pg[1] = {p_gu}, *pd[1] = {p_d};
+        const sz_t *sg[1] = {sz_gu}, *sd[1] = {sz_d};
+        int4_ffn_i8_group(1, pg, sg, pd, sd, x, xq, sx, xs, h, hq, hsx, hs, gu, y, H, F, Gu, Gd,
+                          threads);
+        return;
+    }
     for (int64_t t = 0; t < T; t++) quant_row_i8(x, xq, sx, xs, t, H, Gu);
 #pragma omp parallel num_threads(threads)
     {
