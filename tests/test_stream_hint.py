@@ -95,6 +95,18 @@ def test_steps_that_read_from_the_ssd_are_not_timed(clean, monkeypatch):
     assert trial.hint == "t0"
 
 
+def test_two_models_in_one_process_each_pass_under_its_own_hint(clean):
+    """A target and its draft model, say, chosen apart: each pass sets its model's hint."""
+    stream_hint._save(stream_hint.cache_file("target"), "t0", [])
+    stream_hint._save(stream_hint.cache_file("draft"), "nta", [])
+    target, draft = HintTrial("target"), HintTrial("draft")
+    assert (target.source, draft.source) == ("saved", "saved")
+    for trial, nta in ((target, False), (draft, True), (target, False), (draft, True)):
+        for timed in (True, False):
+            with trial.step(timed=timed):
+                assert int4_paths.streams_non_temporal() is nta
+
+
 def test_a_forced_hint_is_taken_and_a_bad_one_named(clean, monkeypatch):
     monkeypatch.setenv(stream_hint.ENV, "t0")
     trial = HintTrial("shape")

@@ -18,7 +18,6 @@ rotary tables, each layer's attention window) the pass calls the config's
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -136,9 +135,10 @@ class MoETransformer:
 
         `draft`: route only to experts already in RAM, so the pass reads nothing from the
         SSD (self-speculation's draft); the routing hooks do not hear of it."""
-        trial = self.hint_trial
+        if self.hint_trial is None:
+            return self._forward_batch(batch, all_logits, draft)
         lone = len(batch) == 1 and len(batch[0][0]) == 1 and not draft
-        with trial.step() if lone and trial is not None else contextlib.nullcontext():
+        with self.hint_trial.step(timed=lone):
             return self._forward_batch(batch, all_logits, draft)
 
     def _forward_batch(self, batch, all_logits: bool, draft: bool) -> torch.Tensor:

@@ -86,6 +86,10 @@ def stream_non_temporal(on: bool) -> None:
         lib.int4_stream_nta(int(_stream_nta))
 
 
+def streams_non_temporal() -> bool:
+    return _stream_nta
+
+
 _stream_nta = True
 _loaded: list[ctypes.CDLL] = []
 

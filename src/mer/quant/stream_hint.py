@@ -79,11 +79,18 @@ class HintTrial:
         return HINTS[(pair + second) % 2]  # AB, BA, AB, ...
 
     @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        """Around one single-token decode step: runs it under the hint of the round being
-        timed and counts its time if it read nothing from the SSD."""
+    def step(self, timed: bool = True) -> Iterator[None]:
+        """Around one forward pass of this model. A `timed` one (a single-token decode step)
+        runs under the hint of the round being timed, and counts if it read nothing from
+        the SSD; once chosen, every pass runs under the chosen hint (another model in the
+        process, a draft's, may have set its own in between)."""
+        if self.done or not timed:
+            if self.done and int4_paths.streams_non_temporal() != (self.hint == "nta"):
+                apply(self.hint)
+            yield
+            return
         self._steps += 1
-        if self.done or self._steps <= WARMUP:
+        if self._steps <= WARMUP:
             yield
             return
         hint = self._next_hint()
