@@ -663,14 +663,16 @@ static void quant_row_i8(const float *x, int8_t *xq, float *sx, float *xs, int64
         int8_t *qg = xq + t * K + g * G;
         int64_t k = 0;
         __m512 vmax = _mm512_setzero_ps();
-        for (; k + 16 <= G; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+        for (; k + 16 <= G; k += 16)
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
         float amax = _mm512_reduce_max_ps(vmax);
         for (; k < G; k++) amax = fmaxf(amax, fabsf(xg[k]));
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         /* cvtps rounds to nearest even (the default mode), as lrintf: the same int8 steps */
         __m512i vsum = _mm512_setzero_si512();
         for (k = 0; k + 16 <= G; k += 16) {
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), _mm512_set1_ps(inv)));
+            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xg + k), _mm512_set1_ps(inv));
+            const __m512i q = _mm512_cvtps_epi32(v);
             _mm_storeu_si128((__m128i *)(qg + k), _mm512_cvtepi32_epi8(q));
             vsum = _mm512_add_epi32(vsum, q);
         }

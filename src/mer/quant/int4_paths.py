@@ -863,14 +863,7 @@ def prepare(
 
 
 def _save(path: Path, choice: Choice, candidates: list[str]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        saved = {"paths": choice.paths, "ms": choice.ms, "candidates": candidates}
-        tmp.write_text(json.dumps(saved, indent=1))
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache: the choice still holds for this process
-        pass
+    native.save_choice(path, {"paths": choice.paths, "ms": choice.ms, "candidates": candidates})
 
 
 def path_for(e: ExpertWeights, tokens: int, dtype: torch.dtype = torch.bfloat16) -> str:

@@ -53,13 +53,16 @@ void int8_gemv(const int8_t *w, const float *scale, const float *x, float *y, in
     for (int64_t g = 0; g < ng; g++) {
         const float *xg = x + 64 * g;
         __m512 vmax = _mm512_setzero_ps();
-        for (int k = 0; k < 64; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+        for (int k = 0; k < 64; k += 16)
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
         const float amax = _mm512_reduce_max_ps(vmax);
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         __mmask64 m = 0;
         for (int k = 0; k < 64; k += 16) { /* cvtps rounds to nearest even, as lrintf */
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), _mm512_set1_ps(inv)));
-            _mm_storeu_si128((__m128i *)(xa + 64 * g + k), _mm512_cvtepi32_epi8(_mm512_abs_epi32(q)));
+            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xg + k), _mm512_set1_ps(inv));
+            const __m512i q = _mm512_cvtps_epi32(v);
+            _mm_storeu_si128((__m128i *)(xa + 64 * g + k),
+                             _mm512_cvtepi32_epi8(_mm512_abs_epi32(q)));
             m |= (__mmask64)_mm512_cmplt_epi32_mask(q, _mm512_setzero_si512()) << k;
         }
         xm[g] = m;

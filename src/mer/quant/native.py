@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -78,6 +79,19 @@ def build_avx512(
         warnings.warn(f"{what} unavailable ({e})", stacklevel=4)
         return None
     return lib if getattr(lib, simd)() == 512 else None
+
+
+def save_choice(path: Path, data: dict) -> None:
+    """Write a measured choice as JSON next to the kernels, atomically (a concurrent reader
+    sees the old file or the new); a cache that cannot be written is skipped: the choice
+    still holds for this process."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _compile(cc: str, flags: tuple[str, ...], source: Path, out: Path) -> None:

@@ -84,13 +84,13 @@ class HintTrial:
         runs under the hint of the round being timed, and counts if it read nothing from
         the SSD; once chosen, every pass runs under the chosen hint (another model in the
         process, a draft's, may have set its own in between)."""
-        if self.done or not timed:
-            if self.done and int4_paths.streams_non_temporal() != (self.hint == "nta"):
+        if self.done:
+            if int4_paths.streams_non_temporal() != (self.hint == "nta"):
                 apply(self.hint)
             yield
             return
-        self._steps += 1
-        if self._steps <= WARMUP:
+        self._steps += timed
+        if not timed or self._steps <= WARMUP:
             yield
             return
         hint = self._next_hint()
@@ -145,10 +145,4 @@ def _load(path: Path) -> str | None:
 
 def _save(path: Path, hint: str, pairs: list[dict[str, float]]) -> None:
     ms = [{h: round(s * 1e3, 3) for h, s in p.items()} for p in pairs]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"hint": hint, "step_ms": ms}, indent=1))
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache: the hint still holds for this process
-        pass
+    native.save_choice(path, {"hint": hint, "step_ms": ms})
